@@ -1,0 +1,46 @@
+"""One settings object, read from the environment once per entry point and passed down.
+
+Every variable is documented in README.md ("Configuration"); defaults are the embedded local stack.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers (host:port,...)")
+    topic_prefix: str = Field("", description="Prefix for every topic name (isolates tests and tenants)")
+    triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint host:port")
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port")
+    triton_timeout_s: float = Field(
+        0.25, description="Deadline for one Triton call; past it the ranker answers degraded"
+    )
+    qdrant_url: str | None = Field(None, description="Qdrant server URL; unset = embedded local mode")
+    qdrant_path: Path = Field(REPO_ROOT / "run" / "qdrant", description="On-disk path for Qdrant local mode")
+    model_repo: Path = Field(REPO_ROOT / "model_repo", description="Triton model repository")
+    run_dir: Path = Field(REPO_ROOT / "run", description="Logs, PID files and local state of the stack")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "recstream",
+        validation_alias="RECSTREAM_CACHE_DIR",
+        description="Downloads kept outside the clone (Kafka jars, venvs)",
+    )
+    max_message_bytes: int = Field(1_000_000, description="Largest accepted event payload in bytes")
+    metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
+    log_level: str = Field("INFO", description="Log level for every entry point")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

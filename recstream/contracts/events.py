@@ -1,0 +1,206 @@
+"""Event schemas (version 1). Every message on every topic is one of these models as JSON.
+
+Changing a field is a contract change: bump SCHEMA_VERSION, re-export the JSON Schemas
+(`make schemas`) and keep readers tolerant of the previous version.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Base of every event: strict about unknown fields so typos fail loudly, not silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Contract version of this message")
+    ts_ms: int = Field(default_factory=now_ms, ge=0, description="Event time, Unix milliseconds")
+
+
+# --- catalog -----------------------------------------------------------------------------------
+
+
+class ItemUpsert(Event):
+    """Create or replace one catalog item; idempotent by item_id."""
+
+    op: Literal["upsert"] = "upsert"
+    item_id: Id
+    title: str = Field(min_length=1, max_length=512)
+    description: str = Field("", max_length=8192)
+    category: str = Field("unknown", max_length=128, description="Primary category, used for diversity")
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    price: float | None = Field(None, ge=0)
+    in_stock: bool = True
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    def text(self) -> str:
+        """The text the encoder sees for this item."""
+        parts = [self.title, self.category, " ".join(self.tags), self.description]
+        return " | ".join(p for p in parts if p)
+
+
+class ItemDelete(Event):
+    op: Literal["delete"] = "delete"
+    item_id: Id
+
+
+CatalogEvent = Annotated[ItemUpsert | ItemDelete, Field(discriminator="op")]
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+class RequestFilters(BaseModel):
+    """Business filters a caller may put on one request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    categories: list[str] | None = Field(None, description="Only these categories")
+    exclude_categories: list[str] = Field(default_factory=list)
+    max_price: float | None = Field(None, ge=0)
+    in_stock_only: bool = True
+    exclude_items: list[Id] = Field(default_factory=list)
+
+
+class RecommendationRequest(Event):
+    """Ask for items. With `query` it is a search; without, 'more for this session'."""
+
+    kind: Literal["recommend", "search"] = "recommend"
+    request_id: Id = Field(default_factory=new_id)
+    user_id: Id
+    session_id: Id | None = None
+    query: str | None = Field(None, min_length=1, max_length=1024)
+    k: int = Field(10, ge=1, le=100)
+    filters: RequestFilters = Field(default_factory=RequestFilters)
+
+    @model_validator(mode="after")
+    def _search_has_text(self) -> RecommendationRequest:
+        if self.kind == "search" and not self.query:
+            raise ValueError("a search request needs a non-empty query")
+        return self
+
+
+class SearchQuery(RecommendationRequest):
+    """A text search; same wire form as a request with kind='search'."""
+
+    kind: Literal["search"] = "search"
+    query: str = Field(min_length=1, max_length=1024)
+
+
+# --- behaviour -------------------------------------------------------------------------------
+
+
+class BehaviourType(StrEnum):
+    impression = "impression"
+    view = "view"
+    click = "click"
+    add_to_cart = "add_to_cart"
+    purchase = "purchase"
+
+
+class BehaviourEvent(Event):
+    """Something a user did with an item. request_id + position tie it to what was shown."""
+
+    event_id: Id = Field(default_factory=new_id)
+    type: BehaviourType
+    user_id: Id
+    session_id: Id | None = None
+    item_id: Id
+    request_id: Id | None = Field(None, description="The recommendation/search that showed the item")
+    position: int | None = Field(None, ge=0, description="0-based slot the item was shown in")
+    model_version: str | None = None
+    propensity: float | None = Field(None, gt=0, le=1, description="P(shown here) under the logging policy")
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+class RankedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: Id
+    score: float
+    position: int = Field(ge=0)
+    propensity: float = Field(gt=0, le=1, description="Probability the policy showed this item here")
+    retrieval_score: float | None = None
+    category: str | None = None
+    reasons: dict[str, float] = Field(default_factory=dict, description="Top contributing signals")
+
+
+class RecommendationResult(Event):
+    request_id: Id
+    user_id: Id
+    session_id: Id | None = None
+    kind: Literal["recommend", "search"] = "recommend"
+    items: list[RankedItem]
+    model_version: str = Field(description="Ranker version that scored the list ('retrieval' if degraded)")
+    degraded: bool = Field(False, description="True when ranking fell back to retrieval scores")
+    policy: str = Field("greedy", description="Exploration policy/arm that ordered the list")
+    latency_ms: float | None = None
+
+
+class TrainingExample(Event):
+    """An impression joined with what followed it, for the continual learner."""
+
+    request_id: Id
+    user_id: Id
+    session_id: Id | None = None
+    item_id: Id
+    position: int = Field(ge=0)
+    propensity: float = Field(gt=0, le=1)
+    model_version: str | None = None
+    clicked: bool
+    purchased: bool = False
+    label: float = Field(ge=0, le=1, description="1 for a click/purchase, 0 for a skipped impression")
+    context_items: list[Id] = Field(default_factory=list, description="Session items before the impression")
+    query: str | None = None
+
+
+class DeadLetter(BaseModel):
+    """A message that failed validation or processing, with enough to replay it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_topic: str
+    partition: int
+    offset: int
+    key_b64: str | None = None
+    value_b64: str = Field(description="Original message bytes, base64")
+    error: str
+    error_type: str
+    worker: str
+    ts_ms: int = Field(default_factory=now_ms)
+
+
+ALL_MODELS: dict[str, type[BaseModel]] = {
+    "item_upsert": ItemUpsert,
+    "item_delete": ItemDelete,
+    "recommendation_request": RecommendationRequest,
+    "search_query": SearchQuery,
+    "behaviour_event": BehaviourEvent,
+    "recommendation_result": RecommendationResult,
+    "training_example": TrainingExample,
+    "dead_letter": DeadLetter,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    return {name: model.model_json_schema() for name, model in ALL_MODELS.items()}
