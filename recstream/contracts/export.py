@@ -13,7 +13,8 @@ def schema_dir():
 
 
 def render() -> dict[str, str]:
-    return {f"{name}.json": json.dumps(s, indent=2, sort_keys=True) + "\n" for name, s in json_schemas().items()}
+    schemas = json_schemas()
+    return {f"{name}.json": json.dumps(s, indent=2, sort_keys=True) + "\n" for name, s in schemas.items()}
 
 
 def main() -> None:
