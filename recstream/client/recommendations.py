@@ -1,0 +1,101 @@
+"""Ask for recommendations/search results over Kafka and wait for the answer by request_id.
+
+A background thread reads the recommendations topic from its end (no consumer group: every
+application instance sees every result and picks its own request ids), so a request's latency
+as measured here is the true produce-to-consume time an application would see.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+from recstream.client.producer import EventProducer
+from recstream.config import Settings
+from recstream.contracts.events import RecommendationRequest, RecommendationResult
+from recstream.contracts.topics import RECOMMENDATIONS
+from recstream.kafka.serde import InvalidEvent, decode
+
+
+class RecommendationClient:
+    def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
+        self.settings = settings
+        self.producer = producer or EventProducer(settings, worker="rec-client", **{"linger.ms": 0})
+        self._pending: dict[str, Future[RecommendationResult]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "recstream-rec-client",  # required by librdkafka; offsets are never committed
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,  # results are latency-critical; don't let the broker sit on them
+            "fetch.min.bytes": 1,
+        })
+        topic = RECOMMENDATIONS.name(settings.topic_prefix)
+        meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])
+        self._thread = threading.Thread(target=self._run, name="rec-client", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            msgs = self._consumer.consume(num_messages=500, timeout=0.05)
+            self._ready.set()
+            for msg in msgs:
+                if msg.error():
+                    continue
+                try:
+                    result = decode(RECOMMENDATIONS, msg.value(), self.settings.max_message_bytes)
+                except InvalidEvent:
+                    continue
+                with self._lock:
+                    fut = self._pending.pop(result.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(result)
+
+    def submit(self, request: RecommendationRequest) -> Future[RecommendationResult]:
+        """Send a request; the future resolves when its result appears on the topic."""
+        fut: Future[RecommendationResult] = Future()
+        with self._lock:
+            self._pending[request.request_id] = fut
+        self.producer.send("requests", request)
+        self.producer._producer.poll(0)
+        return fut
+
+    def request(self, request: RecommendationRequest, timeout_s: float = 5.0) -> RecommendationResult:
+        fut = self.submit(request)
+        self.producer._producer.flush(timeout_s)
+        try:
+            return fut.result(timeout=timeout_s)
+        except FutureTimeout as exc:
+            with self._lock:
+                self._pending.pop(request.request_id, None)
+            raise TimeoutError(f"no result for request {request.request_id} within {timeout_s}s") from exc
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._consumer.close()
+        self.producer.flush(5)
+
+    def __enter__(self) -> RecommendationClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Poll `predicate` until true or timeout; for tests and demos."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())

@@ -1,0 +1,1 @@
+"""Kafka plumbing shared by applications, services and stream processors (confluent-kafka)."""

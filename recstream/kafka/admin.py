@@ -1,0 +1,68 @@
+"""Create the registry's topics and check existing ones match it.
+
+A topic that exists with fewer partitions than the registry declares would silently break
+per-user ordering assumptions and faust table co-partitioning, so it is a named error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from recstream.config import Settings
+from recstream.contracts.topics import DEAD_LETTERS, TOPICS, TopicSpec, dead_letter_topic
+
+log = logging.getLogger(__name__)
+
+# Admin calls are rare and happen at start-up; 30 s covers a broker still electing its controller.
+ADMIN_TIMEOUT_S = 30.0
+
+
+class TopicMismatch(RuntimeError):
+    """An existing topic disagrees with the registry (e.g. partition count)."""
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def desired_topics(prefix: str = "") -> dict[str, TopicSpec]:
+    """Full topic name -> spec, dead-letter topics included."""
+    out: dict[str, TopicSpec] = {}
+    for spec in TOPICS.values():
+        out[spec.name(prefix)] = spec
+        out[dead_letter_topic(spec.name(prefix))] = DEAD_LETTERS
+    return out
+
+
+def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:
+    """Create missing topics, verify partition counts of existing ones; returns the names created."""
+    admin = admin_client(settings)
+    wanted = desired_topics(settings.topic_prefix)
+    existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    new: list[NewTopic] = []
+    for name, spec in wanted.items():
+        if name in existing:
+            have = len(existing[name].partitions)
+            if have < spec.partitions:
+                raise TopicMismatch(f"topic {name} has {have} partitions, registry declares {spec.partitions}")
+            continue
+        new.append(NewTopic(name, num_partitions=spec.partitions, replication_factor=1, config=spec.config()))
+    for name, partitions in (extra or {}).items():
+        if name not in existing:
+            new.append(NewTopic(name, num_partitions=partitions, replication_factor=1))
+    if not new:
+        return []
+    futures = admin.create_topics(new, operation_timeout=ADMIN_TIMEOUT_S, request_timeout=ADMIN_TIMEOUT_S)
+    created = []
+    for name, fut in futures.items():
+        try:
+            fut.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
+                raise
+    log.info("created topics: %s", ", ".join(sorted(created)))
+    return created

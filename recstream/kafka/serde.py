@@ -1,0 +1,58 @@
+"""Turning contract models into bytes and back, with validation on both sides.
+
+Every consumer decodes through `decode`, so the reasons a message is refused are the same
+everywhere and end up, verbatim, in the dead-letter record.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from recstream.contracts.topics import TopicSpec
+
+
+class InvalidEvent(ValueError):
+    """A message that cannot become a contract model. `reason` is a short machine-friendly tag."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(model: BaseModel) -> bytes:
+    return model.model_dump_json(exclude_none=False).encode()
+
+
+def validate(spec: TopicSpec, value: BaseModel | dict[str, Any]) -> BaseModel:
+    """Validate an outgoing value against the topic's schema; raises pydantic's ValidationError."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    return spec.adapter.validate_python(value)
+
+
+def key_of(spec: TopicSpec, model: BaseModel) -> bytes | None:
+    key = getattr(model, spec.key_field, None)
+    return None if key is None else str(key).encode()
+
+
+def decode(spec: TopicSpec, raw: bytes | None, max_bytes: int) -> BaseModel:
+    """Bytes from the wire to a validated model, or InvalidEvent saying why not."""
+    if raw is None:
+        raise InvalidEvent("empty", "message has no value (tombstone or null)")
+    if len(raw) > max_bytes:
+        raise InvalidEvent("oversize", f"{len(raw)} bytes > limit {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidEvent("malformed_json", str(exc)) from exc
+    try:
+        return spec.adapter.validate_python(data)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise InvalidEvent("schema", errors) from exc

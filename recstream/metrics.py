@@ -1,0 +1,35 @@
+"""Prometheus metrics shared by every service and worker: one name and label set per concept.
+
+Names follow `recstream_<subsystem>_<what>_<unit>`; labels are low-cardinality (topic, stage,
+reason, model_version, arm) so dashboards can aggregate across workers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Latency buckets in seconds, dense under 50 ms: the request budget the system is built for.
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+EVENTS_IN = Counter("recstream_events_in_total", "Messages consumed", ["topic", "worker"])
+EVENTS_OUT = Counter("recstream_events_out_total", "Messages produced", ["topic", "worker"])
+DEAD_LETTERS = Counter(
+    "recstream_dead_letters_total", "Messages sent to a dead-letter topic", ["topic", "reason", "worker"]
+)
+PRODUCE_ERRORS = Counter("recstream_produce_errors_total", "Delivery failures", ["topic"])
+CONSUMER_LAG = Gauge("recstream_consumer_lag", "Messages behind the log end", ["topic", "partition", "group"])
+STAGE_LATENCY = Histogram(
+    "recstream_stage_latency_seconds", "Time spent per processing stage", ["stage"], buckets=LATENCY_BUCKETS
+)
+TRITON_LATENCY = Histogram(
+    "recstream_triton_request_seconds", "Triton call latency", ["model"], buckets=LATENCY_BUCKETS
+)
+TRITON_ERRORS = Counter("recstream_triton_errors_total", "Failed or timed-out Triton calls", ["model", "kind"])
+DEGRADED = Counter("recstream_degraded_answers_total", "Answers served from retrieval scores alone", ["reason"])
+MODEL_VERSION_LIVE = Gauge("recstream_model_version_live", "1 for the live version of each model", ["model", "version"])
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on `port` (0 = don't), for Prometheus to scrape this process."""
+    if port:
+        start_http_server(port)
