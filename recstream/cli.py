@@ -1,0 +1,136 @@
+"""The one command-line entry point: `python -m recstream.cli --help`.
+
+Applications' helpers (produce, tail, replay) and operators' commands (stack, demo) live here;
+each command only wires settings to library functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from recstream.config import get_settings
+from recstream.contracts.topics import TOPICS, dead_letter_topic
+
+app = typer.Typer(help="recstream: real-time search and recommendation on Kafka", no_args_is_help=True)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def topics() -> None:
+    """Create the registry's topics (and dead-letter topics) on the broker; verify existing ones."""
+    from recstream.kafka.admin import ensure_topics
+
+    created = ensure_topics(get_settings())
+    typer.echo(f"created {len(created)} topics" + (f": {', '.join(sorted(created))}" if created else ""))
+
+
+@app.command()
+def produce(
+    topic: str = typer.Argument(..., help=f"logical topic: {', '.join(TOPICS)}"),
+    event: str = typer.Argument("-", help="event JSON, or - to read JSON lines from stdin"),
+) -> None:
+    """Validate and send events to a topic."""
+    from recstream.client import EventProducer
+
+    if topic not in TOPICS:
+        raise typer.BadParameter(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}")
+    lines = sys.stdin if event == "-" else [event]
+    with EventProducer(get_settings(), worker="cli") as producer:
+        n = 0
+        for line in lines:
+            if line.strip():
+                producer.send(topic, json.loads(line))
+                n += 1
+    typer.echo(f"sent {n} events to {topic}", err=True)
+
+
+@app.command()
+def tail(
+    topic: str = typer.Argument(..., help="logical topic, or a full topic name such as behaviour.dlq"),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="start at the oldest message"),
+    limit: int = typer.Option(0, help="stop after N messages (0 = follow forever)"),
+    timeout_s: float = typer.Option(0, help="stop after this many idle seconds (0 = never)"),
+) -> None:
+    """Print a topic's messages as JSON lines (raw, so dead letters and bad input show as they are)."""
+    from confluent_kafka import Consumer
+
+    settings = get_settings()
+    name = TOPICS[topic].name(settings.topic_prefix) if topic in TOPICS else topic
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": f"recstream-tail-{time.time_ns()}",
+        "auto.offset.reset": "earliest" if from_beginning else "latest",
+        "enable.auto.commit": False,
+    })
+    consumer.subscribe([name])
+    seen, idle_since = 0, time.monotonic()
+    try:
+        while not limit or seen < limit:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                if timeout_s and time.monotonic() - idle_since > timeout_s:
+                    break
+                continue
+            idle_since = time.monotonic()
+            value = msg.value() or b""
+            try:
+                payload = json.loads(value)
+            except ValueError:
+                payload = value.decode("utf-8", "replace")
+            key = msg.key().decode("utf-8", "replace") if msg.key() else None
+            typer.echo(json.dumps({"partition": msg.partition(), "offset": msg.offset(), "key": key, "value": payload}))
+            seen += 1
+    finally:
+        consumer.close()
+
+
+@app.command()
+def replay(
+    source: str = typer.Argument(..., help="a .jsonl file of {topic, event} lines, or a data set (ml-100k or path)"),
+    rate: float = typer.Option(1000.0, help="events per second (0 = as fast as possible)"),
+    limit: int = typer.Option(0, help="send at most N behaviour events (0 = all)"),
+    catalog: bool = typer.Option(True, help="for a data set: send its catalog first"),
+) -> None:
+    """Replay recorded events, or a real data set as catalog + behaviour events, at a given rate."""
+    from itertools import islice
+
+    from recstream.client import EventProducer
+    from recstream.replay import behaviour_events, catalog_events, paced, read_jsonl
+
+    _setup_logging()
+    settings = get_settings()
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        stream = read_jsonl(path)
+    else:
+        from recstream.data.datasets import load_dataset
+
+        data = load_dataset(source)
+        items = [("catalog", e) for e in catalog_events(data.items)] if catalog else []
+        events = (("behaviour", e) for e in behaviour_events(data.interactions))
+        stream = iter(items + list(islice(events, limit or None)))
+    with EventProducer(settings, worker="replay") as producer:
+        for topic, event in tqdm(paced(stream, rate), desc="replay", unit="ev"):
+            producer.send(topic, event)
+    typer.echo("replay done", err=True)
+
+
+@app.command("dead-letters")
+def dead_letters(topic: str = typer.Argument("behaviour")) -> None:
+    """Show the dead-letter topic of a logical topic from the beginning (stops when idle)."""
+    name = TOPICS[topic].name(get_settings().topic_prefix)
+    tail(dead_letter_topic(name), from_beginning=True, limit=0, timeout_s=3)
+
+
+if __name__ == "__main__":
+    app()
