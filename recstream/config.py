@@ -35,7 +35,9 @@ class Settings(BaseSettings):
         validation_alias="RECSTREAM_CACHE_DIR",
         description="Downloads kept outside the clone (Kafka jars, venvs)",
     )
-    max_message_bytes: int = Field(1_000_000, description="Largest accepted event payload in bytes")
+    max_message_bytes: int = Field(
+        65_536, description="Largest accepted event payload in bytes; events are small, 64 KiB is generous"
+    )
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
     log_level: str = Field("INFO", description="Log level for every entry point")
 

@@ -184,6 +184,8 @@ class DeadLetter(BaseModel):
     offset: int
     key_b64: str | None = None
     value_b64: str = Field(description="Original message bytes, base64")
+    value_size: int = Field(0, ge=0, description="Size of the original value in bytes")
+    value_truncated: bool = Field(False, description="True when the value was too large to keep whole")
     error: str
     error_type: str
     worker: str

@@ -16,6 +16,10 @@ from recstream.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
+# Keep dead letters well under the broker's 1 MiB message limit even after base64 (+33%):
+# a refused giant message must still leave a record, so its value is cut, and flagged as cut.
+MAX_KEPT_VALUE_BYTES = 512 * 1024
+
 
 class _Send(Protocol):
     def __call__(self, topic: str, key: bytes | None, value: bytes) -> None: ...
@@ -30,7 +34,9 @@ def build_dead_letter(
         partition=partition,
         offset=offset,
         key_b64=base64.b64encode(key).decode() if key is not None else None,
-        value_b64=base64.b64encode(value or b"").decode(),
+        value_b64=base64.b64encode((value or b"")[:MAX_KEPT_VALUE_BYTES]).decode(),
+        value_size=len(value or b""),
+        value_truncated=len(value or b"") > MAX_KEPT_VALUE_BYTES,
         error=error[:4000],
         error_type=error_type,
         worker=worker,

@@ -1,0 +1,74 @@
+"""Session fixtures: the REAL Kafka broker and the REAL tritonserver, started once per test run.
+
+A test that asks for either fails (never skips) when it cannot start: BrokerError or
+TritonStartError propagates out of the fixture. Each test gets its own topic prefix so tests
+never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from recstream.config import REPO_ROOT, Settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(run_root: Path) -> Iterator[str]:
+    from infra.kafka_broker import start_test_broker
+
+    bootstrap, stop = start_test_broker(run_root / "kafka")
+    try:
+        yield bootstrap
+    finally:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def triton_server(run_root: Path):
+    """tritonserver over the repository's model_repo (explicit model control, every model loaded)."""
+    from infra.triton_server import TritonServer
+
+    server = TritonServer(REPO_ROOT / "model_repo", run_root / "triton", http_port=0, grpc_port=0, metrics_port=0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings bound to the test broker with a fresh topic prefix; topics created from the registry."""
+    from recstream.kafka.admin import ensure_topics
+
+    def factory(**overrides) -> Settings:
+        values = {
+            "kafka_bootstrap": kafka_bootstrap,
+            "topic_prefix": f"t{uuid.uuid4().hex[:10]}.",
+            "qdrant_path": tmp_path / "qdrant",
+            "run_dir": tmp_path / "run",
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        ensure_topics(settings)
+        return settings
+
+    return factory
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()

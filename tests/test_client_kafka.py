@@ -1,0 +1,178 @@
+"""The application SDK against the real broker: round trips, consumer groups, dead letters."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
+
+from recstream.client import EventConsumer, EventProducer
+from recstream.config import Settings
+from recstream.contracts.events import (
+    BehaviourEvent,
+    BehaviourType,
+    DeadLetter,
+    ItemDelete,
+    ItemUpsert,
+    RankedItem,
+    RecommendationRequest,
+    RecommendationResult,
+    RequestFilters,
+    SearchQuery,
+    TrainingExample,
+)
+from recstream.contracts.topics import TOPICS, dead_letter_topic
+
+pytestmark = pytest.mark.kafka
+
+
+def drain(consumer: EventConsumer, want: int, max_polls: int = 120) -> list:
+    got = []
+    for _ in range(max_polls):
+        got.extend(consumer.poll(max_messages=1000, timeout_s=0.5))
+        if len(got) >= want:
+            break
+    return got
+
+
+def read_dead_letters(settings: Settings, logical: str, want: int) -> list[DeadLetter]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap, "group.id": "dlq-reader",
+        "auto.offset.reset": "earliest", "enable.auto.commit": False,
+    })
+    consumer.subscribe([dead_letter_topic(TOPICS[logical].name(settings.topic_prefix))])
+    letters = []
+    for _ in range(60):
+        for msg in consumer.consume(100, timeout=0.5):
+            if not msg.error():
+                letters.append(DeadLetter.model_validate_json(msg.value()))
+        if len(letters) >= want:
+            break
+    consumer.close()
+    return letters
+
+
+def every_event_type() -> dict[str, list]:
+    return {
+        "catalog": [
+            ItemUpsert(item_id="i1", title="Toy Story (1995)", category="Animation", tags=["Children"], price=9.5),
+            ItemDelete(item_id="i2"),
+        ],
+        "requests": [
+            RecommendationRequest(user_id="u1", session_id="s1", k=5,
+                                  filters=RequestFilters(categories=["Comedy"], max_price=20)),
+            SearchQuery(user_id="u1", query="space adventure"),
+        ],
+        "behaviour": [
+            BehaviourEvent(type=t, user_id="u1", session_id="s1", item_id="i1", request_id="r1", position=2,
+                           propensity=0.5)
+            for t in BehaviourType
+        ],
+        "recommendations": [
+            RecommendationResult(request_id="r1", user_id="u1", model_version="ranker:3", items=[
+                RankedItem(item_id="i1", score=0.9, position=0, propensity=0.8, reasons={"session": 0.7}),
+                RankedItem(item_id="i3", score=0.5, position=1, propensity=0.2),
+            ]),
+        ],
+        "training-examples": [
+            TrainingExample(request_id="r1", user_id="u1", item_id="i1", position=0, propensity=0.8,
+                            clicked=True, label=1.0, context_items=["i0"]),
+        ],
+    }
+
+
+def test_every_event_type_round_trips(settings: Settings) -> None:
+    sent = every_event_type()
+    with EventProducer(settings) as producer:
+        for topic, events in sent.items():
+            producer.send_many(topic, events)
+    consumer = EventConsumer(settings, list(sent), group_id="roundtrip")
+    got = drain(consumer, sum(map(len, sent.values())))
+    consumer.close()
+    by_topic: dict[str, list] = {}
+    for c in got:
+        by_topic.setdefault(c.topic, []).append(c.event)
+    for logical, events in sent.items():
+        received = by_topic[TOPICS[logical].name(settings.topic_prefix)]
+        assert sorted(e.model_dump_json() for e in received) == sorted(e.model_dump_json() for e in events)
+        for e in received:
+            assert type(e) in {type(x) for x in events}
+
+
+def test_key_is_the_registry_key(settings: Settings) -> None:
+    with EventProducer(settings) as producer:
+        producer.send("behaviour", BehaviourEvent(type="click", user_id="alice", item_id="i9"))
+    consumer = EventConsumer(settings, ["behaviour"], group_id="keys")
+    (got,) = drain(consumer, 1)
+    consumer.close()
+    assert got.key == b"alice"
+
+
+def test_producer_refuses_invalid_events_before_sending(settings: Settings) -> None:
+    with EventProducer(settings) as producer, pytest.raises(ValidationError):
+        producer.send("behaviour", {"type": "teleport", "user_id": "u", "item_id": "i"})
+
+
+def test_10k_events_in_a_group_survive_a_consumer_restart(settings: Settings) -> None:
+    n = 10_000
+    with EventProducer(settings) as producer:
+        for i in range(n):
+            producer.send("behaviour", BehaviourEvent(
+                event_id=f"e{i}", type="view", user_id=f"u{i % 97}", item_id=f"i{i % 500}"))
+    seen: list[str] = []
+    first = EventConsumer(settings, ["behaviour"], group_id="group-10k")
+    while len(seen) < n // 2:
+        seen.extend(c.event.event_id for c in first.poll(max_messages=500, timeout_s=1.0))
+    first.commit()
+    first.close()  # the "crash": everything polled so far is committed, nothing else
+    second = EventConsumer(settings, ["behaviour"], group_id="group-10k")
+    for _ in range(200):
+        batch = second.poll(max_messages=1000, timeout_s=0.5)
+        seen.extend(c.event.event_id for c in batch)
+        if len(set(seen)) >= n and not batch:
+            break
+    second.commit()
+    second.close()
+    assert set(seen) == {f"e{i}" for i in range(n)}
+    assert len(seen) == n, "a committed event was delivered twice after the restart"
+
+
+def counter_value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_bad_input_goes_to_dead_letters_and_valid_events_still_flow(settings: Settings) -> None:
+    topic = TOPICS["behaviour"].name(settings.topic_prefix)
+    bad = {
+        "malformed_json": b'{"type": "click", "user_id": ',
+        "schema": json.dumps({"type": "click", "user_id": 42.5, "item_id": ["x"]}).encode(),
+        "oversize": json.dumps({"type": "view", "user_id": "u", "item_id": "i",
+                                "pad": "x" * (settings.max_message_bytes + 10)}).encode(),
+    }
+    before = {r: counter_value("recstream_dead_letters_total", topic=topic, reason=r, worker="test")
+              for r in bad}
+    with EventProducer(settings) as producer:
+        producer.send("behaviour", BehaviourEvent(event_id="ok-1", type="click", user_id="u", item_id="i"))
+        for reason, raw in bad.items():
+            producer.send_raw(topic, reason.encode(), raw)
+        producer.send("behaviour", BehaviourEvent(event_id="ok-2", type="view", user_id="u", item_id="i"))
+    consumer = EventConsumer(settings, ["behaviour"], group_id="dlq", worker="test")
+    got = drain(consumer, 2)
+    consumer.close()
+    assert sorted(c.event.event_id for c in got) == ["ok-1", "ok-2"]
+
+    letters = {d.error_type: d for d in read_dead_letters(settings, "behaviour", 3)}
+    assert set(letters) == set(bad)
+    for reason, raw in bad.items():
+        letter = letters[reason]
+        assert base64.b64decode(letter.value_b64) == raw, "the original bytes must be kept"
+        assert letter.source_topic == topic and letter.offset >= 0 and letter.partition >= 0
+        assert base64.b64decode(letter.key_b64) == reason.encode()
+        assert counter_value("recstream_dead_letters_total", topic=topic, reason=reason, worker="test") \
+            == before[reason] + 1
+    assert "user_id" in letters["schema"].error
