@@ -1,7 +1,7 @@
 # One entry point for people and CI. Heavy downloads live in a cache outside the clone,
 # keyed by the lock file's hash, so a clean clone re-uses them.
 SHELL := /bin/bash
-PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+PYTHON_BIN ?= $(shell $$(command -v python3.11 || command -v python3) -c 'import sys; print(sys.executable)')
 CACHE_DIR ?= $(HOME)/.cache/recstream
 LOCK_HASH := $(shell sha256sum requirements.lock | cut -c1-16)
 VENV_CACHE := $(CACHE_DIR)/venv-$(LOCK_HASH)
@@ -18,12 +18,12 @@ setup: venv kafka-jars  ## idempotent install: venv, Python deps, Kafka jars, tr
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock
-	@command -v uv >/dev/null || $(PYTHON_BIN) -m pip install -q 'uv>=0.4,<1'
+	@$(PYTHON_BIN) -m uv --version >/dev/null 2>&1 || $(PYTHON_BIN) -m pip install -q "uv>=0.4,<1"
 	@if [ ! -f $(VENV_CACHE)/.complete ]; then \
 	  echo "installing Python environment into $(VENV_CACHE) (first time only)"; \
-	  rm -rf $(VENV_CACHE) && uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE) && \
-	  VIRTUAL_ENV=$(VENV_CACHE) uv pip install -q -r requirements.lock && \
-	  VIRTUAL_ENV=$(VENV_CACHE) uv pip install -q --no-deps 'recbole==1.2.1' && \
+	  rm -rf $(VENV_CACHE) && $(PYTHON_BIN) -m uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE) && \
+	  VIRTUAL_ENV=$(VENV_CACHE) $(PYTHON_BIN) -m uv pip install -q -r requirements.lock && \
+	  VIRTUAL_ENV=$(VENV_CACHE) $(PYTHON_BIN) -m uv pip install -q --no-deps 'recbole==1.2.1' && \
 	  touch $(VENV_CACHE)/.complete ; \
 	fi
 	@ln -sfn $(VENV_CACHE) $(VENV)
