@@ -1,0 +1,1 @@
+"""Local infrastructure for the embedded stack: installers and launchers for external servers."""
