@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.lock
 	@touch $@
 
 kafka-jars: venv
-	@$(PY) -m infra.kafka install
+	@$(PY) -m infra.kafka_broker install
 
 up: setup
 	@$(PY) -m recstream.cli stack up

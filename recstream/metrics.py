@@ -33,3 +33,11 @@ def serve_metrics(port: int) -> None:
     """Expose /metrics on `port` (0 = don't), for Prometheus to scrape this process."""
     if port:
         start_http_server(port)
+# Event produce (Kafka CreateTime) -> session features updated; dense up to 1 s for the 100 ms target.
+FEATURE_FRESHNESS = Histogram(
+    "recstream_feature_freshness_seconds", "Behaviour event produce to session features updated",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+FEATURE_EVENTS = Counter(
+    "recstream_feature_events_total", "Behaviour events folded into session features", ["result"]
+)
