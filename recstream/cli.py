@@ -132,5 +132,47 @@ def dead_letters(topic: str = typer.Argument("behaviour")) -> None:
     tail(dead_letter_topic(name), from_beginning=True, limit=0, timeout_s=3)
 
 
+stack_app = typer.Typer(help="The embedded local stack: Kafka + Triton + stream worker")
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+def stack_up(worker: bool = typer.Option(True, help="also start the stream worker")) -> None:
+    """Start the local stack in the background (state, logs and PIDs under RUN_DIR)."""
+    from recstream.stack import LocalStack
+
+    _setup_logging()
+    stack = LocalStack(get_settings())
+    stack.up(with_worker=worker)
+    typer.echo(json.dumps(stack.status()))
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop everything `stack up` started."""
+    from recstream.stack import LocalStack
+
+    LocalStack(get_settings()).down()
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    from recstream.stack import LocalStack
+
+    typer.echo(json.dumps(LocalStack(get_settings()).status()))
+
+
+@app.command()
+def demo(
+    events: int = typer.Option(20_000, help="real behaviour events to replay first"),
+    keep_running: bool = typer.Option(False, help="leave the stack up afterwards"),
+) -> None:
+    """Run the live demo on the embedded default, replaying MovieLens-100k."""
+    from recstream.demo import run
+
+    _setup_logging()
+    run(get_settings(), events=events, keep_running=keep_running)
+
+
 if __name__ == "__main__":
     app()
