@@ -1,0 +1,36 @@
+"""A circuit breaker for calls to a model server: after a failure, stop asking for a while.
+
+Without it every request during a Triton outage would first wait out the full call deadline
+(250 ms) before falling back; with it only one probe per `cooldown_s` pays that price.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CircuitBreaker:
+    """Opens after `threshold` consecutive failures (one deadline miss on a busy box is not an
+    outage); while open, `allow()` is False until `cooldown_s` passed, then one probe goes through."""
+
+    threshold: int = 3
+    cooldown_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
+    open_until: float = field(default=0.0, init=False)
+    failures: int = field(default=0, init=False)
+
+    def allow(self) -> bool:
+        """True if a call may be attempted now (closed, or a probe after the cooldown)."""
+        return self.clock() >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = self.clock() + self.cooldown_s

@@ -1,0 +1,362 @@
+"""The item vector store: one Qdrant collection, embedded local mode or a server, same code path.
+
+Local mode (the default, `settings.qdrant_path`) lets only one process open the directory, which is
+why the embedded stack runs every stream agent in one worker; `settings.qdrant_url` switches to a
+server and the agents may then run as separate processes.
+
+Point ids are UUIDv5 of the item id, so an upsert replays idempotently and a delete needs no lookup;
+the item id itself stays in the payload.
+
+Reads in local mode: qdrant-client's local mode evaluates filters per point in Python and deep-copies
+every returned payload; measured here on the 1,682-item MovieLens catalog that is 5-15 ms for an
+unfiltered top-100 and 110-125 ms with the request filters, against a 50 ms end-to-end budget. Local
+mode is single-process by construction (it locks the directory), so this wrapper is the only writer
+and can keep an exact in-process read index (`_ReadIndex`: a numpy matrix plus payload columns)
+updated on every write and loaded from Qdrant at open. Qdrant stays the store of record (durable,
+restart-safe); `read_index=False` forces reads through Qdrant and a test checks both agree.
+Server mode always reads from the server (other processes may write).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from recstream.config import Settings
+from recstream.recommend.candidates import CandidateFilter
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "items"
+DIM = 384
+_NAMESPACE = uuid.UUID("6f1c2b1e-4d7a-5c7e-9f3a-2b8d4e6a1c90")
+# Server mode only: a search on a few-thousand-item collection answers in a few ms; 5 s means the
+# server is gone, and the caller's degraded path takes over instead of hanging the stream.
+SERVER_TIMEOUT_S = 5
+
+
+def point_id(item_id: str) -> str:
+    """Deterministic point id for an item id (stable across processes and restarts)."""
+    return str(uuid.uuid5(_NAMESPACE, item_id))
+
+
+@dataclass
+class Hit:
+    item_id: str
+    score: float
+    payload: dict[str, Any]
+    vector: np.ndarray | None = None
+
+
+class VectorStore:
+    """Qdrant wrapper for the 'items' collection (cosine, 384-d)."""
+
+    def __init__(
+        self, settings: Settings, collection: str = COLLECTION, dim: int = DIM, read_index: bool | None = None
+    ) -> None:
+        self.collection = collection
+        self.dim = dim
+        if settings.qdrant_url:
+            self.client = QdrantClient(url=settings.qdrant_url, timeout=SERVER_TIMEOUT_S)
+            self.mode = "server"
+        else:
+            settings.qdrant_path.mkdir(parents=True, exist_ok=True)
+            self.client = QdrantClient(path=str(settings.qdrant_path))
+            self.mode = "local"
+        self.ensure_collection()
+        if self.mode == "local":
+            self._tune_local_storage()
+        use_index = self.mode == "local" if read_index is None else read_index
+        if use_index and self.mode != "local":
+            raise ValueError("the in-process read index is only exact in local mode (single writer)")
+        self._index: _ReadIndex | None = _ReadIndex(dim) if use_index else None
+        if self._index is not None:
+            self._load_index()
+
+    def _tune_local_storage(self) -> None:
+        """Local mode commits (and fsyncs) SQLite once per point: 20 ms each, 35 s for the catalog.
+
+        WAL + synchronous=NORMAL keeps every commit safe against a killed process (the case that
+        matters for a worker) while skipping the per-point fsync; measured 0.6 s for 1,682 items.
+        """
+        try:
+            conn = self.client._client.collections[self.collection].storage.storage
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except (AttributeError, KeyError) as exc:  # a future qdrant-client layout: keep defaults
+            log.warning("could not tune Qdrant local storage (%s); writes will be slower", exc)
+
+    def _load_index(self) -> None:
+        assert self._index is not None
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, limit=1000, offset=offset, with_payload=True, with_vectors=True
+            )
+            for p in points:
+                hit = _hit(p, 0.0)
+                self._index.put(hit.item_id, hit.vector, hit.payload)
+            if offset is None:
+                break
+        log.info("read index loaded: %d items", len(self._index.row_of))
+
+    def ensure_collection(self) -> None:
+        if self.client.collection_exists(self.collection):
+            return
+        self.client.create_collection(
+            self.collection,
+            vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.COSINE),
+        )
+        if self.mode == "server":  # local mode scans anyway; indexes only matter on a server
+            for name, schema in (
+                ("category", models.PayloadSchemaType.KEYWORD),
+                ("in_stock", models.PayloadSchemaType.BOOL),
+                ("price", models.PayloadSchemaType.FLOAT),
+            ):
+                self.client.create_payload_index(self.collection, name, field_schema=schema)
+        log.info("created Qdrant collection %s (%s mode)", self.collection, self.mode)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def upsert(self, items: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Items are payload dicts with at least item_id; replaying the same upsert is a no-op."""
+        if not items:
+            return
+        points = [
+            models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
+            for it, vec in zip(items, vectors, strict=True)
+        ]
+        self.client.upsert(self.collection, points=points, wait=True)
+        if self._index is not None:
+            for it, p in zip(items, points, strict=True):
+                # Qdrant stores cosine vectors normalised; the index keeps exactly what Qdrant returns.
+                self._index.put(it["item_id"], _normalise(np.asarray(p.vector, np.float32)), dict(it))
+
+    def delete(self, item_ids: Iterable[str]) -> None:
+        ids = [point_id(i) for i in item_ids]
+        if ids:
+            self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
+        if self._index is not None:
+            for i in item_ids:
+                self._index.remove(i)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        if self._index is not None:
+            return len(self._index.row_of)
+        return self.client.count(self.collection, exact=True).count
+
+    def retrieve(self, item_ids: Sequence[str], with_vectors: bool = True) -> dict[str, Hit]:
+        """item_id -> Hit (payload and vector) for the ids that exist."""
+        if not item_ids:
+            return {}
+        if self._index is not None:
+            return self._index.get(item_ids)
+        points = self.client.retrieve(
+            self.collection, ids=[point_id(i) for i in item_ids], with_payload=True, with_vectors=with_vectors
+        )
+        return {p.payload["item_id"]: _hit(p, 1.0) for p in points}
+
+    def search(
+        self, vector: np.ndarray, limit: int, filt: CandidateFilter | None = None, with_vectors: bool = True
+    ) -> list[Hit]:
+        """Nearest items to `vector` that pass `filt`, best first."""
+        if self._index is not None:
+            return self._index.search(np.asarray(vector, np.float32), limit, filt)
+        res = self.client.query_points(
+            self.collection,
+            query=np.asarray(vector, dtype=np.float32).tolist(),
+            query_filter=to_qdrant_filter(filt) if filt is not None else None,
+            limit=limit,
+            with_payload=True,
+            with_vectors=with_vectors,
+        )
+        return [_hit(p, p.score) for p in res.points]
+
+    def scroll(self, limit: int, filt: CandidateFilter | None = None, with_vectors: bool = True) -> list[Hit]:
+        """Any `limit` items passing `filt` (no query vector: a cold user with no session yet)."""
+        if self._index is not None:
+            return self._index.search(None, limit, filt)
+        points, _ = self.client.scroll(
+            self.collection,
+            scroll_filter=to_qdrant_filter(filt) if filt is not None else None,
+            limit=limit,
+            with_payload=True,
+            with_vectors=with_vectors,
+        )
+        return [_hit(p, 0.0) for p in points]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _normalise(vec: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vec))
+    return vec / norm if norm > 0 else vec
+
+
+class _ReadIndex:
+    """Exact brute-force index over the whole collection: a few thousand items x 384 is ~1 ms."""
+
+    def __init__(self, dim: int, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.vectors = np.zeros((capacity, dim), np.float32)
+        self.live = np.zeros(capacity, bool)
+        self.in_stock = np.zeros(capacity, bool)
+        self.price = np.full(capacity, np.nan, np.float64)
+        self.category: list[str | None] = [None] * capacity
+        self.item_ids: list[str | None] = [None] * capacity
+        self.payloads: list[dict[str, Any] | None] = [None] * capacity
+        self.row_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self.size = 0
+        # Writers (catalog batches, in a worker thread) and readers (requests) share the arrays.
+        self.lock = threading.RLock()
+
+    def _grow(self) -> None:
+        cap = len(self.live) * 2
+        self.vectors = np.resize(self.vectors, (cap, self.dim))
+        for name in ("live", "in_stock"):
+            arr = np.zeros(cap, bool)
+            arr[: len(getattr(self, name))] = getattr(self, name)
+            setattr(self, name, arr)
+        price = np.full(cap, np.nan)
+        price[: len(self.price)] = self.price
+        self.price = price
+        extra = cap - len(self.category)
+        self.category += [None] * extra
+        self.item_ids += [None] * extra
+        self.payloads += [None] * extra
+
+    def put(self, item_id: str, vector: np.ndarray | None, payload: dict[str, Any]) -> None:
+        with self.lock:
+            self._put(item_id, vector, payload)
+
+    def _put(self, item_id: str, vector: np.ndarray | None, payload: dict[str, Any]) -> None:
+        row = self.row_of.get(item_id)
+        if row is None:
+            if self.free:
+                row = self.free.pop()
+            else:
+                if self.size == len(self.live):
+                    self._grow()
+                row = self.size
+                self.size += 1
+            self.row_of[item_id] = row
+        self.vectors[row] = 0.0 if vector is None else vector
+        self.live[row] = True
+        self.in_stock[row] = bool(payload.get("in_stock", True))
+        price = payload.get("price")
+        self.price[row] = np.nan if price is None else float(price)
+        self.category[row] = payload.get("category")
+        self.item_ids[row] = item_id
+        self.payloads[row] = payload
+
+    def remove(self, item_id: str) -> None:
+        with self.lock:
+            self._remove(item_id)
+
+    def _remove(self, item_id: str) -> None:
+        row = self.row_of.pop(item_id, None)
+        if row is not None:
+            self.live[row] = False
+            self.item_ids[row] = self.payloads[row] = self.category[row] = None
+            self.free.append(row)
+
+    def get(self, item_ids: Sequence[str]) -> dict[str, Hit]:
+        with self.lock:
+            return self._get(item_ids)
+
+    def _get(self, item_ids: Sequence[str]) -> dict[str, Hit]:
+        out = {}
+        for i in item_ids:
+            row = self.row_of.get(i)
+            if row is not None:
+                out[i] = Hit(i, 1.0, dict(self.payloads[row] or {}), self.vectors[row].copy())
+        return out
+
+    def mask(self, f: CandidateFilter | None) -> np.ndarray:
+        n = self.size
+        m = self.live[:n].copy()
+        if f is None:
+            return m
+        if f.in_stock_only:
+            m &= self.in_stock[:n]
+        if f.max_price is not None:
+            with np.errstate(invalid="ignore"):
+                m &= self.price[:n] <= f.max_price  # NaN (no price) compares False, as in Qdrant
+        if f.categories is not None or f.exclude_categories:
+            allowed = set(f.categories) if f.categories is not None else None
+            banned = set(f.exclude_categories)
+            for row in np.flatnonzero(m):
+                c = self.category[row]
+                if (allowed is not None and c not in allowed) or c in banned:
+                    m[row] = False
+        for i in f.exclude_ids:
+            row = self.row_of.get(i)
+            if row is not None:
+                m[row] = False
+        return m
+
+    def search(self, query: np.ndarray | None, limit: int, f: CandidateFilter | None) -> list[Hit]:
+        with self.lock:
+            return self._search(query, limit, f)
+
+    def _search(self, query: np.ndarray | None, limit: int, f: CandidateFilter | None) -> list[Hit]:
+        rows = np.flatnonzero(self.mask(f))
+        if rows.size == 0 or limit <= 0:
+            return []
+        if query is None:
+            top = rows[:limit]
+            scores = np.zeros(top.size, np.float32)
+        else:
+            q = _normalise(query.astype(np.float32))
+            sims = self.vectors[rows] @ q
+            if rows.size > limit:
+                part = np.argpartition(-sims, limit - 1)[:limit]
+                order = part[np.argsort(-sims[part], kind="stable")]
+            else:
+                order = np.argsort(-sims, kind="stable")
+            top, scores = rows[order], sims[order]
+        return [
+            Hit(self.item_ids[r], float(s), dict(self.payloads[r] or {}), self.vectors[r].copy())  # type: ignore[arg-type]
+            for r, s in zip(top, scores, strict=True)
+        ]
+
+
+def _hit(point: Any, score: float) -> Hit:
+    vec = point.vector
+    if isinstance(vec, dict):  # named vectors; we use the default unnamed one
+        vec = next(iter(vec.values()), None)
+    return Hit(
+        item_id=point.payload["item_id"],
+        score=float(score),
+        payload=point.payload,
+        vector=None if vec is None else np.asarray(vec, dtype=np.float32),
+    )
+
+
+def to_qdrant_filter(f: CandidateFilter) -> models.Filter | None:
+    must: list[Any] = []
+    must_not: list[Any] = []
+    if f.in_stock_only:
+        must.append(models.FieldCondition(key="in_stock", match=models.MatchValue(value=True)))
+    if f.categories is not None:
+        must.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(f.categories))))
+    if f.max_price is not None:
+        must.append(models.FieldCondition(key="price", range=models.Range(lte=f.max_price)))
+    if f.exclude_categories:
+        must_not.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(f.exclude_categories))))
+    if f.exclude_ids:
+        must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in sorted(f.exclude_ids)]))
+    if not must and not must_not:
+        return None
+    return models.Filter(must=must or None, must_not=must_not or None)

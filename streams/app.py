@@ -1,0 +1,243 @@
+"""The one faust App of the stream processors, built by a factory (no module-global app, faust #439).
+
+State contract: the app id names the consumer group and every table's changelog topic
+(`<app id>-<table>-changelog`). Tables recover from those changelogs after a restart, so the id
+and APP_VERSION are part of the state contract: changing either starts from empty tables and
+re-consumes the source topics from the beginning; changing a table's value encoding without
+bumping APP_VERSION would make a restarted worker read old bytes with new code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from confluent_kafka import Producer
+
+from recstream.client.producer import producer_config
+from recstream.config import Settings
+from recstream.contracts.topics import TOPICS, TopicSpec
+from recstream.kafka.dead_letters import DeadLetterSink
+from recstream.kafka.serde import InvalidEvent, decode
+from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "recstream-streams"
+APP_VERSION = 1
+ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
+#: Table keys and values are our own bytes (utf-8 user/impression keys, versioned encodings).
+RAW_SCHEMA = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+def app_id(settings: Settings) -> str:
+    return f"{settings.topic_prefix}{APP_NAME}-v{APP_VERSION}"
+
+
+@dataclass
+class StreamContext:
+    """Shared I/O handles of one worker process; agents get everything they touch from here."""
+
+    settings: Settings
+    worker: str
+    app: faust.App
+    agents: tuple[str, ...]
+    feedback_window_s: float = 30.0
+    ranker_mode: str = "auto"
+    topics: dict[str, faust.TopicT] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    _producer: Producer | None = None
+    _store: Any = None
+    _embedder: Any = None
+    _ranker: Any = None
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="infer"))
+
+    # --- lazily opened handles (opened in the worker process, never at import/app-build time) --
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            # Outputs (recommendations, examples, dead letters) go through librdkafka: produce() is
+            # a non-blocking C call, far cheaper per message than aiokafka on 2 cores; 1 ms linger
+            # batches bursts without visible latency.
+            self._producer = Producer(producer_config(self.settings, **{"linger.ms": 1}))
+        return self._producer
+
+    @property
+    def store(self):
+        if self._store is None:
+            from recstream.vectorstore import VectorStore
+
+            self._store = VectorStore(self.settings)
+        return self._store
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from streams.inference import TritonTextEmbedder
+
+            self._embedder = TritonTextEmbedder(self.settings)
+        return self._embedder
+
+    @property
+    def ranker(self):
+        if self._ranker is None:
+            self._ranker = self._pick_ranker()
+        return self._ranker
+
+    def _pick_ranker(self):
+        from streams.inference import InProcessRanker, TritonRanker
+
+        if self.ranker_mode == "inprocess":
+            return InProcessRanker()
+        try:
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(self.settings.triton_grpc_url)
+            # One readiness probe at start-up; 2 s: a loaded server answers in ~1 ms.
+            ready = client.is_model_ready("ranker", client_timeout=2.0)
+        except Exception as exc:
+            ready = False
+            log.info("ranker readiness probe failed: %s", exc)
+        if ready or self.ranker_mode == "triton":
+            log.info("ranking with the Triton 'ranker' model")
+            return TritonRanker(self.settings)
+        log.info("no 'ranker' model on Triton; ranking in-process (heuristic)")
+        return InProcessRanker()
+
+    # --- helpers the agents share ----------------------------------------------------------------
+
+    def send(self, logical: str, key: bytes | None, value: bytes) -> None:
+        topic = TOPICS[logical].name(self.settings.topic_prefix)
+        self.produce(topic, key, value)
+
+    def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                self.producer.poll(0.01)
+        self.producer.poll(0)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
+            log.error("delivery to %s failed: %s", msg.topic(), err)
+        else:
+            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
+
+    @property
+    def dead_letters(self) -> DeadLetterSink:
+        return DeadLetterSink(lambda topic, key, value: self.produce(topic, key, value), self.worker)
+
+    def decode_events(self, spec: TopicSpec, events: Iterable[faust.types.EventT]) -> list[tuple[Any, Any]]:
+        """(event, model) for valid messages; invalid ones go to the dead-letter topic, logged with
+        topic[partition]@offset, and never stop the stream."""
+        out = []
+        for ev in events:
+            msg = ev.message
+            EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
+            try:
+                out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes)))
+            except InvalidEvent as exc:
+                self.dead_letter(ev, exc.detail, exc.reason)
+        return out
+
+    def dead_letter(self, ev: faust.types.EventT, error: str, error_type: str) -> None:
+        msg = ev.message
+        self.dead_letters.publish(
+            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key, value=msg.value,
+            error=error, error_type=error_type,
+        )
+
+    async def in_thread(self, fn, *args):
+        """Run a blocking model/store call off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)  # 10 s: enough for a local broker to ack what is queued
+        if self._store is not None:
+            self._store.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def source_topic(ctx: StreamContext, logical: str) -> faust.TopicT:
+    """The registry topic as a faust topic of raw bytes: validation is ours (decode()), not faust's."""
+    if logical not in ctx.topics:
+        spec = TOPICS[logical]
+        ctx.topics[logical] = ctx.app.topic(
+            spec.name(ctx.settings.topic_prefix),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=spec.partitions,
+            internal=False,  # created by ensure_topics from the registry, never by faust
+        )
+    return ctx.topics[logical]
+
+
+def create_app(
+    settings: Settings,
+    agents: Iterable[str] = ALL_AGENTS,
+    *,
+    worker: str = "streams",
+    feedback_window_s: float = 30.0,
+    ranker: str = "auto",
+) -> faust.App:
+    """Build the app and register the chosen agents on it. `app.ctx` is the StreamContext."""
+    agents = tuple(agents)
+    unknown = set(agents) - set(ALL_AGENTS)
+    if unknown:
+        raise ValueError(f"unknown agents {sorted(unknown)}; choose from {ALL_AGENTS}")
+    datadir = settings.run_dir / "faust" / app_id(settings)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id(settings),
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",  # rocksdb is not installed; tables recover from their changelog topics
+        datadir=str(datadir),
+        topic_replication_factor=1,
+        topic_partitions=4,  # = behaviour/requests partitions: tables co-partition with them
+        table_standby_replicas=0,  # one worker on the embedded stack; standbys would double the work
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        stream_wait_empty=False,
+        stream_buffer_maxsize=16384,
+        broker_commit_interval=1.0,
+        producer_linger=0.005,  # changelog writes: 5 ms lets many table updates share a request
+        producer_max_batch_size=1_000_000,
+        # A worker restarted after kill -9 must not wait for the dead member's session to expire
+        # for long; 10 s is faust's floor that still tolerates a busy 2-core box.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+    )
+    ctx = StreamContext(
+        settings=settings, worker=worker, app=app, agents=agents,
+        feedback_window_s=feedback_window_s, ranker_mode=ranker,
+    )
+    app.ctx = ctx  # type: ignore[attr-defined]
+
+    from streams import catalog_indexer, feedback_joiner, recommender, session_features
+
+    # Features own the sessions table; the recommender and the joiner read it, so it is declared
+    # whenever any of them runs (co-partitioned with behaviour and requests by user_id).
+    if {"features", "recommender", "feedback"} & set(agents):
+        session_features.declare_table(ctx)
+    if "catalog" in agents:
+        catalog_indexer.register(ctx)
+    if "features" in agents:
+        session_features.register(ctx)
+    if "recommender" in agents:
+        recommender.register(ctx)
+    if "feedback" in agents:
+        feedback_joiner.register(ctx)
+
+    return app

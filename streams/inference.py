@@ -1,0 +1,164 @@
+"""Model calls the agents make: query/item text embedding and ranking, on Triton or in-process.
+
+All calls here are blocking (tritonclient gRPC); agents run them in a thread pool so a slow model
+never blocks the event loop that also applies behaviour events. Every failure becomes
+TritonUnavailable (or the ranker's own error), which the agents turn into degraded answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from recstream.config import Settings
+from recstream.metrics import TRITON_ERRORS, TRITON_LATENCY
+from recstream.recommend.breaker import CircuitBreaker
+from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
+
+log = logging.getLogger(__name__)
+
+RANKER_MODEL = "ranker"
+
+
+class ModelUnavailable(RuntimeError):
+    """A model call failed or missed its deadline; the caller answers degraded."""
+
+
+class TextEmbedder(Protocol):
+    def encode(self, texts: Sequence[str], timeout_s: float, use_breaker: bool = True) -> np.ndarray: ...
+
+
+class TritonTextEmbedder:
+    """text_encoder on Triton with a small LRU for repeated queries and a circuit breaker."""
+
+    def __init__(self, settings: Settings, cache_size: int = 4096) -> None:
+        from recstream.serving.triton_client import TritonEncoderClient
+
+        self._client = TritonEncoderClient(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.breaker = CircuitBreaker()
+
+    def cached(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            vec = self._cache.get(text)
+            if vec is not None:
+                self._cache.move_to_end(text)
+            return vec
+
+    def encode(self, texts: Sequence[str], timeout_s: float, use_breaker: bool = True) -> np.ndarray:
+        """[n, 384] normalised; raises ModelUnavailable (fast, while the breaker is open).
+
+        Bulk callers (catalog indexing) pass use_breaker=False: they retry on their own schedule
+        and must not be refused because online requests recently failed."""
+        from recstream.serving.triton_client import TritonError
+
+        if not texts:
+            return np.zeros((0, 384), np.float32)
+        if use_breaker and not self.breaker.allow():
+            raise ModelUnavailable("text_encoder: circuit open after a recent failure")
+        t0 = time.perf_counter()
+        try:
+            out = self._client.encode_texts(list(texts), timeout_s=timeout_s)
+        except TritonError as exc:
+            self.breaker.failure()
+            TRITON_ERRORS.labels(model="text_encoder", kind=type(exc).__name__).inc()
+            raise ModelUnavailable(f"text_encoder: {exc}") from exc
+        self.breaker.success()
+        TRITON_LATENCY.labels(model="text_encoder").observe(time.perf_counter() - t0)
+        if len(texts) <= 8:  # queries, not catalog batches, are worth caching
+            with self._lock:
+                for text, vec in zip(texts, out, strict=True):
+                    self._cache[text] = vec
+                    if len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+        return out
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Ranker(Protocol):
+    version: str
+
+    def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray: ...
+
+
+class InProcessRanker:
+    """The heuristic ranker from recstream.recommend, behind the same interface as Triton's."""
+
+    def __init__(self) -> None:
+        self.impl = HeuristicRanker()
+        self.version = self.impl.version
+
+    def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray:
+        return self.impl.score(ctx, candidates)
+
+
+class TritonRanker:
+    """The learned ranker served by Triton as model 'ranker'.
+
+    Inputs (one request = one batch row of candidates): QUERY_EMB [1,384], SESSION_EMB [1,384],
+    ITEM_EMB [1,n,384], ITEM_FEATS [1,n,F]; output SCORES [1,n]. Missing context vectors are sent
+    as zeros, which the model was trained to read as "no signal".
+    """
+
+    version = "ranker"
+
+    def __init__(self, settings: Settings, model: str = RANKER_MODEL) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._tc = grpcclient
+        self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
+        self.model = model
+        self.breaker = CircuitBreaker()
+        self.version = self._model_version()
+
+    def _model_version(self) -> str:
+        try:
+            # Metadata is one small RPC at start-up; 2 s covers a busy server, else we learn it later.
+            meta = self._client.get_model_metadata(self.model, client_timeout=2.0)
+            versions = list(meta.versions)
+            return f"{self.model}-v{max(versions, key=int)}" if versions else self.model
+        except Exception as exc:
+            log.warning("ranker metadata unavailable (%s); version reported as %r", exc, self.model)
+            return self.model
+
+    def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray:
+        if not self.breaker.allow():
+            raise ModelUnavailable("ranker: circuit open after a recent failure")
+        n = len(candidates)
+        zeros = np.zeros(384, np.float32)
+        item = np.stack([c.vector if c.vector is not None else zeros for c in candidates]).astype(np.float32)
+        feats = np.array(
+            [[c.retrieval_score, ctx.affinity.get(c.category or "", 0.0)] for c in candidates], np.float32
+        )
+        arrays = {
+            "QUERY_EMB": (ctx.query_vec if ctx.query_vec is not None else zeros)[None].astype(np.float32),
+            "SESSION_EMB": (ctx.session_vec if ctx.session_vec is not None else zeros)[None].astype(np.float32),
+            "ITEM_EMB": item[None],
+            "ITEM_FEATS": feats[None],
+        }
+        inputs = []
+        for name, arr in arrays.items():
+            inp = self._tc.InferInput(name, list(arr.shape), "FP32")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        t0 = time.perf_counter()
+        try:
+            res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
+            scores = res.as_numpy("SCORES").reshape(-1)[:n]
+        except Exception as exc:
+            self.breaker.failure()
+            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
+            raise ModelUnavailable(f"ranker: {exc}") from exc
+        self.breaker.success()
+        TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
+        return scores.astype(np.float32)

@@ -1,0 +1,75 @@
+"""Run the stream processors: `python -m streams.worker [--agents all|catalog,features,...]`.
+
+On the embedded default (Qdrant local mode) every agent must run in this one process, because only
+one process may open the Qdrant directory. With QDRANT_URL set, agents may be split across
+processes; the recommender and the feedback joiner read the sessions table, so run them in the
+same process as `features`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from recstream.config import get_settings
+from recstream.kafka.admin import ensure_topics
+from recstream.metrics import serve_metrics
+from streams.app import ALL_AGENTS, create_app
+
+log = logging.getLogger("streams.worker")
+READY_LINE = "recstream worker ready"
+
+cli = typer.Typer(add_completion=False, help=__doc__)
+
+
+def parse_agents(spec: str) -> tuple[str, ...]:
+    if spec.strip() == "all":
+        return ALL_AGENTS
+    agents = tuple(a.strip() for a in spec.split(",") if a.strip())
+    bad = set(agents) - set(ALL_AGENTS)
+    if bad or not agents:
+        raise typer.BadParameter(f"unknown agents {sorted(bad)}; choose from all or {','.join(ALL_AGENTS)}")
+    return agents
+
+
+@cli.command()
+def main(
+    agents: str = typer.Option("all", help="all, or a comma list of " + ",".join(ALL_AGENTS)),
+    metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default: settings.metrics_port)"),
+    feedback_window_s: float = typer.Option(30.0, help="How long an impression waits for a click"),
+    ranker: str = typer.Option("auto", help="auto (Triton 'ranker' if loaded), triton, or inprocess"),
+) -> None:
+    settings = get_settings()
+    chosen = parse_agents(agents)
+    if settings.qdrant_url is None and chosen != ALL_AGENTS:
+        log.warning("Qdrant local mode: another worker process cannot open %s at the same time", settings.qdrant_path)
+    created = ensure_topics(settings)
+    if created:
+        log.info("created %d topics", len(created))
+    serve_metrics(metrics_port if metrics_port is not None else settings.metrics_port)
+
+    import faust
+
+    app = create_app(settings, chosen, feedback_window_s=feedback_window_s, ranker=ranker)
+    ctx = app.ctx
+
+    @app.timer(0.5)
+    async def _announce_ready() -> None:
+        # Once: after table recovery finished and partitions are assigned (tests wait for this line).
+        if not ctx.tables.get("_ready") and app.tables.recovery.completed.is_set() and app.consumer.assignment():
+            ctx.tables["_ready"] = True
+            if "catalog" in chosen or "recommender" in chosen or "features" in chosen:
+                ctx.store  # open Qdrant now rather than on the first request  # noqa: B018
+            log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
+
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    cli()
