@@ -1,0 +1,269 @@
+"""One generic form for interaction data, so every model and benchmark reads any data set the same way.
+
+The generic form on disk (what `load_generic` reads and `save_generic` writes) is a directory with two
+UTF-8 CSV files with a header row:
+
+``interactions.csv``
+    ``user_id`` (str, required), ``item_id`` (str, required), ``ts`` (int seconds, required),
+    ``event`` (str, optional, default ``"interaction"``; e.g. rating, click, purchase),
+    ``rating`` (float, optional, empty = none). Row order breaks ties between equal timestamps.
+``items.csv``
+    ``item_id`` (str, required), ``title`` (str, required), ``category`` (str, optional, default ``""``),
+    ``text`` (str, optional, default ``"title | category"``: what a text encoder sees).
+    Extra columns are kept. Every item of interactions.csv must be listed here; items never
+    interacted with are allowed and take part in full ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "event", "rating"]
+ITEM_COLUMNS = ["item_id", "title", "category", "text"]
+_REQUIRED_INTERACTIONS = ["user_id", "item_id", "ts"]
+_REQUIRED_ITEMS = ["item_id", "title"]
+
+
+class DataFormatError(ValueError):
+    """The data set files do not follow the generic form; the message says what to fix."""
+
+
+@dataclass
+class InteractionData:
+    """Interactions plus the item catalogue, normalised to the generic columns and dtypes."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        self.interactions = _normalise_interactions(self.interactions, self.name)
+        self.items = _normalise_items(self.items, self.name)
+        known = set(self.items["item_id"])
+        missing = sorted(set(self.interactions["item_id"]) - known)
+        if missing:
+            raise DataFormatError(
+                f"{self.name}: {len(missing)} item_id(s) in interactions are not in items, e.g. {missing[:5]}"
+            )
+
+    @property
+    def n_users(self) -> int:
+        return int(self.interactions["user_id"].nunique())
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return (
+            f"InteractionData(name={self.name!r}, users={self.n_users}, items={self.n_items}, "
+            f"interactions={len(self.interactions)})"
+        )
+
+
+def _check_columns(df: pd.DataFrame, required: list[str], what: str, name: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataFormatError(
+            f"{name}: {what} lacks required column(s) {missing}; has {list(df.columns)}; required: {required}"
+        )
+
+
+def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    _check_columns(df, _REQUIRED_INTERACTIONS, "interactions", name)
+    out = df.copy().reset_index(drop=True)
+    if "event" not in out.columns:
+        out["event"] = "interaction"
+    if "rating" not in out.columns:
+        out["rating"] = np.nan
+    for col in ("user_id", "item_id"):
+        if out[col].isna().any():
+            raise DataFormatError(f"{name}: interactions.{col} has empty values")
+        out[col] = out[col].astype(str)
+    ts = pd.to_numeric(out["ts"], errors="coerce")
+    if ts.isna().any():
+        bad = out.loc[ts.isna(), "ts"].head(3).tolist()
+        raise DataFormatError(f"{name}: interactions.ts must be integer seconds, got e.g. {bad}")
+    out["ts"] = ts.astype(np.int64)
+    out["event"] = out["event"].fillna("interaction").astype(str)
+    rating = pd.to_numeric(out["rating"], errors="coerce")
+    if (rating.isna() & out["rating"].notna() & (out["rating"].astype(str).str.strip() != "")).any():
+        raise DataFormatError(f"{name}: interactions.rating must be numeric or empty")
+    out["rating"] = rating.astype(np.float64)
+    extra = [c for c in out.columns if c not in INTERACTION_COLUMNS]
+    return out[INTERACTION_COLUMNS + extra]
+
+
+def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    _check_columns(df, _REQUIRED_ITEMS, "items", name)
+    out = df.copy().reset_index(drop=True)
+    if out["item_id"].isna().any():
+        raise DataFormatError(f"{name}: items.item_id has empty values")
+    out["item_id"] = out["item_id"].astype(str)
+    dup = out["item_id"][out["item_id"].duplicated()]
+    if len(dup):
+        raise DataFormatError(f"{name}: items.item_id must be unique, duplicates e.g. {dup.head(5).tolist()}")
+    out["title"] = out["title"].fillna("").astype(str)
+    if "category" not in out.columns:
+        out["category"] = ""
+    out["category"] = out["category"].fillna("").astype(str)
+    if "text" not in out.columns:
+        out["text"] = np.where(out["category"] != "", out["title"] + " | " + out["category"], out["title"])
+    out["text"] = out["text"].fillna("").astype(str)
+    extra = [c for c in out.columns if c not in ITEM_COLUMNS]
+    return out[ITEM_COLUMNS + extra]
+
+
+def _recbole_dataset_dir(name: str) -> Path:
+    """The example data shipped inside the installed recbole package (never copied into the repo)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("recbole is not installed; run `make setup` (it installs recbole==1.2.1)")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / "dataset_example" / name
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(f"recbole package has no dataset_example/{name}")
+
+
+def _read_atomic(path: Path) -> pd.DataFrame:
+    """Read a RecBole atomic file, stripping the `:type` suffix off header names."""
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    df.columns = [c.split(":", 1)[0] for c in df.columns]
+    return df
+
+
+def load_movielens_100k() -> InteractionData:
+    """MovieLens-100k from the installed recbole package; every rating counts as one interaction."""
+    root = _recbole_dataset_dir("ml-100k")
+    inter = _read_atomic(root / "ml-100k.inter")
+    items = _read_atomic(root / "ml-100k.item")
+    interactions = pd.DataFrame(
+        {
+            "user_id": inter["user_id"],
+            "item_id": inter["item_id"],
+            "ts": inter["timestamp"].astype(float).astype(np.int64),
+            "event": "rating",
+            "rating": inter["rating"].astype(float),
+        }
+    )
+    year = items["release_year"].str.strip()
+    title = items["movie_title"].str.strip()
+    title = np.where(year != "", title + " (" + year + ")", title)
+    genres = items["class"].str.strip()
+    category = genres.str.split().str[0].fillna("unknown").replace("", "unknown")
+    item_df = pd.DataFrame(
+        {
+            "item_id": items["item_id"],
+            "title": title,
+            "category": category,
+            "text": pd.Series(title) + " | " + genres,
+            "genres": genres,
+        }
+    )
+    return InteractionData(interactions=interactions, items=item_df, name="ml-100k")
+
+
+def load_generic(path: Path) -> InteractionData:
+    """A data set given as files in the generic form (see the module docstring)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFormatError(f"{path}: expected a directory holding interactions.csv and items.csv")
+    files = {}
+    for fname in ("interactions.csv", "items.csv"):
+        fpath = path / fname
+        if not fpath.is_file():
+            raise DataFormatError(f"{path}: missing {fname} (the generic form needs interactions.csv and items.csv)")
+        files[fname] = pd.read_csv(
+            fpath, dtype={"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str}
+        )
+    return InteractionData(interactions=files["interactions.csv"], items=files["items.csv"], name=path.name)
+
+
+def save_generic(data: InteractionData, path: Path) -> Path:
+    """Write `data` in the generic form, so it can be read back with `load_generic`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data.interactions.to_csv(path / "interactions.csv", index=False)
+    data.items.to_csv(path / "items.csv", index=False)
+    return path
+
+
+_BUILTIN = {"ml-100k": load_movielens_100k, "movielens-100k": load_movielens_100k}
+
+
+def load_dataset(name_or_path: str) -> InteractionData:
+    """A built-in data set by name ('ml-100k') or a directory in the generic form."""
+    key = str(name_or_path).strip()
+    if key.lower() in _BUILTIN:
+        return _BUILTIN[key.lower()]()
+    if key.lower() == "tiny-synthetic":
+        return tiny_synthetic()
+    path = Path(key).expanduser()
+    if path.exists():
+        return load_generic(path)
+    raise DataFormatError(
+        f"unknown data set {name_or_path!r}: use one of {sorted(_BUILTIN)} or a directory with "
+        "interactions.csv and items.csv"
+    )
+
+
+def data_hash(data: InteractionData) -> str:
+    """Stable SHA-256 of the content (generic columns only), recorded in checkpoint metadata."""
+    h = hashlib.sha256()
+    for label, df, cols in (
+        ("interactions", data.interactions, INTERACTION_COLUMNS),
+        ("items", data.items, ITEM_COLUMNS),
+    ):
+        h.update(label.encode())
+        h.update(df[cols].to_csv(index=False, float_format="%.6g", lineterminator="\n").encode())
+    return h.hexdigest()
+
+
+def tiny_synthetic(n_users: int = 60, n_items: int = 40, n_cats: int = 4, seed: int = 0) -> InteractionData:
+    """A small data set with learnable structure, for unit tests only.
+
+    Each user likes one category; items are drawn mostly from it, with a Zipf-like popularity skew,
+    and sequences tend to walk to the next item of the category, so popularity, co-occurrence and
+    sequence models all have something to find.
+    """
+    rng = np.random.default_rng(seed)
+    cats = np.arange(n_items) % n_cats
+    pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    rows = []
+    for u in range(n_users):
+        fav = u % n_cats
+        in_cat = np.flatnonzero(cats == fav)
+        p = pop[in_cat] / pop[in_cat].sum()
+        length = int(rng.integers(6, 14))
+        item = int(rng.choice(in_cat, p=p))
+        seen: set[int] = set()
+        ts = 1_000_000 + int(rng.integers(0, 10_000))
+        for _ in range(length):
+            seen.add(item)
+            rows.append((f"u{u}", f"i{item}", ts, "click", np.nan))
+            ts += int(rng.integers(1, 500))
+            if rng.random() < 0.15:
+                candidates = np.setdiff1d(np.arange(n_items), list(seen))
+            else:
+                step = in_cat[(np.searchsorted(in_cat, item) + 1) % len(in_cat)]
+                candidates = np.array([step]) if step not in seen else np.setdiff1d(in_cat, list(seen))
+            if len(candidates) == 0:
+                break
+            item = int(candidates[0] if len(candidates) == 1 else rng.choice(candidates))
+    interactions = pd.DataFrame(rows, columns=INTERACTION_COLUMNS)
+    names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(n_items)],
+            "title": [f"Item {i}" for i in range(n_items)],
+            "category": [names[c % len(names)] for c in cats],
+        }
+    )
+    return InteractionData(interactions=interactions, items=items, name="tiny-synthetic")

@@ -1,0 +1,145 @@
+"""Loaders, the generic form round trip and its errors, and split leakage checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recstream.data import (
+    InteractionData,
+    cold_start_split,
+    data_hash,
+    leave_last_out,
+    load_dataset,
+    load_generic,
+    load_movielens_100k,
+    tiny_synthetic,
+)
+from recstream.data.datasets import DataFormatError, save_generic
+
+
+@pytest.fixture(scope="module")
+def ml100k() -> InteractionData:
+    return load_movielens_100k()
+
+
+def test_movielens_shape(ml100k: InteractionData) -> None:
+    assert ml100k.n_users == 943
+    assert ml100k.n_items == 1682
+    assert len(ml100k.interactions) == 100_000
+    assert list(ml100k.interactions.columns[:5]) == ["user_id", "item_id", "ts", "event", "rating"]
+    assert ml100k.interactions["ts"].dtype == np.int64
+    first = ml100k.items.set_index("item_id").loc["1"]
+    assert first["title"] == "Toy Story (1995)"
+    assert first["category"] == "Animation"
+    assert first["text"] == "Toy Story (1995) | Animation Children's Comedy"
+    assert load_dataset("ml-100k").n_items == 1682
+
+
+def test_generic_round_trip(tmp_path: Path) -> None:
+    data = tiny_synthetic()
+    save_generic(data, tmp_path / "tiny")
+    back = load_generic(tmp_path / "tiny")
+    pd.testing.assert_frame_equal(back.interactions, data.interactions)
+    pd.testing.assert_frame_equal(back.items, data.items)
+    assert data_hash(back) == data_hash(data)
+    assert load_dataset(str(tmp_path / "tiny")).n_items == data.n_items
+
+
+def test_generic_optional_columns_defaulted(tmp_path: Path) -> None:
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,ts\n1,a,10\n1,b,20\n")
+    (tmp_path / "items.csv").write_text("item_id,title,category\na,Alpha,x\nb,Beta,\nc,Gamma,y\n")
+    data = load_generic(tmp_path)
+    assert data.interactions["event"].tolist() == ["interaction", "interaction"]
+    assert data.interactions["rating"].isna().all()
+    assert data.interactions["user_id"].tolist() == ["1", "1"]
+    assert data.items["text"].tolist() == ["Alpha | x", "Beta", "Gamma | y"]
+
+
+@pytest.mark.parametrize(
+    ("inter", "items", "message"),
+    [
+        ("user_id,ts\n1,10\n", "item_id,title\na,A\n", "lacks required column(s) ['item_id']"),
+        ("user_id,item_id,ts\n1,a,10\n", "item_id,name\na,A\n", "items lacks required column(s) ['title']"),
+        ("user_id,item_id,ts\n1,z,10\n", "item_id,title\na,A\n", "not in items"),
+        ("user_id,item_id,ts\n1,a,yesterday\n", "item_id,title\na,A\n", "integer seconds"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,A\na,B\n", "must be unique"),
+    ],
+)
+def test_generic_clear_errors(tmp_path: Path, inter: str, items: str, message: str) -> None:
+    (tmp_path / "interactions.csv").write_text(inter)
+    (tmp_path / "items.csv").write_text(items)
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        load_generic(tmp_path)
+
+
+def test_generic_missing_file_and_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match=r"missing interactions\.csv"):
+        load_generic(tmp_path)
+    with pytest.raises(DataFormatError, match="unknown data set"):
+        load_dataset("no-such-data-set")
+
+
+def test_hash_is_stable_and_content_sensitive() -> None:
+    a, b = tiny_synthetic(seed=0), tiny_synthetic(seed=0)
+    assert data_hash(a) == data_hash(b)
+    assert data_hash(a) != data_hash(tiny_synthetic(seed=1))
+
+
+def _check_no_leakage(split) -> None:  # type: ignore[no-untyped-def]
+    last_train = split.train.groupby("user_idx")["ts"].max()
+    valid = split.valid.set_index("user_idx")["ts"]
+    test = split.test.set_index("user_idx")["ts"]
+    common = valid.index.intersection(last_train.index)
+    assert (valid.loc[common] >= last_train.loc[common]).all()
+    both = test.index.intersection(valid.index)
+    assert (test.loc[both] >= valid.loc[both]).all()
+    common = test.index.intersection(last_train.index)
+    assert (test.loc[common] >= last_train.loc[common]).all()
+
+
+def test_leave_last_out(ml100k: InteractionData) -> None:
+    split = leave_last_out(ml100k)
+    assert len(split.test) == len(split.valid) == 943  # every ML user has >= 20 ratings
+    assert len(split.train) + len(split.valid) + len(split.test) == 100_000
+    _check_no_leakage(split)
+    cases = split.cases("test")
+    # the test history is the train sequence plus the validation item, in time order
+    u = int(cases.users[0])
+    assert cases.histories[0][-1] == split.valid.set_index("user_idx").loc[u, "item_idx"]
+    assert len(cases.histories[0]) == len(split.train_seqs[u]) + 1
+
+
+def test_ties_and_short_users_deterministic() -> None:
+    inter = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a", "b", "b"],
+            "item_id": ["1", "2", "3", "4", "1", "2"],
+            "ts": [5, 5, 5, 1, 3, 4],
+        }
+    )
+    items = pd.DataFrame({"item_id": ["1", "2", "3", "4"], "title": ["w", "x", "y", "z"]})
+    split = leave_last_out(InteractionData(inter, items))
+    a, b = split.user_index["a"], split.user_index["b"]
+    assert split.train_seqs[a].tolist() == [split.item_index["4"], split.item_index["1"]]
+    assert split.valid.set_index("user_idx").loc[a, "item_idx"] == split.item_index["2"]
+    assert split.test.set_index("user_idx").loc[a, "item_idx"] == split.item_index["3"]
+    assert b not in set(split.test["user_idx"]) and len(split.train_seqs[b]) == 2
+
+
+def test_cold_start_split(ml100k: InteractionData) -> None:
+    cold = cold_start_split(ml100k, frac=0.1, seed=0)
+    cold_set = set(cold.cold_items.tolist())
+    assert len(cold_set) == round(0.1 * 1682)
+    assert not cold_set & set(cold.train["item_idx"].tolist())
+    assert not cold_set & set(cold.valid["item_idx"].tolist())
+    assert len(cold.test) > 0 and set(cold.test["item_idx"].tolist()) <= cold_set
+    for hist in cold.cases("test").histories:
+        assert not cold_set & set(hist.tolist())
+    _check_no_leakage(cold)
+    again = cold_start_split(ml100k, frac=0.1, seed=0)
+    assert np.array_equal(again.cold_items, cold.cold_items)
