@@ -229,13 +229,13 @@ def data_hash(data: InteractionData) -> str:
 def tiny_synthetic(n_users: int = 60, n_items: int = 40, n_cats: int = 4, seed: int = 0) -> InteractionData:
     """A small data set with learnable structure, for unit tests only.
 
-    Each user likes one category; items are drawn mostly from it, with a Zipf-like popularity skew,
-    and sequences tend to walk to the next item of the category, so popularity, co-occurrence and
-    sequence models all have something to find.
+    Each user likes one category; the next item is often the next one of that category, else drawn
+    by a Zipf-like popularity from the category (or, rarely, from anything), so popularity,
+    co-occurrence, sequence and text (category) models all have something to find.
     """
     rng = np.random.default_rng(seed)
     cats = np.arange(n_items) % n_cats
-    pop = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    pop = 1.0 / np.arange(1, n_items + 1) ** 1.2
     rows = []
     for u in range(n_users):
         fav = u % n_cats
@@ -249,14 +249,17 @@ def tiny_synthetic(n_users: int = 60, n_items: int = 40, n_cats: int = 4, seed: 
             seen.add(item)
             rows.append((f"u{u}", f"i{item}", ts, "click", np.nan))
             ts += int(rng.integers(1, 500))
-            if rng.random() < 0.15:
-                candidates = np.setdiff1d(np.arange(n_items), list(seen))
-            else:
-                step = in_cat[(np.searchsorted(in_cat, item) + 1) % len(in_cat)]
-                candidates = np.array([step]) if step not in seen else np.setdiff1d(in_cat, list(seen))
-            if len(candidates) == 0:
+            step = int(in_cat[(np.searchsorted(in_cat, item) + 1) % len(in_cat)])
+            roll = rng.random()
+            if roll < 0.4 and step not in seen:
+                item = step  # sequential signal: walk along the category
+                continue
+            pool = in_cat if roll < 0.7 else np.arange(n_items)  # taste, else anything
+            pool = np.array([i for i in pool if i not in seen])
+            if len(pool) == 0:
                 break
-            item = int(candidates[0] if len(candidates) == 1 else rng.choice(candidates))
+            w = pop[pool] / pop[pool].sum()  # popularity skew
+            item = int(rng.choice(pool, p=w))
     interactions = pd.DataFrame(rows, columns=INTERACTION_COLUMNS)
     names = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     items = pd.DataFrame(

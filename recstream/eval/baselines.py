@@ -1,0 +1,401 @@
+"""Baselines behind one small protocol, so the project's own models are judged against known points.
+
+Protocol (`Recommender`): ``fit(split) -> self`` learns from ``split.train`` / ``split.train_seqs``
+only (validation cases may be used for early stopping, test cases never), and
+``score(users, histories) -> np.ndarray [batch, n_items]`` scores every catalogue item for a batch of
+user indices given their time-ordered history of item indices. Higher is better; the evaluator
+masks the history, so models need not.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from recstream.data.split import Split
+from recstream.eval.metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Recommender(Protocol):
+    """What the evaluator and the bench need from any model."""
+
+    def fit(self, split: Split) -> Recommender: ...
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray: ...
+
+
+def _history_matrix(histories: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """Binary [batch, n_items] matrix of the items in each history."""
+    lens = [len(h) for h in histories]
+    rows = np.repeat(np.arange(len(histories)), lens)
+    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if sum(lens) else np.zeros(0, int)
+    m = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+class RandomScorer:
+    """Uniform random scores: the floor every baseline must beat (used in tests)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.n_items = 0
+
+    def fit(self, split: Split) -> RandomScorer:
+        self.n_items = split.n_items
+        self._rng = np.random.default_rng(self.seed)
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        return self._rng.random((len(users), self.n_items), dtype=np.float32)
+
+
+class Popularity:
+    """Training interaction count per item: the same list for everyone."""
+
+    def fit(self, split: Split) -> Popularity:
+        counts = np.bincount(split.train["item_idx"].to_numpy(), minlength=split.n_items)
+        self.counts = counts.astype(np.float32)
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(users), len(self.counts))).copy()
+
+
+class ItemKNNConfig(BaseModel):
+    topk: int = Field(100, description="Neighbours kept per item (sparsifies the similarity)")
+    shrink: float = Field(10.0, description="Shrinks similarities of items with few co-occurrences")
+
+
+class ItemKNN:
+    """Cosine item-item similarity over the binary user-item matrix; score = sum over history."""
+
+    def __init__(self, config: ItemKNNConfig | None = None) -> None:
+        self.config = config or ItemKNNConfig()
+
+    def fit(self, split: Split) -> ItemKNN:
+        x = split.train_matrix(binary=True).tocsc().astype(np.float32)
+        co = (x.T @ x).tocsr()  # item x item co-occurrence
+        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
+        co.setdiag(0)
+        co.eliminate_zeros()
+        co = co.tocoo()
+        denom = norms[co.row] * norms[co.col] + self.config.shrink + 1e-8
+        sim = sp.csr_matrix((co.data / denom, (co.row, co.col)), shape=co.shape)
+        self.sim = _topk_per_row(sim, self.config.topk).T.tocsr()  # column j: neighbours of j
+        self.n_items = split.n_items
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        h = _history_matrix(histories, self.n_items)
+        return np.asarray((h @ self.sim).todense(), dtype=np.float32)
+
+
+def _topk_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Keep the k largest entries of each row."""
+    m = m.tocsr()
+    rows, cols, vals = [], [], []
+    for r in range(m.shape[0]):
+        lo, hi = m.indptr[r], m.indptr[r + 1]
+        if hi == lo:
+            continue
+        d, c = m.data[lo:hi], m.indices[lo:hi]
+        if hi - lo > k:
+            keep = np.argpartition(-d, k)[:k]
+            d, c = d[keep], c[keep]
+        rows.append(np.full(len(c), r))
+        cols.append(c)
+        vals.append(d)
+    if not rows:
+        return sp.csr_matrix(m.shape, dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape, dtype=np.float32
+    )
+
+
+class EarlyStopConfig(BaseModel):
+    max_epochs: int = 40
+    eval_every: int = 1
+    patience: int = Field(4, description="Evaluations without a better validation NDCG@10 before stopping")
+    seed: int = 0
+
+
+def _train_with_early_stopping(
+    model: nn.Module,
+    run_epoch: Callable[[int], float],
+    validate: Callable[[], float],
+    cfg: EarlyStopConfig,
+    desc: str,
+) -> dict[str, Any]:
+    """Run epochs, keep the weights with the best validation NDCG@10, stop after `patience` misses."""
+    best, best_state, best_epoch, misses = -1.0, None, 0, 0
+    bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, leave=False)
+    loss = float("nan")
+    for epoch in bar:
+        loss = run_epoch(epoch)
+        if epoch % cfg.eval_every and epoch != cfg.max_epochs:
+            continue
+        ndcg = validate()
+        bar.set_postfix(loss=f"{loss:.4f}", val_ndcg10=f"{ndcg:.4f}")
+        if ndcg > best:
+            best, best_state, best_epoch, misses = ndcg, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            misses += 1
+            if misses >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"best_val_ndcg10": best, "best_epoch": best_epoch, "epochs_run": epoch, "last_loss": loss}
+
+
+class BPRConfig(EarlyStopConfig):
+    max_epochs: int = 50
+    dim: int = 64
+    lr: float = 5e-3
+    reg: float = Field(1e-5, description="L2 penalty on the embeddings used in a batch")
+    batch_size: int = 2048
+
+
+class _MF(nn.Module):
+    def __init__(self, n_users: int, n_items: int, dim: int) -> None:
+        super().__init__()
+        self.user = nn.Embedding(n_users, dim)
+        self.item = nn.Embedding(n_items, dim)
+        self.bias = nn.Embedding(n_items, 1)
+        nn.init.normal_(self.user.weight, std=0.1)
+        nn.init.normal_(self.item.weight, std=0.1)
+        nn.init.zeros_(self.bias.weight)
+
+
+class BPRMF:
+    """Matrix factorisation trained with the BPR pairwise loss on uniformly sampled negatives."""
+
+    def __init__(self, config: BPRConfig | None = None) -> None:
+        self.config = config or BPRConfig()
+        self.info: dict[str, Any] = {}
+
+    def fit(self, split: Split) -> BPRMF:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        self.net = _MF(split.n_users, split.n_items, cfg.dim)
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        users = torch.as_tensor(split.train["user_idx"].to_numpy(np.int64))
+        pos = torch.as_tensor(split.train["item_idx"].to_numpy(np.int64))
+        valid = split.cases("valid")
+
+        def run_epoch(epoch: int) -> float:
+            self.net.train()
+            perm = torch.as_tensor(rng.permutation(len(users)))
+            neg_all = torch.as_tensor(rng.integers(0, split.n_items, len(users)))
+            total = 0.0
+            for lo in range(0, len(perm), cfg.batch_size):
+                idx = perm[lo : lo + cfg.batch_size]
+                u, i, j = users[idx], pos[idx], neg_all[idx]
+                eu, ei, ej = self.net.user(u), self.net.item(i), self.net.item(j)
+                x = (eu * (ei - ej)).sum(-1) + (self.net.bias(i) - self.net.bias(j)).squeeze(-1)
+                loss = -F.logsigmoid(x).mean() + cfg.reg * (eu.pow(2).sum() + ei.pow(2).sum() + ej.pow(2).sum()) / len(
+                    idx
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            return total / max(1, len(perm))
+
+        self.info = _train_with_early_stopping(
+            self.net, run_epoch, lambda: evaluate(self, valid)["NDCG@10"], cfg, "bpr-mf"
+        )
+        return self
+
+    @torch.no_grad()
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        self.net.eval()
+        u = self.net.user(torch.as_tensor(np.asarray(users, dtype=np.int64)))
+        s = u @ self.net.item.weight.T + self.net.bias.weight.T
+        return s.numpy()
+
+
+class SASRecConfig(EarlyStopConfig):
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.2
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    max_epochs: int = Field(10, description="Kept small: one epoch is ~13 s on one busy CPU core for ml-100k")
+    eval_every: int = 1
+    patience: int = 3
+
+
+class _SASRecNet(nn.Module):
+    """Causal transformer over item ids; item 0 is padding, real items are index + 1."""
+
+    def __init__(self, n_items: int, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
+        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
+        layer = nn.TransformerEncoderLayer(
+            cfg.dim, cfg.heads, dim_feedforward=cfg.dim * 4, dropout=cfg.dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.item.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """Hidden state per position [B, L, dim] for left-padded sequences [B, L]."""
+        length = seq.shape[1]
+        x = self.item(seq) * (self.cfg.dim**0.5) + self.pos(torch.arange(length, device=seq.device))
+        x = self.drop(x)
+        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
+        key_ok = (seq != 0)[:, None, :] | torch.eye(length, dtype=torch.bool, device=seq.device)[None]
+        blocked = ~(causal[None] & key_ok)  # pads attend only to themselves, so no row is empty
+        blocked = blocked.repeat_interleave(self.cfg.heads, dim=0)
+        return self.norm(self.encoder(x, mask=blocked))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.item.weight[1:].T
+
+
+def _left_pad(seqs: list[np.ndarray], length: int) -> np.ndarray:
+    """Last `length` items of each sequence, shifted by +1 (0 = padding), left-padded."""
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        s = np.asarray(s[-length:], dtype=np.int64)
+        if len(s):
+            out[r, length - len(s) :] = s + 1
+    return out
+
+
+class SASRecID:
+    """ID-only SASRec-style next-item model trained with full softmax cross-entropy over all items."""
+
+    def __init__(self, config: SASRecConfig | None = None) -> None:
+        self.config = config or SASRecConfig()
+        self.info: dict[str, Any] = {}
+
+    def _windows(self, seqs: list[np.ndarray]) -> list[np.ndarray]:
+        """Non-overlapping windows of max_len+1 from each sequence's end: every transition once."""
+        w = self.config.max_len + 1
+        out = []
+        for s in seqs:
+            end = len(s)
+            while end >= 2:
+                out.append(s[max(0, end - w) : end])
+                end -= w - 1
+        return out
+
+    def fit(self, split: Split) -> SASRecID:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        self.net = _SASRecNet(split.n_items, cfg)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        windows = self._windows(split.train_seqs)
+        seq_all = _left_pad([w[:-1] for w in windows], cfg.max_len)
+        tgt_all = _left_pad([w[1:] for w in windows], cfg.max_len)  # 0 where no target
+        valid = split.cases("valid")
+
+        def run_epoch(epoch: int) -> float:
+            self.net.train()
+            perm = rng.permutation(len(seq_all))
+            total, n = 0.0, 0
+            for lo in range(0, len(perm), cfg.batch_size):
+                idx = perm[lo : lo + cfg.batch_size]
+                seq, tgt = torch.as_tensor(seq_all[idx]), torch.as_tensor(tgt_all[idx])
+                h = self.net(seq)
+                mask = tgt > 0
+                loss = F.cross_entropy(self.net.logits(h[mask]), tgt[mask] - 1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * int(mask.sum())
+                n += int(mask.sum())
+            return total / max(1, n)
+
+        self.info = _train_with_early_stopping(
+            self.net, run_epoch, lambda: evaluate(self, valid)["NDCG@10"], cfg, "sasrec-id"
+        )
+        return self
+
+    @torch.no_grad()
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        self.net.eval()
+        seq = torch.as_tensor(_left_pad(histories, self.config.max_len))
+        h = self.net(seq)[:, -1]
+        s = self.net.logits(h)
+        empty = torch.as_tensor([len(x) == 0 for x in histories])
+        s[empty] = 0.0  # nothing to go on: all ties, ranked pessimistically
+        return s.numpy()
+
+
+class TextEncoderLike(Protocol):
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray: ...
+
+
+_EMBED_CACHE: dict[str, np.ndarray] = {}
+
+
+class ZeroShotText:
+    """Pretrained text embeddings of items, no training: user = mean of history item embeddings.
+
+    It ranks items never seen in training, which is the point of the cold-start rows. Embeddings
+    are cached per process by the hash of the item texts, so the cold-start run re-uses them.
+    """
+
+    def __init__(self, encoder: TextEncoderLike | None = None, batch_size: int = 64) -> None:
+        self.encoder = encoder
+        self.batch_size = batch_size
+
+    def _encoder(self) -> TextEncoderLike:
+        if self.encoder is None:
+            from recstream.models.encoder import TextEncoder  # optional heavy import, on first use
+
+            self.encoder = TextEncoder()
+        return self.encoder
+
+    def fit(self, split: Split) -> ZeroShotText:
+        texts = split.item_texts
+        key = hashlib.sha256(("\x1f".join(texts) + repr(type(self.encoder))).encode()).hexdigest()
+        if key not in _EMBED_CACHE:
+            emb = np.asarray(self._encoder().encode(texts, batch_size=self.batch_size), dtype=np.float32)
+            _EMBED_CACHE[key] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        self.emb = _EMBED_CACHE[key]
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        h = _history_matrix(histories, len(self.emb))
+        n = np.maximum(np.asarray(h.sum(axis=1)), 1.0)
+        user_vec = np.asarray(h @ self.emb) / n
+        return (user_vec @ self.emb.T).astype(np.float32)
+
+
+BASELINES: dict[str, Callable[[], Recommender]] = {
+    "popularity": Popularity,
+    "item-knn": ItemKNN,
+    "bpr-mf": BPRMF,
+    "sasrec-id": SASRecID,
+    "zero-shot-minilm": ZeroShotText,
+}
