@@ -1,0 +1,215 @@
+"""Exploration policies over a ranked candidate list, as pure functions of (ids, scores, rng).
+
+Why exploration: a ranker that only ever shows its own top-k learns nothing about the items it
+buries, and after a change in tastes it cannot find out. Every policy here returns, for each shown
+slot, the exact probability with which it made that choice, so the logs support off-policy
+evaluation (recstream.ope) and inverse-propensity-weighted training (recstream.continual).
+
+Interface shared by every policy (what the stream recommender calls):
+
+    policy.name                                   arm label, goes into RecommendationResult.policy
+    policy.rank(item_ids, scores, k, rng)         -> list[Shown(item_id, position, propensity)]
+    policy.marginals(scores, k, rng=None)         -> [n, k] array, P(item i shown at slot j)
+
+`propensity` semantics per policy (documented on each class):
+* Greedy / EpsilonGreedy / TopShuffle: the *marginal* P(item at slot) (exact, closed form);
+* PlackettLuce: the *conditional* P(item at slot | items in earlier slots), exact; its slot-0 value
+  is also the marginal. Marginals of later slots have no closed form; `marginals` estimates them by
+  vectorised Gumbel-top-k sampling (documented approximation, used only by OPE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+#: Smallest propensity we ever report: the contract requires > 0, and float underflow must not break it.
+MIN_PROPENSITY = 1e-12
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One shown slot: which item, where, and with what probability the policy put it there."""
+
+    item_id: str
+    position: int
+    propensity: float
+
+
+class RankingPolicy(Protocol):
+    name: str
+
+    def rank(
+        self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator
+    ) -> list[Shown]: ...
+
+    def marginals(self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray: ...
+
+
+def _check(item_ids: Sequence[str], scores: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(item_ids) != len(s):
+        raise ValueError(f"{len(item_ids)} item ids but {len(s)} scores")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    return s, min(int(k), len(s))
+
+
+def greedy_order(scores: np.ndarray) -> np.ndarray:
+    """Indices by descending score; ties broken by index so the order is deterministic."""
+    s = np.asarray(scores, dtype=np.float64)
+    return np.lexsort((np.arange(len(s)), -s))
+
+
+def _clip(p: float) -> float:
+    return float(min(1.0, max(MIN_PROPENSITY, p)))
+
+
+class Greedy:
+    """Pure exploitation: the top-k by score, every propensity 1."""
+
+    name = "greedy"
+
+    def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
+        s, k = _check(item_ids, scores, k)
+        return [Shown(item_ids[i], j, 1.0) for j, i in enumerate(greedy_order(s)[:k])]
+
+    def marginals(self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        k = min(k, len(s))
+        m = np.zeros((len(s), k))
+        m[greedy_order(s)[:k], np.arange(k)] = 1.0
+        return m
+
+
+class PlackettLuce:
+    """Sample a ranking slot by slot from softmax(scores / temperature) over the not-yet-shown items.
+
+    propensity = P(item at slot j | slots < j) = exp(s_i/T) / sum_{remaining} exp(s/T), exact. The
+    probability of the whole shown prefix is the product of the propensities. Temperature -> 0 is
+    greedy; large temperature is uniform. `name` carries the temperature so arms are distinguishable.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        self.temperature = float(temperature)
+        self.name = f"pl_t{self.temperature:g}"
+
+    def _logits(self, s: np.ndarray) -> np.ndarray:
+        z = s / self.temperature
+        return z - z.max()
+
+    def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
+        s, k = _check(item_ids, scores, k)
+        z = self._logits(s)
+        w = np.exp(z)
+        alive = np.ones(len(s), dtype=bool)
+        out: list[Shown] = []
+        for j in range(k):
+            p = np.where(alive, w, 0.0)
+            total = p.sum()
+            if total <= 0:  # every remaining weight underflowed: fall back to uniform over the rest
+                p = alive.astype(np.float64)
+                total = p.sum()
+            p = p / total
+            i = int(rng.choice(len(s), p=p))
+            out.append(Shown(item_ids[i], j, _clip(p[i])))
+            alive[i] = False
+        return out
+
+    def slot0_probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Exact P(item at slot 0) = softmax(scores / T)."""
+        w = np.exp(self._logits(np.asarray(scores, dtype=np.float64)))
+        return w / w.sum()
+
+    def sample_orders(self, scores: np.ndarray, k: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n independent rankings [n, k] by the Gumbel-top-k trick (same law as `rank`, vectorised)."""
+        z = np.asarray(scores, dtype=np.float64) / self.temperature
+        g = z[None, :] + rng.gumbel(size=(n, len(z)))
+        k = min(k, len(z))
+        top = np.argpartition(-g, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(g, top, axis=1).argsort(axis=1)[:, ::-1]
+        return np.take_along_axis(top, order, axis=1)
+
+    def marginals(
+        self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None, n_samples: int = 4000
+    ) -> np.ndarray:
+        """P(item i at slot j): slot 0 exact, slots > 0 estimated from n_samples Gumbel-top-k draws."""
+        s = np.asarray(scores, dtype=np.float64)
+        k = min(k, len(s))
+        rng = rng or np.random.default_rng(0)
+        orders = self.sample_orders(s, k, n_samples, rng)
+        m = np.zeros((len(s), k))
+        for j in range(k):
+            m[:, j] = np.bincount(orders[:, j], minlength=len(s)) / n_samples
+        m[:, 0] = self.slot0_probabilities(s)
+        return m
+
+
+class EpsilonGreedy:
+    """Greedy top-k, except each of the first `explore_slots` slots, independently with probability
+    epsilon, shows an item drawn uniformly from the pool below the top-k instead (without
+    replacement across slots). The displaced greedy items are dropped.
+
+    Marginals are closed-form, so `propensity` is the exact marginal P(item at slot):
+    greedy item at its own slot j < explore_slots: 1 - epsilon; any pool item at such a slot:
+    epsilon / |pool|; slots >= explore_slots: 1.
+    """
+
+    def __init__(self, epsilon: float = 0.1, explore_slots: int = 3) -> None:
+        if not 0 <= epsilon <= 1:
+            raise ValueError("epsilon must be in [0, 1]")
+        self.epsilon = float(epsilon)
+        self.explore_slots = int(explore_slots)
+        self.name = f"eps{self.epsilon:g}_s{self.explore_slots}"
+
+    def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
+        s, k = _check(item_ids, scores, k)
+        order = greedy_order(s)
+        pool = list(order[k:])
+        n_pool = len(pool)
+        rng_pool = rng.permutation(pool) if pool else np.array([], dtype=np.int64)
+        used = 0
+        out: list[Shown] = []
+        for j, i in enumerate(order[:k]):
+            if j < self.explore_slots and n_pool > 0:
+                if rng.random() < self.epsilon:
+                    # A uniformly random permutation read in order = uniform draws without replacement;
+                    # each pool item is at slot j with probability 1/|pool| given exploring there.
+                    out.append(Shown(item_ids[int(rng_pool[used])], j, _clip(self.epsilon / n_pool)))
+                    used += 1
+                else:
+                    out.append(Shown(item_ids[int(i)], j, _clip(1.0 - self.epsilon)))
+            else:
+                out.append(Shown(item_ids[int(i)], j, 1.0))
+        return out
+
+    def marginals(self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        k = min(k, len(s))
+        order = greedy_order(s)
+        pool = order[k:]
+        m = np.zeros((len(s), k))
+        for j in range(k):
+            if j < self.explore_slots and len(pool) > 0:
+                m[order[j], j] = 1.0 - self.epsilon
+                m[pool, j] = self.epsilon / len(pool)
+            else:
+                m[order[j], j] = 1.0
+        return m
+
+
+def make_policy(spec: str) -> RankingPolicy:
+    """Policy from a short spec: 'greedy', 'pl:0.5' (temperature), 'eps:0.1:3' (epsilon, slots)."""
+    kind, *args = spec.split(":")
+    if kind == "greedy":
+        return Greedy()
+    if kind == "pl":
+        return PlackettLuce(float(args[0]) if args else 1.0)
+    if kind == "eps":
+        return EpsilonGreedy(float(args[0]) if args else 0.1, int(args[1]) if len(args) > 1 else 3)
+    raise ValueError(f"unknown policy spec {spec!r}; use greedy | pl:T | eps:E:SLOTS")

@@ -1,0 +1,107 @@
+"""Exploration policies: propensities are exact probabilities (closed form and by Monte Carlo)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from recstream.explore import EpsilonGreedy, Greedy, PlackettLuce, ThompsonArms, make_policy
+
+IDS = [f"i{n}" for n in range(6)]
+SCORES = np.array([2.0, 1.5, 0.3, -0.2, 0.9, 0.0])
+
+
+def test_greedy_is_top_k_with_propensity_one() -> None:
+    shown = Greedy().rank(IDS, SCORES, 3, np.random.default_rng(0))
+    assert [s.item_id for s in shown] == ["i0", "i1", "i4"]
+    assert [s.position for s in shown] == [0, 1, 2]
+    assert all(s.propensity == 1.0 for s in shown)
+
+
+def test_pl_slot0_probabilities_sum_to_one_and_match_monte_carlo() -> None:
+    pol = PlackettLuce(temperature=0.7)
+    p0 = pol.slot0_probabilities(SCORES)
+    assert p0.sum() == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    n = 20000
+    counts = Counter()
+    reported: dict[str, float] = {}
+    for _ in range(n):
+        first = pol.rank(IDS, SCORES, 3, rng)[0]
+        counts[first.item_id] += 1
+        reported[first.item_id] = first.propensity
+    for idx, item in enumerate(IDS):
+        assert counts[item] / n == pytest.approx(p0[idx], abs=4 * np.sqrt(p0[idx] * (1 - p0[idx]) / n) + 1e-3)
+        if item in reported:
+            assert reported[item] == pytest.approx(p0[idx])
+
+
+def test_pl_conditional_propensity_of_slot1_matches_monte_carlo() -> None:
+    pol = PlackettLuce(temperature=1.0)
+    rng = np.random.default_rng(2)
+    n = 20000
+    given_first = [s for s in (pol.rank(IDS, SCORES, 2, rng) for _ in range(n)) if s[0].item_id == "i0"]
+    counts = Counter(s[1].item_id for s in given_first)
+    w = np.exp(SCORES)
+    w[0] = 0
+    cond = w / w.sum()
+    for idx, item in enumerate(IDS[1:], start=1):
+        freq = counts[item] / len(given_first)
+        assert freq == pytest.approx(cond[idx], abs=4 * np.sqrt(cond[idx] / len(given_first)) + 1e-3)
+    props = {s[1].item_id: s[1].propensity for s in given_first}
+    for item, p in props.items():
+        assert p == pytest.approx(cond[IDS.index(item)])
+
+
+def test_pl_marginals_rows_and_columns() -> None:
+    pol = PlackettLuce(0.5)
+    m = pol.marginals(SCORES, 3, np.random.default_rng(3), n_samples=20000)
+    np.testing.assert_allclose(m.sum(axis=0), 1.0, atol=1e-9)  # every slot holds exactly one item
+    assert np.all(m.sum(axis=1) <= 1.0 + 1e-9)  # an item is shown at most once
+    np.testing.assert_allclose(m[:, 0], pol.slot0_probabilities(SCORES))
+
+
+def test_gumbel_sampler_has_the_same_law_as_rank() -> None:
+    pol = PlackettLuce(0.8)
+    orders = pol.sample_orders(SCORES, 2, 40000, np.random.default_rng(4))
+    freq = np.bincount(orders[:, 0], minlength=len(SCORES)) / len(orders)
+    np.testing.assert_allclose(freq, pol.slot0_probabilities(SCORES), atol=0.01)
+
+
+def test_epsilon_greedy_propensities_are_exact_marginals() -> None:
+    pol = EpsilonGreedy(epsilon=0.3, explore_slots=2)
+    m = pol.marginals(SCORES, 3)
+    np.testing.assert_allclose(m.sum(axis=0), 1.0)
+    rng = np.random.default_rng(5)
+    n = 30000
+    freq = np.zeros_like(m)
+    for _ in range(n):
+        for s in pol.rank(IDS, SCORES, 3, rng):
+            idx = IDS.index(s.item_id)
+            freq[idx, s.position] += 1
+            assert s.propensity == pytest.approx(m[idx, s.position])
+    np.testing.assert_allclose(freq / n, m, atol=0.012)
+
+
+def test_make_policy_specs_and_names() -> None:
+    assert make_policy("greedy").name == "greedy"
+    assert make_policy("pl:0.5").name == "pl_t0.5"
+    assert make_policy("eps:0.1:2").name == "eps0.1_s2"
+    with pytest.raises(ValueError):
+        make_policy("nope")
+    with pytest.raises(ValueError):
+        Greedy().rank(IDS, SCORES[:3], 2, np.random.default_rng(0))
+
+
+def test_thompson_moves_traffic_to_the_better_arm() -> None:
+    arms = ThompsonArms([Greedy(), PlackettLuce(1.0)])
+    rng = np.random.default_rng(6)
+    ctr = {"greedy": 0.05, "pl_t1": 0.15}
+    picks = Counter()
+    for t in range(3000):
+        arm = arms.choose(rng)
+        picks[arm.name] += 1 if t > 1500 else 0
+        arms.update(arm.name, float(rng.random() < ctr[arm.name]), 1.0)
+    assert picks["pl_t1"] > 0.8 * sum(picks.values())
