@@ -1,0 +1,517 @@
+"""Launch, probe and stop the tritonserver binary that ships inside nvidia-pytriton (no Docker, no GPU).
+
+Why not ``pytriton.Triton``: it wraps Python callables, while we serve a plain model repository
+(``model_repo/``) that a later step updates through Triton's model-control API. So we run the
+bundled binary ourselves, replicating what pytriton does to make it work from a wheel:
+
+* the python backend expects ``triton_python_backend_stub`` next to ``libtriton_python.so``; the
+  wheel keeps one stub per Python version elsewhere, so we assemble a backend directory under
+  ``run_dir/backends/python`` with the stub matching *this* interpreter (pytriton copies too);
+* ``nvidia_pytriton.libs`` (bundled shared libraries) goes on LD_LIBRARY_PATH;
+* the stub links ``libpython3.11.so.1.0``: the interpreter's own LIBDIR must come first on
+  LD_LIBRARY_PATH, otherwise the system (Debian 3.11.2) libpython is picked up and the venv's stdlib
+  fails with ``undefined symbol: _PyModule_Add``;
+* the venv's ``bin`` goes first on PATH so the embedded interpreter resolves the venv's prefix and
+  site-packages (torch, transformers);
+* the stub runs its embedded interpreter *isolated* (``sys.flags.isolated == 1``: PYTHONPATH is
+  ignored, although ``os.environ`` is inherited). So we export ``RECSTREAM_REPO_ROOT`` and
+  ``model.py`` puts that on ``sys.path`` itself before ``import recstream`` (falling back to the repo
+  root computed from its own location when the repository is the one inside this checkout).
+
+State lives in ``run_dir``: ``tritonserver.pid``, ``triton.json`` (ports, mode) and
+``tritonserver.log``, so ``stop``/``status`` work from a different process than ``start``.
+
+CLI: ``python -m infra.triton_server start|stop|status [--run-dir run/triton]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PID_FILE = "tritonserver.pid"
+STATE_FILE = "triton.json"
+LOG_FILE = "tritonserver.log"
+MODEL_CONTROL_MODES = ("explicit", "poll", "none")
+#: Log lines after which tritonserver will never become ready. Some of these do not make it exit: a
+#: python model whose stub fails to initialise leaves the server "loading" forever, so we watch the
+#: log and fail fast instead of waiting for the deadline.
+FATAL_LOG_MARKERS = (
+    "Failed to preinitialize Python stub",
+    "failed to load '",
+    "Failed to initialize Python stub",
+    "Stub process is unhealthy",
+    "error: creating server:",
+)
+
+
+class TritonStartError(RuntimeError):
+    """tritonserver exited or did not become ready in time; the message carries the log tail."""
+
+
+def pytriton_dist_dir() -> Path:
+    """``site-packages/pytriton/tritonserver`` (binary, backends, per-version stubs)."""
+    import pytriton  # local import: only the launcher needs the package
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def pytriton_libs_dir() -> Path:
+    """Bundled shared libraries (auditwheel layout: sibling of the package)."""
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+
+
+def tritonserver_binary() -> Path:
+    return pytriton_dist_dir() / "bin" / "tritonserver"
+
+
+def _stub_for_this_python() -> Path:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = pytriton_dist_dir() / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"nvidia-pytriton has no python backend stub for Python {version}: {stub}")
+    return stub
+
+
+def prepare_backend_dir(run_dir: Path) -> Path:
+    """Assemble ``run_dir/backends/python`` = bundled python backend + the stub for this interpreter.
+
+    Copies (about 10 MB) rather than symlinks so that the layout is exactly what the backend expects
+    and a later upgrade of the wheel cannot change a running server underneath it.
+    """
+    src = pytriton_dist_dir() / "backends" / "python"
+    dst = run_dir / "backends" / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    files = {p.name: p for p in src.iterdir() if p.is_file()}
+    files["triton_python_backend_stub"] = _stub_for_this_python()
+    for name, path in files.items():
+        target = dst / name
+        st = path.stat()
+        if target.is_file() and target.stat().st_size == st.st_size and target.stat().st_mtime >= st.st_mtime:
+            continue
+        shutil.copy2(path, target)
+    return run_dir / "backends"
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its python-backend stubs (see module docstring for why)."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ld = [p for p in (libdir, str(pytriton_libs_dir())) if p]
+    if env.get("LD_LIBRARY_PATH"):
+        ld.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = ":".join(ld)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = venv_bin + (":" + env["PATH"] if env.get("PATH") else "")
+    # Read by model_repo/*/<version>/model.py; PYTHONPATH would be ignored by the isolated stub.
+    env.setdefault("RECSTREAM_REPO_ROOT", str(REPO_ROOT))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (small race until tritonserver binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as dead.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _is_tritonserver(pid: int) -> bool:
+    """Guard against PID reuse: only signal a process whose command line is a tritonserver."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"tritonserver")
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _scan_log(path: Path, offset: int) -> tuple[int, str | None]:
+    """Read complete new log lines from ``offset``; return the new offset and the first fatal line."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except OSError:
+        return offset, None
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
+        if any(marker in line for marker in FATAL_LOG_MARKERS):
+            return offset + end, line
+    return offset + end, None
+
+
+def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class TritonServer:
+    """One tritonserver process serving ``model_repo``, with its state under ``run_dir``.
+
+    ``http_port``/``grpc_port``/``metrics_port`` = 0 picks free ports at ``start()``.
+    ``models``: names to load at start (explicit mode) and to wait for; None = every model directory
+    in the repository that has a ``config.pbtxt``.
+    """
+
+    def __init__(
+        self,
+        model_repo: Path,
+        run_dir: Path,
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        model_control_mode: str = "explicit",
+        models: Sequence[str] | None = None,
+        host: str = "127.0.0.1",
+        repository_poll_secs: int = 5,
+        log_verbose: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}")
+        self.model_repo = Path(model_repo).resolve()
+        self.run_dir = Path(run_dir).resolve()
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.model_control_mode = model_control_mode
+        self.models = list(models) if models is not None else None
+        self.host = host
+        self.repository_poll_secs = repository_poll_secs
+        self.log_verbose = log_verbose
+        self.extra_args = list(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # ---- state shared across processes -------------------------------------------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / PID_FILE
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / STATE_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / LOG_FILE
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> TritonServer:
+        """Re-attach to a server started by another process (for ``stop``/``status``/urls)."""
+        run_dir = Path(run_dir)
+        state = json.loads((run_dir / STATE_FILE).read_text())
+        return cls(
+            model_repo=Path(state["model_repo"]),
+            run_dir=run_dir,
+            http_port=state["http_port"],
+            grpc_port=state["grpc_port"],
+            metrics_port=state["metrics_port"],
+            model_control_mode=state["model_control_mode"],
+            models=state["models"],
+            host=state["host"],
+        )
+
+    def read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # ---- endpoints -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """HTTP endpoint as ``host:port`` (the form tritonclient expects)."""
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def is_ready(self, timeout_s: float = 1.0) -> bool:
+        return _http_ok(f"http://{self.url}/v2/health/ready", timeout_s)
+
+    def model_ready(self, name: str, timeout_s: float = 1.0) -> bool:
+        return _http_ok(f"http://{self.url}/v2/models/{name}/ready", timeout_s)
+
+    def is_running(self) -> bool:
+        pid = self._proc.pid if self._proc is not None else self.read_pid()
+        return pid is not None and _pid_alive(pid) and _is_tritonserver(pid)
+
+    def repo_models(self) -> list[str]:
+        return sorted(p.name for p in self.model_repo.iterdir() if (p / "config.pbtxt").is_file())
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        """The full tritonserver command line (ports must already be concrete)."""
+        backends = prepare_backend_dir(self.run_dir)
+        cmd = [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repo}",
+            f"--model-control-mode={self.model_control_mode}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={pytriton_dist_dir() / 'caches'}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            # Fail fast: a model that does not load is a startup error, not a half-ready server.
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.model_control_mode == "explicit":
+            cmd += [f"--load-model={m}" for m in (self.models if self.models is not None else ["*"])]
+        elif self.model_control_mode == "poll":
+            cmd.append(f"--repository-poll-secs={self.repository_poll_secs}")
+        return cmd + self.extra_args
+
+    def start(self, timeout_s: float = 180.0) -> TritonServer:
+        """Spawn tritonserver and block until it and every requested model are ready.
+
+        Raises TritonStartError (with the log tail) if the process dies or the deadline passes;
+        on timeout the process is killed, so a failed start never leaves a server behind.
+        """
+        if self.is_running():
+            raise TritonStartError(f"a tritonserver is already running from {self.run_dir} (pid {self.read_pid()})")
+        if not self.model_repo.is_dir():
+            raise TritonStartError(f"model repository {self.model_repo} does not exist")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.http_port = self.http_port or free_port(self.host)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        wait_for = self.models if self.models is not None else self.repo_models()
+        cmd = self.command()
+        LOG.info("starting tritonserver: %s", " ".join(cmd))
+        t0 = time.monotonic()
+        with self.log_file.open("wb") as log:
+            # New session: the CLI's `start` may exit while the server keeps running, and Ctrl-C in
+            # the caller's terminal must not kill it half-way; stop() signals it explicitly.
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_env(),
+                cwd=self.run_dir,
+                start_new_session=True,
+            )
+        self.pid_file.write_text(f"{self._proc.pid}\n")
+        self.state_file.write_text(
+            json.dumps(
+                {
+                    "pid": self._proc.pid,
+                    "model_repo": str(self.model_repo),
+                    "host": self.host,
+                    "http_port": self.http_port,
+                    "grpc_port": self.grpc_port,
+                    "metrics_port": self.metrics_port,
+                    "model_control_mode": self.model_control_mode,
+                    "models": self.models,
+                },
+                indent=2,
+            )
+        )
+        deadline = t0 + timeout_s
+        pending = list(wait_for)
+        server_ready = False
+        log_offset = 0
+        while True:
+            rc = self._proc.poll()
+            if rc is not None:
+                self._cleanup_state()
+                raise TritonStartError(
+                    f"tritonserver exited with code {rc} during startup; log {self.log_file}:\n"
+                    f"{_log_tail(self.log_file)}"
+                )
+            log_offset, fatal = _scan_log(self.log_file, log_offset)
+            if fatal is not None:
+                self.stop(timeout_s=5)
+                raise TritonStartError(
+                    f"tritonserver cannot become ready ({fatal.strip()}); killed it. Log {self.log_file}:\n"
+                    f"{_log_tail(self.log_file)}"
+                )
+            if not server_ready:
+                server_ready = self.is_ready(timeout_s=0.5)
+            if server_ready:
+                pending = [m for m in pending if not self.model_ready(m, timeout_s=0.5)]
+                if not pending:
+                    break
+            if time.monotonic() > deadline:
+                tail = _log_tail(self.log_file)
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver not ready after {timeout_s:.0f}s (server ready={server_ready}, "
+                    f"models not ready={pending}); killed it. Log {self.log_file}:\n{tail}"
+                )
+            time.sleep(0.1)
+        LOG.info(
+            "tritonserver ready in %.1fs (pid %d, http %s, grpc %s, models %s)",
+            time.monotonic() - t0,
+            self._proc.pid,
+            self.url,
+            self.grpc_url,
+            wait_for,
+        )
+        return self
+
+    def stop(self, timeout_s: float = 20.0) -> bool:
+        """SIGTERM (graceful: unloads models, stops stubs), then SIGKILL the process group.
+
+        Works on a server started by another process via the PID file. Returns True if a server
+        was stopped, False if none was running.
+        """
+        pid = self._proc.pid if self._proc is not None else self.read_pid()
+        if pid is None or not _pid_alive(pid) or not _is_tritonserver(pid):
+            self._cleanup_state()
+            return False
+        LOG.info("stopping tritonserver pid %d", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                break
+            if self._proc is None and not _pid_alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            LOG.warning("tritonserver pid %d ignored SIGTERM for %.0fs; SIGKILL", pid, timeout_s)
+            # start_new_session made pid the process-group leader: this also reaps the stubs.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=5)
+        self._cleanup_state()
+        return True
+
+    def _cleanup_state(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        self._proc = None
+
+    def status(self) -> dict[str, Any]:
+        running = self.is_running()
+        return {
+            "pid": self.read_pid(),
+            "running": running,
+            "ready": running and self.is_ready(),
+            "http": self.url,
+            "grpc": self.grpc_url,
+            "metrics": self.metrics_url,
+            "model_control_mode": self.model_control_mode,
+            "log": str(self.log_file),
+        }
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from recstream.config import get_settings
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m infra.triton_server", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--run-dir", type=Path, default=settings.run_dir / "triton")
+    parser.add_argument("--model-repo", type=Path, default=settings.model_repo)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--mode", choices=MODEL_CONTROL_MODES, default="explicit")
+    parser.add_argument("--model", action="append", dest="models", help="model to load/wait for (repeatable)")
+    parser.add_argument("--timeout", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.action == "start":
+        server = TritonServer(
+            args.model_repo,
+            args.run_dir,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            model_control_mode=args.mode,
+            models=args.models,
+        )
+        try:
+            server.start(timeout_s=args.timeout)
+        except TritonStartError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(json.dumps(server.status(), indent=2))
+        return 0
+    if not (args.run_dir / STATE_FILE).is_file():
+        print(json.dumps({"running": False, "run_dir": str(args.run_dir)}))
+        return 0 if args.action == "stop" else 3
+    server = TritonServer.from_run_dir(args.run_dir)
+    if args.action == "stop":
+        stopped = server.stop()
+        print(json.dumps({"stopped": stopped}))
+        return 0
+    status = server.status()
+    print(json.dumps(status, indent=2))
+    return 0 if status["ready"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
