@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     )
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
     log_level: str = Field("INFO", description="Log level for every entry point")
+    api_keys: str = Field(
+        "",
+        validation_alias=AliasChoices("gateway_api_keys", "api_keys"),
+        description="Comma-separated API keys the HTTP gateway accepts (env GATEWAY_API_KEYS)",
+    )
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The gateway's API keys, split and stripped; never logged."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
 @lru_cache(maxsize=1)

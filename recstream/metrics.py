@@ -41,3 +41,14 @@ FEATURE_FRESHNESS = Histogram(
 FEATURE_EVENTS = Counter(
     "recstream_feature_events_total", "Behaviour events folded into session features", ["result"]
 )
+# Online quality: CTR = rate(clicks) / rate(impressions) in PromQL, per model version and exploration arm.
+IMPRESSIONS = Counter("recstream_impressions_total", "Items shown to users", ["model_version", "arm"])
+CLICKS = Counter("recstream_clicks_total", "Clicks on shown items", ["model_version", "arm"])
+# Continual learning: a run ends with result=promoted|rejected|failed; promotions/rollbacks move the live version.
+TRAINING_RUNS = Counter("recstream_training_runs_total", "Continual-learning training runs", ["model", "result"])
+PROMOTIONS = Counter("recstream_model_promotions_total", "Live model version changes", ["model", "action"])
+# HTTP gateway: route is the path template (low cardinality), status the response code.
+HTTP_REQUESTS = Counter("recstream_http_requests_total", "Gateway HTTP requests", ["route", "method", "status"])
+HTTP_LATENCY = Histogram(
+    "recstream_http_request_seconds", "Gateway HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
+)

@@ -1,0 +1,1 @@
+"""Long-running services around the stream processors (HTTP gateway, continual learner)."""

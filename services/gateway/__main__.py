@@ -1,0 +1,31 @@
+"""`python -m services.gateway`: run the gateway with uvicorn (settings from the environment)."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+import uvicorn
+
+from recstream.config import get_settings
+from services.gateway.app import GatewayLimits, create_app
+
+cli = typer.Typer(add_completion=False, help=__doc__)
+
+
+@cli.command()
+def main(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 in a container)"),
+    port: int = typer.Option(8080, help="HTTP port; /metrics is served on it too"),
+    max_batch: int = typer.Option(500, help="Most behaviour events per POST /v1/events"),
+    max_body_bytes: int = typer.Option(1_048_576, help="Largest request body"),
+    request_timeout_s: float = typer.Option(5.0, help="Wait for the stream worker before 504"),
+) -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = GatewayLimits(max_batch=max_batch, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
+    uvicorn.run(create_app(settings, limits), host=host, port=port, log_level=settings.log_level.lower())
+
+
+if __name__ == "__main__":
+    cli()

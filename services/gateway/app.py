@@ -1,0 +1,367 @@
+"""The HTTP gateway: ingest, search, recommend and catalog writes over HTTP, on the same Kafka topics.
+
+There is no second ranking path: search and recommend publish a RecommendationRequest on the
+requests topic and wait for the stream worker's RecommendationResult (RecommendationClient), so an
+HTTP caller gets exactly what a Kafka-native application would. Writes are acknowledged (202)
+only after the broker has them (acks=all), so a 202 means durable, not just queued.
+
+No `from __future__ import annotations` here: FastAPI must resolve the batch model built inside
+`create_app` from the live annotation.
+"""
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+import httpx
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+from fastapi import Body, FastAPI, HTTPException, Path, Request, Security
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from recstream.client import DeliveryError, EventProducer, RecommendationClient
+from recstream.config import Settings
+from recstream.contracts.events import (
+    BehaviourEvent,
+    BehaviourType,
+    Id,
+    ItemDelete,
+    ItemUpsert,
+    RecommendationRequest,
+    RecommendationResult,
+    RequestFilters,
+)
+from recstream.contracts.topics import REQUESTS
+from recstream.metrics import CLICKS, IMPRESSIONS
+from services.gateway.background import CatalogView, OpsMonitor
+from services.gateway.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, key_status
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = FsPath(__file__).parent / "static"
+# Mirrors contracts.events.Id for path parameters (FastAPI needs Path(), not Field()); the contract
+# model built from the path value re-validates it anyway.
+ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
+ItemIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="Catalog item id")]
+
+
+class GatewayLimits(BaseModel):
+    """Per-deployment limits; defaults suit an interactive app talking to one local stack."""
+
+    max_batch: int = Field(500, ge=1, description="Most behaviour events in one POST /v1/events (413 beyond)")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body in bytes (413 beyond)")
+    request_timeout_s: float = Field(
+        5.0, gt=0, description="How long search/recommend wait for the stream worker before answering 504"
+    )
+    publish_timeout_s: float = Field(10.0, gt=0, description="How long a write waits for the broker's ack")
+
+
+class SearchBody(BaseModel):
+    """A text search for one user (optionally within a session)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    session_id: Id | None = None
+    query: str = Field(min_length=1, max_length=1024)
+    k: int = Field(10, ge=1, le=100)
+    filters: RequestFilters = Field(default_factory=RequestFilters)
+
+
+class RecommendBody(BaseModel):
+    """'More for this user/session', from the session's live features."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    session_id: Id | None = None
+    k: int = Field(10, ge=1, le=100)
+    filters: RequestFilters = Field(default_factory=RequestFilters)
+
+
+class GatewayResult(RecommendationResult):
+    """The worker's RecommendationResult plus display titles from the catalog (best effort)."""
+
+    titles: dict[str, str] = Field(default_factory=dict, description="item_id -> title, where known")
+
+
+class Accepted(BaseModel):
+    accepted: int = Field(description="Events the broker acknowledged")
+    ids: list[str] = Field(description="event_id of each behaviour event, or the item_id written")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    kafka: str
+    triton: str
+
+
+# Item fields without the identity/envelope ones: PUT takes the id from the path.
+_ITEM_ENVELOPE = {"item_id", "op", "schema_version", "ts_ms"}
+ItemFields = create_model(
+    "ItemFields",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (f.annotation, f) for name, f in ItemUpsert.model_fields.items() if name not in _ITEM_ENVELOPE},
+)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No X-API-Key header"},
+    403: {"description": "X-API-Key is not a valid key"},
+    413: {"description": "Body larger than max_body_bytes, or batch longer than max_batch"},
+    503: {"description": "The broker did not acknowledge in time"},
+}
+WAIT_ERRORS = {**ERRORS, 504: {"description": "No stream worker answered within request_timeout_s"}}
+
+
+class Gateway:
+    """Process-wide Kafka handles, created lazily so the app starts (and /readyz reports) without Kafka."""
+
+    def __init__(self, settings: Settings, limits: GatewayLimits) -> None:
+        self.settings = settings
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._producer: EventProducer | None = None
+        self._client: RecommendationClient | None = None
+        self._admin: AdminClient | None = None
+        # request_id -> (model_version, arm) of results served here, so clicks get the arm label.
+        self._served: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.catalog: CatalogView | None = None
+        self.monitor: OpsMonitor | None = None
+
+    @property
+    def producer(self) -> EventProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = EventProducer(self.settings, worker="gateway")
+            return self._producer
+
+    @property
+    def client(self) -> RecommendationClient:
+        with self._lock:
+            if self._client is None:
+                self._client = RecommendationClient(self.settings)
+            return self._client
+
+    @property
+    def admin(self) -> AdminClient:
+        with self._lock:
+            if self._admin is None:
+                self._admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
+            return self._admin
+
+    def publish(self, topic: str, events: list[BaseModel]) -> None:
+        """Send and wait for the broker's ack; 503 if it does not come within publish_timeout_s."""
+        producer = self.producer
+        for event in events:
+            producer.send(topic, event)
+        try:
+            producer.flush(self.limits.publish_timeout_s)
+        except DeliveryError as exc:
+            log.error("publish to %s failed: %s", topic, exc)
+            raise HTTPException(503, f"the broker did not acknowledge the write: {exc}") from exc
+
+    def remember(self, result: RecommendationResult) -> None:
+        with self._lock:
+            self._served[result.request_id] = (result.model_version, result.policy)
+            while len(self._served) > 100_000:
+                self._served.popitem(last=False)
+
+    def count_feedback(self, events: list[BehaviourEvent]) -> None:
+        """Impressions/clicks by model version and arm, for online CTR (ratio computed in PromQL)."""
+        for e in events:
+            if e.type not in (BehaviourType.impression, BehaviourType.click):
+                continue
+            with self._lock:
+                version, arm = self._served.get(e.request_id or "", (None, "unknown"))
+            counter = IMPRESSIONS if e.type == BehaviourType.impression else CLICKS
+            counter.labels(model_version=e.model_version or version or "unknown", arm=arm).inc()
+
+    def ask(self, request: RecommendationRequest) -> GatewayResult:
+        try:
+            client = self.client
+        except KafkaException as exc:
+            raise HTTPException(503, f"Kafka is unreachable: {exc}") from exc
+        try:
+            result = client.request(request, timeout_s=self.limits.request_timeout_s)
+        except TimeoutError as exc:
+            log.warning("no result for %s within %ss", request.request_id, self.limits.request_timeout_s)
+            raise HTTPException(
+                504,
+                f"no recommendation for request {request.request_id} within {self.limits.request_timeout_s}s: "
+                "is the stream worker (python -m streams.worker) running and caught up?",
+            ) from exc
+        self.remember(result)
+        titles = {}
+        if self.catalog is not None:
+            titles = {i.item_id: meta["title"] for i in result.items if (meta := self.catalog.get(i.item_id))}
+        return GatewayResult(**result.model_dump(), titles=titles)
+
+    def readiness(self) -> Readiness:
+        kafka = triton = "ok"
+        topic = REQUESTS.name(self.settings.topic_prefix)
+        try:  # 2 s: a probe must answer well inside a orchestrator's probe timeout
+            meta = self.admin.list_topics(topic, timeout=2.0)
+            if meta.topics[topic].error is not None:
+                kafka = f"down: topic {topic}: {meta.topics[topic].error}"
+        except KafkaException as exc:
+            kafka = f"down: {exc}"
+        try:  # 2 s for the same reason
+            resp = httpx.get(f"http://{self.settings.triton_url}/v2/health/ready", timeout=2.0)
+            if resp.status_code != 200:
+                triton = f"down: /v2/health/ready answered {resp.status_code}"
+        except httpx.HTTPError as exc:
+            triton = f"down: {type(exc).__name__}: {exc}"
+        return Readiness(ready=kafka == "ok" and triton == "ok", kafka=kafka, triton=triton)
+
+    def start_background(self, catalog_view: bool, monitor: bool) -> None:
+        if catalog_view and self.catalog is None:
+            self.catalog = CatalogView(self.settings).start()
+        if monitor and self.monitor is None:
+            self.monitor = OpsMonitor(self.settings).start()
+
+    def close(self) -> None:
+        for part in (self.monitor, self.catalog):
+            if part is not None:
+                part.stop()
+        if self._client is not None:
+            self._client.close()
+        if self._producer is not None:
+            try:
+                self._producer.flush(self.limits.publish_timeout_s)
+            except DeliveryError as exc:
+                log.error("undelivered events at shutdown: %s", exc)
+
+
+def create_app(
+    settings: Settings,
+    limits: GatewayLimits | None = None,
+    *,
+    catalog_view: bool = True,
+    monitor: bool = True,
+) -> FastAPI:
+    """Build the gateway app for `settings` (API keys from settings.api_keys; refuses to start without)."""
+    limits = limits or GatewayLimits()
+    keys = settings.api_key_list
+    if not keys:
+        raise ValueError("no API keys configured: set GATEWAY_API_KEYS (comma-separated)")
+    gw = Gateway(settings, limits)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        gw.start_background(catalog_view, monitor)
+        try:
+            yield
+        finally:
+            gw.close()
+
+    app = FastAPI(
+        title="recstream gateway",
+        version="1",
+        description="HTTP access to recstream's Kafka topics for applications that don't speak Kafka. "
+        "Every /v1 call needs an X-API-Key header.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw
+
+    def require_key(key: Annotated[str | None, Security(APIKeyHeader(name="X-API-Key", auto_error=False))]) -> None:
+        """Documents the scheme in OpenAPI; ApiKeyMiddleware enforces it before the body is read."""
+        status = key_status(key, keys)
+        if status is not None:
+            raise HTTPException(status, "missing API key" if status == 401 else "invalid API key")
+
+    EventBatch = create_model(  # a class, built here because max_batch is per app
+        "EventBatch",
+        __config__=ConfigDict(extra="forbid"),
+        events=(Annotated[list[BehaviourEvent], Field(min_length=1, max_length=limits.max_batch)], ...),
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        # A batch over max_batch is a size problem (413), not a malformed field (422).
+        for err in exc.errors():
+            if err.get("type") == "too_long" and tuple(err.get("loc", ())) == ("body", "events"):
+                return JSONResponse(
+                    {"detail": f"batch too large: at most {limits.max_batch} events per request"}, status_code=413
+                )
+        return await request_validation_exception_handler(request, exc)
+
+    deps = [Security(require_key)]
+
+    @app.post("/v1/events", status_code=202, response_model=Accepted, responses=ERRORS, dependencies=deps,
+              tags=["ingest"])
+    def ingest(batch: EventBatch) -> Accepted:  # type: ignore[valid-type]
+        """Publish a batch of behaviour events (impressions, clicks, ...) to the behaviour topic."""
+        events: list[BehaviourEvent] = batch.events
+        gw.publish("behaviour", events)
+        gw.count_feedback(events)
+        return Accepted(accepted=len(events), ids=[e.event_id for e in events])
+
+    @app.post("/v1/search", response_model=GatewayResult, responses=WAIT_ERRORS, dependencies=deps,
+              tags=["query"])
+    def search(body: SearchBody) -> GatewayResult:
+        """Text search, ranked by the stream worker for this user/session."""
+        return gw.ask(RecommendationRequest(kind="search", **body.model_dump()))
+
+    @app.post("/v1/recommend", response_model=GatewayResult, responses=WAIT_ERRORS, dependencies=deps,
+              tags=["query"])
+    def recommend(body: RecommendBody) -> GatewayResult:
+        """Recommendations for the user's current session."""
+        return gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()))
+
+    @app.post("/v1/items", status_code=202, response_model=Accepted, responses=ERRORS, dependencies=deps,
+              tags=["catalog"])
+    def create_item(item: ItemUpsert) -> Accepted:
+        """Create or replace an item (idempotent by item_id)."""
+        gw.publish("catalog", [item])
+        return Accepted(accepted=1, ids=[item.item_id])
+
+    @app.put("/v1/items/{item_id}", status_code=202, response_model=Accepted, responses=ERRORS,
+             dependencies=deps, tags=["catalog"])
+    def put_item(item_id: ItemIdPath, fields: Annotated[ItemFields, Body()]) -> Accepted:  # type: ignore[valid-type]
+        """Create or replace the item at this id."""
+        gw.publish("catalog", [ItemUpsert(item_id=item_id, **fields.model_dump())])
+        return Accepted(accepted=1, ids=[item_id])
+
+    @app.delete("/v1/items/{item_id}", status_code=202, response_model=Accepted, responses=ERRORS,
+                dependencies=deps, tags=["catalog"])
+    def delete_item(item_id: ItemIdPath) -> Accepted:
+        """Delete an item (the indexer removes it from retrieval)."""
+        gw.publish("catalog", [ItemDelete(item_id=item_id)])
+        return Accepted(accepted=1, ids=[item_id])
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process is up and serving HTTP (checks nothing else, so it never flaps)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
+    def readyz() -> Response:
+        """Readiness: Kafka metadata reachable AND Triton ready; 503 names whichever is down."""
+        state = gw.readiness()
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # Added innermost first: requests pass metrics -> auth -> body limit -> FastAPI.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(MetricsMiddleware, routes=lambda: app.routes)
+    return app

@@ -1,0 +1,222 @@
+"""The HTTP gateway through the REAL broker: auth, validation and size limits refuse a request
+before anything reaches Kafka (checked with the topics' log-end offsets), and good requests land
+on the same topics a Kafka-native application would use.
+
+No stream worker runs here, so search/recommend must answer 504 with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from fastapi.testclient import TestClient
+
+from recstream.config import Settings
+from recstream.contracts.topics import TOPICS
+from services.gateway import GatewayLimits, create_app
+
+pytestmark = pytest.mark.kafka
+
+KEY = "test-key-1"
+HEADERS = {"X-API-Key": KEY}
+LIMITS = GatewayLimits(max_batch=5, max_body_bytes=4096, request_timeout_s=1.0, publish_timeout_s=10.0)
+
+
+def published(settings: Settings, logical: str) -> int:
+    """Messages ever written to a topic: the sum of its partitions' log-end offsets (exact, no polling)."""
+    topic = TOPICS[logical].name(settings.topic_prefix)
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "gateway-test-offsets"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        for attempt in range(50):  # a just-created topic may still be electing partition leaders
+            try:
+                return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts)
+            except KafkaException:
+                if attempt == 49:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+    finally:
+        consumer.close()
+
+
+def read_all(settings: Settings, logical: str, n: int, timeout_s: float = 15.0) -> list[dict]:
+    topic = TOPICS[logical].name(settings.topic_prefix)
+    consumer = Consumer({
+        "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"gateway-test-{topic}",
+        "auto.offset.reset": "earliest", "enable.auto.commit": False,
+    })
+    consumer.subscribe([topic])
+    out: list[dict] = []
+    try:
+        for _ in range(int(timeout_s / 0.5)):
+            for msg in consumer.consume(num_messages=100, timeout=0.5):
+                if not msg.error():
+                    out.append({"key": msg.key().decode(), **json.loads(msg.value())})
+            if len(out) >= n:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+@pytest.fixture
+def gw_settings(make_settings: Callable[..., Settings]) -> Settings:
+    # Triton is not needed here; point at a closed port so readiness reports it down.
+    return make_settings(api_keys=f"{KEY}, second-key", triton_url="127.0.0.1:9")
+
+
+@pytest.fixture
+def client(gw_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(gw_settings, LIMITS, monitor=False)) as c:
+        yield c
+
+
+def click(i: int = 0, **over: object) -> dict:
+    event = {"type": "click", "user_id": f"u{i}", "item_id": f"item{i}", "request_id": "r1", "position": i}
+    event.update(over)
+    return event
+
+
+def nothing_published(settings: Settings) -> None:
+    for logical in ("behaviour", "catalog", "requests"):
+        assert published(settings, logical) == 0, logical
+
+
+def test_missing_key_is_401_and_wrong_key_is_403(client: TestClient, gw_settings: Settings) -> None:
+    body = {"events": [click()]}
+    r = client.post("/v1/events", json=body)
+    assert r.status_code == 401 and "X-API-Key" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "APIKey"
+    r = client.post("/v1/events", json=body, headers={"X-API-Key": ""})
+    assert r.status_code == 401
+    for wrong in ("nope", KEY + "x", KEY[:-1], "second-key "):
+        r = client.post("/v1/events", json=body, headers={"X-API-Key": wrong})
+        assert r.status_code == 403, wrong
+        assert r.json() == {"detail": "invalid API key"}
+    # auth comes before parsing: garbage without a key is still a 401, not a 422
+    assert client.post("/v1/events", content=b"{not json").status_code == 401
+    for method, path in (("post", "/v1/search"), ("post", "/v1/recommend"), ("post", "/v1/items"),
+                         ("put", "/v1/items/a"), ("delete", "/v1/items/a")):
+        assert client.request(method, path, json={}).status_code == 401, path
+        assert client.request(method, path, json={}, headers={"X-API-Key": "bad"}).status_code == 403, path
+    nothing_published(gw_settings)
+    # the second configured key works, and the valid request is the only thing on the topic
+    r = client.post("/v1/events", json=body, headers={"X-API-Key": "second-key"})
+    assert r.status_code == 202, r.text
+    assert published(gw_settings, "behaviour") == 1
+
+
+def _locs(response) -> list[list]:
+    assert response.status_code == 422, response.text
+    return [e["loc"] for e in response.json()["detail"]]
+
+
+def test_invalid_payloads_are_422_naming_the_field(client: TestClient, gw_settings: Settings) -> None:
+    post = lambda path, body: client.post(path, json=body, headers=HEADERS)  # noqa: E731
+    bad_user = click()
+    del bad_user["user_id"]
+    assert ["body", "events", 0, "user_id"] in _locs(post("/v1/events", {"events": [bad_user]}))
+    assert ["body", "events", 1, "type"] in _locs(post("/v1/events", {"events": [click(), click(type="stare")]}))
+    assert ["body", "events", 0, "position"] in _locs(post("/v1/events", {"events": [click(position=-1)]}))
+    assert ["body", "events", 0, "propensity"] in _locs(post("/v1/events", {"events": [click(propensity=0)]}))
+    assert ["body", "events", 0, "colour"] in _locs(post("/v1/events", {"events": [click(colour="red")]}))
+    assert ["body", "events", 0, "item_id"] in _locs(post("/v1/events", {"events": [click(item_id="a b")]}))
+    assert ["body", "events"] in _locs(post("/v1/events", {"events": []}))
+    assert _locs(client.post("/v1/events", content=b"{not json", headers=HEADERS))[0][0] == "body"
+    assert ["body", "query"] in _locs(post("/v1/search", {"user_id": "u1"}))
+    assert ["body", "query"] in _locs(post("/v1/search", {"user_id": "u1", "query": ""}))
+    assert ["body", "k"] in _locs(post("/v1/recommend", {"user_id": "u1", "k": 0}))
+    bad_filter = {"user_id": "u1", "filters": {"max_price": -1}}
+    assert ["body", "filters", "max_price"] in _locs(post("/v1/recommend", bad_filter))
+    assert ["body", "title"] in _locs(post("/v1/items", {"item_id": "i1"}))
+    assert ["body", "price"] in _locs(client.put("/v1/items/i1", json={"title": "t", "price": -3}, headers=HEADERS))
+    assert ["path", "item_id"] in _locs(client.put("/v1/items/bad%20id", json={"title": "t"}, headers=HEADERS))
+    assert ["path", "item_id"] in _locs(client.delete("/v1/items/" + "x" * 129, headers=HEADERS))
+    nothing_published(gw_settings)
+
+
+def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Settings) -> None:
+    r = client.post("/v1/events", json={"events": [click(i) for i in range(6)]}, headers=HEADERS)
+    assert r.status_code == 413 and "at most 5 events" in r.json()["detail"]
+    big = {"events": [click(description="x" * 5000)]}  # over max_body_bytes before it is even parsed
+    r = client.post("/v1/events", json=big, headers=HEADERS)
+    assert r.status_code == 413 and "limit 4096 bytes" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced on what arrives
+        yield b'{"events": ['
+        for _ in range(100):
+            yield json.dumps(click()).encode() + b","
+        yield json.dumps(click()).encode() + b"]}"
+
+    r = client.post("/v1/events", content=chunks(), headers={**HEADERS, "content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/v1/items", json={"item_id": "i1", "title": "t", "description": "d" * 5000}, headers=HEADERS)
+    assert r.status_code == 413
+    nothing_published(gw_settings)
+    assert client.post("/v1/events", json={"events": [click(i) for i in range(5)]}, headers=HEADERS).status_code == 202
+    assert published(gw_settings, "behaviour") == 5
+
+
+def test_events_and_items_land_on_their_topics(client: TestClient, gw_settings: Settings) -> None:
+    events = [click(1), {"type": "impression", "user_id": "u2", "item_id": "i9", "request_id": "r2", "position": 3,
+                         "propensity": 0.5, "model_version": "ranker-7"}]
+    r = client.post("/v1/events", json={"events": events}, headers=HEADERS)
+    assert r.status_code == 202 and r.json()["accepted"] == 2
+    got = sorted(read_all(gw_settings, "behaviour", 2), key=lambda e: e["user_id"])
+    assert [(e["key"], e["type"], e["request_id"], e["position"]) for e in got] == [
+        ("u1", "click", "r1", 1), ("u2", "impression", "r2", 3)]
+    assert [e["event_id"] for e in got] == r.json()["ids"]
+
+    assert client.post("/v1/items", json={"item_id": "i1", "title": "Alien", "category": "Horror"},
+                       headers=HEADERS).status_code == 202
+    assert client.put("/v1/items/i2", json={"title": "Heat", "tags": ["crime"], "price": 9.5},
+                      headers=HEADERS).status_code == 202
+    assert client.delete("/v1/items/i1", headers=HEADERS).status_code == 202
+    catalog = read_all(gw_settings, "catalog", 3)
+    assert sorted((e["key"], e["op"]) for e in catalog) == [("i1", "delete"), ("i1", "upsert"), ("i2", "upsert")]
+    assert next(e for e in catalog if e["key"] == "i2")["tags"] == ["crime"]
+
+
+def test_search_without_a_worker_is_a_clear_504(client: TestClient, gw_settings: Settings) -> None:
+    r = client.post("/v1/search", json={"user_id": "u1", "query": "space"}, headers=HEADERS)
+    assert r.status_code == 504
+    assert "within 1.0s" in r.json()["detail"] and "streams.worker" in r.json()["detail"]
+    r = client.post("/v1/recommend", json={"user_id": "u1", "session_id": "s1", "k": 3}, headers=HEADERS)
+    assert r.status_code == 504
+    requests = read_all(gw_settings, "requests", 2)
+    assert sorted(e["kind"] for e in requests) == ["recommend", "search"]
+
+
+def test_health_readiness_metrics_and_openapi(client: TestClient, make_settings: Callable[..., Settings],
+                                              triton_server) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")  # Kafka up, Triton on a closed port
+    assert r.status_code == 503
+    assert r.json()["kafka"] == "ok" and r.json()["triton"].startswith("down:") and r.json()["ready"] is False
+
+    ok = make_settings(api_keys=KEY, triton_url=triton_server.url)
+    with TestClient(create_app(ok, LIMITS, monitor=False, catalog_view=False)) as c:
+        assert c.get("/readyz").json() == {"ready": True, "kafka": "ok", "triton": "ok"}
+    no_kafka = Settings(api_keys=KEY, kafka_bootstrap="127.0.0.1:9", triton_url=triton_server.url)
+    with TestClient(create_app(no_kafka, LIMITS, monitor=False, catalog_view=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["kafka"].startswith("down:") and r.json()["triton"] == "ok"
+
+    client.post("/v1/events", json={"events": [click()]})  # a 401, counted
+    text = client.get("/metrics").text
+    assert 'recstream_http_requests_total{method="POST",route="/v1/events",status="401"}' in text
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {"type": "apiKey", "in": "header",
+                                                                     "name": "X-API-Key"}
+    assert spec["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 5
+    assert {"401", "403", "413", "504"} <= set(spec["paths"]["/v1/search"]["post"]["responses"])
+
+
+def test_refuses_to_start_without_keys(make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ValueError, match="GATEWAY_API_KEYS"):
+        create_app(make_settings(api_keys=" , "))
