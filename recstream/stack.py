@@ -98,12 +98,14 @@ class LocalStack:
 
     def down(self) -> None:
         self.worker.stop()
-        KafkaBroker.from_run_dir(self.kafka.run_dir).stop() if self.kafka.run_dir.exists() else None
-        TritonServer.from_run_dir(self.triton.run_dir).stop() if self.triton.run_dir.exists() else None
+        if self.triton.state_file.exists():
+            TritonServer.from_run_dir(self.triton.run_dir).stop()
+        if self.kafka.state_file.exists():
+            KafkaBroker.from_run_dir(self.kafka.run_dir).stop()
 
     def status(self) -> dict[str, object]:
         return {
-            "kafka": self.kafka.bootstrap if KafkaBroker.from_run_dir(self.kafka.run_dir).is_running() else None,
+            "kafka": self.kafka.bootstrap if self.kafka.state_file.exists() and self.kafka.is_running() else None,
             "triton": self.triton.url if self.triton.is_ready() else None,
             "worker_pid": self.worker.pid(),
         }
