@@ -11,8 +11,9 @@ Run ``python -m bench.bench_quality`` (or ``make bench-quality``). Environment:
 Writes ``bench/results/quality.json``.
 
 Adding a model row is one line in ``MODELS`` below: ``ModelSpec("name", factory)`` where factory is
-a zero-argument callable or a ``"module:attr"`` string (imported lazily; with ``optional=True`` an
-ImportError turns the row into a skipped one instead of failing the run). The model must follow
+a zero-argument callable or a ``"module:attr"`` string (imported lazily; with ``optional=True`` any
+error while importing, fitting or scoring turns the row into a skipped one, with the reason, instead
+of failing the run). The model must follow
 ``recstream.eval.baselines.Recommender``: ``fit(split) -> self`` and
 ``score(users, histories) -> np.ndarray [batch, n_items]``.
 """

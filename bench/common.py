@@ -32,16 +32,16 @@ def _json_default(obj: Any) -> Any:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], floatfmt: str = ".4f") -> str:
-    """A fixed-width text table of `columns` from `rows` (missing values shown as '-')."""
+    """A fixed-width text table of `columns` from `rows` (missing values '-'; times/MiB one decimal)."""
 
-    def cell(v: Any) -> str:
+    def cell(v: Any, col: str) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return format(v, floatfmt)
+            return format(v, ".1f" if col.endswith(("_s", "_mb")) else floatfmt)
         return str(v)
 
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[cell(r.get(c), c) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
     sep = "  ".join("-" * w for w in widths)

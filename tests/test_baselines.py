@@ -86,3 +86,25 @@ def test_scores_shape_and_empty_history(split: Split) -> None:
 def test_bpr_records_early_stopping(split: Split) -> None:
     model = BPRMF(BPRConfig(max_epochs=4, batch_size=128)).fit(split)
     assert 1 <= model.info["best_epoch"] <= model.info["epochs_run"] <= 4
+
+
+def test_bench_quality_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The bench runs end to end on tiny data, registers extra rows and skips a broken optional one."""
+    import json
+
+    import bench.common
+    from bench import bench_quality
+
+    monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_quality, "MODELS", list(bench_quality.MODELS))
+    monkeypatch.setenv("DATASET", "tiny-synthetic")
+    monkeypatch.setenv("MODELS", "popularity,item-knn,broken")
+    monkeypatch.setenv("EXTRA_MODELS", "broken=recstream.no_such_module:Model")
+    monkeypatch.setenv("COLD_FRAC", "0.2")
+    result = bench_quality.main()
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["dataset"] == result["dataset"] == "tiny-synthetic"
+    assert [r["model"] for r in saved["rows"]] == ["popularity", "item-knn", "broken"]
+    assert {"HR@10", "NDCG@10", "MRR", "Recall@50", "train_s", "peak_rss_mb"} <= set(saved["rows"][0])
+    assert "skipped" in saved["rows"][2]
+    assert len(saved["cold_start_rows"]) == 3
