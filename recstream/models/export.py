@@ -1,0 +1,249 @@
+"""Export the ranker to a Triton model repository, load it back, and call it over HTTP.
+
+Layout (python backend: it is the only backend in the pytriton-shipped tritonserver):
+
+    model_repo/ranker/config.pbtxt
+    model_repo/ranker/<version>/model.py            generic loader (this file writes it)
+    model_repo/ranker/<version>/ranker.safetensors  tensors only
+    model_repo/ranker/<version>/meta.json           git SHA, data hash, feature schema + hash, versions
+
+model.py imports `recstream.models.ranker` (infra/triton_server.py puts the repo root on PYTHONPATH;
+model.py also falls back to the root computed from its own path) and scores with the same
+`RankerNet.forward` as in-process code, so Triton and in-process scores agree to float rounding.
+The loader refuses weights whose feature-schema hash differs from the code's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from recstream.config import REPO_ROOT
+from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, Ranker
+
+log = logging.getLogger(__name__)
+
+RANKER_MODEL_NAME = "ranker"
+
+CONFIG_TEMPLATE = """\
+# Second-stage ranker (small MLP over precomputed vectors) on the Triton python backend (CPU).
+# Written by recstream.models.export; model.py imports recstream.models.ranker, the same code the
+# in-process scorer runs, so scores agree with in-process scoring.
+name: "{name}"
+backend: "python"
+
+# One request = one recommendation: CONTEXT [1, {ctx}], CANDIDATES [1, n, {item}], CAND_FEATURES [1, n, {k}].
+max_batch_size: {max_batch_size}
+
+# The newest {serve_versions} version folder(s) are served; a client may pin one with model_version.
+version_policy: {{ latest {{ num_versions: {serve_versions} }} }}
+
+input [
+  {{
+    name: "CONTEXT"
+    data_type: TYPE_FP32
+    dims: [ {ctx} ]
+  }},
+  {{
+    name: "CANDIDATES"
+    data_type: TYPE_FP32
+    dims: [ -1, {item} ]
+  }},
+  {{
+    name: "CAND_FEATURES"
+    data_type: TYPE_FP32
+    dims: [ -1, {k} ]
+  }}
+]
+output [
+  {{
+    name: "SCORES"
+    data_type: TYPE_FP32
+    dims: [ -1 ]
+  }}
+]
+
+# Requests that arrive together are handed over in one execute() call; the MLP is cheap, so the
+# delay is kept tiny (0.5 ms) against the 50 ms request budget.
+dynamic_batching {{
+  max_queue_delay_microseconds: 500
+}}
+
+instance_group [
+  {{
+    kind: KIND_CPU
+    count: 1
+  }}
+]
+
+# One thread: a [100, 1161] x [1161, 128] product gains nothing from more and would contend with
+# the text encoder on this 2-core box.
+parameters: {{
+  key: "torch_threads"
+  value: {{ string_value: "1" }}
+}}
+{extra}"""
+
+ROOT_PARAM = """\
+# This repository lives outside the checkout: model.py imports recstream from here.
+parameters: {{
+  key: "recstream_root"
+  value: {{ string_value: "{root}" }}
+}}
+"""
+
+MODEL_PY = '''\
+"""Triton python-backend model: CONTEXT, CANDIDATES, CAND_FEATURES -> SCORES (written by
+recstream.models.export; scoring code lives in recstream.models.ranker)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+
+def _ranker_class(params: dict) -> type:
+    """Import recstream from PYTHONPATH, else the checkout this file sits in
+    (model_repo/ranker/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
+    try:
+        from recstream.models.ranker import Ranker
+    except ImportError:
+        here = Path(__file__).resolve()
+        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        for root in roots:
+            if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
+                sys.path.insert(0, root)
+                break
+        from recstream.models.ranker import Ranker
+    return Ranker
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        cfg = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        torch.set_num_threads(int(params.get("torch_threads") or 1))
+        Ranker = _ranker_class(params)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.ranker = Ranker.load(version_dir)  # raises on a feature-schema mismatch
+        pb_utils.Logger.log_info(f"ranker v{args['model_version']} loaded from {version_dir}")
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                ctx = pb_utils.get_input_tensor_by_name(request, "CONTEXT").as_numpy()
+                cand = pb_utils.get_input_tensor_by_name(request, "CANDIDATES").as_numpy()
+                feats = pb_utils.get_input_tensor_by_name(request, "CAND_FEATURES").as_numpy()
+                scores = self.ranker.score_batch(ctx, cand, feats).astype(np.float32)
+                out = pb_utils.Tensor("SCORES", scores)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            except Exception as exc:  # one bad request must not fail the others
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses
+'''
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def versions(model_repo: Path, name: str = RANKER_MODEL_NAME) -> list[int]:
+    """Numeric version folders present for a model, ascending."""
+    d = Path(model_repo) / name
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def export_ranker(
+    ranker: Ranker,
+    model_repo: Path,
+    version: int | None = None,
+    name: str = RANKER_MODEL_NAME,
+    max_batch_size: int = 8,
+    overwrite: bool = False,
+    serve_versions: int = 1,
+) -> Path:
+    """Write config.pbtxt and a version folder; returns the version folder.
+
+    version None = one past the newest existing version (Triton serves the latest by default).
+    A repository outside this checkout gets a `recstream_root` parameter so model.py finds the code.
+    """
+    model_dir = Path(model_repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    v = version if version is not None else (max(versions(model_repo, name), default=0) + 1)
+    vdir = model_dir / str(v)
+    if vdir.exists() and any(vdir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{vdir} exists; pass overwrite=True or another version")
+    ranker.meta.extra["version"] = v
+    ranker.save(vdir)
+    (vdir / "model.py").write_text(MODEL_PY)
+    (model_dir / "config.pbtxt").write_text(
+        CONFIG_TEMPLATE.format(
+            name=name,
+            ctx=CONTEXT_DIM,
+            item=ITEM_DIM,
+            k=N_CAND_FEATURES,
+            max_batch_size=max_batch_size,
+            serve_versions=serve_versions,
+            extra="" if _inside(model_dir, REPO_ROOT) else ROOT_PARAM.format(root=REPO_ROOT),
+        )
+    )
+    size = sum(p.stat().st_size for p in vdir.iterdir())
+    log.info("exported ranker v%d to %s (%.1f kB)", v, vdir, size / 1024)
+    return vdir
+
+
+def load_exported(model_repo: Path, name: str = RANKER_MODEL_NAME, version: int | None = None) -> Ranker:
+    """The exported ranker (latest version by default), for in-process scoring or checks."""
+    vs = versions(model_repo, name)
+    if not vs:
+        raise FileNotFoundError(f"no versions of {name} under {model_repo}")
+    v = version if version is not None else vs[-1]
+    return Ranker.load(Path(model_repo) / name / str(v))
+
+
+def triton_score(
+    url: str,
+    context: np.ndarray,
+    candidates: np.ndarray,
+    cand_features: np.ndarray,
+    model_name: str = RANKER_MODEL_NAME,
+    model_version: str = "",
+    client: object | None = None,
+    timeout_s: float | None = None,
+) -> np.ndarray:
+    """Score one request through Triton HTTP: [768], [n, 384], [n, K] -> [n] float32."""
+    import tritonclient.http as httpclient
+
+    own = client is None
+    cl = client or httpclient.InferenceServerClient(url=url, network_timeout=timeout_s or 60.0)
+    try:
+        arrays = {
+            "CONTEXT": np.ascontiguousarray(context, dtype=np.float32)[None],
+            "CANDIDATES": np.ascontiguousarray(candidates, dtype=np.float32)[None],
+            "CAND_FEATURES": np.ascontiguousarray(cand_features, dtype=np.float32)[None],
+        }
+        inputs = []
+        for key, arr in arrays.items():
+            inp = httpclient.InferInput(key, list(arr.shape), "FP32")
+            inp.set_data_from_numpy(arr, binary_data=True)
+            inputs.append(inp)
+        out = [httpclient.InferRequestedOutput("SCORES", binary_data=True)]
+        res = cl.infer(model_name, inputs, outputs=out, model_version=model_version)  # type: ignore[attr-defined]
+        return res.as_numpy("SCORES")[0]
+    finally:
+        if own:
+            cl.close()  # type: ignore[attr-defined]

@@ -1,0 +1,433 @@
+"""Second-stage ranker: a small MLP over precomputed vectors and cheap per-candidate features.
+
+Per candidate the cost is a few dot products plus a ~150k-parameter MLP, so 100 candidates take well
+under a millisecond of compute; the request budget goes to transport, not to the model.
+
+Parity rule: `build_features` is the ONLY place the MLP input is assembled. Training, in-process
+scoring (`Ranker.score`) and the Triton python backend (model_repo/ranker/<v>/model.py) all call
+`RankerNet.forward`, which calls it, so the three paths cannot drift. The raw per-candidate
+features (`candidate_features`) are also computed by one function, used by training and workers.
+
+Wire form (one request):
+    CONTEXT       float32 [CONTEXT_DIM]        session vector (384) ++ query vector (384, zeros = none)
+    CANDIDATES    float32 [n, ITEM_DIM]        candidate item vectors (from Qdrant / the item tower)
+    CAND_FEATURES float32 [n, N_CAND_FEATURES] see CAND_FEATURE_NAMES
+    SCORES        float32 [n]                  higher = better (logits)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from recstream.models.training import (
+    CheckpointMeta,
+    EarlyStopping,
+    load_checkpoint,
+    peak_rss_mb,
+    save_checkpoint,
+    set_seed,
+)
+
+log = logging.getLogger(__name__)
+
+ITEM_DIM = 384
+CONTEXT_DIM = 2 * ITEM_DIM
+CAND_FEATURE_NAMES = ("retrieval_score", "log_popularity", "category_affinity", "same_category_as_last")
+N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
+AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
+FEATURE_SCHEMA = {
+    "version": 1,
+    "context": ["session[384]", "query[384]"],
+    "item_dim": ITEM_DIM,
+    "cand_features": list(CAND_FEATURE_NAMES),
+    "derived": ["item", "session*item", "query*item", "session.item", "query.item", "has_query"],
+    "affinity_window": AFFINITY_WINDOW,
+}
+N_MLP_INPUTS = 3 * ITEM_DIM + 3 + N_CAND_FEATURES
+
+
+def feature_schema_hash(schema: dict | None = None) -> str:
+    """Hash of the feature layout; a ranker refuses inputs built for another layout."""
+    blob = json.dumps(schema or FEATURE_SCHEMA, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class FeatureSchemaMismatch(RuntimeError):
+    """The weights were trained on a different feature layout than this code builds."""
+
+
+# --- features ----------------------------------------------------------------------------------
+
+
+def build_features(context: torch.Tensor, candidates: torch.Tensor, cand_features: torch.Tensor) -> torch.Tensor:
+    """MLP input [B, n, N_MLP_INPUTS] from context [B, 768], candidates [B, n, 384], features [B, n, K]."""
+    session = context[:, :ITEM_DIM].unsqueeze(1)  # [B, 1, d]
+    query = context[:, ITEM_DIM:].unsqueeze(1)
+    has_query = (query.abs().sum(-1, keepdim=True) > 0).to(candidates.dtype).expand(-1, candidates.shape[1], -1)
+    s_i = session * candidates
+    q_i = query * candidates
+    return torch.cat(
+        [candidates, s_i, q_i, s_i.sum(-1, keepdim=True), q_i.sum(-1, keepdim=True), has_query, cand_features],
+        dim=-1,
+    )
+
+
+def candidate_features(
+    retrieval_scores: np.ndarray,
+    candidate_counts: np.ndarray,
+    candidate_categories: Sequence[str],
+    recent_categories: Sequence[str],
+    max_count: float,
+) -> np.ndarray:
+    """Raw per-candidate features [n, N_CAND_FEATURES] (float32), in CAND_FEATURE_NAMES order.
+
+    retrieval_scores: session.item cosine from the retrieval stage; candidate_counts: interactions
+    seen so far per candidate (0 for a new item); recent_categories: the session's item categories,
+    oldest first (the last AFFINITY_WINDOW count); max_count: the largest count in the catalogue.
+    """
+    n = len(candidate_categories)
+    out = np.zeros((n, N_CAND_FEATURES), dtype=np.float32)
+    out[:, 0] = np.asarray(retrieval_scores, dtype=np.float32)
+    out[:, 1] = np.log1p(np.asarray(candidate_counts, dtype=np.float64)) / np.log1p(max(max_count, 1.0))
+    recent = list(recent_categories)[-AFFINITY_WINDOW:]
+    if recent:
+        share: dict[str, float] = {}
+        for c in recent:
+            share[c] = share.get(c, 0.0) + 1.0 / len(recent)
+        last = recent[-1]
+        out[:, 2] = [share.get(c, 0.0) for c in candidate_categories]
+        out[:, 3] = [1.0 if c == last else 0.0 for c in candidate_categories]
+    return out
+
+
+# --- the network -------------------------------------------------------------------------------
+
+
+class RankerConfig(BaseModel):
+    hidden: list[int] = Field(default_factory=lambda: [128, 64])
+    dropout: float = 0.1
+    n_hard: int = Field(30, description="Hard negatives per example: top retrieved items")
+    n_random: int = Field(10, description="Uniform random negatives per example")
+    positions_per_user: int = Field(5, description="Most recent training positions used per user")
+    rerank_depth: int = Field(100, description="Candidates from retrieval that the ranker reorders")
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    epochs: int = 15
+    patience: int = 3
+    seed: int = 0
+
+
+class RankerNet(nn.Module):
+    """MLP over build_features(...) -> one logit per candidate."""
+
+    def __init__(self, cfg: RankerConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = N_MLP_INPUTS
+        for h in cfg.hidden:
+            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(cfg.dropout)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, context: torch.Tensor, candidates: torch.Tensor, cand_features: torch.Tensor) -> torch.Tensor:
+        """Scores [B, n] for context [B, 768], candidates [B, n, 384], cand_features [B, n, K]."""
+        return self.mlp(build_features(context, candidates, cand_features)).squeeze(-1)
+
+
+class Ranker:
+    """Inference wrapper used in-process and inside Triton; refuses a foreign feature schema."""
+
+    WEIGHTS = "ranker.safetensors"
+    META = "meta.json"
+
+    def __init__(self, net: RankerNet, meta: CheckpointMeta) -> None:
+        got = meta.extra.get("feature_schema_hash")
+        if got != feature_schema_hash():
+            raise FeatureSchemaMismatch(
+                f"ranker weights were built for feature schema {got}, this code builds {feature_schema_hash()}"
+            )
+        self.net = net.eval()
+        self.meta = meta
+
+    @property
+    def version_tag(self) -> str:
+        return str(self.meta.extra.get("version", "0"))
+
+    @torch.inference_mode()
+    def score(self, context: np.ndarray, candidates: np.ndarray, cand_features: np.ndarray) -> np.ndarray:
+        """One request: context [768], candidates [n, 384], cand_features [n, K] -> scores [n]."""
+        return self.score_batch(context[None], candidates[None], cand_features[None])[0]
+
+    @torch.inference_mode()
+    def score_batch(self, context: np.ndarray, candidates: np.ndarray, cand_features: np.ndarray) -> np.ndarray:
+        """Batched: [B, 768], [B, n, 384], [B, n, K] -> [B, n] float32."""
+        ctx = torch.from_numpy(np.ascontiguousarray(context, dtype=np.float32))
+        cand = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.float32))
+        feats = torch.from_numpy(np.ascontiguousarray(cand_features, dtype=np.float32))
+        if cand.shape[-1] != ITEM_DIM or ctx.shape[-1] != CONTEXT_DIM or feats.shape[-1] != N_CAND_FEATURES:
+            raise ValueError(
+                f"ranker expects context [{CONTEXT_DIM}], candidates [n, {ITEM_DIM}], features [n, "
+                f"{N_CAND_FEATURES}]; got {tuple(ctx.shape)}, {tuple(cand.shape)}, {tuple(feats.shape)}"
+            )
+        return self.net(ctx, cand, feats).numpy().astype(np.float32)
+
+    def save(self, path: Path) -> Path:
+        """Weights (safetensors, tensors only) + meta.json into a folder (e.g. a Triton version dir)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"ranker": self.net.state_dict()}, self.meta)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Ranker:
+        tensors, meta = load_checkpoint(path)
+        cfg = RankerConfig.model_validate(meta.config)
+        net = RankerNet(cfg)
+        net.load_state_dict(tensors["ranker"])
+        return cls(net, meta)
+
+
+def new_ranker(cfg: RankerConfig | None = None, data_hash: str = "none", **extra: object) -> Ranker:
+    """A randomly initialised ranker with valid metadata (tests, smoke exports)."""
+    cfg = cfg or RankerConfig()
+    set_seed(cfg.seed)
+    meta = CheckpointMeta(
+        kind="ranker",
+        config=cfg.model_dump(),
+        data_hash=data_hash,
+        extra={"feature_schema": FEATURE_SCHEMA, "feature_schema_hash": feature_schema_hash(), **extra},
+    )
+    return Ranker(RankerNet(cfg), meta)
+
+
+# --- training data from the retrieval model ----------------------------------------------------
+
+
+class RankingContext:
+    """Catalogue statistics the features need (popularity counts, categories) for one training set."""
+
+    def __init__(self, item_categories: Sequence[str], train_seqs: Sequence[np.ndarray], n_items: int) -> None:
+        self.categories = np.asarray(item_categories, dtype=object)
+        counts = np.bincount(np.concatenate([np.asarray(s) for s in train_seqs if len(s)]), minlength=n_items)
+        self.counts = counts.astype(np.float64)
+        self.max_count = float(self.counts.max()) if len(self.counts) else 1.0
+
+    def features(self, history: np.ndarray, cand: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
+        return candidate_features(
+            retrieval_scores,
+            self.counts[cand],
+            self.categories[cand].tolist(),
+            self.categories[np.asarray(history, dtype=np.int64)].tolist(),
+            self.max_count,
+        )
+
+
+def _examples(
+    retrieval: object,
+    ctx: RankingContext,
+    histories: Sequence[np.ndarray],
+    positives: np.ndarray,
+    n_hard: int,
+    n_random: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context [N, 768], candidate indices [N, 1+neg] with the positive first, features [N, 1+neg, K])."""
+    item_vecs = retrieval.item_vectors  # type: ignore[attr-defined]
+    n_items = item_vecs.shape[0]
+    sess = retrieval.session_vectors_from_index(histories)  # type: ignore[attr-defined]
+    scores = (sess @ item_vecs.T).numpy()
+    m = 1 + n_hard + n_random
+    cands = np.zeros((len(histories), m), dtype=np.int64)
+    feats = np.zeros((len(histories), m, N_CAND_FEATURES), dtype=np.float32)
+    for r, (h, pos) in enumerate(zip(histories, positives, strict=True)):
+        s = scores[r].copy()
+        s[np.asarray(h, dtype=np.int64)] = -np.inf
+        s[pos] = -np.inf
+        hard = np.argpartition(-s, n_hard)[:n_hard]
+        rand = rng.integers(0, n_items, n_random)
+        rand = np.where(rand == pos, (rand + 1) % n_items, rand)
+        cands[r] = np.concatenate([[pos], hard, rand])
+        feats[r] = ctx.features(h, cands[r], scores[r][cands[r]])
+    context = np.concatenate([sess.numpy(), np.zeros_like(sess.numpy())], axis=1).astype(np.float32)
+    return context, cands, feats
+
+
+def rerank_scores(
+    ranker: Ranker,
+    retrieval: object,
+    ctx: RankingContext,
+    histories: Sequence[np.ndarray],
+    depth: int = 100,
+) -> np.ndarray:
+    """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
+    everything else keeps its retrieval order below them (so metrics stay full-ranking)."""
+    item_vecs = retrieval.item_vectors  # type: ignore[attr-defined]
+    sess = retrieval.session_vectors_from_index(histories)  # type: ignore[attr-defined]
+    scores = (sess @ item_vecs.T).numpy().astype(np.float64)
+    out = scores.copy()
+    vecs = item_vecs.numpy()
+    for r, h in enumerate(histories):
+        s = scores[r].copy()
+        s[np.asarray(h, dtype=np.int64)] = -np.inf
+        top = np.argpartition(-s, depth)[:depth]
+        feats = ctx.features(h, top, scores[r][top])
+        context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
+        rs = ranker.score(context, vecs[top], feats).astype(np.float64)
+        out[r, top] = 1e3 + (rs - rs.min())  # above every non-candidate, ordered by the ranker
+    return out
+
+
+def train_ranker(
+    cfg: RankerConfig,
+    retrieval: object,
+    train_seqs: Sequence[np.ndarray],
+    item_categories: Sequence[str],
+    valid_histories: Sequence[np.ndarray] | None = None,
+    valid_targets: np.ndarray | None = None,
+    data_hash: str = "none",
+    progress: bool = True,
+) -> tuple[Ranker, dict[str, float]]:
+    """Listwise softmax over [positive + hard retrieved + random] for the last training positions.
+
+    Early stopping uses full-ranking NDCG@10 of retrieval->rerank on the validation cases.
+    """
+    from recstream.eval.metrics import metrics_from_ranks, target_ranks
+
+    set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    n_items = retrieval.item_vectors.shape[0]  # type: ignore[attr-defined]
+    ctx = RankingContext(item_categories, train_seqs, n_items)
+    hist, pos = [], []
+    for s in train_seqs:
+        for t in range(max(1, len(s) - cfg.positions_per_user), len(s)):
+            hist.append(s[:t])
+            pos.append(s[t])
+    context, cands, feats = _examples(retrieval, ctx, hist, np.asarray(pos), cfg.n_hard, cfg.n_random, rng)
+    vecs = retrieval.item_vectors  # type: ignore[attr-defined]
+    log.info("ranker: %d training lists of %d candidates", len(hist), cands.shape[1])
+
+    ranker = new_ranker(cfg, data_hash)
+    net = ranker.net
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stopper = EarlyStopping(patience=cfg.patience)
+    best: dict[str, torch.Tensor] | None = None
+    stats: dict[str, float] = {}
+
+    def _valid() -> float:
+        if valid_histories is None or valid_targets is None:
+            return 0.0
+        net.eval()
+        s = rerank_scores(ranker, retrieval, ctx, valid_histories, cfg.rerank_depth)
+        ranks = target_ranks(s, valid_targets, list(valid_histories))
+        return metrics_from_ranks(ranks)["NDCG@10"]
+
+    ctx_t, feats_t = torch.from_numpy(context), torch.from_numpy(feats)
+    labels = torch.zeros(cfg.batch_size, dtype=torch.long)  # the positive is always column 0
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        order = rng.permutation(len(hist))
+        losses = []
+        for lo in tqdm(range(0, len(order), cfg.batch_size), desc=f"ranker epoch {epoch}", disable=not progress):
+            b = torch.from_numpy(order[lo : lo + cfg.batch_size])
+            logits = net(ctx_t[b], vecs[torch.from_numpy(cands[b.numpy()])], feats_t[b])
+            loss = F.cross_entropy(logits, labels[: len(b)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        value = _valid()
+        stats[f"train_loss_epoch{epoch}"] = float(np.mean(losses))
+        stats[f"valid_ndcg10_epoch{epoch}"] = value
+        log.info("ranker epoch %d loss %.4f valid NDCG@10 %.4f", epoch, np.mean(losses), value)
+        if stopper.step(value, epoch):
+            best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if stopper.should_stop:
+            break
+    if best is not None:
+        net.load_state_dict(best)
+    net.eval()
+    stats.update(
+        train_seconds=time.perf_counter() - t0,
+        peak_rss_mb=peak_rss_mb(),
+        best_epoch=float(stopper.best_step),
+        valid_ndcg10=float(stopper.best or 0.0),
+        n_lists=float(len(hist)),
+    )
+    ranker.meta.metrics.update({k: v for k, v in stats.items() if not k.startswith(("train_loss", "valid_ndcg10_"))})
+    return ranker, stats
+
+
+# --- quality-bench adapter ---------------------------------------------------------------------
+
+
+class TwoTowerRankerRecommender:
+    """Retrieval (two-tower) -> ranker, as one `fit(split)` / `score(users, histories)` bench row.
+
+    Reuses artifacts/ranker[_cold] when it was trained on this split on top of the same retrieval
+    checkpoint; otherwise trains it (and the retrieval model if needed) and saves both.
+    """
+
+    def __init__(self, finetune: str = "lora", checkpoint: Path | None = None) -> None:
+        self.finetune = finetune
+        self.checkpoint = checkpoint
+        self.retrieval: object | None = None
+        self.ranker: Ranker | None = None
+        self.ctx: RankingContext | None = None
+        self.depth = RankerConfig().rerank_depth
+        self.info: dict[str, object] = {}
+
+    def fit(self, split: object) -> TwoTowerRankerRecommender:
+        from recstream.models.training import ARTIFACTS_DIR, read_meta, split_fingerprint
+        from recstream.models.two_tower import TwoTowerRecommender
+
+        retr = TwoTowerRecommender(self.finetune).fit(split)  # type: ignore[arg-type]
+        self.retrieval = retr.model
+        retr_path = str(Path(retr.checkpoint or retr.default_checkpoint(split)).resolve())
+        fp = split_fingerprint(split)
+        cold = hasattr(split, "cold_items")
+        path = self.checkpoint or ARTIFACTS_DIR / f"ranker{'_cold' if cold else ''}"
+        cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
+        self.ctx = RankingContext(cats, split.train_seqs, len(split.item_ids))  # type: ignore[attr-defined]
+        meta = read_meta(path)
+        if meta is not None and meta.data_hash == fp and meta.extra.get("retrieval_checkpoint") == retr_path:
+            self.ranker = Ranker.load(path)
+            self.info = {"checkpoint": str(path), "reused": True, **self.ranker.meta.metrics}
+        else:
+            valid = split.cases("valid")  # type: ignore[attr-defined]
+            self.ranker, stats = train_ranker(
+                RankerConfig(),
+                self.retrieval,
+                split.train_seqs,
+                cats,
+                valid.histories,
+                valid.targets,
+                fp,  # type: ignore[attr-defined]
+            )
+            self.ranker.meta.extra["retrieval_checkpoint"] = retr_path
+            self.ranker.save(path)
+            self.info = {"checkpoint": str(path), "reused": False, **stats}
+        self.depth = int(self.ranker.meta.config.get("rerank_depth", self.depth))
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        assert self.ranker is not None and self.ctx is not None, "fit() first"
+        return rerank_scores(self.ranker, self.retrieval, self.ctx, histories, self.depth)
+
+
+def two_tower_ranker() -> TwoTowerRankerRecommender:
+    return TwoTowerRankerRecommender("lora")

@@ -1,0 +1,603 @@
+"""Two-tower retrieval model: a fine-tuned MiniLM item tower and a sequential session tower.
+
+Item tower: the pretrained sentence encoder over item text (mean pooling, L2-normalised), fine-tuned
+either with LoRA adapters on the attention query/value projections or fully. Because items are
+embedded from their text, an item that never occurred in training still gets a useful vector (cold
+start), and the vectors are exactly what the `text_encoder` Triton model produces once the tuned
+weights are exported (`export_item_encoder`).
+
+Session tower: a small causal transformer over the session's item vectors (most recent last, with
+positions counted back from the newest item so "recent" means the same thing for any length), plus
+an optional query vector fused into the output. The output is L2-normalised so retrieval is cosine
+similarity against item vectors (Qdrant, cosine distance).
+
+Training is next-item prediction with a full-catalogue softmax (InfoNCE with temperature). To fit on
+two CPU cores: item vectors come from a cache that is refreshed every epoch, and in each step only a
+sample of the batch's unique target items is re-encoded with gradients (their fresh vectors replace
+the cached rows), so the text transformer sees a few dozen short texts per step instead of the whole
+catalogue; item text is pre-tokenised once and truncated to `max_text_len` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from recstream.models.training import (
+    CheckpointMeta,
+    EarlyStopping,
+    load_checkpoint,
+    peak_rss_mb,
+    save_checkpoint,
+    set_seed,
+)
+
+log = logging.getLogger(__name__)
+
+FineTune = Literal["lora", "full", "frozen"]
+
+
+def _default_text_model_dir() -> Path:
+    from recstream.models.encoder import default_model_dir
+
+    return default_model_dir()
+
+
+class TwoTowerConfig(BaseModel):
+    """Everything that changes the trained retrieval model (stored in checkpoint metadata)."""
+
+    finetune: FineTune = Field("lora", description="lora: adapters only; full: all encoder weights; frozen")
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"])
+    max_text_len: int = Field(32, description="Token limit for item text (ML titles+genres fit in ~20)")
+    dim: int = 384
+    d_model: int = Field(128, description="Session transformer width (384 in/out; narrow inside for CPU)")
+    n_layers: int = 2
+    n_heads: int = 4
+    ff_mult: int = 2
+    dropout: float = 0.2
+    max_history: int = Field(30, description="Most recent items the session tower sees")
+    temperature: float = 0.05
+    lr_session: float = 1e-3
+    lr_text: float | None = Field(None, description="None: 1e-3 for LoRA, 5e-5 for full fine-tuning")
+    weight_decay: float = 0.01
+    batch_size: int = Field(64, description="Sequences per step")
+    fresh_items_per_step: int = Field(32, description="Target items re-encoded with gradients per step")
+    windows_per_user: int = Field(2, description="Random sequence windows per user and epoch")
+    query_prob: float = Field(0.15, description="Share of positions trained with the target's category as query")
+    epochs: int = 8
+    patience: int = 2
+    seed: int = 0
+    grad_clip: float = 1.0
+
+    def text_lr(self) -> float:
+        if self.lr_text is not None:
+            return self.lr_text
+        return 1e-3 if self.finetune == "lora" else 5e-5
+
+
+# --- towers ------------------------------------------------------------------------------------
+
+
+def mean_pool_normalise(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence-transformers pooling: mask-weighted mean of token states, then unit length."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+class ItemTower(nn.Module):
+    """MiniLM over item text; LoRA (peft) or full fine-tuning, or frozen."""
+
+    def __init__(self, cfg: TwoTowerConfig, model_dir: Path | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model_dir = Path(model_dir) if model_dir else _default_text_model_dir()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_targets),
+                bias="none",
+            )
+            encoder = get_peft_model(encoder, lcfg)
+        elif cfg.finetune == "frozen":
+            encoder.requires_grad_(False)
+        self.encoder = encoder
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pre-tokenise once (padded to the longest text, capped at max_text_len)."""
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.cfg.max_text_len, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # trim padding columns shared by the whole batch: most steps see short titles only
+        width = int(attention_mask.sum(1).max().item())
+        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool_normalise(hidden, attention_mask)
+
+    @torch.no_grad()
+    def encode_tokens(self, tokens: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+        """Vectors for pre-tokenised texts without gradients (cache refresh, serving)."""
+        was_training = self.training
+        self.eval()
+        out = []
+        n = tokens["input_ids"].shape[0]
+        for lo in range(0, n, batch_size):
+            out.append(self(tokens["input_ids"][lo : lo + batch_size], tokens["attention_mask"][lo : lo + batch_size]))
+        self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.cfg.dim)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Item (or query) text -> float32 [n, dim], unit rows."""
+        if not texts:
+            return np.zeros((0, self.cfg.dim), dtype=np.float32)
+        return self.encode_tokens(self.tokenize(texts), batch_size).numpy().astype(np.float32)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def merged_encoder(self) -> nn.Module:
+        """A plain transformers model with LoRA folded in (what the text_encoder serving path loads)."""
+        if self.cfg.finetune == "lora":
+            import copy
+
+            return copy.deepcopy(self.encoder).merge_and_unload()
+        return self.encoder
+
+
+class SessionTower(nn.Module):
+    """Causal transformer over item vectors; the output at position t embeds the session after item t."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.in_proj = nn.Linear(cfg.dim, d)
+        self.pos = nn.Embedding(cfg.max_history, d)  # index 0 = most recent item
+        self.in_norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            d,
+            cfg.n_heads,
+            dim_feedforward=cfg.ff_mult * d,
+            dropout=cfg.dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False)
+        self.out_norm = nn.LayerNorm(d)
+        self.query_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.out_proj = nn.Linear(d, cfg.dim)
+
+    def _attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B*heads, L, L] bool, True = blocked: causal, padding keys blocked, but every row may
+        attend to itself so padded rows stay finite (a fully blocked row is NaN, and NaN values
+        leak into valid rows through 0 * NaN in the next layer)."""
+        _b, length = valid.shape
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=valid.device), 1)
+        blocked = causal[None] | ~valid[:, None, :]
+        blocked = blocked & ~torch.eye(length, dtype=torch.bool, device=valid.device)[None]
+        return blocked.repeat_interleave(self.cfg.n_heads, dim=0)
+
+    def forward(self, items: torch.Tensor, valid: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """items [B, L, d] left-padded, valid [B, L] bool, query [B, L, d] or [B, d] (zeros = none).
+
+        Returns unit vectors [B, L, d]; row b position t summarises items[b, :t+1].
+        """
+        b, length, _ = items.shape
+        # position counted back from the newest item: the last column is 0
+        back = torch.arange(length - 1, -1, -1, device=items.device).clamp(max=self.cfg.max_history - 1)
+        x = self.in_proj(items) + self.pos(back)[None]
+        x = self.drop(self.in_norm(x)) * valid[..., None]
+        h = self.encoder(x, mask=self._attention_mask(valid))
+        h = self.out_norm(h)
+        out = self.out_proj(h) + items  # residual to the latest item keeps "more like this" easy
+        if query is not None:
+            if query.dim() == 2:
+                query = query[:, None, :].expand(b, length, -1)
+            out = out + self.query_proj(query) * (query.abs().sum(-1, keepdim=True) > 0)
+        return F.normalize(out, p=2, dim=-1)
+
+
+def pad_histories(
+    histories: Sequence[np.ndarray], item_vectors: torch.Tensor, max_history: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad the last `max_history` items of each history into [B, L, d] vectors and a mask."""
+    length = max(1, min(max_history, max((len(h) for h in histories), default=1)))
+    idx = np.zeros((len(histories), length), dtype=np.int64)
+    valid = np.zeros((len(histories), length), dtype=bool)
+    for r, h in enumerate(histories):
+        h = np.asarray(h, dtype=np.int64)[-length:]
+        if len(h):
+            idx[r, length - len(h) :] = h
+            valid[r, length - len(h) :] = True
+    vecs = item_vectors[torch.from_numpy(idx)] * torch.from_numpy(valid)[..., None]
+    return vecs, torch.from_numpy(valid)
+
+
+def _ensure_nonempty(valid: torch.Tensor) -> torch.Tensor:
+    """An empty history still needs one attendable position (it holds a zero vector)."""
+    valid = valid.clone()
+    valid[~valid.any(1), -1] = True
+    return valid
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+class TwoTowerModel(nn.Module):
+    """Both towers plus the item-vector cache used for history lookup and full ranking."""
+
+    def __init__(self, cfg: TwoTowerConfig, model_dir: Path | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_tower = ItemTower(cfg, model_dir)
+        self.session_tower = SessionTower(cfg)
+        self.item_vectors: torch.Tensor | None = None  # [n_items, d] cache, no grad
+
+    # serving API --------------------------------------------------------------------------------
+
+    def embed_items(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Item text -> float32 [n, 384] unit vectors (upsert these into Qdrant)."""
+        return self.item_tower.encode(texts, batch_size)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """Search text -> float32 [384] (same encoder as items)."""
+        return self.item_tower.encode([text])[0]
+
+    @torch.no_grad()
+    def embed_sessions(self, histories: Sequence[np.ndarray], queries: np.ndarray | None = None) -> np.ndarray:
+        """Session vectors [B, 384] from per-session item-vector arrays [L_i, 384] (oldest first).
+
+        `queries` [B, 384] (zeros where a session has no query) adds search intent.
+        """
+        self.session_tower.eval()
+        length = max(1, min(self.cfg.max_history, max((len(h) for h in histories), default=1)))
+        x = np.zeros((len(histories), length, self.cfg.dim), dtype=np.float32)
+        valid = np.zeros((len(histories), length), dtype=bool)
+        for r, h in enumerate(histories):
+            h = np.asarray(h, dtype=np.float32).reshape(-1, self.cfg.dim)[-length:]
+            if len(h):
+                x[r, length - len(h) :] = h
+                valid[r, length - len(h) :] = True
+        q = torch.from_numpy(np.asarray(queries, dtype=np.float32)) if queries is not None else None
+        out = self.session_tower(torch.from_numpy(x), _ensure_nonempty(torch.from_numpy(valid)), q)
+        return out[:, -1].numpy().astype(np.float32)
+
+    def embed_session(self, history: np.ndarray, query: np.ndarray | None = None) -> np.ndarray:
+        """One session: item vectors [L, 384] (oldest first) -> [384]."""
+        q = None if query is None else np.asarray(query, dtype=np.float32)[None]
+        return self.embed_sessions([history], q)[0]
+
+    # index-based helpers (training / offline evaluation) ---------------------------------------
+
+    @torch.no_grad()
+    def session_vectors_from_index(
+        self, histories: Sequence[np.ndarray], item_vectors: torch.Tensor | None = None, batch_size: int = 512
+    ) -> torch.Tensor:
+        """Session vectors [B, d] for histories given as item indices into the cache."""
+        vecs = self.item_vectors if item_vectors is None else item_vectors
+        assert vecs is not None, "refresh_item_vectors() first"
+        self.session_tower.eval()
+        out = []
+        for lo in range(0, len(histories), batch_size):
+            x, valid = pad_histories(histories[lo : lo + batch_size], vecs, self.cfg.max_history)
+            out.append(self.session_tower(x, _ensure_nonempty(valid))[:, -1])
+        return torch.cat(out) if out else torch.zeros(0, self.cfg.dim)
+
+    def refresh_item_vectors(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.item_vectors = self.item_tower.encode_tokens(tokens)
+        return self.item_vectors
+
+    def score_index(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Full-catalogue cosine scores [B, n_items] (the retrieval stage, offline)."""
+        s = self.session_vectors_from_index(histories)
+        assert self.item_vectors is not None
+        return (s @ self.item_vectors.T).numpy()
+
+    # persistence -------------------------------------------------------------------------------
+
+    def state_for_checkpoint(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Session tower always; text encoder only what was trained (adapters or all weights)."""
+        out = {"session_tower": self.session_tower.state_dict()}
+        if self.cfg.finetune == "lora":
+            from peft import get_peft_model_state_dict
+
+            out["item_adapter"] = get_peft_model_state_dict(self.item_tower.encoder)
+        elif self.cfg.finetune == "full":
+            out["item_encoder"] = self.item_tower.encoder.state_dict()
+        if self.item_vectors is not None:
+            out["item_vectors"] = {"vectors": self.item_vectors}
+        return out
+
+    def save(self, path: Path, meta: CheckpointMeta) -> Path:
+        return save_checkpoint(path, self.state_for_checkpoint(), meta)
+
+    @classmethod
+    def load(cls, path: Path, model_dir: Path | None = None) -> tuple[TwoTowerModel, CheckpointMeta]:
+        tensors, meta = load_checkpoint(path)
+        cfg = TwoTowerConfig.model_validate(meta.config)
+        model = cls(cfg, model_dir)
+        model.session_tower.load_state_dict(tensors["session_tower"])
+        if cfg.finetune == "lora":
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.item_tower.encoder, tensors["item_adapter"])
+        elif cfg.finetune == "full":
+            model.item_tower.encoder.load_state_dict(tensors["item_encoder"])
+        if "item_vectors" in tensors:
+            model.item_vectors = tensors["item_vectors"]["vectors"]
+        model.eval()
+        return model, meta
+
+    def export_item_encoder(self, out_dir: Path) -> Path:
+        """A sentence-transformers-layout folder that `TextEncoder(out_dir)` serves unchanged."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.item_tower.merged_encoder().save_pretrained(str(out_dir), safe_serialization=True)
+        self.item_tower.tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": self.cfg.max_text_len, "do_lower_case": False})
+        )
+        (out_dir / "1_Pooling").mkdir(exist_ok=True)
+        (out_dir / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": self.cfg.dim, "pooling_mode_mean_tokens": True})
+        )
+        return out_dir
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _sample_windows(
+    seqs: Sequence[np.ndarray], max_len: int, per_user: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Training windows of up to max_len+1 items; half end at the newest item (what we predict)."""
+    out: list[np.ndarray] = []
+    for s in seqs:
+        if len(s) < 2:
+            continue
+        for w in range(per_user):
+            if w == 0 or len(s) <= max_len + 1 or rng.random() < 0.5:
+                end = len(s)
+            else:
+                end = int(rng.integers(max_len + 1, len(s) + 1))
+            out.append(s[max(0, end - max_len - 1) : end])
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def evaluate_retrieval(
+    model: TwoTowerModel,
+    histories: Sequence[np.ndarray],
+    targets: np.ndarray,
+    k: int = 10,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Full-ranking NDCG@k / HR@k with the history excluded (same rules as recstream.eval.metrics)."""
+    from recstream.eval.metrics import metrics_from_ranks, target_ranks
+
+    ranks = []
+    for lo in range(0, len(histories), batch_size):
+        h = list(histories[lo : lo + batch_size])
+        ranks.append(target_ranks(model.score_index(h), targets[lo : lo + batch_size], h))
+    return metrics_from_ranks(np.concatenate(ranks) if ranks else np.zeros(0), ks=(k, 50))
+
+
+def train_two_tower(
+    cfg: TwoTowerConfig,
+    train_seqs: Sequence[np.ndarray],
+    item_texts: Sequence[str],
+    valid_histories: Sequence[np.ndarray] | None = None,
+    valid_targets: np.ndarray | None = None,
+    item_categories: Sequence[str] | None = None,
+    model_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[TwoTowerModel, dict[str, float]]:
+    """Fit both towers on next-item prediction; early-stop on validation NDCG@10 when given.
+
+    Returns the best model (by validation) with its item-vector cache filled, and run statistics.
+    """
+    set_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t_start = time.perf_counter()
+    model = TwoTowerModel(cfg, model_dir)
+    tokens = model.item_tower.tokenize(item_texts)
+    n_items = len(item_texts)
+
+    cat_vectors: torch.Tensor | None = None
+    item_cat: np.ndarray | None = None
+    cat_tokens = None
+    if item_categories is not None and cfg.query_prob > 0:
+        cats = sorted(set(item_categories))
+        cat_index = {c: i for i, c in enumerate(cats)}
+        item_cat = np.array([cat_index[c] for c in item_categories], dtype=np.int64)
+        cat_tokens = model.item_tower.tokenize(cats)
+
+    text_params = model.item_tower.trainable_parameters()
+    groups = [{"params": list(model.session_tower.parameters()), "lr": cfg.lr_session}]
+    if text_params and cfg.finetune != "frozen":
+        groups.append({"params": text_params, "lr": cfg.text_lr()})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    stopper = EarlyStopping(patience=cfg.patience)
+    best_state: dict[str, dict[str, torch.Tensor]] | None = None
+    best_vectors: torch.Tensor | None = None
+    stats: dict[str, float] = {"n_trainable_text_params": float(sum(p.numel() for p in text_params))}
+    train_text = cfg.finetune != "frozen"
+
+    def _validate(epoch: int) -> float:
+        if valid_histories is None or valid_targets is None:
+            return float(-epoch)  # no validation: keep the last epoch
+        m = evaluate_retrieval(model, valid_histories, valid_targets)
+        log.info("epoch %d valid NDCG@10=%.4f HR@10=%.4f", epoch, m["NDCG@10"], m["HR@10"])
+        stats[f"valid_ndcg10_epoch{epoch}"] = m["NDCG@10"]
+        return m["NDCG@10"]
+
+    model.refresh_item_vectors(tokens)
+    if valid_histories is not None:
+        stats["valid_ndcg10_untrained"] = _validate(0)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        cache = model.item_vectors
+        assert cache is not None
+        if cat_tokens is not None:
+            cat_vectors = model.item_tower.encode_tokens(cat_tokens)
+        windows = _sample_windows(train_seqs, cfg.max_history, cfg.windows_per_user, rng)
+        n_steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
+        bar = tqdm(range(n_steps), desc=f"two-tower[{cfg.finetune}] epoch {epoch}", disable=not progress)
+        losses = []
+        for step in bar:
+            batch = windows[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            inputs = [w[:-1] for w in batch]
+            outputs = [w[1:] for w in batch]
+            length = max(len(x) for x in inputs)
+            tgt = np.full((len(batch), length), -100, dtype=np.int64)
+            for r, o in enumerate(outputs):
+                tgt[r, length - len(o) :] = o
+            x, valid = pad_histories(inputs, cache, length)
+            query = None
+            if cat_vectors is not None and item_cat is not None:
+                use_q = (rng.random(tgt.shape) < cfg.query_prob) & (tgt >= 0)
+                qidx = np.where(use_q, item_cat[np.maximum(tgt, 0)], 0)
+                query = cat_vectors[torch.from_numpy(qidx)] * torch.from_numpy(use_q)[..., None]
+            sess = model.session_tower(x, _ensure_nonempty(valid), query)  # [B, L, d]
+            table = cache
+            if train_text:
+                uniq = np.unique(tgt[tgt >= 0])
+                if len(uniq) > cfg.fresh_items_per_step:
+                    uniq = rng.choice(uniq, cfg.fresh_items_per_step, replace=False)
+                idx = torch.from_numpy(np.sort(uniq))
+                fresh = model.item_tower(tokens["input_ids"][idx], tokens["attention_mask"][idx])
+                table = cache.index_copy(0, idx, fresh)
+                cache[idx] = fresh.detach()
+            mask = torch.from_numpy(tgt >= 0)
+            logits = sess[mask] @ table.T / cfg.temperature  # [n_pos, n_items]
+            loss = F.cross_entropy(logits, torch.from_numpy(tgt)[mask])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        stats[f"train_loss_epoch{epoch}"] = float(np.mean(losses))
+        if train_text:
+            model.refresh_item_vectors(tokens)
+        value = _validate(epoch)
+        if stopper.step(value, epoch):
+            best_state = {
+                k: {n: t.detach().clone() for n, t in v.items()} for k, v in model.state_for_checkpoint().items()
+            }
+            best_vectors = model.item_vectors.clone() if model.item_vectors is not None else None
+        if stopper.should_stop:
+            log.info("early stop after epoch %d (best epoch %d)", epoch, stopper.best_step)
+            break
+    if best_state is not None:
+        _restore(model, best_state)
+        model.item_vectors = best_vectors
+    model.eval()
+    stats.update(
+        train_seconds=time.perf_counter() - t_start,
+        peak_rss_mb=peak_rss_mb(),
+        best_epoch=float(stopper.best_step),
+        valid_ndcg10=float(stopper.best) if valid_histories is not None and stopper.best is not None else float("nan"),
+        n_items=float(n_items),
+    )
+    return model, stats
+
+
+def _restore(model: TwoTowerModel, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    model.session_tower.load_state_dict(state["session_tower"])
+    if model.cfg.finetune == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.item_tower.encoder, state["item_adapter"])
+    elif model.cfg.finetune == "full":
+        model.item_tower.encoder.load_state_dict(state["item_encoder"])
+
+
+# --- quality-bench adapter ---------------------------------------------------------------------
+
+
+class TwoTowerRecommender:
+    """`fit(split)` / `score(users, histories)` adapter for bench/bench_quality.py.
+
+    Reuses the checkpoint in artifacts/ when it was trained on exactly this split (fingerprint in
+    meta.json), so the bench does not retrain for minutes on every run; otherwise trains and saves.
+    """
+
+    def __init__(self, finetune: FineTune = "lora", checkpoint: Path | None = None, **overrides: object) -> None:
+        self.finetune = finetune
+        self.checkpoint = checkpoint
+        self.overrides = overrides
+        self.model: TwoTowerModel | None = None
+        self.info: dict[str, object] = {}
+
+    def default_checkpoint(self, split: object) -> Path:
+        from recstream.models.training import ARTIFACTS_DIR
+
+        cold = hasattr(split, "cold_items")
+        return ARTIFACTS_DIR / f"two_tower_{self.finetune}{'_cold' if cold else ''}"
+
+    def fit(self, split: object) -> TwoTowerRecommender:
+        from recstream.models.training import read_meta, split_fingerprint
+
+        fp = split_fingerprint(split)
+        path = self.checkpoint or self.default_checkpoint(split)
+        meta = read_meta(path)
+        if meta is not None and meta.data_hash == fp:
+            self.model, meta = TwoTowerModel.load(path)
+            self.info = {"checkpoint": str(path), "reused": True, **meta.metrics}
+        else:
+            cfg = TwoTowerConfig(finetune=self.finetune, **self.overrides)  # type: ignore[arg-type]
+            valid = split.cases("valid")  # type: ignore[attr-defined]
+            cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
+            self.model, stats = train_two_tower(
+                cfg,
+                split.train_seqs,
+                split.item_texts,
+                valid.histories,
+                valid.targets,
+                cats,  # type: ignore[attr-defined]
+            )
+            meta = CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats)
+            self.model.save(path, meta)
+            self.info = {"checkpoint": str(path), "reused": False, **stats}
+        if self.model.item_vectors is None or self.model.item_vectors.shape[0] != len(split.item_ids):  # type: ignore[attr-defined]
+            self.model.refresh_item_vectors(self.model.item_tower.tokenize(split.item_texts))  # type: ignore[attr-defined]
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        assert self.model is not None, "fit() first"
+        return self.model.score_index(histories)
+
+
+def two_tower_lora() -> TwoTowerRecommender:
+    return TwoTowerRecommender("lora")
+
+
+def two_tower_full() -> TwoTowerRecommender:
+    return TwoTowerRecommender("full")

@@ -1,0 +1,218 @@
+"""Training CLI: one command per step, each writing a checkpoint folder with provenance metadata.
+
+python -m recstream.train_cli train-retrieval --finetune lora   # -> artifacts/two_tower_lora/
+python -m recstream.train_cli train-retrieval --finetune full   # -> artifacts/two_tower_full/
+python -m recstream.train_cli train-ranker --retrieval artifacts/two_tower_lora
+python -m recstream.train_cli export --ranker artifacts/ranker  # -> model_repo/ranker/<v+1>/
+python -m recstream.train_cli evaluate --retrieval artifacts/two_tower_lora --ranker artifacts/ranker
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, configure_threads, write_json
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+log = logging.getLogger("recstream.train")
+
+
+def _setup(threads: int) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_threads(threads or None)
+
+
+def load_split(dataset: str, split: str = "leave-last-out", cold_frac: float = 0.1, seed: int = 0) -> Any:
+    """The evaluation split every step agrees on (same item indexing as the quality bench)."""
+    from recstream.data.datasets import load_dataset
+    from recstream.data.split import cold_start_split, leave_last_out
+
+    data = load_dataset(dataset)
+    if split == "cold":
+        return cold_start_split(data, frac=cold_frac, seed=seed)
+    if split != "leave-last-out":
+        raise typer.BadParameter(f"split must be 'leave-last-out' or 'cold', got {split!r}")
+    return leave_last_out(data)
+
+
+def item_categories(sp: Any) -> list[str]:
+    return sp.data.items.set_index("item_id").loc[sp.item_ids, "category"].astype(str).tolist()
+
+
+def split_hash(sp: Any) -> str:
+    from recstream.models.training import split_fingerprint
+
+    return split_fingerprint(sp)
+
+
+@app.command("train-retrieval")
+def train_retrieval(
+    dataset: str = typer.Option("ml-100k", help="Built-in name or generic-form directory"),
+    finetune: str = typer.Option("lora", help="lora | full | frozen"),
+    split: str = typer.Option("leave-last-out", help="leave-last-out | cold (held-out cold items)"),
+    epochs: int = typer.Option(6),
+    patience: int = typer.Option(2),
+    max_history: int = typer.Option(30),
+    fresh_items: int = typer.Option(32, help="Target items re-encoded with gradients per step"),
+    batch_size: int = typer.Option(64),
+    windows_per_user: int = typer.Option(2),
+    lr_text: float = typer.Option(0.0, help="0 = default for the fine-tuning mode"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
+    out: Path = typer.Option(None, help="Checkpoint folder (default artifacts/two_tower_<finetune>[_cold])"),
+) -> None:
+    """Fine-tune the two-tower retrieval model; early-stops on validation NDCG@10 (full ranking)."""
+    _setup(threads)
+    from recstream.models.two_tower import TwoTowerConfig, evaluate_retrieval, train_two_tower
+
+    sp = load_split(dataset, split, seed=seed)
+    cfg = TwoTowerConfig(
+        finetune=finetune,  # type: ignore[arg-type]
+        epochs=epochs,
+        patience=patience,
+        max_history=max_history,
+        fresh_items_per_step=fresh_items,
+        batch_size=batch_size,
+        windows_per_user=windows_per_user,
+        lr_text=lr_text or None,
+        seed=seed,
+    )
+    valid = sp.cases("valid")
+    model, stats = train_two_tower(
+        cfg, sp.train_seqs, sp.item_texts, valid.histories, valid.targets, item_categories(sp)
+    )
+    test = sp.cases("test")
+    metrics = evaluate_retrieval(model, test.histories, test.targets)
+    metrics = {f"test_{k}": v for k, v in metrics.items()}
+    log.info("test %s", json.dumps(metrics))
+    out = out or ARTIFACTS_DIR / f"two_tower_{finetune}{'_cold' if split == 'cold' else ''}"
+    meta = CheckpointMeta(
+        kind="two_tower",
+        config=cfg.model_dump(),
+        data_hash=split_hash(sp),
+        metrics={**metrics, **{k: v for k, v in stats.items() if not k.startswith(("train_loss", "valid_ndcg10_"))}},
+        extra={"dataset": dataset, "split": split, "n_items": sp.n_items, "curve": stats},
+    )
+    model.save(out, meta)
+    write_json(out / "train_stats.json", {"stats": stats, "metrics": metrics})
+    typer.echo(json.dumps({"checkpoint": str(out), **metrics, **stats}, indent=2))
+
+
+def _load_retrieval(path: Path, sp: Any) -> Any:
+    from recstream.models.two_tower import TwoTowerModel
+
+    model, meta = TwoTowerModel.load(path)
+    if meta.data_hash != split_hash(sp):
+        raise typer.BadParameter(f"{path} was trained on data {meta.data_hash}, this data is {split_hash(sp)}")
+    if model.item_vectors is None or model.item_vectors.shape[0] != sp.n_items:
+        model.refresh_item_vectors(model.item_tower.tokenize(sp.item_texts))
+    return model, meta
+
+
+@app.command("train-ranker")
+def train_ranker_cmd(
+    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_lora", help="Two-tower checkpoint folder"),
+    epochs: int = typer.Option(15),
+    positions_per_user: int = typer.Option(5),
+    n_hard: int = typer.Option(30),
+    n_random: int = typer.Option(10),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0),
+    out: Path = typer.Option(None, help="Default artifacts/ranker (or ranker_cold for a cold-split retrieval)"),
+) -> None:
+    """Train the MLP ranker on retrieval hard negatives; early-stops on validation NDCG@10 after rerank."""
+    _setup(threads)
+    from recstream.eval.metrics import metrics_from_ranks, target_ranks
+    from recstream.models.ranker import RankerConfig, RankingContext, rerank_scores, train_ranker
+
+    rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
+    sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
+    model, _ = _load_retrieval(retrieval, sp)
+    cfg = RankerConfig(
+        epochs=epochs, positions_per_user=positions_per_user, n_hard=n_hard, n_random=n_random, seed=seed
+    )
+    valid = sp.cases("valid")
+    cats = item_categories(sp)
+    ranker, stats = train_ranker(
+        cfg, model, sp.train_seqs, cats, valid.histories, valid.targets, data_hash=split_hash(sp)
+    )
+    test = sp.cases("test")
+    ctx = RankingContext(cats, sp.train_seqs, sp.n_items)
+    scores = rerank_scores(ranker, model, ctx, test.histories, cfg.rerank_depth)
+    metrics = {
+        f"test_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, test.targets, test.histories)).items()
+    }
+    ranker.meta.metrics.update(metrics)
+    ranker.meta.extra.update(retrieval_checkpoint=str(retrieval.resolve()), retrieval_git_sha=rmeta.git_sha)
+    out = out or ARTIFACTS_DIR / ("ranker_cold" if rmeta.extra.get("split") == "cold" else "ranker")
+    ranker.save(out)
+    write_json(out / "train_stats.json", {"stats": stats, "metrics": metrics})
+    typer.echo(json.dumps({"checkpoint": str(out), **metrics, **stats}, indent=2))
+
+
+@app.command("export")
+def export_cmd(
+    ranker: Path = typer.Option(ARTIFACTS_DIR / "ranker", help="Ranker checkpoint folder"),
+    model_repo: Path = typer.Option(None, help="Triton model repository (default: settings.model_repo)"),
+    version: int = typer.Option(0, help="0 = next free version"),
+    overwrite: bool = typer.Option(False),
+    retrieval: Path = typer.Option(None, help="Also export this two-tower's item encoder (HF layout)"),
+    encoder_out: Path = typer.Option(None, help="Where the item encoder goes (default <retrieval>/item_encoder)"),
+) -> None:
+    """Write model_repo/ranker/<v>/ (weights + meta + model.py) and optionally the tuned item encoder."""
+    _setup(1)
+    from recstream.config import get_settings
+    from recstream.models.export import export_ranker
+    from recstream.models.ranker import Ranker
+
+    repo = model_repo or get_settings().model_repo
+    vdir = export_ranker(Ranker.load(ranker), repo, version or None, overwrite=overwrite)
+    typer.echo(f"ranker -> {vdir}")
+    if retrieval is not None:
+        from recstream.models.two_tower import TwoTowerModel
+
+        model, _ = TwoTowerModel.load(retrieval)
+        enc = model.export_item_encoder(encoder_out or retrieval / "item_encoder")
+        typer.echo(f"item encoder -> {enc} (serve with TextEncoder({enc}) or text_encoder/<v>/encoder/)")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_lora"),
+    ranker: Path = typer.Option(None, help="Add the reranking stage"),
+    stage: str = typer.Option("test", help="valid | test"),
+    threads: int = typer.Option(0),
+    out: Path = typer.Option(None, help="Write the metrics JSON here"),
+) -> None:
+    """Full-ranking metrics (history excluded) of retrieval alone or retrieval -> ranker."""
+    _setup(threads)
+    from recstream.eval.metrics import metrics_from_ranks, target_ranks
+    from recstream.models.ranker import Ranker, RankingContext, rerank_scores
+    from recstream.models.two_tower import evaluate_retrieval
+
+    rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
+    sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
+    model, _ = _load_retrieval(retrieval, sp)
+    cases = sp.cases(stage)
+    result: dict[str, Any] = {"retrieval": evaluate_retrieval(model, cases.histories, cases.targets)}
+    if ranker is not None:
+        rk = Ranker.load(ranker)
+        ctx = RankingContext(item_categories(sp), sp.train_seqs, sp.n_items)
+        depth = int(rk.meta.config.get("rerank_depth", 100))
+        scores = rerank_scores(rk, model, ctx, cases.histories, depth)
+        result["retrieval+ranker"] = metrics_from_ranks(target_ranks(scores, cases.targets, cases.histories))
+    result["n_cases"] = len(cases)
+    if out is not None:
+        write_json(out, result)
+    typer.echo(json.dumps(result, indent=2, default=lambda o: float(o) if isinstance(o, np.floating) else str(o)))
+
+
+if __name__ == "__main__":
+    app()
