@@ -1,0 +1,208 @@
+"""Model versions in the Triton repository: atomic publish, promote, rollback, and Triton reloads.
+
+Layout (what Triton reads, plus one state file it ignores):
+
+    model_repo/ranker/config.pbtxt     our `version_policy: { specific { versions: [...] } }` line
+    model_repo/ranker/<v>/             ranker.safetensors + meta.json + model.py, one per version
+    model_repo/ranker/registry.json    {"live": v, "previous": p, "history": [...]}
+
+Publish is atomic: the version is written into a hidden staging folder in the same directory
+(`.staging-*`, not a number, so Triton ignores it) and renamed to `<v>` in one `os.rename`; a
+reader sees either no version or a complete one, never half a model.
+
+Serving rule: Triton answers an unversioned request with the highest *loaded* version. We keep the
+served set = {previous, live} with live > previous (new versions always get a higher number), so
+unversioned traffic goes to live while the previous version stays loaded for an instant rollback.
+A rollback serves {previous} only, which unloads the bad version. Changing the set = rewriting the
+version_policy in config.pbtxt (atomically) and asking Triton to `load_model` again: Triton loads
+the new set while the old versions keep answering, then swaps, so no request fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from recstream.models.export import MODEL_PY, RANKER_MODEL_NAME, versions
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "registry.json"
+#: A version_policy block (one nesting level, as Triton writes it) and the comment lines right above it.
+_POLICY_RE = re.compile(
+    r"^(?:[ \t]*#[^\n]*\n)*[ \t]*version_policy\s*:?\s*\{(?:[^{}]|\{[^{}]*\})*\}[ \t]*\n?", re.MULTILINE
+)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def set_version_policy(config_text: str, served: list[int]) -> str:
+    """config.pbtxt text with exactly one `version_policy: { specific { versions: [...] } }`."""
+    body = _POLICY_RE.sub("", config_text).rstrip("\n")
+    vs = ", ".join(str(v) for v in sorted(served))
+    return (
+        f"{body}\n\n# Managed by recstream.continual.registry: live + previous version stay loaded.\n"
+        f"version_policy: {{ specific {{ versions: [ {vs} ] }} }}\n"
+    )
+
+
+class ModelRegistry:
+    """Versions of one model in a Triton repository, with live/previous pointers."""
+
+    def __init__(self, model_repo: Path, name: str = RANKER_MODEL_NAME) -> None:
+        self.model_repo = Path(model_repo)
+        self.name = name
+        self.model_dir = self.model_repo / name
+
+    # ---- state -----------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.model_dir / STATE_FILE
+
+    def state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text())
+        vs = self.versions()
+        return {"live": vs[-1] if vs else None, "previous": None, "history": []}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        _atomic_write_text(self.state_path, json.dumps(state, indent=2))
+
+    def versions(self) -> list[int]:
+        return versions(self.model_repo, self.name)
+
+    @property
+    def live(self) -> int | None:
+        return self.state()["live"]
+
+    @property
+    def previous(self) -> int | None:
+        return self.state()["previous"]
+
+    def served(self) -> list[int]:
+        st = self.state()
+        return sorted(v for v in (st["previous"], st["live"]) if v is not None)
+
+    # ---- publish -----------------------------------------------------------------------------------
+    def publish(self, ranker: Any, metrics: dict[str, float] | None = None) -> int:
+        """Write a new version folder atomically; returns its number. Does not make it live."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        v = max(self.versions(), default=0) + 1
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.model_dir))
+        try:
+            ranker.meta.extra["version"] = v
+            if metrics:
+                ranker.meta.metrics.update({k: float(x) for k, x in metrics.items()})
+            ranker.save(staging)
+            (staging / "model.py").write_text(MODEL_PY)
+            for p in staging.iterdir():
+                with p.open("rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(staging, self.model_dir / str(v))  # atomic on one file system; fails if v exists
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("published %s v%d", self.name, v)
+        return v
+
+    # ---- live pointer --------------------------------------------------------------------------
+    def _apply(self, live: int, previous: int | None, event: str, reason: str) -> None:
+        st = self.state()
+        st.update(live=live, previous=previous)
+        st.setdefault("history", []).append({"event": event, "live": live, "previous": previous,
+                                             "reason": reason, "ts": time.time()})
+        config = self.model_dir / "config.pbtxt"
+        if config.is_file():
+            served = sorted(v for v in (previous, live) if v is not None)
+            _atomic_write_text(config, set_version_policy(config.read_text(), served))
+        self._save_state(st)
+
+    def promote(self, version: int, reason: str = "") -> None:
+        """Make `version` live; the current live becomes the rollback target."""
+        if version not in self.versions():
+            raise FileNotFoundError(f"{self.name} v{version} does not exist")
+        cur = self.live
+        if cur is not None and version <= cur and cur in self.versions() and version != cur:
+            raise ValueError(f"promote needs a version newer than live v{cur}; use rollback for older ones")
+        self._apply(version, cur if cur != version else self.previous, "promote", reason)
+
+    def rollback(self, reason: str = "manual") -> int:
+        """Serve the previous version only (the bad one is unloaded); returns the version now live."""
+        st = self.state()
+        if st["previous"] is None:
+            raise RuntimeError(f"{self.name}: no previous version to roll back to")
+        self._apply(st["previous"], None, "rollback", reason)
+        return int(st["previous"])
+
+    def init_live(self) -> int:
+        """Adopt the newest existing version as live (first start of the service)."""
+        st = self.state()
+        if st.get("live") is None or not self.state_path.is_file():
+            vs = self.versions()
+            if not vs:
+                raise FileNotFoundError(f"no versions of {self.name} under {self.model_repo}")
+            self._apply(vs[-1], None, "init", "newest existing version")
+        return int(self.live)  # type: ignore[arg-type]
+
+    def prune(self, keep: int = 5) -> list[int]:
+        """Delete the oldest version folders beyond `keep`, never a served one."""
+        served = set(self.served())
+        old = [v for v in self.versions() if v not in served][: max(0, len(self.versions()) - keep)]
+        for v in old:
+            shutil.rmtree(self.model_dir / str(v), ignore_errors=True)
+        return old
+
+
+class TritonModelControl:
+    """Model-control calls for one model on a Triton started with --model-control-mode=explicit."""
+
+    def __init__(self, url: str, model: str = RANKER_MODEL_NAME, timeout_s: float = 120.0) -> None:
+        import tritonclient.http as httpclient
+
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self.client = httpclient.InferenceServerClient(url=url, network_timeout=timeout_s, connection_timeout=10)
+
+    def reload(self) -> None:
+        """Re-read config.pbtxt and the version folders; blocks until the new set is loaded."""
+        self.client.load_model(self.model)
+
+    def loaded_versions(self) -> list[int]:
+        index = self.client.get_model_repository_index()
+        return sorted(
+            int(m["version"]) for m in index
+            if m.get("name") == self.model and m.get("state") == "READY" and str(m.get("version", "")).isdigit()
+        )
+
+    def wait_live(self, version: int, timeout_s: float = 60.0) -> float:
+        """Block until `version` is ready; returns seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.client.is_model_ready(self.model, str(version)):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.model} v{version} not ready after {timeout_s}s")
+
+    def close(self) -> None:
+        self.client.close()

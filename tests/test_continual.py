@@ -1,0 +1,194 @@
+"""Continual learning pieces: replay buffer, IPW weights, the promotion gate, the version registry."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recstream.continual import (
+    Example,
+    GateConfig,
+    LearnerConfig,
+    ModelRegistry,
+    ReplayBuffer,
+    ReplayConfig,
+    decide,
+    fine_tune,
+    ipw_weights,
+    set_version_policy,
+    weighted_auc,
+)
+from recstream.models.export import export_ranker
+from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
+
+# ---- replay buffer ------------------------------------------------------------------------------
+
+
+def test_replay_buffer_keeps_old_examples() -> None:
+    buf: ReplayBuffer[int] = ReplayBuffer(ReplayConfig(recent_capacity=100, reservoir_capacity=500, seed=0))
+    buf.extend(range(10_000))
+    assert len(buf) == 500 and len(buf.recent) == 100
+    assert buf.latest(3) == [9997, 9998, 9999]
+    # The reservoir is a uniform sample of the whole stream: the first half is about half of it.
+    old = sum(x < 5000 for x in buf.reservoir)
+    assert 200 < old < 300
+    batch = buf.sample(200)
+    assert sum(x >= 9900 for x in batch) >= 100  # recent_fraction 0.5 from the recency window
+    assert sum(x < 5000 for x in batch) > 20  # and old examples are replayed too
+
+
+def test_replay_sample_excludes_the_held_back_window() -> None:
+    buf: ReplayBuffer[int] = ReplayBuffer(ReplayConfig(recent_capacity=50, reservoir_capacity=10_000))
+    buf.extend(range(1000))
+    batch = buf.sample(400, exclude_latest=20)
+    assert not set(batch) & set(range(980, 1000))
+
+
+# ---- IPW ------------------------------------------------------------------------------------------
+
+
+def test_ipw_weights_correct_position_and_selection_bias() -> None:
+    pos = np.array([0, 3, 0, 3, 0])
+    prop = np.array([1.0, 1.0, 0.5, 1.0, 0.01])
+    y = np.array([1, 1, 1, 0, 0])
+    raw = np.array([1.0, 4.0, 2.0, 1.0, 10.0])  # 1/p * (1/exam for clicks), clipped at 10 (1/0.01 = 100)
+    np.testing.assert_allclose(ipw_weights(pos, prop, y, eta=1.0, clip=10.0), raw / raw.mean())
+    w = ipw_weights(pos, prop, y, eta=1.0, clip=10.0)
+    assert w.mean() == pytest.approx(1.0)
+
+
+def test_weighted_auc_matches_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 60).astype(float)  # many ties
+    y = rng.random(60) < 0.4
+    w = rng.random(60) + 0.1
+    num = den = 0.0
+    for i in np.where(y)[0]:
+        for j in np.where(~y)[0]:
+            num += w[i] * w[j] * (1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
+            den += w[i] * w[j]
+    assert weighted_auc(s, y, w) == pytest.approx(num / den)
+
+
+# ---- learner + gate on synthetic data with a known signal -----------------------------------------
+
+
+class _Synthetic:
+    """Items in 12 clusters of random vectors; P(click) = exam(slot) * sigmoid(cluster appeal)."""
+
+    def __init__(self, n_items: int = 300, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        cluster = rng.integers(0, 12, n_items)
+        centers = rng.normal(size=(12, ITEM_DIM))
+        v = centers[cluster] + 0.5 * rng.normal(size=(n_items, ITEM_DIM))
+        self.vec = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+        self.rel = 1 / (1 + np.exp(-rng.normal(0, 2.0, 12)[cluster]))
+        self.ctx = rng.normal(size=CONTEXT_DIM).astype(np.float32) * 0.05
+        self.rng = rng
+
+    def build(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.array([int(e.item) for e in examples])
+        ctx = np.broadcast_to(self.ctx, (len(idx), CONTEXT_DIM))
+        return ctx, self.vec[idx], np.zeros((len(idx), N_CAND_FEATURES), np.float32)
+
+    def log(self, n: int) -> list[Example]:
+        items = self.rng.integers(0, len(self.vec), n)
+        pos = self.rng.integers(0, 5, n)
+        clicks = self.rng.random(n) < self.rel[items] / (1 + pos)
+        return [Example("u", str(i), int(p), 1.0, float(c)) for i, p, c in zip(items, pos, clicks, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[_Synthetic, torch.nn.Module, list[Example], list[Example]]:
+    src = _Synthetic()
+    base = new_ranker(RankerConfig(seed=0)).net
+    warm = src.log(3000)
+    live, _ = fine_tune(base, warm, src, LearnerConfig(mode="full", steps=150, lr=2e-3))
+    return src, live, src.log(6000), src.log(3000)
+
+
+def test_gate_accepts_a_genuinely_trained_candidate(trained) -> None:
+    src, live, fresh, window = trained
+    cand, stats = fine_tune(live, fresh, src, LearnerConfig(mode="lora", steps=120))
+    assert stats["trainable_params"] < 0.1 * sum(p.numel() for p in live.parameters())
+    assert set(cand.state_dict()) == set(live.state_dict())  # merged back: same serving format
+    d = decide(cand, live, window, src, GateConfig())
+    assert d.accepted, d
+
+
+def test_gate_refuses_a_shuffled_labels_candidate(trained) -> None:
+    src, live, fresh, window = trained
+    rng = np.random.default_rng(1)
+    labels = rng.permutation([e.label for e in fresh])
+    corrupted = [
+        Example(e.user, e.item, e.position, e.propensity, float(y)) for e, y in zip(fresh, labels, strict=True)
+    ]
+    bad, _ = fine_tune(live, corrupted, src, LearnerConfig(mode="full", steps=300, lr=3e-3))
+    d = decide(bad, live, window, src, GateConfig())
+    assert not d.accepted, d
+    assert d.candidate["auc"] < d.live["auc"]
+
+
+def test_gate_refuses_a_too_small_window(trained) -> None:
+    src, live, _, window = trained
+    assert not decide(live, live, window[:50], src, GateConfig(min_examples=200)).accepted
+
+
+# ---- registry ------------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path) -> str:
+    export_ranker(new_ranker(RankerConfig(seed=0)), tmp_path / "scratch", version=1, serve_versions=2)
+    return (tmp_path / "scratch" / "ranker" / "config.pbtxt").read_text()
+
+
+def test_set_version_policy_replaces_an_existing_policy(tmp_path: Path) -> None:
+    text = _config(tmp_path) + "\nversion_policy: { latest { num_versions: 1 } }\n"
+    out = set_version_policy(text, [3, 2])
+    assert out.count("version_policy") == 1
+    assert "version_policy: { specific { versions: [ 2, 3 ] } }" in out
+    assert set_version_policy(out, [4]).count("version_policy") == 1
+
+
+def test_registry_publish_promote_rollback(tmp_path: Path) -> None:
+    (tmp_path / "ranker").mkdir()
+    (tmp_path / "ranker" / "config.pbtxt").write_text(_config(tmp_path))
+    reg = ModelRegistry(tmp_path)
+    v1 = reg.publish(new_ranker(RankerConfig(seed=1)))
+    assert reg.init_live() == v1 == 1
+    v2 = reg.publish(new_ranker(RankerConfig(seed=2)), metrics={"gate_auc": 0.7})
+    assert reg.live == 1  # publishing alone never changes what is served
+    reg.promote(v2, "gate passed")
+    assert (reg.live, reg.previous, reg.served()) == (2, 1, [1, 2])
+    assert "versions: [ 1, 2 ]" in (reg.model_dir / "config.pbtxt").read_text()
+    meta = json.loads((reg.model_dir / "2" / "meta.json").read_text())
+    assert meta["extra"]["version"] == 2 and meta["metrics"]["gate_auc"] == 0.7
+    for name in ("ranker.safetensors", "meta.json", "model.py"):
+        assert (reg.model_dir / "2" / name).is_file()
+    assert not list(reg.model_dir.glob(".staging-*"))
+    assert reg.rollback("ctr dropped") == 1
+    assert (reg.live, reg.previous, reg.served()) == (1, None, [1])
+    assert "versions: [ 1 ]" in (reg.model_dir / "config.pbtxt").read_text()
+    with pytest.raises(RuntimeError):
+        reg.rollback()
+    assert [h["event"] for h in reg.state()["history"]] == ["init", "promote", "rollback"]
+
+
+def test_failed_publish_leaves_no_version(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+
+    class Broken:
+        meta = new_ranker().meta
+
+        def save(self, path: Path) -> None:
+            (Path(path) / "half").write_text("x")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        reg.publish(Broken())
+    assert reg.versions() == [] and not list(reg.model_dir.iterdir())

@@ -1,0 +1,65 @@
+"""The user simulator: click probabilities from real data, position bias, and drift."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recstream.data.datasets import tiny_synthetic
+from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES
+from recstream.simulator import SimConfig, Simulator
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulator:
+    data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
+    return Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=10))
+
+
+def test_request_shapes_and_probabilities(sim: Simulator) -> None:
+    req = sim.request(0, np.random.default_rng(0))
+    n = len(req.candidates)
+    assert n == 30 and len(set(req.candidates.tolist())) == n
+    assert req.context.shape == (CONTEXT_DIM,)
+    assert req.cand_vectors.shape == (n, ITEM_DIM) and req.cand_features.shape == (n, N_CAND_FEATURES)
+    assert not set(req.candidates.tolist()) & set(sim.history[0].tolist())  # seen items are not recommended
+    p = sim.click_probability(0, req.candidates, np.zeros(n))
+    assert np.all((p > 0) & (p < 1))
+
+
+def test_position_bias_lowers_clicks(sim: Simulator) -> None:
+    items = np.arange(10)
+    top = sim.click_probability(3, items, np.zeros(10))
+    low = sim.click_probability(3, items, np.full(10, 5))
+    np.testing.assert_allclose(low, top / 6.0)
+
+
+def test_users_prefer_their_real_categories(sim: Simulator) -> None:
+    """Relevance ranks a user's own most-watched category above the others on average."""
+    wins = 0
+    for u in range(sim.n_users):
+        cats = sim.categories[sim.history[u]]
+        fav = max(set(cats), key=list(cats).count)
+        rel = sim.relevance(u, np.arange(sim.n_items))
+        wins += rel[sim.categories == fav].mean() > rel[sim.categories != fav].mean()
+    assert wins > 0.7 * sim.n_users
+
+
+def test_drift_changes_preferences() -> None:
+    data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
+    sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=10))
+    before = np.stack([sim.relevance(u, np.arange(sim.n_items)) for u in range(sim.n_users)])
+    sim.drift()
+    after = np.stack([sim.relevance(u, np.arange(sim.n_items)) for u in range(sim.n_users)])
+    # Per user, the item ordering by relevance changes a lot: low rank correlation on average.
+    ranks = [(np.argsort(np.argsort(b)), np.argsort(np.argsort(a))) for b, a in zip(before, after, strict=True)]
+    corr = [np.corrcoef(rb, ra)[0, 1] for rb, ra in ranks]
+    assert np.mean(corr) < 0.5
+    assert sim.drifted
+
+
+def test_clicks_follow_probabilities(sim: Simulator) -> None:
+    items = np.repeat(np.arange(5), 4000)
+    pos = np.zeros(len(items))
+    c = sim.clicks(1, items, pos).reshape(5, 4000).mean(1)
+    np.testing.assert_allclose(c, sim.click_probability(1, np.arange(5), np.zeros(5)), atol=0.03)
