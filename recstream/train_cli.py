@@ -65,6 +65,7 @@ def train_retrieval(
     windows_per_user: int = typer.Option(2),
     lr_text: float = typer.Option(0.0, help="0 = default for the fine-tuning mode"),
     seed: int = typer.Option(0),
+    max_minutes: float = typer.Option(0.0, help="Wall-time budget; stops after the epoch past it (0 = none)"),
     threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
     out: Path = typer.Option(None, help="Checkpoint folder (default artifacts/two_tower_<finetune>[_cold])"),
 ) -> None:
@@ -83,10 +84,17 @@ def train_retrieval(
         windows_per_user=windows_per_user,
         lr_text=lr_text or None,
         seed=seed,
+        time_budget_s=max_minutes * 60 or None,
     )
     valid = sp.cases("valid")
     model, stats = train_two_tower(
-        cfg, sp.train_seqs, sp.item_texts, valid.histories, valid.targets, item_categories(sp)
+        cfg,
+        sp.train_seqs,
+        sp.item_texts,
+        valid.histories,
+        valid.targets,
+        item_categories(sp),
+        item_ids=sp.item_ids,
     )
     test = sp.cases("test")
     metrics = evaluate_retrieval(model, test.histories, test.targets)
@@ -111,8 +119,8 @@ def _load_retrieval(path: Path, sp: Any) -> Any:
     model, meta = TwoTowerModel.load(path)
     if meta.data_hash != split_hash(sp):
         raise typer.BadParameter(f"{path} was trained on data {meta.data_hash}, this data is {split_hash(sp)}")
-    if model.item_vectors is None or model.item_vectors.shape[0] != sp.n_items:
-        model.refresh_item_vectors(model.item_tower.tokenize(sp.item_texts))
+    if model.item_ids != [str(i) for i in sp.item_ids]:
+        raise typer.BadParameter(f"{path}: item index differs from this data set's")
     return model, meta
 
 

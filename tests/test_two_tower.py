@@ -32,10 +32,17 @@ def split():
 @pytest.fixture(scope="module")
 def trained(split):
     cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].tolist()
-    cfg = TwoTowerConfig(finetune="lora", epochs=4, patience=4, lr_session=3e-3, **TINY)
+    cfg = TwoTowerConfig(finetune="lora", epochs=4, patience=4, lr_session=3e-3, eval_untrained=True, **TINY)
     valid = split.cases("valid")
     model, stats = train_two_tower(
-        cfg, split.train_seqs, split.item_texts, valid.histories, valid.targets, cats, progress=False
+        cfg,
+        split.train_seqs,
+        split.item_texts,
+        valid.histories,
+        valid.targets,
+        cats,
+        progress=False,
+        item_ids=split.item_ids,
     )
     return model, stats
 
@@ -62,6 +69,12 @@ def test_item_vectors_unit_and_cold_start(trained):
     v = model.embed_items(["Item 0 | alpha", "A brand-new item nobody has seen | beta"])
     assert v.shape == (2, 384) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # a known item gets its ID residual, an unknown id (new item) the pure text vector
+    known = model.item_ids[int(np.flatnonzero(model.has_id.numpy())[0])]
+    both = model.embed_items(["Item 0 | alpha", "Item 0 | alpha"], item_ids=[known, "never-seen"])
+    np.testing.assert_allclose(both[1], v[0], atol=1e-6)
+    assert not np.allclose(both[0], v[0], atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(both, axis=1), 1.0, atol=1e-5)
     s = model.embed_session(v[:1], query=model.embed_query("beta"))
     assert s.shape == (384,)
     assert abs(float(np.linalg.norm(s)) - 1.0) < 1e-5
@@ -114,6 +127,7 @@ def test_checkpoint_round_trip(tmp_path: Path, split, trained):
     assert (tmp_path / "ckpt" / "item_adapter.safetensors").exists()
     assert not (tmp_path / "ckpt" / "item_encoder.safetensors").exists()  # LoRA: adapters only
     loaded, meta2 = TwoTowerModel.load(tmp_path / "ckpt")
+    assert loaded.item_ids == model.item_ids and bool((loaded.has_id == model.has_id).all())
     assert meta2.data_hash == meta.data_hash and meta2.config == meta.config
     assert meta2.metrics == meta.metrics and meta2.git_sha == meta.git_sha
     assert meta2.library_versions == library_versions()

@@ -79,8 +79,15 @@ class TwoTowerConfig(BaseModel):
     fresh_items_per_step: int = Field(32, description="Target items re-encoded with gradients per step")
     windows_per_user: int = Field(2, description="Random sequence windows per user and epoch")
     query_prob: float = Field(0.15, description="Share of positions trained with the target's category as query")
+    id_residual: bool = Field(
+        True, description="Add a learned per-item vector to the text vector of items seen in training"
+    )
+    id_dropout: float = Field(0.25, description="Share of items scored text-only per step (cold-start practice)")
+    lr_id: float = 3e-3
+    eval_untrained: bool = Field(False, description="Also validate before training (costs one evaluation)")
     epochs: int = 8
     patience: int = 2
+    time_budget_s: float | None = Field(None, description="Stop after the epoch that exceeds this wall time")
     seed: int = 0
     grad_clip: float = 1.0
 
@@ -250,20 +257,55 @@ def _ensure_nonempty(valid: torch.Tensor) -> torch.Tensor:
 
 
 class TwoTowerModel(nn.Module):
-    """Both towers plus the item-vector cache used for history lookup and full ranking."""
+    """Both towers, the optional per-item ID residual and the vector caches for full ranking.
 
-    def __init__(self, cfg: TwoTowerConfig, model_dir: Path | None = None) -> None:
+    An item's vector is normalise(text_vector + id_residual) for items seen in training and the
+    plain text vector otherwise (new or cold items): collaborative signal where there is data,
+    text where there is none. ID dropout during training keeps text-only vectors competitive.
+    """
+
+    def __init__(self, cfg: TwoTowerConfig, model_dir: Path | None = None, item_ids: Sequence[str] = ()) -> None:
         super().__init__()
         self.cfg = cfg
         self.item_tower = ItemTower(cfg, model_dir)
         self.session_tower = SessionTower(cfg)
-        self.item_vectors: torch.Tensor | None = None  # [n_items, d] cache, no grad
+        self.item_ids: list[str] = [str(i) for i in item_ids]
+        self.item_index = {it: i for i, it in enumerate(self.item_ids)}
+        n = len(self.item_ids)
+        self.id_residual = nn.Embedding(max(n, 1), cfg.dim) if cfg.id_residual else None
+        if self.id_residual is not None:
+            nn.init.zeros_(self.id_residual.weight)
+        self.has_id = torch.zeros(max(n, 1), dtype=torch.bool)
+        self.text_vectors: torch.Tensor | None = None  # [n_items, d] text-tower cache, no grad
+        self.item_vectors: torch.Tensor | None = None  # [n_items, d] final vectors (text + ID), no grad
+
+    def combine(self, text_vectors: torch.Tensor, keep_id: torch.Tensor | None = None) -> torch.Tensor:
+        """Final item vectors from text vectors [n_items, d] (all catalogue rows, in index order)."""
+        if self.id_residual is None:
+            return text_vectors
+        mask = self.has_id if keep_id is None else self.has_id & keep_id
+        return F.normalize(text_vectors + self.id_residual.weight * mask[:, None], p=2, dim=-1)
 
     # serving API --------------------------------------------------------------------------------
 
-    def embed_items(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Item text -> float32 [n, 384] unit vectors (upsert these into Qdrant)."""
-        return self.item_tower.encode(texts, batch_size)
+    def embed_items(
+        self, texts: Sequence[str], item_ids: Sequence[str] | None = None, batch_size: int = 256
+    ) -> np.ndarray:
+        """Item text -> float32 [n, 384] unit vectors (upsert these into Qdrant).
+
+        With `item_ids`, items known from training get their ID residual added; unknown ids
+        (new catalogue items) get the pure text vector.
+        """
+        vecs = self.item_tower.encode(texts, batch_size)
+        if item_ids is None or self.id_residual is None:
+            return vecs
+        with torch.no_grad():
+            out = torch.from_numpy(vecs)
+            for r, it in enumerate(item_ids):
+                i = self.item_index.get(str(it))
+                if i is not None and bool(self.has_id[i]):
+                    out[r] = F.normalize(out[r] + self.id_residual.weight[i], dim=0)
+        return out.numpy()
 
     def embed_query(self, text: str) -> np.ndarray:
         """Search text -> float32 [384] (same encoder as items)."""
@@ -309,8 +351,13 @@ class TwoTowerModel(nn.Module):
             out.append(self.session_tower(x, _ensure_nonempty(valid))[:, -1])
         return torch.cat(out) if out else torch.zeros(0, self.cfg.dim)
 
-    def refresh_item_vectors(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.item_vectors = self.item_tower.encode_tokens(tokens)
+    @torch.no_grad()
+    def refresh_item_vectors(self, tokens: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Re-encode the catalogue text (when tokens are given) and rebuild the final vectors."""
+        if tokens is not None:
+            self.text_vectors = self.item_tower.encode_tokens(tokens)
+        assert self.text_vectors is not None
+        self.item_vectors = self.combine(self.text_vectors).detach()
         return self.item_vectors
 
     def score_index(self, histories: Sequence[np.ndarray]) -> np.ndarray:
@@ -330,18 +377,23 @@ class TwoTowerModel(nn.Module):
             out["item_adapter"] = get_peft_model_state_dict(self.item_tower.encoder)
         elif self.cfg.finetune == "full":
             out["item_encoder"] = self.item_tower.encoder.state_dict()
-        if self.item_vectors is not None:
-            out["item_vectors"] = {"vectors": self.item_vectors}
+        if self.id_residual is not None:
+            out["id_residual"] = {"weight": self.id_residual.weight, "has_id": self.has_id}
+        if self.text_vectors is not None:
+            out["item_vectors"] = {"text": self.text_vectors}
         return out
 
     def save(self, path: Path, meta: CheckpointMeta) -> Path:
-        return save_checkpoint(path, self.state_for_checkpoint(), meta)
+        out = save_checkpoint(path, self.state_for_checkpoint(), meta)
+        (Path(path) / "item_ids.json").write_text(json.dumps(self.item_ids))
+        return out
 
     @classmethod
     def load(cls, path: Path, model_dir: Path | None = None) -> tuple[TwoTowerModel, CheckpointMeta]:
         tensors, meta = load_checkpoint(path)
         cfg = TwoTowerConfig.model_validate(meta.config)
-        model = cls(cfg, model_dir)
+        ids_file = Path(path) / "item_ids.json"
+        model = cls(cfg, model_dir, json.loads(ids_file.read_text()) if ids_file.exists() else ())
         model.session_tower.load_state_dict(tensors["session_tower"])
         if cfg.finetune == "lora":
             from peft import set_peft_model_state_dict
@@ -349,8 +401,12 @@ class TwoTowerModel(nn.Module):
             set_peft_model_state_dict(model.item_tower.encoder, tensors["item_adapter"])
         elif cfg.finetune == "full":
             model.item_tower.encoder.load_state_dict(tensors["item_encoder"])
+        if model.id_residual is not None and "id_residual" in tensors:
+            model.id_residual.weight.data.copy_(tensors["id_residual"]["weight"])
+            model.has_id = tensors["id_residual"]["has_id"].bool()
         if "item_vectors" in tensors:
-            model.item_vectors = tensors["item_vectors"]["vectors"]
+            model.text_vectors = tensors["item_vectors"]["text"]
+            model.refresh_item_vectors()
         model.eval()
         return model, meta
 
@@ -417,6 +473,7 @@ def train_two_tower(
     item_categories: Sequence[str] | None = None,
     model_dir: Path | None = None,
     progress: bool = True,
+    item_ids: Sequence[str] | None = None,
 ) -> tuple[TwoTowerModel, dict[str, float]]:
     """Fit both towers on next-item prediction; early-stop on validation NDCG@10 when given.
 
@@ -425,9 +482,11 @@ def train_two_tower(
     set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     t_start = time.perf_counter()
-    model = TwoTowerModel(cfg, model_dir)
-    tokens = model.item_tower.tokenize(item_texts)
     n_items = len(item_texts)
+    model = TwoTowerModel(cfg, model_dir, item_ids if item_ids is not None else [str(i) for i in range(n_items)])
+    seen = np.concatenate([np.asarray(x, dtype=np.int64) for x in train_seqs if len(x)])
+    model.has_id[np.unique(seen)] = True  # only items with training data get an ID residual
+    tokens = model.item_tower.tokenize(item_texts)
 
     cat_vectors: torch.Tensor | None = None
     item_cat: np.ndarray | None = None
@@ -442,6 +501,8 @@ def train_two_tower(
     groups = [{"params": list(model.session_tower.parameters()), "lr": cfg.lr_session}]
     if text_params and cfg.finetune != "frozen":
         groups.append({"params": text_params, "lr": cfg.text_lr()})
+    if model.id_residual is not None:
+        groups.append({"params": list(model.id_residual.parameters()), "lr": cfg.lr_id, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(patience=cfg.patience)
     best_state: dict[str, dict[str, torch.Tensor]] | None = None
@@ -458,11 +519,11 @@ def train_two_tower(
         return m["NDCG@10"]
 
     model.refresh_item_vectors(tokens)
-    if valid_histories is not None:
+    if valid_histories is not None and cfg.eval_untrained:
         stats["valid_ndcg10_untrained"] = _validate(0)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        cache = model.item_vectors
+        cache = model.text_vectors
         assert cache is not None
         if cat_tokens is not None:
             cat_vectors = model.item_tower.encode_tokens(cat_tokens)
@@ -478,13 +539,6 @@ def train_two_tower(
             tgt = np.full((len(batch), length), -100, dtype=np.int64)
             for r, o in enumerate(outputs):
                 tgt[r, length - len(o) :] = o
-            x, valid = pad_histories(inputs, cache, length)
-            query = None
-            if cat_vectors is not None and item_cat is not None:
-                use_q = (rng.random(tgt.shape) < cfg.query_prob) & (tgt >= 0)
-                qidx = np.where(use_q, item_cat[np.maximum(tgt, 0)], 0)
-                query = cat_vectors[torch.from_numpy(qidx)] * torch.from_numpy(use_q)[..., None]
-            sess = model.session_tower(x, _ensure_nonempty(valid), query)  # [B, L, d]
             table = cache
             if train_text:
                 uniq = np.unique(tgt[tgt >= 0])
@@ -494,6 +548,15 @@ def train_two_tower(
                 fresh = model.item_tower(tokens["input_ids"][idx], tokens["attention_mask"][idx])
                 table = cache.index_copy(0, idx, fresh)
                 cache[idx] = fresh.detach()
+            keep = torch.from_numpy(rng.random(n_items) >= cfg.id_dropout) if cfg.id_dropout > 0 else None
+            table = model.combine(table, keep)
+            x, valid = pad_histories(inputs, table, length)
+            query = None
+            if cat_vectors is not None and item_cat is not None:
+                use_q = (rng.random(tgt.shape) < cfg.query_prob) & (tgt >= 0)
+                qidx = np.where(use_q, item_cat[np.maximum(tgt, 0)], 0)
+                query = cat_vectors[torch.from_numpy(qidx)] * torch.from_numpy(use_q)[..., None]
+            sess = model.session_tower(x, _ensure_nonempty(valid), query)  # [B, L, d]
             mask = torch.from_numpy(tgt >= 0)
             logits = sess[mask] @ table.T / cfg.temperature  # [n_pos, n_items]
             loss = F.cross_entropy(logits, torch.from_numpy(tgt)[mask])
@@ -504,20 +567,26 @@ def train_two_tower(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         stats[f"train_loss_epoch{epoch}"] = float(np.mean(losses))
-        if train_text:
-            model.refresh_item_vectors(tokens)
+        model.refresh_item_vectors(tokens if train_text else None)
         value = _validate(epoch)
         if stopper.step(value, epoch):
             best_state = {
                 k: {n: t.detach().clone() for n, t in v.items()} for k, v in model.state_for_checkpoint().items()
             }
-            best_vectors = model.item_vectors.clone() if model.item_vectors is not None else None
+            best_vectors = model.text_vectors.clone() if model.text_vectors is not None else None
         if stopper.should_stop:
             log.info("early stop after epoch %d (best epoch %d)", epoch, stopper.best_step)
             break
+        if cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+            log.info(
+                "time budget %.0fs used up after epoch %d (best epoch %d)", cfg.time_budget_s, epoch, stopper.best_step
+            )
+            stats["stopped_by_time_budget"] = 1.0
+            break
     if best_state is not None:
         _restore(model, best_state)
-        model.item_vectors = best_vectors
+        model.text_vectors = best_vectors
+        model.refresh_item_vectors()
     model.eval()
     stats.update(
         train_seconds=time.perf_counter() - t_start,
@@ -531,6 +600,8 @@ def train_two_tower(
 
 def _restore(model: TwoTowerModel, state: dict[str, dict[str, torch.Tensor]]) -> None:
     model.session_tower.load_state_dict(state["session_tower"])
+    if model.id_residual is not None:
+        model.id_residual.weight.data.copy_(state["id_residual"]["weight"])
     if model.cfg.finetune == "lora":
         from peft import set_peft_model_state_dict
 
@@ -581,13 +652,14 @@ class TwoTowerRecommender:
                 split.item_texts,
                 valid.histories,
                 valid.targets,
-                cats,  # type: ignore[attr-defined]
+                cats,
+                item_ids=split.item_ids,  # type: ignore[attr-defined]
             )
             meta = CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats)
             self.model.save(path, meta)
             self.info = {"checkpoint": str(path), "reused": False, **stats}
-        if self.model.item_vectors is None or self.model.item_vectors.shape[0] != len(split.item_ids):  # type: ignore[attr-defined]
-            self.model.refresh_item_vectors(self.model.item_tower.tokenize(split.item_texts))  # type: ignore[attr-defined]
+        if self.model.item_ids != [str(i) for i in split.item_ids]:  # type: ignore[attr-defined]
+            raise ValueError(f"{path}: item index differs from the split's; delete it to retrain")
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
