@@ -174,5 +174,30 @@ def demo(
     run(get_settings(), events=events, keep_running=keep_running)
 
 
+@app.command()
+def bench(name: str = typer.Argument(..., help="benchmark name: runs `python -m bench.bench_NAME`")) -> None:
+    """Run one benchmark (writes bench/results/NAME.json and prints its table)."""
+    import subprocess
+
+    from recstream.config import REPO_ROOT
+
+    available = sorted(p.stem.removeprefix("bench_") for p in (REPO_ROOT / "bench").glob("bench_*.py"))
+    if name not in available:
+        raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(available)}")
+    # A child process, so a benchmark runs exactly as `make bench-NAME` runs it (its own settings, logging).
+    raise typer.Exit(subprocess.call([sys.executable, "-m", f"bench.bench_{name}"], cwd=REPO_ROOT))
+
+
+@app.command()
+def gateway(
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    port: int = typer.Option(8080, help="HTTP port (/metrics and the playground at / too)"),
+) -> None:
+    """Run the HTTP gateway (API keys from GATEWAY_API_KEYS); same as `python -m services.gateway`."""
+    from services.gateway.__main__ import main
+
+    main(host=host, port=port, max_batch=500, max_body_bytes=1_048_576, request_timeout_s=5.0)
+
+
 if __name__ == "__main__":
     app()

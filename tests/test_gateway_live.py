@@ -83,6 +83,10 @@ def _start(kafka_bootstrap: str, triton_server, root: Path) -> LiveStack:
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=f"g{uuid.uuid4().hex[:8]}.", qdrant_path=root / "qdrant",
         run_dir=root / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url, api_keys=KEY,
+        # 2 s, not the 250 ms production budget: on a shared 2-core CI box Triton calls queue behind
+        # other work, and these tests are about the gateway, not about degraded mode (which the
+        # Prometheus test still provokes with a real multi-second Triton pause).
+        triton_timeout_s=2.0,
     )
     ensure_topics(settings)
     worker = WorkerProcess(settings, root / "worker.log", ["--feedback-window-s", "3"]).start(ready_timeout_s=240)
@@ -173,6 +177,7 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
 
     schema = schemathesis.openapi.from_url(f"{live_stack.base_url}/openapi.json", timeout=10)
     tested: list[str] = []
+    failures: list[str] = []
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -192,6 +197,9 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
                 # No input to break (GET /healthz, /readyz): nothing negative can be generated.
                 assert mode == GenerationMode.NEGATIVE, operation.label
                 continue
+            except Exception as exc:  # keep going: report every failing operation at once
+                failures.append(f"{operation.label} ({mode.value}): {exc}")
             tested.append(f"{operation.label} {mode.value}")
     print("\n".join(tested))
     assert len(tested) >= 12, tested  # every operation positive, every one with inputs negative too
+    assert not failures, "\n\n".join(failures)

@@ -136,13 +136,14 @@ class Traffic:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # Distinct texts: the worker caches query embeddings, and repeated queries would never reach Triton.
         queries = ["space", "haunted house", "wedding comedy", "love story", "robots", "zombies"]
         with self.stack.http() as http:
             n = 0
             while not self.stop.is_set():
                 user = f"p{n % 5}"
-                r = http.post("/v1/search", json={"user_id": user, "session_id": f"{user}s", "query": queries[n % 6],
-                                                  "k": 5})
+                query = f"{queries[n % 6]} {n}"
+                r = http.post("/v1/search", json={"user_id": user, "session_id": f"{user}s", "query": query, "k": 5})
                 if r.status_code != 200:
                     self.errors.append(f"search {r.status_code}: {r.text[:200]}")
                     continue
