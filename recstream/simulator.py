@@ -14,7 +14,8 @@ P(click | u, i, slot j) = exam(j) * sigmoid(bias + a_u * cos(theta_u, g_i) + a_t
 with position bias exam(j) = 1 / (1 + j) ** eta (users look less at lower slots).
 
 Drift (`drift()`): tastes rotate - every user's genre shares move to the next genre in a fixed
-cyclic order, the trend vector is replaced by another one, and old real "likes" stop counting.
+cyclic order, the trend vector is replaced by another one, old real "likes" stop counting, and a
+random `hot_fraction` of the items become hits (+a_hot logit; nothing in their genres predicts it).
 
 What the ranker sees: item vectors (a fixed random projection of the genre multi-hot plus item
 noise, 384-d, unit norm; a stand-in for text embeddings that keeps the bench seconds-fast) and a
@@ -45,6 +46,8 @@ class SimConfig(BaseModel):
     n_random_candidates: int = Field(30, description="Of which uniformly random (so new tastes can surface)")
     context_len: int = AFFINITY_WINDOW
     item_noise: float = Field(0.5, description="Item-specific share of the item vectors")
+    hot_fraction: float = Field(0.05, description="Share of items that become hits at the drift")
+    a_hot: float = Field(2.0, description="Logit boost of a hit after the drift")
 
 
 @dataclass
@@ -121,6 +124,11 @@ class Simulator:
         self.trend = self.trend0.copy()
         self.liked_on = True
         self.drifted = False
+        # Items that become hits at the drift (new favourites nobody's history predicts: only
+        # showing them reveals them, which is what exploration is for).
+        hot_rng = np.random.default_rng(self.cfg.seed + 2)
+        self.hot = np.zeros(n_items)
+        self.hot[hot_rng.choice(n_items, int(round(self.cfg.hot_fraction * n_items)), replace=False)] = 1.0
         self._affinity_cache: np.ndarray | None = None
 
     # ---- ground truth -------------------------------------------------------------------------
@@ -143,7 +151,8 @@ class Simulator:
         cos = (gi @ th) / (np.linalg.norm(gi, axis=1) * np.linalg.norm(th) + 1e-12)
         liked = np.array([i in self.liked[user] for i in items], dtype=np.float64) if self.liked_on else 0.0
         logit = c.bias + c.a_user * cos + c.a_trend * (gi @ self.trend) + c.a_quality * self.quality[items]
-        return 1.0 / (1.0 + np.exp(-(logit + c.a_liked * liked)))
+        hot = c.a_hot * self.hot[items] if self.drifted else 0.0
+        return 1.0 / (1.0 + np.exp(-(logit + c.a_liked * liked + hot)))
 
     def click_probability(self, user: int, items: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.relevance(user, items) * self.exam(positions)
@@ -152,7 +161,8 @@ class Simulator:
         return (self.rng.random(len(items)) < self.click_probability(user, items, positions)).astype(np.float64)
 
     def drift(self) -> None:
-        """Tastes change: genre shares rotate by one genre, a new trend, old real likes fade."""
+        """Tastes change: genre shares rotate by one genre, a new trend, old real likes fade, and a
+        few random items become hits."""
         self.theta = np.roll(self.theta0, 1, axis=1)
         self.trend = np.random.default_rng(self.cfg.seed + 1).normal(0, 1, len(self.genres))
         self.liked_on = False

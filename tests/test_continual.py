@@ -60,6 +60,8 @@ def test_ipw_weights_correct_position_and_selection_bias() -> None:
     np.testing.assert_allclose(ipw_weights(pos, prop, y, eta=1.0, clip=10.0), raw / raw.mean())
     w = ipw_weights(pos, prop, y, eta=1.0, clip=10.0)
     assert w.mean() == pytest.approx(1.0)
+    pos_only = np.array([1.0, 4.0, 1.0, 1.0, 1.0])  # the learner's default: position bias only
+    np.testing.assert_allclose(ipw_weights(pos, prop, y, 1.0, 10.0, policy_weighting=False), pos_only / pos_only.mean())
 
 
 def test_weighted_auc_matches_pairwise_definition() -> None:
@@ -192,3 +194,27 @@ def test_failed_publish_leaves_no_version(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         reg.publish(Broken())
     assert reg.versions() == [] and not list(reg.model_dir.iterdir())
+
+
+# ---- online monitor --------------------------------------------------------------------------------
+
+
+def test_monitor_rolls_back_only_on_a_significant_ctr_drop() -> None:
+    from recstream.continual.monitor import CtrMonitor, MonitorConfig, parse_version
+
+    assert parse_version("ranker-v12") == 12 and parse_version("3") == 3 and parse_version("retrieval") is None
+    mon = CtrMonitor(MonitorConfig(min_impressions=500))
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        mon.observe("ranker-v1", bool(rng.random() < 0.20))
+    for _ in range(300):
+        mon.observe("ranker-v2", bool(rng.random() < 0.10))
+    assert not mon.should_rollback(2, 1)[0]  # not enough data yet
+    for _ in range(700):
+        mon.observe("ranker-v2", bool(rng.random() < 0.10))
+    assert mon.should_rollback(2, 1)[0]
+    same = CtrMonitor(MonitorConfig(min_impressions=500))
+    for _ in range(2000):
+        same.observe("v1", bool(rng.random() < 0.2))
+        same.observe("v2", bool(rng.random() < 0.2))
+    assert not same.should_rollback(2, 1)[0]

@@ -105,3 +105,24 @@ def test_thompson_moves_traffic_to_the_better_arm() -> None:
         picks[arm.name] += 1 if t > 1500 else 0
         arms.update(arm.name, float(rng.random() < ctr[arm.name]), 1.0)
     assert picks["pl_t1"] > 0.8 * sum(picks.values())
+
+
+def test_pl_with_greedy_head_keeps_top_slots_and_samples_the_rest_exactly() -> None:
+    pol = PlackettLuce(temperature=1.0, greedy_slots=2)
+    assert pol.name == "pl_t1_g2"
+    rng = np.random.default_rng(7)
+    n = 20000
+    counts = Counter()
+    for _ in range(n):
+        shown = pol.rank(IDS, SCORES, 4, rng)
+        assert [s.item_id for s in shown[:2]] == ["i0", "i1"] and shown[0].propensity == 1.0
+        counts[shown[2].item_id] += 1
+        p2 = pol.first_sampled_slot_probabilities(SCORES)
+        assert shown[2].propensity == pytest.approx(p2[IDS.index(shown[2].item_id)])
+    p2 = pol.first_sampled_slot_probabilities(SCORES)
+    assert p2[:2].sum() == 0 and p2.sum() == pytest.approx(1.0)
+    for idx, item in enumerate(IDS[2:], start=2):
+        assert counts[item] / n == pytest.approx(p2[idx], abs=0.012)
+    m = pol.marginals(SCORES, 4, np.random.default_rng(8), n_samples=5000)
+    np.testing.assert_allclose(m.sum(axis=0), 1.0)
+    np.testing.assert_allclose(m[:, 2], p2)

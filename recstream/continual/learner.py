@@ -69,6 +69,9 @@ class LearnerConfig(BaseModel):
     weight_decay: float = 0.0
     exam_eta: float = Field(1.0, description="Assumed position bias exam(j) = 1/(1+j)**eta for click weights")
     clip_weight: float = Field(10.0, description="Upper bound of an inverse-propensity weight")
+    policy_weighting: bool = Field(
+        False, description="Also weight by 1/logging propensity (selection bias); off: see ipw_weights"
+    )
     seed: int = 0
 
 
@@ -77,13 +80,25 @@ def exam_probability(positions: np.ndarray, eta: float) -> np.ndarray:
 
 
 def ipw_weights(
-    positions: np.ndarray, propensities: np.ndarray, labels: np.ndarray, eta: float, clip: float
+    positions: np.ndarray,
+    propensities: np.ndarray,
+    labels: np.ndarray,
+    eta: float,
+    clip: float,
+    policy_weighting: bool = True,
 ) -> np.ndarray:
-    """Per-example loss weights: 1/propensity for every impression, times 1/exam(slot) for a click;
-    clipped at `clip`, then normalised to mean 1."""
+    """Per-example loss weights: 1/exam(slot) for a click (position bias: the label is censored by
+    whether the user looked), times 1/propensity when `policy_weighting` (selection bias of the
+    logging policy); clipped at `clip`, then normalised to mean 1.
+
+    The learner trains with policy_weighting off by default: a pointwise click model conditioned
+    on the item's features is not biased by *which* items were logged (covariate shift), while
+    1/propensity weights of an exploring policy reach the clip constantly and mostly add variance.
+    The gate and OPE keep the policy propensities (there they estimate a different policy's value).
+    """
     p = np.asarray(propensities, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
-    w = 1.0 / p
+    w = 1.0 / p if policy_weighting else np.ones_like(p)
     w = w * np.where(y > 0, 1.0 / exam_probability(positions, eta), 1.0)
     w = np.minimum(w, clip)
     return w / w.mean() if len(w) else w
@@ -96,7 +111,7 @@ def _tensors(
     y = np.array([e.label for e in examples], dtype=np.float32)
     w = ipw_weights(
         np.array([e.position for e in examples]), np.array([e.propensity for e in examples]), y,
-        cfg.exam_eta, cfg.clip_weight,
+        cfg.exam_eta, cfg.clip_weight, cfg.policy_weighting,
     ).astype(np.float32)
     return (
         torch.from_numpy(np.ascontiguousarray(ctx, dtype=np.float32)),

@@ -91,13 +91,18 @@ class PlackettLuce:
     propensity = P(item at slot j | slots < j) = exp(s_i/T) / sum_{remaining} exp(s/T), exact. The
     probability of the whole shown prefix is the product of the propensities. Temperature -> 0 is
     greedy; large temperature is uniform. `name` carries the temperature so arms are distinguishable.
+
+    greedy_slots = g keeps the first g slots greedy (propensity exactly 1) and samples only the
+    rest: exploration where users look less (position bias), so it costs fewer clicks, while the
+    IPW weights of the learner still credit the clicks it earns down there.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, greedy_slots: int = 0) -> None:
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
         self.temperature = float(temperature)
-        self.name = f"pl_t{self.temperature:g}"
+        self.greedy_slots = int(greedy_slots)
+        self.name = f"pl_t{self.temperature:g}" + (f"_g{self.greedy_slots}" if self.greedy_slots else "")
 
     def _logits(self, s: np.ndarray) -> np.ndarray:
         z = s / self.temperature
@@ -109,7 +114,11 @@ class PlackettLuce:
         w = np.exp(z)
         alive = np.ones(len(s), dtype=bool)
         out: list[Shown] = []
-        for j in range(k):
+        g = min(self.greedy_slots, k)
+        for j, i in enumerate(greedy_order(s)[:g]):
+            out.append(Shown(item_ids[int(i)], j, 1.0))
+            alive[i] = False
+        for j in range(g, k):
             p = np.where(alive, w, 0.0)
             total = p.sum()
             if total <= 0:  # every remaining weight underflowed: fall back to uniform over the rest
@@ -121,24 +130,41 @@ class PlackettLuce:
             alive[i] = False
         return out
 
-    def slot0_probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """Exact P(item at slot 0) = softmax(scores / T)."""
-        w = np.exp(self._logits(np.asarray(scores, dtype=np.float64)))
+    def first_sampled_slot_probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Exact P(item at slot greedy_slots) = softmax(scores / T) over the items not shown greedily."""
+        s = np.asarray(scores, dtype=np.float64)
+        w = np.exp(self._logits(s))
+        w[greedy_order(s)[: self.greedy_slots]] = 0.0
         return w / w.sum()
+
+    def slot0_probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Exact P(item at slot 0)."""
+        if self.greedy_slots:
+            return Greedy().marginals(scores, 1)[:, 0]
+        return self.first_sampled_slot_probabilities(scores)
 
     def sample_orders(self, scores: np.ndarray, k: int, n: int, rng: np.random.Generator) -> np.ndarray:
         """n independent rankings [n, k] by the Gumbel-top-k trick (same law as `rank`, vectorised)."""
-        z = np.asarray(scores, dtype=np.float64) / self.temperature
-        g = z[None, :] + rng.gumbel(size=(n, len(z)))
-        k = min(k, len(z))
-        top = np.argpartition(-g, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(g, top, axis=1).argsort(axis=1)[:, ::-1]
-        return np.take_along_axis(top, order, axis=1)
+        s = np.asarray(scores, dtype=np.float64)
+        k = min(k, len(s))
+        g = min(self.greedy_slots, k)
+        head = greedy_order(s)[:g]
+        z = s / self.temperature
+        noisy = z[None, :] + rng.gumbel(size=(n, len(z)))
+        noisy[:, head] = -np.inf
+        m = k - g
+        if m == 0:
+            return np.broadcast_to(head, (n, g)).copy()
+        top = np.argpartition(-noisy, m - 1, axis=1)[:, :m]
+        order = np.take_along_axis(noisy, top, axis=1).argsort(axis=1)[:, ::-1]
+        tail = np.take_along_axis(top, order, axis=1)
+        return np.concatenate([np.broadcast_to(head, (n, g)), tail], axis=1)
 
     def marginals(
         self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None, n_samples: int = 4000
     ) -> np.ndarray:
-        """P(item i at slot j): slot 0 exact, slots > 0 estimated from n_samples Gumbel-top-k draws."""
+        """P(item i at slot j): greedy slots and the first sampled slot exact, later slots estimated
+        from n_samples Gumbel-top-k draws."""
         s = np.asarray(scores, dtype=np.float64)
         k = min(k, len(s))
         rng = rng or np.random.default_rng(0)
@@ -146,7 +172,9 @@ class PlackettLuce:
         m = np.zeros((len(s), k))
         for j in range(k):
             m[:, j] = np.bincount(orders[:, j], minlength=len(s)) / n_samples
-        m[:, 0] = self.slot0_probabilities(s)
+        g = min(self.greedy_slots, k)
+        if g < k:
+            m[:, g] = self.first_sampled_slot_probabilities(s)
         return m
 
 

@@ -1,0 +1,307 @@
+"""The continual fine-tuning worker: training-examples topic -> replay buffer -> LoRA round -> gate ->
+new version in model_repo/ranker/ -> Triton load_model; and rollback when online CTR drops.
+
+Loop (one thread, so no locking): poll the catalog (item texts -> vectors) and training examples;
+every `train_every_examples` new examples or `train_every_s` seconds (whichever first, given at
+least `min_examples`), run one round on the replay buffer with the newest `holdout` examples held
+back for the gate. A promoted candidate is published atomically, becomes live in the registry
+(live + previous stay loaded) and Triton reloads; the CTR monitor can roll it back later.
+
+Offsets of the training-examples topic are committed after the examples are in the buffer
+(at-least-once). The buffer is memory only: after a restart it refills from new traffic, and the
+live model (on disk) already holds everything learnt before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from recstream.client import EventConsumer
+from recstream.config import Settings
+from recstream.continual import (
+    Example,
+    GateConfig,
+    LearnerConfig,
+    ModelRegistry,
+    ReplayBuffer,
+    ReplayConfig,
+    TritonModelControl,
+    decide,
+    fine_tune,
+)
+from recstream.continual.monitor import CtrMonitor, MonitorConfig
+from recstream.contracts.events import ItemDelete, ItemUpsert, TrainingExample
+from recstream.metrics import MODEL_VERSION_LIVE, PROMOTIONS, TRAINING_RUNS
+from recstream.models.export import RANKER_MODEL_NAME
+from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, Ranker, candidate_features
+
+log = logging.getLogger(__name__)
+
+
+class TrainerConfig(BaseModel):
+    group_id: str = "continual-trainer"
+    model_name: str = RANKER_MODEL_NAME
+    train_every_examples: int = Field(2000, ge=1, description="New examples that trigger a round")
+    train_every_s: float = Field(300.0, gt=0, description="Seconds after which a round runs anyway")
+    min_examples: int = Field(500, ge=1, description="No round before the buffer holds this many")
+    holdout: int = Field(400, ge=1, description="Newest examples held back for the gate")
+    keep_versions: int = Field(5, ge=2, description="Version folders kept on disk (rollback targets)")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+
+def example_from_event(ev: TrainingExample) -> Example:
+    return Example(
+        user=ev.user_id, item=ev.item_id, position=ev.position, propensity=ev.propensity, label=ev.label,
+        model_version=ev.model_version, ts_ms=ev.ts_ms, context_items=tuple(ev.context_items),
+        request_id=ev.request_id,
+    )
+
+
+class CatalogFeatures:
+    """FeatureSource for logged impressions: item vectors from the catalog's texts (the same
+    all-MiniLM-L6-v2 encoder as the indexer), session = mean vector of the context items, per-
+    candidate features from the same `candidate_features` the serving path uses."""
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None) -> None:
+        self._encode = encode
+        self.vectors: dict[str, np.ndarray] = {}
+        self.categories: dict[str, str] = {}
+        self.counts: dict[str, float] = {}
+        self._pending: dict[str, str] = {}
+
+    def _encoder(self) -> Callable[[list[str]], np.ndarray]:
+        if self._encode is None:
+            from recstream.models.encoder import TextEncoder
+
+            enc = TextEncoder()
+            self._encode = enc.encode
+        return self._encode
+
+    def upsert(self, item: ItemUpsert) -> None:
+        self._pending[item.item_id] = item.text()
+        self.categories[item.item_id] = item.category
+
+    def delete(self, item_id: str) -> None:
+        self._pending.pop(item_id, None)
+        self.vectors.pop(item_id, None)
+
+    def flush(self) -> int:
+        """Encode pending item texts (batched); returns how many."""
+        if not self._pending:
+            return 0
+        ids, texts = list(self._pending), list(self._pending.values())
+        vecs = np.asarray(self._encoder()(texts), dtype=np.float32)
+        self.vectors.update(zip(ids, vecs, strict=True))
+        self._pending.clear()
+        return len(ids)
+
+    def observe(self, ex: Example) -> None:
+        if ex.label > 0:
+            self.counts[ex.item] = self.counts.get(ex.item, 0.0) + 1.0
+
+    def knows(self, ex: Example) -> bool:
+        return ex.item in self.vectors or ex.item in self._pending
+
+    def build(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.flush()
+        zeros = np.zeros(ITEM_DIM, np.float32)
+        max_count = max(self.counts.values(), default=1.0)
+        ctx = np.zeros((len(examples), 2 * ITEM_DIM), np.float32)
+        cand = np.zeros((len(examples), ITEM_DIM), np.float32)
+        feats = np.zeros((len(examples), 4), np.float32)
+        for r, ex in enumerate(examples):
+            hist = [i for i in ex.context_items if i in self.vectors][-AFFINITY_WINDOW:]
+            if hist:
+                s = np.mean([self.vectors[i] for i in hist], axis=0)
+                ctx[r, :ITEM_DIM] = s / (np.linalg.norm(s) + 1e-9)
+            v = self.vectors.get(ex.item, zeros)
+            cand[r] = v
+            feats[r] = candidate_features(
+                np.array([float(ctx[r, :ITEM_DIM] @ v)]), np.array([self.counts.get(ex.item, 0.0)]),
+                [self.categories.get(ex.item, "unknown")], [self.categories.get(i, "unknown") for i in hist],
+                max_count,
+            )[0]
+        return ctx, cand, feats
+
+
+@dataclass
+class RoundResult:
+    accepted: bool
+    reason: str
+    version: int | None
+    seconds: float
+    stats: dict[str, Any]
+
+
+class TrainerService:
+    """State and steps of the worker; `run` drives them from Kafka, tests may call steps directly."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        cfg: TrainerConfig | None = None,
+        features: CatalogFeatures | None = None,
+        triton_url: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = cfg or TrainerConfig()
+        self.features = features or CatalogFeatures()
+        self.registry = ModelRegistry(settings.model_repo, self.cfg.model_name)
+        self.buffer: ReplayBuffer[Example] = ReplayBuffer(self.cfg.replay)
+        self.monitor = CtrMonitor(self.cfg.monitor)
+        self.triton_url = triton_url if triton_url is not None else settings.triton_url
+        self.control: TritonModelControl | None = None
+        self.new_since_round = 0
+        self.last_round = time.monotonic()
+        self.rounds: list[RoundResult] = []
+        self.live_since: dict[int, float] = {}
+        self.stop_event = threading.Event()
+        self.registry.init_live()
+        self._set_live_gauge()
+
+    # ---- Triton ------------------------------------------------------------------------------------
+    def _control(self) -> TritonModelControl | None:
+        if self.control is None and self.triton_url:
+            try:
+                self.control = TritonModelControl(self.triton_url, self.cfg.model_name)
+            except Exception as exc:  # Triton down: the version is on disk, it loads at the next start
+                log.warning("Triton at %s unreachable (%s); model reload deferred", self.triton_url, exc)
+        return self.control
+
+    def reload_triton(self) -> bool:
+        control = self._control()
+        if control is None:
+            return False
+        try:
+            control.reload()
+            return True
+        except Exception as exc:
+            log.error("Triton load_model(%s) failed: %s", self.cfg.model_name, exc)
+            return False
+
+    def _set_live_gauge(self) -> None:
+        MODEL_VERSION_LIVE.clear()
+        live = self.registry.live
+        if live is not None:
+            MODEL_VERSION_LIVE.labels(model=self.cfg.model_name, version=str(live)).set(1)
+
+    # ---- steps -------------------------------------------------------------------------------------
+    def handle(self, events: Sequence[Any]) -> int:
+        """Fold consumed events in; returns how many training examples were added."""
+        added = 0
+        for ev in events:
+            if isinstance(ev, ItemUpsert):
+                self.features.upsert(ev)
+            elif isinstance(ev, ItemDelete):
+                self.features.delete(ev.item_id)
+            elif isinstance(ev, TrainingExample):
+                ex = example_from_event(ev)
+                self.monitor.observe(ev.model_version, ev.clicked)
+                self.features.observe(ex)
+                self.buffer.add(ex)
+                added += 1
+        self.new_since_round += added
+        return added
+
+    def due(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if len(self.buffer.recent) < max(self.cfg.min_examples, self.cfg.holdout + 1):
+            return False
+        return self.new_since_round >= self.cfg.train_every_examples or (
+            self.new_since_round > 0 and now - self.last_round >= self.cfg.train_every_s
+        )
+
+    def train_round(self) -> RoundResult:
+        """Fine-tune the live ranker on the buffer, gate it, and promote + load a winner."""
+        t0 = time.monotonic()
+        self.last_round = t0
+        self.new_since_round = 0
+        live_v = self.registry.live
+        live = Ranker.load(self.registry.model_dir / str(live_v))
+        window = self.buffer.latest(self.cfg.holdout)
+        try:
+            cand, stats = fine_tune(
+                live.net, [], self.features, self.cfg.learner,
+                sample=lambda n: self.buffer.sample(n, exclude_latest=self.cfg.holdout),
+            )
+            d = decide(cand, live.net, window, self.features, self.cfg.gate)
+        except Exception as exc:
+            TRAINING_RUNS.labels(model=self.cfg.model_name, result="failed").inc()
+            log.exception("training round failed")
+            res = RoundResult(False, f"failed: {exc}", None, time.monotonic() - t0, {})
+            self.rounds.append(res)
+            return res
+        stats.update({f"cand_{k}": v for k, v in d.candidate.items()})
+        stats.update({f"live_{k}": v for k, v in d.live.items()})
+        if not d.accepted:
+            TRAINING_RUNS.labels(model=self.cfg.model_name, result="rejected").inc()
+            log.info("candidate refused: %s", d.reason)
+            res = RoundResult(False, d.reason, None, time.monotonic() - t0, stats)
+            self.rounds.append(res)
+            return res
+        new = Ranker(cand, live.meta.model_copy(deep=True))
+        new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
+        v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
+        self.registry.promote(v, d.reason)
+        loaded = self.reload_triton()
+        self.live_since[v] = time.monotonic()
+        self.registry.prune(self.cfg.keep_versions)
+        TRAINING_RUNS.labels(model=self.cfg.model_name, result="promoted").inc()
+        PROMOTIONS.labels(model=self.cfg.model_name, action="promote").inc()
+        self._set_live_gauge()
+        log.info("promoted %s v%d (%s); triton reloaded=%s", self.cfg.model_name, v, d.reason, loaded)
+        res = RoundResult(True, d.reason, v, time.monotonic() - t0, {**stats, "triton_loaded": loaded})
+        self.rounds.append(res)
+        return res
+
+    def rollback(self, reason: str) -> int:
+        v = self.registry.rollback(reason)
+        self.reload_triton()
+        PROMOTIONS.labels(model=self.cfg.model_name, action="rollback").inc()
+        self._set_live_gauge()
+        log.warning("rolled back %s to v%d: %s", self.cfg.model_name, v, reason)
+        return v
+
+    def check_rollback(self) -> int | None:
+        live, prev = self.registry.live, self.registry.previous
+        if live is None:
+            return None
+        bad, why = self.monitor.should_rollback(live, prev)
+        return self.rollback(f"automatic: {why}") if bad else None
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self, max_seconds: float | None = None) -> None:
+        """Consume until stopped (stop_event or max_seconds)."""
+        examples = EventConsumer(self.settings, ["training-examples"], self.cfg.group_id, worker="trainer")
+        # The catalog is read from the start on every run (fresh group): item vectors live in memory.
+        catalog = EventConsumer(
+            self.settings, ["catalog"], f"{self.cfg.group_id}-catalog-{uuid.uuid4().hex[:8]}", worker="trainer"
+        )
+        t_end = None if max_seconds is None else time.monotonic() + max_seconds
+        try:
+            while not self.stop_event.is_set() and (t_end is None or time.monotonic() < t_end):
+                self.handle([c.event for c in catalog.poll(500, 0.05)])
+                batch = examples.poll(1000, 0.5)
+                if batch:
+                    self.handle([c.event for c in batch])
+                    examples.commit()
+                if self.due():
+                    self.train_round()
+                self.check_rollback()
+        finally:
+            examples.close()
+            catalog.close()
+            if self.control is not None:
+                self.control.close()
