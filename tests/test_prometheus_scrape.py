@@ -35,6 +35,9 @@ from streams.process import free_port
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 DASHBOARDS = sorted((REPO_ROOT / "infra" / "grafana" / "dashboards").glob("*.json"))
+RULES = REPO_ROOT / "infra" / "prometheus" / "rules.yml"
+RECORDED = ("recstream:ctr_by_model_version:ratio_rate5m", "recstream:ctr_by_arm:ratio_rate5m",
+            "recstream:request_e2e_seconds:p99_1m")
 ARTIFACTS = REPO_ROOT / "artifacts"
 # Metrics that only the continual learner emits; it has not landed, so nothing running here can
 # produce them. Their panels must be EMPTY (so this set is pruned the day the learner is scraped).
@@ -64,7 +67,10 @@ class Prometheus:
             f"  - job_name: {job}\n    static_configs: [{{ targets: ['{target}'] }}]" for job, target in targets.items()
         )
         config = root / "prometheus.yml"
-        config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}\n")
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files: ['{RULES}']\nscrape_configs:\n{jobs}\n"
+        )
         self.log = root / "prometheus.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -95,6 +101,10 @@ class Prometheus:
         body = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=10).json()
         assert body["status"] == "success", (expr, body)
         return body["data"]["result"]
+
+    def rule_health(self) -> dict[str, str]:
+        groups = httpx.get(f"{self.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        return {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
 
     def targets_up(self) -> dict[str, str]:
         active = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
@@ -222,7 +232,7 @@ def _panels_by_title() -> dict[str, list[tuple[str, str]]]:
 
 def test_every_dashboard_panel_has_live_data(live_stack: LiveStack, prometheus: Prometheus,  # noqa: F811
                                              triton_server) -> None:
-    queries = panel_queries()
+    queries = panel_queries() + [("rules.yml", name, name) for name in RECORDED]
     assert len(queries) >= 20, queries
     start = time.time()
     with Traffic(live_stack) as traffic:
@@ -248,7 +258,9 @@ def test_every_dashboard_panel_has_live_data(live_stack: LiveStack, prometheus: 
         while time.time() < outage[1] + 25:  # recovery after the outage, for the rendered panels
             time.sleep(1)
     assert not missing, "panels without data:\n" + "\n".join(f"{d}: {t}: {e}" for d, t, e in missing)
-    assert len(traffic.errors) < 5, traffic.errors  # a few 504s while Triton is paused are expected
+    assert len(traffic.errors) < 5, traffic.errors
+    health = prometheus.rule_health()
+    assert len(health) >= 9 and set(health.values()) == {"ok"}, health  # a few 504s while Triton is paused are expected
 
     for _, title, expr in queries:
         if any(m in expr for m in NOT_EMITTED_YET):
