@@ -170,6 +170,17 @@ def test_search_click_and_session_recommendations(live_stack: LiveStack) -> None
         assert horror_after > horror_before, (before, after)
 
 
+def test_filters_that_match_nothing_answer_an_empty_list(live_stack: LiveStack) -> None:
+    """Found by schemathesis: a filter that rules out every item must answer 200 with no items, not
+    leave the request unanswered (the worker dead-lettered it and the gateway could only say 504)."""
+    with live_stack.http() as http:
+        for filters in ({"categories": []}, {"max_price": 0}, {"categories": ["no-such-category"]}):
+            for kind, body in (("recommend", {}), ("search", {"query": "space"})):
+                r = http.post(f"/v1/{kind}", json={"user_id": _user(), "filters": filters, **body})
+                assert r.status_code == 200, (kind, filters, r.status_code, r.text)
+                assert r.json()["items"] == [], (kind, filters)
+
+
 def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
     import schemathesis
     from schemathesis import GenerationMode
