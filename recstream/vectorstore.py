@@ -102,7 +102,9 @@ class VectorStore:
             )
             for p in points:
                 hit = _hit(p, 0.0)
-                self._index.put(hit.item_id, hit.vector, hit.payload)
+                # Reopened local collections hand back the vectors as upserted; cosine wants units.
+                vec = None if hit.vector is None else _normalise(hit.vector)
+                self._index.put(hit.item_id, vec, hit.payload)
             if offset is None:
                 break
         log.info("read index loaded: %d items", len(self._index.row_of))

@@ -30,7 +30,8 @@ TICK_S = 0.25
 
 def register(ctx: StreamContext) -> None:
     table = ctx.app.Table(
-        TABLE, default=None, partitions=BEHAVIOUR.partitions, schema=RAW_SCHEMA
+        TABLE, default=None, partitions=BEHAVIOUR.partitions, schema=RAW_SCHEMA, key_type=bytes,
+        value_type=bytes,
     )
     ctx.tables[TABLE] = table
     window_ms = int(ctx.feedback_window_s * 1000)
@@ -49,7 +50,8 @@ def register(ctx: StreamContext) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             t0 = time.perf_counter()
             now = int(time.time() * 1000)
-            for ev, m in ctx.decode_events(BEHAVIOUR, events):
+            # The features agent owns behaviour's dead letters when it runs in this process.
+            for ev, m in ctx.decode_events(BEHAVIOUR, events, owner="features" not in ctx.agents):
                 if m.request_id is None:
                     continue
                 key = impression_key(m.request_id, m.item_id).encode()

@@ -30,7 +30,8 @@ BATCH_WITHIN_S = 0.02
 def declare_table(ctx: StreamContext):
     if TABLE not in ctx.tables:
         ctx.tables[TABLE] = ctx.app.Table(
-            TABLE, default=None, partitions=BEHAVIOUR.partitions, schema=RAW_SCHEMA
+            TABLE, default=None, partitions=BEHAVIOUR.partitions, schema=RAW_SCHEMA,
+            key_type=bytes, value_type=bytes,
         )
         ctx.tables["_session_cache"] = {}
     return ctx.tables[TABLE]

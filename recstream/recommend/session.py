@@ -131,12 +131,13 @@ def apply_event(
     """Fold one behaviour event into `state` in place. Returns False if it was already applied."""
     if offset <= state.last_offset:
         return False
+    first = state.last_offset < 0
     state.last_offset = offset
     event_type = str(event_type)
     state.counts[event_type] = state.counts.get(event_type, 0) + 1
     weight = EVENT_WEIGHTS.get(event_type, 0.0)
-    dt = ts_ms - state.last_ts_ms if state.last_ts_ms else 0
-    state.last_ts_ms = max(state.last_ts_ms, ts_ms)
+    dt = 0 if first else ts_ms - state.last_ts_ms
+    state.last_ts_ms = ts_ms if first else max(state.last_ts_ms, ts_ms)
     if weight <= 0:
         return True  # an impression: counted, nothing learned about interest
     _push_bounded(state.recent, item_id, MAX_RECENT)

@@ -1,0 +1,379 @@
+"""The stream processors end to end: real Kafka broker, real tritonserver, Qdrant local mode, and the
+worker as a real child process (`python -m streams.worker`), driven through the client SDK.
+
+The MovieLens-100k catalog goes through the catalog topic once per session (the `indexed_catalog`
+fixture, ~1 min on 2 cores, most of it Triton encoding 1,682 titles); each worker then starts
+from a copy of that Qdrant directory, because local mode lets one process open a directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from recstream.client import EventProducer, RecommendationClient
+from recstream.config import Settings
+from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
+from recstream.contracts.topics import TOPICS, dead_letter_topic
+from recstream.data.datasets import load_dataset
+from recstream.replay import catalog_events
+from recstream.vectorstore import VectorStore
+from streams.process import WorkerProcess
+
+pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
+
+FEEDBACK_WINDOW_S = 2.0
+
+
+@pytest.fixture(scope="session")
+def movielens():
+    return load_dataset("ml-100k")
+
+
+@pytest.fixture(scope="session")
+def indexed_catalog(kafka_bootstrap: str, triton_server, tmp_path_factory: pytest.TempPathFactory, movielens) -> Path:
+    """A Qdrant directory holding the whole MovieLens catalog, indexed by the catalog agent."""
+    from recstream.kafka.admin import ensure_topics
+
+    root = tmp_path_factory.mktemp("catalog")
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap, topic_prefix=f"c{uuid.uuid4().hex[:8]}.", qdrant_path=root / "qdrant",
+        run_dir=root / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url,
+    )
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, root / "worker.log", ["--agents", "catalog"]).start()
+    try:
+        items = catalog_events(movielens.items)
+        with EventProducer(settings) as producer:
+            producer.send_many("catalog", items)
+        deadline = time.monotonic() + 240
+        while worker.metric("recstream_stage_latency_seconds_count", 'stage="catalog_batch"') < 1 or (
+            f"({len(items)} items in store)" not in worker.tail(20000)
+        ):
+            assert time.monotonic() < deadline, worker.tail()
+            assert worker.proc is not None and worker.proc.poll() is None, worker.tail()
+            time.sleep(0.5)
+    finally:
+        worker.stop()
+    store = VectorStore(settings)
+    assert store.count() == len(movielens.items)
+    store.close()
+    return settings.qdrant_path
+
+
+def _worker_settings(make_settings: Callable[..., Settings], triton_server, tmp_path: Path, snapshot: Path,
+                     **overrides) -> Settings:
+    qdrant = tmp_path / f"qdrant-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(snapshot, qdrant)
+    values = {"qdrant_path": qdrant, "triton_url": triton_server.url, "triton_grpc_url": triton_server.grpc_url}
+    values.update(overrides)
+    return make_settings(**values)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("streams")
+
+
+@pytest.fixture(scope="module")
+def stack(kafka_bootstrap: str, triton_server, indexed_catalog: Path, module_tmp: Path) -> Iterator[Settings]:
+    """One worker with every agent, shared by the functional tests (each uses its own users)."""
+    from recstream.kafka.admin import ensure_topics
+
+    qdrant = module_tmp / "qdrant"
+    shutil.copytree(indexed_catalog, qdrant)
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", qdrant_path=qdrant,
+        run_dir=module_tmp / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url,
+    )
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, module_tmp / "worker.log",
+                           ["--feedback-window-s", str(FEEDBACK_WINDOW_S)]).start()
+    try:
+        yield settings
+    finally:
+        worker.stop()
+        print(worker.tail(3000))
+
+
+@pytest.fixture(scope="module")
+def client(stack: Settings) -> Iterator[RecommendationClient]:
+    with RecommendationClient(stack) as c:
+        # The first request of a fresh worker pays for lazy start-up; keep it out of the assertions.
+        c.request(RecommendationRequest(user_id="warmup", kind="search", query="warm up"), timeout_s=60)
+        yield c
+
+
+def _titles(movielens, result: RecommendationResult) -> list[str]:
+    titles = movielens.items.set_index("item_id")["title"]
+    return [str(titles[i.item_id]) for i in result.items]
+
+
+def _user() -> str:
+    return f"u{uuid.uuid4().hex[:8]}"
+
+
+def test_search_returns_items_relevant_to_the_text(client: RecommendationClient, movielens) -> None:
+    res = client.request(RecommendationRequest(user_id=_user(), kind="search", query="Star Wars", k=5), timeout_s=10)
+    assert not res.degraded and res.kind == "search" and len(res.items) == 5
+    assert "Star Wars (1977)" in _titles(movielens, res)[:3], _titles(movielens, res)
+    res = client.request(RecommendationRequest(user_id=_user(), kind="search", query="horror", k=10), timeout_s=10)
+    tags = movielens.items.set_index("item_id")["genres"]
+    horror = sum("Horror" in str(tags[i.item_id]) for i in res.items)
+    assert horror >= 5, _titles(movielens, res)
+    assert [i.position for i in res.items] == list(range(10))
+    assert all(i.propensity == 1.0 and i.reasons for i in res.items)
+
+
+def test_clicks_shift_recommendations_within_one_second(client: RecommendationClient, movielens) -> None:
+    user = _user()
+    before = client.request(RecommendationRequest(user_id=user, k=10), timeout_s=10)
+    horror = movielens.items[movielens.items.category == "Horror"].item_id.tolist()
+    share_before = sum(i.category == "Horror" for i in before.items) / 10
+    for item in horror[:4]:
+        client.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=item))
+    client.producer.flush(5)
+    clicked_at = time.monotonic()
+    share, after = 0.0, None
+    while time.monotonic() - clicked_at < 1.0:
+        after = client.request(RecommendationRequest(user_id=user, k=10), timeout_s=1)
+        share = sum(i.category == "Horror" for i in after.items) / 10
+        if share >= 0.5:
+            break
+    elapsed = time.monotonic() - clicked_at
+    assert after is not None and share >= 0.5 > share_before, (share_before, share, _titles(movielens, after))
+    assert elapsed < 1.0, f"recommendations shifted only after {elapsed:.3f}s"
+    assert not {i.item_id for i in after.items} & set(horror[:4])  # clicked items are not re-recommended
+
+
+def test_purchased_items_are_never_recommended_again(client: RecommendationClient, movielens) -> None:
+    user = _user()
+    first = client.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5), timeout_s=10)
+    bought = [i.item_id for i in first.items[:3]]
+    for item in bought:
+        client.producer.send("behaviour", BehaviourEvent(type="purchase", user_id=user, item_id=item))
+    client.producer.flush(5)
+    time.sleep(0.5)
+    for _ in range(3):
+        for req in (
+            RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=20),
+            RecommendationRequest(user_id=user, k=20),
+            RecommendationRequest(user_id=user, k=20, filters=RequestFilters(categories=["Action", "Sci-Fi"])),
+        ):
+            res = client.request(req, timeout_s=10)
+            assert res.items and not set(bought) & {i.item_id for i in res.items}, _titles(movielens, res)
+            if req.filters.categories:
+                assert all(i.category in req.filters.categories for i in res.items)
+
+
+def _consume(settings: Settings, topic: str, want: Callable[[list[dict]], bool], timeout_s: float) -> list[dict]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"check-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not want(out):
+            for msg in consumer.consume(500, timeout=0.3):
+                if not msg.error():
+                    out.append(json.loads(msg.value()))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_impressions_and_clicks_become_training_examples(stack: Settings, client: RecommendationClient) -> None:
+    user = _user()
+    res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+    p = client.producer
+    for item in res.items:
+        p.send("behaviour", BehaviourEvent(type="impression", user_id=user, item_id=item.item_id,
+                                           request_id=res.request_id, position=item.position,
+                                           propensity=item.propensity, model_version=res.model_version))
+    clicked, bought = res.items[1].item_id, res.items[3].item_id
+    p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=clicked, request_id=res.request_id))
+    p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=bought, request_id=res.request_id))
+    p.send("behaviour", BehaviourEvent(type="purchase", user_id=user, item_id=bought, request_id=res.request_id))
+    p.flush(5)
+    topic = TOPICS["training-examples"].name(stack.topic_prefix)
+    examples = _consume(stack, topic, lambda xs: sum(x["request_id"] == res.request_id for x in xs) >= 6,
+                        timeout_s=FEEDBACK_WINDOW_S + 15)
+    mine = {x["item_id"]: x for x in examples if x["request_id"] == res.request_id}
+    assert set(mine) == {i.item_id for i in res.items}
+    for item in res.items:
+        ex = mine[item.item_id]
+        assert ex["position"] == item.position and ex["propensity"] == item.propensity
+        assert ex["model_version"] == res.model_version and ex["user_id"] == user
+    assert (mine[clicked]["label"], mine[clicked]["clicked"], mine[clicked]["purchased"]) == (1.0, True, False)
+    assert (mine[bought]["label"], mine[bought]["purchased"]) == (1.0, True)
+    assert sum(x["label"] for x in mine.values()) == 2.0
+
+
+def test_invalid_events_are_dead_lettered_and_valid_ones_flow(stack: Settings, client: RecommendationClient) -> None:
+    user = _user()
+    p = client.producer
+    bad = {
+        "behaviour": [b"{not json", json.dumps({"type": "teleport", "user_id": user, "item_id": "1"}).encode()],
+        "requests": [json.dumps({"user_id": user, "kind": "search"}).encode(), b"\xff\xfe"],
+        "catalog": [json.dumps({"op": "upsert", "item_id": "x y"}).encode()],
+    }
+    for logical, values in bad.items():
+        for v in values:
+            p.send_raw(TOPICS[logical].name(stack.topic_prefix), user.encode(), v)
+    p.send("behaviour", BehaviourEvent(type="purchase", user_id=user, item_id="50"))  # Star Wars
+    p.flush(5)
+    time.sleep(0.3)
+    res = client.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=10), timeout_s=10)
+    assert res.items and "50" not in {i.item_id for i in res.items}  # the valid purchase was applied
+    for logical, values in bad.items():
+        dlq = dead_letter_topic(TOPICS[logical].name(stack.topic_prefix))
+        letters = _consume(stack, dlq, lambda xs, n=len(values): len(xs) >= n, timeout_s=15)
+        assert len(letters) == len(values), (logical, letters)
+        assert {x["error_type"] for x in letters} <= {"malformed_json", "schema"}
+        assert all(x["source_topic"] == TOPICS[logical].name(stack.topic_prefix) for x in letters)
+
+
+def test_degraded_mode_when_triton_is_unreachable(
+    make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path, movielens
+) -> None:
+    from streams.process import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens here: Triton is unreachable
+    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog,
+                                triton_url=dead, triton_grpc_url=dead)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", ["--ranker", "triton"]).start()
+    try:
+        with RecommendationClient(settings) as c:
+            user = _user()
+            c.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id="50"))
+            c.producer.flush(5)
+            for _ in range(3):
+                t0 = time.monotonic()
+                res = c.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5),
+                                timeout_s=5)
+                assert time.monotonic() - t0 < 2.0
+                assert res.degraded and res.model_version == "retrieval"
+                assert "Star Wars (1977)" in _titles(movielens, res)  # lexical fallback still finds it
+                rec = c.request(RecommendationRequest(user_id=user, k=5), timeout_s=5)
+                assert rec.degraded and rec.model_version == "retrieval" and len(rec.items) == 5
+        assert worker.metric("recstream_degraded_answers_total") >= 6
+    finally:
+        worker.stop()
+
+
+# --- restart: kill -9 mid-stream -------------------------------------------------------------------
+
+N_EVENTS = 50_000
+
+
+def _read_all(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
+    """Every message of `topic` from the beginning to its current end (confluent, no group offsets)."""
+    from confluent_kafka import TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"read-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    parts = sorted(meta.partitions)
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    pending = {p for p in parts if ends[p] > 0}
+    out = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        for msg in consumer.consume(5000, timeout=0.5):
+            if msg.error():
+                continue
+            out.append(msg)
+            if msg.offset() >= ends[msg.partition()] - 1:
+                pending.discard(msg.partition())
+    consumer.close()
+    assert not pending, f"could not read {topic} to its end"
+    return out
+
+
+def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
+    make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path, movielens
+) -> None:
+    from recstream.contracts.topics import BEHAVIOUR
+    from recstream.kafka.serde import decode
+    from recstream.recommend.session import SessionState, apply_event
+    from recstream.replay import behaviour_events
+    from streams.app import app_id
+
+    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog)
+    events = []
+    for ev in behaviour_events(movielens.interactions):
+        events.append(ev)
+        if len(events) == N_EVENTS:
+            break
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(settings, log, ["--agents", "features"]).start()
+    import threading
+
+    def produce() -> None:
+        with EventProducer(settings) as p:
+            p.send_many("behaviour", events)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        deadline = time.monotonic() + 120
+        applied = 0.0
+        while applied < N_EVENTS * 0.3:
+            assert time.monotonic() < deadline, worker.tail()
+            applied = worker.metric("recstream_feature_events_total", 'result="applied"')
+            time.sleep(0.02)
+        worker.kill9()
+        assert applied < N_EVENTS, "the stream finished before the kill; nothing was interrupted"
+        producer.join(120)
+        restarted = WorkerProcess(settings, log, ["--agents", "features"]).start()
+    finally:
+        worker.kill9()
+        producer.join(120)
+
+    try:
+        # The uninterrupted result: the pure fold over the topic in offset order, in-process.
+        reference_store = tmp_path / "qdrant-ref"
+        shutil.copytree(indexed_catalog, reference_store)
+        store = VectorStore(settings.model_copy(update={"qdrant_path": reference_store}))
+        source = _read_all(settings, BEHAVIOUR.name(settings.topic_prefix))
+        assert len(source) == N_EVENTS
+        items = store.retrieve(sorted({e.item_id for e in events}))
+        expected: dict[bytes, SessionState] = {}
+        for msg in sorted(source, key=lambda m: (m.partition(), m.offset())):
+            ev = decode(BEHAVIOUR, msg.value(), settings.max_message_bytes)
+            hit = items.get(ev.item_id)
+            state = expected.setdefault(ev.user_id.encode(), SessionState())
+            apply_event(state, offset=msg.offset(), event_type=ev.type.value, item_id=ev.item_id, ts_ms=ev.ts_ms,
+                        item_vec=None if hit is None else hit.vector,
+                        item_category=None if hit is None else hit.payload.get("category"))
+        store.close()
+        want = {k: v.to_bytes() for k, v in expected.items()}
+
+        changelog = f"{app_id(settings)}-sessions-changelog"
+        deadline = time.monotonic() + 180
+        while True:
+            table: dict[bytes, bytes] = {}
+            for msg in _read_all(settings, changelog):
+                table[msg.key()] = msg.value()
+            got = {k: SessionState.from_bytes(v).to_bytes() for k, v in table.items()}
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        differing = [k for k in want if got.get(k) != want[k]]
+        assert not differing and set(got) == set(want), (
+            f"{len(differing)} of {len(want)} users differ, e.g. {differing[:3]}\n{restarted.tail()}"
+        )
+        assert restarted.metric("recstream_feature_events_total", 'result="applied"') > 0
+        skipped = restarted.metric("recstream_feature_events_total", 'result="skipped_replay"')
+        print(f"killed at {applied:.0f} applied; after restart {skipped:.0f} replayed events skipped, "
+              f"{len(want)} users equal")
+    finally:
+        restarted.stop()
