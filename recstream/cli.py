@@ -174,6 +174,60 @@ def demo(
     run(get_settings(), events=events, keep_running=keep_running)
 
 
+models_app = typer.Typer(help="Ranker versions in the model repository (the continual trainer's registry)")
+app.add_typer(models_app, name="models")
+
+
+def _reload_triton(version: int) -> None:
+    from recstream.continual import TritonModelControl
+
+    settings = get_settings()
+    try:
+        control = TritonModelControl(settings.triton_url)
+        control.reload()
+        control.close()
+        typer.echo(f"live version is now {version} (Triton reloaded)")
+    except Exception as exc:  # the registry on disk is already switched; Triton picks it up at its next load
+        typer.echo(f"live version is now {version} on disk; Triton reload failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@models_app.command("list")
+def models_list(model: str = typer.Option("ranker", help="model name in MODEL_REPO")) -> None:
+    """Versions on disk, which one is live, the rollback target, and the recent history."""
+    from recstream.continual import ModelRegistry
+
+    reg = ModelRegistry(get_settings().model_repo, model)
+    state = reg.state()
+    typer.echo(json.dumps({"model": model, "live": state.get("live"), "previous": state.get("previous"),
+                           "versions": reg.versions(), "served": reg.served(),
+                           "history": state.get("history", [])[-10:]}, indent=2))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: int = typer.Argument(..., help="a version newer than the live one"),
+    reason: str = typer.Option("manual", help="recorded in the registry history"),
+    model: str = typer.Option("ranker"),
+) -> None:
+    """Make VERSION live (the current live version becomes the rollback target) and reload Triton."""
+    from recstream.continual import ModelRegistry
+
+    ModelRegistry(get_settings().model_repo, model).promote(version, reason)
+    _reload_triton(version)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: str = typer.Option("manual", help="recorded in the registry history"),
+    model: str = typer.Option("ranker"),
+) -> None:
+    """Serve the previous version again and reload Triton."""
+    from recstream.continual import ModelRegistry
+
+    _reload_triton(ModelRegistry(get_settings().model_repo, model).rollback(reason))
+
+
 @app.command()
 def bench(name: str = typer.Argument(..., help="benchmark name: runs `python -m bench.bench_NAME`")) -> None:
     """Run one benchmark (writes bench/results/NAME.json and prints its table)."""

@@ -70,3 +70,35 @@ def test_cli_bench_runs_the_named_module(monkeypatch: pytest.MonkeyPatch) -> Non
     assert calls == [[sys.executable, "-m", "bench.bench_quality"]]
     result = CliRunner().invoke(cli.app, ["bench", "nope"])
     assert result.exit_code == 2 and "available:" in result.output
+
+
+def test_cli_models_list_promote_rollback(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from recstream.config import get_settings
+    from recstream.continual import ModelRegistry
+    from recstream.models.export import export_ranker
+    from recstream.models.ranker import RankerConfig, new_ranker
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    ModelRegistry(repo).init_live()  # what the trainer does on its first start
+    monkeypatch.setenv("MODEL_REPO", str(repo))
+    monkeypatch.setenv("TRITON_URL", "127.0.0.1:9")  # no Triton: the switch happens on disk, reload fails
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
+        assert listed["live"] == 1 and listed["versions"] == [1]
+        export_ranker(new_ranker(RankerConfig(seed=1)), repo, version=2)
+        result = runner.invoke(cli.app, ["models", "promote", "2", "--reason", "test"])
+        assert result.exit_code == 1 and "on disk" in result.output
+        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
+        assert (listed["live"], listed["previous"], listed["served"]) == (2, 1, [1, 2])
+        result = runner.invoke(cli.app, ["models", "rollback"])
+        assert "live version is now 1" in result.output
+        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
+        assert (listed["live"], listed["previous"]) == (1, None)
+        assert [h["event"] for h in listed["history"]][-2:] == ["promote", "rollback"]
+    finally:
+        get_settings.cache_clear()
