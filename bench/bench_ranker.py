@@ -58,10 +58,12 @@ def _requests(n_req: int, n_cand: int, seed: int = 0) -> list[tuple[np.ndarray, 
 
 
 def main() -> dict[str, Any]:
+    import torch
     import tritonclient.http as httpclient
 
     from infra.triton_server import TritonServer
 
+    torch.set_num_threads(1)  # as the Triton model (torch_threads=1): fair comparison, no oversubscription
     n_req = int(os.environ.get("N_REQUESTS", "1000"))
     n_cand = int(os.environ.get("CANDIDATES", "100"))
     warmup = int(os.environ.get("WARMUP", "50"))

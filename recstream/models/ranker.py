@@ -47,8 +47,11 @@ CONTEXT_DIM = 2 * ITEM_DIM
 CAND_FEATURE_NAMES = ("retrieval_score", "log_popularity", "category_affinity", "same_category_as_last")
 N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
 AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
+VEC_SCALE = float(ITEM_DIM) ** 0.5
+PROD_SCALE = float(ITEM_DIM)
 FEATURE_SCHEMA = {
-    "version": 1,
+    "version": 2,
+    "scales": {"item": VEC_SCALE, "products": PROD_SCALE},
     "context": ["session[384]", "query[384]"],
     "item_dim": ITEM_DIM,
     "cand_features": list(CAND_FEATURE_NAMES),
@@ -78,8 +81,18 @@ def build_features(context: torch.Tensor, candidates: torch.Tensor, cand_feature
     has_query = (query.abs().sum(-1, keepdim=True) > 0).to(candidates.dtype).expand(-1, candidates.shape[1], -1)
     s_i = session * candidates
     q_i = query * candidates
+    # unit vectors have per-dimension values ~1/sqrt(d) and products ~1/d: rescale to O(1) so the MLP
+    # learns at one learning rate (the dot products are already O(1))
     return torch.cat(
-        [candidates, s_i, q_i, s_i.sum(-1, keepdim=True), q_i.sum(-1, keepdim=True), has_query, cand_features],
+        [
+            candidates * VEC_SCALE,
+            s_i * PROD_SCALE,
+            q_i * PROD_SCALE,
+            s_i.sum(-1, keepdim=True),
+            q_i.sum(-1, keepdim=True),
+            has_query,
+            cand_features,
+        ],
         dim=-1,
     )
 
@@ -122,7 +135,7 @@ class RankerConfig(BaseModel):
     n_random: int = Field(10, description="Uniform random negatives per example")
     positions_per_user: int = Field(5, description="Most recent training positions used per user")
     rerank_depth: int = Field(100, description="Candidates from retrieval that the ranker reorders")
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     batch_size: int = 128
     epochs: int = 15

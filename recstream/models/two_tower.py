@@ -623,7 +623,8 @@ class TwoTowerRecommender:
     def __init__(self, finetune: FineTune = "lora", checkpoint: Path | None = None, **overrides: object) -> None:
         self.finetune = finetune
         self.checkpoint = checkpoint
-        self.overrides = overrides
+        # when no matching checkpoint exists the bench trains one; bound that to ~15 minutes
+        self.overrides = {"epochs": 15, "time_budget_s": 900.0, **overrides}
         self.model: TwoTowerModel | None = None
         self.info: dict[str, object] = {}
 
@@ -673,3 +674,7 @@ def two_tower_lora() -> TwoTowerRecommender:
 
 def two_tower_full() -> TwoTowerRecommender:
     return TwoTowerRecommender("full")
+
+
+def two_tower_frozen() -> TwoTowerRecommender:
+    return TwoTowerRecommender("frozen")
