@@ -1,0 +1,101 @@
+"""The trainer service's steps without Kafka or Triton: fold events in, decide when to train,
+promote a gated candidate into the registry, refuse a corrupted stream, roll back on a CTR drop."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recstream.config import Settings
+from recstream.continual import GateConfig, LearnerConfig
+from recstream.contracts.events import ItemUpsert, TrainingExample
+from recstream.models.export import export_ranker
+from recstream.models.ranker import ITEM_DIM, RankerConfig, new_ranker
+from services.trainer import CatalogFeatures, TrainerConfig, TrainerService
+
+CATS = ["a", "b", "c", "d"]
+
+
+def _fake_encode(texts: list[str]) -> np.ndarray:
+    """Deterministic unit vectors: category direction + per-text noise (no model download in unit tests)."""
+    rng0 = np.random.default_rng(0)
+    dirs = {c: rng0.normal(size=ITEM_DIM) for c in CATS}
+    out = []
+    for t in texts:
+        seed = int(hashlib.sha256(t.encode()).hexdigest()[:8], 16)
+        v = dirs[t.split()[0]] + 0.5 * np.random.default_rng(seed).normal(size=ITEM_DIM)
+        out.append(v / np.linalg.norm(v))
+    return np.array(out, dtype=np.float32)
+
+
+def _events(n_req: int, seed: int, shuffle_labels: bool = False, version: str = "ranker-v1") -> list:
+    rng = np.random.default_rng(seed)
+    items = [(f"i{n}", CATS[n % 4]) for n in range(40)]
+    evs: list = [ItemUpsert(item_id=i, title=f"{c} item {i}", category=c) for i, c in items]
+    ex = []
+    for r in range(n_req):
+        fav = CATS[r % 2]
+        ctx = [i for i, c in items if c == fav][:3]
+        for pos, j in enumerate(rng.choice(40, 8, replace=False)):
+            item, cat = items[j]
+            clicked = bool(rng.random() < (0.6 if cat == fav else 0.03) / (1 + pos) ** 0.5)
+            ex.append([f"r{seed}-{r}", f"u{r % 20}", item, pos, clicked, ctx])
+    if shuffle_labels:
+        labels = rng.permutation([e[4] for e in ex])
+        for e, y in zip(ex, labels, strict=True):
+            e[4] = bool(y)
+    evs += [
+        TrainingExample(request_id=rid, user_id=u, item_id=i, position=p, propensity=1.0, model_version=version,
+                        clicked=c, label=float(c), context_items=ctx)
+        for rid, u, i, p, c, ctx in ex
+    ]
+    return evs
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> TrainerService:
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    settings = Settings(model_repo=repo, run_dir=tmp_path / "run")
+    cfg = TrainerConfig(train_every_examples=1000, train_every_s=3600, min_examples=600, holdout=400,
+                        learner=LearnerConfig(steps=80), gate=GateConfig(min_examples=200))
+    return TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+
+
+def test_round_promotes_a_trained_candidate(service: TrainerService) -> None:
+    assert service.registry.live == 1 and not service.due()
+    added = service.handle(_events(150, seed=1))
+    assert added == 1200 and service.due()
+    res = service.train_round()
+    assert res.accepted, res.reason
+    assert res.version == 2 and service.registry.live == 2 and service.registry.served() == [1, 2]
+    assert not service.due()  # counters reset after a round
+
+
+def test_corrupted_stream_is_refused(service: TrainerService) -> None:
+    service.handle(_events(150, seed=1))
+    assert service.train_round().accepted  # v2 learnt the real signal
+    # A broken pipeline: the training data since v2 has shuffled labels (the reservoir is emptied so
+    # the candidate sees only those); the held-back window (newest 400) is clean traffic.
+    service.buffer.reservoir.clear()
+    service.handle(_events(150, seed=2, shuffle_labels=True, version="ranker-v2"))
+    service.handle(_events(50, seed=3, version="ranker-v2"))
+    service.cfg.learner = LearnerConfig(mode="full", steps=200, lr=3e-3)  # let the noise do real damage
+    res = service.train_round()
+    assert not res.accepted, res
+    assert service.registry.live == 2 and service.registry.versions() == [1, 2]
+
+
+def test_ctr_drop_triggers_automatic_rollback(service: TrainerService) -> None:
+    service.handle(_events(150, seed=1))
+    assert service.train_round().accepted
+    rng = np.random.default_rng(3)
+    for _ in range(1500):
+        service.monitor.observe("ranker-v1", bool(rng.random() < 0.2))
+        service.monitor.observe("ranker-v2", bool(rng.random() < 0.08))
+    assert service.check_rollback() == 1
+    assert service.registry.live == 1 and service.registry.served() == [1]
+    assert service.registry.state()["history"][-1]["event"] == "rollback"
