@@ -52,6 +52,7 @@ def _requests(n_req: int, n_cand: int, seed: int = 0) -> list[tuple[np.ndarray, 
             rng.choice(cats, n_cand).tolist(),
             rng.choice(cats, 20).tolist(),
             500,
+            rng.integers(0, 50, n_cand),
         )
         out.append((ctx, cand, feats))
     return out

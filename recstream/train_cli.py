@@ -138,7 +138,15 @@ def train_ranker_cmd(
     """Train the MLP ranker on retrieval hard negatives; early-stops on validation NDCG@10 after rerank."""
     _setup(threads)
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.ranker import RankerConfig, RankingContext, rerank_scores, train_ranker
+    from recstream.models.ranker import (
+        RankerConfig,
+        RankingContext,
+        request_times,
+        rerank_scores,
+        split_events,
+        split_train_times,
+        train_ranker,
+    )
 
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
     sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
@@ -149,11 +157,22 @@ def train_ranker_cmd(
     valid = sp.cases("valid")
     cats = item_categories(sp)
     ranker, stats = train_ranker(
-        cfg, model, sp.train_seqs, cats, valid.histories, valid.targets, data_hash=split_hash(sp)
+        cfg,
+        model,
+        sp.train_seqs,
+        cats,
+        valid.histories,
+        valid.targets,
+        data_hash=split_hash(sp),
+        events=split_events(sp),
+        train_times=split_train_times(sp),
+        valid_times=request_times(sp, valid.users, valid.histories),
     )
     test = sp.cases("test")
-    ctx = RankingContext(cats, sp.train_seqs, sp.n_items)
-    scores = rerank_scores(ranker, model, ctx, test.histories, cfg.rerank_depth)
+    ctx = RankingContext(cats, sp.train_seqs, sp.n_items, split_events(sp))
+    scores = rerank_scores(
+        ranker, model, ctx, test.histories, cfg.rerank_depth, request_times(sp, test.users, test.histories)
+    )
     metrics = {
         f"test_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, test.targets, test.histories)).items()
     }
@@ -202,7 +221,7 @@ def evaluate_cmd(
     """Full-ranking metrics (history excluded) of retrieval alone or retrieval -> ranker."""
     _setup(threads)
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.ranker import Ranker, RankingContext, rerank_scores
+    from recstream.models.ranker import Ranker, RankingContext, request_times, rerank_scores, split_events
     from recstream.models.two_tower import evaluate_retrieval
 
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
@@ -212,9 +231,10 @@ def evaluate_cmd(
     result: dict[str, Any] = {"retrieval": evaluate_retrieval(model, cases.histories, cases.targets)}
     if ranker is not None:
         rk = Ranker.load(ranker)
-        ctx = RankingContext(item_categories(sp), sp.train_seqs, sp.n_items)
+        ctx = RankingContext(item_categories(sp), sp.train_seqs, sp.n_items, split_events(sp))
         depth = int(rk.meta.config.get("rerank_depth", 100))
-        scores = rerank_scores(rk, model, ctx, cases.histories, depth)
+        times = request_times(sp, cases.users, cases.histories)
+        scores = rerank_scores(rk, model, ctx, cases.histories, depth, times)
         result["retrieval+ranker"] = metrics_from_ranks(target_ranks(scores, cases.targets, cases.histories))
     result["n_cases"] = len(cases)
     if out is not None:

@@ -66,6 +66,19 @@ def test_candidate_features():
     assert not empty[:, 2:].any()
 
 
+def test_trending_counts_only_the_window_before_the_request():
+    from recstream.models.ranker import TREND_WINDOW_S
+
+    items = np.array([0, 0, 0, 1, 2])
+    ts = np.array([100, 100 + TREND_WINDOW_S, 100 + TREND_WINDOW_S + 5, 50, 10 * TREND_WINDOW_S])
+    ctx = RankingContext(["a", "b", "c"], [items], 3, events=(items, ts))
+    now = 100 + TREND_WINDOW_S + 5
+    np.testing.assert_array_equal(ctx.recent_counts(np.array([0, 1, 2]), now), [2, 0, 0])  # (now-w, now]
+    f = ctx.features(np.array([1]), np.array([0, 2]), np.zeros(2), now=now)
+    assert f[0, 4] > 0 and f[1, 4] == 0
+    assert ctx.recent_counts(np.array([0]), None) is None
+
+
 def test_score_shapes_and_batch_consistency():
     ranker = new_ranker()
     ctx, cand, feats = _request(100)

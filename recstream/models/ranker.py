@@ -44,13 +44,22 @@ log = logging.getLogger(__name__)
 
 ITEM_DIM = 384
 CONTEXT_DIM = 2 * ITEM_DIM
-CAND_FEATURE_NAMES = ("retrieval_score", "log_popularity", "category_affinity", "same_category_as_last")
+CAND_FEATURE_NAMES = (
+    "retrieval_score",
+    "log_popularity",
+    "category_affinity",
+    "same_category_as_last",
+    "trending",
+)
 N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
 AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
+TREND_WINDOW_S = 7 * 24 * 3600  # "trending" = interactions with the item in the week before the request
+TREND_NORM = float(np.log1p(200.0))
 VEC_SCALE = float(ITEM_DIM) ** 0.5
 PROD_SCALE = float(ITEM_DIM)
 FEATURE_SCHEMA = {
-    "version": 2,
+    "version": 3,
+    "trend_window_s": TREND_WINDOW_S,
     "scales": {"item": VEC_SCALE, "products": PROD_SCALE},
     "context": ["session[384]", "query[384]"],
     "item_dim": ITEM_DIM,
@@ -103,12 +112,14 @@ def candidate_features(
     candidate_categories: Sequence[str],
     recent_categories: Sequence[str],
     max_count: float,
+    candidate_recent_counts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw per-candidate features [n, N_CAND_FEATURES] (float32), in CAND_FEATURE_NAMES order.
 
     retrieval_scores: session.item cosine from the retrieval stage; candidate_counts: interactions
     seen so far per candidate (0 for a new item); recent_categories: the session's item categories,
-    oldest first (the last AFFINITY_WINDOW count); max_count: the largest count in the catalogue.
+    oldest first (the last AFFINITY_WINDOW count); max_count: the largest count in the catalogue;
+    candidate_recent_counts: interactions per candidate in the TREND_WINDOW_S before the request.
     """
     n = len(candidate_categories)
     out = np.zeros((n, N_CAND_FEATURES), dtype=np.float32)
@@ -122,6 +133,8 @@ def candidate_features(
         last = recent[-1]
         out[:, 2] = [share.get(c, 0.0) for c in candidate_categories]
         out[:, 3] = [1.0 if c == last else 0.0 for c in candidate_categories]
+    if candidate_recent_counts is not None:
+        out[:, 4] = np.log1p(np.asarray(candidate_recent_counts, dtype=np.float64)) / TREND_NORM
     return out
 
 
@@ -233,20 +246,78 @@ def new_ranker(cfg: RankerConfig | None = None, data_hash: str = "none", **extra
 class RankingContext:
     """Catalogue statistics the features need (popularity counts, categories) for one training set."""
 
-    def __init__(self, item_categories: Sequence[str], train_seqs: Sequence[np.ndarray], n_items: int) -> None:
+    def __init__(
+        self,
+        item_categories: Sequence[str],
+        train_seqs: Sequence[np.ndarray],
+        n_items: int,
+        events: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """events: (item index, unix seconds) of the training interactions, for the trending feature."""
         self.categories = np.asarray(item_categories, dtype=object)
         counts = np.bincount(np.concatenate([np.asarray(s) for s in train_seqs if len(s)]), minlength=n_items)
         self.counts = counts.astype(np.float64)
         self.max_count = float(self.counts.max()) if len(self.counts) else 1.0
+        self._keys: np.ndarray | None = None
+        if events is not None:
+            items, ts = (np.asarray(a, dtype=np.int64) for a in events)
+            self._span = int(ts.max() - ts.min() + 2 * TREND_WINDOW_S + 1) if len(ts) else 1
+            self._t0 = int(ts.min()) - TREND_WINDOW_S if len(ts) else 0
+            self._keys = np.sort(items * self._span + (ts - self._t0))
 
-    def features(self, history: np.ndarray, cand: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
+    def recent_counts(self, cand: np.ndarray, now: float | None) -> np.ndarray | None:
+        """Interactions per candidate in (now - TREND_WINDOW_S, now], from the training events."""
+        if self._keys is None or now is None:
+            return None
+        t = int(np.clip(int(now) - self._t0, TREND_WINDOW_S, self._span - 1))
+        base = np.asarray(cand, dtype=np.int64) * self._span
+        hi = np.searchsorted(self._keys, base + t, side="right")
+        lo = np.searchsorted(self._keys, base + t - TREND_WINDOW_S, side="right")
+        return (hi - lo).astype(np.float64)
+
+    def features(
+        self, history: np.ndarray, cand: np.ndarray, retrieval_scores: np.ndarray, now: float | None = None
+    ) -> np.ndarray:
         return candidate_features(
             retrieval_scores,
             self.counts[cand],
             self.categories[cand].tolist(),
             self.categories[np.asarray(history, dtype=np.int64)].tolist(),
             self.max_count,
+            self.recent_counts(cand, now),
         )
+
+
+def split_events(split: object) -> tuple[np.ndarray, np.ndarray]:
+    """(item index, ts) of a split's training interactions."""
+    train = split.train  # type: ignore[attr-defined]
+    return train["item_idx"].to_numpy(np.int64), train["ts"].to_numpy(np.int64)
+
+
+def split_train_times(split: object) -> list[np.ndarray]:
+    """Per user, the timestamps aligned with split.train_seqs."""
+    train = split.train  # type: ignore[attr-defined]
+    users = train["user_idx"].to_numpy()
+    ts = train["ts"].to_numpy(np.int64)
+    bounds = np.searchsorted(users, np.arange(len(split.train_seqs) + 1))  # type: ignore[attr-defined]
+    return [ts[bounds[u] : bounds[u + 1]] for u in range(len(bounds) - 1)]
+
+
+def request_times(split: object, users: np.ndarray, histories: Sequence[np.ndarray]) -> list[float | None]:
+    """Request time of each case = time of its last history interaction (train, or the valid item)."""
+    train_times = split_train_times(split)
+    valid = split.valid  # type: ignore[attr-defined]
+    valid_ts = dict(zip(valid["user_idx"].tolist(), valid["ts"].tolist(), strict=True))
+    out: list[float | None] = []
+    for u, h in zip(np.asarray(users).tolist(), histories, strict=True):
+        n_train = len(train_times[u])
+        if len(h) == n_train + 1 and u in valid_ts:
+            out.append(float(valid_ts[u]))
+        elif n_train and len(h) <= n_train:
+            out.append(float(train_times[u][max(len(h), 1) - 1]))
+        else:
+            out.append(None)
+    return out
 
 
 def _examples(
@@ -257,6 +328,7 @@ def _examples(
     n_hard: int,
     n_random: int,
     rng: np.random.Generator,
+    times: Sequence[float | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(context [N, 768], candidate indices [N, 1+neg] with the positive first, features [N, 1+neg, K])."""
     item_vecs = retrieval.item_vectors  # type: ignore[attr-defined]
@@ -274,7 +346,7 @@ def _examples(
         rand = rng.integers(0, n_items, n_random)
         rand = np.where(rand == pos, (rand + 1) % n_items, rand)
         cands[r] = np.concatenate([[pos], hard, rand])
-        feats[r] = ctx.features(h, cands[r], scores[r][cands[r]])
+        feats[r] = ctx.features(h, cands[r], scores[r][cands[r]], None if times is None else times[r])
     context = np.concatenate([sess.numpy(), np.zeros_like(sess.numpy())], axis=1).astype(np.float32)
     return context, cands, feats
 
@@ -285,6 +357,7 @@ def rerank_scores(
     ctx: RankingContext,
     histories: Sequence[np.ndarray],
     depth: int = 100,
+    times: Sequence[float | None] | None = None,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
     everything else keeps its retrieval order below them (so metrics stay full-ranking)."""
@@ -297,7 +370,7 @@ def rerank_scores(
         s = scores[r].copy()
         s[np.asarray(h, dtype=np.int64)] = -np.inf
         top = np.argpartition(-s, depth)[:depth]
-        feats = ctx.features(h, top, scores[r][top])
+        feats = ctx.features(h, top, scores[r][top], None if times is None else times[r])
         context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
         rs = ranker.score(context, vecs[top], feats).astype(np.float64)
         out[r, top] = 1e3 + (rs - rs.min())  # above every non-candidate, ordered by the ranker
@@ -313,6 +386,9 @@ def train_ranker(
     valid_targets: np.ndarray | None = None,
     data_hash: str = "none",
     progress: bool = True,
+    events: tuple[np.ndarray, np.ndarray] | None = None,
+    train_times: Sequence[np.ndarray] | None = None,
+    valid_times: Sequence[float | None] | None = None,
 ) -> tuple[Ranker, dict[str, float]]:
     """Listwise softmax over [positive + hard retrieved + random] for the last training positions.
 
@@ -324,13 +400,14 @@ def train_ranker(
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
     n_items = retrieval.item_vectors.shape[0]  # type: ignore[attr-defined]
-    ctx = RankingContext(item_categories, train_seqs, n_items)
-    hist, pos = [], []
-    for s in train_seqs:
+    ctx = RankingContext(item_categories, train_seqs, n_items, events)
+    hist, pos, when = [], [], []
+    for u, s in enumerate(train_seqs):
         for t in range(max(1, len(s) - cfg.positions_per_user), len(s)):
             hist.append(s[:t])
             pos.append(s[t])
-    context, cands, feats = _examples(retrieval, ctx, hist, np.asarray(pos), cfg.n_hard, cfg.n_random, rng)
+            when.append(None if train_times is None else float(train_times[u][t - 1]))
+    context, cands, feats = _examples(retrieval, ctx, hist, np.asarray(pos), cfg.n_hard, cfg.n_random, rng, when)
     vecs = retrieval.item_vectors  # type: ignore[attr-defined]
     log.info("ranker: %d training lists of %d candidates", len(hist), cands.shape[1])
 
@@ -345,7 +422,7 @@ def train_ranker(
         if valid_histories is None or valid_targets is None:
             return 0.0
         net.eval()
-        s = rerank_scores(ranker, retrieval, ctx, valid_histories, cfg.rerank_depth)
+        s = rerank_scores(ranker, retrieval, ctx, valid_histories, cfg.rerank_depth, valid_times)
         ranks = target_ranks(s, valid_targets, list(valid_histories))
         return metrics_from_ranks(ranks)["NDCG@10"]
 
@@ -402,6 +479,7 @@ class TwoTowerRankerRecommender:
         self.ranker: Ranker | None = None
         self.ctx: RankingContext | None = None
         self.depth = RankerConfig().rerank_depth
+        self.split: object | None = None
         self.info: dict[str, object] = {}
 
     def fit(self, split: object) -> TwoTowerRankerRecommender:
@@ -415,7 +493,8 @@ class TwoTowerRankerRecommender:
         cold = hasattr(split, "cold_items")
         path = self.checkpoint or ARTIFACTS_DIR / f"ranker{'_cold' if cold else ''}"
         cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
-        self.ctx = RankingContext(cats, split.train_seqs, len(split.item_ids))  # type: ignore[attr-defined]
+        self.split = split
+        self.ctx = RankingContext(cats, split.train_seqs, len(split.item_ids), split_events(split))  # type: ignore[attr-defined]
         meta = read_meta(path)
         if meta is not None and meta.data_hash == fp and meta.extra.get("retrieval_checkpoint") == retr_path:
             self.ranker = Ranker.load(path)
@@ -429,7 +508,10 @@ class TwoTowerRankerRecommender:
                 cats,
                 valid.histories,
                 valid.targets,
-                fp,  # type: ignore[attr-defined]
+                fp,
+                events=split_events(split),
+                train_times=split_train_times(split),
+                valid_times=request_times(split, valid.users, valid.histories),
             )
             self.ranker.meta.extra["retrieval_checkpoint"] = retr_path
             self.ranker.save(path)
@@ -439,7 +521,8 @@ class TwoTowerRankerRecommender:
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         assert self.ranker is not None and self.ctx is not None, "fit() first"
-        return rerank_scores(self.ranker, self.retrieval, self.ctx, histories, self.depth)
+        times = request_times(self.split, users, histories)
+        return rerank_scores(self.ranker, self.retrieval, self.ctx, histories, self.depth, times)
 
 
 def two_tower_ranker() -> TwoTowerRankerRecommender:
