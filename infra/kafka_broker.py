@@ -43,6 +43,9 @@ from pathlib import Path
 
 import typer
 
+from infra.processes import free_port
+from infra.processes import pid_alive as _pid_alive
+
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.4.0"
@@ -144,13 +147,6 @@ def _file_tail(path: Path, lines: int = 40) -> str:
         return f"(no log at {path})"
 
 
-def free_port(host: str = HOST) -> int:
-    """A port the OS just reported free (another process may still take it; callers retry)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _port_in_use(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -164,21 +160,6 @@ def _port_in_use(port: int, host: str = HOST) -> bool:
 def _random_cluster_id() -> str:
     """Kafka's cluster-id format: a UUID's 16 bytes, URL-safe base64 without padding."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-
-
-def _pid_alive(pid: int) -> bool:
-    """True for a live, non-zombie process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _cmdline(pid: int) -> str:
