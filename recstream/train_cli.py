@@ -1,10 +1,13 @@
 """Training CLI: one command per step, each writing a checkpoint folder with provenance metadata.
 
-python -m recstream.train_cli train-retrieval --finetune lora   # -> artifacts/two_tower_lora/
-python -m recstream.train_cli train-retrieval --finetune full   # -> artifacts/two_tower_full/
-python -m recstream.train_cli train-ranker --retrieval artifacts/two_tower_lora
-python -m recstream.train_cli export --ranker artifacts/ranker  # -> model_repo/ranker/<v+1>/
-python -m recstream.train_cli evaluate --retrieval artifacts/two_tower_lora --ranker artifacts/ranker
+Typical run (ml-100k, 2 CPU cores)::
+
+    python -m recstream.train_cli train-retrieval --finetune frozen   # -> artifacts/two_tower_frozen/
+    python -m recstream.train_cli train-retrieval --finetune lora     # -> artifacts/two_tower_lora/
+    python -m recstream.train_cli train-retrieval --finetune full     # -> artifacts/two_tower_full/
+    python -m recstream.train_cli train-ranker --retrieval artifacts/two_tower_frozen
+    python -m recstream.train_cli export --ranker artifacts/ranker   # -> model_repo/ranker/<v+1>/
+    python -m recstream.train_cli evaluate --retrieval artifacts/two_tower_frozen --ranker artifacts/ranker
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def _load_retrieval(path: Path, sp: Any) -> Any:
 
 @app.command("train-ranker")
 def train_ranker_cmd(
-    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_lora", help="Two-tower checkpoint folder"),
+    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_frozen", help="Two-tower checkpoint folder"),
     epochs: int = typer.Option(15),
     positions_per_user: int = typer.Option(5),
     n_hard: int = typer.Option(30),
@@ -212,7 +215,7 @@ def export_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_lora"),
+    retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_frozen"),
     ranker: Path = typer.Option(None, help="Add the reranking stage"),
     stage: str = typer.Option("test", help="valid | test"),
     threads: int = typer.Option(0),

@@ -472,7 +472,7 @@ class TwoTowerRankerRecommender:
     checkpoint; otherwise trains it (and the retrieval model if needed) and saves both.
     """
 
-    def __init__(self, finetune: str = "lora", checkpoint: Path | None = None) -> None:
+    def __init__(self, finetune: str = "frozen", checkpoint: Path | None = None) -> None:
         self.finetune = finetune
         self.checkpoint = checkpoint
         self.retrieval: object | None = None
@@ -526,4 +526,6 @@ class TwoTowerRankerRecommender:
 
 
 def two_tower_ranker() -> TwoTowerRankerRecommender:
-    return TwoTowerRankerRecommender("lora")
+    """The production pair: on the 2-core budget the frozen-text + ID-residual two-tower retrieves
+    best (see the report in train_stats.json), so the ranker sits on top of it."""
+    return TwoTowerRankerRecommender("frozen")
