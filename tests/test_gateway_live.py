@@ -147,10 +147,12 @@ def test_search_click_and_session_recommendations(live_stack: LiveStack) -> None
         res = r.json()
         assert res["kind"] == "search" and res["model_version"] and len(res["items"]) == 5
         assert [i["position"] for i in res["items"]] == list(range(5))
-        assert all(i["reasons"] for i in res["items"]), res["items"]
         assert all(res["titles"].get(i["item_id"]) for i in res["items"]), res["titles"]
-        # the re-ranker diversifies categories, so only the top slot is sure to be on topic
-        assert res["items"][0]["category"] == "Sci-Fi", res["titles"]
+        # RankedItem.reasons is what the playground shows as "why": every ranker must fill it.
+        assert all(i["reasons"] for i in res["items"]), (res["model_version"], res["items"])
+        # Ranking quality is the stream tests' business; here only a sanity check (the re-ranker
+        # diversifies categories, so not every top slot is on topic).
+        assert "Sci-Fi" in [i["category"] for i in res["items"][:3]], res["titles"]
 
         before = http.post("/v1/recommend", json={"user_id": user, "session_id": session, "k": 10}).json()
         horror_before = sum(i["category"] == "Horror" for i in before["items"])
@@ -189,6 +191,7 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
     schema = schemathesis.openapi.from_url(f"{live_stack.base_url}/openapi.json", timeout=10)
     tested: list[str] = []
     failures: list[str] = []
+    written: set[str] = set()  # generated catalog items, deleted afterwards: the stack is shared
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -199,8 +202,10 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             def check(case) -> None:
                 # 30 s per call: search/recommend wait up to 15 s for the worker; anything slower is a bug.
-                case.call_and_validate(base_url=live_stack.base_url, headers=HEADERS, timeout=30,
-                                       checks=[not_a_server_error])
+                response = case.call_and_validate(base_url=live_stack.base_url, headers=HEADERS, timeout=30,
+                                                  checks=[not_a_server_error])
+                if case.method.upper() in ("POST", "PUT") and "/v1/items" in case.path and response.status_code == 202:
+                    written.update(response.json()["ids"])
 
             try:
                 check()
@@ -211,6 +216,9 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
             except Exception as exc:  # keep going: report every failing operation at once
                 failures.append(f"{operation.label} ({mode.value}): {exc}")
             tested.append(f"{operation.label} {mode.value}")
+    with live_stack.http() as http:
+        for item_id in written:
+            assert http.delete(f"/v1/items/{item_id}").status_code == 202
     print("\n".join(tested))
     assert len(tested) >= 12, tested  # every operation positive, every one with inputs negative too
     assert not failures, "\n\n".join(failures)

@@ -189,7 +189,7 @@ async def drive(stack: LiveStack, chromium: Chromium, user: str, session: str) -
             out["clicked"] = await page.js("document.querySelectorAll('#results li.item.clicked').length")
             out["model_version"] = await page.js("document.querySelector('#search-meta .model-version').textContent")
             out["scores"] = await page.js("[...document.querySelectorAll('#recs .score')].map(e => e.textContent)")
-            out["reasons"] = await page.js("document.querySelectorAll('#results .reason').length")
+            out["reasons"] = await page.js("document.querySelectorAll('#results .reason:not(.muted)').length")
             out["status"] = await page.js("document.getElementById('status').className")
             await asyncio.sleep(1.0)  # let the last render's highlight fade before the screenshot
             shot = await page.send("Page.captureScreenshot", format="png")

@@ -69,7 +69,7 @@ function renderItems(listEl, result) {
     const reasons = Object.entries(item.reasons || {})
       .sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]))
       .map(([k, v]) => `<span class="reason">${escapeHtml(k)} <b>${v.toFixed(2)}</b></span>`)
-      .join("");
+      .join("") || `<span class="reason muted">no reasons reported by ${escapeHtml(result.model_version)}</span>`;
     li.innerHTML =
       `<span class="score" title="score">${item.score.toFixed(3)}</span>` +
       `<div class="title">${item.position + 1}. ${escapeHtml(title)}</div>` +
