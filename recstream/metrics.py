@@ -52,3 +52,4 @@ HTTP_REQUESTS = Counter("recstream_http_requests_total", "Gateway HTTP requests"
 HTTP_LATENCY = Histogram(
     "recstream_http_request_seconds", "Gateway HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
 )
+INDEXED_ITEMS = Gauge("recstream_indexed_items", "Items in the vector store, as seen by the catalog indexer")

@@ -77,7 +77,8 @@ class StreamContext:
     _store: Any = None
     _embedder: Any = None
     _ranker: Any = None
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="infer"))
+    # 8 threads: up to a batch of concurrent requests waiting on Triton; the calls release the GIL.
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
 
     # --- lazily opened handles (opened in the worker process, never at import/app-build time) --
 

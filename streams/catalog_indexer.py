@@ -14,7 +14,7 @@ import time
 
 from recstream.contracts.events import ItemDelete, ItemUpsert
 from recstream.contracts.topics import CATALOG
-from recstream.metrics import STAGE_LATENCY
+from recstream.metrics import INDEXED_ITEMS, STAGE_LATENCY
 from streams.app import StreamContext, source_topic
 from streams.inference import ModelUnavailable
 
@@ -60,8 +60,9 @@ def register(ctx: StreamContext) -> None:
             if lookup is not None:
                 lookup.invalidate([m.item_id for m in upserts] + deletes)
             STAGE_LATENCY.labels(stage="catalog_batch").observe(time.perf_counter() - t0)
-            log.info("catalog: %d upserts, %d deletes indexed (%d items in store)",
-                     len(upserts), len(deletes), ctx.store.count())
+            count = ctx.store.count()
+            INDEXED_ITEMS.set(count)
+            log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
 
 
 async def _encode_with_retry(ctx: StreamContext, texts: list[str]):

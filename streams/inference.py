@@ -103,11 +103,11 @@ class InProcessRanker:
 
 
 class TritonRanker:
-    """The learned ranker served by Triton as model 'ranker'.
+    """The learned ranker served by Triton as model 'ranker' (recstream.models.ranker's wire form).
 
-    Inputs (one request = one batch row of candidates): QUERY_EMB [1,384], SESSION_EMB [1,384],
-    ITEM_EMB [1,n,384], ITEM_FEATS [1,n,F]; output SCORES [1,n]. Missing context vectors are sent
-    as zeros, which the model was trained to read as "no signal".
+    CONTEXT [1, 768] = session vector ++ query vector (zeros = none), CANDIDATES [1, n, 384],
+    CAND_FEATURES [1, n, 4] from recstream.models.ranker.candidate_features (the one function
+    training uses too), SCORES [1, n].
     """
 
     version = "ranker"
@@ -115,6 +115,9 @@ class TritonRanker:
     def __init__(self, settings: Settings, model: str = RANKER_MODEL) -> None:
         import tritonclient.grpc as grpcclient
 
+        from recstream.models.ranker import candidate_features
+
+        self._features = candidate_features
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -123,7 +126,7 @@ class TritonRanker:
 
     def _model_version(self) -> str:
         try:
-            # Metadata is one small RPC at start-up; 2 s covers a busy server, else we learn it later.
+            # Metadata is one small RPC at start-up; 2 s covers a busy server.
             meta = self._client.get_model_metadata(self.model, client_timeout=2.0)
             versions = list(meta.versions)
             return f"{self.model}-v{max(versions, key=int)}" if versions else self.model
@@ -135,19 +138,23 @@ class TritonRanker:
         if not self.breaker.allow():
             raise ModelUnavailable("ranker: circuit open after a recent failure")
         n = len(candidates)
+        if n == 0:
+            return np.zeros(0, np.float32)
         zeros = np.zeros(384, np.float32)
-        item = np.stack([c.vector if c.vector is not None else zeros for c in candidates]).astype(np.float32)
-        feats = np.array(
-            [[c.retrieval_score, ctx.affinity.get(c.category or "", 0.0)] for c in candidates], np.float32
+        context = np.concatenate([
+            ctx.session_vec if ctx.session_vec is not None else zeros,
+            ctx.query_vec if ctx.query_vec is not None else zeros,
+        ]).astype(np.float32)
+        items = np.stack([c.vector if c.vector is not None else zeros for c in candidates]).astype(np.float32)
+        feats = self._features(
+            np.array([c.retrieval_score for c in candidates], np.float32),
+            np.array([c.popularity for c in candidates], np.float64),
+            [c.category or "" for c in candidates],
+            ctx.recent_categories,
+            ctx.max_popularity,
         )
-        arrays = {
-            "QUERY_EMB": (ctx.query_vec if ctx.query_vec is not None else zeros)[None].astype(np.float32),
-            "SESSION_EMB": (ctx.session_vec if ctx.session_vec is not None else zeros)[None].astype(np.float32),
-            "ITEM_EMB": item[None],
-            "ITEM_FEATS": feats[None],
-        }
         inputs = []
-        for name, arr in arrays.items():
+        for name, arr in (("CONTEXT", context[None]), ("CANDIDATES", items[None]), ("CAND_FEATURES", feats[None])):
             inp = self._tc.InferInput(name, list(arr.shape), "FP32")
             inp.set_data_from_numpy(arr)
             inputs.append(inp)

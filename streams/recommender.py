@@ -10,6 +10,7 @@ degraded with model_version='retrieval'; a request is never held back waiting fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -68,23 +69,31 @@ def register(ctx: StreamContext) -> None:
             timer.lap("decode")
             query_vecs, encoder_error = await _embed_queries(ctx, [m for _, m in decoded])
             timer.lap("embed")
-            for ev, req in decoded:
-                try:
-                    answer = await _answer(ctx, req, query_vecs, encoder_error)
-                    answer.result = answer.result.model_copy(
-                        update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)}
-                    )
-                    ctx.send("recommendations", req.user_id.encode(), encode(answer.result))
-                    if answer.degraded_reason:
-                        DEGRADED.labels(reason=answer.degraded_reason).inc()
-                    STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(
-                        max(0.0, time.time() - ev.message.timestamp)
-                    )
-                except Exception as exc:  # one bad request must not stop the partition
-                    msg = ev.message
-                    log.exception("request failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-                    ctx.dead_letter(ev, repr(exc), "processing")
-            timer.lap("publish")
+            # Requests of a batch are answered concurrently: each mostly waits on Triton (in the
+            # thread pool), and Triton's dynamic batcher merges concurrent ranker calls.
+            await asyncio.gather(*(_answer_and_publish(ctx, ev, req, query_vecs, encoder_error)
+                                   for ev, req in decoded))
+            timer.lap("answer_batch")
+
+
+async def _answer_and_publish(
+    ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None
+) -> None:
+    try:
+        answer = await _answer(ctx, req, query_vecs, encoder_error)
+        result = answer.result.model_copy(
+            update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)}
+        )
+        t0 = time.perf_counter()
+        ctx.send("recommendations", req.user_id.encode(), encode(result))
+        STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
+        if answer.degraded_reason:
+            DEGRADED.labels(reason=answer.degraded_reason).inc()
+        STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(max(0.0, time.time() - ev.message.timestamp))
+    except Exception as exc:  # one bad request must not stop the partition
+        msg = ev.message
+        log.exception("request failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
+        ctx.dead_letter(ev, repr(exc), "processing")
 
 
 async def _embed_queries(
@@ -118,11 +127,19 @@ async def _answer(
     session = read_session(ctx, req.user_id)
     filt = build_filter(req, session)
     session_vec = session.embedding() if session is not None else None
+    lookup = ctx.tables.get("_item_lookup")
+    recent = session.recent[-20:] if session is not None else []
+    recent_categories: list[str] = []
+    if lookup is not None and recent:
+        known = lookup.get_many(set(recent))
+        recent_categories = [c for c in (known[i][1] for i in recent) if c]
     rctx = RankContext(
         query_vec=query_vecs.get(req.query) if req.query else None,
         session_vec=session_vec,
         affinity=session.affinity_share() if session is not None else {},
-        recent_items=session.recent[-20:] if session is not None else [],
+        recent_items=recent,
+        recent_categories=recent_categories,
+        max_popularity=float(lookup.max_popularity) if lookup is not None else 1.0,
     )
     timer.lap("context")
 
@@ -141,8 +158,11 @@ async def _answer(
             hits = await _read(ctx, store.search, vec, limit, filt)
         else:  # a cold user with no session and no query: any eligible items
             hits = await _read(ctx, store.scroll, limit, filt)
+    popularity = lookup.popularity if lookup is not None else {}
     candidates = [
-        Candidate(h.item_id, h.score, h.vector, h.payload.get("category"), h.payload) for h in hits
+        Candidate(h.item_id, h.score, h.vector, h.payload.get("category"), h.payload,
+                  float(popularity.get(h.item_id, 0)))
+        for h in hits
     ]
     timer.lap("retrieve")
 

@@ -59,6 +59,10 @@ class ItemLookup:
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
         self.cache: dict[str, tuple[np.ndarray | None, str | None]] = {}
+        # Interactions per item seen by this process (a ranker feature). In memory only: after a
+        # restart it re-grows from new events; exactness is not worth a changelog write per item.
+        self.popularity: dict[str, int] = {}
+        self.max_popularity = 1
 
     def invalidate(self, item_ids: list[str]) -> None:
         for i in item_ids:
@@ -111,6 +115,10 @@ def register(ctx: StreamContext) -> None:
                     continue
                 applied += ok
                 skipped += not ok
+                if ok and m.type.value != "impression":
+                    count = items.popularity.get(m.item_id, 0) + 1
+                    items.popularity[m.item_id] = count
+                    items.max_popularity = max(items.max_popularity, count)
             for key, (partition, state) in touched.items():
                 raw = state.to_bytes()
                 # Written through .data plus an explicit changelog send: faust would otherwise pick

@@ -60,8 +60,14 @@ def main(
         # Once: after table recovery finished and partitions are assigned (tests wait for this line).
         if not ctx.tables.get("_ready") and app.tables.recovery.completed.is_set() and app.consumer.assignment():
             ctx.tables["_ready"] = True
-            if "catalog" in chosen or "recommender" in chosen or "features" in chosen:
-                ctx.store  # open Qdrant now rather than on the first request  # noqa: B018
+            # Open Qdrant, the Triton clients and the ranker now, not on the first request (the
+            # ranker import and its metadata probe take seconds on a busy box).
+            if {"catalog", "recommender", "features"} & set(chosen):
+                ctx.store  # noqa: B018
+            if {"catalog", "recommender"} & set(chosen):
+                ctx.embedder  # noqa: B018
+            if "recommender" in chosen:
+                ctx.ranker  # noqa: B018
             log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
 
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)

@@ -74,7 +74,7 @@ def test_counts_recent_seen_purchased(vectors) -> None:
         apply_event(s, offset=off, event_type=t, item_id=item, ts_ms=1000 + off, item_vec=vectors[item])
     assert s.counts == {"impression": 1, "view": 2, "click": 1, "purchase": 1}
     assert s.recent == ["i1", "i2", "i3"]  # impressions are not interest; repeats collapse
-    assert s.purchased == ["i2"]
+    assert list(s.purchased) == ["i2"]
     assert set(s.seen) == {"i1", "i2", "i3"}
     for off in range(10, 10 + MAX_RECENT + 5):
         apply_event(s, offset=off, event_type="view", item_id=f"x{off}", ts_ms=2000 + off)
@@ -94,7 +94,7 @@ def test_embedding_moves_toward_clicked_items_and_decays(vectors) -> None:
 
 
 def test_build_filter_excludes_purchases_always_and_seen_for_recommend() -> None:
-    s = SessionState(seen=["a", "b"], purchased=["b"])
+    s = SessionState(seen=dict.fromkeys(["a", "b"]), purchased=dict.fromkeys(["b"]))
     rec = build_filter(RecommendationRequest(user_id="u", filters=RequestFilters(exclude_items=["z"])), s)
     assert rec.exclude_ids == {"a", "b", "z"}
     search = build_filter(RecommendationRequest(kind="search", user_id="u", query="x"), s)

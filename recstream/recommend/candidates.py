@@ -46,7 +46,7 @@ def build_filter(request: RecommendationRequest, session: SessionState | None) -
     if session is not None:
         exclude.update(session.purchased)
         if request.kind == "recommend":
-            exclude.update(session.seen[-RECOMMEND_HIDE_SEEN:])
+            exclude.update(list(session.seen)[-RECOMMEND_HIDE_SEEN:])
     return CandidateFilter(
         in_stock_only=f.in_stock_only,
         exclude_ids=frozenset(exclude),

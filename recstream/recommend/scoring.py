@@ -19,6 +19,7 @@ class Candidate:
     vector: np.ndarray | None = None
     category: str | None = None
     payload: dict = field(default_factory=dict)
+    popularity: float = 0.0  # interactions seen so far (a ranker feature)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class RankContext:
     session_vec: np.ndarray | None = None
     affinity: dict[str, float] = field(default_factory=dict)  # category -> share (sums to 1)
     recent_items: list[str] = field(default_factory=list)
+    recent_categories: list[str] = field(default_factory=list)  # oldest first
+    max_popularity: float = 1.0
 
 
 class Ranker(Protocol):

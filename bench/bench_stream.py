@@ -1,0 +1,292 @@
+"""Stream bench: the whole stack on this machine, replaying real MovieLens sessions.
+
+    make bench-stream        (python -m bench.bench_stream [--duration-s 60] [--rps 200] ...)
+
+Starts a Kafka broker, tritonserver and `python -m streams.worker` (all agents, Qdrant local mode)
+next to this load generator, on the same cores. Phases:
+
+1. catalog: the MovieLens-100k items through the catalog topic (indexed once, then the Qdrant
+   directory is reused from run/bench/ on later runs: it is set-up, not what is measured);
+2. throughput: N behaviour events produced as fast as possible; events_per_s = N / time until
+   the worker's feature counter reaches N (sustained into features, not just into Kafka);
+3. mixed load at fixed rates: requests at --rps (90 % 'recommend', 10 % 'search' over a fixed
+   set of query texts) and behaviour at --events-rps, for --duration-s. Latency is query ->
+   recommendation as the client SDK sees it (RecommendationClient: produce to consume);
+   freshness is event produce -> session features updated, from the worker's histogram.
+
+Writes bench/results/stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from recstream.config import REPO_ROOT, Settings
+from recstream.contracts.events import RecommendationRequest
+from recstream.kafka.serde import encode
+
+RUN = REPO_ROOT / "run" / "bench"
+QUERIES = [
+    "star wars", "romantic comedy", "horror", "space adventure", "animated film for children",
+    "crime thriller", "war drama", "documentary", "western", "musical", "science fiction",
+    "film noir mystery", "action hero", "love story", "funny family movie", "scary monsters",
+]
+
+
+def _quantile_from_histogram(text: str, name: str, before: dict[float, float] | None = None) -> tuple[float, dict]:
+    """p99 from a Prometheus histogram (linear within a bucket, like histogram_quantile)."""
+    import re
+
+    buckets: dict[float, float] = {}
+    for m in re.finditer(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', text, re.M):
+        buckets[float("inf") if m.group(1) == "+Inf" else float(m.group(1))] = float(m.group(2))
+    if before:
+        buckets = {k: v - before.get(k, 0.0) for k, v in buckets.items()}
+    edges = sorted(buckets)
+    total = buckets[edges[-1]] if edges else 0.0
+    if total <= 0:
+        return float("nan"), buckets
+    target = 0.99 * total
+    prev_edge, prev_count = 0.0, 0.0
+    for edge in edges:
+        if buckets[edge] >= target:
+            if math.isinf(edge):
+                return prev_edge, buckets
+            frac = (target - prev_count) / max(buckets[edge] - prev_count, 1e-9)
+            return prev_edge + frac * (edge - prev_edge), buckets
+        prev_edge, prev_count = edge, buckets[edge]
+    return prev_edge, buckets
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc (Linux), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _start_stack(args: argparse.Namespace):
+    from infra.kafka_broker import KafkaBroker
+    from infra.triton_server import TritonServer
+
+    RUN.mkdir(parents=True, exist_ok=True)
+    broker = KafkaBroker(RUN / "kafka", port=0, controller_port=0)
+    bootstrap = broker.start(timeout_s=90)
+    triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0, metrics_port=0)
+    ranker_note = "Triton 'ranker'"
+    try:
+        triton.start()
+    except Exception as exc:  # a broken ranker export must not hide the stream figures
+        print(f"!! tritonserver with every model failed ({str(exc)[:300]}); retrying with text_encoder only,"
+              " ranking in-process", flush=True)
+        triton.stop()
+        triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0,
+                              metrics_port=0, models=["text_encoder"])
+        triton.start()
+        ranker_note = "in-process heuristic (Triton ranker failed to load)"
+    return broker, bootstrap, triton, ranker_note
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration-s", type=float, default=60.0)
+    ap.add_argument("--rps", type=float, default=200.0, help="recommendation requests per second")
+    ap.add_argument("--events-rps", type=float, default=500.0, help="behaviour events/s during the mixed phase")
+    ap.add_argument("--throughput-events", type=int, default=50_000)
+    ap.add_argument("--search-share", type=float, default=0.1)
+    ap.add_argument("--ranker", default="auto", help="worker --ranker: auto, triton or inprocess")
+    args = ap.parse_args(argv)
+
+    from bench.common import print_table, write_result
+    from recstream.client import EventProducer, RecommendationClient
+    from recstream.contracts.topics import BEHAVIOUR
+    from recstream.data.datasets import load_dataset
+    from recstream.kafka.admin import ensure_topics
+    from recstream.replay import RateLimiter, behaviour_events, catalog_events
+    from streams.process import WorkerProcess
+
+    # SIGTERM (a CI timeout) must still run the finally below, or broker and tritonserver outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.time()
+    data = load_dataset("ml-100k")
+    broker, bootstrap, triton, ranker_note = _start_stack(args)
+    worker = None
+    try:
+        prefix = f"b{uuid.uuid4().hex[:8]}."
+        snapshot = RUN / "qdrant-catalog"
+        qdrant = RUN / f"qdrant-{prefix.rstrip('.')}"
+        settings = Settings(
+            kafka_bootstrap=bootstrap, topic_prefix=prefix, triton_url=triton.url, triton_grpc_url=triton.grpc_url,
+            qdrant_path=qdrant, run_dir=RUN / "worker", log_level="WARNING",
+        )
+        ensure_topics(settings)
+        items = catalog_events(data.items)
+        have_snapshot = snapshot.exists()
+        if have_snapshot:
+            shutil.copytree(snapshot, qdrant)
+        worker = WorkerProcess(settings, RUN / "worker.log", ["--ranker", args.ranker]).start(ready_timeout_s=180)
+        print(f"stack up in {time.time() - t_start:.0f}s (ranker: {ranker_note})", flush=True)
+
+        # 1. catalog ------------------------------------------------------------------------------------
+        t0 = time.time()
+        if not have_snapshot:
+            with EventProducer(settings) as p:
+                p.send_many("catalog", items)
+            while worker.metric("recstream_indexed_items") < len(items):
+                time.sleep(1)
+                if time.time() - t0 > 300:
+                    raise TimeoutError("catalog not indexed in 300 s")
+            print(f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s",
+                  flush=True)
+        else:
+            print(f"catalog: reusing the indexed Qdrant directory {snapshot}", flush=True)
+
+        # 2. throughput -------------------------------------------------------------------------------
+        events = list(behaviour_events(data.interactions))
+        n = min(args.throughput_events, len(events))
+        topic = BEHAVIOUR.name(prefix)
+        payloads = [(e.user_id.encode(), encode(e)) for e in events[:n]]
+        base = worker.metric("recstream_feature_events_total", 'result="applied"')
+        producer = EventProducer(settings, worker="bench", **{"linger.ms": 5})
+        cpu0 = _cpu_seconds(worker.proc.pid)
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        for key, value in payloads:
+            producer.send_raw(topic, key, value)
+        producer.flush(120)
+        t_produced = time.perf_counter() - t0
+        while worker.metric("recstream_feature_events_total", 'result="applied"') - base < n:
+            time.sleep(0.05)
+            if time.perf_counter() - t0 > 240:
+                raise TimeoutError("features did not catch up in 240 s")
+        t_applied = time.perf_counter() - t0
+        worker_cpu = _cpu_seconds(worker.proc.pid) - cpu0
+        events_per_s = n / t_applied
+        print(f"throughput: {n} events produced in {t_produced:.1f}s, applied in {t_applied:.1f}s "
+              f"-> {events_per_s:,.0f} events/s; worker CPU {worker_cpu:.1f}s ({n / worker_cpu:,.0f} events per "
+              f"worker CPU-second); load average {load0:.1f} on {os.cpu_count()} cores", flush=True)
+
+        # 3. mixed fixed-rate load ------------------------------------------------------------------
+        if not have_snapshot:  # keep the indexed catalog for later runs (the worker still holds it: copy files)
+            shutil.copytree(qdrant, snapshot, dirs_exist_ok=True)
+        client = RecommendationClient(settings)
+        users = sorted({e.user_id for e in events[:n]})
+        rng = random.Random(0)
+        for q in QUERIES:  # first sight of each query text pays the encoder once; not measured
+            client.request(RecommendationRequest(user_id="warm", kind="search", query=q), timeout_s=30)
+        fresh_before = _quantile_from_histogram(worker.metrics(), "recstream_feature_freshness_seconds")[1]
+        stop = threading.Event()
+        sent_events = [0]
+
+        def behaviour_load() -> None:
+            limiter = RateLimiter(args.events_rps)
+            i = n
+            while not stop.is_set():
+                key, value = (events[i % len(events)].user_id.encode(), encode(events[i % len(events)]))
+                producer.send_raw(topic, key, value)
+                sent_events[0] += 1
+                i += 1
+                limiter.wait()
+
+        loader = threading.Thread(target=behaviour_load, daemon=True)
+        loader.start()
+        latencies: list[float] = []
+        results = []
+        lock = threading.Lock()
+        limiter = RateLimiter(args.rps)
+        t0 = time.perf_counter()
+        futures = []
+        while time.perf_counter() - t0 < args.duration_s:
+            user = rng.choice(users)
+            if rng.random() < args.search_share:
+                req = RecommendationRequest(user_id=user, kind="search", query=rng.choice(QUERIES), k=10)
+            else:
+                req = RecommendationRequest(user_id=user, k=10)
+            sent = time.perf_counter()
+            fut = client.submit(req)
+
+            def done(f, sent=sent) -> None:
+                now = time.perf_counter()
+                with lock:
+                    latencies.append((now - sent) * 1000)
+                    results.append(f.result())
+
+            fut.add_done_callback(done)
+            futures.append(fut)
+            limiter.wait()
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        loader.join(5)
+        deadline = time.perf_counter() + 10
+        while len(latencies) < len(futures) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        metrics_text = worker.metrics()
+        fresh_p99, _ = _quantile_from_histogram(metrics_text, "recstream_feature_freshness_seconds", fresh_before)
+        lost = len(futures) - len(latencies)
+        lat = np.array(latencies) if latencies else np.array([float("nan")])
+        degraded = sum(r.degraded for r in results)
+        stages = {}
+        import re
+
+        for m in re.finditer(r'^recstream_stage_latency_seconds_sum\{stage="([^"]+)"\} (\S+)$', metrics_text, re.M):
+            cnt = re.search(rf'^recstream_stage_latency_seconds_count\{{stage="{m.group(1)}"\}} (\S+)$',
+                            metrics_text, re.M)
+            if cnt and float(cnt.group(1)):
+                stages[m.group(1)] = round(float(m.group(2)) / float(cnt.group(1)) * 1000, 3)
+        result = {
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2),
+            "requests_per_s": round(len(latencies) / elapsed, 1),
+            "events_per_s": round(events_per_s, 0),
+            "events_per_worker_cpu_s": round(n / worker_cpu, 0),
+            "load_average_at_throughput_start": round(load0, 2),
+            "freshness_ms_p99": round(fresh_p99 * 1000, 1),
+            "degraded_share": round(degraded / max(len(results), 1), 4),
+            "requests_sent": len(futures),
+            "requests_unanswered": lost,
+            "behaviour_events_during_mixed": sent_events[0],
+            "behaviour_rate_during_mixed_per_s": round(sent_events[0] / elapsed, 0),
+            "search_share": args.search_share,
+            "duration_s": round(elapsed, 1),
+            "ranker": ranker_note if args.ranker == "auto" else args.ranker,
+            "model_versions": sorted({r.model_version for r in results}),
+            "worker_stage_mean_ms": stages,
+            "targets": {"latency_ms_p99": 50, "requests_per_s": 200, "events_per_s": 20000, "freshness_ms_p99": 100},
+            "machine": "2 cores shared by Kafka, tritonserver, worker and this load generator",
+        }
+        client.close()
+        producer.flush(30)
+        rows = [
+            {"metric": k, "value": result[k], "target": result["targets"].get(k, "-")}
+            for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "requests_per_s", "events_per_s",
+                      "freshness_ms_p99", "degraded_share")
+        ]
+        print_table("stream bench (bench/results/stream.json)", rows, ["metric", "value", "target"])
+        print("worker stage means (ms):", json.dumps(stages))
+        write_result("stream", result)
+        return 0
+    finally:
+        if worker is not None:
+            worker.stop()
+        triton.stop()
+        broker.stop()
+        for d in RUN.glob("qdrant-b*"):
+            shutil.rmtree(d, ignore_errors=True)
+        print(f"total {time.time() - t_start:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
