@@ -14,8 +14,10 @@ P(click | u, i, slot j) = exam(j) * sigmoid(bias + a_u * cos(theta_u, g_i) + a_t
 with position bias exam(j) = 1 / (1 + j) ** eta (users look less at lower slots).
 
 Drift (`drift()`): tastes rotate - every user's genre shares move to the next genre in a fixed
-cyclic order, the trend vector is replaced by another one, old real "likes" stop counting, and a
-random `hot_fraction` of the items become hits (+a_hot logit; nothing in their genres predicts it).
+cyclic order, the trend vector is replaced by another one, old real "likes" stop counting, and
+`hot_fraction` of the items are released as new hits (+a_hot logit): they are not candidates before
+the drift and have no interaction history (popularity feature 0) after it, so a greedy ranker that
+learnt "popular = good" never shows them - only exploration can find out.
 
 What the ranker sees: item vectors (a fixed random projection of the genre multi-hot plus item
 noise, 384-d, unit norm; a stand-in for text embeddings that keeps the bench seconds-fast) and a
@@ -128,7 +130,10 @@ class Simulator:
         # showing them reveals them, which is what exploration is for).
         hot_rng = np.random.default_rng(self.cfg.seed + 2)
         self.hot = np.zeros(n_items)
-        self.hot[hot_rng.choice(n_items, int(round(self.cfg.hot_fraction * n_items)), replace=False)] = 1.0
+        self.hot[hot_rng.choice(n_items, round(self.cfg.hot_fraction * n_items), replace=False)] = 1.0
+        # The hits are *new releases*: not in the catalogue before the drift, no interaction history
+        # (popularity feature 0) after it - the classic blind spot of a greedy learner.
+        self.feature_counts = np.where(self.hot > 0, 0.0, counts)
         self._affinity_cache: np.ndarray | None = None
 
     # ---- ground truth -------------------------------------------------------------------------
@@ -176,15 +181,17 @@ class Simulator:
         ctx = self.user_context[user]
         sims = self.item_vectors @ ctx
         seen = self.history[user]
+        unreleased = np.flatnonzero(self.hot) if not self.drifted else np.zeros(0, dtype=np.int64)
         sims_masked = sims.copy()
         sims_masked[seen] = -np.inf
+        sims_masked[unreleased] = -np.inf
         n_top = c.n_candidates - c.n_random_candidates
         top = np.argpartition(-sims_masked, n_top)[:n_top]
-        pool = np.setdiff1d(np.arange(self.n_items), np.concatenate([top, seen]))
+        pool = np.setdiff1d(np.arange(self.n_items), np.concatenate([top, seen, unreleased]))
         rand = rng.choice(pool, size=min(c.n_random_candidates, len(pool)), replace=False)
         cand = np.concatenate([top, rand]).astype(np.int64)
         feats = candidate_features(
-            sims[cand], self.counts[cand], self.categories[cand].tolist(),
+            sims[cand], self.feature_counts[cand], self.categories[cand].tolist(),
             self.categories[seen[-c.context_len :]].tolist(), float(self.counts.max()),
         )
         context = np.concatenate([ctx, np.zeros(ITEM_DIM, dtype=np.float32)]).astype(np.float32)

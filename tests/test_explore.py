@@ -88,6 +88,7 @@ def test_epsilon_greedy_propensities_are_exact_marginals() -> None:
 def test_make_policy_specs_and_names() -> None:
     assert make_policy("greedy").name == "greedy"
     assert make_policy("pl:0.5").name == "pl_t0.5"
+    assert make_policy("pl:0.5:2").name == "pl_t0.5_g2"
     assert make_policy("eps:0.1:2").name == "eps0.1_s2"
     with pytest.raises(ValueError):
         make_policy("nope")

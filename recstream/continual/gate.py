@@ -1,8 +1,8 @@
 """Promotion gate: a candidate goes live only if it is not worse than the live model on recent data.
 
 The held-back window is the newest impressions, never used to train the candidate. Metrics are
-inverse-propensity weighted (same weights as training), so the comparison targets the unbiased
-relevance order rather than whatever the logging policy happened to show:
+weighted like the training loss (clicks by 1/exam(slot); optionally by 1/logging propensity), so
+the comparison targets the position-debiased relevance order:
 
 * weighted AUC (primary, calibration-free: the ranker's job is ordering, and the live model from
   a listwise training run is not calibrated as a probability),
@@ -31,6 +31,7 @@ class GateConfig(BaseModel):
     logloss_tolerance: float = 0.02
     exam_eta: float = 1.0
     clip_weight: float = 10.0
+    policy_weighting: bool = Field(False, description="Also weight by 1/logging propensity (as the learner)")
 
 
 @dataclass
@@ -70,7 +71,7 @@ def evaluate(net: nn.Module, window: Sequence[Example], features: FeatureSource,
     y = np.array([e.label for e in window], dtype=np.float64)
     w = ipw_weights(
         np.array([e.position for e in window]), np.array([e.propensity for e in window]), y,
-        cfg.exam_eta, cfg.clip_weight,
+        cfg.exam_eta, cfg.clip_weight, cfg.policy_weighting,
     )
     z = predict(net, window, features)
     return {"auc": weighted_auc(z, y, w), "logloss": weighted_logloss(z, y, w), "n": float(len(window))}

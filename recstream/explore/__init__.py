@@ -1,4 +1,17 @@
-"""Exploration policies over ranked lists (exact propensities) and a Thompson-sampling arm chooser."""
+"""Exploration policies over ranked lists (exact propensities) and a Thompson-sampling arm chooser.
+
+How the stream recommender uses a policy (pure, no I/O; one rng per worker, seeded):
+
+    from recstream.explore import make_policy
+    policy = make_policy("pl:0.5:2")          # or "greedy", "eps:0.1:3"; policy.name is the arm label
+    shown = policy.rank(item_ids, scores, k, rng)   # scores: the ranker's logits for item_ids
+    items = [RankedItem(item_id=s.item_id, score=score_of[s.item_id], position=s.position,
+                        propensity=s.propensity) for s in shown]
+    RecommendationResult(..., items=items, policy=policy.name, model_version=<version Triton reports>)
+
+The propensity travels with the impression (BehaviourEvent.propensity -> TrainingExample.propensity)
+to the continual learner and to off-policy evaluation (recstream.ope).
+"""
 
 from recstream.explore.bandit import ThompsonArms
 from recstream.explore.policies import (

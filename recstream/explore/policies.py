@@ -232,12 +232,13 @@ class EpsilonGreedy:
 
 
 def make_policy(spec: str) -> RankingPolicy:
-    """Policy from a short spec: 'greedy', 'pl:0.5' (temperature), 'eps:0.1:3' (epsilon, slots)."""
+    """Policy from a short spec: 'greedy', 'pl:0.5' or 'pl:0.5:2' (temperature, greedy head slots),
+    'eps:0.1:3' (epsilon, exploring slots)."""
     kind, *args = spec.split(":")
     if kind == "greedy":
         return Greedy()
     if kind == "pl":
-        return PlackettLuce(float(args[0]) if args else 1.0)
+        return PlackettLuce(float(args[0]) if args else 1.0, int(args[1]) if len(args) > 1 else 0)
     if kind == "eps":
         return EpsilonGreedy(float(args[0]) if args else 0.1, int(args[1]) if len(args) > 1 else 3)
     raise ValueError(f"unknown policy spec {spec!r}; use greedy | pl:T | eps:E:SLOTS")

@@ -42,7 +42,7 @@ from recstream.continual.monitor import CtrMonitor, MonitorConfig
 from recstream.contracts.events import ItemDelete, ItemUpsert, TrainingExample
 from recstream.metrics import MODEL_VERSION_LIVE, PROMOTIONS, TRAINING_RUNS
 from recstream.models.export import RANKER_MODEL_NAME
-from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, Ranker, candidate_features
+from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class CatalogFeatures:
         max_count = max(self.counts.values(), default=1.0)
         ctx = np.zeros((len(examples), 2 * ITEM_DIM), np.float32)
         cand = np.zeros((len(examples), ITEM_DIM), np.float32)
-        feats = np.zeros((len(examples), 4), np.float32)
+        feats = np.zeros((len(examples), N_CAND_FEATURES), np.float32)
         for r, ex in enumerate(examples):
             hist = [i for i in ex.context_items if i in self.vectors][-AFFINITY_WINDOW:]
             if hist:
