@@ -134,6 +134,8 @@ def train_ranker_cmd(
     positions_per_user: int = typer.Option(5),
     n_hard: int = typer.Option(30),
     n_random: int = typer.Option(10),
+    lr: float = typer.Option(2e-3),
+    batch_size: int = typer.Option(128),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0),
     out: Path = typer.Option(None, help="Default artifacts/ranker (or ranker_cold for a cold-split retrieval)"),
@@ -155,7 +157,13 @@ def train_ranker_cmd(
     sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
     model, _ = _load_retrieval(retrieval, sp)
     cfg = RankerConfig(
-        epochs=epochs, positions_per_user=positions_per_user, n_hard=n_hard, n_random=n_random, seed=seed
+        epochs=epochs,
+        positions_per_user=positions_per_user,
+        n_hard=n_hard,
+        n_random=n_random,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
     )
     valid = sp.cases("valid")
     cats = item_categories(sp)

@@ -361,10 +361,42 @@ class TwoTowerModel(nn.Module):
         return self.item_vectors
 
     def score_index(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Full-catalogue cosine scores [B, n_items] (the retrieval stage, offline)."""
+        """Full-catalogue scores [B, n_items] (the retrieval stage, offline): cosine to the session
+        vector, and for items without training data the cold-start path (`cold_item_scores`)."""
         s = self.session_vectors_from_index(histories)
         assert self.item_vectors is not None
-        return (s @ self.item_vectors.T).numpy()
+        scores = (s @ self.item_vectors.T).numpy()
+        if self.id_residual is not None and self.text_vectors is not None:
+            cold = ~self.has_id.numpy()[: scores.shape[1]]
+            if cold.any() and (~cold).any():
+                scores[:, cold] = self.cold_item_scores(histories, scores, cold)
+        return scores
+
+    @torch.no_grad()
+    def cold_item_scores(self, histories: Sequence[np.ndarray], scores: np.ndarray, cold: np.ndarray) -> np.ndarray:
+        """Scores for items with no ID residual (new / cold items), on the warm items' scale.
+
+        The session tower is trained against text+ID vectors, so a bare text vector is not
+        competitive under it (measured: NDCG@10 = 0 on cold targets). Cold items are instead scored
+        by content: cosine between their text vector and the mean text vector of the session's
+        recent items, then mapped per session onto the mean/std of the warm items' scores, so
+        that they compete evenly with warm items without any cold-specific boost.
+        """
+        assert self.text_vectors is not None
+        tv = self.text_vectors
+        prof = torch.stack(
+            [
+                tv[torch.as_tensor(np.asarray(h[-self.cfg.max_history :], dtype=np.int64))].mean(0)
+                if len(h)
+                else torch.zeros(tv.shape[1])
+                for h in histories
+            ]
+        )
+        content = (F.normalize(prof, dim=-1) @ tv.T).numpy()
+        warm = ~cold
+        mu_c, sd_c = content[:, warm].mean(1, keepdims=True), content[:, warm].std(1, keepdims=True) + 1e-6
+        mu_w, sd_w = scores[:, warm].mean(1, keepdims=True), scores[:, warm].std(1, keepdims=True)
+        return (content[:, cold] - mu_c) / sd_c * sd_w + mu_w
 
     # persistence -------------------------------------------------------------------------------
 
