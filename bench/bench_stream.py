@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-events", type=int, default=50_000)
     ap.add_argument("--search-share", type=float, default=0.1)
     ap.add_argument("--ranker", default="auto", help="worker --ranker: auto, triton or inprocess")
+    ap.add_argument("--name", default="stream", help="results file bench/results/NAME.json")
     args = ap.parse_args(argv)
 
     from bench.common import print_table, write_result
@@ -274,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "requests_per_s", "events_per_s",
                       "freshness_ms_p99", "degraded_share")
         ]
-        print_table("stream bench (bench/results/stream.json)", rows, ["metric", "value", "target"])
+        print_table(f"stream bench (bench/results/{args.name}.json)", rows, ["metric", "value", "target"])
         print("worker stage means (ms):", json.dumps(stages))
-        write_result("stream", result)
+        write_result(args.name, result)
         return 0
     finally:
         if worker is not None:

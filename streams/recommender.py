@@ -67,7 +67,11 @@ def register(ctx: StreamContext) -> None:
             timer = _Timer()
             decoded = ctx.decode_events(REQUESTS, events)
             timer.lap("decode")
-            query_vecs, encoder_error = await _embed_queries(ctx, [m for _, m in decoded])
+            if decoded and _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
+                # Already past the model budget while queued (overload): don't add a Triton wait.
+                query_vecs, encoder_error = _cached_queries(ctx, [m for _, m in decoded]), "over_budget"
+            else:
+                query_vecs, encoder_error = await _embed_queries(ctx, [m for _, m in decoded])
             timer.lap("embed")
             # Requests of a batch are answered concurrently: each mostly waits on Triton (in the
             # thread pool), and Triton's dynamic batcher merges concurrent ranker calls.
@@ -80,7 +84,8 @@ async def _answer_and_publish(
     ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None
 ) -> None:
     try:
-        answer = await _answer(ctx, req, query_vecs, encoder_error)
+        over_budget = _age_s(ev) > ctx.settings.triton_timeout_s
+        answer = await _answer(ctx, req, query_vecs, encoder_error, over_budget=over_budget)
         result = answer.result.model_copy(
             update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)}
         )
@@ -120,8 +125,24 @@ async def _embed_queries(
     return vecs, None
 
 
+def _age_s(ev) -> float:
+    """Seconds since the request was produced (Kafka CreateTime)."""
+    return max(0.0, time.time() - ev.message.timestamp)
+
+
+def _cached_queries(ctx: StreamContext, requests: list[RecommendationRequest]) -> dict[str, np.ndarray]:
+    out = {}
+    for req in requests:
+        if req.query:
+            vec = ctx.embedder.cached(req.query)
+            if vec is not None:
+                out[req.query] = vec
+    return out
+
+
 async def _answer(
-    ctx: StreamContext, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None
+    ctx: StreamContext, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None,
+    over_budget: bool = False,
 ) -> Answer:
     timer = _Timer()
     session = read_session(ctx, req.user_id)
@@ -169,6 +190,10 @@ async def _answer(
     ranker = ctx.ranker
     version = ranker.version
     reasons: list[dict[str, float]] = [{} for _ in candidates]
+    if degraded is None and over_budget and not isinstance(ranker, InProcessRanker):
+        # The request waited past settings.triton_timeout_s in the queue: answer now from retrieval
+        # rather than queue another Triton call behind an overloaded server.
+        degraded = "over_budget"
     if degraded is not None:
         scores = np.array([c.retrieval_score for c in candidates], np.float32)
     else:

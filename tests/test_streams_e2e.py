@@ -30,6 +30,10 @@ from streams.process import WorkerProcess
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 FEEDBACK_WINDOW_S = 2.0
+#: The production budget is settings.triton_timeout_s = 250 ms. On the shared 2-core test box one
+#: query encode alone measured 100-300 ms under load, so the behaviour tests give Triton 2 s and
+#: the degraded path is tested by making Triton unreachable, not by racing the deadline.
+TEST_TRITON_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +74,8 @@ def _worker_settings(make_settings: Callable[..., Settings], triton_server, tmp_
                      **overrides) -> Settings:
     qdrant = tmp_path / f"qdrant-{uuid.uuid4().hex[:6]}"
     shutil.copytree(snapshot, qdrant)
-    values = {"qdrant_path": qdrant, "triton_url": triton_server.url, "triton_grpc_url": triton_server.grpc_url}
+    values = {"qdrant_path": qdrant, "triton_url": triton_server.url, "triton_grpc_url": triton_server.grpc_url,
+              "triton_timeout_s": TEST_TRITON_TIMEOUT_S}
     values.update(overrides)
     return make_settings(**values)
 
@@ -90,6 +95,7 @@ def stack(kafka_bootstrap: str, triton_server, indexed_catalog: Path, module_tmp
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", qdrant_path=qdrant,
         run_dir=module_tmp / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url,
+        triton_timeout_s=TEST_TRITON_TIMEOUT_S,
     )
     ensure_topics(settings)
     # The in-process ranker: these tests are about the stream logic, and its ranking is explainable;
