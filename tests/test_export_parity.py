@@ -35,6 +35,18 @@ def _request(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ctx, cand, feats
 
 
+def _random(cfg: RankerConfig):
+    """A ranker with every weight random (a fresh one has a zero MLP head), so parity covers the MLP."""
+    import torch
+
+    ranker = new_ranker(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for p in ranker.net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return ranker
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, Path]]:
     """A temp model repo with a tiny random ranker (v1, v2) and a copy of the committed ranker."""
@@ -43,8 +55,8 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object
     from infra.triton_server import TritonServer
 
     repo = tmp_path_factory.mktemp("model_repo")
-    export_ranker(new_ranker(RankerConfig(hidden=[16], seed=1)), repo, name="ranker_tiny")
-    export_ranker(new_ranker(RankerConfig(hidden=[32, 8], seed=2)), repo, name="ranker_tiny", serve_versions=2)
+    export_ranker(_random(RankerConfig(hidden=[16], seed=1)), repo, name="ranker_tiny")
+    export_ranker(_random(RankerConfig(hidden=[32, 8], seed=2)), repo, name="ranker_tiny", serve_versions=2)
     shutil.copytree(COMMITTED_REPO / "ranker", repo / "ranker")
     with (repo / "ranker" / "config.pbtxt").open("a") as fh:  # served from outside the checkout
         fh.write(ROOT_PARAM.format(root=REPO_ROOT))

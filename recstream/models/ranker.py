@@ -68,6 +68,7 @@ FEATURE_SCHEMA = {
     "affinity_window": AFFINITY_WINDOW,
 }
 N_MLP_INPUTS = 3 * ITEM_DIM + 3 + N_CAND_FEATURES
+N_SCALAR_FEATURES = 3 + N_CAND_FEATURES  # session.item, query.item, has_query, cand features (the tail)
 
 
 def feature_schema_hash(schema: dict | None = None) -> str:
@@ -144,6 +145,7 @@ def candidate_features(
 class RankerConfig(BaseModel):
     hidden: list[int] = Field(default_factory=lambda: [128, 64])
     dropout: float = 0.1
+    init_retrieval_weight: float = Field(20.0, description="Start at retrieval order (1 / two-tower temperature)")
     n_hard: int = Field(30, description="Hard negatives per example: top retrieved items")
     n_random: int = Field(10, description="Uniform random negatives per example")
     positions_per_user: int = Field(5, description="Most recent training positions used per user")
@@ -168,10 +170,21 @@ class RankerNet(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
+        # "wide" linear part over the scalar features (dots, cand features). Initialised to the
+        # retrieval order (session.item / temperature) with a zero MLP output, so an untrained
+        # ranker reproduces retrieval and training can only learn corrections on top of it.
+        self.wide = nn.Linear(N_SCALAR_FEATURES, 1)
+        with torch.no_grad():
+            self.wide.weight.zero_()
+            self.wide.bias.zero_()
+            self.wide.weight[0, 0] = cfg.init_retrieval_weight
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
 
     def forward(self, context: torch.Tensor, candidates: torch.Tensor, cand_features: torch.Tensor) -> torch.Tensor:
         """Scores [B, n] for context [B, 768], candidates [B, n, 384], cand_features [B, n, K]."""
-        return self.mlp(build_features(context, candidates, cand_features)).squeeze(-1)
+        x = build_features(context, candidates, cand_features)
+        return (self.mlp(x) + self.wide(x[..., -N_SCALAR_FEATURES:])).squeeze(-1)
 
 
 class Ranker:
@@ -428,6 +441,11 @@ def train_ranker(
 
     ctx_t, feats_t = torch.from_numpy(context), torch.from_numpy(feats)
     labels = torch.zeros(cfg.batch_size, dtype=torch.long)  # the positive is always column 0
+    # epoch 0 = the initialisation, which reproduces the retrieval order: the ranker that ships is
+    # never worse than retrieval on validation
+    stats["valid_ndcg10_epoch0"] = _valid()
+    stopper.step(stats["valid_ndcg10_epoch0"], 0)
+    best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
         net.train()
         order = rng.permutation(len(hist))

@@ -1,0 +1,55 @@
+"""Triton python-backend model: CONTEXT, CANDIDATES, CAND_FEATURES -> SCORES (written by
+recstream.models.export; scoring code lives in recstream.models.ranker)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+
+def _ranker_class(params: dict) -> type:
+    """Import recstream from PYTHONPATH, else the checkout this file sits in
+    (model_repo/ranker/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
+    try:
+        from recstream.models.ranker import Ranker
+    except ImportError:
+        here = Path(__file__).resolve()
+        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        for root in roots:
+            if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
+                sys.path.insert(0, root)
+                break
+        from recstream.models.ranker import Ranker
+    return Ranker
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        cfg = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        torch.set_num_threads(int(params.get("torch_threads") or 1))
+        Ranker = _ranker_class(params)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.ranker = Ranker.load(version_dir)  # raises on a feature-schema mismatch
+        pb_utils.Logger.log_info(f"ranker v{args['model_version']} loaded from {version_dir}")
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                ctx = pb_utils.get_input_tensor_by_name(request, "CONTEXT").as_numpy()
+                cand = pb_utils.get_input_tensor_by_name(request, "CANDIDATES").as_numpy()
+                feats = pb_utils.get_input_tensor_by_name(request, "CAND_FEATURES").as_numpy()
+                scores = self.ranker.score_batch(ctx, cand, feats).astype(np.float32)
+                out = pb_utils.Tensor("SCORES", scores)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            except Exception as exc:  # one bad request must not fail the others
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return responses
