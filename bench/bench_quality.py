@@ -73,6 +73,10 @@ MODELS: list[ModelSpec] = [
     ModelSpec("zero-shot-minilm", ZeroShotText, optional=True),  # needs recstream.models.encoder
     # Project models register here, one line each, e.g.:
     # ModelSpec("two-tower", "recstream.models.two_tower:TwoTowerRecommender", optional=True),
+    ModelSpec("two-tower-lora", "recstream.models.two_tower:two_tower_lora", optional=True),
+    ModelSpec("two-tower-full", "recstream.models.two_tower:two_tower_full", optional=True),
+    ModelSpec("two-tower-frozen", "recstream.models.two_tower:two_tower_frozen", optional=True),
+    ModelSpec("two-tower+ranker", "recstream.models.ranker:two_tower_ranker", optional=True),
 ]
 
 
