@@ -254,6 +254,8 @@ def render(prom: Prometheus, start: float, end: float, path: Path, outage: tuple
             for series in prom.query_range(expr, start, end):
                 xs = [float(t) - start for t, _ in series["values"]]
                 ys = [float(v) for _, v in series["values"]]
+                if not any(y > 0 for y in ys):  # flat-zero series only clutter the picture
+                    continue
                 label = legend
                 for key, value in series["metric"].items():
                     label = label.replace("{{" + key + "}}", value)
@@ -261,7 +263,8 @@ def render(prom: Prometheus, start: float, end: float, path: Path, outage: tuple
         ax.axvspan(outage[0] - start, outage[1] - start, color="red", alpha=0.1, label="Triton paused")
         ax.set_title(title[:60], fontsize=10)
         ax.set_xlabel("seconds into the test")
-        ax.legend(fontsize=6, loc="upper left")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles[:8], labels[:8], fontsize=6, loc="upper left")
     fig.suptitle("recstream overview: live Prometheus data (query_range) from the test stack")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
