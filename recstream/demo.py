@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.request
 from itertools import islice
 
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from recstream.client import EventProducer, RecommendationClient
@@ -30,6 +32,32 @@ def show(title: str, result: RecommendationResult, titles: dict[str, str]) -> No
         print(f"  {item.position + 1:2d}. {titles.get(item.item_id, item.item_id)[:60]:60s} score={item.score:+.3f}")
 
 
+def worker_metric(metrics_port: int, family_name: str) -> float:
+    """Sum of one metric family on the worker's own /metrics (0 while it is starting)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == family_name:
+            return sum(s.value for s in family.samples if not s.name.endswith("_created"))
+    return 0.0
+
+
+def wait_for_worker(metrics_port: int, family_name: str, want: int, desc: str, timeout_s: float = 600.0) -> None:
+    """Asking before the worker caught up would only show the degraded path; wait for it."""
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=want, desc=desc, unit="ev") as bar:
+        while time.monotonic() < deadline:
+            bar.n = min(want, int(worker_metric(metrics_port, family_name)))
+            bar.refresh()
+            if bar.n >= want:
+                return
+            time.sleep(1.0)
+    raise TimeoutError(f"{desc}: worker not caught up within {timeout_s:.0f}s; see run/worker/worker.log")
+
+
 def run(settings: Settings, events: int = 20_000, keep_running: bool = False) -> None:
     stack = LocalStack(settings)
     print("starting Kafka, Triton and the stream worker ...")
@@ -41,9 +69,13 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
     with EventProducer(settings, worker="demo") as producer:
         catalog = catalog_events(data.items)
         producer.send_many("catalog", tqdm(catalog, desc="catalog", unit="item"))
-        for event in tqdm(islice(behaviour_events(data.interactions), events), total=events, desc="behaviour"):
+        sent = 0
+        for event in tqdm(islice(behaviour_events(data.interactions), events), desc="behaviour", unit="ev"):
             producer.send("behaviour", event)
-    time.sleep(5)  # let the indexer embed the catalog through Triton
+            sent += 1
+    port = stack.worker.metrics_port
+    wait_for_worker(port, "recstream_indexed_items", len(catalog), "items embedded (Triton) into Qdrant")
+    wait_for_worker(port, "recstream_feature_events", sent, "behaviour folded into session features")
     with RecommendationClient(settings) as client:
         search = client.request(
             RecommendationRequest(kind="search", user_id="demo", session_id="demo-1", query="space war in the stars"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from infra.processes import free_port
 from recstream.config import REPO_ROOT, Settings
 from streams.worker import READY_LINE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
