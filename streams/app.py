@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+import numpy as np
 from confluent_kafka import Producer
 
 from recstream.client.producer import producer_config
@@ -77,6 +78,8 @@ class StreamContext:
     _store: Any = None
     _embedder: Any = None
     _ranker: Any = None
+    _policy: Any = None
+    _rng: Any = None
     # 8 threads: up to a batch of concurrent requests waiting on Triton; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
 
@@ -106,6 +109,21 @@ class StreamContext:
 
             self._embedder = TritonTextEmbedder(self.settings)
         return self._embedder
+
+    @property
+    def policy(self):
+        """The exploration policy that orders each answer (settings.exploration_policy), with its rng."""
+        if self._policy is None:
+            from recstream.explore import make_policy
+
+            self._policy = make_policy(self.settings.exploration_policy)
+            self._rng = np.random.default_rng(self.settings.exploration_seed)
+        return self._policy
+
+    @property
+    def rng(self):
+        self.policy  # noqa: B018 - builds the rng together with the policy
+        return self._rng
 
     @property
     def ranker(self):

@@ -34,7 +34,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "LOG_LEVEL": settings.log_level,
         "PYTHONPATH": str(REPO_ROOT),
         "HF_HUB_OFFLINE": "1",
+        "EXPLORATION_POLICY": settings.exploration_policy,
     })
+    if settings.exploration_seed is not None:
+        env["EXPLORATION_SEED"] = str(settings.exploration_seed)
     if settings.qdrant_url:
         env["QDRANT_URL"] = settings.qdrant_url
     else:

@@ -42,6 +42,8 @@ CANDIDATE_FACTOR = 5
 #: Degraded search scans this many filtered items lexically (no query vector available).
 LEXICAL_SCAN = 2000
 GREEDY_PROPENSITY = 1.0
+# An exploring policy draws k slots from the best EXPLORE_POOL_FACTOR * k diversified candidates.
+EXPLORE_POOL_FACTOR = 2
 
 
 @dataclass
@@ -213,18 +215,28 @@ async def _answer(
     timer.lap("rank")
 
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
-    picked = diversify(candidates, scores, req.k)
+    policy = ctx.policy
+    if policy.name == "greedy":
+        slots = [(c, s, GREEDY_PROPENSITY) for c, s in diversify(candidates, scores, req.k)]
+    else:
+        # The policy perturbs the diversified order (logits = -rank), so exploration never undoes the
+        # category rules, and logs the exact probability of each shown slot for IPS/off-policy use.
+        pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
+        by_id = {c.item_id: (c, s) for c, s in pool}
+        rank_logits = -np.arange(len(pool), dtype=np.float64)
+        shown = policy.rank([c.item_id for c, _ in pool], rank_logits, req.k, ctx.rng) if pool else []
+        slots = [(*by_id[sh.item_id], sh.propensity) for sh in shown]
     items = [
         RankedItem(
-            item_id=c.item_id, score=float(s), position=i, propensity=GREEDY_PROPENSITY,
+            item_id=c.item_id, score=float(s), position=i, propensity=prop,
             retrieval_score=float(c.retrieval_score), category=c.category, reasons=reason_of.get(c.item_id, {}),
         )
-        for i, (c, s) in enumerate(picked)
+        for i, (c, s, prop) in enumerate(slots)
     ]
     timer.lap("rerank")
     result = RecommendationResult(
         request_id=req.request_id, user_id=req.user_id, session_id=req.session_id, kind=req.kind,
-        items=items, model_version=version, degraded=degraded is not None, policy="greedy",
+        items=items, model_version=version, degraded=degraded is not None, policy=policy.name,
     )
     return Answer(result, degraded)
 

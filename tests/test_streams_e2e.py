@@ -289,6 +289,34 @@ def test_triton_ranker_then_degraded_when_unreachable(
         worker.stop()
 
 
+def test_exploring_policy_logs_propensities_and_varies_the_order(
+    make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path
+) -> None:
+    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog,
+                                exploration_policy="pl:0.5:1", exploration_seed=7)
+    worker = WorkerProcess(settings, tmp_path / "explore.log", ["--ranker", "inprocess"]).start()
+    try:
+        with RecommendationClient(settings) as c:
+            user = _user()
+            for item in ("50", "172", "181"):  # Star Wars and its sequels: a sci-fi session
+                c.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=item))
+            c.producer.flush(5)
+            time.sleep(1)
+            orders = []
+            for _ in range(8):
+                res = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+                assert res.policy == "pl_t0.5_g1" and len(res.items) == 6
+                assert len({i.item_id for i in res.items}) == 6
+                head, *rest = res.items
+                assert head.propensity == 1.0  # the greedy head slot is not explored
+                assert all(0 < i.propensity < 1 for i in rest), res.items
+                orders.append(tuple(i.item_id for i in res.items))
+            assert len(set(orders)) > 1, "an exploring policy must not always show the same list"
+            assert len({o[0] for o in orders}) == 1, "the greedy head stays put"
+    finally:
+        worker.stop()
+
+
 # --- restart: kill -9 mid-stream -------------------------------------------------------------------
 
 N_EVENTS = 50_000
