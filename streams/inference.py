@@ -135,11 +135,18 @@ class TritonRanker:
             return self.model
 
     def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray:
+        return self.score_versioned(ctx, candidates, timeout_s)[0]
+
+    def score_versioned(
+        self, ctx: RankContext, candidates: list[Candidate], timeout_s: float
+    ) -> tuple[np.ndarray, str]:
+        """Scores and the version Triton says produced them: versions change live (promotion,
+        rollback), so each answer reports the version of its own response, not one read at start."""
         if not self.breaker.allow():
             raise ModelUnavailable("ranker: circuit open after a recent failure")
         n = len(candidates)
         if n == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), self.version
         zeros = np.zeros(384, np.float32)
         context = np.concatenate([
             ctx.session_vec if ctx.session_vec is not None else zeros,
@@ -162,10 +169,13 @@ class TritonRanker:
         try:
             res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
             scores = res.as_numpy("SCORES").reshape(-1)[:n]
+            served = res.get_response().model_version
         except Exception as exc:
             self.breaker.failure()
             TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
             raise ModelUnavailable(f"ranker: {exc}") from exc
         self.breaker.success()
         TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
-        return scores.astype(np.float32)
+        if served:
+            self.version = f"{self.model}-v{served}"
+        return scores.astype(np.float32), self.version

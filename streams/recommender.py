@@ -204,7 +204,9 @@ async def _answer(
                 scores = ranker.score(rctx, candidates, ctx.settings.triton_timeout_s)
                 reasons = ranker.impl.reasons(rctx, candidates)
             else:
-                scores = await ctx.in_thread(ranker.score, rctx, candidates, ctx.settings.triton_timeout_s)
+                scores, version = await ctx.in_thread(
+                    ranker.score_versioned, rctx, candidates, ctx.settings.triton_timeout_s
+                )
         except ModelUnavailable as exc:
             log.warning("ranker unavailable, answering from retrieval scores: %s", exc)
             degraded = "ranker_unavailable"

@@ -19,7 +19,9 @@ from recstream.continual import GateConfig, LearnerConfig
 from recstream.contracts.events import ItemUpsert, TrainingExample
 from recstream.models.export import RANKER_MODEL_NAME, export_ranker
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
+from recstream.recommend.scoring import Candidate, RankContext
 from services.trainer import CatalogFeatures, TrainerConfig, TrainerService
+from streams.inference import TritonRanker
 
 CATS = ["scifi", "romance", "horror", "comedy"]
 TITLES = {
@@ -108,6 +110,12 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
             time.sleep(0.1)
         click_to_live = time.monotonic() - t_burst
         time.sleep(1.0)
+        # The stream recommender's ranker reports the version of each Triton response, so answers
+        # scored after the promotion say so (its version is not a value read once at start-up).
+        ranker = TritonRanker(settings.model_copy(update={"triton_grpc_url": server.grpc_url}))
+        unit = np.full(ITEM_DIM, ITEM_DIM**-0.5, np.float32)
+        candidates = [Candidate(f"m{n}", 0.5, unit, CATS[n % 4], {}, 1.0) for n in range(5)]
+        scores, served_by = ranker.score_versioned(RankContext(recent_categories=["scifi"]), candidates, 10.0)
     finally:
         stop.set()
         svc.stop_event.set()
@@ -123,4 +131,5 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
     last = [v for _, v in seen[-20:]]
     assert set(last) == {"2"}
     assert click_to_live < 60, (click_to_live, rounds)
+    assert served_by == "ranker-v2" and scores.shape == (5,)
     print(f"click-to-live {click_to_live:.1f}s; rounds {rounds}; requests {len(seen)} {dict(versions)}")
