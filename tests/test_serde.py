@@ -1,0 +1,52 @@
+"""decode(): the one place every consumer turns bytes into contract models, and says why not."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recstream.contracts.events import BehaviourEvent, ItemDelete, ItemUpsert
+from recstream.contracts.topics import BEHAVIOUR, CATALOG
+from recstream.kafka.serde import InvalidEvent, decode, encode
+
+LIMIT = 65_536
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (None, "empty"),
+        (b'{"type": "click", "user_id": ', "malformed_json"),
+        (b"\xff\xfe not utf-8", "malformed_json"),
+        (b"[1, 2]", "schema"),
+        (b'{"type": "teleport", "user_id": "u", "item_id": "i"}', "schema"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "surprise": 1}', "schema"),
+        (b'{"type": "view", "user_id": "u", "item_id": "' + b"x" * LIMIT + b'"}', "oversize"),
+    ],
+)
+def test_refusals_carry_a_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        decode(BEHAVIOUR, raw, LIMIT)
+    assert info.value.reason == reason
+
+
+def test_schema_errors_name_the_field() -> None:
+    with pytest.raises(InvalidEvent) as info:
+        decode(BEHAVIOUR, b'{"type": "click", "user_id": 4.5, "item_id": "i"}', LIMIT)
+    assert "user_id" in info.value.detail
+
+
+def test_catalog_union_is_discriminated_by_op() -> None:
+    assert isinstance(decode(CATALOG, encode(ItemDelete(item_id="i1")), LIMIT), ItemDelete)
+    assert isinstance(decode(CATALOG, encode(ItemUpsert(item_id="i1", title="t")), LIMIT), ItemUpsert)
+
+
+@given(
+    user=st.from_regex(r"[A-Za-z0-9_.:@\-]{1,40}", fullmatch=True),
+    position=st.none() | st.integers(0, 1000),
+    kind=st.sampled_from(["impression", "view", "click", "add_to_cart", "purchase"]),
+)
+def test_encode_decode_round_trip(user: str, position: int | None, kind: str) -> None:
+    event = BehaviourEvent(type=kind, user_id=user, item_id="i", position=position)
+    assert decode(BEHAVIOUR, encode(event), LIMIT) == event
