@@ -47,7 +47,12 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
     settings = make_settings(model_repo=repo, triton_url=server.url)
     cfg = TrainerConfig(
         train_every_examples=1200, train_every_s=3600, min_examples=800, holdout=400,
-        learner=LearnerConfig(steps=80), gate=GateConfig(min_examples=200),
+        learner=LearnerConfig(steps=80),
+        # The untrained v1 already ranks these synthetic clicks well through its category-affinity
+        # feature (holdout AUC ~0.90), so one round's candidate lands within noise of it and the
+        # arrival order decides. This test is about the live switch; the gate's strictness (a
+        # shuffled-labels candidate refused) is tested in test_continual_service.py.
+        gate=GateConfig(min_examples=200, tolerance=0.05),
     )
     svc = TrainerService(settings, cfg, CatalogFeatures())
     trainer = threading.Thread(target=svc.run, kwargs={"max_seconds": 400}, daemon=True)
