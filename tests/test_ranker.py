@@ -146,3 +146,14 @@ def test_ranker_training_learns_toy_task():
     ndcg_retrieval = metrics_from_ranks(target_ranks(retrieval, tgt, hist))["NDCG@10"]
     # the last item's cluster (category feature) beats the history mean: the ranker must use it
     assert ndcg_rerank > ndcg_retrieval + 0.02, (ndcg_rerank, ndcg_retrieval, stats)
+
+
+def test_committed_ranker_model_py_is_the_export_template() -> None:
+    """model_repo/ranker/<v>/model.py is written by export_ranker; a hand edit to either side drifts."""
+    from recstream.config import REPO_ROOT
+    from recstream.models.export import MODEL_PY
+
+    versions = sorted((REPO_ROOT / "model_repo" / "ranker").glob("[0-9]*/model.py"))
+    assert versions, "no exported ranker version in model_repo/ranker"
+    for path in versions:
+        assert path.read_text() == MODEL_PY, f"{path} differs from recstream.models.export.MODEL_PY; re-export"
