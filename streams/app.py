@@ -1,10 +1,14 @@
 """The one faust App of the stream processors, built by a factory (no module-global app, faust #439).
 
-State contract: the app id names the consumer group and every table's changelog topic
-(`<app id>-<table>-changelog`). Tables recover from those changelogs after a restart, so the id
-and APP_VERSION are part of the state contract: changing either starts from empty tables and
-re-consumes the source topics from the beginning; changing a table's value encoding without
-bumping APP_VERSION would make a restarted worker read old bytes with new code.
+faust runs the catalog indexer and the recommender. The behaviour topic (session features and the
+feedback joiner) is consumed outside faust, in batches on its own thread (streams.behaviour).
+
+State contract: the app id names the consumer groups (faust's `<app id>`, the behaviour consumer's
+`<app id>-behaviour`) and every table's changelog topic (`<app id>-<table>-changelog`). Tables
+recover from those changelogs after a restart, so the id and APP_VERSION are part of the state
+contract: changing either starts from empty tables and re-consumes the source topics from the
+beginning; changing a table's value encoding without bumping APP_VERSION would make a restarted
+worker read old bytes with new code.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ log = logging.getLogger(__name__)
 APP_NAME = "recstream-streams"
 APP_VERSION = 1
 ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
-#: Table keys and values are our own bytes (utf-8 user/impression keys, versioned encodings).
-RAW_SCHEMA = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
 def _patch_faust_buffer_flush() -> None:
@@ -80,6 +82,7 @@ class StreamContext:
     _ranker: Any = None
     _policy: Any = None
     _rng: Any = None
+    behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     # 8 threads: up to a batch of concurrent requests waiting on Triton; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
 
@@ -207,6 +210,8 @@ class StreamContext:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
+        if self.behaviour is not None:
+            self.behaviour.stop()  # commits what it folded (after flushing the changelog)
         if self._producer is not None:
             self._producer.flush(10)  # 10 s: enough for a local broker to ack what is queued
         if self._store is not None:
@@ -279,6 +284,7 @@ def create_app(
     app.ctx = ctx  # type: ignore[attr-defined]
 
     from streams import catalog_indexer, feedback_joiner, recommender, session_features
+    from streams.behaviour import BehaviourLoop
 
     # Features own the sessions table; the recommender and the joiner read it, so it is declared
     # whenever any of them runs (co-partitioned with behaviour and requests by user_id).
@@ -286,11 +292,24 @@ def create_app(
         session_features.declare_table(ctx)
     if "catalog" in agents:
         catalog_indexer.register(ctx)
-    if "features" in agents:
-        session_features.register(ctx)
     if "recommender" in agents:
         recommender.register(ctx)
-    if "feedback" in agents:
-        feedback_joiner.register(ctx)
+    processors: list[Any] = []
+    if "feedback" in agents:  # first: an example's context is the session before its own batch
+        processors.append(feedback_joiner.FeedbackJoiner(ctx))
+    if "features" in agents:
+        processors.append(session_features.SessionFeatures(ctx))
+    if processors:
+        ctx.behaviour = BehaviourLoop(ctx, processors, group_id=f"{app_id(settings)}-behaviour")
+
+        @app.task
+        async def _start_behaviour() -> None:
+            ctx.store  # noqa: B018 - opened here, before the consumer thread needs it (one opener)
+            ctx.behaviour.start()
 
     return app
+
+
+def uses_faust(agents: Iterable[str]) -> bool:
+    """Whether any of the agents runs on faust's consumer (the others run on streams.behaviour)."""
+    return bool({"catalog", "recommender"} & set(agents))

@@ -1,9 +1,9 @@
 """Behaviour events -> the `sessions` table (user_id -> SessionState bytes).
 
-Batches with stream.take_events for throughput: per batch each touched user is decoded once,
-folded over their events in offset order (recstream.recommend.session.apply_event, which skips
-offsets it has already applied, so at-least-once replays after a crash change nothing), and
-written once, with its changelog record sent to the partition the user's events came from.
+Fed in batches by streams.behaviour (one librdkafka consumer outside faust): per batch each touched
+user is decoded once, folded over their events in offset order (recstream.recommend.session.apply_event,
+which skips offsets it has already applied, so at-least-once replays after a crash change nothing),
+and written once, with its changelog record sent to the partition the user's events came from.
 """
 
 from __future__ import annotations
@@ -16,23 +16,18 @@ import numpy as np
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.metrics import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from recstream.recommend.session import SessionState, apply_event
-from streams.app import RAW_SCHEMA, StreamContext, source_topic
+from streams.app import StreamContext, app_id
+from streams.changelog import ChangelogTable, changelog_topic
 
 log = logging.getLogger(__name__)
 
 TABLE = "sessions"
-#: Up to 5,000 events or 20 ms per batch: big enough to amortise per-batch costs at 20k events/s,
-#: short enough to stay well inside the 100 ms freshness target.
-BATCH_MAX = 5000
-BATCH_WITHIN_S = 0.02
 
 
-def declare_table(ctx: StreamContext):
+def declare_table(ctx: StreamContext) -> ChangelogTable:
     if TABLE not in ctx.tables:
-        ctx.tables[TABLE] = ctx.app.Table(
-            TABLE, default=None, partitions=BEHAVIOUR.partitions, schema=RAW_SCHEMA,
-            key_type=bytes, value_type=bytes,
-        )
+        topic = changelog_topic(app_id(ctx.settings), TABLE)
+        ctx.tables[TABLE] = ChangelogTable(TABLE, topic, BEHAVIOUR.partitions)
         ctx.tables["_session_cache"] = {}
     return ctx.tables[TABLE]
 
@@ -80,55 +75,71 @@ class ItemLookup:
         return {i: self.cache.get(i, (None, None)) for i in item_ids}
 
 
-def register(ctx: StreamContext) -> None:
-    table = declare_table(ctx)
-    cache: dict[bytes, tuple[bytes, SessionState]] = ctx.tables["_session_cache"]
-    items = ItemLookup(ctx)
-    ctx.tables["_item_lookup"] = items
+class SessionFeatures:
+    """The features processor of the behaviour consumer: folds each batch into the sessions table."""
 
-    @ctx.app.agent(source_topic(ctx, "behaviour"), name="session-features")
-    async def session_features(stream) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            t0 = time.perf_counter()
-            decoded = ctx.decode_events(BEHAVIOUR, events)
-            lookup = items.get_many({m.item_id for _, m in decoded})
-            touched: dict[bytes, tuple[int, SessionState]] = {}
-            applied = skipped = 0
-            for ev, m in decoded:
-                key = m.user_id.encode()
-                entry = touched.get(key)
-                if entry is None:
-                    raw = table.data.get(key)
-                    hit = cache.get(key)
-                    state = hit[1] if hit is not None and hit[0] is raw else SessionState.from_bytes(raw)
-                    entry = touched[key] = (ev.message.partition, state)
-                vec, category = lookup[m.item_id]
-                try:
-                    ok = apply_event(
-                        entry[1], offset=ev.message.offset, event_type=m.type.value, item_id=m.item_id,
-                        ts_ms=m.ts_ms, item_vec=vec, item_category=category,
-                    )
-                except Exception as exc:  # a bug must not kill the worker: keep the event, move on
-                    log.exception("feature update failed at %s[%d]@%d", ev.message.topic,
-                                  ev.message.partition, ev.message.offset)
-                    ctx.dead_letter(ev, repr(exc), "processing")
-                    continue
-                applied += ok
-                skipped += not ok
-                if ok and m.type.value != "impression":
-                    count = items.popularity.get(m.item_id, 0) + 1
-                    items.popularity[m.item_id] = count
-                    items.max_popularity = max(items.max_popularity, count)
-            for key, (partition, state) in touched.items():
-                raw = state.to_bytes()
-                # Written through .data plus an explicit changelog send: faust would otherwise pick
-                # the partition of whatever event was current, which in a batch may be another one.
-                table.data[key] = raw
-                table.send_changelog(partition, key, raw, key_serializer="raw", value_serializer="raw")
-                cache[key] = (raw, state)
-            now = time.time()
-            for ev in events:
-                FEATURE_FRESHNESS.observe(max(0.0, now - ev.message.timestamp))
-            FEATURE_EVENTS.labels(result="applied").inc(applied)
-            FEATURE_EVENTS.labels(result="skipped_replay").inc(skipped)
-            STAGE_LATENCY.labels(stage="features_batch").observe(time.perf_counter() - t0)
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.table = declare_table(ctx)
+        self.tables = [self.table]
+        self.cache: dict[bytes, tuple[bytes, SessionState]] = ctx.tables["_session_cache"]
+        self.items = ItemLookup(ctx)
+        ctx.tables["_item_lookup"] = self.items
+
+    def recovered(self) -> None:
+        self.cache.clear()
+
+    def tick(self) -> None:
+        pass
+
+    def process(self, batch) -> None:
+        t0 = time.perf_counter()
+        table, cache, items = self.table, self.cache, self.items
+        data = table.data
+        lookup = items.get_many({r.event.item_id for r in batch})
+        popularity = items.popularity
+        touched: dict[bytes, tuple[int, SessionState]] = {}
+        applied = skipped = 0
+        for rec in batch:
+            m = rec.event
+            key = m.user_id.encode()
+            entry = touched.get(key)
+            if entry is None:
+                raw = data.get(key)
+                hit = cache.get(key)
+                # Requests read the cached state on their own thread: fold into a private copy and
+                # publish it with the new bytes, never mutate what a reader may hold.
+                state = hit[1].copy() if hit is not None and hit[0] is raw else SessionState.from_bytes(raw)
+                entry = touched[key] = (rec.partition, state)
+            vec, category = lookup[m.item_id]
+            event_type = m.type.value
+            try:
+                ok = apply_event(
+                    entry[1], offset=rec.offset, event_type=event_type, item_id=m.item_id,
+                    ts_ms=m.ts_ms, item_vec=vec, item_category=category,
+                )
+            except Exception as exc:  # a bug must not kill the worker: keep the event, move on
+                log.exception("feature update failed at %s[%d]@%d", BEHAVIOUR.name(self.ctx.settings.topic_prefix),
+                              rec.partition, rec.offset)
+                self.ctx.behaviour.dead_letter(rec.msg, repr(exc), "processing")
+                continue
+            if ok:
+                applied += 1
+                if event_type != "impression":
+                    count = popularity.get(m.item_id, 0) + 1
+                    popularity[m.item_id] = count
+                    if count > items.max_popularity:
+                        items.max_popularity = count
+            else:
+                skipped += 1
+        for key, (partition, state) in touched.items():
+            raw = state.to_bytes()
+            # Cache first: a reader that finds the new bytes also finds their decoded state.
+            cache[key] = (raw, state)
+            table.put(partition, key, raw)
+        now = time.time()
+        for rec in batch:
+            FEATURE_FRESHNESS.observe(max(0.0, now - rec.ts_s))
+        FEATURE_EVENTS.labels(result="applied").inc(applied)
+        FEATURE_EVENTS.labels(result="skipped_replay").inc(skipped)
+        STAGE_LATENCY.labels(stage="features_batch").observe(time.perf_counter() - t0)

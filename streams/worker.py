@@ -16,7 +16,7 @@ import typer
 from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
 from recstream.metrics import serve_metrics
-from streams.app import ALL_AGENTS, create_app
+from streams.app import ALL_AGENTS, create_app, uses_faust
 
 log = logging.getLogger("streams.worker")
 READY_LINE = "recstream worker ready"
@@ -58,7 +58,11 @@ def main(
     @app.timer(0.5)
     async def _announce_ready() -> None:
         # Once: after table recovery finished and partitions are assigned (tests wait for this line).
-        if not ctx.tables.get("_ready") and app.tables.recovery.completed.is_set() and app.consumer.assignment():
+        if ctx.tables.get("_ready"):
+            return
+        faust_ready = not uses_faust(chosen) or (app.tables.recovery.completed.is_set() and app.consumer.assignment())
+        behaviour_ready = ctx.behaviour is None or ctx.behaviour.ready.is_set()
+        if faust_ready and behaviour_ready:
             ctx.tables["_ready"] = True
             # Open Qdrant, the Triton clients and the ranker now, not on the first request (the
             # ranker import and its metadata probe take seconds on a busy box).

@@ -1,0 +1,253 @@
+"""The behaviour topic, consumed in batches by librdkafka on its own thread, outside faust.
+
+faust's per-event stream machinery cost ~720 Python calls per behaviour event (two agents read the
+topic, each through its own stream), which capped the worker at ~5,000 events/s on 2 cores and
+shared the event loop with requests. Here one confluent-kafka consumer reads batches of up to
+BATCH_MAX messages, decodes each message once, and hands the batch to every processor (session
+features, feedback joiner), which fold it into their ChangelogTables.
+
+Ordering: one user's events are on one partition and a batch keeps partition order, so each user
+is folded in offset order. Delivery: at least once, with the tables never behind the committed
+offsets: every COMMIT_INTERVAL_S (and on revoke and stop) the producer that carries the changelog
+writes, training examples and dead letters is flushed, and only if every record was acknowledged
+are the consumed offsets committed. The fold functions skip events they already applied, so the
+replayed tail after a crash changes nothing. On assignment, the tables of the assigned partitions
+are recovered from their changelogs before any input of those partitions is processed.
+
+Requests run on faust's event loop in the main thread; this thread holds the GIL only while it
+folds a batch (the waits for Kafka release it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from recstream.client.producer import producer_config
+from recstream.contracts.events import BehaviourEvent
+from recstream.contracts.topics import BEHAVIOUR
+from recstream.kafka.dead_letters import DeadLetterSink
+from recstream.kafka.serde import InvalidEvent, decode
+from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS, STAGE_LATENCY
+from streams.changelog import ChangelogTable, ensure_changelog
+
+log = logging.getLogger(__name__)
+
+#: Up to 5,000 messages per batch: at 20k events/s a batch is a quarter second of input, big
+#: enough to amortise per-batch work (one state write per touched user).
+BATCH_MAX = 5000
+#: consume() returns when BATCH_MAX messages are there or after this long: 5 ms is 5 % of the
+#: 100 ms freshness budget, and at low rates keeps the thread from waking per message.
+BATCH_WITHIN_S = 0.005
+#: Offsets are committed (after the changelog flush) this often; a kill -9 replays at most this
+#: much input, which the idempotent folds skip.
+COMMIT_INTERVAL_S = 1.0
+#: How long a commit waits for the broker to acknowledge the changelog writes before giving up
+#: this round (the offsets stay uncommitted; the next round tries again).
+FLUSH_TIMEOUT_S = 10.0
+#: Timers of the processors (feedback windows) run this often, between batches.
+TICK_S = 0.25
+
+
+class Record:
+    """One decoded behaviour message: the message (for dead letters), where it came from, the event."""
+
+    __slots__ = ("event", "msg", "offset", "partition", "ts_s")
+
+    def __init__(self, msg: Message, partition: int, offset: int, ts_s: float, event: BehaviourEvent) -> None:
+        self.msg = msg
+        self.partition = partition
+        self.offset = offset
+        self.ts_s = ts_s  # producer CreateTime, seconds
+        self.event = event
+
+
+class Processor(Protocol):
+    tables: Sequence[ChangelogTable]
+
+    def process(self, batch: list[Record]) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def recovered(self) -> None: ...
+
+
+class BehaviourLoop:
+    """One consumer thread for the behaviour topic feeding `processors` (in order, same batch)."""
+
+    def __init__(self, ctx: Any, processors: Sequence[Processor], group_id: str) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.processors = list(processors)
+        self.group_id = group_id
+        self.topic = BEHAVIOUR.name(self.settings.topic_prefix)
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._positions: dict[int, int] = {}  # partition -> next offset to commit
+        self._delivery_errors = 0  # since the last commit
+        self._consumer: Consumer | None = None
+        # Changelog records, training examples and dead letters: one producer, so one flush before a
+        # commit covers everything this consumer's offsets stand for.
+        self.producer = Producer(producer_config(self.settings, **{"linger.ms": 5}))
+        self.dead_letters = DeadLetterSink(self._produce_dead_letter, ctx.worker)
+        for proc in self.processors:
+            for table in proc.tables:
+                table.bind(self.producer, self._on_delivery)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> BehaviourLoop:
+        for proc in self.processors:
+            for table in proc.tables:
+                ensure_changelog(self.settings, table.topic, table.partitions)
+        self._thread = threading.Thread(target=self._run_guarded, name="behaviour", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run_guarded(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            # A dead consumer thread would leave the worker answering from frozen features: stop the
+            # whole worker instead, so its supervisor restarts it (state recovers from the changelog).
+            log.critical("behaviour consumer failed; stopping the worker", exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _run(self) -> None:
+        self._consumer = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 10,  # a quiet topic must not delay the next event by the 500 ms default
+            "queued.max.messages.kbytes": 65536,
+            # A worker restarted after kill -9 must not wait long for the dead member's session to expire.
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1000,
+        })
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        next_commit = time.monotonic() + COMMIT_INTERVAL_S
+        next_tick = time.monotonic() + TICK_S
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(BATCH_MAX, timeout=BATCH_WITHIN_S)
+                if msgs:
+                    self._process(msgs)
+                now = time.monotonic()
+                if now >= next_tick and self.ready.is_set():
+                    for proc in self.processors:
+                        proc.tick()
+                    next_tick = now + TICK_S
+                if now >= next_commit:
+                    self._commit()
+                    next_commit = time.monotonic() + COMMIT_INTERVAL_S
+                self.producer.poll(0)
+            self._commit()
+        finally:
+            self._consumer.close()
+
+    # --- rebalance ----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
+        t0 = time.perf_counter()
+        for proc in self.processors:
+            for table in proc.tables:
+                table.recover(self.settings, parts)
+            proc.recovered()
+        log.info("behaviour: assigned partitions %s, tables recovered in %.2fs", parts, time.perf_counter() - t0)
+        self.ready.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit()
+        for tp in partitions:
+            self._positions.pop(tp.partition, None)
+
+    # --- the batch ----------------------------------------------------------------------------
+
+    def _process(self, msgs: list[Message]) -> None:
+        t0 = time.perf_counter()
+        max_bytes = self.settings.max_message_bytes
+        batch: list[Record] = []
+        positions = self._positions
+        for msg in msgs:
+            if msg.error():
+                log.warning("behaviour consumer: %s", msg.error())
+                continue
+            partition, offset = msg.partition(), msg.offset()
+            positions[partition] = offset + 1
+            try:
+                event = decode(BEHAVIOUR, msg.value(), max_bytes)
+            except InvalidEvent as exc:
+                self.dead_letter(msg, exc.detail, exc.reason)
+                continue
+            batch.append(Record(msg, partition, offset, msg.timestamp()[1] / 1000.0, event))
+        EVENTS_IN.labels(topic=self.topic, worker=self.ctx.worker).inc(len(msgs))
+        STAGE_LATENCY.labels(stage="behaviour_decode").observe(time.perf_counter() - t0)
+        for proc in self.processors:
+            proc.process(batch)
+
+    def dead_letter(self, msg: Message, error: str, error_type: str) -> None:
+        self.dead_letters.publish(
+            topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), key=msg.key(), value=msg.value(),
+            error=error, error_type=error_type,
+        )
+
+    # --- output ---------------------------------------------------------------------------------
+
+    def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
+    def _produce_dead_letter(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self.produce(topic, key, value)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self._delivery_errors += 1
+            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
+            log.error("delivery to %s failed: %s", msg.topic(), err)
+        elif msg.value() is not None and not msg.topic().endswith("-changelog"):
+            EVENTS_OUT.labels(topic=msg.topic(), worker=self.ctx.worker).inc()
+
+    def _commit(self) -> None:
+        """Flush the changelog (and every other output), then commit what it covers."""
+        if not self._positions or self._consumer is None:
+            return
+        positions = dict(self._positions)
+        t0 = time.perf_counter()
+        remaining = self.producer.flush(FLUSH_TIMEOUT_S)
+        if self._delivery_errors:
+            # A changelog record is lost: committing would make it permanent. Stop (the guard stops
+            # the worker); a restart recovers the tables and replays from the last good commit.
+            raise RuntimeError(f"{self._delivery_errors} outputs of the behaviour consumer were not delivered")
+        if remaining:
+            # Not acknowledged yet (a slow broker): keep the offsets uncommitted, try next round.
+            log.warning("behaviour: %d records unacknowledged after %.0fs; offsets not committed",
+                        remaining, FLUSH_TIMEOUT_S)
+            return
+        offsets = [TopicPartition(self.topic, p, off) for p, off in positions.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # e.g. a rebalance in progress: the next round commits
+            log.warning("behaviour: commit failed (%s); retrying next round", exc)
+            return
+        STAGE_LATENCY.labels(stage="behaviour_commit").observe(time.perf_counter() - t0)

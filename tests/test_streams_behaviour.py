@@ -1,0 +1,189 @@
+"""The batched behaviour consumer (streams.behaviour) and its changelog tables, against a real broker.
+
+Checks what the stream e2e tests rely on: one user's events arrive in offset order, invalid
+messages are dead-lettered once, tables recover from their changelog before any input is folded,
+and a restarted consumer continues from the committed offsets with the state those offsets stand for.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from recstream.client import EventProducer
+from recstream.client.producer import producer_config
+from recstream.config import Settings
+from recstream.contracts.events import BehaviourEvent
+from recstream.contracts.topics import BEHAVIOUR, dead_letter_topic
+from streams.behaviour import BehaviourLoop, Record
+from streams.changelog import ChangelogTable, changelog_topic, ensure_changelog
+
+pytestmark = [pytest.mark.kafka]
+
+
+class Recorder:
+    """A processor that keeps, per user, the offsets it saw, and writes each user's count to its table."""
+
+    def __init__(self, topic: str) -> None:
+        self.table = ChangelogTable("counts", topic, BEHAVIOUR.partitions)
+        self.tables = [self.table]
+        self.seen: dict[str, list[int]] = {}
+        self.recovered_keys: list[int] = []
+        self.batches = 0
+        self.lock = threading.Lock()
+
+    def recovered(self) -> None:
+        self.recovered_keys.append(len(self.table.data))
+
+    def tick(self) -> None:
+        pass
+
+    def process(self, batch: list[Record]) -> None:
+        with self.lock:
+            self.batches += 1
+            for rec in batch:
+                self.seen.setdefault(rec.event.user_id, []).append(rec.offset)
+                key = rec.event.user_id.encode()
+                count = int(self.table.data.get(key, b"0")) + 1
+                self.table.put(rec.partition, key, str(count).encode())
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.seen.values())
+
+
+def _loop(settings: Settings, recorder: Recorder, group: str) -> BehaviourLoop:
+    ctx = SimpleNamespace(settings=settings, worker="test")
+    return BehaviourLoop(ctx, [recorder], group_id=group).start()
+
+
+def _events(users: int, per_user: int, start: int = 0) -> list[BehaviourEvent]:
+    return [
+        BehaviourEvent(type="click", user_id=f"u{u}", item_id=str(start + i), ts_ms=1_000 + start + i)
+        for i in range(per_user)
+        for u in range(users)
+    ]
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def _committed(settings: Settings, group: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    topic = BEHAVIOUR.name(settings.topic_prefix)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(BEHAVIOUR.partitions)]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def _ends(settings: Settings) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "ends"})
+    topic = BEHAVIOUR.name(settings.topic_prefix)
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(BEHAVIOUR.partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def test_changelog_table_recovers_puts_and_tombstones_per_partition(settings: Settings) -> None:
+    topic = changelog_topic(f"{settings.topic_prefix}app", "t")
+    ensure_changelog(settings, topic, 4)
+    ensure_changelog(settings, topic, 4)  # idempotent
+    producer = Producer(producer_config(settings))
+    table = ChangelogTable("t", topic, 4)
+    table.bind(producer, lambda err, msg: None)
+    for p in range(4):
+        for i in range(50):
+            table.put(p, f"k{p}-{i % 10}".encode(), f"v{i}".encode())
+    table.delete(2, b"k2-3")
+    assert producer.flush(10) == 0
+
+    again = ChangelogTable("t", topic, 4)
+    assert again.recover(settings, range(4)) == 4 * 50 + 1
+    assert again.data == table.data and b"k2-3" not in again.data
+    assert again.data[b"k1-9"] == b"v49"
+    only0 = ChangelogTable("t", topic, 4)
+    only0.recover(settings, [0])
+    assert set(only0.data) == {k for k in table.data if k.startswith(b"k0-")}
+
+
+def test_batches_keep_user_order_dead_letter_once_and_commit_what_the_changelog_holds(settings: Settings) -> None:
+    topic = BEHAVIOUR.name(settings.topic_prefix)
+    group = f"{settings.topic_prefix}behaviour-test"
+    events = _events(users=25, per_user=80)
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", events[:1000])
+        p.send_raw(topic, b"u3", b"{not json")
+        p.send_raw(topic, b"u4", json.dumps({"type": "teleport", "user_id": "u4", "item_id": "1"}).encode())
+        p.send_many("behaviour", events[1000:])
+    recorder = Recorder(changelog_topic(f"{settings.topic_prefix}app", "counts"))
+    loop = _loop(settings, recorder, group)
+    try:
+        _wait(lambda: recorder.total() >= len(events), 60, "not every event reached the processor")
+    finally:
+        loop.stop()
+    assert recorder.total() == len(events)
+    for user, offsets in recorder.seen.items():
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets), user
+        assert int(recorder.table.data[user.encode()]) == len(offsets)
+    assert recorder.batches < len(events) / 10, "events were not batched"
+
+    # Stopping committed everything it folded, and the changelog holds the state those offsets mean.
+    assert _committed(settings, group) == _ends(settings)
+    recovered = ChangelogTable("counts", recorder.table.topic, 4)
+    recovered.recover(settings, range(4))
+    assert recovered.data == recorder.table.data
+
+    dlq = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "dlq", "auto.offset.reset": "earliest"})
+    dlq.subscribe([dead_letter_topic(topic)])
+    letters: list[dict] = []
+    deadline = time.monotonic() + 30
+    while len(letters) < 2 and time.monotonic() < deadline:
+        msg = dlq.poll(0.5)
+        if msg is not None and not msg.error():
+            letters.append(json.loads(msg.value()))
+    dlq.close()
+    assert sorted(x["error_type"] for x in letters) == ["malformed_json", "schema"]
+
+
+def test_restart_recovers_before_folding_and_continues_from_the_commit(settings: Settings) -> None:
+    group = f"{settings.topic_prefix}behaviour-test"
+    changelog = changelog_topic(f"{settings.topic_prefix}app", "counts")
+    first = _events(users=10, per_user=30)
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", first)
+    a = Recorder(changelog)
+    loop = _loop(settings, a, group)
+    try:
+        _wait(lambda: a.total() >= len(first), 60, "first run did not finish")
+    finally:
+        loop.stop()
+
+    second = _events(users=10, per_user=20, start=1000)
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", second)
+    b = Recorder(changelog)
+    loop = _loop(settings, b, group)
+    try:
+        _wait(lambda: b.total() >= len(second), 60, "second run did not finish")
+        time.sleep(0.5)
+    finally:
+        loop.stop()
+    assert b.recovered_keys and b.recovered_keys[0] == 10, "the table was not recovered before folding"
+    assert b.total() == len(second), "the restart re-read input the first run had committed"
+    assert {k: int(v) for k, v in b.table.data.items()} == {f"u{u}".encode(): 50 for u in range(10)}
