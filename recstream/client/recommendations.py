@@ -45,7 +45,11 @@ class RecommendationClient:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            msgs = self._consumer.consume(num_messages=500, timeout=0.05)
+            # poll() returns at the first message; consume(n, timeout) would wait until n messages or
+            # the whole timeout (measured: +50 ms median per result at a 50 ms timeout). Then take
+            # whatever else is already fetched, without waiting.
+            first = self._consumer.poll(0.05)
+            msgs = [first, *self._consumer.consume(num_messages=500, timeout=0)] if first is not None else []
             self._ready.set()
             for msg in msgs:
                 if msg.error():
