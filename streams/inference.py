@@ -24,6 +24,7 @@ from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
 log = logging.getLogger(__name__)
 
 RANKER_MODEL = "ranker"
+_ZEROS = np.zeros(384, np.float32)
 
 
 class ModelUnavailable(RuntimeError):
@@ -105,9 +106,9 @@ class InProcessRanker:
 class TritonRanker:
     """The learned ranker served by Triton as model 'ranker' (recstream.models.ranker's wire form).
 
-    CONTEXT [1, 768] = session vector ++ query vector (zeros = none), CANDIDATES [1, n, 384],
-    CAND_FEATURES [1, n, 4] from recstream.models.ranker.candidate_features (the one function
-    training uses too), SCORES [1, n].
+    CONTEXT [B, 768] = session vector ++ query vector (zeros = none), CANDIDATES [B, n, 384],
+    CAND_FEATURES [B, n, K] from recstream.models.ranker.candidate_features (the one function
+    training uses too), SCORES [B, n]; B requests per call (up to the model's max_batch_size).
     """
 
     version = "ranker"
@@ -123,6 +124,16 @@ class TritonRanker:
         self.model = model
         self.breaker = CircuitBreaker()
         self.version = self._model_version()
+        self.max_batch = self._max_batch()
+
+    def _max_batch(self) -> int:
+        """Rows one call may carry (the model config's max_batch_size; 1 if it does not batch)."""
+        try:
+            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)
+            return max(1, int(cfg["config"].get("max_batch_size", 0)))
+        except Exception as exc:
+            log.warning("ranker config unavailable (%s); one request per call", exc)
+            return 1
 
     def _model_version(self) -> str:
         try:
@@ -142,12 +153,12 @@ class TritonRanker:
     ) -> tuple[np.ndarray, str]:
         """Scores and the version Triton says produced them: versions change live (promotion,
         rollback), so each answer reports the version of its own response, not one read at start."""
-        if not self.breaker.allow():
-            raise ModelUnavailable("ranker: circuit open after a recent failure")
-        n = len(candidates)
-        if n == 0:
-            return np.zeros(0, np.float32), self.version
-        zeros = np.zeros(384, np.float32)
+        scores, version = self.score_many([(ctx, candidates)], timeout_s)
+        return scores[0], version
+
+    def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""
+        zeros = _ZEROS
         context = np.concatenate([
             ctx.session_vec if ctx.session_vec is not None else zeros,
             ctx.query_vec if ctx.query_vec is not None else zeros,
@@ -160,15 +171,43 @@ class TritonRanker:
             ctx.recent_categories,
             ctx.max_popularity,
         )
+        return context, items, feats
+
+    def score_many(
+        self, jobs: Sequence[tuple[RankContext, list[Candidate]]], timeout_s: float
+    ) -> tuple[list[np.ndarray], str]:
+        """Scores for up to `max_batch` requests in ONE Triton call (rows of a batch, candidates padded
+        to the longest list; the ranker scores each candidate on its own, so padding changes nothing).
+
+        On a busy 2-core box each call costs ~1-2 ms of gRPC and python-backend overhead, far more
+        than the MLP itself; one call per batch of requests instead of one per request."""
+        if not self.breaker.allow():
+            raise ModelUnavailable("ranker: circuit open after a recent failure")
+        if len(jobs) > self.max_batch:
+            raise ValueError(f"{len(jobs)} requests in one ranker call; the model takes at most {self.max_batch}")
+        sizes = [len(c) for _, c in jobs]
+        out: list[np.ndarray] = [np.zeros(0, np.float32) for _ in jobs]
+        live = [i for i, n in enumerate(sizes) if n]
+        if not live:
+            return out, self.version
+        width = max(sizes)
+        rows = [self._rows(*jobs[i]) for i in live]
+        n_feat = rows[0][2].shape[1]
+        context = np.stack([r[0] for r in rows])
+        items = np.zeros((len(rows), width, _ZEROS.size), np.float32)
+        feats = np.zeros((len(rows), width, n_feat), np.float32)
+        for j, (_, it, ft) in enumerate(rows):
+            items[j, : len(it)] = it
+            feats[j, : len(ft)] = ft
         inputs = []
-        for name, arr in (("CONTEXT", context[None]), ("CANDIDATES", items[None]), ("CAND_FEATURES", feats[None])):
+        for name, arr in (("CONTEXT", context), ("CANDIDATES", items), ("CAND_FEATURES", feats)):
             inp = self._tc.InferInput(name, list(arr.shape), "FP32")
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         t0 = time.perf_counter()
         try:
             res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
-            scores = res.as_numpy("SCORES").reshape(-1)[:n]
+            scores = res.as_numpy("SCORES").reshape(len(rows), width)
             served = res.get_response().model_version
         except Exception as exc:
             self.breaker.failure()
@@ -178,4 +217,6 @@ class TritonRanker:
         TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
         if served:
             self.version = f"{self.model}-v{served}"
-        return scores.astype(np.float32), self.version
+        for j, i in enumerate(live):
+            out[i] = scores[j, : sizes[i]].astype(np.float32)
+        return out, self.version

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,28 +67,47 @@ def register(ctx: StreamContext) -> None:
     @ctx.app.agent(source_topic(ctx, "requests"), name="recommender")
     async def recommender(stream) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            timer = _Timer()
+            t0 = time.perf_counter()
             decoded = ctx.decode_events(REQUESTS, events)
-            timer.lap("decode")
-            if decoded and _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
-                # Already past the model budget while queued (overload): don't add a Triton wait.
-                query_vecs, encoder_error = _cached_queries(ctx, [m for _, m in decoded]), "over_budget"
-            else:
-                query_vecs, encoder_error = await _embed_queries(ctx, [m for _, m in decoded])
-            timer.lap("embed")
-            # Requests of a batch are answered concurrently: each mostly waits on Triton (in the
-            # thread pool), and Triton's dynamic batcher merges concurrent ranker calls.
-            await asyncio.gather(*(_answer_and_publish(ctx, ev, req, query_vecs, encoder_error)
-                                   for ev, req in decoded))
-            timer.lap("answer_batch")
+            STAGE_LATENCY.labels(stage="decode").observe(time.perf_counter() - t0)
+            await answer_batch(ctx, decoded)
 
 
-async def _answer_and_publish(
-    ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None
-) -> None:
+async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, RecommendationRequest]]) -> None:
+    """Answer and publish a batch of (event, request): one encoder call for its new query texts,
+    retrieval per request, ONE ranker call per `ranker.max_batch` requests, then re-rank and publish."""
+    timer = _Timer()
+    if decoded and _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
+        # Already past the model budget while queued (overload): don't add a Triton wait.
+        query_vecs, encoder_error = _cached_queries(ctx, [m for _, m in decoded]), "over_budget"
+    else:
+        query_vecs, encoder_error = await _embed_queries(ctx, [m for _, m in decoded])
+    timer.lap("embed")
+    prepared: list[_Pending] = []
+    for ev, req in decoded:
+        try:
+            over_budget = _age_s(ev) > ctx.settings.triton_timeout_s
+            prepared.append(await _prepare(ctx, ev, req, query_vecs, encoder_error, over_budget=over_budget))
+        except Exception as exc:  # one bad request must not stop the partition
+            _failed(ctx, ev, exc)
+    await _rank(ctx, prepared)
+    for p in prepared:
+        _publish(ctx, p)
+    timer.lap("answer_batch")
+
+
+def _failed(ctx: StreamContext, ev, exc: BaseException) -> None:
+    msg = ev.message
+    log.error("request failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset, exc_info=exc)
+    ctx.dead_letter(ev, repr(exc), "processing")
+
+
+def _publish(ctx: StreamContext, p: _Pending) -> None:
+    ev, req = p.ev, p.req
     try:
-        over_budget = _age_s(ev) > ctx.settings.triton_timeout_s
-        answer = await _answer(ctx, req, query_vecs, encoder_error, over_budget=over_budget)
+        if p.error is not None:
+            raise p.error
+        answer = _finish(ctx, p)
         result = answer.result.model_copy(
             update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)}
         )
@@ -98,9 +118,7 @@ async def _answer_and_publish(
             DEGRADED.labels(reason=answer.degraded_reason).inc()
         STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(max(0.0, time.time() - ev.message.timestamp))
     except Exception as exc:  # one bad request must not stop the partition
-        msg = ev.message
-        log.exception("request failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset)
-        ctx.dead_letter(ev, repr(exc), "processing")
+        _failed(ctx, ev, exc)
 
 
 async def _embed_queries(
@@ -142,10 +160,26 @@ def _cached_queries(ctx: StreamContext, requests: list[RecommendationRequest]) -
     return out
 
 
-async def _answer(
-    ctx: StreamContext, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None,
+@dataclass
+class _Pending:
+    """One request between retrieval and publishing."""
+
+    ev: Any
+    req: RecommendationRequest
+    rctx: RankContext
+    candidates: list[Candidate]
+    degraded: str | None
+    scores: np.ndarray | None = None
+    version: str = ""
+    reasons: list[dict[str, float]] | None = None
+    error: BaseException | None = None
+
+
+async def _prepare(
+    ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None,
     over_budget: bool = False,
-) -> Answer:
+) -> _Pending:
+    """Session context and retrieved candidates of one request (no model call yet)."""
     timer = _Timer()
     session = read_session(ctx, req.user_id)
     filt = build_filter(req, session)
@@ -188,34 +222,63 @@ async def _answer(
         for h in hits
     ]
     timer.lap("retrieve")
-
-    ranker = ctx.ranker
-    version = ranker.version
-    reasons: list[dict[str, float]] = [{} for _ in candidates]
-    if degraded is None and over_budget and not isinstance(ranker, InProcessRanker):
+    if degraded is None and over_budget and not isinstance(ctx.ranker, InProcessRanker):
         # The request waited past settings.triton_timeout_s in the queue: answer now from retrieval
         # rather than queue another Triton call behind an overloaded server.
         degraded = "over_budget"
-    if degraded is not None:
-        scores = np.array([c.retrieval_score for c in candidates], np.float32)
-    else:
-        try:
-            if isinstance(ranker, InProcessRanker):
-                scores = ranker.score(rctx, candidates, ctx.settings.triton_timeout_s)
-                reasons = ranker.impl.reasons(rctx, candidates)
-            else:
-                scores, version = await ctx.in_thread(
-                    ranker.score_versioned, rctx, candidates, ctx.settings.triton_timeout_s
-                )
-        except ModelUnavailable as exc:
-            log.warning("ranker unavailable, answering from retrieval scores: %s", exc)
-            degraded = "ranker_unavailable"
-            scores = np.array([c.retrieval_score for c in candidates], np.float32)
-    if degraded is not None:
-        version = "retrieval"
-        reasons = [{"retrieval": round(c.retrieval_score, 4)} for c in candidates]
-    timer.lap("rank")
+    return _Pending(ev, req, rctx, candidates, degraded)
 
+
+async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
+    """Scores for every prepared request: in-process one by one, on Triton one call per
+    `ranker.max_batch` requests (the calls of one batch run concurrently in the thread pool)."""
+    t0 = time.perf_counter()
+    ranker = ctx.ranker
+    todo = [p for p in prepared if p.degraded is None]
+    timeout_s = ctx.settings.triton_timeout_s
+    if isinstance(ranker, InProcessRanker):
+        for p in todo:
+            try:
+                p.scores = ranker.score(p.rctx, p.candidates, timeout_s)
+                p.reasons = ranker.impl.reasons(p.rctx, p.candidates)
+                p.version = ranker.version
+            except Exception as exc:
+                p.error = exc
+    elif todo:
+        size = max(1, getattr(ranker, "max_batch", 1))
+        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+        results = await asyncio.gather(
+            *(ctx.in_thread(ranker.score_many, [(p.rctx, p.candidates) for p in chunk], timeout_s) for chunk in chunks),
+            return_exceptions=True,
+        )
+        for chunk, res in zip(chunks, results, strict=True):
+            if isinstance(res, ModelUnavailable):
+                log.warning("ranker unavailable, answering %d requests from retrieval scores: %s", len(chunk), res)
+                for p in chunk:
+                    p.degraded = "ranker_unavailable"
+            elif isinstance(res, BaseException):
+                for p in chunk:
+                    p.error = res
+            else:
+                scores, version = res
+                for p, sc in zip(chunk, scores, strict=True):
+                    p.scores, p.version = sc, version
+    for p in prepared:
+        if p.degraded is not None:
+            p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)
+            p.version = "retrieval"
+            p.reasons = [{"retrieval": round(c.retrieval_score, 4)} for c in p.candidates]
+    elapsed = time.perf_counter() - t0
+    for _ in prepared:
+        STAGE_LATENCY.labels(stage="rank").observe(elapsed)
+
+
+def _finish(ctx: StreamContext, p: _Pending) -> Answer:
+    """Diversify, apply the exploration policy, and build the result of one ranked request."""
+    timer = _Timer()
+    req, candidates, scores = p.req, p.candidates, p.scores
+    assert scores is not None
+    reasons = p.reasons if p.reasons is not None else [{} for _ in candidates]
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
     policy = ctx.policy
     if policy.name == "greedy":
@@ -238,9 +301,9 @@ async def _answer(
     timer.lap("rerank")
     result = RecommendationResult(
         request_id=req.request_id, user_id=req.user_id, session_id=req.session_id, kind=req.kind,
-        items=items, model_version=version, degraded=degraded is not None, policy=policy.name,
+        items=items, model_version=p.version, degraded=p.degraded is not None, policy=policy.name,
     )
-    return Answer(result, degraded)
+    return Answer(result, p.degraded)
 
 
 async def _read(ctx: StreamContext, fn, *args):
