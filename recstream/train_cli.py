@@ -60,12 +60,13 @@ def train_retrieval(
     dataset: str = typer.Option("ml-100k", help="Built-in name or generic-form directory"),
     finetune: str = typer.Option("lora", help="lora | full | frozen"),
     split: str = typer.Option("leave-last-out", help="leave-last-out | cold (held-out cold items)"),
-    epochs: int = typer.Option(6),
-    patience: int = typer.Option(2),
-    max_history: int = typer.Option(30),
+    epochs: int = typer.Option(15),
+    patience: int = typer.Option(3),
+    max_history: int = typer.Option(50),
     fresh_items: int = typer.Option(32, help="Target items re-encoded with gradients per step"),
     batch_size: int = typer.Option(64),
-    windows_per_user: int = typer.Option(2),
+    windows: str = typer.Option("all", help="all: every training transition once per epoch; sampled"),
+    windows_per_user: int = typer.Option(2, help="With --windows sampled"),
     lr_text: float = typer.Option(0.0, help="0 = default for the fine-tuning mode"),
     seed: int = typer.Option(0),
     max_minutes: float = typer.Option(0.0, help="Wall-time budget; stops after the epoch past it (0 = none)"),
@@ -84,6 +85,7 @@ def train_retrieval(
         max_history=max_history,
         fresh_items_per_step=fresh_items,
         batch_size=batch_size,
+        windows=windows,  # type: ignore[arg-type]
         windows_per_user=windows_per_user,
         lr_text=lr_text or None,
         seed=seed,
@@ -138,6 +140,9 @@ def train_ranker_cmd(
     batch_size: int = typer.Option(128),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0),
+    out_of_fold: bool = typer.Option(
+        True, help="Build training lists with a retrieval model that never saw those positions (trained first)"
+    ),
     out: Path = typer.Option(None, help="Default artifacts/ranker (or ranker_cold for a cold-split retrieval)"),
 ) -> None:
     """Train the MLP ranker on retrieval hard negatives; early-stops on validation NDCG@10 after rerank."""
@@ -146,6 +151,7 @@ def train_ranker_cmd(
     from recstream.models.ranker import (
         RankerConfig,
         RankingContext,
+        out_of_fold_retrieval,
         request_times,
         rerank_scores,
         split_events,
@@ -157,6 +163,7 @@ def train_ranker_cmd(
     sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
     model, _ = _load_retrieval(retrieval, sp)
     cfg = RankerConfig(
+        init_retrieval_weight=1.0 / model.cfg.temperature,
         epochs=epochs,
         positions_per_user=positions_per_user,
         n_hard=n_hard,
@@ -178,6 +185,11 @@ def train_ranker_cmd(
         events=split_events(sp),
         train_times=split_train_times(sp),
         valid_times=request_times(sp, valid.users, valid.histories),
+        example_retrieval=out_of_fold_retrieval(
+            sp, model.cfg, positions_per_user, retrieval.with_name(f"{retrieval.name}_fold{positions_per_user}")
+        )
+        if out_of_fold
+        else None,
     )
     test = sp.cases("test")
     ctx = RankingContext(cats, sp.train_seqs, sp.n_items, split_events(sp))

@@ -25,6 +25,7 @@ from recstream.models.ranker import (
     new_ranker,
     rerank_scores,
     train_ranker,
+    truncate_sequences,
 )
 
 
@@ -119,10 +120,8 @@ class _ToyRetrieval:
         return torch.stack([F.normalize(self.item_vectors[torch.as_tensor(h)].mean(0), dim=0) for h in histories])
 
 
-def test_ranker_training_learns_toy_task():
-    torch.set_num_threads(1)
-    toy = _ToyRetrieval()
-    rng = np.random.default_rng(1)
+def _toy_sessions(toy: _ToyRetrieval, rng: np.random.Generator) -> list[np.ndarray]:
+    seqs = []
     seqs = []
     for _ in range(150):
         items = [int(rng.integers(60))]
@@ -131,6 +130,13 @@ def test_ranker_training_learns_toy_task():
             pool = np.setdiff1d(np.flatnonzero(toy.cluster == c), items)  # no repeats, as in ML-100k
             items.append(int(rng.choice(pool)))
         seqs.append(np.array(items))
+    return seqs
+
+
+def test_ranker_training_learns_toy_task():
+    torch.set_num_threads(1)
+    toy = _ToyRetrieval()
+    seqs = _toy_sessions(toy, np.random.default_rng(1))
     cats = [f"c{c}" for c in toy.cluster]
     train = [s[:-1] for s in seqs]
     hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
@@ -157,3 +163,50 @@ def test_committed_ranker_model_py_is_the_export_template() -> None:
     assert versions, "no exported ranker version in model_repo/ranker"
     for path in versions:
         assert path.read_text() == MODEL_PY, f"{path} differs from recstream.models.export.MODEL_PY; re-export"
+
+
+class _MemorisingRetrieval(_ToyRetrieval):
+    """The toy retrieval, plus what an over-fitted model does: for histories it was trained on, the
+    session vector leans toward the item that really came next (an inflated positive score)."""
+
+    def __init__(self, seqs: list[np.ndarray], **kw: object) -> None:
+        super().__init__(**kw)
+        self.memory = {tuple(s[:t].tolist()): int(s[t]) for s in seqs for t in range(1, len(s))}
+
+    def session_vectors_from_index(self, histories):
+        out = super().session_vectors_from_index(histories)
+        for r, h in enumerate(histories):
+            nxt = self.memory.get(tuple(np.asarray(h).tolist()))
+            if nxt is not None:
+                out[r] = F.normalize(out[r] + 1.5 * self.item_vectors[nxt], dim=0)
+        return out
+
+
+def test_truncate_sequences_drops_the_last_items_but_keeps_one():
+    out = truncate_sequences([np.arange(10), np.arange(3), np.arange(1)], 4)
+    assert [len(s) for s in out] == [6, 1, 1]
+    np.testing.assert_array_equal(out[0], np.arange(6))
+
+
+def test_out_of_fold_lists_teach_the_ranker_what_in_sample_lists_hide():
+    """Trained on lists from a model that memorised those positions, the ranker learns 'trust the
+    retrieval score' (the positive always wins it) and misses the category signal; lists from a
+    model that never saw them (out of fold) teach it."""
+    torch.set_num_threads(1)
+    toy = _ToyRetrieval()
+    seqs = _toy_sessions(toy, np.random.default_rng(1))
+    train = [s[:-1] for s in seqs]
+    memorising = _MemorisingRetrieval(train)
+    cats = [f"c{c}" for c in toy.cluster]
+    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
+    cfg = RankerConfig(
+        epochs=12, patience=12, batch_size=32, n_hard=10, n_random=5, positions_per_user=4, rerank_depth=30
+    )
+    ctx = RankingContext(cats, train, 60)
+    ndcg = {}
+    for name, examples in (("in_sample", None), ("out_of_fold", toy)):
+        # no validation data: keep the last epoch, so early stopping cannot rescue the in-sample ranker
+        ranker, _ = train_ranker(cfg, memorising, train, cats, progress=False, example_retrieval=examples)
+        reranked = rerank_scores(ranker, memorising, ctx, hist, depth=30)
+        ndcg[name] = metrics_from_ranks(target_ranks(reranked, tgt, hist))["NDCG@10"]
+    assert ndcg["out_of_fold"] > ndcg["in_sample"] + 0.02, ndcg

@@ -301,6 +301,12 @@ class RankingContext:
         )
 
 
+def truncate_sequences(train_seqs: Sequence[np.ndarray], n_last: int) -> list[np.ndarray]:
+    """Each user's training sequence without its last `n_last` items (>= 1 item kept): the training
+    set of the out-of-fold retrieval model whose scores the ranker learns from."""
+    return [np.asarray(s[: max(1, len(s) - n_last)]) for s in train_seqs]
+
+
 def split_events(split: object) -> tuple[np.ndarray, np.ndarray]:
     """(item index, ts) of a split's training interactions."""
     train = split.train  # type: ignore[attr-defined]
@@ -402,10 +408,16 @@ def train_ranker(
     events: tuple[np.ndarray, np.ndarray] | None = None,
     train_times: Sequence[np.ndarray] | None = None,
     valid_times: Sequence[float | None] | None = None,
+    example_retrieval: object | None = None,
 ) -> tuple[Ranker, dict[str, float]]:
     """Listwise softmax over [positive + hard retrieved + random] for the last training positions.
 
-    Early stopping uses full-ranking NDCG@10 of retrieval->rerank on the validation cases.
+    `example_retrieval` builds the training lists: pass a retrieval model fitted WITHOUT each user's
+    last `positions_per_user` items (`truncate_sequences`), so the retrieval scores the ranker learns
+    from are out-of-sample, as they are at serving time. With the serving model itself, the
+    positives are transitions it memorised, their retrieval score is inflated, and the ranker learns
+    nothing but "trust retrieval". Early stopping uses full-ranking NDCG@10 of `retrieval` -> rerank
+    on the validation cases.
     """
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
 
@@ -420,8 +432,15 @@ def train_ranker(
             hist.append(s[:t])
             pos.append(s[t])
             when.append(None if train_times is None else float(train_times[u][t - 1]))
-    context, cands, feats = _examples(retrieval, ctx, hist, np.asarray(pos), cfg.n_hard, cfg.n_random, rng, when)
-    vecs = retrieval.item_vectors  # type: ignore[attr-defined]
+    source, source_ctx = retrieval, ctx
+    if example_retrieval is not None:
+        # popularity as the out-of-fold model knew it: the positives' own interactions not counted
+        source = example_retrieval
+        source_ctx = RankingContext(
+            item_categories, truncate_sequences(train_seqs, cfg.positions_per_user), n_items, events
+        )
+    context, cands, feats = _examples(source, source_ctx, hist, np.asarray(pos), cfg.n_hard, cfg.n_random, rng, when)
+    vecs = source.item_vectors  # type: ignore[attr-defined]
     log.info("ranker: %d training lists of %d candidates", len(hist), cands.shape[1])
 
     ranker = new_ranker(cfg, data_hash)
@@ -431,9 +450,9 @@ def train_ranker(
     best: dict[str, torch.Tensor] | None = None
     stats: dict[str, float] = {}
 
-    def _valid() -> float:
+    def _valid(epoch: int) -> float:
         if valid_histories is None or valid_targets is None:
-            return 0.0
+            return float(epoch)  # no validation: every epoch is "better", so the last one is kept
         net.eval()
         s = rerank_scores(ranker, retrieval, ctx, valid_histories, cfg.rerank_depth, valid_times)
         ranks = target_ranks(s, valid_targets, list(valid_histories))
@@ -443,7 +462,7 @@ def train_ranker(
     labels = torch.zeros(cfg.batch_size, dtype=torch.long)  # the positive is always column 0
     # epoch 0 = the initialisation, which reproduces the retrieval order: the ranker that ships is
     # never worse than retrieval on validation
-    stats["valid_ndcg10_epoch0"] = _valid()
+    stats["valid_ndcg10_epoch0"] = _valid(0)
     stopper.step(stats["valid_ndcg10_epoch0"], 0)
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
@@ -458,7 +477,7 @@ def train_ranker(
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        value = _valid()
+        value = _valid(epoch)
         stats[f"train_loss_epoch{epoch}"] = float(np.mean(losses))
         stats[f"valid_ndcg10_epoch{epoch}"] = value
         log.info("ranker epoch %d loss %.4f valid NDCG@10 %.4f", epoch, np.mean(losses), value)
@@ -473,11 +492,41 @@ def train_ranker(
         train_seconds=time.perf_counter() - t0,
         peak_rss_mb=peak_rss_mb(),
         best_epoch=float(stopper.best_step),
-        valid_ndcg10=float(stopper.best or 0.0),
+        valid_ndcg10=float(stopper.best or 0.0) if valid_histories is not None else float("nan"),
         n_lists=float(len(hist)),
     )
     ranker.meta.metrics.update({k: v for k, v in stats.items() if not k.startswith(("train_loss", "valid_ndcg10_"))})
     return ranker, stats
+
+
+def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, path: Path) -> object:
+    """The retrieval model the ranker learns from: the serving model's config, trained without each
+    user's last `n_last` training items, validated on the first of them. Cached at `path` (reused
+    when it was trained on exactly this split)."""
+    from recstream.models.training import read_meta, split_fingerprint
+    from recstream.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
+
+    fp = f"{split_fingerprint(split)}:fold{n_last}"
+    meta = read_meta(path)
+    if meta is not None and meta.data_hash == fp:
+        return TwoTowerModel.load(path)[0]
+    cfg = TwoTowerConfig.model_validate(retrieval_cfg.model_dump())  # type: ignore[attr-defined]
+    full = split.train_seqs  # type: ignore[attr-defined]
+    seqs = truncate_sequences(full, n_last)
+    users = [u for u, s in enumerate(full) if len(s) > n_last]
+    targets = np.array([full[u][len(seqs[u])] for u in users], dtype=np.int64)
+    cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
+    model, stats = train_two_tower(
+        cfg,
+        seqs,
+        split.item_texts,
+        [seqs[u] for u in users],
+        targets,
+        cats,
+        item_ids=split.item_ids,  # type: ignore[attr-defined]
+    )
+    model.save(path, CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats))
+    return model
 
 
 # --- quality-bench adapter ---------------------------------------------------------------------
@@ -519,8 +568,13 @@ class TwoTowerRankerRecommender:
             self.info = {"checkpoint": str(path), "reused": True, **self.ranker.meta.metrics}
         else:
             valid = split.cases("valid")  # type: ignore[attr-defined]
+            cfg = RankerConfig(init_retrieval_weight=1.0 / self.retrieval.cfg.temperature)  # type: ignore[attr-defined]
+            fold_path = (
+                ARTIFACTS_DIR / f"two_tower_{self.finetune}_fold{cfg.positions_per_user}{'_cold' if cold else ''}"
+            )
+            fold = out_of_fold_retrieval(split, self.retrieval.cfg, cfg.positions_per_user, fold_path)  # type: ignore[attr-defined]
             self.ranker, stats = train_ranker(
-                RankerConfig(),
+                cfg,
                 self.retrieval,
                 split.train_seqs,
                 cats,
@@ -530,6 +584,7 @@ class TwoTowerRankerRecommender:
                 events=split_events(split),
                 train_times=split_train_times(split),
                 valid_times=request_times(split, valid.users, valid.histories),
+                example_retrieval=fold,
             )
             self.ranker.meta.extra["retrieval_checkpoint"] = retr_path
             self.ranker.save(path)
