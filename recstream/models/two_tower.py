@@ -77,7 +77,10 @@ class TwoTowerConfig(BaseModel):
     weight_decay: float = 0.01
     batch_size: int = Field(64, description="Sequences per step")
     fresh_items_per_step: int = Field(32, description="Target items re-encoded with gradients per step")
-    windows_per_user: int = Field(2, description="Random sequence windows per user and epoch")
+    windows: Literal["sampled", "all"] = Field(
+        "all", description="all: non-overlapping windows covering every training transition once per epoch"
+    )
+    windows_per_user: int = Field(2, description="With windows='sampled': random windows per user and epoch")
     query_prob: float = Field(0.15, description="Share of positions trained with the target's category as query")
     id_residual: bool = Field(
         True, description="Add a learned per-item vector to the text vector of items seen in training"
@@ -479,6 +482,18 @@ def _sample_windows(
     return [out[i] for i in order]
 
 
+def _all_windows(seqs: Sequence[np.ndarray], max_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Non-overlapping windows of max_len+1 items from each sequence's end: every transition once."""
+    out: list[np.ndarray] = []
+    for s in seqs:
+        end = len(s)
+        while end >= 2:
+            out.append(s[max(0, end - max_len - 1) : end])
+            end -= max_len
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
 def evaluate_retrieval(
     model: TwoTowerModel,
     histories: Sequence[np.ndarray],
@@ -544,7 +559,7 @@ def train_two_tower(
 
     def _validate(epoch: int) -> float:
         if valid_histories is None or valid_targets is None:
-            return float(-epoch)  # no validation: keep the last epoch
+            return float(epoch)  # no validation: every epoch is "better", so the last one is kept
         m = evaluate_retrieval(model, valid_histories, valid_targets)
         log.info("epoch %d valid NDCG@10=%.4f HR@10=%.4f", epoch, m["NDCG@10"], m["HR@10"])
         stats[f"valid_ndcg10_epoch{epoch}"] = m["NDCG@10"]
@@ -559,7 +574,10 @@ def train_two_tower(
         assert cache is not None
         if cat_tokens is not None:
             cat_vectors = model.item_tower.encode_tokens(cat_tokens)
-        windows = _sample_windows(train_seqs, cfg.max_history, cfg.windows_per_user, rng)
+        if cfg.windows == "all":
+            windows = _all_windows(train_seqs, cfg.max_history, rng)
+        else:
+            windows = _sample_windows(train_seqs, cfg.max_history, cfg.windows_per_user, rng)
         n_steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
         bar = tqdm(range(n_steps), desc=f"two-tower[{cfg.finetune}] epoch {epoch}", disable=not progress)
         losses = []
