@@ -183,6 +183,31 @@ class VectorStore:
         )
         return [_hit(p, p.score) for p in res.points]
 
+    def search_many(
+        self, queries: Sequence[tuple[np.ndarray, int, CandidateFilter | None]], with_vectors: bool = True
+    ) -> list[list[Hit]]:
+        """`search` for several (vector, limit, filter) at once, same results: in local mode one
+        matrix product for all of them (a batch of requests shares the pass over the catalogue), on
+        a server one query_batch_points round trip."""
+        if not queries:
+            return []
+        if self._index is not None:
+            return self._index.search_many([(np.asarray(v, np.float32), k, f) for v, k, f in queries])
+        res = self.client.query_batch_points(
+            self.collection,
+            requests=[
+                models.QueryRequest(
+                    query=np.asarray(v, dtype=np.float32).tolist(),
+                    filter=to_qdrant_filter(f) if f is not None else None,
+                    limit=k,
+                    with_payload=True,
+                    with_vector=with_vectors,
+                )
+                for v, k, f in queries
+            ],
+        )
+        return [[_hit(p, p.score) for p in r.points] for r in res]
+
     def scroll(self, limit: int, filt: CandidateFilter | None = None, with_vectors: bool = True) -> list[Hit]:
         """Any `limit` items passing `filt` (no query vector: a cold user with no session yet)."""
         if self._index is not None:
@@ -313,26 +338,41 @@ class _ReadIndex:
             return self._search(query, limit, f)
 
     def _search(self, query: np.ndarray | None, limit: int, f: CandidateFilter | None) -> list[Hit]:
+        if query is None:
+            mask = self.mask(f)
+            if limit <= 0:
+                return []
+            top = np.flatnonzero(mask)[:limit]
+            return self._hits(top, np.zeros(top.size, np.float32))
+        # One matrix-vector product over every row (no gather copy of the allowed rows), then
+        # excluded rows pushed to -inf: ~0.1-0.3 ms for the MovieLens catalog.
+        sims = self.vectors[: self.size] @ _normalise(query.astype(np.float32))
+        return self._top(sims, limit, f)
+
+    def search_many(self, queries: Sequence[tuple[np.ndarray, int, CandidateFilter | None]]) -> list[list[Hit]]:
+        with self.lock:
+            q = np.stack([_normalise(v.astype(np.float32)) for v, _, _ in queries], axis=1)
+            # [n_items, B] in one product: the catalogue is read once for the whole batch.
+            sims = self.vectors[: self.size] @ q
+            return [self._top(np.ascontiguousarray(sims[:, j]), k, f) for j, (_, k, f) in enumerate(queries)]
+
+    def _top(self, sims: np.ndarray, limit: int, f: CandidateFilter | None) -> list[Hit]:
+        """The best `limit` rows by `sims` that pass `f` (sims is consumed)."""
         mask = self.mask(f)
         n_ok = int(mask.sum())
         if n_ok == 0 or limit <= 0:
             return []
-        if query is None:
-            top = np.flatnonzero(mask)[:limit]
-            scores = np.zeros(top.size, np.float32)
-        else:
-            q = _normalise(query.astype(np.float32))
-            # One matrix-vector product over every row (no gather copy of the allowed rows), then
-            # excluded rows pushed to -inf: ~0.3 ms for the MovieLens catalog.
-            sims = self.vectors[: self.size] @ q
-            sims[~mask] = -np.inf
-            k = min(limit, n_ok)
-            part = np.argpartition(-sims, k - 1)[:k] if sims.size > k else np.arange(sims.size)
-            top = part[np.argsort(-sims[part], kind="stable")]
-            scores = sims[top]
+        sims[~mask] = -np.inf
+        k = min(limit, n_ok)
+        part = np.argpartition(-sims, k - 1)[:k] if sims.size > k else np.arange(sims.size)
+        top = part[np.argsort(-sims[part], kind="stable")]
+        return self._hits(top, sims[top])
+
+    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        vectors = self.vectors[rows]  # one gather copy; each hit gets its own row of it
         return [
-            Hit(self.item_ids[r], float(s), dict(self.payloads[r] or {}), self.vectors[r].copy())  # type: ignore[arg-type]
-            for r, s in zip(top, scores, strict=True)
+            Hit(self.item_ids[r], s, dict(self.payloads[r] or {}), vectors[j])  # type: ignore[arg-type]
+            for j, (r, s) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True))
         ]
 
 

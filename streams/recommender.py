@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,8 +74,9 @@ def register(ctx: StreamContext) -> None:
 
 
 async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, RecommendationRequest]]) -> None:
-    """Answer and publish a batch of (event, request): one encoder call for its new query texts,
-    retrieval per request, ONE ranker call per `ranker.max_batch` requests, then re-rank and publish."""
+    """Answer and publish a batch of (event, request): one encoder call for its new query texts, one
+    store call for its vector searches, ONE ranker call per `ranker.max_batch` requests, then re-rank
+    and publish each."""
     timer = _Timer()
     if decoded and _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
         # Already past the model budget while queued (overload): don't add a Triton wait.
@@ -87,9 +88,15 @@ async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, Recommendati
     for ev, req in decoded:
         try:
             over_budget = _age_s(ev) > ctx.settings.triton_timeout_s
-            prepared.append(await _prepare(ctx, ev, req, query_vecs, encoder_error, over_budget=over_budget))
+            prepared.append(_context(ctx, ev, req, query_vecs, encoder_error, over_budget=over_budget))
         except Exception as exc:  # one bad request must not stop the partition
             _failed(ctx, ev, exc)
+    try:
+        await _retrieve(ctx, prepared)
+    except Exception as exc:  # the store failed for the batch: dead-letter its requests, keep going
+        for p in prepared:
+            _failed(ctx, p.ev, exc)
+        return
     await _rank(ctx, prepared)
     for p in prepared:
         _publish(ctx, p)
@@ -173,13 +180,15 @@ class _Pending:
     version: str = ""
     reasons: list[dict[str, float]] | None = None
     error: BaseException | None = None
+    filt: Any = None
+    hits: list[Any] = field(default_factory=list)
 
 
-async def _prepare(
+def _context(
     ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None,
     over_budget: bool = False,
 ) -> _Pending:
-    """Session context and retrieved candidates of one request (no model call yet)."""
+    """Session context, filter and retrieval plan of one request (candidates come in _retrieve)."""
     timer = _Timer()
     session = read_session(ctx, req.user_id)
     filt = build_filter(req, session)
@@ -198,35 +207,57 @@ async def _prepare(
         recent_categories=recent_categories,
         max_popularity=float(lookup.max_popularity) if lookup is not None else 1.0,
     )
-    timer.lap("context")
-
     degraded: str | None = None
-    limit = max(CANDIDATES_MIN, CANDIDATE_FACTOR * req.k)
-    store = ctx.store
     if req.query and rctx.query_vec is None:
         degraded = encoder_error or "encoder_unavailable"
-        hits = await _read(ctx, store.scroll, LEXICAL_SCAN, filt)
-        for h in hits:
-            h.score = lexical_score(req.query, h.payload)
-        hits = sorted(hits, key=lambda h: -h.score)[:limit]
-    else:
-        vec = rctx.query_vec if rctx.query_vec is not None else session_vec
-        if vec is not None:
-            hits = await _read(ctx, store.search, vec, limit, filt)
-        else:  # a cold user with no session and no query: any eligible items
-            hits = await _read(ctx, store.scroll, limit, filt)
-    popularity = lookup.popularity if lookup is not None else {}
-    candidates = [
-        Candidate(h.item_id, h.score, h.vector, h.payload.get("category"), h.payload,
-                  float(popularity.get(h.item_id, 0)))
-        for h in hits
-    ]
-    timer.lap("retrieve")
-    if degraded is None and over_budget and not isinstance(ctx.ranker, InProcessRanker):
+    elif over_budget and not isinstance(ctx.ranker, InProcessRanker):
         # The request waited past settings.triton_timeout_s in the queue: answer now from retrieval
         # rather than queue another Triton call behind an overloaded server.
         degraded = "over_budget"
-    return _Pending(ev, req, rctx, candidates, degraded)
+    timer.lap("context")
+    return _Pending(ev, req, rctx, [], degraded, filt=filt)
+
+
+def _limit(req: RecommendationRequest) -> int:
+    return max(CANDIDATES_MIN, CANDIDATE_FACTOR * req.k)
+
+
+async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
+    """Candidates for every request of a batch: the vector searches in one store call
+    (VectorStore.search_many), lexical and cold-start scans one by one."""
+    t0 = time.perf_counter()
+    store = ctx.store
+    searches: list[tuple[_Pending, np.ndarray]] = []
+    for p in pending:
+        req, rctx = p.req, p.rctx
+        limit = _limit(req)
+        if req.query and rctx.query_vec is None:  # degraded search: no query vector
+            hits = await _read(ctx, store.scroll, LEXICAL_SCAN, p.filt)
+            for h in hits:
+                h.score = lexical_score(req.query, h.payload)
+            p.hits = sorted(hits, key=lambda h: -h.score)[:limit]
+        else:
+            vec = rctx.query_vec if rctx.query_vec is not None else rctx.session_vec
+            if vec is not None:
+                searches.append((p, vec))
+            else:  # a cold user with no session and no query: any eligible items
+                p.hits = await _read(ctx, store.scroll, limit, p.filt)
+    if searches:
+        found = await _read(ctx, store.search_many, [(vec, _limit(p.req), p.filt) for p, vec in searches])
+        for (p, _), hits in zip(searches, found, strict=True):
+            p.hits = hits
+    lookup = ctx.tables.get("_item_lookup")
+    popularity = lookup.popularity if lookup is not None else {}
+    for p in pending:
+        p.candidates = [
+            Candidate(h.item_id, h.score, h.vector, h.payload.get("category"), h.payload,
+                      float(popularity.get(h.item_id, 0)))
+            for h in p.hits
+        ]
+        p.hits = []
+    elapsed = time.perf_counter() - t0
+    for _ in pending:
+        STAGE_LATENCY.labels(stage="retrieve").observe(elapsed)
 
 
 async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:

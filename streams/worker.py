@@ -34,6 +34,17 @@ def parse_agents(spec: str) -> tuple[str, ...]:
     return agents
 
 
+def _one_blas_thread() -> None:
+    """numpy's OpenBLAS defaults to one thread per core. Its products here are small (a catalogue
+    x a few queries); on a shared 2-core box a second BLAS thread waits for a core and the call
+    takes milliseconds instead of ~0.1 ms. The event loop and the behaviour thread are the parallelism."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without it, OpenBLAS keeps its default
+        return
+    threadpool_limits(1, user_api="blas")
+
+
 @cli.command()
 def main(
     agents: str = typer.Option("all", help="all, or a comma list of " + ",".join(ALL_AGENTS)),
@@ -43,6 +54,7 @@ def main(
 ) -> None:
     settings = get_settings()
     chosen = parse_agents(agents)
+    _one_blas_thread()
     if settings.qdrant_url is None and chosen != ALL_AGENTS:
         log.warning("Qdrant local mode: another worker process cannot open %s at the same time", settings.qdrant_path)
     created = ensure_topics(settings)

@@ -56,3 +56,30 @@ def test_local_store_index_matches_qdrant_and_is_idempotent(tmp_path: Path) -> N
     assert reopened.count() == 298
     assert [h.item_id for h in reopened.search(q, 5)] == expected
     reopened.close()
+
+
+def test_search_many_equals_one_search_per_query(tmp_path: Path) -> None:
+    """The batched read (one matrix product locally, query_batch_points through Qdrant) returns what
+    one search per query returns, filters included."""
+    items, vecs = _items(300)
+    store = VectorStore(Settings(qdrant_path=tmp_path / "q"))
+    store.upsert(items, vecs)
+    direct = VectorStore.__new__(VectorStore)  # same client, reads forced through Qdrant
+    direct.__dict__.update(store.__dict__)
+    direct._index = None
+    queries = [
+        (vecs[3], 10, None),
+        (vecs[40] * 5.0, 25, CandidateFilter(exclude_ids=frozenset({"m40", "m41"}), max_price=20.0)),
+        (vecs[7], 5, CandidateFilter(categories=("Comedy",), in_stock_only=True)),
+        (vecs[9], 3, CandidateFilter(categories=("Nothing",))),  # nothing passes
+    ]
+    for impl in (store, direct):
+        many = impl.search_many(queries)
+        assert len(many) == len(queries)
+        for (v, k, f), got in zip(queries, many, strict=True):
+            one = store.search(v, k, f)
+            assert [h.item_id for h in got] == [h.item_id for h in one]
+            assert np.allclose([h.score for h in got], [h.score for h in one], atol=1e-5)
+            assert all(np.allclose(a.vector, b.vector, atol=1e-6) for a, b in zip(got, one, strict=True))
+    assert store.search_many([]) == []
+    store.close()

@@ -1,0 +1,52 @@
+"""Several requests in one Triton ranker call (streams.inference.TritonRanker.score_many), through a real
+tritonserver: the scores equal one call per request (padding to the longest candidate list changes
+nothing), empty candidate lists are fine, and a batch over the model's max_batch_size is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recstream.config import Settings
+from recstream.recommend.scoring import Candidate, RankContext
+from streams.inference import TritonRanker
+
+pytestmark = [pytest.mark.triton]
+
+
+def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    v = rng.normal(size=(n, 384)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _job(rng: np.random.Generator, n: int, query: bool) -> tuple[RankContext, list[Candidate]]:
+    vecs = _unit(rng, n + 2)
+    cats = ["Drama", "Comedy", "Horror"]
+    ctx = RankContext(
+        query_vec=vecs[0] if query else None,
+        session_vec=vecs[1],
+        affinity={"Drama": 0.7, "Horror": 0.3},
+        recent_items=["1", "2"],
+        recent_categories=["Drama", "Horror", "Drama"],
+        max_popularity=40.0,
+    )
+    cands = [
+        Candidate(f"i{i}", float(rng.uniform(-1, 1)), vecs[i + 2], cats[i % 3], {}, float(i % 7)) for i in range(n)
+    ]
+    return ctx, cands
+
+
+def test_one_call_for_many_requests_scores_like_one_call_each(triton_server) -> None:
+    ranker = TritonRanker(Settings(triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url))
+    assert ranker.max_batch >= 2, "the ranker model should accept batches (config max_batch_size)"
+    rng = np.random.default_rng(0)
+    jobs = [_job(rng, 50, True), _job(rng, 0, False), _job(rng, 17, False), _job(rng, 3, True)]
+    jobs = jobs[: ranker.max_batch]
+    batched, version = ranker.score_many(jobs, timeout_s=10.0)
+    assert version.startswith("ranker-v")
+    assert [len(s) for s in batched] == [len(c) for _, c in jobs]
+    for (ctx, cands), got in zip(jobs, batched, strict=True):
+        one, _ = ranker.score_versioned(ctx, cands, timeout_s=10.0)
+        assert np.allclose(got, one, atol=1e-5)
+    with pytest.raises(ValueError, match="at most"):
+        ranker.score_many([jobs[0]] * (ranker.max_batch + 1), timeout_s=10.0)
