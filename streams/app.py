@@ -1,10 +1,11 @@
 """The one faust App of the stream processors, built by a factory (no module-global app, faust #439).
 
-faust runs the catalog indexer and the recommender. The behaviour topic (session features and the
-feedback joiner) is consumed outside faust, in batches on its own thread (streams.behaviour).
+faust runs the catalog indexer. The behaviour topic (session features and the feedback joiner) is
+consumed outside faust, in batches on its own thread (streams.behaviour), and so are requests
+(streams.requests, assigned the same partitions as behaviour, so a user's session is local).
 
-State contract: the app id names the consumer groups (faust's `<app id>`, the behaviour consumer's
-`<app id>-behaviour`) and every table's changelog topic (`<app id>-<table>-changelog`). Tables
+State contract: the app id names the consumer groups (faust's `<app id>`, `<app id>-behaviour`,
+`<app id>-requests`) and every table's changelog topic (`<app id>-<table>-changelog`). Tables
 recover from those changelogs after a restart, so the id and APP_VERSION are part of the state
 contract: changing either starts from empty tables and re-consumes the source topics from the
 beginning; changing a table's value encoding without bumping APP_VERSION would make a restarted
@@ -83,6 +84,7 @@ class StreamContext:
     _policy: Any = None
     _rng: Any = None
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
+    requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
     # 8 threads: up to a batch of concurrent requests waiting on Triton; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
 
@@ -210,6 +212,8 @@ class StreamContext:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
+        if self.requests is not None:
+            self.requests.stop()
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
         if self._producer is not None:
@@ -283,8 +287,9 @@ def create_app(
     )
     app.ctx = ctx  # type: ignore[attr-defined]
 
-    from streams import catalog_indexer, feedback_joiner, recommender, session_features
+    from streams import catalog_indexer, feedback_joiner, session_features
     from streams.behaviour import BehaviourLoop
+    from streams.requests import RequestLoop
 
     # Features own the sessions table; the recommender and the joiner read it, so it is declared
     # whenever any of them runs (co-partitioned with behaviour and requests by user_id).
@@ -292,8 +297,6 @@ def create_app(
         session_features.declare_table(ctx)
     if "catalog" in agents:
         catalog_indexer.register(ctx)
-    if "recommender" in agents:
-        recommender.register(ctx)
     processors: list[Any] = []
     if "feedback" in agents:  # first: an example's context is the session before its own batch
         processors.append(feedback_joiner.FeedbackJoiner(ctx))
@@ -301,15 +304,30 @@ def create_app(
         processors.append(session_features.SessionFeatures(ctx))
     if processors:
         ctx.behaviour = BehaviourLoop(ctx, processors, group_id=f"{app_id(settings)}-behaviour")
+    if "recommender" in agents:
+        ctx.requests = RequestLoop(ctx, group_id=f"{app_id(settings)}-requests")
+        if ctx.behaviour is not None:  # answer exactly the partitions whose tables are here
+            ctx.behaviour.requests = ctx.requests.follow()
 
-        @app.task
-        async def _start_behaviour() -> None:
-            ctx.store  # noqa: B018 - opened here, before the consumer thread needs it (one opener)
+    @app.task
+    async def _start_consumers() -> None:
+        # Handles are opened here, on one thread, before the consumer threads need them.
+        if {"catalog", "recommender", "features"} & set(agents):
+            ctx.store  # noqa: B018
+        if ctx.requests is not None:
+            # the ranker import and its metadata probe take seconds on a busy box: not on a request
+            ctx.embedder  # noqa: B018
+            ctx.ranker  # noqa: B018
+            ctx.policy  # noqa: B018
+            ctx.producer  # noqa: B018
+            ctx.requests.start()
+        if ctx.behaviour is not None:
             ctx.behaviour.start()
 
     return app
 
 
 def uses_faust(agents: Iterable[str]) -> bool:
-    """Whether any of the agents runs on faust's consumer (the others run on streams.behaviour)."""
-    return bool({"catalog", "recommender"} & set(agents))
+    """Whether any of the agents runs on faust's consumer (the others run on streams.behaviour and
+    streams.requests)."""
+    return "catalog" in set(agents)

@@ -94,6 +94,8 @@ class BehaviourLoop:
         self._positions: dict[int, int] = {}  # partition -> next offset to commit
         self._delivery_errors = 0  # since the last commit
         self._consumer: Consumer | None = None
+        # streams.requests.RequestLoop following this consumer's partitions (co-partitioning)
+        self.requests: Any = None
         # Changelog records, training examples and dead letters: one producer, so one flush before a
         # commit covers everything this consumer's offsets stand for.
         self.producer = Producer(producer_config(self.settings, **{"linger.ms": 5}))
@@ -172,9 +174,13 @@ class BehaviourLoop:
                 table.recover(self.settings, parts)
             proc.recovered()
         log.info("behaviour: assigned partitions %s, tables recovered in %.2fs", parts, time.perf_counter() - t0)
+        if self.requests is not None:  # requests of these users may now be answered here
+            self.requests.assign(parts)
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.requests is not None:  # first stop answering from tables this process is giving up
+            self.requests.revoke([tp.partition for tp in partitions])
         self._commit()
         for tp in partitions:
             self._positions.pop(tp.partition, None)

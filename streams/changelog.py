@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from recstream.config import Settings
@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 
 #: Recovery reads in large fetches: a changelog holds one record per written key per batch.
 RECOVERY_BATCH = 10_000
+#: Errors of a topic whose partitions have no leader yet (just created): wait, don't fail.
+_NOT_READY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._TIMED_OUT,
+}
 
 
 def changelog_topic(app_id: str, table: str) -> str:
@@ -94,6 +102,20 @@ class ChangelogTable:
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.01)
 
+    def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
+        """(low, high) of one changelog partition, retried while the broker is still electing the
+        leader of a just-created topic (NOT_LEADER_FOR_PARTITION, UNKNOWN_TOPIC_OR_PART...)."""
+        while True:
+            try:
+                return consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=5.0)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                retriable = isinstance(err, KafkaError) and (err.retriable() or err.code() in _NOT_READY)
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                log.info("changelog %s[%d] not ready yet (%s); retrying", self.topic, partition, err)
+                time.sleep(0.2)
+
     def recover(self, settings: Settings, partitions: Iterable[int], timeout_s: float = 120.0) -> int:
         """Read the changelog partitions from the beginning to their current end into `data`.
 
@@ -109,10 +131,11 @@ class ChangelogTable:
             "enable.partition.eof": False,
             "fetch.wait.max.ms": 10,
         })
+        deadline = time.monotonic() + timeout_s
         try:
             ends: dict[int, int] = {}
             for p in parts:
-                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=ADMIN_TIMEOUT_S)
+                low, high = self._watermarks(consumer, p, deadline)
                 if high > low:
                     ends[p] = high
             if not ends:
@@ -120,7 +143,6 @@ class ChangelogTable:
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in ends])
             pending = set(ends)
             read = 0
-            deadline = time.monotonic() + timeout_s
             while pending:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"recovering {self.topic} partitions {sorted(pending)}: end not reached")

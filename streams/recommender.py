@@ -19,23 +19,18 @@ from typing import Any
 import numpy as np
 
 from recstream.contracts.events import RankedItem, RecommendationRequest, RecommendationResult
-from recstream.contracts.topics import REQUESTS
 from recstream.kafka.serde import encode
 from recstream.metrics import DEGRADED, STAGE_LATENCY
 from recstream.recommend.candidates import build_filter
 from recstream.recommend.lexical import lexical_score
 from recstream.recommend.rerank import diversify
 from recstream.recommend.scoring import Candidate, RankContext
-from streams.app import StreamContext, source_topic
+from streams.app import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
 from streams.session_features import read_session
 
 log = logging.getLogger(__name__)
 
-#: Small batches within 2 ms: queries arriving together share one encoder call, and 2 ms is a
-#: small slice of the 50 ms budget.
-BATCH_MAX = 32
-BATCH_WITHIN_S = 0.002
 #: Candidates retrieved per request before ranking: 5x a typical k leaves room for filters and
 #: diversity without making the ranker call heavy.
 CANDIDATES_MIN = 50
@@ -61,16 +56,6 @@ class _Timer:
         now = time.perf_counter()
         STAGE_LATENCY.labels(stage=stage).observe(now - self.t)
         self.t = now
-
-
-def register(ctx: StreamContext) -> None:
-    @ctx.app.agent(source_topic(ctx, "requests"), name="recommender")
-    async def recommender(stream) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            t0 = time.perf_counter()
-            decoded = ctx.decode_events(REQUESTS, events)
-            STAGE_LATENCY.labels(stage="decode").observe(time.perf_counter() - t0)
-            await answer_batch(ctx, decoded)
 
 
 async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, RecommendationRequest]]) -> None:

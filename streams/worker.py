@@ -74,7 +74,8 @@ def main(
             return
         faust_ready = not uses_faust(chosen) or (app.tables.recovery.completed.is_set() and app.consumer.assignment())
         behaviour_ready = ctx.behaviour is None or ctx.behaviour.ready.is_set()
-        if faust_ready and behaviour_ready:
+        requests_ready = ctx.requests is None or ctx.requests.ready.is_set()
+        if faust_ready and behaviour_ready and requests_ready:
             ctx.tables["_ready"] = True
             # Open Qdrant, the Triton clients and the ranker now, not on the first request (the
             # ranker import and its metadata probe take seconds on a busy box).
