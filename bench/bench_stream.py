@@ -41,9 +41,22 @@ from recstream.kafka.serde import encode
 
 RUN = REPO_ROOT / "run" / "bench"
 QUERIES = [
-    "star wars", "romantic comedy", "horror", "space adventure", "animated film for children",
-    "crime thriller", "war drama", "documentary", "western", "musical", "science fiction",
-    "film noir mystery", "action hero", "love story", "funny family movie", "scary monsters",
+    "star wars",
+    "romantic comedy",
+    "horror",
+    "space adventure",
+    "animated film for children",
+    "crime thriller",
+    "war drama",
+    "documentary",
+    "western",
+    "musical",
+    "science fiction",
+    "film noir mystery",
+    "action hero",
+    "love story",
+    "funny family movie",
+    "scary monsters",
 ]
 
 
@@ -108,11 +121,15 @@ def _start_stack(args: argparse.Namespace):
     try:
         triton.start()
     except Exception as exc:  # a broken ranker export must not hide the stream figures
-        print(f"!! tritonserver with every model failed ({str(exc)[:300]}); retrying with text_encoder only,"
-              " ranking in-process", flush=True)
+        print(
+            f"!! tritonserver with every model failed ({str(exc)[:300]}); retrying with text_encoder only,"
+            " ranking in-process",
+            flush=True,
+        )
         triton.stop()
-        triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0,
-                              metrics_port=0, models=["text_encoder"])
+        triton = TritonServer(
+            REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0, metrics_port=0, models=["text_encoder"]
+        )
         triton.start()
         ranker_note = "in-process heuristic (Triton ranker failed to load)"
     return broker, bootstrap, triton, ranker_note
@@ -148,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = RUN / "qdrant-catalog"
         qdrant = RUN / f"qdrant-{prefix.rstrip('.')}"
         settings = Settings(
-            kafka_bootstrap=bootstrap, topic_prefix=prefix, triton_url=triton.url, triton_grpc_url=triton.grpc_url,
-            qdrant_path=qdrant, run_dir=RUN / "worker", log_level="WARNING",
+            kafka_bootstrap=bootstrap,
+            topic_prefix=prefix,
+            triton_url=triton.url,
+            triton_grpc_url=triton.grpc_url,
+            qdrant_path=qdrant,
+            run_dir=RUN / "worker",
+            log_level="WARNING",
         )
         ensure_topics(settings)
         items = catalog_events(data.items)
@@ -168,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
                 if time.time() - t0 > 300:
                     raise TimeoutError("catalog not indexed in 300 s")
-            print(f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s",
-                  flush=True)
+            print(
+                f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s", flush=True
+            )
         else:
             print(f"catalog: reusing the indexed Qdrant directory {snapshot}", flush=True)
 
@@ -194,9 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         t_applied = time.perf_counter() - t0
         worker_cpu = _cpu_seconds(worker.proc.pid) - cpu0
         events_per_s = n / t_applied
-        print(f"throughput: {n} events produced in {t_produced:.1f}s, applied in {t_applied:.1f}s "
-              f"-> {events_per_s:,.0f} events/s; worker CPU {worker_cpu:.1f}s ({n / worker_cpu:,.0f} events per "
-              f"worker CPU-second); load average {load0:.1f} on {os.cpu_count()} cores", flush=True)
+        print(
+            f"throughput: {n} events produced in {t_produced:.1f}s, applied in {t_applied:.1f}s "
+            f"-> {events_per_s:,.0f} events/s; worker CPU {worker_cpu:.1f}s ({n / worker_cpu:,.0f} events per "
+            f"worker CPU-second); load average {load0:.1f} on {os.cpu_count()} cores",
+            flush=True,
+        )
 
         # 3. mixed fixed-rate load ------------------------------------------------------------------
         if not have_snapshot:  # keep the indexed catalog for later runs (the worker still holds it: copy files)
@@ -275,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         import re
 
         for m in re.finditer(r'^recstream_stage_latency_seconds_sum\{stage="([^"]+)"\} (\S+)$', metrics_text, re.M):
-            cnt = re.search(rf'^recstream_stage_latency_seconds_count\{{stage="{m.group(1)}"\}} (\S+)$',
-                            metrics_text, re.M)
+            cnt = re.search(
+                rf'^recstream_stage_latency_seconds_count\{{stage="{m.group(1)}"\}} (\S+)$', metrics_text, re.M
+            )
             if cnt and float(cnt.group(1)):
                 stages[m.group(1)] = round(float(m.group(2)) / float(cnt.group(1)) * 1000, 3)
         result = {
@@ -307,8 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         producer.flush(30)
         rows = [
             {"metric": k, "value": result[k], "target": result["targets"].get(k, "-")}
-            for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "requests_per_s", "events_per_s",
-                      "freshness_ms_p99", "degraded_share")
+            for k in (
+                "latency_ms_p50",
+                "latency_ms_p95",
+                "latency_ms_p99",
+                "requests_per_s",
+                "events_per_s",
+                "freshness_ms_p99",
+                "degraded_share",
+            )
         ]
         print_table(f"stream bench (bench/results/{args.name}.json)", rows, ["metric", "value", "target"])
         print("worker stage means (ms):", json.dumps(stages))

@@ -203,8 +203,13 @@ class StreamContext:
     def dead_letter(self, ev: faust.types.EventT, error: str, error_type: str) -> None:
         msg = ev.message
         self.dead_letters.publish(
-            topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key, value=msg.value,
-            error=error, error_type=error_type,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            error=error,
+            error_type=error_type,
         )
 
     async def in_thread(self, fn, *args):
@@ -282,8 +287,12 @@ def create_app(
         broker_heartbeat_interval=1.0,
     )
     ctx = StreamContext(
-        settings=settings, worker=worker, app=app, agents=agents,
-        feedback_window_s=feedback_window_s, ranker_mode=ranker,
+        settings=settings,
+        worker=worker,
+        app=app,
+        agents=agents,
+        feedback_window_s=feedback_window_s,
+        ranker_mode=ranker,
     )
     app.ctx = ctx  # type: ignore[attr-defined]
 

@@ -129,20 +129,22 @@ class BehaviourLoop:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _run(self) -> None:
-        self._consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": self.group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            # The broker answers a parked fetch as soon as data arrives; the wait only bounds idle
-            # polling (each fetch costs broker CPU on the shared cores).
-            "fetch.wait.max.ms": 100,
-            "queued.max.messages.kbytes": 65536,
-            # A worker restarted after kill -9 must not wait long for the dead member's session to expire.
-            "session.timeout.ms": 10_000,
-            "heartbeat.interval.ms": 1000,
-        })
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                # The broker answers a parked fetch as soon as data arrives; the wait only bounds idle
+                # polling (each fetch costs broker CPU on the shared cores).
+                "fetch.wait.max.ms": 100,
+                "queued.max.messages.kbytes": 65536,
+                # A worker restarted after kill -9 must not wait long for the dead member's session to expire.
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1000,
+            }
+        )
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         next_commit = time.monotonic() + COMMIT_INTERVAL_S
         next_tick = time.monotonic() + TICK_S
@@ -211,8 +213,13 @@ class BehaviourLoop:
 
     def dead_letter(self, msg: Message, error: str, error_type: str) -> None:
         self.dead_letters.publish(
-            topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), key=msg.key(), value=msg.value(),
-            error=error, error_type=error_type,
+            topic=msg.topic(),
+            partition=msg.partition(),
+            offset=msg.offset(),
+            key=msg.key(),
+            value=msg.value(),
+            error=error,
+            error_type=error_type,
         )
 
     # --- output ---------------------------------------------------------------------------------
@@ -249,8 +256,9 @@ class BehaviourLoop:
             raise RuntimeError(f"{self._delivery_errors} outputs of the behaviour consumer were not delivered")
         if remaining:
             # Not acknowledged yet (a slow broker): keep the offsets uncommitted, try next round.
-            log.warning("behaviour: %d records unacknowledged after %.0fs; offsets not committed",
-                        remaining, FLUSH_TIMEOUT_S)
+            log.warning(
+                "behaviour: %d records unacknowledged after %.0fs; offsets not committed", remaining, FLUSH_TIMEOUT_S
+            )
             return
         offsets = [TopicPartition(self.topic, p, off) for p, off in positions.items()]
         try:

@@ -53,7 +53,8 @@ def ensure_changelog(settings: Settings, topic: str, partitions: int) -> None:
         return
     fut = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=1, config={"cleanup.policy": "compact"})],
-        operation_timeout=ADMIN_TIMEOUT_S, request_timeout=ADMIN_TIMEOUT_S,
+        operation_timeout=ADMIN_TIMEOUT_S,
+        request_timeout=ADMIN_TIMEOUT_S,
     )[topic]
     try:
         fut.result()
@@ -96,8 +97,9 @@ class ChangelogTable:
         assert self._producer is not None, "bind() the table to a producer first"
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key, partition=partition,
-                                       on_delivery=self._on_delivery)
+                self._producer.produce(
+                    self.topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
+                )
                 return
             except BufferError:  # local queue full: serve delivery reports, then retry
                 self._producer.poll(0.01)
@@ -124,13 +126,15 @@ class ChangelogTable:
         parts = sorted(set(partitions))
         if not parts:
             return 0
-        consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{self.topic}-recovery",  # required by librdkafka; assign() only, never committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-            "fetch.wait.max.ms": 10,
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": f"{self.topic}-recovery",  # required by librdkafka; assign() only, never committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+                "fetch.wait.max.ms": 10,
+            }
+        )
         deadline = time.monotonic() + timeout_s
         try:
             ends: dict[int, int] = {}

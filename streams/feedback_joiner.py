@@ -65,7 +65,10 @@ class FeedbackJoiner:
                     continue  # a replayed impression: its window is already open
                 session = read_session(self.ctx, m.user_id) if have_sessions else None
                 pending = PendingImpression.from_event(
-                    m, now_ms=now, window_ms=self.window_ms, partition=rec.partition,
+                    m,
+                    now_ms=now,
+                    window_ms=self.window_ms,
+                    partition=rec.partition,
                     context_items=session.recent if session is not None else [],
                 )
                 if pending is not None:

@@ -159,10 +159,12 @@ class TritonRanker:
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""
         zeros = _ZEROS
-        context = np.concatenate([
-            ctx.session_vec if ctx.session_vec is not None else zeros,
-            ctx.query_vec if ctx.query_vec is not None else zeros,
-        ]).astype(np.float32)
+        context = np.concatenate(
+            [
+                ctx.session_vec if ctx.session_vec is not None else zeros,
+                ctx.query_vec if ctx.query_vec is not None else zeros,
+            ]
+        ).astype(np.float32)
         items = np.stack([c.vector if c.vector is not None else zeros for c in candidates]).astype(np.float32)
         feats = self._features(
             np.array([c.retrieval_score for c in candidates], np.float32),

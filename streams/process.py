@@ -23,19 +23,21 @@ from streams.worker import READY_LINE
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process read `settings`."""
     env = dict(os.environ)
-    env.update({
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "TOPIC_PREFIX": settings.topic_prefix,
-        "TRITON_URL": settings.triton_url,
-        "TRITON_GRPC_URL": settings.triton_grpc_url,
-        "TRITON_TIMEOUT_S": str(settings.triton_timeout_s),
-        "QDRANT_PATH": str(settings.qdrant_path),
-        "RUN_DIR": str(settings.run_dir),
-        "LOG_LEVEL": settings.log_level,
-        "PYTHONPATH": str(REPO_ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "EXPLORATION_POLICY": settings.exploration_policy,
-    })
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TOPIC_PREFIX": settings.topic_prefix,
+            "TRITON_URL": settings.triton_url,
+            "TRITON_GRPC_URL": settings.triton_grpc_url,
+            "TRITON_TIMEOUT_S": str(settings.triton_timeout_s),
+            "QDRANT_PATH": str(settings.qdrant_path),
+            "RUN_DIR": str(settings.run_dir),
+            "LOG_LEVEL": settings.log_level,
+            "PYTHONPATH": str(REPO_ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "EXPLORATION_POLICY": settings.exploration_policy,
+        }
+    )
     if settings.exploration_seed is not None:
         env["EXPLORATION_SEED"] = str(settings.exploration_seed)
     if settings.qdrant_url:
@@ -59,7 +61,10 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.worker", *self.args],
-            env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
         )
         log.close()
         deadline = time.monotonic() + ready_timeout_s

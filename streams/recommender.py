@@ -100,9 +100,7 @@ def _publish(ctx: StreamContext, p: _Pending) -> None:
         if p.error is not None:
             raise p.error
         answer = _finish(ctx, p)
-        result = answer.result.model_copy(
-            update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)}
-        )
+        result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)})
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
@@ -129,7 +127,8 @@ async def _embed_queries(
     if not todo:
         return vecs, None
     try:
-        out = await ctx.in_thread(ctx.embedder.encode, todo, ctx.settings.triton_timeout_s)
+        # Called here, not in the pool: this loop (the request consumer's own) has nothing else to run.
+        out = ctx.embedder.encode(todo, ctx.settings.triton_timeout_s)
     except ModelUnavailable as exc:
         log.warning("query embedding unavailable, answering degraded: %s", exc)
         return vecs, "encoder_unavailable"
@@ -170,7 +169,11 @@ class _Pending:
 
 
 def _context(
-    ctx: StreamContext, ev, req: RecommendationRequest, query_vecs: dict[str, np.ndarray], encoder_error: str | None,
+    ctx: StreamContext,
+    ev,
+    req: RecommendationRequest,
+    query_vecs: dict[str, np.ndarray],
+    encoder_error: str | None,
     over_budget: bool = False,
 ) -> _Pending:
     """Session context, filter and retrieval plan of one request (candidates come in _retrieve)."""
@@ -235,8 +238,9 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
     popularity = lookup.popularity if lookup is not None else {}
     for p in pending:
         p.candidates = [
-            Candidate(h.item_id, h.score, h.vector, h.payload.get("category"), h.payload,
-                      float(popularity.get(h.item_id, 0)))
+            Candidate(
+                h.item_id, h.score, h.vector, h.payload.get("category"), h.payload, float(popularity.get(h.item_id, 0))
+            )
             for h in p.hits
         ]
         p.hits = []
@@ -263,10 +267,20 @@ async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
     elif todo:
         size = max(1, getattr(ranker, "max_batch", 1))
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-        results = await asyncio.gather(
-            *(ctx.in_thread(ranker.score_many, [(p.rctx, p.candidates) for p in chunk], timeout_s) for chunk in chunks),
-            return_exceptions=True,
-        )
+        # All but the first chunk go to the thread pool (concurrent calls: Triton's dynamic batcher
+        # takes them together); the first is called right here. answer_batch runs on the request
+        # consumer's own loop, which has nothing else to do meanwhile, and a thread hop costs a
+        # scheduling delay on an oversubscribed box (the gRPC wait releases the GIL either way).
+        rest = [
+            asyncio.ensure_future(ctx.in_thread(ranker.score_many, [(p.rctx, p.candidates) for p in chunk], timeout_s))
+            for chunk in chunks[1:]
+        ]
+        first: Any
+        try:
+            first = ranker.score_many([(p.rctx, p.candidates) for p in chunks[0]], timeout_s)
+        except Exception as exc:
+            first = exc
+        results = [first, *await asyncio.gather(*rest, return_exceptions=True)]
         for chunk, res in zip(chunks, results, strict=True):
             if isinstance(res, ModelUnavailable):
                 log.warning("ranker unavailable, answering %d requests from retrieval scores: %s", len(chunk), res)
@@ -309,15 +323,26 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         slots = [(*by_id[sh.item_id], sh.propensity) for sh in shown]
     items = [
         RankedItem(
-            item_id=c.item_id, score=float(s), position=i, propensity=prop,
-            retrieval_score=float(c.retrieval_score), category=c.category, reasons=reason_of.get(c.item_id, {}),
+            item_id=c.item_id,
+            score=float(s),
+            position=i,
+            propensity=prop,
+            retrieval_score=float(c.retrieval_score),
+            category=c.category,
+            reasons=reason_of.get(c.item_id, {}),
         )
         for i, (c, s, prop) in enumerate(slots)
     ]
     timer.lap("rerank")
     result = RecommendationResult(
-        request_id=req.request_id, user_id=req.user_id, session_id=req.session_id, kind=req.kind,
-        items=items, model_version=p.version, degraded=p.degraded is not None, policy=policy.name,
+        request_id=req.request_id,
+        user_id=req.user_id,
+        session_id=req.session_id,
+        kind=req.kind,
+        items=items,
+        model_version=p.version,
+        degraded=p.degraded is not None,
+        policy=policy.name,
     )
     return Answer(result, p.degraded)
 

@@ -118,17 +118,19 @@ class RequestLoop:
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": self.group_id,
-            "enable.auto.commit": True,
-            "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
-            "enable.auto.offset.store": False,  # stored only once answered
-            "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 100,  # a parked fetch returns as soon as a request arrives
-            "session.timeout.ms": 10_000,
-            "heartbeat.interval.ms": 1000,
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": self.group_id,
+                "enable.auto.commit": True,
+                "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
+                "enable.auto.offset.store": False,  # stored only once answered
+                "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 100,  # a parked fetch returns as soon as a request arrives
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1000,
+            }
+        )
         if not self._following:
             consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:

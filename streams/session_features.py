@@ -115,12 +115,21 @@ class SessionFeatures:
             event_type = m.type.value
             try:
                 ok = apply_event(
-                    entry[1], offset=rec.offset, event_type=event_type, item_id=m.item_id,
-                    ts_ms=m.ts_ms, item_vec=vec, item_category=category,
+                    entry[1],
+                    offset=rec.offset,
+                    event_type=event_type,
+                    item_id=m.item_id,
+                    ts_ms=m.ts_ms,
+                    item_vec=vec,
+                    item_category=category,
                 )
             except Exception as exc:  # a bug must not kill the worker: keep the event, move on
-                log.exception("feature update failed at %s[%d]@%d", BEHAVIOUR.name(self.ctx.settings.topic_prefix),
-                              rec.partition, rec.offset)
+                log.exception(
+                    "feature update failed at %s[%d]@%d",
+                    BEHAVIOUR.name(self.ctx.settings.topic_prefix),
+                    rec.partition,
+                    rec.offset,
+                )
                 self.ctx.behaviour.dead_letter(rec.msg, repr(exc), "processing")
                 continue
             if ok:

@@ -89,8 +89,10 @@ def test_follows_the_given_partitions_and_commits_what_it_answered(settings: Set
         loop.stop()
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
     topic = REQUESTS.name(settings.topic_prefix)
-    committed = {tp.partition: tp.offset for tp in consumer.committed(
-        [TopicPartition(topic, p) for p in range(REQUESTS.partitions)], timeout=10)}
+    committed = {
+        tp.partition: tp.offset
+        for tp in consumer.committed([TopicPartition(topic, p) for p in range(REQUESTS.partitions)], timeout=10)
+    }
     consumer.close()
     assert committed[2] == more[2] and committed[3] == more[3]
     assert committed[0] == ends[0] and committed[1] == ends[1]

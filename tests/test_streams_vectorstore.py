@@ -15,8 +15,15 @@ def _items(n: int) -> tuple[list[dict], np.ndarray]:
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(n, 384)).astype(np.float32)
     items = [
-        {"item_id": f"m{i}", "title": f"t{i}", "category": ["Drama", "Comedy", "Horror"][i % 3],
-         "price": None if i % 7 == 0 else float(i % 50), "in_stock": i % 5 != 0, "tags": [], "updated_at": i}
+        {
+            "item_id": f"m{i}",
+            "title": f"t{i}",
+            "category": ["Drama", "Comedy", "Horror"][i % 3],
+            "price": None if i % 7 == 0 else float(i % 50),
+            "in_stock": i % 5 != 0,
+            "tags": [],
+            "updated_at": i,
+        }
         for i in range(n)
     ]
     return items, vecs

@@ -78,9 +78,14 @@ class SessionState:
     def copy(self) -> SessionState:
         """An independent copy (the fold mutates in place; readers on other threads keep theirs)."""
         return SessionState(
-            last_offset=self.last_offset, last_ts_ms=self.last_ts_ms, recent=list(self.recent),
-            counts=dict(self.counts), affinity=dict(self.affinity), emb=self.emb,  # emb is replaced, never mutated
-            seen=dict(self.seen), purchased=dict(self.purchased),
+            last_offset=self.last_offset,
+            last_ts_ms=self.last_ts_ms,
+            recent=list(self.recent),
+            counts=dict(self.counts),
+            affinity=dict(self.affinity),
+            emb=self.emb,  # emb is replaced, never mutated
+            seen=dict(self.seen),
+            purchased=dict(self.purchased),
         )
 
     # --- storage --------------------------------------------------------------------------------
