@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
+from scipy import stats
 from tqdm.auto import tqdm
 
 from bench.common import RESULTS_DIR, peak_rss_mb, write_result
@@ -48,7 +49,7 @@ from recstream.continual import (
     decide,
     fine_tune,
 )
-from recstream.explore import Greedy, PlackettLuce, RankingPolicy
+from recstream.explore import Greedy, LiftThompson, PlackettLuce, RankingPolicy
 from recstream.models.ranker import ITEM_DIM, RankerConfig, RankerNet, new_ranker
 from recstream.ope import LoggedData, doubly_robust, ips, snips
 from recstream.simulator import Request, SimConfig, Simulator, load_simulator
@@ -57,7 +58,8 @@ log = logging.getLogger("bench.loop")
 
 
 class LoopConfig(BaseModel):
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the OPE check and click-to-live (and of the first loop seed)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], description="Independent loop repetitions")
     rounds: int = 36
     drift_round: int = 12
     users_per_round: int = 200
@@ -65,8 +67,11 @@ class LoopConfig(BaseModel):
     warmup_requests: int = 3000
     pretrain_steps: int = 600
     holdout: int = Field(1000, description="Newest impressions held back for the gate each round")
-    explore_temperature: float = 0.5
-    explore_greedy_slots: int = Field(2, description="Slots kept greedy by the exploring arm")
+    explore_prior: float = Field(5.0, description="Thompson layer: prior weight of an item's lift (expected clicks)")
+    explore_half_life: float = Field(20000.0, description="Thompson layer: evidence half-life in impressions")
+    explore_group_prior: float = Field(20.0, description="Thompson layer: prior weight of a category's lift")
+    explore_groups: str = Field("category", description="Thompson layer pooling key: category | segment_category")
+    explore_mc_samples: int = Field(256, description="Posterior draws behind each logged propensity")
     ope_requests: int = 3000
     ope_mc_samples: int = 2000
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(mode="lora", steps=100, lr=3e-3))
@@ -101,16 +106,29 @@ def score_requests(net: torch.nn.Module, reqs: list[Request]) -> np.ndarray:
     return net(ctx, cand, feats).numpy().astype(np.float64)
 
 
-def log_examples(sim: Simulator, req: Request, shown: list, clicks: np.ndarray, version: str) -> list[Example]:
+def log_examples(req: Request, shown: list, rows: np.ndarray, clicks: np.ndarray, version: str) -> list[Example]:
     out = []
-    for s, c in zip(shown, clicks, strict=True):
-        j = int(s.item_id)  # item_ids passed to the policy are candidate row indices
+    for s, j, c in zip(shown, rows, clicks, strict=True):  # rows: the shown items' candidate rows
         out.append(
-            Example(user=str(req.user), item=str(int(req.candidates[j])), position=s.position,
-                    propensity=s.propensity, label=float(c), model_version=version,
-                    cand_features=req.cand_features[j])
+            Example(
+                user=str(req.user),
+                item=str(int(req.candidates[j])),
+                position=s.position,
+                propensity=s.propensity,
+                label=float(c),
+                model_version=version,
+                cand_features=req.cand_features[j],
+            )
         )
     return out
+
+
+def user_segment(sim: Simulator, user: int) -> str:
+    """A coarse user segment: the most frequent category of the user's recent history (the context
+    window the ranker sees), as a stream worker could read it from the session."""
+    cats = sim.categories[sim.history[user][-sim.cfg.context_len :]]
+    values, counts = np.unique(cats, return_counts=True)
+    return str(values[int(np.argmax(counts))])
 
 
 class Arm:
@@ -129,20 +147,41 @@ class Arm:
         self.promotions = 0
         self.refusals = 0
 
+    def groups(self, sim: Simulator, r: Request) -> list[str]:
+        """The exploration layer's pooling key per candidate: its category, optionally per user segment."""
+        cats = sim.categories[r.candidates]
+        mode = self.cfg.explore_groups
+        if mode == "category":
+            return cats.tolist()
+        if mode == "category_age":  # new releases (no interaction history yet) pooled apart per category
+            age = np.where(sim.feature_counts[r.candidates] > 0, "old", "new")
+            return [f"{c}|{a}" for c, a in zip(cats, age, strict=True)]
+        seg = user_segment(sim, r.user)
+        return [f"{seg}|{c}" for c in cats]
+
     def serve(self, sim: Simulator, reqs: list[Request], click_rng: np.random.Generator) -> dict[str, float]:
         scores = score_requests(self.live, reqs)
         clicks_total, slots, ndcg = 0.0, 0, []
         new: list[Example] = []
+        observe = getattr(self.policy, "observe", None)  # policies that learn online from each click
         for r, s in zip(reqs, scores, strict=True):
-            ids = [str(j) for j in range(len(s))]
-            shown = self.policy.rank(ids, s, self.cfg.k, self.rng)
-            rows = np.array([int(x.item_id) for x in shown])
+            ids = [str(int(i)) for i in r.candidates]
+            row_of = {iid: j for j, iid in enumerate(ids)}
+            groups = self.groups(sim, r)
+            if observe is not None:
+                shown = self.policy.rank(ids, s, self.cfg.k, self.rng, groups=groups)  # type: ignore[call-arg]
+            else:
+                shown = self.policy.rank(ids, s, self.cfg.k, self.rng)
+            rows = np.array([row_of[x.item_id] for x in shown])
             p = sim.click_probability(r.user, r.candidates[rows], np.array([x.position for x in shown]))
             c = (click_rng.random(len(p)) < p).astype(np.float64)
+            if observe is not None:
+                for x, j, cl in zip(shown, rows, c, strict=True):
+                    observe(x.item_id, x.position, float(s[j]), float(cl), groups[j])
             clicks_total += c.sum()
             slots += len(c)
             ndcg.append(sim.ndcg_at_k(r.user, r.candidates, np.argsort(-s, kind="stable"), self.cfg.k))
-            new += log_examples(sim, r, shown, c, f"v{self.version}")
+            new += log_examples(r, shown, rows, c, f"v{self.version}")
         self.buffer.extend(new)
         return {"ctr": clicks_total / slots, "ndcg10": float(np.mean(ndcg))}
 
@@ -151,7 +190,10 @@ class Arm:
             return {}
         window = self.buffer.latest(self.cfg.holdout)
         cand, stats = fine_tune(
-            self.live, [], features, self.cfg.learner.model_copy(update={"seed": self.cfg.seed + self.version}),
+            self.live,
+            [],
+            features,
+            self.cfg.learner.model_copy(update={"seed": self.cfg.seed + self.version}),
             sample=lambda n: self.buffer.sample(n, exclude_latest=self.cfg.holdout),
         )
         d = decide(cand, self.live, window, features, self.cfg.gate)
@@ -164,8 +206,16 @@ class Arm:
         return {"accepted": d.accepted, "reason": d.reason, **stats}
 
 
-def explore_policy(cfg: LoopConfig) -> PlackettLuce:
-    return PlackettLuce(cfg.explore_temperature, greedy_slots=cfg.explore_greedy_slots)
+def explore_policy(cfg: LoopConfig) -> LiftThompson:
+    """The exploring arm's layer over the ranked list: Thompson sampling of per-item click lifts,
+    pooled per category, learning from every click (exact item/slot of each click, MC propensities)."""
+    return LiftThompson(
+        prior=cfg.explore_prior,
+        half_life=cfg.explore_half_life,
+        exam_eta=cfg.learner.exam_eta,
+        mc_samples=cfg.explore_mc_samples,
+        group_prior=cfg.explore_group_prior,
+    )
 
 
 def pretrain(sim: Simulator, cfg: LoopConfig, features: SimFeatures) -> tuple[RankerNet, list[Example]]:
@@ -179,8 +229,9 @@ def pretrain(sim: Simulator, cfg: LoopConfig, features: SimFeatures) -> tuple[Ra
         c = (rng.random(len(p)) < p).astype(np.float64)
         prop = 1.0 / len(r.candidates)  # uniform permutation: P(item at slot) = 1/n exactly
         for pos, (j, cl) in enumerate(zip(rows, c, strict=True)):
-            logs.append(Example(str(r.user), str(int(r.candidates[j])), pos, prop, float(cl), "v1", 0,
-                                r.cand_features[j]))
+            logs.append(
+                Example(str(r.user), str(int(r.candidates[j])), pos, prop, float(cl), "v1", 0, r.cand_features[j])
+            )
     base = new_ranker(RankerConfig(seed=cfg.seed)).net
     # exam_eta=0: under uniform random logging the slot is independent of the item, so position bias
     # does not distort the relevance order and correcting it would only add variance.
@@ -198,7 +249,7 @@ def run_loop(sim: Simulator, cfg: LoopConfig, base: RankerNet, features: SimFeat
     ]
     user_rng = np.random.default_rng(cfg.seed + 11)
     curves: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
-    for t in tqdm(range(cfg.rounds), desc="rounds"):
+    for t in tqdm(range(cfg.rounds), desc=f"rounds (seed {cfg.seed})"):
         if t == cfg.drift_round:
             sim.drift()
         users = user_rng.integers(0, sim.n_users, cfg.users_per_round)
@@ -210,29 +261,44 @@ def run_loop(sim: Simulator, cfg: LoopConfig, base: RankerNet, features: SimFeat
             u = a.update(features)
             curves[a.name].append({"round": t, **m, "version": a.version, "accepted": float(u.get("accepted", 0))})
     summary = {a.name: {"promotions": a.promotions, "refusals": a.refusals, "final_version": a.version} for a in arms}
-    return {"curves": curves, "arms": summary, "live": {a.name: a.live for a in arms}}
+    return {"curves": curves, "arms": summary, "live": {a.name: a for a in arms}}
 
 
-def ope_check(sim: Simulator, cfg: LoopConfig, net: RankerNet) -> dict[str, Any]:
-    """Log PL(T) of `net` on fresh requests; estimate its greedy policy's CTR; compare to the truth."""
+def ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, logger: str) -> dict[str, Any]:
+    """Log a stochastic policy over the explore arm's final model on fresh requests; estimate the
+    CTR of that model's greedy policy (IPS / SNIPS / DR); compare to the simulated truth.
+
+    logger "pl": Plackett-Luce (T=0.5, first 2 slots greedy) over the model's scores; propensities
+    exact at the logged slot's first sampled position, Monte-Carlo marginals (ope_mc_samples
+    Gumbel draws) elsewhere - the protocol of the earlier runs.
+    logger "ts": the arm's own Thompson layer with its final posterior held fixed; propensities are
+    Monte-Carlo marginals from ope_mc_samples posterior draws. Both are floored at 1/ope_mc_samples.
+    """
     rng = np.random.default_rng(cfg.seed + 99)
-    logging_pol = explore_policy(cfg)
+    pol: PlackettLuce | LiftThompson = PlackettLuce(0.5, greedy_slots=2) if logger == "pl" else arm.policy
     target = Greedy()
     rows: dict[str, list[float]] = {k: [] for k in ("req", "click", "p", "pt", "q")}
     dm, truth = [], 0.0
-    for r_i in tqdm(range(cfg.ope_requests), desc="OPE logs", leave=False):
+    for r_i in tqdm(range(cfg.ope_requests), desc=f"OPE logs ({logger})", leave=False):
         r = sim.request(int(rng.integers(sim.n_users)), rng)
-        s = score_requests(net, [r])[0]
-        m_log = logging_pol.marginals(s, cfg.k, rng, n_samples=cfg.ope_mc_samples)
+        s = score_requests(arm.live, [r])[0]
+        ids = [str(int(i)) for i in r.candidates]
+        row_of = {iid: j for j, iid in enumerate(ids)}
+        if isinstance(pol, LiftThompson):
+            groups = arm.groups(sim, r)
+            m_log = pol.marginals(s, cfg.k, rng, n_samples=cfg.ope_mc_samples, item_ids=ids, groups=groups)
+            shown = pol.rank(ids, s, cfg.k, rng, groups=groups)
+        else:
+            m_log = pol.marginals(s, cfg.k, rng, n_samples=cfg.ope_mc_samples)
+            shown = pol.rank(ids, s, cfg.k, rng)
         m_t = target.marginals(s, cfg.k)
         rel = sim.relevance(r.user, r.candidates)
         exam = sim.exam(np.arange(cfg.k))
         truth += float((m_t * rel[:, None] * exam[None, :]).sum())
         q = (1 / (1 + np.exp(-s)))[:, None] * exam[None, :]  # the model's own click estimate
         dm.append(float((m_t * q).sum()))
-        shown = logging_pol.rank([str(j) for j in range(len(s))], s, cfg.k, rng)
         for x in shown:
-            j = int(x.item_id)
+            j = row_of[x.item_id]
             c = float(rng.random() < rel[j] * exam[x.position])
             rows["req"].append(r_i)
             rows["click"].append(c)
@@ -240,14 +306,19 @@ def ope_check(sim: Simulator, cfg: LoopConfig, net: RankerNet) -> dict[str, Any]
             rows["pt"].append(m_t[j, x.position])
             rows["q"].append(q[j, x.position])
     data = LoggedData(
-        request=np.array(rows["req"]), click=np.array(rows["click"]), propensity=np.array(rows["p"]),
-        target_propensity=np.array(rows["pt"]), slots_per_request=cfg.k, q_hat=np.array(rows["q"]),
+        request=np.array(rows["req"]),
+        click=np.array(rows["click"]),
+        propensity=np.array(rows["p"]),
+        target_propensity=np.array(rows["pt"]),
+        slots_per_request=cfg.k,
+        q_hat=np.array(rows["q"]),
         dm=np.array(dm),
     )
     online = truth / (cfg.ope_requests * cfg.k)
     ests = {e.method: e for e in (ips(data), snips(data), doubly_robust(data))}
     return {
         "simulated_online_value": online,
+        "logging_policy": pol.name,
         "logging_ctr": float(data.click.mean()),
         "estimates": {
             k: {"value": e.value, "ci": [e.low, e.high], "covers": e.contains(online)} for k, e in ests.items()
@@ -256,8 +327,9 @@ def ope_check(sim: Simulator, cfg: LoopConfig, net: RankerNet) -> dict[str, Any]
     }
 
 
-def click_to_live(sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[Example],
-                  features: SimFeatures) -> dict[str, Any]:
+def click_to_live(
+    sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[Example], features: SimFeatures
+) -> dict[str, Any]:
     """Seconds from the end of a click burst to the new version answering in a real tritonserver."""
     import tritonclient.http as httpclient
 
@@ -281,8 +353,11 @@ def click_to_live(sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[
         req = sim.request(0, np.random.default_rng(0))
 
         def served_version() -> str:
-            arrays = {"CONTEXT": req.context[None], "CANDIDATES": req.cand_vectors[None].astype(np.float32),
-                      "CAND_FEATURES": req.cand_features[None].astype(np.float32)}
+            arrays = {
+                "CONTEXT": req.context[None],
+                "CANDIDATES": req.cand_vectors[None].astype(np.float32),
+                "CAND_FEATURES": req.cand_features[None].astype(np.float32),
+            }
             inputs = []
             for k, a in arrays.items():
                 inp = httpclient.InferInput(k, list(a.shape), "FP32")
@@ -295,8 +370,7 @@ def click_to_live(sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[
         t0 = time.monotonic()  # the burst of clicks has just arrived
         buf.extend(burst)
         timings: dict[str, float] = {}
-        cand, _ = fine_tune(base, [], features, cfg.learner,
-                            sample=lambda n: buf.sample(n, exclude_latest=cfg.holdout))
+        cand, _ = fine_tune(base, [], features, cfg.learner, sample=lambda n: buf.sample(n, exclude_latest=cfg.holdout))
         timings["train_s"] = time.monotonic() - t0
         d = decide(cand, base, buf.latest(cfg.holdout), features, cfg.gate)
         timings["gate_s"] = time.monotonic() - t0 - timings["train_s"]
@@ -313,8 +387,14 @@ def click_to_live(sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[
         timings["load_s"] = time.monotonic() - t_load
         control.close()
         client.close()
-        return {"click_to_live_s": total, "version": v, "server_start_s": start_s, "burst_examples": len(burst),
-                **timings, "via": "real tritonserver (explicit model control), in-process learner; no Kafka"}
+        return {
+            "click_to_live_s": total,
+            "version": v,
+            "server_start_s": start_s,
+            "burst_examples": len(burst),
+            **timings,
+            "via": "real tritonserver (explicit model control), in-process learner; no Kafka",
+        }
     finally:
         server.stop(timeout_s=5)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,19 +404,35 @@ def phase_means(curve: list[dict[str, float]], lo: int, hi: int, key: str) -> fl
     return float(np.mean([c[key] for c in curve[lo:hi]]))
 
 
+def t_interval(x: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean and Student-t confidence interval over independent repetitions (seeds)."""
+    a = np.asarray(x, dtype=np.float64)
+    m = float(a.mean())
+    if len(a) < 2:
+        return {"mean": m, "ci": [m, m], "n": len(a)}
+    half = float(stats.t.ppf(0.5 + level / 2, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a)))
+    return {"mean": m, "ci": [m - half, m + half], "sd": float(a.std(ddof=1)), "n": len(a)}
+
+
 def plot(curves: dict[str, list[dict[str, float]]], cfg: LoopConfig, path: Path) -> None:
+    """CTR and NDCG@10 per round, mean over seeds with a +-1 standard error band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    n = len(cfg.seeds)
     for ax, key, title in ((axes[0], "ctr", "CTR per round"), (axes[1], "ndcg10", "NDCG@10 of the live model")):
         for name, curve in curves.items():
-            ax.plot([c["round"] for c in curve], [c[key] for c in curve], label=name, marker=".")
+            x = np.array([c["round"] for c in curve])
+            y = np.array([c[key] for c in curve])
+            se = np.array([c[f"{key}_sd"] for c in curve]) / np.sqrt(n)
+            ax.plot(x, y, label=name, marker=".")
+            ax.fill_between(x, y - se, y + se, alpha=0.2)
         ax.axvline(cfg.drift_round - 0.5, color="grey", ls="--", label="drift")
         ax.set_xlabel("round")
-        ax.set_title(title)
+        ax.set_title(f"{title} (mean of {n} seeds, band: +-1 s.e.)")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -344,24 +440,56 @@ def plot(curves: dict[str, list[dict[str, float]]], cfg: LoopConfig, path: Path)
     plt.close(fig)
 
 
-def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
-    cfg = cfg or LoopConfig()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(1)  # tiny matrices: one thread is ~10x faster than two on a shared 2-core box
+ARMS = ("frozen", "continual", "explore")
+
+
+def run_seed(cfg: LoopConfig) -> dict[str, Any]:
+    """One independent repetition: its own simulator (tastes, drift, hits), warm-up logs, v1 and loop."""
     torch.manual_seed(cfg.seed)
-    t_all = time.monotonic()
+    t0 = time.monotonic()
     sim = load_simulator(SimConfig(seed=cfg.seed))
     features = SimFeatures(sim)
     base, _ = pretrain(sim, cfg, features)
     out = run_loop(sim, cfg, base, features)
-    curves = out["curves"]
+    out.update(sim=sim, features=features, base=base, wall_s=time.monotonic() - t0)
+    return out
+
+
+def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
+    cfg = cfg or LoopConfig()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # tiny matrices: one thread is ~10x faster than two on a shared 2-core box
+    t_all = time.monotonic()
+    seeds = list(dict.fromkeys([cfg.seed, *cfg.seeds]))  # the OPE / click-to-live seed first
+    cfg = cfg.model_copy(update={"seeds": seeds})
     late = (cfg.drift_round + (cfg.rounds - cfg.drift_round) // 2, cfg.rounds)  # long run after the drift
     phases = {
         "pre-drift": (0, cfg.drift_round),
         "just after drift": (cfg.drift_round, cfg.drift_round + 4),
         "late (2nd half post-drift)": late,
     }
-    ope = ope_check(sim, cfg, out["live"]["explore"])
+    per_seed: list[dict[str, Any]] = []
+    seed_curves: dict[str, list[list[dict[str, float]]]] = {a: [] for a in ARMS}
+    arm_stats: dict[str, list[dict[str, Any]]] = {a: [] for a in ARMS}
+    first: dict[str, Any] = {}
+    for seed in seeds:
+        out = run_seed(cfg.model_copy(update={"seed": seed}))
+        row: dict[str, Any] = {"seed": seed, "wall_s": out["wall_s"]}
+        for a in ARMS:
+            row[f"ctr_{a}"] = phase_means(out["curves"][a], *late, "ctr")
+            row[f"ndcg10_{a}"] = phase_means(out["curves"][a], *late, "ndcg10")
+            seed_curves[a].append(out["curves"][a])
+            arm_stats[a].append(out["arms"][a])
+        row["ctr_explore_minus_continual"] = row["ctr_explore"] - row["ctr_continual"]
+        per_seed.append(row)
+        log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+        if seed == cfg.seed:
+            first = out
+
+    # OPE and click-to-live on the first seed's simulator (drifted) and explore arm.
+    sim, features, base = first["sim"], first["features"], first["base"]
+    ope = ope_check(sim, cfg, first["live"]["explore"], "pl")
+    ope_ts = ope_check(sim, cfg, first["live"]["explore"], "ts")
     burst_user_rng = np.random.default_rng(cfg.seed + 5)
     burst_arm = Arm("burst", base, explore_policy(cfg), learn=False, cfg=cfg)
     reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
@@ -376,30 +504,68 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     else:
         c2l = {"click_to_live_s": None, "reason": "disabled"}
 
+    # Mean curves over seeds (per round), phase table over seeds.
+    curves: dict[str, list[dict[str, float]]] = {}
+    for a in ARMS:
+        curves[a] = []
+        for t in range(cfg.rounds):
+            pts = [sc[t] for sc in seed_curves[a]]
+            curves[a].append(
+                {
+                    "round": t,
+                    "ctr": float(np.mean([p["ctr"] for p in pts])),
+                    "ctr_sd": float(np.std([p["ctr"] for p in pts], ddof=1)) if len(pts) > 1 else 0.0,
+                    "ndcg10": float(np.mean([p["ndcg10"] for p in pts])),
+                    "ndcg10_sd": float(np.std([p["ndcg10"] for p in pts], ddof=1)) if len(pts) > 1 else 0.0,
+                }
+            )
     rows = []
-    for name, curve in curves.items():
-        row: dict[str, Any] = {"arm": name}
+    for a in ARMS:
+        row = {"arm": a}
         for ph, (lo, hi) in phases.items():
-            row[f"CTR {ph}"] = phase_means(curve, lo, hi, "ctr")
-            row[f"NDCG@10 {ph}"] = phase_means(curve, lo, hi, "ndcg10")
-        row.update(out["arms"][name])
+            row[f"CTR {ph}"] = phase_means(curves[a], lo, hi, "ctr")
+            row[f"NDCG@10 {ph}"] = phase_means(curves[a], lo, hi, "ndcg10")
+        row["promotions"] = float(np.mean([s["promotions"] for s in arm_stats[a]]))
+        row["refusals"] = float(np.mean([s["refusals"] for s in arm_stats[a]]))
         rows.append(row)
+
+    ci = {f"{m}_{a}": t_interval([r[f"{m}_{a}"] for r in per_seed]) for m in ("ctr", "ndcg10") for a in ARMS}
+    diffs = {
+        "explore_minus_continual": t_interval([r["ctr_explore"] - r["ctr_continual"] for r in per_seed]),
+        "explore_minus_frozen": t_interval([r["ctr_explore"] - r["ctr_frozen"] for r in per_seed]),
+        "continual_minus_frozen": t_interval([r["ctr_continual"] - r["ctr_frozen"] for r in per_seed]),
+    }
+    for name, d in diffs.items():
+        hi, lo = name.split("_minus_")
+        d["seeds_positive"] = int(sum(r[f"ctr_{hi}"] > r[f"ctr_{lo}"] for r in per_seed))
     result = {
-        "ctr_frozen": phase_means(curves["frozen"], *late, "ctr"),
-        "ctr_continual": phase_means(curves["continual"], *late, "ctr"),
-        "ctr_explore": phase_means(curves["explore"], *late, "ctr"),
-        "ndcg10_frozen": phase_means(curves["frozen"], *late, "ndcg10"),
-        "ndcg10_continual": phase_means(curves["continual"], *late, "ndcg10"),
-        "ndcg10_explore": phase_means(curves["explore"], *late, "ndcg10"),
+        "ctr_frozen": ci["ctr_frozen"]["mean"],
+        "ctr_continual": ci["ctr_continual"]["mean"],
+        "ctr_explore": ci["ctr_explore"]["mean"],
+        "ndcg10_frozen": ci["ndcg10_frozen"]["mean"],
+        "ndcg10_continual": ci["ndcg10_continual"]["mean"],
+        "ndcg10_explore": ci["ndcg10_explore"]["mean"],
         "ope_estimate": ope["estimates"][ope["primary"]]["value"],
         "ope_ci": ope["estimates"][ope["primary"]]["ci"],
         "simulated_online_value": ope["simulated_online_value"],
         "click_to_live_s": c2l.get("click_to_live_s"),
-        "metric_window": f"rounds {late[0]}..{late[1] - 1} (drift at round {cfg.drift_round})",
+        "ctr_explore_minus_continual": diffs["explore_minus_continual"]["mean"],
+        "ctr_explore_minus_continual_ci": diffs["explore_minus_continual"]["ci"],
+        "seeds": seeds,
+        "metric_window": f"rounds {late[0]}..{late[1] - 1} (drift at round {cfg.drift_round}); "
+        f"means over {len(seeds)} seeds, 95% Student-t CIs over seeds",
+        "ci": ci,
+        "paired_differences": diffs,
+        "per_seed": per_seed,
         "phases": rows,
         "ope": ope,
+        "ope_thompson_logs": ope_ts,
         "click_to_live": c2l,
         "curves": curves,
+        "curves_per_seed": {
+            a: {str(sd): [round(p["ctr"], 5) for p in sc] for sd, sc in zip(seeds, seed_curves[a], strict=True)}
+            for a in ARMS
+        },
         "config": cfg.model_dump(),
         "wall_s": time.monotonic() - t_all,
         "peak_rss_mb": peak_rss_mb(),
@@ -411,34 +577,105 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     return result
 
 
+def _ci(d: dict[str, Any]) -> str:
+    return f"{d['mean']:.4f} [{d['ci'][0]:.4f}, {d['ci'][1]:.4f}]"
+
+
 def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
-    lines = ["# Closed loop: frozen vs continual vs continual + exploration", "",
-             f"MovieLens-100k simulator, drift at round {r['config']['drift_round']} of {r['config']['rounds']}, "
-             f"{r['config']['users_per_round']} requests/round, k={r['config']['k']}. Wall {r['wall_s']:.0f} s.", "",
-             "| arm | " + " | ".join(f"CTR {p}" for p in phases) + " | " + " | ".join(f"NDCG@10 {p}" for p in phases)
-             + " | promotions | refusals |",
-             "|---" * (3 + 2 * len(phases)) + "|"]
+    c = r["config"]
+    n = len(r["seeds"])
+    lines = [
+        "# Closed loop: frozen vs continual vs continual + exploration",
+        "",
+        f"MovieLens-100k simulator, drift at round {c['drift_round']} of {c['rounds']}, "
+        f"{c['users_per_round']} requests/round, k={c['k']}; {n} seeds {r['seeds']} (each its own simulator, "
+        f"warm-up and v1; the three arms of a seed share requests and click random numbers). "
+        f"Wall {r['wall_s']:.0f} s.",
+        "",
+        "Exploration arm: Thompson sampling of a per-item click lift over the ranker's scores "
+        f"(Gamma posterior, item prior weight {c['explore_prior']:g}, pooled per {c['explore_groups']} with prior "
+        f"weight {c['explore_group_prior']:g}, half-life {c['explore_half_life']:g} impressions), updated after "
+        "every request from its clicks; propensities are Monte-Carlo marginals "
+        f"({c['explore_mc_samples']} posterior draws).",
+        "",
+        f"## Late window ({r['metric_window']})",
+        "",
+        "| arm | CTR late, mean [95% CI] | NDCG@10 late, mean [95% CI] |",
+        "|---|---|---|",
+    ]
+    for a in ARMS:
+        lines.append(f"| {a} | {_ci(r['ci'][f'ctr_{a}'])} | {_ci(r['ci'][f'ndcg10_{a}'])} |")
+    lines += ["", "| paired CTR difference (per seed) | mean [95% CI] | seeds > 0 |", "|---|---|---|"]
+    for name, d in r["paired_differences"].items():
+        lines.append(
+            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+            f"| {d['seeds_positive']}/{d['n']} |"
+        )
+    lines += [
+        "",
+        "Per seed (late window):",
+        "",
+        "| seed | CTR frozen | CTR continual | CTR explore | explore - continual | NDCG@10 frozen | "
+        "NDCG@10 continual | NDCG@10 explore |",
+        "|---" * 8 + "|",
+    ]
+    for s in r["per_seed"]:
+        lines.append(
+            f"| {s['seed']} | {s['ctr_frozen']:.4f} | {s['ctr_continual']:.4f} | {s['ctr_explore']:.4f} | "
+            f"{s['ctr_explore_minus_continual']:+.4f} | {s['ndcg10_frozen']:.4f} | "
+            f"{s['ndcg10_continual']:.4f} | {s['ndcg10_explore']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Phases (mean over seeds)",
+        "",
+        "| arm | "
+        + " | ".join(f"CTR {p}" for p in phases)
+        + " | "
+        + " | ".join(f"NDCG@10 {p}" for p in phases)
+        + " | promotions | refusals |",
+        "|---" * (3 + 2 * len(phases)) + "|",
+    ]
     for row in r["phases"]:
-        lines.append(f"| {row['arm']} | " + " | ".join(f"{row[f'CTR {p}']:.4f}" for p in phases) + " | "
-                     + " | ".join(f"{row[f'NDCG@10 {p}']:.4f}" for p in phases)
-                     + f" | {row['promotions']} | {row['refusals']} |")
-    ope = r["ope"]
-    lines += ["", "## Off-policy estimate vs simulated online value", "",
-              f"Greedy policy of the explore arm's final model, estimated from its Plackett-Luce logs "
-              f"(T={r['config']['explore_temperature']}, first {r['config']['explore_greedy_slots']} slots greedy, "
-              f"logging CTR {ope['logging_ctr']:.4f}); "
-              f"simulated online value **{ope['simulated_online_value']:.4f}**.", "",
-              "| estimator | estimate | 95% CI | covers online value |", "|---|---|---|---|"]
-    for k, e in ope["estimates"].items():
-        lines.append(f"| {k} | {e['value']:.4f} | [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}] | {e['covers']} |")
-    c = r["click_to_live"]
+        lines.append(
+            f"| {row['arm']} | "
+            + " | ".join(f"{row[f'CTR {p}']:.4f}" for p in phases)
+            + " | "
+            + " | ".join(f"{row[f'NDCG@10 {p}']:.4f}" for p in phases)
+            + f" | {row['promotions']:.1f} | {row['refusals']:.1f} |"
+        )
+    ope, ope_ts = r["ope"], r["ope_thompson_logs"]
+    lines += [
+        "",
+        "## Off-policy estimate vs simulated online value",
+        "",
+        f"Seed {c['seed']}, {c['ope_requests']} fresh requests: the greedy policy of the explore arm's final model, "
+        f"estimated from logs of (a) {ope['logging_policy']} (Plackett-Luce T=0.5, first 2 slots greedy, over the same "
+        "model; first sampled slot exact, later slots Monte-Carlo marginals) - the primary check, as in earlier "
+        f"runs - and (b) the arm's own Thompson layer {ope_ts['logging_policy']} (final posterior held fixed; "
+        "Monte-Carlo marginals). Propensities from "
+        f"{c['ope_mc_samples']} draws per request, floored at 1/{c['ope_mc_samples']}. "
+        f"Simulated online value **{ope['simulated_online_value']:.4f}**.",
+        "",
+        "| logging policy | estimator | estimate | 95% CI | covers online value |",
+        "|---|---|---|---|---|",
+    ]
+    for o in (ope, ope_ts):
+        for k, e in o["estimates"].items():
+            lines.append(
+                f"| {o['logging_policy']} | {k} | {e['value']:.4f} | [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}] | "
+                f"{e['covers']} |"
+            )
+    cl = r["click_to_live"]
     lines += ["", "## Click to live", ""]
-    if c.get("click_to_live_s") is not None:
-        lines.append(f"Burst of {c['burst_examples']} impressions -> LoRA round ({c['train_s']:.1f} s) -> gate "
-                     f"({c['gate_s']:.1f} s) -> atomic version write + Triton load_model ({c['load_s']:.1f} s): "
-                     f"**{c['click_to_live_s']:.1f} s** until v{c['version']} answers ({c['via']}).")
+    if cl.get("click_to_live_s") is not None:
+        lines.append(
+            f"Burst of {cl['burst_examples']} impressions -> LoRA round ({cl['train_s']:.1f} s) -> gate "
+            f"({cl['gate_s']:.1f} s) -> atomic version write + Triton load_model ({cl['load_s']:.1f} s): "
+            f"**{cl['click_to_live_s']:.1f} s** until v{cl['version']} answers ({cl['via']})."
+        )
     else:
-        lines.append(f"Not measured: {c.get('reason')}")
+        lines.append(f"Not measured: {cl.get('reason')}")
     lines.append("")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from recstream.explore import EpsilonGreedy, Greedy, PlackettLuce, ThompsonArms, make_policy
+from recstream.explore import EpsilonGreedy, Greedy, LiftThompson, PlackettLuce, ThompsonArms, make_policy
 
 IDS = [f"i{n}" for n in range(6)]
 SCORES = np.array([2.0, 1.5, 0.3, -0.2, 0.9, 0.0])
@@ -127,3 +127,64 @@ def test_pl_with_greedy_head_keeps_top_slots_and_samples_the_rest_exactly() -> N
     m = pol.marginals(SCORES, 4, np.random.default_rng(8), n_samples=5000)
     np.testing.assert_allclose(m.sum(axis=0), 1.0)
     np.testing.assert_allclose(m[:, 2], p2)
+
+
+def test_lift_thompson_propensities_are_the_marginals_of_its_rankings() -> None:
+    pol = LiftThompson(prior=2.0, mc_samples=2000)
+    rng = np.random.default_rng(9)
+    for _ in range(300):  # some evidence, so posteriors differ per item
+        for j, item in enumerate(IDS[:4]):
+            pol.observe(item, j, SCORES[IDS.index(item)], float(rng.random() < 0.3), group="g")
+    m = pol.marginals(SCORES, 3, np.random.default_rng(10), n_samples=20000, item_ids=IDS)
+    np.testing.assert_allclose(m.sum(axis=0), 1.0)
+    assert np.all(m.sum(axis=1) <= 1.0 + 1e-9)
+    n = 4000
+    freq = np.zeros_like(m)
+    for _ in range(n):
+        for s in pol.rank(IDS, SCORES, 3, rng):
+            idx = IDS.index(s.item_id)
+            freq[idx, s.position] += 1
+            # the logged propensity is a Monte-Carlo estimate (2000 draws) of the same marginal
+            p = m[idx, s.position]
+            assert s.propensity == pytest.approx(max(p, 1 / 2000), abs=5.5 * np.sqrt(p * (1 - p) / 2000) + 1e-3)
+    np.testing.assert_allclose(freq / n, m, atol=0.025)
+
+
+def test_lift_thompson_learns_an_item_the_ranker_underrates() -> None:
+    """The ranker overrates everything 2x, except i5 (low score) which users click ~2x more than
+    predicted: the policy learns both lifts and moves i5 to the top."""
+    pol = make_policy("ts:2:5000")
+    assert isinstance(pol, LiftThompson) and pol.name == "ts_lift_p2_h5000"
+    rng = np.random.default_rng(11)
+    base = 1 / (1 + np.exp(-SCORES))
+    true_rel = np.where(np.arange(6) == 5, 0.95, 0.5 * base)
+    top_before = pol.marginals(SCORES, 1, rng, item_ids=IDS)[5, 0]
+    shown_top = 0
+    for t in range(3000):
+        shown = pol.rank(IDS, SCORES, 3, rng)
+        for s in shown:
+            i = IDS.index(s.item_id)
+            click = rng.random() < true_rel[i] / (1 + s.position)
+            pol.observe(s.item_id, s.position, SCORES[i], float(click))
+        shown_top += t >= 2000 and shown[0].item_id == "i5"
+    assert pol.lift_mean(["i5"])[0] > 1.5
+    assert pol.lift_mean(["i0"])[0] == pytest.approx(0.5, abs=0.15)
+    top_after = pol.marginals(SCORES, 1, rng, item_ids=IDS)[5, 0]
+    assert top_after > 0.8 > top_before and shown_top > 800
+
+
+def test_lift_thompson_evidence_decays_and_groups_set_the_prior() -> None:
+    pol = LiftThompson(prior=1.0, half_life=100.0, group_prior=1.0)
+    for _ in range(50):
+        pol.observe("a", 0, 0.0, 1.0, group="hot")  # expected 0.5 per impression, clicked every time
+    a0, b0 = pol.posterior(["a"], ["hot"])
+    own0 = a0[0] - pol.prior * pol.group_lift_mean(["hot"])[0]  # item a's own (decayed) clicks
+    for _ in range(100):
+        pol.observe("b", 0, 0.0, 0.0, group="cold")
+    a1, b1 = pol.posterior(["a"], ["hot"])
+    # one half-life later item a's own evidence counts half (the group's, its prior mean, decays too)
+    assert a1[0] - pol.prior * pol.group_lift_mean(["hot"])[0] == pytest.approx(0.5 * own0, rel=1e-6)
+    assert b1[0] - pol.prior == pytest.approx(0.5 * (b0[0] - pol.prior), rel=1e-6)
+    # an unseen item borrows its group's lift as prior mean
+    assert pol.lift_mean(["new"], ["hot"])[0] > 1.5 > 1.0 > pol.lift_mean(["new2"], ["cold"])[0]
+    assert pol.lift_mean(["new3"])[0] == 1.0

@@ -3,11 +3,15 @@
 How the stream recommender uses a policy (pure, no I/O; one rng per worker, seeded):
 
     from recstream.explore import make_policy
-    policy = make_policy("pl:0.5:2")          # or "greedy", "eps:0.1:3"; policy.name is the arm label
+    policy = make_policy("pl:0.5:2")          # or "greedy", "eps:0.1:3", "ts:5"; policy.name is the arm label
     shown = policy.rank(item_ids, scores, k, rng)   # scores: the ranker's logits for item_ids
     items = [RankedItem(item_id=s.item_id, score=score_of[s.item_id], position=s.position,
                         propensity=s.propensity) for s in shown]
     RecommendationResult(..., items=items, policy=policy.name, model_version=<version Triton reports>)
+
+A policy that learns online (LiftThompson, "ts:...") also takes each shown slot's outcome:
+
+    policy.observe(item_id, position, score, clicked, group=category)   # after the click / no-click
 
 The propensity travels with the impression (BehaviourEvent.propensity -> TrainingExample.propensity)
 to the continual learner and to off-policy evaluation (recstream.ope).
@@ -23,10 +27,12 @@ from recstream.explore.policies import (
     greedy_order,
     make_policy,
 )
+from recstream.explore.thompson import LiftThompson
 
 __all__ = [
     "EpsilonGreedy",
     "Greedy",
+    "LiftThompson",
     "PlackettLuce",
     "RankingPolicy",
     "Shown",
