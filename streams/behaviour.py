@@ -8,23 +8,29 @@ features, feedback joiner), which fold it into their ChangelogTables.
 
 Ordering: one user's events are on one partition and a batch keeps partition order, so each user
 is folded in offset order. Delivery: at least once, with the tables never behind the committed
-offsets: every COMMIT_INTERVAL_S (and on revoke and stop) the producer that carries the changelog
-writes, training examples and dead letters is flushed, and only if every record was acknowledged
-are the consumed offsets committed. The fold functions skip events they already applied, so the
-replayed tail after a crash changes nothing. On assignment, the tables of the assigned partitions
-are recovered from their changelogs before any input of those partitions is processed.
+offsets: every COMMIT_INTERVAL_S the consumed positions are checkpointed together with the last
+output produced so far (changelog writes, training examples and dead letters share one producer),
+and a checkpoint is committed only once the broker acknowledged every output up to it (tracked
+per record from delivery reports, so the consumer never stops to wait for the broker; on revoke
+and stop the producer is flushed and the positions committed synchronously). The fold functions
+skip events they already applied, so the replayed tail after a crash changes nothing. On
+assignment, the tables of the assigned partitions are recovered from their changelogs before any
+input of those partitions is processed, and then handed to the request consumer (streams.requests).
 
-Requests run on faust's event loop in the main thread; this thread holds the GIL only while it
-folds a batch (the waits for Kafka release it).
+Requests run on their own thread; this one holds the GIL only while it folds a batch (the waits
+for Kafka release it).
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import logging
 import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -46,11 +52,11 @@ BATCH_MAX = 5000
 #: consume() returns when BATCH_MAX messages are there or after this long: 5 ms is 5 % of the
 #: 100 ms freshness budget, and at low rates keeps the thread from waking per message.
 BATCH_WITHIN_S = 0.005
-#: Offsets are committed (after the changelog flush) this often; a kill -9 replays at most this
-#: much input, which the idempotent folds skip.
+#: Positions are checkpointed this often (and committed once their outputs are acknowledged); a
+#: kill -9 replays about this much input, which the idempotent folds skip.
 COMMIT_INTERVAL_S = 1.0
-#: How long a commit waits for the broker to acknowledge the changelog writes before giving up
-#: this round (the offsets stay uncommitted; the next round tries again).
+#: On revoke and stop: how long to wait for the broker to acknowledge the outputs before giving up
+#: the final commit (the offsets stay uncommitted and are replayed).
 FLUSH_TIMEOUT_S = 10.0
 #: Timers of the processors (feedback windows) run this often, between batches.
 TICK_S = 0.25
@@ -92,17 +98,25 @@ class BehaviourLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._positions: dict[int, int] = {}  # partition -> next offset to commit
-        self._delivery_errors = 0  # since the last commit
+        self._delivery_errors = 0
         self._consumer: Consumer | None = None
         # streams.requests.RequestLoop following this consumer's partitions (co-partitioning)
         self.requests: Any = None
-        # Changelog records, training examples and dead letters: one producer, so one flush before a
-        # commit covers everything this consumer's offsets stand for.
-        self.producer = Producer(producer_config(self.settings, **{"linger.ms": 5}))
+        # Changelog records, training examples and dead letters: one producer, so its acknowledgements
+        # cover everything this consumer's offsets stand for. 20 ms linger: nobody waits for these
+        # records (tables are read from memory), and fewer, larger requests save broker CPU.
+        self.producer = Producer(producer_config(self.settings, **{"linger.ms": 20}))
         self.dead_letters = DeadLetterSink(self._produce_dead_letter, ctx.worker)
+        # Acknowledgement tracking: every output gets a sequence number; a checkpoint (the consumed
+        # positions and the last sequence number produced when it was taken) is committed once no
+        # record up to that number is unacknowledged. The consumer never waits for the broker.
+        self._seq = 0
+        self._unacked: list[int] = []  # heap of produced sequence numbers (acked ones removed lazily)
+        self._acked: set[int] = set()
+        self._checkpoints: deque[tuple[int, dict[int, int]]] = deque()
         for proc in self.processors:
             for table in proc.tables:
-                table.bind(self.producer, self._on_delivery)
+                table.bind(self.send)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -158,10 +172,11 @@ class BehaviourLoop:
                     for proc in self.processors:
                         proc.tick()
                     next_tick = now + TICK_S
+                self.producer.poll(0)  # delivery reports: acknowledgements
                 if now >= next_commit:
-                    self._commit()
-                    next_commit = time.monotonic() + COMMIT_INTERVAL_S
-                self.producer.poll(0)
+                    self._checkpoint()
+                    next_commit = now + COMMIT_INTERVAL_S
+                self._commit_acknowledged()
             self._commit()
         finally:
             self._consumer.close()
@@ -225,31 +240,71 @@ class BehaviourLoop:
     # --- output ---------------------------------------------------------------------------------
 
     def produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        self.send(topic, key, value, None)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
+        """Produce one output (changelog record, example, dead letter) under acknowledgement tracking."""
+        self._seq += 1
+        seq = self._seq
+        heapq.heappush(self._unacked, seq)
+        on_delivery = functools.partial(self._on_delivery, seq)
+        kwargs = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self.producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
                 return
-            except BufferError:
+            except BufferError:  # local queue full: serve delivery reports, then retry
                 self.producer.poll(0.01)
 
     def _produce_dead_letter(self, topic: str, key: bytes | None, value: bytes) -> None:
         self.produce(topic, key, value)
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
+    def _on_delivery(self, seq: int, err: Any, msg: Any) -> None:
         if err is not None:
             self._delivery_errors += 1
             PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
             log.error("delivery to %s failed: %s", msg.topic(), err)
-        elif msg.value() is not None and not msg.topic().endswith("-changelog"):
+            return  # never acknowledged: no checkpoint past it is committed
+        self._acked.add(seq)
+        if msg.value() is not None and not msg.topic().endswith("-changelog"):
             EVENTS_OUT.labels(topic=msg.topic(), worker=self.ctx.worker).inc()
 
+    def _lowest_unacked(self) -> int | None:
+        heap, acked = self._unacked, self._acked
+        while heap and heap[0] in acked:
+            acked.discard(heapq.heappop(heap))
+        return heap[0] if heap else None
+
+    def _checkpoint(self) -> None:
+        """Remember what the consumed positions need acknowledged before they may be committed."""
+        if self._positions and (not self._checkpoints or self._checkpoints[-1][1] != self._positions):
+            self._checkpoints.append((self._seq, dict(self._positions)))
+
+    def _commit_acknowledged(self) -> None:
+        """Commit the newest checkpoint whose outputs are all acknowledged (asynchronously)."""
+        if self._delivery_errors:
+            # An output is lost: committing past it would make the loss permanent. Stop (the guard
+            # stops the worker); a restart recovers the tables and replays from the last good commit.
+            raise RuntimeError(f"{self._delivery_errors} outputs of the behaviour consumer were not delivered")
+        if not self._checkpoints or self._consumer is None:
+            return
+        low = self._lowest_unacked()
+        ready = None
+        while self._checkpoints and (low is None or low > self._checkpoints[0][0]):
+            ready = self._checkpoints.popleft()[1]
+        if ready:
+            t0 = time.perf_counter()
+            offsets = [TopicPartition(self.topic, p, off) for p, off in ready.items()]
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+            STAGE_LATENCY.labels(stage="behaviour_commit").observe(time.perf_counter() - t0)
+
     def _commit(self) -> None:
-        """Flush the changelog (and every other output), then commit what it covers."""
+        """Blocking (revoke and stop): flush every output, then commit the consumed positions."""
         if not self._positions or self._consumer is None:
             return
         positions = dict(self._positions)
-        t0 = time.perf_counter()
         remaining = self.producer.flush(FLUSH_TIMEOUT_S)
+        self._lowest_unacked()
         if self._delivery_errors:
             # A changelog record is lost: committing would make it permanent. Stop (the guard stops
             # the worker); a restart recovers the tables and replays from the last good commit.
@@ -266,4 +321,4 @@ class BehaviourLoop:
         except KafkaException as exc:  # e.g. a rebalance in progress: the next round commits
             log.warning("behaviour: commit failed (%s); retrying next round", exc)
             return
-        STAGE_LATENCY.labels(stage="behaviour_commit").observe(time.perf_counter() - t0)
+        self._checkpoints.clear()  # all covered

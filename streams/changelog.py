@@ -5,7 +5,7 @@ faust's (`<app id>-<table>-changelog`), so state written by earlier faust-table 
 worker is recovered unchanged, and the key/value bytes are the same.
 
 Durability contract, kept by the caller: the records a batch wrote are acknowledged by the broker
-(`flush`) before the source offsets of that batch are committed, so after a kill -9 the table
+before the source offsets of that batch are committed, so after a kill -9 the table
 recovered from the changelog is never behind the committed offsets. The fold functions skip what
 they have already applied, so replaying the uncommitted tail changes nothing.
 """
@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import NewTopic
 
 from recstream.config import Settings
@@ -76,12 +75,12 @@ class ChangelogTable:
         self.topic = topic
         self.partitions = partitions
         self.data: dict[bytes, bytes] = {}
-        self._producer: Producer | None = None
-        self._on_delivery: Callable[[Any, Any], None] | None = None
+        self._send_fn: Callable[[str, bytes, bytes | None, int], None] | None = None
 
-    def bind(self, producer: Producer, on_delivery: Callable[[Any, Any], None]) -> None:
-        self._producer = producer
-        self._on_delivery = on_delivery
+    def bind(self, send: Callable[[str, bytes, bytes | None, int], None]) -> None:
+        """Route the changelog writes through `send(topic, key, value, partition)` (the owner's
+        producer, which tracks their acknowledgement)."""
+        self._send_fn = send
 
     def put(self, partition: int, key: bytes, value: bytes) -> None:
         self.data[key] = value
@@ -94,15 +93,8 @@ class ChangelogTable:
         return old
 
     def _send(self, partition: int, key: bytes, value: bytes | None) -> None:
-        assert self._producer is not None, "bind() the table to a producer first"
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
-                )
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self._producer.poll(0.01)
+        assert self._send_fn is not None, "bind() the table to a sender first"
+        self._send_fn(self.topic, key, value, partition)
 
     def _watermarks(self, consumer: Consumer, partition: int, deadline: float) -> tuple[int, int]:
         """(low, high) of one changelog partition, retried while the broker is still electing the

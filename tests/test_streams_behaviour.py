@@ -106,7 +106,7 @@ def test_changelog_table_recovers_puts_and_tombstones_per_partition(settings: Se
     ensure_changelog(settings, topic, 4)  # idempotent
     producer = Producer(producer_config(settings))
     table = ChangelogTable("t", topic, 4)
-    table.bind(producer, lambda err, msg: None)
+    table.bind(lambda topic, key, value, partition: producer.produce(topic, value=value, key=key, partition=partition))
     for p in range(4):
         for i in range(50):
             table.put(p, f"k{p}-{i % 10}".encode(), f"v{i}".encode())
@@ -135,6 +135,11 @@ def test_batches_keep_user_order_dead_letter_once_and_commit_what_the_changelog_
     loop = _loop(settings, recorder, group)
     try:
         _wait(lambda: recorder.total() >= len(events), 60, "not every event reached the processor")
+        # While running, commits follow the acknowledgements of the outputs (no stop needed).
+        _wait(lambda: _committed(settings, group) == _ends(settings), 30, "acknowledged positions not committed")
+        running = ChangelogTable("counts", recorder.table.topic, 4)
+        running.recover(settings, range(4))
+        assert running.data == recorder.table.data
     finally:
         loop.stop()
     assert recorder.total() == len(events)
