@@ -39,28 +39,6 @@ APP_VERSION = 1
 ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
 
 
-def _patch_faust_buffer_flush() -> None:
-    """Make faust's pre-commit flush drain the table-changelog buffer completely.
-
-    faust 0.15's ProducerBuffer.flush() (called by the consumer right before it commits offsets)
-    returns as soon as the buffer makes no progress for 0.1 s, which a busy 2-core box can cause;
-    the commit would then cover source offsets whose changelog records are still only in memory,
-    and a kill -9 would lose those table updates. Draining until empty keeps "changelog durable
-    before offsets commit", which the replay-skipping in recstream.recommend.session relies on.
-    """
-    from faust.transport.producer import ProducerBuffer
-
-    if getattr(ProducerBuffer.flush, "_recstream_drains", False):
-        return
-
-    async def flush(self: ProducerBuffer) -> None:
-        while self.size:
-            await self.flush_atmost(None)
-
-    flush._recstream_drains = True  # type: ignore[attr-defined]
-    ProducerBuffer.flush = flush  # type: ignore[method-assign]
-
-
 def app_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}{APP_NAME}-v{APP_VERSION}"
 
@@ -85,7 +63,8 @@ class StreamContext:
     _rng: Any = None
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
-    # 8 threads: up to a batch of concurrent requests waiting on Triton; the calls release the GIL.
+    # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
+    # encodes; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
 
     # --- lazily opened handles (opened in the worker process, never at import/app-build time) --
@@ -257,7 +236,6 @@ def create_app(
     unknown = set(agents) - set(ALL_AGENTS)
     if unknown:
         raise ValueError(f"unknown agents {sorted(unknown)}; choose from {ALL_AGENTS}")
-    _patch_faust_buffer_flush()
     datadir = settings.run_dir / "faust" / app_id(settings)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
