@@ -140,9 +140,7 @@ def test_ranker_training_learns_toy_task():
     cats = [f"c{c}" for c in toy.cluster]
     train = [s[:-1] for s in seqs]
     hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
-    cfg = RankerConfig(
-        epochs=12, patience=12, batch_size=32, n_hard=10, n_random=5, positions_per_user=4, rerank_depth=30
-    )
+    cfg = RankerConfig(epochs=12, patience=12, batch_size=32, positions_per_user=4, rerank_depth=30)
     ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
     ctx = RankingContext(cats, train, 60)
     reranked = rerank_scores(ranker, toy, ctx, hist, depth=30)
@@ -199,9 +197,7 @@ def test_out_of_fold_lists_teach_the_ranker_what_in_sample_lists_hide():
     memorising = _MemorisingRetrieval(train)
     cats = [f"c{c}" for c in toy.cluster]
     hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
-    cfg = RankerConfig(
-        epochs=12, patience=12, batch_size=32, n_hard=10, n_random=5, positions_per_user=4, rerank_depth=30
-    )
+    cfg = RankerConfig(epochs=12, patience=12, batch_size=32, positions_per_user=4, rerank_depth=30)
     ctx = RankingContext(cats, train, 60)
     ndcg = {}
     for name, examples in (("in_sample", None), ("out_of_fold", toy)):

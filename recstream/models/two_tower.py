@@ -70,8 +70,8 @@ class TwoTowerConfig(BaseModel):
     n_heads: int = 4
     ff_mult: int = 2
     dropout: float = 0.2
-    max_history: int = Field(30, description="Most recent items the session tower sees")
-    temperature: float = 0.05
+    max_history: int = Field(50, description="Most recent items the session tower sees")
+    temperature: float = Field(0.1, description="InfoNCE temperature (ml-100k valid NDCG: 0.05 < 0.1 ~ 0.2)")
     lr_session: float = 1e-3
     lr_text: float | None = Field(None, description="None: 1e-3 for LoRA, 5e-5 for full fine-tuning")
     weight_decay: float = 0.01
@@ -88,8 +88,8 @@ class TwoTowerConfig(BaseModel):
     id_dropout: float = Field(0.25, description="Share of items scored text-only per step (cold-start practice)")
     lr_id: float = 3e-3
     eval_untrained: bool = Field(False, description="Also validate before training (costs one evaluation)")
-    epochs: int = 8
-    patience: int = 2
+    epochs: int = 20
+    patience: int = 3
     time_budget_s: float | None = Field(None, description="Stop after the epoch that exceeds this wall time")
     seed: int = 0
     grad_clip: float = 1.0
@@ -674,7 +674,7 @@ class TwoTowerRecommender:
         self.finetune = finetune
         self.checkpoint = checkpoint
         # when no matching checkpoint exists the bench trains one; bound that to ~15 minutes
-        self.overrides = {"epochs": 15, "time_budget_s": 900.0, **overrides}
+        self.overrides = {"time_budget_s": 900.0, **overrides}
         self.model: TwoTowerModel | None = None
         self.info: dict[str, object] = {}
 
