@@ -196,11 +196,17 @@ class BehaviourLoop:
         self.ready.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parts = [tp.partition for tp in partitions]
         if self.requests is not None:  # first stop answering from tables this process is giving up
-            self.requests.revoke([tp.partition for tp in partitions])
+            self.requests.revoke(parts)
         self._commit()
-        for tp in partitions:
-            self._positions.pop(tp.partition, None)
+        self._checkpoints.clear()  # never commit positions of partitions another member may own now
+        for p in parts:
+            self._positions.pop(p, None)
+        for proc in self.processors:
+            revoked = getattr(proc, "revoked", None)
+            if revoked is not None:
+                revoked(parts)
 
     # --- the batch ----------------------------------------------------------------------------
 

@@ -46,6 +46,13 @@ class FeedbackJoiner:
             p = PendingImpression.from_bytes(raw)
             self.deadlines[key] = (p.deadline_ms, p.partition)
 
+    def revoked(self, partitions: list[int]) -> None:
+        """Windows of partitions another worker now owns are closed there, not here."""
+        gone = set(partitions)
+        for key in [k for k, (_, p) in self.deadlines.items() if p in gone]:
+            del self.deadlines[key]
+            self.table.data.pop(key, None)
+
     def _put(self, key: bytes, pending: PendingImpression) -> None:
         self.table.put(pending.partition, key, pending.to_bytes())
         self.deadlines[key] = (pending.deadline_ms, pending.partition)
