@@ -481,6 +481,9 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
             seed_curves[a].append(out["curves"][a])
             arm_stats[a].append(out["arms"][a])
         row["ctr_explore_minus_continual"] = row["ctr_explore"] - row["ctr_continual"]
+        row["ctr_all_rounds_explore_minus_continual"] = phase_means(
+            out["curves"]["explore"], 0, cfg.rounds, "ctr"
+        ) - phase_means(out["curves"]["continual"], 0, cfg.rounds, "ctr")
         per_seed.append(row)
         log.info("seed %d: %s", seed, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
         if seed == cfg.seed:
@@ -491,7 +494,9 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     ope = ope_check(sim, cfg, first["live"]["explore"], "pl")
     ope_ts = ope_check(sim, cfg, first["live"]["explore"], "ts")
     burst_user_rng = np.random.default_rng(cfg.seed + 5)
-    burst_arm = Arm("burst", base, explore_policy(cfg), learn=False, cfg=cfg)
+    # The burst only carries the measurement; it is logged by the same Plackett-Luce policy as in
+    # earlier runs (a fresh Thompson layer knows nothing yet and would make a noisier burst).
+    burst_arm = Arm("burst", base, PlackettLuce(0.5, greedy_slots=2), learn=False, cfg=cfg)
     reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
     burst_arm.serve(sim, reqs, np.random.default_rng(3))
     c2l: dict[str, Any]
@@ -535,6 +540,8 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "explore_minus_frozen": t_interval([r["ctr_explore"] - r["ctr_frozen"] for r in per_seed]),
         "continual_minus_frozen": t_interval([r["ctr_continual"] - r["ctr_frozen"] for r in per_seed]),
     }
+    all_rounds = t_interval([r["ctr_all_rounds_explore_minus_continual"] for r in per_seed])
+    all_rounds["seeds_positive"] = int(sum(r["ctr_all_rounds_explore_minus_continual"] > 0 for r in per_seed))
     for name, d in diffs.items():
         hi, lo = name.split("_minus_")
         d["seeds_positive"] = int(sum(r[f"ctr_{hi}"] > r[f"ctr_{lo}"] for r in per_seed))
@@ -556,6 +563,8 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         f"means over {len(seeds)} seeds, 95% Student-t CIs over seeds",
         "ci": ci,
         "paired_differences": diffs,
+        "paired_difference_all_rounds_explore_minus_continual": all_rounds,
+        "explore_verdict": verdict(diffs["explore_minus_continual"]),
         "per_seed": per_seed,
         "phases": rows,
         "ope": ope,
@@ -575,6 +584,18 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     (RESULTS_DIR / "loop.md").write_text(markdown(result, phases))
     print((RESULTS_DIR / "loop.md").read_text())
     return result
+
+
+def verdict(d: dict[str, Any]) -> str:
+    """What the paired late-window CI of explore - continual says, in words."""
+    lo, hi = d["ci"]
+    if lo > 0:
+        return "exploration beats pure exploitation (95% CI of the paired difference above 0)"
+    if hi < 0:
+        return "exploration loses to pure exploitation (95% CI of the paired difference below 0)"
+    return (
+        "no significant difference between exploration and pure exploitation (95% CI of the paired difference covers 0)"
+    )
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -611,6 +632,13 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
             f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
             f"| {d['seeds_positive']}/{d['n']} |"
         )
+    a = r["paired_difference_all_rounds_explore_minus_continual"]
+    lines += [
+        "",
+        f"**Verdict (late window): {r['explore_verdict']}.** Over all {c['rounds']} rounds (pre-drift and recovery "
+        f"included) explore - continual = {a['mean']:+.4f} [{a['ci'][0]:+.4f}, {a['ci'][1]:+.4f}], "
+        f"{a['seeds_positive']}/{a['n']} seeds > 0.",
+    ]
     lines += [
         "",
         "Per seed (late window):",

@@ -53,18 +53,20 @@ class LiftThompson:
         exam_eta: float = 1.0,
         mc_samples: int = 256,
         group_prior: float = 0.0,
+        sample: bool = True,
     ) -> None:
         if prior <= 0 or half_life <= 0 or mc_samples < 1 or group_prior < 0:
             raise ValueError("prior, half_life and mc_samples must be > 0, group_prior >= 0")
         self.group_prior = float(group_prior)
         self._groups: LiftThompson | None = (
-            LiftThompson(group_prior, half_life, exam_eta, mc_samples) if group_prior > 0 else None
+            LiftThompson(group_prior, half_life, exam_eta, mc_samples, sample=sample) if group_prior > 0 else None
         )
         self.prior = float(prior)
         self.half_life = float(half_life)
         self.exam_eta = float(exam_eta)
         self.mc_samples = int(mc_samples)
-        self.name = f"ts_lift_p{self.prior:g}_h{self.half_life:g}"
+        self.sample = bool(sample)  # False: rank by the posterior mean lift (exploitation only, an ablation)
+        self.name = f"{'ts' if sample else 'mean'}_lift_p{self.prior:g}_h{self.half_life:g}"
         self._index: dict[str, int] = {}
         self._clicks = np.zeros(64)
         self._expected = np.zeros(64)
@@ -135,7 +137,7 @@ class LiftThompson:
 
     def _order(self, s: np.ndarray, a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         base = np.log(_sigmoid(s))
-        draw = rng.gamma(a, 1.0 / b)
+        draw = rng.gamma(a, 1.0 / b) if self.sample else a / b
         return greedy_order(self._sampled_logits(base, a, b, draw) + 1e-9 * s)
 
     def rank(
@@ -158,7 +160,11 @@ class LiftThompson:
     ) -> np.ndarray:
         n = n or self.mc_samples
         base = np.log(_sigmoid(s))
-        draws = rng.gamma(a[None, :], 1.0 / b[None, :], size=(n, len(s)))
+        if not self.sample:  # deterministic given the posterior: one order, propensity 1
+            n = 1
+            draws = (a / b)[None, :]
+        else:
+            draws = rng.gamma(a[None, :], 1.0 / b[None, :], size=(n, len(s)))
         z = self._sampled_logits(base[None, :], a, b, draws) + 1e-9 * s[None, :]
         # greedy_order per draw (descending, ties by index): lexsort on (index, -z) row-wise == stable argsort of -z
         orders = np.argsort(-z, axis=1, kind="stable")[:, :k]
