@@ -60,12 +60,15 @@ QUERIES = [
 ]
 
 
-def _quantile_from_histogram(text: str, name: str, before: dict[float, float] | None = None) -> tuple[float, dict]:
-    """p99 from a Prometheus histogram (linear within a bucket, like histogram_quantile)."""
+def _quantile_from_histogram(
+    text: str, name: str, before: dict[float, float] | None = None, labels: str = "", q: float = 0.99
+) -> tuple[float, dict]:
+    """The q-quantile of a Prometheus histogram (linear within a bucket, like histogram_quantile);
+    `labels` selects one series (e.g. ',stage="rank"'), as prometheus_client writes them after `le`."""
     import re
 
     buckets: dict[float, float] = {}
-    for m in re.finditer(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', text, re.M):
+    for m in re.finditer(rf'^{name}_bucket\{{le="([^"]+)"{re.escape(labels)}\}} (\S+)$', text, re.M):
         buckets[float("inf") if m.group(1) == "+Inf" else float(m.group(1))] = float(m.group(2))
     if before:
         buckets = {k: v - before.get(k, 0.0) for k, v in buckets.items()}
@@ -73,7 +76,7 @@ def _quantile_from_histogram(text: str, name: str, before: dict[float, float] | 
     total = buckets[edges[-1]] if edges else 0.0
     if total <= 0:
         return float("nan"), buckets
-    target = 0.99 * total
+    target = q * total
     prev_edge, prev_count = 0.0, 0.0
     for edge in edges:
         if buckets[edge] >= target:
@@ -239,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"!! query {q!r} still answered degraded after 60 s of warm-up", flush=True)
                     break
                 time.sleep(0.5)
-        fresh_before = _quantile_from_histogram(worker.metrics(), "recstream_feature_freshness_seconds")[1]
+        text_before = worker.metrics()
+        fresh_before = _quantile_from_histogram(text_before, "recstream_feature_freshness_seconds")[1]
+        e2e_series = ',stage="request_e2e_at_publish"'
+        e2e_before = _quantile_from_histogram(text_before, "recstream_stage_latency_seconds", labels=e2e_series)[1]
         stop = threading.Event()
         sent_events = [0]
 
@@ -294,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         metrics_text = worker.metrics()
         fresh_p99, _ = _quantile_from_histogram(metrics_text, "recstream_feature_freshness_seconds", fresh_before)
+        # Where the tail is: produce -> the worker publishing the answer (the rest is Kafka delivery
+        # to the client and the client itself).
+        worker_e2e = {
+            f"p{int(q * 100)}": round(
+                _quantile_from_histogram(
+                    metrics_text, "recstream_stage_latency_seconds", e2e_before, labels=e2e_series, q=q
+                )[0]
+                * 1000,
+                1,
+            )
+            for q in (0.5, 0.95, 0.99)
+        }
         lost = len(futures) - len(latencies)
         lat = np.array(latencies) if latencies else np.array([float("nan")])
         degraded = sum(r.degraded for r in results)
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_mixed_start_end": [round(load_mixed0, 2), round(load_mixed1, 2)],
             "cpu_cores_during_mixed": {k: round(v, 3) for k, v in cpu_cores.items()},
             "freshness_ms_p99": round(fresh_p99 * 1000, 1),
+            "worker_request_to_publish_ms": worker_e2e,
             "degraded_share": round(degraded / max(len(results), 1), 4),
             "requests_sent": len(futures),
             "requests_unanswered": lost,
@@ -347,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(f"stream bench (bench/results/{args.name}.json)", rows, ["metric", "value", "target"])
         print("worker stage means (ms):", json.dumps(stages))
         print("CPU cores used during the mixed phase:", json.dumps(result["cpu_cores_during_mixed"]))
+        print("worker request produce -> answer published (ms):", json.dumps(worker_e2e))
         write_result(args.name, result)
         return 0
     finally:
