@@ -188,3 +188,25 @@ def test_lift_thompson_evidence_decays_and_groups_set_the_prior() -> None:
     # an unseen item borrows its group's lift as prior mean
     assert pol.lift_mean(["new"], ["hot"])[0] > 1.5 > 1.0 > pol.lift_mean(["new2"], ["cold"])[0]
     assert pol.lift_mean(["new3"])[0] == 1.0
+
+
+def test_lift_thompson_as_the_recommender_calls_it() -> None:
+    """streams.recommender: make_policy(settings.exploration_policy).rank(ids, pseudo-logits, k, rng),
+    no groups, no feedback yet: k distinct items, each with a propensity in (0, 1]."""
+    pol = make_policy("ts:5:20000:20")
+    assert pol.name == "ts_lift_p5_h20000"
+    ids = [f"m{n}" for n in range(20)]
+    shown = pol.rank(ids, -np.arange(20, dtype=np.float64), 10, np.random.default_rng(12))
+    assert [s.position for s in shown] == list(range(10)) and len({s.item_id for s in shown}) == 10
+    assert all(0 < s.propensity <= 1 for s in shown)
+
+
+def test_lift_posterior_mean_ablation_is_deterministic_with_propensity_one() -> None:
+    pol = LiftThompson(prior=2.0, sample=False)
+    assert pol.name == "mean_lift_p2_h20000"
+    pol.observe("i4", 0, SCORES[4], 1.0)  # i4 earned a click at the top: its mean lift rises above 1
+    first = pol.rank(IDS, SCORES, 3, np.random.default_rng(13))
+    assert all(s.propensity == 1.0 for s in first)
+    assert [s.item_id for s in pol.rank(IDS, SCORES, 3, np.random.default_rng(14))] == [s.item_id for s in first]
+    m = pol.marginals(SCORES, 3, item_ids=IDS)
+    assert set(np.unique(m)) <= {0.0, 1.0} and m.sum() == 3
