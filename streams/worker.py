@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from collections import deque
 
 import typer
 
@@ -49,13 +50,25 @@ def _quiet_gc() -> None:
     started: list[float] = []
 
     def timing(phase: str, info: dict) -> None:
+        # No metric call here: a collection can start inside prometheus_client while that thread
+        # holds the metric's (non-reentrant) lock; observing from here deadlocked that thread.
+        # The pauses are queued (deque.append is atomic) and observed by _report_gc.
         if phase == "start":
             started.append(time.perf_counter())
         elif started:
-            stage = f"gc_gen{info.get('generation', 0)}"
-            STAGE_LATENCY.labels(stage=stage).observe(time.perf_counter() - started.pop())
+            GC_PAUSES.append((info.get("generation", 0), time.perf_counter() - started.pop()))
 
     gc.callbacks.append(timing)
+
+
+#: (generation, seconds) of collections not yet observed in STAGE_LATENCY.
+GC_PAUSES: deque[tuple[int, float]] = deque(maxlen=100_000)
+
+
+def _report_gc() -> None:
+    while GC_PAUSES:
+        generation, seconds = GC_PAUSES.popleft()
+        STAGE_LATENCY.labels(stage=f"gc_gen{generation}").observe(seconds)
 
 
 def _one_blas_thread() -> None:
@@ -90,6 +103,10 @@ def main(
 
     app = create_app(settings, chosen, feedback_window_s=feedback_window_s, ranker=ranker)
     ctx = app.ctx
+
+    @app.timer(1.0)
+    async def _gc_metrics() -> None:
+        _report_gc()
 
     @app.timer(0.5)
     async def _announce_ready() -> None:
