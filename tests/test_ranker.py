@@ -206,3 +206,31 @@ def test_out_of_fold_lists_teach_the_ranker_what_in_sample_lists_hide():
         reranked = rerank_scores(ranker, memorising, ctx, hist, depth=30)
         ndcg[name] = metrics_from_ranks(target_ranks(reranked, tgt, hist))["NDCG@10"]
     assert ndcg["out_of_fold"] > ndcg["in_sample"] + 0.02, ndcg
+
+
+def test_items_without_data_keep_their_retrieval_slot():
+    """New items (no interactions) are not moved by the ranker: its popularity features know
+    nothing about them but "unseen"; the warm candidates are reordered around them."""
+    toy = _ToyRetrieval()
+    seqs = _toy_sessions(toy, np.random.default_rng(2))
+    cats = [f"c{c}" for c in toy.cluster]
+    never = {5, 17, 42}  # items nobody interacted with
+    train = [np.array([i for i in s if i not in never]) for s in seqs]
+    ctx = RankingContext(cats, train, 60)
+    ranker = new_ranker(RankerConfig(seed=3))
+    with torch.no_grad():  # a ranker that strongly prefers popular items (it would bury new ones)
+        ranker.net.wide.weight[0, 4] = 50.0  # log_popularity
+    hist = train[:20]
+    retrieval = (toy.session_vectors_from_index(hist) @ toy.item_vectors.T).numpy()
+    reranked = rerank_scores(ranker, toy, ctx, hist, depth=30)
+    for r, h in enumerate(hist):
+        s = retrieval[r].copy()
+        s[h] = -np.inf
+        top = np.argsort(-s, kind="stable")[:30]
+        slot_before = {int(i): k for k, i in enumerate(top)}
+        after = np.argsort(-reranked[r], kind="stable")[:30]
+        slot_after = {int(i): k for k, i in enumerate(after)}
+        assert set(slot_after) == set(slot_before)
+        for item in never & set(slot_before):
+            assert slot_after[item] == slot_before[item]
+    assert any(never & set(np.argsort(-retrieval[r])[:30].tolist()) for r in range(len(hist)))

@@ -400,7 +400,13 @@ def rerank_scores(
     times: Sequence[float | None] | None = None,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
-    everything else keeps its retrieval order below them (so metrics stay full-ranking)."""
+    everything else keeps its retrieval order below them (so metrics stay full-ranking).
+
+    Items without any interaction data (`ctx.counts == 0`: new or cold items) keep their retrieval
+    slot in the list and the ranker orders the others around them: its popularity and trend
+    features say nothing about a new item except "unseen", and letting it act on that buries every
+    new item (measured: cold-start NDCG@10 0.021 -> 0).
+    """
     sess, scores = _retrieval_scores(retrieval, histories)
     scores = scores.astype(np.float64)
     out = scores.copy()
@@ -409,10 +415,16 @@ def rerank_scores(
         s = scores[r].copy()
         s[np.asarray(h, dtype=np.int64)] = -np.inf
         top = np.argpartition(-s, depth)[:depth]
+        top = top[np.argsort(-s[top], kind="stable")]  # retrieval order: slot i = i-th best
         feats = ctx.features(h, top, scores[r][top], None if times is None else times[r])
         context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
         rs = ranker.score(context, vecs[top], feats).astype(np.float64)
-        out[r, top] = 1e3 + (rs - rs.min())  # above every non-candidate, ordered by the ranker
+        new = ctx.counts[top] == 0
+        order = np.arange(depth)
+        warm_slots = np.flatnonzero(~new)
+        order[warm_slots] = warm_slots[np.argsort(-rs[warm_slots], kind="stable")]
+        # slot i holds candidate order[i]; scores fall with the slot, above every non-candidate
+        out[r, top[order]] = 1e3 + np.arange(depth, 0, -1, dtype=np.float64)
     return out
 
 
