@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
     log_level: str = Field("INFO", description="Log level for every entry point")
     exploration_policy: str = Field(
-        "greedy", description="Ranking policy of the recommender: greedy | pl:T[:HEAD] | eps:E[:SLOTS]"
+        "greedy",
+        description="Ranking policy of the recommender: greedy | pl:T[:HEAD] | eps:E[:SLOTS] | "
+        "ts:PRIOR[:HALF_LIFE[:GROUP_PRIOR]] (learns from policy.observe; the stream recommender does not feed it yet)",
     )
     exploration_seed: int | None = Field(None, description="Seed of the exploration policy's random draws")
     api_keys: str = Field(
