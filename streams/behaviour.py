@@ -26,8 +26,6 @@ from __future__ import annotations
 import functools
 import heapq
 import logging
-import os
-import signal
 import threading
 import time
 from collections import deque
@@ -43,6 +41,7 @@ from recstream.kafka.dead_letters import DeadLetterSink
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS, STAGE_LATENCY
 from streams.changelog import ChangelogTable, ensure_changelog
+from streams.consumer_threads import consumer_config, run_or_stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +133,15 @@ class BehaviourLoop:
             self._thread.join(timeout_s)
 
     def _run_guarded(self) -> None:
-        try:
-            self._run()
-        except Exception:
-            # A dead consumer thread would leave the worker answering from frozen features: stop the
-            # whole worker instead, so its supervisor restarts it (state recovers from the changelog).
-            log.critical("behaviour consumer failed; stopping the worker", exc_info=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+        run_or_stop_worker("behaviour consumer", self._run)
 
     def _run(self) -> None:
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
-                "group.id": self.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                # The broker answers a parked fetch as soon as data arrives; the wait only bounds idle
-                # polling (each fetch costs broker CPU on the shared cores).
-                "fetch.wait.max.ms": 100,
-                "queued.max.messages.kbytes": 65536,
-                # A worker restarted after kill -9 must not wait long for the dead member's session to expire.
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1000,
-            }
+            consumer_config(
+                self.settings,
+                self.group_id,
+                **{"enable.auto.commit": False, "queued.max.messages.kbytes": 65536},
+            )
         )
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         next_commit = time.monotonic() + COMMIT_INTERVAL_S

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
-import signal
 import threading
 import time
 from typing import Any
@@ -30,6 +28,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.contracts.topics import REQUESTS
 from recstream.metrics import STAGE_LATENCY
+from streams.consumer_threads import consumer_config, run_or_stop_worker
 from streams.recommender import answer_batch
 
 log = logging.getLogger(__name__)
@@ -109,27 +108,18 @@ class RequestLoop:
         done.wait(30)
 
     def _run_guarded(self) -> None:
-        try:
-            self._run()
-        except Exception:
-            log.critical("request consumer failed; stopping the worker", exc_info=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+        run_or_stop_worker("request consumer", self._run)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        # offsets are stored only once answered, and committed every COMMIT_INTERVAL_MS
         consumer = Consumer(
-            {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
-                "group.id": self.group_id,
-                "enable.auto.commit": True,
-                "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
-                "enable.auto.offset.store": False,  # stored only once answered
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 100,  # a parked fetch returns as soon as a request arrives
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1000,
-            }
+            consumer_config(
+                self.settings,
+                self.group_id,
+                **{"enable.auto.commit": True, "auto.commit.interval.ms": COMMIT_INTERVAL_MS},
+            )
         )
         if not self._following:
             consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)

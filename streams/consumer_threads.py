@@ -1,0 +1,43 @@
+"""What the worker's librdkafka consumer threads (behaviour, requests) share: their base consumer
+settings and the rule that a dead consumer thread stops the whole worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from recstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """Manual offset storage, earliest start, quick failover; `overrides` per consumer."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "group.id": group_id,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # The broker answers a parked fetch as soon as data arrives; the wait only bounds idle
+        # polling (each fetch costs broker CPU on the shared cores).
+        "fetch.wait.max.ms": 100,
+        # A worker restarted after kill -9 must not wait long for the dead member's session to expire.
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 1000,
+    }
+    conf.update(overrides)
+    return conf
+
+
+def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:
+    """Run a consumer thread's loop; if it raises, stop the worker (SIGTERM) instead of living on
+    with a dead thread (answering from frozen features, or not answering), so that its supervisor
+    restarts it and the state recovers from the changelog."""
+    try:
+        run()
+    except Exception:
+        log.critical("%s failed; stopping the worker", name, exc_info=True)
+        os.kill(os.getpid(), signal.SIGTERM)
