@@ -53,6 +53,7 @@ test: setup
 
 lint: setup
 	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
 
 schemas: venv
 	@$(PY) -m recstream.contracts.export

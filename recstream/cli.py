@@ -66,12 +66,14 @@ def tail(
 
     settings = get_settings()
     name = TOPICS[topic].name(settings.topic_prefix) if topic in TOPICS else topic
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
-        "group.id": f"recstream-tail-{time.time_ns()}",
-        "auto.offset.reset": "earliest" if from_beginning else "latest",
-        "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"recstream-tail-{time.time_ns()}",
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([name])
     seen, idle_since = 0, time.monotonic()
     try:
@@ -199,9 +201,19 @@ def models_list(model: str = typer.Option("ranker", help="model name in MODEL_RE
 
     reg = ModelRegistry(get_settings().model_repo, model)
     state = reg.state()
-    typer.echo(json.dumps({"model": model, "live": state.get("live"), "previous": state.get("previous"),
-                           "versions": reg.versions(), "served": reg.served(),
-                           "history": state.get("history", [])[-10:]}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "model": model,
+                "live": state.get("live"),
+                "previous": state.get("previous"),
+                "versions": reg.versions(),
+                "served": reg.served(),
+                "history": state.get("history", [])[-10:],
+            },
+            indent=2,
+        )
+    )
 
 
 @models_app.command("promote")

@@ -85,8 +85,10 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
         horror = [i for i, c in zip(data.items.item_id, data.items.category, strict=True) if c == "Horror"][:5]
         with EventProducer(settings, worker="demo") as producer:
             for pos, item in enumerate(horror):
-                producer.send("behaviour", BehaviourEvent(type="click", user_id="demo", session_id="demo-1",
-                                                          item_id=item, position=pos))
+                producer.send(
+                    "behaviour",
+                    BehaviourEvent(type="click", user_id="demo", session_id="demo-1", item_id=item, position=pos),
+                )
         print(f"\nclicked {len(horror)} horror films: {[titles[i] for i in horror]}")
         time.sleep(1)
         rec = client.request(RecommendationRequest(user_id="demo", session_id="demo-1"), timeout_s=30)

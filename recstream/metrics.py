@@ -33,14 +33,15 @@ def serve_metrics(port: int) -> None:
     """Expose /metrics on `port` (0 = don't), for Prometheus to scrape this process."""
     if port:
         start_http_server(port)
+
+
 # Event produce (Kafka CreateTime) -> session features updated; dense up to 1 s for the 100 ms target.
 FEATURE_FRESHNESS = Histogram(
-    "recstream_feature_freshness_seconds", "Behaviour event produce to session features updated",
+    "recstream_feature_freshness_seconds",
+    "Behaviour event produce to session features updated",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-FEATURE_EVENTS = Counter(
-    "recstream_feature_events_total", "Behaviour events folded into session features", ["result"]
-)
+FEATURE_EVENTS = Counter("recstream_feature_events_total", "Behaviour events folded into session features", ["result"])
 # Online quality: CTR = rate(clicks) / rate(impressions) in PromQL, per model version and exploration arm.
 IMPRESSIONS = Counter("recstream_impressions_total", "Items shown to users", ["model_version", "arm"])
 CLICKS = Counter("recstream_clicks_total", "Clicks on shown items", ["model_version", "arm"])

@@ -191,8 +191,11 @@ class Simulator:
         rand = rng.choice(pool, size=min(c.n_random_candidates, len(pool)), replace=False)
         cand = np.concatenate([top, rand]).astype(np.int64)
         feats = candidate_features(
-            sims[cand], self.feature_counts[cand], self.categories[cand].tolist(),
-            self.categories[seen[-c.context_len :]].tolist(), float(self.counts.max()),
+            sims[cand],
+            self.feature_counts[cand],
+            self.categories[cand].tolist(),
+            self.categories[seen[-c.context_len :]].tolist(),
+            float(self.counts.max()),
         )
         context = np.concatenate([ctx, np.zeros(ITEM_DIM, dtype=np.float32)]).astype(np.float32)
         return Request(user, cand, context, self.item_vectors[cand], feats)

@@ -57,7 +57,11 @@ class WorkerProcess:
         with self.log_file.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.worker", "--metrics-port", str(self.metrics_port)],
-                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.pid_file.write_text(str(proc.pid))
         return proc.pid
@@ -81,8 +85,10 @@ class LocalStack:
         run = settings.run_dir
         self.kafka = KafkaBroker(run / "kafka", port=_port(settings.kafka_bootstrap))
         self.triton = TritonServer(
-            settings.model_repo, run / "triton",
-            http_port=_port(settings.triton_url), grpc_port=_port(settings.triton_grpc_url),
+            settings.model_repo,
+            run / "triton",
+            http_port=_port(settings.triton_url),
+            grpc_port=_port(settings.triton_grpc_url),
             metrics_port=_port(settings.triton_url) + 2,
         )
         self.worker = WorkerProcess(run / "worker")

@@ -41,10 +41,14 @@ def drain(consumer: EventConsumer, want: int, max_polls: int = 120) -> list:
 def read_dead_letters(settings: Settings, logical: str, want: int) -> list[DeadLetter]:
     from confluent_kafka import Consumer
 
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap, "group.id": "dlq-reader",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "dlq-reader",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([dead_letter_topic(TOPICS[logical].name(settings.topic_prefix))])
     letters = []
     for _ in range(60):
@@ -64,24 +68,39 @@ def every_event_type() -> dict[str, list]:
             ItemDelete(item_id="i2"),
         ],
         "requests": [
-            RecommendationRequest(user_id="u1", session_id="s1", k=5,
-                                  filters=RequestFilters(categories=["Comedy"], max_price=20)),
+            RecommendationRequest(
+                user_id="u1", session_id="s1", k=5, filters=RequestFilters(categories=["Comedy"], max_price=20)
+            ),
             SearchQuery(user_id="u1", query="space adventure"),
         ],
         "behaviour": [
-            BehaviourEvent(type=t, user_id="u1", session_id="s1", item_id="i1", request_id="r1", position=2,
-                           propensity=0.5)
+            BehaviourEvent(
+                type=t, user_id="u1", session_id="s1", item_id="i1", request_id="r1", position=2, propensity=0.5
+            )
             for t in BehaviourType
         ],
         "recommendations": [
-            RecommendationResult(request_id="r1", user_id="u1", model_version="ranker:3", items=[
-                RankedItem(item_id="i1", score=0.9, position=0, propensity=0.8, reasons={"session": 0.7}),
-                RankedItem(item_id="i3", score=0.5, position=1, propensity=0.2),
-            ]),
+            RecommendationResult(
+                request_id="r1",
+                user_id="u1",
+                model_version="ranker:3",
+                items=[
+                    RankedItem(item_id="i1", score=0.9, position=0, propensity=0.8, reasons={"session": 0.7}),
+                    RankedItem(item_id="i3", score=0.5, position=1, propensity=0.2),
+                ],
+            ),
         ],
         "training-examples": [
-            TrainingExample(request_id="r1", user_id="u1", item_id="i1", position=0, propensity=0.8,
-                            clicked=True, label=1.0, context_items=["i0"]),
+            TrainingExample(
+                request_id="r1",
+                user_id="u1",
+                item_id="i1",
+                position=0,
+                propensity=0.8,
+                clicked=True,
+                label=1.0,
+                context_items=["i0"],
+            ),
         ],
     }
 
@@ -122,8 +141,9 @@ def test_10k_events_in_a_group_survive_a_consumer_restart(settings: Settings) ->
     n = 10_000
     with EventProducer(settings) as producer:
         for i in range(n):
-            producer.send("behaviour", BehaviourEvent(
-                event_id=f"e{i}", type="view", user_id=f"u{i % 97}", item_id=f"i{i % 500}"))
+            producer.send(
+                "behaviour", BehaviourEvent(event_id=f"e{i}", type="view", user_id=f"u{i % 97}", item_id=f"i{i % 500}")
+            )
     seen: list[str] = []
     first = EventConsumer(settings, ["behaviour"], group_id="group-10k")
     while len(seen) < n // 2:
@@ -151,11 +171,11 @@ def test_bad_input_goes_to_dead_letters_and_valid_events_still_flow(settings: Se
     bad = {
         "malformed_json": b'{"type": "click", "user_id": ',
         "schema": json.dumps({"type": "click", "user_id": 42.5, "item_id": ["x"]}).encode(),
-        "oversize": json.dumps({"type": "view", "user_id": "u", "item_id": "i",
-                                "pad": "x" * (settings.max_message_bytes + 10)}).encode(),
+        "oversize": json.dumps(
+            {"type": "view", "user_id": "u", "item_id": "i", "pad": "x" * (settings.max_message_bytes + 10)}
+        ).encode(),
     }
-    before = {r: counter_value("recstream_dead_letters_total", topic=topic, reason=r, worker="test")
-              for r in bad}
+    before = {r: counter_value("recstream_dead_letters_total", topic=topic, reason=r, worker="test") for r in bad}
     with EventProducer(settings) as producer:
         producer.send("behaviour", BehaviourEvent(event_id="ok-1", type="click", user_id="u", item_id="i"))
         for reason, raw in bad.items():
@@ -173,6 +193,8 @@ def test_bad_input_goes_to_dead_letters_and_valid_events_still_flow(settings: Se
         assert base64.b64decode(letter.value_b64) == raw, "the original bytes must be kept"
         assert letter.source_topic == topic and letter.offset >= 0 and letter.partition >= 0
         assert base64.b64decode(letter.key_b64) == reason.encode()
-        assert counter_value("recstream_dead_letters_total", topic=topic, reason=reason, worker="test") \
+        assert (
+            counter_value("recstream_dead_letters_total", topic=topic, reason=reason, worker="test")
             == before[reason] + 1
+        )
     assert "user_id" in letters["schema"].error

@@ -21,8 +21,14 @@ class ComposeLoader(yaml.SafeLoader):
 
 for _tag in ("!reset", "!override"):
     ComposeLoader.add_constructor(
-        _tag, lambda loader, node: loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
-        else loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else None
+        _tag,
+        lambda loader, node: (
+            loader.construct_mapping(node)
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_sequence(node)
+            if isinstance(node, yaml.SequenceNode)
+            else None
+        ),
     )
 
 

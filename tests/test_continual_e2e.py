@@ -42,11 +42,15 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
 
     repo = tmp_path / "model_repo"
     export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
-    server = TritonServer(repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0,
-                          models=[RANKER_MODEL_NAME]).start(timeout_s=300)
+    server = TritonServer(
+        repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER_MODEL_NAME]
+    ).start(timeout_s=300)
     settings = make_settings(model_repo=repo, triton_url=server.url)
     cfg = TrainerConfig(
-        train_every_examples=1200, train_every_s=3600, min_examples=800, holdout=400,
+        train_every_examples=1200,
+        train_every_s=3600,
+        min_examples=800,
+        holdout=400,
         learner=LearnerConfig(steps=80),
         # The untrained v1 already ranks these synthetic clicks well through its category-affinity
         # feature (holdout AUC ~0.90), so one round's candidate lands within noise of it and the
@@ -90,9 +94,10 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
         rng = np.random.default_rng(1)
         items = [(f"m{n}", CATS[n % 4]) for n in range(40)]
         with EventProducer(settings) as producer:
-            producer.send_many("catalog", [
-                ItemUpsert(item_id=i, title=f"{TITLES[c]} {n}", category=c) for n, (i, c) in enumerate(items)
-            ])
+            producer.send_many(
+                "catalog",
+                [ItemUpsert(item_id=i, title=f"{TITLES[c]} {n}", category=c) for n, (i, c) in enumerate(items)],
+            )
             producer.flush()
             burst = []
             for r in range(150):
@@ -103,10 +108,19 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
                     item, cat = items[j]
                     p = (0.7 if cat == fav else 0.03) / (1 + pos) ** 0.5
                     clicked = bool(rng.random() < p)
-                    burst.append(TrainingExample(
-                        request_id=f"r{r}", user_id=f"u{r % 30}", item_id=item, position=pos, propensity=1.0,
-                        model_version="ranker-v1", clicked=clicked, label=float(clicked), context_items=ctx,
-                    ))
+                    burst.append(
+                        TrainingExample(
+                            request_id=f"r{r}",
+                            user_id=f"u{r % 30}",
+                            item_id=item,
+                            position=pos,
+                            propensity=1.0,
+                            model_version="ranker-v1",
+                            clicked=clicked,
+                            label=float(clicked),
+                            context_items=ctx,
+                        )
+                    )
             producer.send_many("training-examples", burst)
             producer.flush()
         t_burst = time.monotonic()

@@ -48,8 +48,17 @@ def _events(n_req: int, seed: int, shuffle_labels: bool = False, version: str = 
         for e, y in zip(ex, labels, strict=True):
             e[4] = bool(y)
     evs += [
-        TrainingExample(request_id=rid, user_id=u, item_id=i, position=p, propensity=1.0, model_version=version,
-                        clicked=c, label=float(c), context_items=ctx)
+        TrainingExample(
+            request_id=rid,
+            user_id=u,
+            item_id=i,
+            position=p,
+            propensity=1.0,
+            model_version=version,
+            clicked=c,
+            label=float(c),
+            context_items=ctx,
+        )
         for rid, u, i, p, c, ctx in ex
     ]
     return evs
@@ -60,8 +69,14 @@ def service(tmp_path: Path) -> TrainerService:
     repo = tmp_path / "model_repo"
     export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
     settings = Settings(model_repo=repo, run_dir=tmp_path / "run")
-    cfg = TrainerConfig(train_every_examples=1000, train_every_s=3600, min_examples=600, holdout=400,
-                        learner=LearnerConfig(steps=80), gate=GateConfig(min_examples=200))
+    cfg = TrainerConfig(
+        train_every_examples=1000,
+        train_every_s=3600,
+        min_examples=600,
+        holdout=400,
+        learner=LearnerConfig(steps=80),
+        gate=GateConfig(min_examples=200),
+    )
     return TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
 
 

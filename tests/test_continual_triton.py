@@ -33,8 +33,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonSer
     export_ranker(_ranker(1), repo, version=1)  # config.pbtxt + v1 as the models package writes them
     reg = ModelRegistry(repo)
     reg.init_live()
-    server = TritonServer(repo, tmp_path_factory.mktemp("triton_run"), http_port=0, grpc_port=0, metrics_port=0,
-                          models=[RANKER_MODEL_NAME])
+    server = TritonServer(
+        repo,
+        tmp_path_factory.mktemp("triton_run"),
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        models=[RANKER_MODEL_NAME],
+    )
     server.start(timeout_s=240)
     try:
         yield server, reg

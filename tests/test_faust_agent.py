@@ -22,19 +22,26 @@ APP = Path(__file__).with_name("faust_echo_app.py")
 
 
 def test_minimal_faust_agent_round_trip(settings: Settings, tmp_path: Path) -> None:
-    env = dict(os.environ, KAFKA_BOOTSTRAP=settings.kafka_bootstrap, TOPIC_PREFIX=settings.topic_prefix,
-               FAUST_DATA_DIR=str(tmp_path / "faust"))
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        TOPIC_PREFIX=settings.topic_prefix,
+        FAUST_DATA_DIR=str(tmp_path / "faust"),
+    )
     log = (tmp_path / "faust.log").open("wb")
-    worker = subprocess.Popen([sys.executable, str(APP), "worker", "-l", "info"], env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, str(APP), "worker", "-l", "info"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         n = 50
         with EventProducer(settings) as producer:
             for i in range(n):
-                producer.send("behaviour", BehaviourEvent(event_id=f"f{i}", type="view", user_id=f"u{i % 7}",
-                                                          item_id="i1"))
-        consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "faust-check",
-                             "auto.offset.reset": "earliest"})
+                producer.send(
+                    "behaviour", BehaviourEvent(event_id=f"f{i}", type="view", user_id=f"u{i % 7}", item_id="i1")
+                )
+        consumer = Consumer(
+            {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "faust-check", "auto.offset.reset": "earliest"}
+        )
         consumer.subscribe([TOPICS["training-examples"].name(settings.topic_prefix)])
         seen: set[str] = set()
         deadline = time.monotonic() + 90  # first start of a faust worker includes a group rebalance

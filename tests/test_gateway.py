@@ -46,10 +46,14 @@ def published(settings: Settings, logical: str) -> int:
 
 def read_all(settings: Settings, logical: str, n: int, timeout_s: float = 15.0) -> list[dict]:
     topic = TOPICS[logical].name(settings.topic_prefix)
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap, "group.id": f"gateway-test-{topic}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"gateway-test-{topic}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     out: list[dict] = []
     try:
@@ -100,8 +104,13 @@ def test_missing_key_is_401_and_wrong_key_is_403(client: TestClient, gw_settings
         assert r.json() == {"detail": "invalid API key"}
     # auth comes before parsing: garbage without a key is still a 401, not a 422
     assert client.post("/v1/events", content=b"{not json").status_code == 401
-    for method, path in (("post", "/v1/search"), ("post", "/v1/recommend"), ("post", "/v1/items"),
-                         ("put", "/v1/items/a"), ("delete", "/v1/items/a")):
+    for method, path in (
+        ("post", "/v1/search"),
+        ("post", "/v1/recommend"),
+        ("post", "/v1/items"),
+        ("put", "/v1/items/a"),
+        ("delete", "/v1/items/a"),
+    ):
         assert client.request(method, path, json={}).status_code == 401, path
         assert client.request(method, path, json={}, headers={"X-API-Key": "bad"}).status_code == 403, path
     nothing_published(gw_settings)
@@ -163,19 +172,37 @@ def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Se
 
 
 def test_events_and_items_land_on_their_topics(client: TestClient, gw_settings: Settings) -> None:
-    events = [click(1), {"type": "impression", "user_id": "u2", "item_id": "i9", "request_id": "r2", "position": 3,
-                         "propensity": 0.5, "model_version": "ranker-7"}]
+    events = [
+        click(1),
+        {
+            "type": "impression",
+            "user_id": "u2",
+            "item_id": "i9",
+            "request_id": "r2",
+            "position": 3,
+            "propensity": 0.5,
+            "model_version": "ranker-7",
+        },
+    ]
     r = client.post("/v1/events", json={"events": events}, headers=HEADERS)
     assert r.status_code == 202 and r.json()["accepted"] == 2
     got = sorted(read_all(gw_settings, "behaviour", 2), key=lambda e: e["user_id"])
     assert [(e["key"], e["type"], e["request_id"], e["position"]) for e in got] == [
-        ("u1", "click", "r1", 1), ("u2", "impression", "r2", 3)]
+        ("u1", "click", "r1", 1),
+        ("u2", "impression", "r2", 3),
+    ]
     assert [e["event_id"] for e in got] == r.json()["ids"]
 
-    assert client.post("/v1/items", json={"item_id": "i1", "title": "Alien", "category": "Horror"},
-                       headers=HEADERS).status_code == 202
-    assert client.put("/v1/items/i2", json={"title": "Heat", "tags": ["crime"], "price": 9.5},
-                      headers=HEADERS).status_code == 202
+    assert (
+        client.post(
+            "/v1/items", json={"item_id": "i1", "title": "Alien", "category": "Horror"}, headers=HEADERS
+        ).status_code
+        == 202
+    )
+    assert (
+        client.put("/v1/items/i2", json={"title": "Heat", "tags": ["crime"], "price": 9.5}, headers=HEADERS).status_code
+        == 202
+    )
     assert client.delete("/v1/items/i1", headers=HEADERS).status_code == 202
     catalog = read_all(gw_settings, "catalog", 3)
     assert sorted((e["key"], e["op"]) for e in catalog) == [("i1", "delete"), ("i1", "upsert"), ("i2", "upsert")]
@@ -192,8 +219,9 @@ def test_search_without_a_worker_is_a_clear_504(client: TestClient, gw_settings:
     assert sorted(e["kind"] for e in requests) == ["recommend", "search"]
 
 
-def test_health_readiness_metrics_and_openapi(client: TestClient, make_settings: Callable[..., Settings],
-                                              triton_server) -> None:
+def test_health_readiness_metrics_and_openapi(
+    client: TestClient, make_settings: Callable[..., Settings], triton_server
+) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")  # Kafka up, Triton on a closed port
     assert r.status_code == 503
@@ -211,8 +239,11 @@ def test_health_readiness_metrics_and_openapi(client: TestClient, make_settings:
     text = client.get("/metrics").text
     assert 'recstream_http_requests_total{method="POST",route="/v1/events",status="401"}' in text
     spec = client.get("/openapi.json").json()
-    assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {"type": "apiKey", "in": "header",
-                                                                     "name": "X-API-Key"}
+    assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
     assert spec["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 5
     assert {"401", "403", "413", "504"} <= set(spec["paths"]["/v1/search"]["post"]["responses"])
 

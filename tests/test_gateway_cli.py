@@ -25,10 +25,20 @@ def _free_port() -> int:
 
 def _gateway(port: int, keys: str) -> subprocess.Popen[bytes]:
     # Kafka is unreachable on purpose: the process must still start and answer liveness.
-    env = dict(os.environ, GATEWAY_API_KEYS=keys, KAFKA_BOOTSTRAP="127.0.0.1:9", TRITON_URL="127.0.0.1:9",
-               PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen([sys.executable, "-m", "services.gateway", "--port", str(port)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ,
+        GATEWAY_API_KEYS=keys,
+        KAFKA_BOOTSTRAP="127.0.0.1:9",
+        TRITON_URL="127.0.0.1:9",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.gateway", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_python_m_services_gateway_serves_health_and_playground() -> None:

@@ -36,26 +36,68 @@ HEADERS = {"X-API-Key": KEY}
 
 # A small catalog with clear topical clusters, so search and session effects are easy to see.
 CATALOG: dict[str, list[str]] = {
-    "Sci-Fi": ["Star Voyage to the Outer Planets", "Space Station Mutiny", "Galaxy Rangers and the Alien Fleet",
-               "Mars Colony One", "Rocket Pilots of Andromeda", "Robots Among the Stars", "Time Machine Paradox",
-               "The Last Astronaut", "Asteroid Miners", "Cyborg Uprising on the Moon"],
-    "Horror": ["The Haunted Mansion on the Hill", "Night of the Zombies", "Vampire Castle", "The Cursed Doll",
-               "Scream in the Dark Forest", "Ghosts of the Asylum", "Werewolf Moon", "The Possession",
-               "Slasher Summer Camp", "Demon in the Cellar"],
-    "Comedy": ["Wedding Disaster", "My Neighbour the Clown", "Office Party Gone Wrong", "Road Trip Mayhem",
-               "The Bumbling Detective", "Family Holiday Chaos", "Stand-up Nights", "Pranksters Academy",
-               "The Lazy Chef", "Dog Show Fiasco"],
-    "Romance": ["Love in Paris", "Summer Letters", "The Wedding Planner's Heart", "Second Chance at Love",
-                "Moonlight Sonata Romance", "A Kiss in the Rain", "Sweethearts Forever", "Falling for the Prince",
-                "Notes from a Lover", "Autumn Romance in Vermont"],
+    "Sci-Fi": [
+        "Star Voyage to the Outer Planets",
+        "Space Station Mutiny",
+        "Galaxy Rangers and the Alien Fleet",
+        "Mars Colony One",
+        "Rocket Pilots of Andromeda",
+        "Robots Among the Stars",
+        "Time Machine Paradox",
+        "The Last Astronaut",
+        "Asteroid Miners",
+        "Cyborg Uprising on the Moon",
+    ],
+    "Horror": [
+        "The Haunted Mansion on the Hill",
+        "Night of the Zombies",
+        "Vampire Castle",
+        "The Cursed Doll",
+        "Scream in the Dark Forest",
+        "Ghosts of the Asylum",
+        "Werewolf Moon",
+        "The Possession",
+        "Slasher Summer Camp",
+        "Demon in the Cellar",
+    ],
+    "Comedy": [
+        "Wedding Disaster",
+        "My Neighbour the Clown",
+        "Office Party Gone Wrong",
+        "Road Trip Mayhem",
+        "The Bumbling Detective",
+        "Family Holiday Chaos",
+        "Stand-up Nights",
+        "Pranksters Academy",
+        "The Lazy Chef",
+        "Dog Show Fiasco",
+    ],
+    "Romance": [
+        "Love in Paris",
+        "Summer Letters",
+        "The Wedding Planner's Heart",
+        "Second Chance at Love",
+        "Moonlight Sonata Romance",
+        "A Kiss in the Rain",
+        "Sweethearts Forever",
+        "Falling for the Prince",
+        "Notes from a Lover",
+        "Autumn Romance in Vermont",
+    ],
 }
 
 
 def catalog_items() -> list[dict]:
     return [
-        {"item_id": f"{cat[:3].lower()}{i}", "title": title, "category": cat, "tags": [cat.lower()],
-         "description": f"A {cat.lower()} film: {title.lower()}."}
-        for cat, titles in CATALOG.items() for i, title in enumerate(titles)
+        {
+            "item_id": f"{cat[:3].lower()}{i}",
+            "title": title,
+            "category": cat,
+            "tags": [cat.lower()],
+            "description": f"A {cat.lower()} film: {title.lower()}.",
+        }
+        for cat, titles in CATALOG.items()
+        for i, title in enumerate(titles)
     ]
 
 
@@ -81,8 +123,13 @@ def _start(kafka_bootstrap: str, triton_server, root: Path) -> LiveStack:
     from recstream.kafka.admin import ensure_topics
 
     settings = Settings(
-        kafka_bootstrap=kafka_bootstrap, topic_prefix=f"g{uuid.uuid4().hex[:8]}.", qdrant_path=root / "qdrant",
-        run_dir=root / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url, api_keys=KEY,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"g{uuid.uuid4().hex[:8]}.",
+        qdrant_path=root / "qdrant",
+        run_dir=root / "run",
+        triton_url=triton_server.url,
+        triton_grpc_url=triton_server.grpc_url,
+        api_keys=KEY,
         # 2 s, not the 250 ms production budget: on a shared 2-core CI box Triton calls queue behind
         # other work, and these tests are about the gateway, not about degraded mode (which the
         # Prometheus test still provokes with a real multi-second Triton pause).
@@ -93,8 +140,9 @@ def _start(kafka_bootstrap: str, triton_server, root: Path) -> LiveStack:
     # so they must not depend on whichever trained weights sit in the shared model_repo (the
     # stream and trainer tests check the Triton ranker). Retrieval and query embeddings still go
     # through the real tritonserver.
-    worker = WorkerProcess(settings, root / "worker.log", ["--feedback-window-s", "3", "--ranker", "inprocess"]
-                           ).start(ready_timeout_s=240)
+    worker = WorkerProcess(settings, root / "worker.log", ["--feedback-window-s", "3", "--ranker", "inprocess"]).start(
+        ready_timeout_s=240
+    )
     port = free_port()
     app = create_app(settings, GatewayLimits(request_timeout_s=15.0))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -120,8 +168,9 @@ def _start(kafka_bootstrap: str, triton_server, root: Path) -> LiveStack:
 
 
 @pytest.fixture(scope="session")
-def live_stack(request: pytest.FixtureRequest, kafka_bootstrap: str, triton_server,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+def live_stack(
+    request: pytest.FixtureRequest, kafka_bootstrap: str, triton_server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
     """One live stack per session, shared by every test module that imports this fixture.
 
     Imported fixtures are registered once per importing module, so the instance is kept on the
@@ -161,16 +210,26 @@ def test_search_click_and_session_recommendations(live_stack: LiveStack) -> None
 
         before = http.post("/v1/recommend", json={"user_id": user, "session_id": session, "k": 10}).json()
         horror_before = sum(i["category"] == "Horror" for i in before["items"])
-        events = [{"type": "click", "user_id": user, "session_id": session, "item_id": f"hor{i}",
-                   "request_id": res["request_id"], "position": i, "model_version": res["model_version"]}
-                  for i in range(4)]
+        events = [
+            {
+                "type": "click",
+                "user_id": user,
+                "session_id": session,
+                "item_id": f"hor{i}",
+                "request_id": res["request_id"],
+                "position": i,
+                "model_version": res["model_version"],
+            }
+            for i in range(4)
+        ]
         r = http.post("/v1/events", json={"events": events})
         assert r.status_code == 202 and r.json()["accepted"] == 4
         deadline, horror_after = time.monotonic() + 10, horror_before
         while time.monotonic() < deadline:
             after = http.post("/v1/recommend", json={"user_id": user, "session_id": session, "k": 10}).json()
-            horror_after = sum(i["category"] == "Horror" for i in after["items"] if i["item_id"] not in
-                               {e["item_id"] for e in events})
+            horror_after = sum(
+                i["category"] == "Horror" for i in after["items"] if i["item_id"] not in {e["item_id"] for e in events}
+            )
             if horror_after > horror_before:
                 break
             time.sleep(0.3)
@@ -201,14 +260,20 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @hypothesis.settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                                 suppress_health_check=list(HealthCheck),
-                                 phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+            @hypothesis.settings(
+                max_examples=25,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            )
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             def check(case) -> None:
                 # 30 s per call: search/recommend wait up to 15 s for the worker; anything slower is a bug.
-                response = case.call_and_validate(base_url=live_stack.base_url, headers=HEADERS, timeout=30,
-                                                  checks=[not_a_server_error])
+                response = case.call_and_validate(
+                    base_url=live_stack.base_url, headers=HEADERS, timeout=30, checks=[not_a_server_error]
+                )
                 if case.method.upper() in ("POST", "PUT") and "/v1/items" in case.path and response.status_code == 202:
                     written.update(response.json()["ids"])
 

@@ -44,10 +44,21 @@ class Chromium:
         self.log = root / "chromium.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1400,900",
-                 "--no-first-run", "about:blank"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    binary,
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--remote-debugging-port=0",
+                    f"--user-data-dir={profile}",
+                    "--window-size=1400,900",
+                    "--no-first-run",
+                    "about:blank",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + 60
         port_file = profile / "DevToolsActivePort"
@@ -128,8 +139,14 @@ class Page:
 
 def behaviour_clicks(stack: LiveStack, user: str, n: int, timeout_s: float = 20.0) -> list[dict]:
     topic = TOPICS["behaviour"].name(stack.settings.topic_prefix)
-    consumer = Consumer({"bootstrap.servers": stack.settings.kafka_bootstrap, "group.id": f"browser-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.settings.kafka_bootstrap,
+            "group.id": f"browser-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     found: list[dict] = []
     deadline = time.monotonic() + timeout_s
@@ -175,8 +192,10 @@ async def drive(stack: LiveStack, chromium: Chromium, user: str, session: str) -
             await page.wait_for("document.querySelectorAll('#recs li.item').length >= 5")
             out: dict[str, Any] = {
                 "search_request": await page.js("document.getElementById('results').dataset.requestId"),
-                "results": await page.js("[...document.querySelectorAll('#results li.item')].map(li => "
-                                         "[li.dataset.itemId, li.querySelector('.title').textContent])"),
+                "results": await page.js(
+                    "[...document.querySelectorAll('#results li.item')].map(li => "
+                    "[li.dataset.itemId, li.querySelector('.title').textContent])"
+                ),
                 "recs_before": await page.js("document.getElementById('recs').dataset.signature"),
                 "recs_request_before": await page.js("document.getElementById('recs').dataset.requestId"),
             }
@@ -184,15 +203,18 @@ async def drive(stack: LiveStack, chromium: Chromium, user: str, session: str) -
             await page.click("#results li.item:nth-child(3)")
             out["recs_after"] = await page.wait_for(
                 f"(() => {{ const s = document.getElementById('recs').dataset.signature;"
-                f" return s !== {json.dumps(out['recs_before'])} && s; }})()", timeout_s=20)
+                f" return s !== {json.dumps(out['recs_before'])} && s; }})()",
+                timeout_s=20,
+            )
             out["recs_request_after"] = await page.js("document.getElementById('recs').dataset.requestId")
             out["clicked"] = await page.js("document.querySelectorAll('#results li.item.clicked').length")
             out["model_version"] = await page.js("document.querySelector('#search-meta .model-version').textContent")
             out["scores"] = await page.js("[...document.querySelectorAll('#recs .score')].map(e => e.textContent)")
             # Every card explains itself: reason badges, or a note that the model reported none (the
             # API test holds the worker to filling reasons; this one tests the page).
-            out["reasons"] = await page.js("[...document.querySelectorAll('#results li.item')]"
-                                           ".every(li => li.querySelector('.reasons .reason'))")
+            out["reasons"] = await page.js(
+                "[...document.querySelectorAll('#results li.item')].every(li => li.querySelector('.reasons .reason'))"
+            )
             out["status"] = await page.js("document.getElementById('status').className")
             await asyncio.sleep(1.0)  # let the last render's highlight fade before the screenshot
             shot = await page.send("Page.captureScreenshot", format="png")

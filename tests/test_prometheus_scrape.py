@@ -39,8 +39,11 @@ pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 DASHBOARDS = sorted((REPO_ROOT / "infra" / "grafana" / "dashboards").glob("*.json"))
 RULES = REPO_ROOT / "infra" / "prometheus" / "rules.yml"
-RECORDED = ("recstream:ctr_by_model_version:ratio_rate5m", "recstream:ctr_by_arm:ratio_rate5m",
-            "recstream:request_e2e_seconds:p99_1m")
+RECORDED = (
+    "recstream:ctr_by_model_version:ratio_rate5m",
+    "recstream:ctr_by_arm:ratio_rate5m",
+    "recstream:request_e2e_seconds:p99_1m",
+)
 ARTIFACTS = REPO_ROOT / "artifacts"
 # Users and the category each one clicks: a learnable signal, so the trainer's round can pass its gate.
 FAVOURITE = {"p0": "Sci-Fi", "p1": "Horror", "p2": "Comedy", "p3": "Romance", "p4": "Horror"}
@@ -76,9 +79,14 @@ class Prometheus:
         self.log = root / "prometheus.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT,
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={root / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 60
         while not self._ready():
@@ -134,14 +142,33 @@ class Trainer:
         self.metrics_port = free_port()
         # No Triton for the trainer: a promoted version is written to its own repository and the
         # reload is deferred, so the session's shared tritonserver is left alone.
-        env = {**settings_env(stack.settings), "MODEL_REPO": str(repo), "METRICS_PORT": str(self.metrics_port),
-               "TRITON_URL": "127.0.0.1:9"}
+        env = {
+            **settings_env(stack.settings),
+            "MODEL_REPO": str(repo),
+            "METRICS_PORT": str(self.metrics_port),
+            "TRITON_URL": "127.0.0.1:9",
+        }
         self.log = root / "trainer.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.trainer", "run", "--train-every", "250", "--train-every-s", "5",
-                 "--min-examples", "250", "--holdout", "200"],
-                env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "services.trainer",
+                    "run",
+                    "--train-every",
+                    "250",
+                    "--train-every-s",
+                    "5",
+                    "--min-examples",
+                    "250",
+                    "--holdout",
+                    "200",
+                ],
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def tail(self, chars: int = 3000) -> str:
@@ -168,11 +195,14 @@ def trainer(live_stack: LiveStack, tmp_path: Path) -> Iterator[Trainer]:  # noqa
 @pytest.fixture
 def prometheus(live_stack: LiveStack, trainer: Trainer, tmp_path: Path) -> Iterator[Prometheus]:  # noqa: F811
     port = live_stack.base_url.rsplit(":", 1)[1]
-    prom = Prometheus(tmp_path, {
-        "recstream-gateway": f"127.0.0.1:{port}",
-        "recstream-worker": f"127.0.0.1:{live_stack.worker.metrics_port}",
-        "recstream-trainer": f"127.0.0.1:{trainer.metrics_port}",
-    })
+    prom = Prometheus(
+        tmp_path,
+        {
+            "recstream-gateway": f"127.0.0.1:{port}",
+            "recstream-worker": f"127.0.0.1:{live_stack.worker.metrics_port}",
+            "recstream-trainer": f"127.0.0.1:{trainer.metrics_port}",
+        },
+    )
     try:
         yield prom
     finally:
@@ -205,10 +235,19 @@ class Traffic:
                     self.errors.append(f"search {r.status_code}: {r.text[:200]}")
                     continue
                 res = r.json()
-                feedback = [{"type": "impression", "user_id": user, "session_id": f"{user}s", "item_id": i["item_id"],
-                             "request_id": res["request_id"], "position": i["position"],
-                             "propensity": i["propensity"], "model_version": res["model_version"]}
-                            for i in res["items"]]
+                feedback = [
+                    {
+                        "type": "impression",
+                        "user_id": user,
+                        "session_id": f"{user}s",
+                        "item_id": i["item_id"],
+                        "request_id": res["request_id"],
+                        "position": i["position"],
+                        "propensity": i["propensity"],
+                        "model_version": res["model_version"],
+                    }
+                    for i in res["items"]
+                ]
                 liked = [f for f, i in zip(feedback, res["items"], strict=True) if i["category"] == FAVOURITE[user]]
                 feedback += [{**f, "type": "click"} for f in liked[:2]]
                 http.post("/v1/events", json={"events": feedback})
@@ -243,10 +282,14 @@ def render(prom: Prometheus, start: float, end: float, path: Path, outage: tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wanted = ["Events in /s by topic", "Request end to end at publish p99 (budget 50 ms)",
-              "Online CTR by model version",
-              "Feature freshness p50 / p99 (event produced -> session features updated)",
-              "Gateway requests /s by route and status", "Degraded answers /s by reason"]
+    wanted = [
+        "Events in /s by topic",
+        "Request end to end at publish p99 (budget 50 ms)",
+        "Online CTR by model version",
+        "Feature freshness p50 / p99 (event produced -> session features updated)",
+        "Gateway requests /s by route and status",
+        "Degraded answers /s by reason",
+    ]
     panels = {title: exprs for title, exprs in _panels_by_title().items() if title in wanted}
     fig, axes = plt.subplots(3, 2, figsize=(14, 10))
     for ax, title in zip(axes.flat, wanted, strict=True):
@@ -280,16 +323,22 @@ def _panels_by_title() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def test_every_dashboard_panel_has_live_data(live_stack: LiveStack, prometheus: Prometheus,  # noqa: F811
-                                             trainer: Trainer, triton_server) -> None:
+def test_every_dashboard_panel_has_live_data(
+    live_stack: LiveStack,  # noqa: F811 - the shared fixture imported above
+    prometheus: Prometheus,
+    trainer: Trainer,
+    triton_server,
+) -> None:
     queries = panel_queries() + [("rules.yml", name, name) for name in RECORDED]
     assert len(queries) >= 20, queries
     start = time.time()
     with Traffic(live_stack) as traffic:
         with live_stack.http() as http:
             assert http.post("/v1/events", json={"events": []}, headers={"X-API-Key": "wrong"}).status_code == 403
-            r = http.post("/v1/items", json={"item_id": f"new{uuid.uuid4().hex[:6]}", "title": "Brand New Space Saga",
-                                              "category": "Sci-Fi"})
+            r = http.post(
+                "/v1/items",
+                json={"item_id": f"new{uuid.uuid4().hex[:6]}", "title": "Brand New Space Saga", "category": "Sci-Fi"},
+            )
             assert r.status_code == 202
         with EventProducer(live_stack.settings, worker="test") as producer:  # a malformed event: dead letter
             producer.send_raw(producer.topic_for("behaviour"), b"u1", b"{not json")
@@ -303,12 +352,18 @@ def test_every_dashboard_panel_has_live_data(live_stack: LiveStack, prometheus: 
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(3)
-        assert prometheus.targets_up() == {"recstream-gateway": "up", "recstream-worker": "up",
-                                           "recstream-trainer": "up"}, trainer.tail()
+        assert prometheus.targets_up() == {
+            "recstream-gateway": "up",
+            "recstream-worker": "up",
+            "recstream-trainer": "up",
+        }, trainer.tail()
         while time.time() < outage[1] + 25:  # recovery after the outage, for the rendered panels
             time.sleep(1)
-    assert not missing, "panels without data:\n" + "\n".join(f"{d}: {t}: {e}" for d, t, e in missing) + (
-        "\n--- trainer log ---\n" + trainer.tail())
+    assert not missing, (
+        "panels without data:\n"
+        + "\n".join(f"{d}: {t}: {e}" for d, t, e in missing)
+        + ("\n--- trainer log ---\n" + trainer.tail())
+    )
     assert len(traffic.errors) < 5, traffic.errors
     health = prometheus.rule_health()
     assert len(health) >= 9 and set(health.values()) == {"ok"}, health  # a few 504s while Triton is paused are expected

@@ -26,8 +26,12 @@ def _stream(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     types = ["impression", "view", "click", "add_to_cart", "purchase"]
     return [
-        {"offset": i, "event_type": rng.choice(types), "item_id": f"i{rng.randrange(40)}",
-         "ts_ms": 1_000_000 + i * 7_000}
+        {
+            "offset": i,
+            "event_type": rng.choice(types),
+            "item_id": f"i{rng.randrange(40)}",
+            "ts_ms": 1_000_000 + i * 7_000,
+        }
         for i in range(n)
     ]
 
@@ -84,8 +88,15 @@ def test_counts_recent_seen_purchased(vectors) -> None:
 def test_embedding_moves_toward_clicked_items_and_decays(vectors) -> None:
     s = SessionState()
     apply_event(s, offset=0, event_type="click", item_id="i1", ts_ms=0, item_vec=vectors["i1"], item_category="a")
-    apply_event(s, offset=1, event_type="click", item_id="i2", ts_ms=HALF_LIFE_MS * 10, item_vec=vectors["i2"],
-                item_category="b")
+    apply_event(
+        s,
+        offset=1,
+        event_type="click",
+        item_id="i2",
+        ts_ms=HALF_LIFE_MS * 10,
+        item_vec=vectors["i2"],
+        item_category="b",
+    )
     emb = s.embedding()
     assert emb is not None and abs(np.linalg.norm(emb) - 1) < 1e-3
     assert emb @ vectors["i2"] > 0.99  # ten half-lives later, the old click barely counts

@@ -48,8 +48,12 @@ def indexed_catalog(kafka_bootstrap: str, triton_server, tmp_path_factory: pytes
 
     root = tmp_path_factory.mktemp("catalog")
     settings = Settings(
-        kafka_bootstrap=kafka_bootstrap, topic_prefix=f"c{uuid.uuid4().hex[:8]}.", qdrant_path=root / "qdrant",
-        run_dir=root / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"c{uuid.uuid4().hex[:8]}.",
+        qdrant_path=root / "qdrant",
+        run_dir=root / "run",
+        triton_url=triton_server.url,
+        triton_grpc_url=triton_server.grpc_url,
     )
     ensure_topics(settings)
     worker = WorkerProcess(settings, root / "worker.log", ["--agents", "catalog"]).start()
@@ -70,12 +74,17 @@ def indexed_catalog(kafka_bootstrap: str, triton_server, tmp_path_factory: pytes
     return settings.qdrant_path
 
 
-def _worker_settings(make_settings: Callable[..., Settings], triton_server, tmp_path: Path, snapshot: Path,
-                     **overrides) -> Settings:
+def _worker_settings(
+    make_settings: Callable[..., Settings], triton_server, tmp_path: Path, snapshot: Path, **overrides
+) -> Settings:
     qdrant = tmp_path / f"qdrant-{uuid.uuid4().hex[:6]}"
     shutil.copytree(snapshot, qdrant)
-    values = {"qdrant_path": qdrant, "triton_url": triton_server.url, "triton_grpc_url": triton_server.grpc_url,
-              "triton_timeout_s": TEST_TRITON_TIMEOUT_S}
+    values = {
+        "qdrant_path": qdrant,
+        "triton_url": triton_server.url,
+        "triton_grpc_url": triton_server.grpc_url,
+        "triton_timeout_s": TEST_TRITON_TIMEOUT_S,
+    }
     values.update(overrides)
     return make_settings(**values)
 
@@ -93,15 +102,20 @@ def stack(kafka_bootstrap: str, triton_server, indexed_catalog: Path, module_tmp
     qdrant = module_tmp / "qdrant"
     shutil.copytree(indexed_catalog, qdrant)
     settings = Settings(
-        kafka_bootstrap=kafka_bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", qdrant_path=qdrant,
-        run_dir=module_tmp / "run", triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"s{uuid.uuid4().hex[:8]}.",
+        qdrant_path=qdrant,
+        run_dir=module_tmp / "run",
+        triton_url=triton_server.url,
+        triton_grpc_url=triton_server.grpc_url,
         triton_timeout_s=TEST_TRITON_TIMEOUT_S,
     )
     ensure_topics(settings)
     # The in-process ranker: these tests are about the stream logic, and its ranking is explainable;
     # the Triton ranker path is exercised by test_triton_ranker_then_degraded_when_unreachable.
-    worker = WorkerProcess(settings, module_tmp / "worker.log",
-                           ["--feedback-window-s", str(FEEDBACK_WINDOW_S), "--ranker", "inprocess"]).start()
+    worker = WorkerProcess(
+        settings, module_tmp / "worker.log", ["--feedback-window-s", str(FEEDBACK_WINDOW_S), "--ranker", "inprocess"]
+    ).start()
     try:
         yield settings
     finally:
@@ -180,8 +194,13 @@ def test_purchased_items_are_never_recommended_again(client: RecommendationClien
 
 
 def _consume(settings: Settings, topic: str, want: Callable[[list[dict]], bool], timeout_s: float) -> list[dict]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"check-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([topic])
     out: list[dict] = []
     deadline = time.monotonic() + timeout_s
@@ -200,17 +219,30 @@ def test_impressions_and_clicks_become_training_examples(stack: Settings, client
     res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
     p = client.producer
     for item in res.items:
-        p.send("behaviour", BehaviourEvent(type="impression", user_id=user, item_id=item.item_id,
-                                           request_id=res.request_id, position=item.position,
-                                           propensity=item.propensity, model_version=res.model_version))
+        p.send(
+            "behaviour",
+            BehaviourEvent(
+                type="impression",
+                user_id=user,
+                item_id=item.item_id,
+                request_id=res.request_id,
+                position=item.position,
+                propensity=item.propensity,
+                model_version=res.model_version,
+            ),
+        )
     clicked, bought = res.items[1].item_id, res.items[3].item_id
     p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=clicked, request_id=res.request_id))
     p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=bought, request_id=res.request_id))
     p.send("behaviour", BehaviourEvent(type="purchase", user_id=user, item_id=bought, request_id=res.request_id))
     p.flush(5)
     topic = TOPICS["training-examples"].name(stack.topic_prefix)
-    examples = _consume(stack, topic, lambda xs: sum(x["request_id"] == res.request_id for x in xs) >= 6,
-                        timeout_s=FEEDBACK_WINDOW_S + 15)
+    examples = _consume(
+        stack,
+        topic,
+        lambda xs: sum(x["request_id"] == res.request_id for x in xs) >= 6,
+        timeout_s=FEEDBACK_WINDOW_S + 15,
+    )
     mine = {x["item_id"]: x for x in examples if x["request_id"] == res.request_id}
     assert set(mine) == {i.item_id for i in res.items}
     for item in res.items:
@@ -259,16 +291,19 @@ def test_triton_ranker_then_degraded_when_unreachable(
             user = _user()
             c.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id="50"))
             c.producer.flush(5)
-            for req in (RecommendationRequest(user_id=user, k=5),
-                        RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5)):
+            for req in (
+                RecommendationRequest(user_id=user, k=5),
+                RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5),
+            ):
                 res = c.request(req, timeout_s=10)
                 assert not res.degraded and res.model_version.startswith("ranker") and len(res.items) == 5, res
     finally:
         worker.stop()
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens here: Triton is unreachable
-    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog,
-                                triton_url=dead, triton_grpc_url=dead)
+    settings = _worker_settings(
+        make_settings, triton_server, tmp_path, indexed_catalog, triton_url=dead, triton_grpc_url=dead
+    )
     worker = WorkerProcess(settings, tmp_path / "dead.log", ["--ranker", "triton"]).start()
     try:
         with RecommendationClient(settings) as c:
@@ -277,8 +312,7 @@ def test_triton_ranker_then_degraded_when_unreachable(
             c.producer.flush(5)
             for _ in range(3):
                 t0 = time.monotonic()
-                res = c.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5),
-                                timeout_s=5)
+                res = c.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5), timeout_s=5)
                 assert time.monotonic() - t0 < 2.0  # never stalls on the missing server
                 assert res.degraded and res.model_version == "retrieval"
                 assert "Star Wars (1977)" in _titles(movielens, res)  # lexical fallback still finds it
@@ -292,8 +326,9 @@ def test_triton_ranker_then_degraded_when_unreachable(
 def test_exploring_policy_logs_propensities_and_varies_the_order(
     make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path
 ) -> None:
-    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog,
-                                exploration_policy="pl:0.5:1", exploration_seed=7)
+    settings = _worker_settings(
+        make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="pl:0.5:1", exploration_seed=7
+    )
     worker = WorkerProcess(settings, tmp_path / "explore.log", ["--ranker", "inprocess"]).start()
     try:
         with RecommendationClient(settings) as c:
@@ -326,8 +361,14 @@ def _read_all(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
     """Every message of `topic` from the beginning to its current end (confluent, no group offsets)."""
     from confluent_kafka import TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"read-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"read-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     meta = consumer.list_topics(topic, timeout=10).topics[topic]
     parts = sorted(meta.partitions)
     ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
@@ -400,9 +441,15 @@ def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
             ev = decode(BEHAVIOUR, msg.value(), settings.max_message_bytes)
             hit = items.get(ev.item_id)
             state = expected.setdefault(ev.user_id.encode(), SessionState())
-            apply_event(state, offset=msg.offset(), event_type=ev.type.value, item_id=ev.item_id, ts_ms=ev.ts_ms,
-                        item_vec=None if hit is None else hit.vector,
-                        item_category=None if hit is None else hit.payload.get("category"))
+            apply_event(
+                state,
+                offset=msg.offset(),
+                event_type=ev.type.value,
+                item_id=ev.item_id,
+                ts_ms=ev.ts_ms,
+                item_vec=None if hit is None else hit.vector,
+                item_category=None if hit is None else hit.payload.get("category"),
+            )
         store.close()
         want = {k: v.to_bytes() for k, v in expected.items()}
 
@@ -422,7 +469,9 @@ def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
         )
         assert restarted.metric("recstream_feature_events_total", 'result="applied"') > 0
         skipped = restarted.metric("recstream_feature_events_total", 'result="skipped_replay"')
-        print(f"killed at {applied:.0f} applied; after restart {skipped:.0f} replayed events skipped, "
-              f"{len(want)} users equal")
+        print(
+            f"killed at {applied:.0f} applied; after restart {skipped:.0f} replayed events skipped, "
+            f"{len(want)} users equal"
+        )
     finally:
         restarted.stop()

@@ -48,9 +48,7 @@ class EventConsumer:
     ) -> None:
         self.settings = settings
         self.worker = worker
-        self._specs: dict[str, TopicSpec] = {
-            TOPICS[t].name(settings.topic_prefix): TOPICS[t] for t in logical_topics
-        }
+        self._specs: dict[str, TopicSpec] = {TOPICS[t].name(settings.topic_prefix): TOPICS[t] for t in logical_topics}
         conf = {
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": group_id,
@@ -82,8 +80,13 @@ class EventConsumer:
                 event = decode(self._specs[topic], msg.value(), self.settings.max_message_bytes)
             except InvalidEvent as exc:
                 self.dead_letters.publish(
-                    topic=topic, partition=msg.partition(), offset=msg.offset(), key=msg.key(),
-                    value=msg.value(), error=exc.detail, error_type=exc.reason,
+                    topic=topic,
+                    partition=msg.partition(),
+                    offset=msg.offset(),
+                    key=msg.key(),
+                    value=msg.value(),
+                    error=exc.detail,
+                    error_type=exc.reason,
                 )
                 continue
             out.append(ConsumedEvent(topic, msg.partition(), msg.offset(), msg.key(), event, msg.timestamp()[1]))

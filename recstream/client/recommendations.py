@@ -29,13 +29,15 @@ class RecommendationClient:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "recstream-rec-client",  # required by librdkafka; offsets are never committed
-            "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5,  # results are latency-critical; don't let the broker sit on them
-            "fetch.min.bytes": 1,
-        })
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": "recstream-rec-client",  # required by librdkafka; offsets are never committed
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,  # results are latency-critical; don't let the broker sit on them
+                "fetch.min.bytes": 1,
+            }
+        )
         topic = RECOMMENDATIONS.name(settings.topic_prefix)
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
         self._consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.partitions])

@@ -70,8 +70,12 @@ def weighted_logloss(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray
 def evaluate(net: nn.Module, window: Sequence[Example], features: FeatureSource, cfg: GateConfig) -> dict[str, float]:
     y = np.array([e.label for e in window], dtype=np.float64)
     w = ipw_weights(
-        np.array([e.position for e in window]), np.array([e.propensity for e in window]), y,
-        cfg.exam_eta, cfg.clip_weight, cfg.policy_weighting,
+        np.array([e.position for e in window]),
+        np.array([e.propensity for e in window]),
+        y,
+        cfg.exam_eta,
+        cfg.clip_weight,
+        cfg.policy_weighting,
     )
     z = predict(net, window, features)
     return {"auc": weighted_auc(z, y, w), "logloss": weighted_logloss(z, y, w), "n": float(len(window))}

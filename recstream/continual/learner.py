@@ -110,8 +110,12 @@ def _tensors(
     ctx, cand, feats = features.build(examples)
     y = np.array([e.label for e in examples], dtype=np.float32)
     w = ipw_weights(
-        np.array([e.position for e in examples]), np.array([e.propensity for e in examples]), y,
-        cfg.exam_eta, cfg.clip_weight, cfg.policy_weighting,
+        np.array([e.position for e in examples]),
+        np.array([e.propensity for e in examples]),
+        y,
+        cfg.exam_eta,
+        cfg.clip_weight,
+        cfg.policy_weighting,
     ).astype(np.float32)
     return (
         torch.from_numpy(np.ascontiguousarray(ctx, dtype=np.float32)),
@@ -161,7 +165,10 @@ def fine_tune(
         from peft import LoraConfig, get_peft_model
 
         peft_cfg = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=lora_targets(work), lora_dropout=0.0,
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=lora_targets(work),
+            lora_dropout=0.0,
             bias="none",
         )
         model: nn.Module = get_peft_model(work, peft_cfg)

@@ -129,8 +129,9 @@ class ModelRegistry:
     def _apply(self, live: int, previous: int | None, event: str, reason: str) -> None:
         st = self.state()
         st.update(live=live, previous=previous)
-        st.setdefault("history", []).append({"event": event, "live": live, "previous": previous,
-                                             "reason": reason, "ts": time.time()})
+        st.setdefault("history", []).append(
+            {"event": event, "live": live, "previous": previous, "reason": reason, "ts": time.time()}
+        )
         config = self.model_dir / "config.pbtxt"
         if config.is_file():
             served = sorted(v for v in (previous, live) if v is not None)
@@ -191,7 +192,8 @@ class TritonModelControl:
     def loaded_versions(self) -> list[int]:
         index = self.client.get_model_repository_index()
         return sorted(
-            int(m["version"]) for m in index
+            int(m["version"])
+            for m in index
             if m.get("name") == self.model and m.get("state") == "READY" and str(m.get("version", "")).isdigit()
         )
 

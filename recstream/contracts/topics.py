@@ -70,7 +70,11 @@ TRAINING_EXAMPLES = TopicSpec(
     "training-examples", TrainingExample, "user_id", 2, description="Impressions joined with outcomes"
 )
 DEAD_LETTERS = TopicSpec(
-    "dead-letters", DeadLetter, "source_topic", 1, retention_ms=30 * 24 * 3600 * 1000,
+    "dead-letters",
+    DeadLetter,
+    "source_topic",
+    1,
+    retention_ms=30 * 24 * 3600 * 1000,
     description="Template for <topic>.dlq topics",
 )
 

@@ -26,8 +26,15 @@ class _Send(Protocol):
 
 
 def build_dead_letter(
-    *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    error: str, error_type: str, worker: str,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error: str,
+    error_type: str,
+    worker: str,
 ) -> DeadLetter:
     return DeadLetter(
         source_topic=topic,
@@ -51,12 +58,25 @@ class DeadLetterSink:
         self.worker = worker
 
     def publish(
-        self, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-        error: str, error_type: str,
+        self,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        error: str,
+        error_type: str,
     ) -> DeadLetter:
         letter = build_dead_letter(
-            topic=topic, partition=partition, offset=offset, key=key, value=value,
-            error=error, error_type=error_type, worker=self.worker,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
+            error=error,
+            error_type=error_type,
+            worker=self.worker,
         )
         self._send(dead_letter_topic(topic), key, letter.model_dump_json().encode())
         DEAD_LETTERS.labels(topic=topic, reason=error_type, worker=self.worker).inc()

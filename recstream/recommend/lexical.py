@@ -16,6 +16,10 @@ def lexical_score(query: str, payload: dict) -> float:
     q = tokens(query)
     if not q:
         return 0.0
-    doc = tokens(" ".join([str(payload.get("title", "")), str(payload.get("category", ""))] +
-                          [str(t) for t in payload.get("tags", []) or []]))
+    doc = tokens(
+        " ".join(
+            [str(payload.get("title", "")), str(payload.get("category", ""))]
+            + [str(t) for t in payload.get("tags", []) or []]
+        )
+    )
     return len(q & doc) / len(q)

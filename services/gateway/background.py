@@ -55,11 +55,13 @@ class CatalogView:
 
     def _run(self) -> None:
         topic = CATALOG.name(self.settings.topic_prefix)
-        consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
-            "group.id": "recstream-gateway-catalog-view",  # required; offsets never committed
-            "enable.auto.commit": False,
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka_bootstrap,
+                "group.id": "recstream-gateway-catalog-view",  # required; offsets never committed
+                "enable.auto.commit": False,
+            }
+        )
         try:
             while not self._stop.is_set():
                 try:  # the topic may not exist yet, or the broker may be down: retry, never die

@@ -24,12 +24,17 @@ API_KEY_HEADER = "x-api-key"
 
 async def _send_json(send: Send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                    *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -95,8 +100,12 @@ class ApiKeyMiddleware:
         presented = next((v.decode("latin-1") for k, v in scope["headers"] if k == API_KEY_HEADER.encode()), None)
         status = key_status(presented, self.keys)
         if status == 401:
-            await _send_json(send, 401, {"detail": "missing API key: send it in the X-API-Key header"},
-                             [(b"www-authenticate", b"APIKey")])
+            await _send_json(
+                send,
+                401,
+                {"detail": "missing API key: send it in the X-API-Key header"},
+                [(b"www-authenticate", b"APIKey")],
+            )
         elif status == 403:
             log.info("rejected a request to %s with an invalid API key", scope["path"])
             await _send_json(send, 403, {"detail": "invalid API key"})

@@ -1,8 +1,8 @@
 """CLI of the continual fine-tuning worker.
 
-    python -m services.trainer run [--train-every 2000] [--train-every-s 300] [--max-seconds N]
-    python -m services.trainer rollback [--reason TEXT]     serve the previous version again
-    python -m services.trainer status                       live/previous/versions/history
+python -m services.trainer run [--train-every 2000] [--train-every-s 300] [--max-seconds N]
+python -m services.trainer rollback [--reason TEXT]     serve the previous version again
+python -m services.trainer status                       live/previous/versions/history
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def run(
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve_metrics(settings.metrics_port)
-    cfg = TrainerConfig(train_every_examples=train_every, train_every_s=train_every_s, min_examples=min_examples,
-                        holdout=holdout)
+    cfg = TrainerConfig(
+        train_every_examples=train_every, train_every_s=train_every_s, min_examples=min_examples, holdout=holdout
+    )
     TrainerService(settings, cfg).run(max_seconds=max_seconds)
 
 

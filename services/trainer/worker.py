@@ -63,8 +63,14 @@ class TrainerConfig(BaseModel):
 
 def example_from_event(ev: TrainingExample) -> Example:
     return Example(
-        user=ev.user_id, item=ev.item_id, position=ev.position, propensity=ev.propensity, label=ev.label,
-        model_version=ev.model_version, ts_ms=ev.ts_ms, context_items=tuple(ev.context_items),
+        user=ev.user_id,
+        item=ev.item_id,
+        position=ev.position,
+        propensity=ev.propensity,
+        label=ev.label,
+        model_version=ev.model_version,
+        ts_ms=ev.ts_ms,
+        context_items=tuple(ev.context_items),
         request_id=ev.request_id,
     )
 
@@ -129,8 +135,10 @@ class CatalogFeatures:
             v = self.vectors.get(ex.item, zeros)
             cand[r] = v
             feats[r] = candidate_features(
-                np.array([float(ctx[r, :ITEM_DIM] @ v)]), np.array([self.counts.get(ex.item, 0.0)]),
-                [self.categories.get(ex.item, "unknown")], [self.categories.get(i, "unknown") for i in hist],
+                np.array([float(ctx[r, :ITEM_DIM] @ v)]),
+                np.array([self.counts.get(ex.item, 0.0)]),
+                [self.categories.get(ex.item, "unknown")],
+                [self.categories.get(i, "unknown") for i in hist],
                 max_count,
             )[0]
         return ctx, cand, feats
@@ -233,7 +241,10 @@ class TrainerService:
         window = self.buffer.latest(self.cfg.holdout)
         try:
             cand, stats = fine_tune(
-                live.net, [], self.features, self.cfg.learner,
+                live.net,
+                [],
+                self.features,
+                self.cfg.learner,
                 sample=lambda n: self.buffer.sample(n, exclude_latest=self.cfg.holdout),
             )
             d = decide(cand, live.net, window, self.features, self.cfg.gate)
