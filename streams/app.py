@@ -28,7 +28,7 @@ from confluent_kafka import Producer
 from recstream.client.producer import producer_config
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
-from recstream.kafka.dead_letters import DeadLetterSink
+from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
 
@@ -181,15 +181,8 @@ class StreamContext:
 
     def dead_letter(self, ev: faust.types.EventT, error: str, error_type: str) -> None:
         msg = ev.message
-        self.dead_letters.publish(
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            key=msg.key,
-            value=msg.value,
-            error=error,
-            error_type=error_type,
-        )
+        source = RefusedMessage(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+        self.dead_letters.publish(source, error=error, error_type=error_type)
 
     async def in_thread(self, fn, *args):
         """Run a blocking model/store call off the event loop."""

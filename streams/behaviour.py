@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import heapq
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -37,11 +36,11 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from recstream.client.producer import producer_config
 from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import BEHAVIOUR
-from recstream.kafka.dead_letters import DeadLetterSink
+from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS, STAGE_LATENCY
 from streams.changelog import ChangelogTable, ensure_changelog
-from streams.consumer_threads import consumer_config, run_or_stop_worker
+from streams.consumer_threads import ConsumerThread, consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +83,18 @@ class Processor(Protocol):
     def recovered(self) -> None: ...
 
 
-class BehaviourLoop:
+class BehaviourLoop(ConsumerThread):
     """One consumer thread for the behaviour topic feeding `processors` (in order, same batch)."""
 
+    thread_name = "behaviour"
+
     def __init__(self, ctx: Any, processors: Sequence[Processor], group_id: str) -> None:
+        super().__init__()
         self.ctx = ctx
         self.settings = ctx.settings
         self.processors = list(processors)
         self.group_id = group_id
         self.topic = BEHAVIOUR.name(self.settings.topic_prefix)
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._positions: dict[int, int] = {}  # partition -> next offset to commit
         self._delivery_errors = 0
         self._consumer: Consumer | None = None
@@ -123,17 +122,7 @@ class BehaviourLoop:
         for proc in self.processors:
             for table in proc.tables:
                 ensure_changelog(self.settings, table.topic, table.partitions)
-        self._thread = threading.Thread(target=self._run_guarded, name="behaviour", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
-    def _run_guarded(self) -> None:
-        run_or_stop_worker("behaviour consumer", self._run)
+        return super().start()
 
     def _run(self) -> None:
         self._consumer = Consumer(
@@ -217,15 +206,7 @@ class BehaviourLoop:
             proc.process(batch)
 
     def dead_letter(self, msg: Message, error: str, error_type: str) -> None:
-        self.dead_letters.publish(
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
-            key=msg.key(),
-            value=msg.value(),
-            error=error,
-            error_type=error_type,
-        )
+        self.dead_letters.publish(RefusedMessage.from_confluent(msg), error=error, error_type=error_type)
 
     # --- output ---------------------------------------------------------------------------------
 

@@ -1,13 +1,14 @@
 """What the worker's librdkafka consumer threads (behaviour, requests) share: their base consumer
-settings and the rule that a dead consumer thread stops the whole worker."""
+settings, their thread lifecycle, and the rule that a dead consumer thread stops the whole worker."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from recstream.config import Settings
 
@@ -41,3 +42,33 @@ def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:
     except Exception:
         log.critical("%s failed; stopping the worker", name, exc_info=True)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class ConsumerThread:
+    """A daemon thread running `_run` until `stop()`; `_run` polls `self._stop` between batches."""
+
+    thread_name = "consumer"
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        self._thread = threading.Thread(
+            target=run_or_stop_worker,
+            args=(f"{self.thread_name} consumer", self._run),
+            name=self.thread_name,
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        """The consumer loop (subclasses); it returns once `self._stop` is set."""
+        raise NotImplementedError

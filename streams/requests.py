@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.contracts.topics import REQUESTS
 from recstream.metrics import STAGE_LATENCY
-from streams.consumer_threads import consumer_config, run_or_stop_worker
+from streams.consumer_threads import ConsumerThread, consumer_config
 from streams.recommender import answer_batch
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,18 @@ class _Event:
         self.message = _Message(msg)
 
 
-class RequestLoop:
+class RequestLoop(ConsumerThread):
     """One thread: consume requests, answer them in batches, store offsets of what was answered."""
 
+    thread_name = "requests"
+
     def __init__(self, ctx: Any, group_id: str) -> None:
+        super().__init__()
         self.ctx = ctx
         self.settings = ctx.settings
         self.group_id = group_id
         self.topic = REQUESTS.name(self.settings.topic_prefix)
-        self.ready = threading.Event()
-        self._stop = threading.Event()
         self._commands: queue.Queue[tuple[str, list[int], threading.Event | None]] = queue.Queue()
-        self._thread: threading.Thread | None = None
         self._following = False
         self.assigned: set[int] = set()
 
@@ -83,16 +83,6 @@ class RequestLoop:
         """Take partition assignments from assign()/revoke() (the behaviour consumer's rebalances)."""
         self._following = True
         return self
-
-    def start(self) -> RequestLoop:
-        self._thread = threading.Thread(target=self._run_guarded, name="requests", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
 
     def assign(self, partitions: list[int]) -> None:
         """Called from the behaviour consumer's thread once the tables of these partitions are recovered."""
@@ -106,9 +96,6 @@ class RequestLoop:
         done = threading.Event()
         self._commands.put(("revoke", list(partitions), done))
         done.wait(30)
-
-    def _run_guarded(self) -> None:
-        run_or_stop_worker("request consumer", self._run)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()

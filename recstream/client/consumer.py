@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
-from recstream.kafka.dead_letters import DeadLetterSink
+from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.metrics import EVENTS_IN
 
@@ -79,15 +79,7 @@ class EventConsumer:
             try:
                 event = decode(self._specs[topic], msg.value(), self.settings.max_message_bytes)
             except InvalidEvent as exc:
-                self.dead_letters.publish(
-                    topic=topic,
-                    partition=msg.partition(),
-                    offset=msg.offset(),
-                    key=msg.key(),
-                    value=msg.value(),
-                    error=exc.detail,
-                    error_type=exc.reason,
-                )
+                self.dead_letters.publish(RefusedMessage.from_confluent(msg), error=exc.detail, error_type=exc.reason)
                 continue
             out.append(ConsumedEvent(topic, msg.partition(), msg.offset(), msg.key(), event, msg.timestamp()[1]))
         if messages:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import logging
+from dataclasses import dataclass
 from typing import Protocol
+
+from confluent_kafka import Message
 
 from recstream.contracts.events import DeadLetter
 from recstream.contracts.topics import dead_letter_topic
@@ -25,25 +28,31 @@ class _Send(Protocol):
     def __call__(self, topic: str, key: bytes | None, value: bytes) -> None: ...
 
 
-def build_dead_letter(
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    key: bytes | None,
-    value: bytes | None,
-    error: str,
-    error_type: str,
-    worker: str,
-) -> DeadLetter:
+@dataclass(frozen=True)
+class RefusedMessage:
+    """Where a refused message came from and its raw bytes: everything needed to find or replay it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+    @classmethod
+    def from_confluent(cls, msg: Message) -> RefusedMessage:
+        return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+
+
+def build_dead_letter(source: RefusedMessage, *, error: str, error_type: str, worker: str) -> DeadLetter:
+    value = source.value or b""
     return DeadLetter(
-        source_topic=topic,
-        partition=partition,
-        offset=offset,
-        key_b64=base64.b64encode(key).decode() if key is not None else None,
-        value_b64=base64.b64encode((value or b"")[:MAX_KEPT_VALUE_BYTES]).decode(),
-        value_size=len(value or b""),
-        value_truncated=len(value or b"") > MAX_KEPT_VALUE_BYTES,
+        source_topic=source.topic,
+        partition=source.partition,
+        offset=source.offset,
+        key_b64=base64.b64encode(source.key).decode() if source.key is not None else None,
+        value_b64=base64.b64encode(value[:MAX_KEPT_VALUE_BYTES]).decode(),
+        value_size=len(value),
+        value_truncated=len(value) > MAX_KEPT_VALUE_BYTES,
         error=error[:4000],
         error_type=error_type,
         worker=worker,
@@ -57,28 +66,10 @@ class DeadLetterSink:
         self._send = send
         self.worker = worker
 
-    def publish(
-        self,
-        *,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        error: str,
-        error_type: str,
-    ) -> DeadLetter:
-        letter = build_dead_letter(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            key=key,
-            value=value,
-            error=error,
-            error_type=error_type,
-            worker=self.worker,
-        )
-        self._send(dead_letter_topic(topic), key, letter.model_dump_json().encode())
+    def publish(self, source: RefusedMessage, *, error: str, error_type: str) -> DeadLetter:
+        letter = build_dead_letter(source, error=error, error_type=error_type, worker=self.worker)
+        topic = source.topic
+        self._send(dead_letter_topic(topic), source.key, letter.model_dump_json().encode())
         DEAD_LETTERS.labels(topic=topic, reason=error_type, worker=self.worker).inc()
-        log.warning("dead-lettered %s[%d]@%d (%s): %s", topic, partition, offset, error_type, error[:200])
+        log.warning("dead-lettered %s[%d]@%d (%s): %s", topic, source.partition, source.offset, error_type, error[:200])
         return letter

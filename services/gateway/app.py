@@ -296,10 +296,12 @@ def create_app(
         return await request_validation_exception_handler(request, exc)
 
     deps = [Security(require_key)]
+    # Writes are accepted (202) once on Kafka; queries wait for the stream worker's answer.
+    write = {"status_code": 202, "response_model": Accepted, "responses": ERRORS, "dependencies": deps}
+    query = {"response_model": GatewayResult, "responses": WAIT_ERRORS, "dependencies": deps, "tags": ["query"]}
+    catalog_write = {**write, "tags": ["catalog"]}
 
-    @app.post(
-        "/v1/events", status_code=202, response_model=Accepted, responses=ERRORS, dependencies=deps, tags=["ingest"]
-    )
+    @app.post("/v1/events", **write, tags=["ingest"])
     def ingest(batch: EventBatch) -> Accepted:  # type: ignore[valid-type]
         """Publish a batch of behaviour events (impressions, clicks, ...) to the behaviour topic."""
         events: list[BehaviourEvent] = batch.events
@@ -307,45 +309,29 @@ def create_app(
         gw.count_feedback(events)
         return Accepted(accepted=len(events), ids=[e.event_id for e in events])
 
-    @app.post("/v1/search", response_model=GatewayResult, responses=WAIT_ERRORS, dependencies=deps, tags=["query"])
+    @app.post("/v1/search", **query)
     def search(body: SearchBody) -> GatewayResult:
         """Text search, ranked by the stream worker for this user/session."""
         return gw.ask(RecommendationRequest(kind="search", **body.model_dump()))
 
-    @app.post("/v1/recommend", response_model=GatewayResult, responses=WAIT_ERRORS, dependencies=deps, tags=["query"])
+    @app.post("/v1/recommend", **query)
     def recommend(body: RecommendBody) -> GatewayResult:
         """Recommendations for the user's current session."""
         return gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()))
 
-    @app.post(
-        "/v1/items", status_code=202, response_model=Accepted, responses=ERRORS, dependencies=deps, tags=["catalog"]
-    )
+    @app.post("/v1/items", **catalog_write)
     def create_item(item: ItemUpsert) -> Accepted:
         """Create or replace an item (idempotent by item_id)."""
         gw.publish("catalog", [item])
         return Accepted(accepted=1, ids=[item.item_id])
 
-    @app.put(
-        "/v1/items/{item_id}",
-        status_code=202,
-        response_model=Accepted,
-        responses=ERRORS,
-        dependencies=deps,
-        tags=["catalog"],
-    )
+    @app.put("/v1/items/{item_id}", **catalog_write)
     def put_item(item_id: ItemIdPath, fields: Annotated[ItemFields, Body()]) -> Accepted:  # type: ignore[valid-type]
         """Create or replace the item at this id."""
         gw.publish("catalog", [ItemUpsert(item_id=item_id, **fields.model_dump())])
         return Accepted(accepted=1, ids=[item_id])
 
-    @app.delete(
-        "/v1/items/{item_id}",
-        status_code=202,
-        response_model=Accepted,
-        responses=ERRORS,
-        dependencies=deps,
-        tags=["catalog"],
-    )
+    @app.delete("/v1/items/{item_id}", **catalog_write)
     def delete_item(item_id: ItemIdPath) -> Accepted:
         """Delete an item (the indexer removes it from retrieval)."""
         gw.publish("catalog", [ItemDelete(item_id=item_id)])
