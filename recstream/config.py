@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     exploration_policy: str = Field(
         "greedy",
         description="Ranking policy of the recommender: greedy | pl:T[:HEAD] | eps:E[:SLOTS] | "
-        "ts:PRIOR[:HALF_LIFE[:GROUP_PRIOR]] (learns from policy.observe; the stream recommender does not feed it yet)",
+        "ts:PRIOR[:HALF_LIFE[:GROUP_PRIOR]] | lift:PRIOR[:HALF_LIFE[:GROUP_PRIOR]] (ts and lift learn from each "
+        "closed impression window of the worker's own answers; lift ranks by the posterior mean, ts samples)",
     )
     exploration_seed: int | None = Field(None, description="Seed of the exploration policy's random draws")
     api_keys: str = Field(
@@ -51,6 +52,15 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),
         description="Comma-separated API keys the HTTP gateway accepts (env GATEWAY_API_KEYS)",
     )
+
+    @field_validator("exploration_policy")
+    @classmethod
+    def _known_policy(cls, spec: str) -> str:
+        """A typo in EXPLORATION_POLICY fails at start-up, not at the first request."""
+        from recstream.explore.policies import make_policy
+
+        make_policy(spec)
+        return spec
 
     @property
     def api_key_list(self) -> list[str]:

@@ -45,6 +45,13 @@ FEATURE_EVENTS = Counter("recstream_feature_events_total", "Behaviour events fol
 # Online quality: CTR = rate(clicks) / rate(impressions) in PromQL, per model version and exploration arm.
 IMPRESSIONS = Counter("recstream_impressions_total", "Items shown to users", ["model_version", "arm"])
 CLICKS = Counter("recstream_clicks_total", "Clicks on shown items", ["model_version", "arm"])
+POLICY_FEEDBACK = Counter(
+    "recstream_policy_feedback_total",
+    "Closed impression windows handed to an online-learning exploration policy, by outcome",
+    ["outcome"],  # clicked | not_clicked | unknown (slot not remembered) | evicted (memory full)
+)
+for _outcome in ("clicked", "not_clicked", "unknown", "evicted"):  # exported at 0 from the start, as Prometheus advises
+    POLICY_FEEDBACK.labels(outcome=_outcome)
 # Continual learning: a run ends with result=promoted|rejected|failed; promotions/rollbacks move the live version.
 TRAINING_RUNS = Counter("recstream_training_runs_total", "Continual-learning training runs", ["model", "result"])
 PROMOTIONS = Counter("recstream_model_promotions_total", "Live model version changes", ["model", "action"])

@@ -61,6 +61,7 @@ class StreamContext:
     _ranker: Any = None
     _policy: Any = None
     _rng: Any = None
+    _policy_feedback: Any = None
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
     # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
@@ -108,6 +109,17 @@ class StreamContext:
     def rng(self):
         self.policy  # noqa: B018 - builds the rng together with the policy
         return self._rng
+
+    @property
+    def policy_feedback(self):
+        """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
+        The recommender ranks through it and the feedback joiner reports closed windows to it."""
+        if self._policy_feedback is None:
+            from recstream.explore.feedback import PolicyFeedback, learns_online
+
+            if learns_online(self.policy):
+                self._policy_feedback = PolicyFeedback(self.policy)
+        return self._policy_feedback
 
     @property
     def ranker(self):

@@ -39,6 +39,8 @@ class FeedbackJoiner:
         self.examples_topic = TOPICS["training-examples"].name(ctx.settings.topic_prefix)
         # key -> (deadline_ms, partition): lets the tick find due windows without decoding the table.
         self.deadlines: dict[bytes, tuple[int, int]] = {}
+        # The exploration policy learns from the outcomes of this worker's own answers (ts:/lift:).
+        self.policy_feedback = ctx.policy_feedback if "recommender" in ctx.agents else None
 
     def recovered(self) -> None:
         # After recovery the table holds windows opened before a restart: index them.
@@ -101,5 +103,7 @@ class FeedbackJoiner:
             example = PendingImpression.from_bytes(raw).to_example()
             self.ctx.behaviour.produce(self.examples_topic, example.user_id.encode(), encode(example))
             self.table.delete(partition, key)
+            if self.policy_feedback is not None:
+                self.policy_feedback.observe(example.request_id, example.item_id, example.position, example.label)
         if due:
             log.debug("feedback: closed %d windows", len(due))

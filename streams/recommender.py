@@ -311,8 +311,18 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     reasons = p.reasons if p.reasons is not None else [{} for _ in candidates]
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
     policy = ctx.policy
+    feedback = ctx.policy_feedback
     if policy.name == "greedy":
         slots = [(c, s, GREEDY_PROPENSITY) for c, s in diversify(candidates, scores, req.k)]
+    elif feedback is not None:
+        # A policy that learns click lifts needs the ranker's logits (its base click probability) and
+        # the slots it showed, so the feedback joiner can report each outcome back (ctx.policy_feedback).
+        pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
+        by_id = {c.item_id: (c, s) for c, s in pool}
+        logits = np.array([s for _, s in pool], dtype=np.float64)
+        ids, groups = [c.item_id for c, _ in pool], [c.category for c, _ in pool]
+        shown = feedback.rank(req.request_id, ids, logits, req.k, ctx.rng, groups) if pool else []
+        slots = [(*by_id[sh.item_id], sh.propensity) for sh in shown]
     else:
         # The policy perturbs the diversified order (logits = -rank), so exploration never undoes the
         # category rules, and logs the exact probability of each shown slot for IPS/off-policy use.

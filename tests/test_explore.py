@@ -191,8 +191,8 @@ def test_lift_thompson_evidence_decays_and_groups_set_the_prior() -> None:
 
 
 def test_lift_thompson_as_the_recommender_calls_it() -> None:
-    """streams.recommender: make_policy(settings.exploration_policy).rank(ids, pseudo-logits, k, rng),
-    no groups, no feedback yet: k distinct items, each with a propensity in (0, 1]."""
+    """A fresh worker's policy (no groups, no feedback yet) over a diversified pool: k distinct
+    items, each with a propensity in (0, 1]."""
     pol = make_policy("ts:5:20000:20")
     assert pol.name == "ts_lift_p5_h20000"
     ids = [f"m{n}" for n in range(20)]
@@ -210,3 +210,52 @@ def test_lift_posterior_mean_ablation_is_deterministic_with_propensity_one() -> 
     assert [s.item_id for s in pol.rank(IDS, SCORES, 3, np.random.default_rng(14))] == [s.item_id for s in first]
     m = pol.marginals(SCORES, 3, item_ids=IDS)
     assert set(np.unique(m)) <= {0.0, 1.0} and m.sum() == 3
+
+
+# --- the feedback loop of an online-learning policy in a stream worker ----------------------------
+
+
+def test_policy_feedback_hands_closed_windows_back_to_the_policy() -> None:
+    """What the recommender (rank) and the feedback joiner (observe) do: users click i4 (third by
+    score) whenever it is shown and never the two above it; the mean-lift policy moves it first."""
+    from recstream.explore.feedback import PolicyFeedback
+
+    fb = PolicyFeedback(make_policy("lift:1"))
+    rng = np.random.default_rng(21)
+    before = [s.item_id for s in fb.rank("r0", IDS, SCORES, 3, rng)]
+    assert before == ["i0", "i1", "i4"] and len(fb) == 3  # mean lift 1 everywhere: the ranker's order
+    assert fb.observe("r0", "i0", 0, 0.0) and not fb.observe("r0", "i0", 0, 0.0)  # each slot once
+    assert not fb.observe("never-shown", "i1", 0, 1.0)
+    top: list[str] = []
+    for t in range(30):
+        shown = fb.rank(f"q{t}", IDS, SCORES, 3, rng)
+        top.append(shown[0].item_id)
+        for s in shown:
+            fb.observe(f"q{t}", s.item_id, s.position, float(s.item_id == "i4"))
+    assert top[0] != "i4" and top[-5:] == ["i4"] * 5, top
+    assert fb.policy.lift_mean(["i4"])[0] > 1.0 > fb.policy.lift_mean(["i0"])[0]
+    assert len(fb) == 2  # all reported back but the two r0 slots never observed
+
+
+def test_policy_feedback_memory_is_bounded_and_refuses_fixed_policies() -> None:
+    from recstream.explore.feedback import PolicyFeedback
+
+    fb = PolicyFeedback(make_policy("ts:2"), capacity=4)
+    rng = np.random.default_rng(22)
+    fb.rank("a", IDS, SCORES, 3, rng)
+    fb.rank("b", IDS, SCORES, 3, rng)
+    assert len(fb) == 4  # the oldest request's slots went first
+    assert sum(fb.observe("a", i, 0, 0.0) for i in IDS) == 1
+    with pytest.raises(TypeError, match="does not learn"):
+        PolicyFeedback(make_policy("pl:0.5"))
+
+
+def test_policy_specs_are_checked_when_settings_load() -> None:
+    from pydantic import ValidationError
+
+    from recstream.config import Settings
+
+    assert Settings(exploration_policy="lift:2:5000:10").exploration_policy == "lift:2:5000:10"
+    assert make_policy("lift:2").name == "mean_lift_p2_h20000"
+    with pytest.raises(ValidationError, match="unknown policy spec"):
+        Settings(exploration_policy="thompson")

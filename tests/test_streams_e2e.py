@@ -352,6 +352,54 @@ def test_exploring_policy_logs_propensities_and_varies_the_order(
         worker.stop()
 
 
+def test_learning_policy_sinks_items_users_ignored(
+    make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path
+) -> None:
+    """lift:1 (posterior-mean click lifts, no deliberate exploration) through the real broker: the
+    impressions of one answer close their windows unclicked, the feedback joiner reports them to the
+    worker's policy, and the next answer for the same session no longer leads with the ignored items."""
+    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="lift:1")
+    worker = WorkerProcess(
+        settings, tmp_path / "lift.log", ["--feedback-window-s", "1", "--ranker", "inprocess"]
+    ).start()
+    try:
+        with RecommendationClient(settings) as c:
+            user = _user()
+            for item in ("50", "172", "181"):
+                c.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=item))
+            c.producer.flush(5)
+            time.sleep(1)
+            first = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+            assert first.policy == "mean_lift_p1_h20000" and all(i.propensity == 1.0 for i in first.items)
+            again = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+            assert [i.item_id for i in again.items] == [i.item_id for i in first.items]  # no feedback yet
+            for item in first.items:
+                c.producer.send(
+                    "behaviour",
+                    BehaviourEvent(
+                        type="impression",
+                        user_id=user,
+                        item_id=item.item_id,
+                        request_id=first.request_id,
+                        position=item.position,
+                        propensity=item.propensity,
+                        model_version=first.model_version,
+                    ),
+                )
+            c.producer.flush(5)
+            deadline = time.monotonic() + 20
+            while worker.metric("recstream_policy_feedback_total", 'outcome="not_clicked"') < 6:
+                assert time.monotonic() < deadline, worker.tail(2000)
+                time.sleep(0.2)
+            assert worker.metric("recstream_policy_feedback_total", 'outcome="unknown"') == 0
+            after = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+            assert after.items[0].item_id != first.items[0].item_id, (first.items, after.items)
+            shown_first = {i.item_id for i in first.items}
+            assert any(i.item_id not in shown_first for i in after.items), "ignored items make room for others"
+    finally:
+        worker.stop()
+
+
 # --- restart: kill -9 mid-stream -------------------------------------------------------------------
 
 N_EVENTS = 50_000

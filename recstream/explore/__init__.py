@@ -9,9 +9,13 @@ How the stream recommender uses a policy (pure, no I/O; one rng per worker, seed
                         propensity=s.propensity) for s in shown]
     RecommendationResult(..., items=items, policy=policy.name, model_version=<version Triton reports>)
 
-A policy that learns online (LiftThompson, "ts:...") also takes each shown slot's outcome:
+A policy that learns online (LiftThompson, "ts:..." / "lift:...") also takes each shown slot's outcome:
 
     policy.observe(item_id, position, score, clicked, group=category)   # after the click / no-click
+
+In the stream worker recstream.explore.feedback.PolicyFeedback does both ends: the recommender ranks
+through it (it remembers the logit and category of each shown slot), the feedback joiner reports
+each closed impression window to it.
 
 The propensity travels with the impression (BehaviourEvent.propensity -> TrainingExample.propensity)
 to the continual learner and to off-policy evaluation (recstream.ope).

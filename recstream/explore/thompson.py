@@ -25,9 +25,10 @@ Propensities: the law of a Thompson-sampled ranking has no closed form. Each sho
 marginal P(item at slot | posterior, scores) estimated from `mc_samples` independent posterior draws
 (vectorised), floored at 1 / mc_samples - an estimate, stated as such, like PlackettLuce.marginals.
 
-Feedback: the caller reports each shown slot's outcome with `observe` (the simulator loop does;
-the stream recommender would from the behaviour stream). Without feedback the policy is a
-posterior-prior randomisation of the ranker's order.
+Feedback: the caller reports each shown slot's outcome with `observe`. The simulator loop does it
+after each request; a stream worker does it through recstream.explore.feedback.PolicyFeedback when
+the feedback joiner closes an impression window. Without feedback the policy is a posterior-prior
+randomisation of the ranker's order.
 """
 
 from __future__ import annotations

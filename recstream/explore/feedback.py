@@ -1,0 +1,80 @@
+"""Closing the loop of an online-learning policy inside a stream worker.
+
+Why: LiftThompson (``ts:...``) and its posterior-mean variant (``lift:...``) learn from every shown
+slot's outcome, but the outcome arrives much later and on another thread: the recommender ranks on
+the request thread, the feedback joiner closes an impression's window (label 0/1) on the behaviour
+thread, and neither event carries the ranker logit the item was shown with. `PolicyFeedback`
+remembers (logit, group) per shown slot for a bounded number of slots, hands each closed window
+back to the policy, and serialises the two threads around the policy's state.
+
+A slot whose memory was evicted, or that was shown by another worker before a rebalance, or
+before a restart, is counted as ``unknown`` and skipped: the policy's state is per worker and
+in memory, like its rng; losing a few observations only slows its learning.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+from recstream.explore.policies import Shown
+from recstream.metrics import POLICY_FEEDBACK
+
+
+def learns_online(policy: object) -> bool:
+    """True for policies that take each shown slot's outcome (`observe`)."""
+    return callable(getattr(policy, "observe", None))
+
+
+class PolicyFeedback:
+    """Shown-slot memory + thread-safe rank/observe for one learning policy (see the module doc)."""
+
+    def __init__(self, policy: object, capacity: int = 200_000) -> None:
+        if not learns_online(policy):
+            raise TypeError(f"policy {getattr(policy, 'name', policy)!r} does not learn from feedback")
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.policy = policy
+        self.capacity = int(capacity)
+        self._shown: OrderedDict[tuple[str, str], tuple[float, str | None]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._shown)
+
+    def rank(
+        self,
+        request_id: str,
+        item_ids: Sequence[str],
+        logits: np.ndarray,
+        k: int,
+        rng: np.random.Generator,
+        groups: Sequence[str | None] | None = None,
+    ) -> list[Shown]:
+        """The policy's ranking of the candidates, remembered per shown slot for `observe`."""
+        groups_list = list(groups) if groups is not None else [None] * len(item_ids)
+        with self._lock:
+            shown = self.policy.rank(item_ids, logits, k, rng, groups=groups_list)  # type: ignore[attr-defined]
+            row = {iid: n for n, iid in enumerate(item_ids)}
+            for s in shown:
+                j = row[s.item_id]
+                self._shown[(request_id, s.item_id)] = (float(logits[j]), groups_list[j])
+            while len(self._shown) > self.capacity:
+                self._shown.popitem(last=False)
+                POLICY_FEEDBACK.labels(outcome="evicted").inc()
+        return shown
+
+    def observe(self, request_id: str, item_id: str, position: int, clicked: float) -> bool:
+        """One closed impression window; False (and counted as unknown) if the slot is not remembered."""
+        with self._lock:
+            memory = self._shown.pop((request_id, item_id), None)
+            if memory is None:
+                POLICY_FEEDBACK.labels(outcome="unknown").inc()
+                return False
+            logit, group = memory
+            self.policy.observe(item_id, position, logit, float(clicked), group)  # type: ignore[attr-defined]
+        POLICY_FEEDBACK.labels(outcome="clicked" if clicked > 0 else "not_clicked").inc()
+        return True
