@@ -214,16 +214,14 @@ def _consume(settings: Settings, topic: str, want: Callable[[list[dict]], bool],
     return out
 
 
-def test_impressions_and_clicks_become_training_examples(stack: Settings, client: RecommendationClient) -> None:
-    user = _user()
-    res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
-    p = client.producer
+def _send_impressions(producer, res: RecommendationResult) -> None:
+    """What an application logs when it shows an answer: one impression per slot, tied to the request."""
     for item in res.items:
-        p.send(
+        producer.send(
             "behaviour",
             BehaviourEvent(
                 type="impression",
-                user_id=user,
+                user_id=res.user_id,
                 item_id=item.item_id,
                 request_id=res.request_id,
                 position=item.position,
@@ -231,6 +229,13 @@ def test_impressions_and_clicks_become_training_examples(stack: Settings, client
                 model_version=res.model_version,
             ),
         )
+
+
+def test_impressions_and_clicks_become_training_examples(stack: Settings, client: RecommendationClient) -> None:
+    user = _user()
+    res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+    p = client.producer
+    _send_impressions(p, res)
     clicked, bought = res.items[1].item_id, res.items[3].item_id
     p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=clicked, request_id=res.request_id))
     p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=bought, request_id=res.request_id))
@@ -373,19 +378,7 @@ def test_learning_policy_sinks_items_users_ignored(
             assert first.policy == "mean_lift_p1_h20000" and all(i.propensity == 1.0 for i in first.items)
             again = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
             assert [i.item_id for i in again.items] == [i.item_id for i in first.items]  # no feedback yet
-            for item in first.items:
-                c.producer.send(
-                    "behaviour",
-                    BehaviourEvent(
-                        type="impression",
-                        user_id=user,
-                        item_id=item.item_id,
-                        request_id=first.request_id,
-                        position=item.position,
-                        propensity=item.propensity,
-                        model_version=first.model_version,
-                    ),
-                )
+            _send_impressions(c.producer, first)
             c.producer.flush(5)
             deadline = time.monotonic() + 20
             while worker.metric("recstream_policy_feedback_total", 'outcome="not_clicked"') < 6:
