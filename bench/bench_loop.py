@@ -10,8 +10,10 @@ Protocol (one seed, common random users across arms):
    - frozen: v1 forever, greedy;
    - continual: greedy; after every round a LoRA round on the replay buffer, gated on the newest
      held-back window, promotes a not-worse candidate;
-   - explore: as continual, but the lists come from a Plackett-Luce policy (exact propensities, used
-     as IPW weights).
+   - explore: as continual, plus a Thompson-sampling layer of per-item click lifts over the ranker's
+     scores that learns after every request (Monte-Carlo propensities are logged);
+   - exploit_lift: as explore, but the layer ranks by the posterior mean lift (the ablation that
+     tells exploring apart from learning per-item corrections between LoRA rounds).
    CTR = clicks per shown slot. NDCG@10 = the live model's greedy top-10 graded by true relevance
    (model quality, independent of the exploration a list carries).
 3. OPE check: on fresh requests, log the explore arm's PL policy and estimate the CTR of its greedy
@@ -206,15 +208,20 @@ class Arm:
         return {"accepted": d.accepted, "reason": d.reason, **stats}
 
 
-def explore_policy(cfg: LoopConfig) -> LiftThompson:
+def explore_policy(cfg: LoopConfig, sample: bool = True) -> LiftThompson:
     """The exploring arm's layer over the ranked list: Thompson sampling of per-item click lifts,
-    pooled per category, learning from every click (exact item/slot of each click, MC propensities)."""
+    pooled per category, learning from every click (exact item/slot of each click, MC propensities).
+
+    sample=False is the same layer ranking by the posterior *mean* lift: it learns from the same
+    clicks but never explores on purpose - the ablation that separates "exploration" from "a
+    per-item correction that learns between LoRA rounds"."""
     return LiftThompson(
         prior=cfg.explore_prior,
         half_life=cfg.explore_half_life,
         exam_eta=cfg.learner.exam_eta,
         mc_samples=cfg.explore_mc_samples,
         group_prior=cfg.explore_group_prior,
+        sample=sample,
     )
 
 
@@ -246,6 +253,7 @@ def run_loop(sim: Simulator, cfg: LoopConfig, base: RankerNet, features: SimFeat
         Arm("frozen", base, Greedy(), learn=False, cfg=cfg),
         Arm("continual", base, Greedy(), learn=True, cfg=cfg),
         Arm("explore", base, explore_policy(cfg), learn=True, cfg=cfg),
+        Arm("exploit_lift", base, explore_policy(cfg, sample=False), learn=True, cfg=cfg),
     ]
     user_rng = np.random.default_rng(cfg.seed + 11)
     curves: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
@@ -440,7 +448,7 @@ def plot(curves: dict[str, list[dict[str, float]]], cfg: LoopConfig, path: Path)
     plt.close(fig)
 
 
-ARMS = ("frozen", "continual", "explore")
+ARMS = ("frozen", "continual", "explore", "exploit_lift")
 
 
 def run_seed(cfg: LoopConfig) -> dict[str, Any]:
@@ -538,6 +546,8 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     diffs = {
         "explore_minus_continual": t_interval([r["ctr_explore"] - r["ctr_continual"] for r in per_seed]),
         "explore_minus_frozen": t_interval([r["ctr_explore"] - r["ctr_frozen"] for r in per_seed]),
+        "explore_minus_exploit_lift": t_interval([r["ctr_explore"] - r["ctr_exploit_lift"] for r in per_seed]),
+        "exploit_lift_minus_continual": t_interval([r["ctr_exploit_lift"] - r["ctr_continual"] for r in per_seed]),
         "continual_minus_frozen": t_interval([r["ctr_continual"] - r["ctr_frozen"] for r in per_seed]),
     }
     all_rounds = t_interval([r["ctr_all_rounds_explore_minus_continual"] for r in per_seed])
@@ -565,6 +575,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "paired_differences": diffs,
         "paired_difference_all_rounds_explore_minus_continual": all_rounds,
         "explore_verdict": verdict(diffs["explore_minus_continual"]),
+        "explore_vs_exploit_lift_verdict": verdict(diffs["explore_minus_exploit_lift"], "the mean-lift exploitation"),
         "per_seed": per_seed,
         "phases": rows,
         "ope": ope,
@@ -586,16 +597,14 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     return result
 
 
-def verdict(d: dict[str, Any]) -> str:
-    """What the paired late-window CI of explore - continual says, in words."""
+def verdict(d: dict[str, Any], baseline: str = "pure exploitation") -> str:
+    """What the paired late-window CI of explore - baseline says, in words."""
     lo, hi = d["ci"]
     if lo > 0:
-        return "exploration beats pure exploitation (95% CI of the paired difference above 0)"
+        return f"exploration beats {baseline} (95% CI of the paired difference above 0)"
     if hi < 0:
-        return "exploration loses to pure exploitation (95% CI of the paired difference below 0)"
-    return (
-        "no significant difference between exploration and pure exploitation (95% CI of the paired difference covers 0)"
-    )
+        return f"exploration loses to {baseline} (95% CI of the paired difference below 0)"
+    return f"no significant difference between exploration and {baseline} (95% CI of the paired difference covers 0)"
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -610,14 +619,16 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         "",
         f"MovieLens-100k simulator, drift at round {c['drift_round']} of {c['rounds']}, "
         f"{c['users_per_round']} requests/round, k={c['k']}; {n} seeds {r['seeds']} (each its own simulator, "
-        f"warm-up and v1; the three arms of a seed share requests and click random numbers). "
+        f"warm-up and v1; the arms of a seed share requests and click random numbers). "
         f"Wall {r['wall_s']:.0f} s.",
         "",
         "Exploration arm: Thompson sampling of a per-item click lift over the ranker's scores "
         f"(Gamma posterior, item prior weight {c['explore_prior']:g}, pooled per {c['explore_groups']} with prior "
         f"weight {c['explore_group_prior']:g}, half-life {c['explore_half_life']:g} impressions), updated after "
         "every request from its clicks; propensities are Monte-Carlo marginals "
-        f"({c['explore_mc_samples']} posterior draws).",
+        f"({c['explore_mc_samples']} posterior draws). Ablation `exploit_lift`: the same layer, learning from the "
+        "same kind of feedback, ranking by the posterior *mean* lift (no deliberate exploration) - it separates "
+        "the value of exploring from the value of a per-item correction that learns between LoRA rounds.",
         "",
         f"## Late window ({r['metric_window']})",
         "",
@@ -637,21 +648,22 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         "",
         f"**Verdict (late window): {r['explore_verdict']}.** Over all {c['rounds']} rounds (pre-drift and recovery "
         f"included) explore - continual = {a['mean']:+.4f} [{a['ci'][0]:+.4f}, {a['ci'][1]:+.4f}], "
-        f"{a['seeds_positive']}/{a['n']} seeds > 0.",
+        f"{a['seeds_positive']}/{a['n']} seeds > 0. Against the mean-lift ablation: "
+        f"{r['explore_vs_exploit_lift_verdict']}.",
     ]
     lines += [
         "",
         "Per seed (late window):",
         "",
-        "| seed | CTR frozen | CTR continual | CTR explore | explore - continual | NDCG@10 frozen | "
-        "NDCG@10 continual | NDCG@10 explore |",
-        "|---" * 8 + "|",
+        "| seed | CTR frozen | CTR continual | CTR explore | CTR exploit_lift | explore - continual | "
+        "NDCG@10 frozen | NDCG@10 continual | NDCG@10 explore | NDCG@10 exploit_lift |",
+        "|---" * 10 + "|",
     ]
     for s in r["per_seed"]:
         lines.append(
             f"| {s['seed']} | {s['ctr_frozen']:.4f} | {s['ctr_continual']:.4f} | {s['ctr_explore']:.4f} | "
-            f"{s['ctr_explore_minus_continual']:+.4f} | {s['ndcg10_frozen']:.4f} | "
-            f"{s['ndcg10_continual']:.4f} | {s['ndcg10_explore']:.4f} |"
+            f"{s['ctr_exploit_lift']:.4f} | {s['ctr_explore_minus_continual']:+.4f} | {s['ndcg10_frozen']:.4f} | "
+            f"{s['ndcg10_continual']:.4f} | {s['ndcg10_explore']:.4f} | {s['ndcg10_exploit_lift']:.4f} |"
         )
     lines += [
         "",
