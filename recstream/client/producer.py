@@ -92,8 +92,15 @@ class EventProducer:
             errors, self._errors = self._errors, []
             raise DeliveryError(f"{len(errors)} messages failed: {errors[:3]}")
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flush, then release the librdkafka handle: left to the garbage collector, its threads keep
+        reconnecting, and logging to stderr, after the broker is gone. What flush could not deliver
+        is dropped (the DeliveryError says how much)."""
+        try:
+            self.flush(timeout_s)
+        finally:
+            self._producer.purge()
+            self._producer.close()
 
     def __enter__(self) -> EventProducer:
         return self

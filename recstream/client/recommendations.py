@@ -24,6 +24,7 @@ from recstream.kafka.serde import InvalidEvent, decode
 class RecommendationClient:
     def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
         self.settings = settings
+        self._owns_producer = producer is None
         self.producer = producer or EventProducer(settings, worker="rec-client", **{"linger.ms": 0})
         self._pending: dict[str, Future[RecommendationResult]] = {}
         self._lock = threading.Lock()
@@ -88,7 +89,10 @@ class RecommendationClient:
         self._stop.set()
         self._thread.join(timeout=5)
         self._consumer.close()
-        self.producer.flush(5)
+        if self._owns_producer:
+            self.producer.close(5)
+        else:
+            self.producer.flush(5)
 
     def __enter__(self) -> RecommendationClient:
         return self

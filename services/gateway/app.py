@@ -235,11 +235,14 @@ class Gateway:
                 part.stop()
         if self._client is not None:
             self._client.close()
+            self._client = None
         if self._producer is not None:
             try:
-                self._producer.flush(self.limits.publish_timeout_s)
+                self._producer.close(self.limits.publish_timeout_s)
             except DeliveryError as exc:
                 log.error("undelivered events at shutdown: %s", exc)
+            self._producer = None
+        self._admin = None  # AdminClient has no close(): dropping the last reference stops its threads
 
 
 def create_app(
