@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -119,7 +120,13 @@ class StreamContext:
 
             if learns_online(self.policy):
                 self._policy_feedback = PolicyFeedback(self.policy)
+                self._policy_feedback.load(self.policy_state_path)
         return self._policy_feedback
+
+    @property
+    def policy_state_path(self) -> Path:
+        """Where this worker keeps what its policy learned (one file per app and worker name)."""
+        return self.settings.run_dir / "policy" / f"{app_id(self.settings)}-{self.worker}.npz"
 
     @property
     def ranker(self):
@@ -205,6 +212,8 @@ class StreamContext:
             self.requests.stop()
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
+        if self._policy_feedback is not None and self._policy_feedback.unsaved:
+            self._policy_feedback.save(self.policy_state_path)
         if self._producer is not None:
             self._producer.flush(10)  # 10 s: enough for a local broker to ack what is queued
         if self._store is not None:

@@ -15,6 +15,7 @@ import time
 
 from recstream.contracts.events import BehaviourType
 from recstream.contracts.topics import BEHAVIOUR, TOPICS
+from recstream.explore.feedback import POLICY_SAVE_S
 from recstream.kafka.serde import encode
 from recstream.metrics import STAGE_LATENCY
 from recstream.recommend.feedback import POSITIVE, PendingImpression, impression_key
@@ -41,6 +42,7 @@ class FeedbackJoiner:
         self.deadlines: dict[bytes, tuple[int, int]] = {}
         # The exploration policy learns from the outcomes of this worker's own answers (ts:/lift:).
         self.policy_feedback = ctx.policy_feedback if "recommender" in ctx.agents else None
+        self.next_policy_save = time.monotonic() + POLICY_SAVE_S
 
     def recovered(self) -> None:
         # After recovery the table holds windows opened before a restart: index them.
@@ -107,3 +109,7 @@ class FeedbackJoiner:
                 self.policy_feedback.observe(example.request_id, example.item_id, example.position, example.label)
         if due:
             log.debug("feedback: closed %d windows", len(due))
+        fb = self.policy_feedback
+        if fb is not None and fb.unsaved and time.monotonic() >= self.next_policy_save:
+            fb.save(self.ctx.policy_state_path)
+            self.next_policy_save = time.monotonic() + POLICY_SAVE_S

@@ -259,3 +259,47 @@ def test_policy_specs_are_checked_when_settings_load() -> None:
     assert make_policy("lift:2").name == "mean_lift_p2_h20000"
     with pytest.raises(ValidationError, match="unknown policy spec"):
         Settings(exploration_policy="thompson")
+
+
+def test_policy_evidence_survives_a_restart_and_a_switch_between_ts_and_lift(tmp_path) -> None:
+    from recstream.explore.feedback import PolicyFeedback
+
+    fb = PolicyFeedback(make_policy("ts:2:5000:10"))
+    rng = np.random.default_rng(23)
+    for t in range(40):
+        for s in fb.rank(f"r{t}", IDS, SCORES, 3, rng, groups=["a", "a", "b", "b", "c", "c"]):
+            fb.observe(f"r{t}", s.item_id, s.position, float(s.item_id == "i4"))
+    assert fb.unsaved == 120
+    path = tmp_path / "policy" / "worker.npz"
+    fb.save(path)
+    assert fb.unsaved == 0 and path.is_file() and not list(path.parent.glob(".*tmp*"))
+
+    same = PolicyFeedback(make_policy("ts:2:5000:10"))
+    assert same.load(path)
+    groups = ["a", "a", "b", "b", "c", "c"]
+    np.testing.assert_allclose(same.policy.posterior(IDS, groups), fb.policy.posterior(IDS, groups))
+    assert same.policy.t == fb.policy.t == 120
+    # the same evidence under the posterior-mean variant (no group pooling): i4 first, as learned
+    switched = PolicyFeedback(make_policy("lift:2:5000"))
+    assert switched.load(path)
+    assert switched.rank("next", IDS, SCORES, 3, rng)[0].item_id == "i4"
+
+
+def test_a_missing_or_damaged_policy_file_starts_fresh(tmp_path) -> None:
+    from recstream.explore.feedback import PolicyFeedback
+
+    fb = PolicyFeedback(make_policy("lift:1"))
+    assert not fb.load(tmp_path / "absent.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a numpy archive")
+    assert not fb.load(bad)
+    np.savez(
+        tmp_path / "short.npz",
+        items=np.array(["a", "b"]),
+        clicks=np.zeros(1),
+        expected=np.zeros(2),
+        t_last=np.zeros(2),
+        t=np.zeros(1),
+    )
+    assert not fb.load(tmp_path / "short.npz")
+    assert fb.policy.lift_mean(["a"])[0] == 1.0  # nothing half-loaded

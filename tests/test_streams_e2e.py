@@ -362,7 +362,8 @@ def test_learning_policy_sinks_items_users_ignored(
 ) -> None:
     """lift:1 (posterior-mean click lifts, no deliberate exploration) through the real broker: the
     impressions of one answer close their windows unclicked, the feedback joiner reports them to the
-    worker's policy, and the next answer for the same session no longer leads with the ignored items."""
+    worker's policy, and the next answer for the same session no longer leads with the ignored items;
+    after a restart the worker still ranks that way."""
     settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="lift:1")
     worker = WorkerProcess(
         settings, tmp_path / "lift.log", ["--feedback-window-s", "1", "--ranker", "inprocess"]
@@ -389,6 +390,14 @@ def test_learning_policy_sinks_items_users_ignored(
             assert after.items[0].item_id != first.items[0].item_id, (first.items, after.items)
             shown_first = {i.item_id for i in first.items}
             assert any(i.item_id not in shown_first for i in after.items), "ignored items make room for others"
+        worker.stop()  # a graceful stop saves what the policy learned
+        assert (settings.run_dir / "policy").is_dir()
+        worker = WorkerProcess(
+            settings, tmp_path / "lift-restarted.log", ["--feedback-window-s", "1", "--ranker", "inprocess"]
+        ).start()
+        with RecommendationClient(settings) as c:
+            restarted = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=30)
+            assert [i.item_id for i in restarted.items] == [i.item_id for i in after.items], "learning survives"
     finally:
         worker.stop()
 

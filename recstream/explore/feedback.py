@@ -8,20 +8,29 @@ remembers (logit, group) per shown slot for a bounded number of slots, hands eac
 back to the policy, and serialises the two threads around the policy's state.
 
 A slot whose memory was evicted, or that was shown by another worker before a rebalance, or
-before a restart, is counted as ``unknown`` and skipped: the policy's state is per worker and
-in memory, like its rng; losing a few observations only slows its learning.
+before a restart, is counted as ``unknown`` and skipped; losing a few observations only slows the
+learning. What the policy learned is per worker; `save` / `load` keep it across restarts (the
+worker saves every POLICY_SAVE_S and at shutdown, written atomically).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from recstream.explore.policies import Shown
 from recstream.metrics import POLICY_FEEDBACK
+
+log = logging.getLogger(__name__)
+
+#: How often a worker writes its policy's evidence to disk (and at shutdown).
+POLICY_SAVE_S = 30.0
 
 
 def learns_online(policy: object) -> bool:
@@ -41,6 +50,7 @@ class PolicyFeedback:
         self.capacity = int(capacity)
         self._shown: OrderedDict[tuple[str, str], tuple[float, str | None]] = OrderedDict()
         self._lock = threading.Lock()
+        self.unsaved = 0  # observations since the last save
 
     def __len__(self) -> int:
         return len(self._shown)
@@ -76,5 +86,31 @@ class PolicyFeedback:
                 return False
             logit, group = memory
             self.policy.observe(item_id, position, logit, float(clicked), group)  # type: ignore[attr-defined]
+            self.unsaved += 1
         POLICY_FEEDBACK.labels(outcome="clicked" if clicked > 0 else "not_clicked").inc()
+        return True
+
+    def save(self, path: Path) -> None:
+        """Write the policy's evidence atomically (a crash mid-write leaves the previous file)."""
+        with self._lock:
+            state = self.policy.evidence()  # type: ignore[attr-defined]
+            self.unsaved = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, **state)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> bool:
+        """Restore evidence saved by `save`; False (and a warning for a bad file) when there is none."""
+        if not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                state = {k: saved[k] for k in saved.files}
+            with self._lock:
+                self.policy.load_evidence(state)  # type: ignore[attr-defined]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("policy state %s not loaded, starting fresh: %s", path, exc)
+            return False
+        log.info("policy state loaded from %s (%d items)", path, len(state["items"]))
         return True

@@ -33,7 +33,7 @@ randomisation of the ranker's order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -128,6 +128,41 @@ class LiftThompson:
         self._clicks[r] = self._clicks[r] * f + float(clicked)
         self._expected[r] = self._expected[r] * f + exam * float(_sigmoid(np.array([score]))[0])
         self._t_last[r] = self.t
+
+    # ---- persistence --------------------------------------------------------------------------
+    def evidence(self) -> dict[str, np.ndarray]:
+        """What the policy has learned, as arrays (items, clicks, expected clicks, decay clock): what a
+        worker saves so that a restart keeps it. Prior, half-life and sampling are settings, not state,
+        so evidence saved under ts: loads into lift: and back."""
+        n = len(self._index)
+        out = {
+            "items": np.array(sorted(self._index, key=self._index.__getitem__), dtype=str),
+            "clicks": self._clicks[:n].copy(),
+            "expected": self._expected[:n].copy(),
+            "t_last": self._t_last[:n].copy(),
+            "t": np.array([self.t]),
+        }
+        if self._groups is not None:
+            out.update({f"group_{k}": v for k, v in self._groups.evidence().items()})
+        return out
+
+    def load_evidence(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the learned state with `evidence()` output (a group-pooled policy keeps its
+        group prior flat when the saved state had no groups)."""
+        ids = [str(x) for x in state["items"]]
+        n = len(ids)
+        if not all(len(state[k]) == n for k in ("clicks", "expected", "t_last")):
+            raise ValueError("policy evidence arrays have different lengths")
+        cap = max(64, n)
+        self._index = {iid: r for r, iid in enumerate(ids)}
+        self._clicks, self._expected, self._t_last = np.zeros(cap), np.zeros(cap), np.zeros(cap)
+        self._clicks[:n] = state["clicks"]
+        self._expected[:n] = state["expected"]
+        self._t_last[:n] = state["t_last"]
+        self.t = float(np.asarray(state["t"]).reshape(-1)[0])
+        if self._groups is not None and "group_items" in state:
+            group_state = {k.removeprefix("group_"): v for k, v in state.items() if k.startswith("group_")}
+            self._groups.load_evidence(group_state)
 
     # ---- ranking ------------------------------------------------------------------------------
     @staticmethod
