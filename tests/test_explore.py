@@ -272,7 +272,7 @@ def test_policy_evidence_survives_a_restart_and_a_switch_between_ts_and_lift(tmp
     assert fb.unsaved == 120
     path = tmp_path / "policy" / "worker.npz"
     fb.save(path)
-    assert fb.unsaved == 0 and path.is_file() and not list(path.parent.glob(".*tmp*"))
+    assert fb.unsaved == 0 and list(path.parent.iterdir()) == [path]  # no temporary file left behind
 
     same = PolicyFeedback(make_policy("ts:2:5000:10"))
     assert same.load(path)

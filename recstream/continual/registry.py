@@ -20,7 +20,6 @@ the new set while the old versions keep answering, then swaps, so no request fai
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recstream.atomic import atomic_write_text
 from recstream.models.export import MODEL_PY, RANKER_MODEL_NAME, versions
 
 log = logging.getLogger(__name__)
@@ -40,20 +40,6 @@ STATE_FILE = "registry.json"
 _POLICY_RE = re.compile(
     r"^(?:[ \t]*#[^\n]*\n)*[ \t]*version_policy\s*:?\s*\{(?:[^{}]|\{[^{}]*\})*\}[ \t]*\n?", re.MULTILINE
 )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def set_version_policy(config_text: str, served: list[int]) -> str:
@@ -86,7 +72,7 @@ class ModelRegistry:
         return {"live": vs[-1] if vs else None, "previous": None, "history": []}
 
     def _save_state(self, state: dict[str, Any]) -> None:
-        _atomic_write_text(self.state_path, json.dumps(state, indent=2))
+        atomic_write_text(self.state_path, json.dumps(state, indent=2))
 
     def versions(self) -> list[int]:
         return versions(self.model_repo, self.name)
@@ -135,7 +121,7 @@ class ModelRegistry:
         config = self.model_dir / "config.pbtxt"
         if config.is_file():
             served = sorted(v for v in (previous, live) if v is not None)
-            _atomic_write_text(config, set_version_policy(config.read_text(), served))
+            atomic_write_text(config, set_version_policy(config.read_text(), served))
         self._save_state(st)
 
     def promote(self, version: int, reason: str = "") -> None:

@@ -15,8 +15,8 @@ worker saves every POLICY_SAVE_S and at shutdown, written atomically).
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recstream.atomic import atomic_write_bytes
 from recstream.explore.policies import Shown
 from recstream.metrics import POLICY_FEEDBACK
 
@@ -95,10 +96,9 @@ class PolicyFeedback:
         with self._lock:
             state = self.policy.evidence()  # type: ignore[attr-defined]
             self.unsaved = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, **state)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, **state)
+        atomic_write_bytes(path, buf.getvalue())
 
     def load(self, path: Path) -> bool:
         """Restore evidence saved by `save`; False (and a warning for a bad file) when there is none."""
