@@ -10,6 +10,7 @@ import logging
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from recstream.config import Settings
 from recstream.contracts.topics import DEAD_LETTERS, TOPICS, TopicSpec, dead_letter_topic
@@ -65,4 +66,34 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
                 raise
     log.info("created topics: %s", ", ".join(sorted(created)))
+    wait_until_visible(admin, [t.topic for t in new])
     return created
+
+
+def wait_until_visible(admin: AdminClient, topics: list[str], timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+    """Block until broker metadata shows every topic with a leader for each partition.
+
+    CreateTopics returns once the controller has committed the topic; the broker's metadata cache
+    may lag for a moment, and a client asking right then hears UNKNOWN_TOPIC_OR_PART (a readiness
+    probe did, right after provisioning)."""
+
+    def missing() -> list[str]:
+        meta = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
+        return [
+            t
+            for t in topics
+            if t not in meta
+            or meta[t].error is not None
+            or not meta[t].partitions
+            or any(p.leader < 0 for p in meta[t].partitions.values())
+        ]
+
+    retrying = Retrying(
+        stop=stop_after_delay(timeout_s),
+        wait=wait_fixed(0.05),
+        retry=retry_if_result(bool),
+        retry_error_callback=lambda state: state.outcome.result(),  # give back what is still missing
+    )
+    left = retrying(missing)
+    if left:
+        raise TopicMismatch(f"topics not visible in broker metadata after {timeout_s}s: {sorted(left)}")
