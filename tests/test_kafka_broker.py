@@ -34,6 +34,8 @@ def _roundtrip(bootstrap: str) -> bytes:
     producer = Producer({"bootstrap.servers": bootstrap})
     producer.produce(topic, key=b"k", value=b"hello")
     assert producer.flush(10) == 0
+    producer.close()  # released now: the test stops this broker next
+    del admin  # AdminClient has no close(); its threads stop with the last reference
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest"})
     try:
         consumer.subscribe([topic])
