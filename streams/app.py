@@ -123,6 +123,14 @@ class StreamContext:
                 self._policy_feedback.load(self.policy_state_path)
         return self._policy_feedback
 
+    def save_policy_state(self) -> None:
+        """Snapshot the policy's evidence; a failed write is logged and retried at the next snapshot
+        (losing a snapshot costs a little learning, never the worker)."""
+        try:
+            self._policy_feedback.save(self.policy_state_path)
+        except OSError as exc:
+            log.error("could not save the policy state to %s: %s", self.policy_state_path, exc)
+
     @property
     def policy_state_path(self) -> Path:
         """Where this worker keeps what its policy learned (one file per app and worker name)."""
@@ -213,7 +221,7 @@ class StreamContext:
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
         if self._policy_feedback is not None and self._policy_feedback.unsaved:
-            self._policy_feedback.save(self.policy_state_path)
+            self.save_policy_state()
         if self._producer is not None:
             self._producer.flush(10)  # 10 s: enough for a local broker to ack what is queued
         if self._store is not None:

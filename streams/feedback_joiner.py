@@ -111,5 +111,5 @@ class FeedbackJoiner:
             log.debug("feedback: closed %d windows", len(due))
         fb = self.policy_feedback
         if fb is not None and fb.unsaved and time.monotonic() >= self.next_policy_save:
-            fb.save(self.ctx.policy_state_path)
             self.next_policy_save = time.monotonic() + POLICY_SAVE_S
+            self.ctx.save_policy_state()

@@ -312,11 +312,15 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
     policy = ctx.policy
     feedback = ctx.policy_feedback
-    if policy.name == "greedy":
+    if policy.name == "greedy" or (feedback is not None and p.degraded is not None):
+        # Degraded answers carry retrieval scores, not ranker logits: a learning policy must neither
+        # rank by them nor learn from what they showed, so these answers are greedy.
         slots = [(c, s, GREEDY_PROPENSITY) for c, s in diversify(candidates, scores, req.k)]
     elif feedback is not None:
         # A policy that learns click lifts needs the ranker's logits (its base click probability) and
         # the slots it showed, so the feedback joiner can report each outcome back (ctx.policy_feedback).
+        # It chooses k of a diversified pool: the category cap bounds the pool, and the lifts it
+        # learned may concentrate the k shown on fewer categories.
         pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
         by_id = {c.item_id: (c, s) for c, s in pool}
         logits = np.array([s for _, s in pool], dtype=np.float64)
@@ -324,8 +328,8 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         shown = feedback.rank(req.request_id, ids, logits, req.k, ctx.rng, groups) if pool else []
         slots = [(*by_id[sh.item_id], sh.propensity) for sh in shown]
     else:
-        # The policy perturbs the diversified order (logits = -rank), so exploration never undoes the
-        # category rules, and logs the exact probability of each shown slot for IPS/off-policy use.
+        # The policy perturbs the diversified order (logits = -rank) of a pool the category cap has
+        # shaped, and logs the probability of each shown slot for IPS/off-policy use.
         pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
         by_id = {c.item_id: (c, s) for c, s in pool}
         rank_logits = -np.arange(len(pool), dtype=np.float64)

@@ -198,3 +198,16 @@ def test_bad_input_goes_to_dead_letters_and_valid_events_still_flow(settings: Se
             == before[reason] + 1
         )
     assert "user_id" in letters["schema"].error
+
+
+def test_close_delivers_then_releases_the_handle_once(settings: Settings) -> None:
+    producer = EventProducer(settings)
+    producer.send("behaviour", BehaviourEvent(type="click", user_id="carol", item_id="i3"))
+    producer.close()
+    producer.close()  # a second close (an outer `with` after an explicit close) is a no-op
+    consumer = EventConsumer(settings, ["behaviour"], group_id="closed")
+    (got,) = drain(consumer, 1)
+    consumer.close()
+    assert got.event.user_id == "carol"
+    with pytest.raises(RuntimeError):  # the librdkafka handle is gone: nothing is sent by mistake
+        producer.send("behaviour", BehaviourEvent(type="click", user_id="carol", item_id="i4"))

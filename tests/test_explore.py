@@ -302,4 +302,19 @@ def test_a_missing_or_damaged_policy_file_starts_fresh(tmp_path) -> None:
         t=np.zeros(1),
     )
     assert not fb.load(tmp_path / "short.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    assert not fb.load(tmp_path / "empty.npz")
+    good = tmp_path / "good.npz"
+    PolicyFeedback(make_policy("lift:1")).save(good)
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:40])
+    assert not fb.load(tmp_path / "truncated.npz")
+    np.savez(
+        tmp_path / "no_clock.npz",
+        items=np.array(["a"]),
+        clicks=np.ones(1),
+        expected=np.ones(1),
+        t_last=np.ones(1),
+        t=np.zeros(0),
+    )
+    assert not fb.load(tmp_path / "no_clock.npz")
     assert fb.policy.lift_mean(["a"])[0] == 1.0  # nothing half-loaded

@@ -48,6 +48,7 @@ class EventProducer:
         self.worker = worker
         self._producer = Producer(producer_config(settings, **config))
         self._errors: list[str] = []
+        self._closed = False
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -96,6 +97,9 @@ class EventProducer:
         """Flush, then release the librdkafka handle: left to the garbage collector, its threads keep
         reconnecting, and logging to stderr, after the broker is gone. What flush could not deliver
         is dropped (the DeliveryError says how much)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.flush(timeout_s)
         finally:

@@ -95,10 +95,12 @@ class PolicyFeedback:
         """Write the policy's evidence atomically (a crash mid-write leaves the previous file)."""
         with self._lock:
             state = self.policy.evidence()  # type: ignore[attr-defined]
-            self.unsaved = 0
+            pending = self.unsaved
         buf = io.BytesIO()
         np.savez(buf, **state)
         atomic_write_bytes(path, buf.getvalue())
+        with self._lock:  # only after the write: a failed one is retried at the next snapshot
+            self.unsaved -= pending
 
     def load(self, path: Path) -> bool:
         """Restore evidence saved by `save`; False (and a warning for a bad file) when there is none."""
@@ -109,8 +111,8 @@ class PolicyFeedback:
                 state = {k: saved[k] for k in saved.files}
             with self._lock:
                 self.policy.load_evidence(state)  # type: ignore[attr-defined]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("policy state %s not loaded, starting fresh: %s", path, exc)
+        except Exception as exc:  # any unreadable file (truncated zip, wrong arrays): learn afresh
+            log.warning("policy state %s not loaded, starting fresh: %s: %s", path, type(exc).__name__, exc)
             return False
         log.info("policy state loaded from %s (%d items)", path, len(state["items"]))
         return True

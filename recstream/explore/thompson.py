@@ -146,23 +146,34 @@ class LiftThompson:
             out.update({f"group_{k}": v for k, v in self._groups.evidence().items()})
         return out
 
-    def load_evidence(self, state: Mapping[str, np.ndarray]) -> None:
-        """Replace the learned state with `evidence()` output (a group-pooled policy keeps its
-        group prior flat when the saved state had no groups)."""
+    @staticmethod
+    def _parsed(state: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, float]:
         ids = [str(x) for x in state["items"]]
-        n = len(ids)
-        if not all(len(state[k]) == n for k in ("clicks", "expected", "t_last")):
+        arrays = [np.asarray(state[k], dtype=np.float64).reshape(-1) for k in ("clicks", "expected", "t_last")]
+        if any(len(a) != len(ids) for a in arrays):
             raise ValueError("policy evidence arrays have different lengths")
-        cap = max(64, n)
+        t = np.asarray(state["t"], dtype=np.float64).reshape(-1)
+        if len(t) != 1:
+            raise ValueError("policy evidence has no clock")
+        return ids, *arrays, float(t[0])
+
+    def _assign(self, ids: list[str], clicks: np.ndarray, expected: np.ndarray, t_last: np.ndarray, t: float) -> None:
+        n, cap = len(ids), max(64, len(ids))
         self._index = {iid: r for r, iid in enumerate(ids)}
         self._clicks, self._expected, self._t_last = np.zeros(cap), np.zeros(cap), np.zeros(cap)
-        self._clicks[:n] = state["clicks"]
-        self._expected[:n] = state["expected"]
-        self._t_last[:n] = state["t_last"]
-        self.t = float(np.asarray(state["t"]).reshape(-1)[0])
+        self._clicks[:n], self._expected[:n], self._t_last[:n] = clicks, expected, t_last
+        self.t = t
+
+    def load_evidence(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the learned state with `evidence()` output; everything is checked before anything
+        changes (a group-pooled policy keeps its group prior flat when the state had no groups)."""
+        own = self._parsed(state)
+        group = None
         if self._groups is not None and "group_items" in state:
-            group_state = {k.removeprefix("group_"): v for k, v in state.items() if k.startswith("group_")}
-            self._groups.load_evidence(group_state)
+            group = self._parsed({k.removeprefix("group_"): v for k, v in state.items() if k.startswith("group_")})
+        self._assign(*own)
+        if group is not None:
+            self._groups._assign(*group)
 
     # ---- ranking ------------------------------------------------------------------------------
     @staticmethod

@@ -10,7 +10,7 @@ import logging
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import Retrying, retry_if_exception_type, retry_if_result, stop_after_delay, wait_fixed
 
 from recstream.config import Settings
 from recstream.contracts.topics import DEAD_LETTERS, TOPICS, TopicSpec, dead_letter_topic
@@ -91,7 +91,7 @@ def wait_until_visible(admin: AdminClient, topics: list[str], timeout_s: float =
     retrying = Retrying(
         stop=stop_after_delay(timeout_s),
         wait=wait_fixed(0.05),
-        retry=retry_if_result(bool),
+        retry=retry_if_result(bool) | retry_if_exception_type(KafkaException),  # a metadata call may fail
         retry_error_callback=lambda state: state.outcome.result(),  # give back what is still missing
     )
     left = retrying(missing)

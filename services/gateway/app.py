@@ -234,7 +234,10 @@ class Gateway:
             if part is not None:
                 part.stop()
         if self._client is not None:
-            self._client.close()
+            try:
+                self._client.close()
+            except DeliveryError as exc:  # the gateway's own producer below still gets closed
+                log.error("undelivered requests at shutdown: %s", exc)
             self._client = None
         if self._producer is not None:
             try:
