@@ -422,6 +422,29 @@ def t_interval(x: list[float], level: float = 0.95) -> dict[str, Any]:
     return {"mean": m, "ci": [m - half, m + half], "sd": float(a.std(ddof=1)), "n": len(a)}
 
 
+def holm_adjusted(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment: the paired comparisons share the same seeds, so each one's own
+    95 % interval overstates how sure the set of them is."""
+    names = sorted(p_values, key=p_values.__getitem__)
+    out, running = {}, 0.0
+    for rank, name in enumerate(names):
+        running = max(running, (len(names) - rank) * p_values[name])
+        out[name] = min(1.0, running)
+    return out
+
+
+def add_holm(diffs: dict[str, dict[str, Any]], per_seed: list[dict[str, Any]]) -> None:
+    """Paired t-test p (difference = 0) per comparison, and its Holm-adjusted value over all of them."""
+    raw = {}
+    for name in diffs:
+        hi, lo = name.split("_minus_")
+        d = np.array([r[f"ctr_{hi}"] - r[f"ctr_{lo}"] for r in per_seed])
+        raw[name] = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and d.std() > 0 else 1.0
+    for name, p_adj in holm_adjusted(raw).items():
+        diffs[name]["p"] = raw[name]
+        diffs[name]["p_holm"] = p_adj
+
+
 def plot(curves: dict[str, list[dict[str, float]]], cfg: LoopConfig, path: Path) -> None:
     """CTR and NDCG@10 per round, mean over seeds with a +-1 standard error band."""
     import matplotlib
@@ -550,6 +573,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "exploit_lift_minus_continual": t_interval([r["ctr_exploit_lift"] - r["ctr_continual"] for r in per_seed]),
         "continual_minus_frozen": t_interval([r["ctr_continual"] - r["ctr_frozen"] for r in per_seed]),
     }
+    add_holm(diffs, per_seed)
     all_rounds = t_interval([r["ctr_all_rounds_explore_minus_continual"] for r in per_seed])
     all_rounds["seeds_positive"] = int(sum(r["ctr_all_rounds_explore_minus_continual"] > 0 for r in per_seed))
     for name, d in diffs.items():
@@ -637,11 +661,15 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
     ]
     for a in ARMS:
         lines.append(f"| {a} | {_ci(r['ci'][f'ctr_{a}'])} | {_ci(r['ci'][f'ndcg10_{a}'])} |")
-    lines += ["", "| paired CTR difference (per seed) | mean [95% CI] | seeds > 0 |", "|---|---|---|"]
+    lines += [
+        "",
+        "| paired CTR difference (per seed) | mean [95% CI, per comparison] | seeds > 0 | paired t p | Holm p |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in r["paired_differences"].items():
         lines.append(
             f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
-            f"| {d['seeds_positive']}/{d['n']} |"
+            f"| {d['seeds_positive']}/{d['n']} | {d['p']:.3f} | {d['p_holm']:.3f} |"
         )
     a = r["paired_difference_all_rounds_explore_minus_continual"]
     lines += [

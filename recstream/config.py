@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         "closed impression window of the worker's own answers; lift ranks by the posterior mean, ts samples)",
     )
     exploration_seed: int | None = Field(None, description="Seed of the exploration policy's random draws")
+    policy_feedback_slots: int = Field(
+        200_000,
+        ge=1_000,
+        description="Shown slots a worker remembers for its learning policy (ts:/lift:) until their feedback "
+        "window closes; size it to requests/s x k x (window + client delay): 200k = 100 s at 200 req/s, k=10",
+    )
     api_keys: str = Field(
         "",
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),

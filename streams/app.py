@@ -119,7 +119,7 @@ class StreamContext:
             from recstream.explore.feedback import PolicyFeedback, learns_online
 
             if learns_online(self.policy):
-                self._policy_feedback = PolicyFeedback(self.policy)
+                self._policy_feedback = PolicyFeedback(self.policy, self.settings.policy_feedback_slots)
                 self._policy_feedback.load(self.policy_state_path)
         return self._policy_feedback
 

@@ -318,3 +318,14 @@ def test_a_missing_or_damaged_policy_file_starts_fresh(tmp_path) -> None:
     )
     assert not fb.load(tmp_path / "no_clock.npz")
     assert fb.policy.lift_mean(["a"])[0] == 1.0  # nothing half-loaded
+
+
+def test_the_shown_slot_memory_is_sized_by_settings() -> None:
+    from pydantic import ValidationError
+
+    from recstream.config import Settings
+
+    assert Settings().policy_feedback_slots == 200_000
+    assert Settings(policy_feedback_slots=5_000).policy_feedback_slots == 5_000
+    with pytest.raises(ValidationError):
+        Settings(policy_feedback_slots=10)  # would evict answers before anyone could click them

@@ -1,0 +1,24 @@
+"""The statistics the closed-loop bench reports next to its paired differences."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.bench_loop import add_holm, holm_adjusted
+
+
+def test_holm_adjustment_steps_down_and_stays_monotone() -> None:
+    adj = holm_adjusted({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adj == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})  # b: max(0.04 * 1, 0.06)
+    assert holm_adjusted({"x": 0.6, "y": 0.5}) == pytest.approx({"y": 1.0, "x": 1.0})
+
+
+def test_paired_p_values_come_from_the_per_seed_differences() -> None:
+    per_seed = [{"ctr_a": 0.2 + d, "ctr_b": 0.2} for d in (0.010, 0.012, 0.011, 0.009, 0.013)]
+    per_seed = [
+        {**r, "ctr_c": r["ctr_b"] + e} for r, e in zip(per_seed, (0.01, -0.01, 0.0, 0.005, -0.004), strict=True)
+    ]
+    diffs = {"a_minus_b": {}, "c_minus_b": {}}
+    add_holm(diffs, per_seed)
+    assert diffs["a_minus_b"]["p"] < 0.001 < 0.5 < diffs["c_minus_b"]["p"]
+    assert diffs["a_minus_b"]["p_holm"] == pytest.approx(2 * diffs["a_minus_b"]["p"])
