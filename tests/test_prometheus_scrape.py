@@ -33,6 +33,7 @@ from test_gateway_live import LiveStack, live_stack  # noqa: F401 - the shared s
 
 from recstream.client import EventProducer
 from recstream.config import REPO_ROOT
+from services.gateway.app import GatewayResult
 from streams.process import free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
@@ -234,23 +235,10 @@ class Traffic:
                 if r.status_code != 200:
                     self.errors.append(f"search {r.status_code}: {r.text[:200]}")
                     continue
-                res = r.json()
-                feedback = [
-                    {
-                        "type": "impression",
-                        "user_id": user,
-                        "session_id": f"{user}s",
-                        "item_id": i["item_id"],
-                        "request_id": res["request_id"],
-                        "position": i["position"],
-                        "propensity": i["propensity"],
-                        "model_version": res["model_version"],
-                    }
-                    for i in res["items"]
-                ]
-                liked = [f for f, i in zip(feedback, res["items"], strict=True) if i["category"] == FAVOURITE[user]]
-                feedback += [{**f, "type": "click"} for f in liked[:2]]
-                http.post("/v1/events", json={"events": feedback})
+                res = GatewayResult.model_validate(r.json())
+                liked = [i for i in res.items if i.category == FAVOURITE[user]][:2]
+                feedback = res.impressions() + [res.feedback(i, "click") for i in liked]
+                http.post("/v1/events", json={"events": [e.model_dump(mode="json") for e in feedback]})
                 http.post("/v1/recommend", json={"user_id": user, "session_id": f"{user}s", "k": 5})
                 n += 1
                 time.sleep(0.1)

@@ -50,3 +50,23 @@ def test_catalog_union_is_discriminated_by_op() -> None:
 def test_encode_decode_round_trip(user: str, position: int | None, kind: str) -> None:
     event = BehaviourEvent(type=kind, user_id=user, item_id="i", position=position)
     assert decode(BEHAVIOUR, encode(event), LIMIT) == event
+
+
+def test_feedback_on_an_answer_carries_what_ties_it_to_the_answer() -> None:
+    from recstream.contracts.events import RankedItem, RecommendationResult
+
+    res = RecommendationResult(
+        request_id="r9",
+        user_id="u9",
+        session_id="s9",
+        model_version="3",
+        items=[RankedItem(item_id=f"i{n}", score=1.0 - n, position=n, propensity=0.5) for n in range(3)],
+    )
+    shown = res.impressions()
+    assert [(e.type, e.item_id, e.position) for e in shown] == [("impression", f"i{n}", n) for n in range(3)]
+    click = res.feedback(res.items[2], "click")
+    for ev in [*shown, click]:
+        tie = (ev.request_id, ev.user_id, ev.session_id, ev.model_version, ev.propensity)
+        assert tie == ("r9", "u9", "s9", "3", 0.5)
+        assert decode(BEHAVIOUR, encode(ev), LIMIT) == ev  # valid on the behaviour topic's contract
+    assert (click.type, click.item_id, click.position) == ("click", "i2", 2)

@@ -214,32 +214,14 @@ def _consume(settings: Settings, topic: str, want: Callable[[list[dict]], bool],
     return out
 
 
-def _send_impressions(producer, res: RecommendationResult) -> None:
-    """What an application logs when it shows an answer: one impression per slot, tied to the request."""
-    for item in res.items:
-        producer.send(
-            "behaviour",
-            BehaviourEvent(
-                type="impression",
-                user_id=res.user_id,
-                item_id=item.item_id,
-                request_id=res.request_id,
-                position=item.position,
-                propensity=item.propensity,
-                model_version=res.model_version,
-            ),
-        )
-
-
 def test_impressions_and_clicks_become_training_examples(stack: Settings, client: RecommendationClient) -> None:
     user = _user()
     res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
     p = client.producer
-    _send_impressions(p, res)
-    clicked, bought = res.items[1].item_id, res.items[3].item_id
-    p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=clicked, request_id=res.request_id))
-    p.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id=bought, request_id=res.request_id))
-    p.send("behaviour", BehaviourEvent(type="purchase", user_id=user, item_id=bought, request_id=res.request_id))
+    p.send_many("behaviour", res.impressions())
+    clicked, bought = res.items[1], res.items[3]
+    p.send_many("behaviour", [res.feedback(clicked, "click"), res.feedback(bought, "click")])
+    p.send("behaviour", res.feedback(bought, "purchase"))
     p.flush(5)
     topic = TOPICS["training-examples"].name(stack.topic_prefix)
     examples = _consume(
@@ -254,8 +236,9 @@ def test_impressions_and_clicks_become_training_examples(stack: Settings, client
         ex = mine[item.item_id]
         assert ex["position"] == item.position and ex["propensity"] == item.propensity
         assert ex["model_version"] == res.model_version and ex["user_id"] == user
-    assert (mine[clicked]["label"], mine[clicked]["clicked"], mine[clicked]["purchased"]) == (1.0, True, False)
-    assert (mine[bought]["label"], mine[bought]["purchased"]) == (1.0, True)
+    was_clicked, was_bought = mine[clicked.item_id], mine[bought.item_id]
+    assert (was_clicked["label"], was_clicked["clicked"], was_clicked["purchased"]) == (1.0, True, False)
+    assert (was_bought["label"], was_bought["purchased"]) == (1.0, True)
     assert sum(x["label"] for x in mine.values()) == 2.0
 
 
@@ -379,7 +362,7 @@ def test_learning_policy_sinks_items_users_ignored(
             assert first.policy == "mean_lift_p1_h20000" and all(i.propensity == 1.0 for i in first.items)
             again = c.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
             assert [i.item_id for i in again.items] == [i.item_id for i in first.items]  # no feedback yet
-            _send_impressions(c.producer, first)
+            c.producer.send_many("behaviour", first.impressions())
             c.producer.flush(5)
             deadline = time.monotonic() + 20
             while worker.metric("recstream_policy_feedback_total", 'outcome="not_clicked"') < 6:

@@ -156,6 +156,25 @@ class RecommendationResult(Event):
     policy: str = Field("greedy", description="Exploration policy/arm that ordered the list")
     latency_ms: float | None = None
 
+    def feedback(self, item: RankedItem, type: BehaviourType | str = BehaviourType.impression) -> BehaviourEvent:
+        """The behaviour event an application logs about one item of this answer. Request id, slot,
+        propensity and scoring version tie it to what was shown: the feedback joiner, the learner's
+        position-bias weights and off-policy evaluation each need them."""
+        return BehaviourEvent(
+            type=type,
+            user_id=self.user_id,
+            session_id=self.session_id,
+            item_id=item.item_id,
+            request_id=self.request_id,
+            position=item.position,
+            propensity=item.propensity,
+            model_version=self.model_version,
+        )
+
+    def impressions(self) -> list[BehaviourEvent]:
+        """One impression per shown slot: what an application logs when it displays the answer."""
+        return [self.feedback(item) for item in self.items]
+
 
 class TrainingExample(Event):
     """An impression joined with what followed it, for the continual learner."""
