@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         "closed impression window of the worker's own answers; lift ranks by the posterior mean, ts samples)",
     )
     exploration_seed: int | None = Field(None, description="Seed of the exploration policy's random draws")
+    ranking_log: bool = Field(
+        True,
+        description="Publish the candidate pool of every answer a stochastic policy drew to the ranking-log topic, "
+        "so `recstream.cli ope` can estimate other policies' click-through rates from production logs",
+    )
     policy_feedback_slots: int = Field(
         200_000,
         ge=1_000,

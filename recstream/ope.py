@@ -48,6 +48,7 @@ class LoggedData:
     """Logged impressions, one row each, grouped into requests by `request` (0..R-1).
 
     target_propensity: the candidate policy's marginal P(item at this slot) in that request;
+    slots_per_request: k, or one k per request when answers differ in length (CTR = clicks per slot);
     q_hat (optional): a click model's P(click) for the row; dm (optional, [R]): the click model's
     expected clicks per request under the target policy, sum_{i,j} pi_e(i,j) q(i,j).
     """
@@ -56,7 +57,7 @@ class LoggedData:
     click: np.ndarray
     propensity: np.ndarray
     target_propensity: np.ndarray
-    slots_per_request: int
+    slots_per_request: int | np.ndarray
     q_hat: np.ndarray | None = None
     dm: np.ndarray | None = None
 
@@ -75,6 +76,9 @@ class LoggedData:
             self.q_hat = np.asarray(self.q_hat, dtype=np.float64)
         if self.dm is not None:
             self.dm = np.asarray(self.dm, dtype=np.float64)
+        k = np.asarray(self.slots_per_request, dtype=np.float64)
+        if np.any(k <= 0) or (k.ndim == 1 and len(k) != self.n_requests):
+            raise ValueError("slots_per_request must be > 0, one value or one per request")
 
     @property
     def n_requests(self) -> int:
@@ -89,10 +93,15 @@ def _per_request(data: LoggedData, values: np.ndarray) -> np.ndarray:
     return np.bincount(data.request, weights=values, minlength=data.n_requests)
 
 
-def _clt(per_req: np.ndarray, scale: float, alpha: float, method: str) -> Estimate:
-    n = len(per_req)
-    mean = float(per_req.mean()) / scale
-    se = float(per_req.std(ddof=1)) / np.sqrt(n) / scale if n > 1 else float("inf")
+def _per_slot(data: LoggedData, per_req: np.ndarray) -> np.ndarray:
+    """A request's expected clicks -> its clicks per shown slot."""
+    return per_req / np.asarray(data.slots_per_request, dtype=np.float64)
+
+
+def _clt(per_slot: np.ndarray, alpha: float, method: str) -> Estimate:
+    n = len(per_slot)
+    mean = float(per_slot.mean())
+    se = float(per_slot.std(ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
     z = float(stats.norm.ppf(1 - alpha / 2))
     return Estimate(mean, mean - z * se, mean + z * se, n, method)
 
@@ -100,7 +109,7 @@ def _clt(per_req: np.ndarray, scale: float, alpha: float, method: str) -> Estima
 def ips(data: LoggedData, alpha: float = 0.05, clip: float | None = None) -> Estimate:
     """Inverse propensity scoring; `clip` caps weights (biased down, lower variance)."""
     per_req = _per_request(data, data.weights(clip) * data.click)
-    return _clt(per_req, data.slots_per_request, alpha, "ips" if clip is None else f"ips_clip{clip:g}")
+    return _clt(_per_slot(data, per_req), alpha, "ips" if clip is None else f"ips_clip{clip:g}")
 
 
 def snips(data: LoggedData, alpha: float = 0.05) -> Estimate:
@@ -122,7 +131,7 @@ def doubly_robust(data: LoggedData, alpha: float = 0.05) -> Estimate:
     if data.q_hat is None or data.dm is None:
         raise ValueError("doubly robust needs q_hat (per row) and dm (per request)")
     per_req = data.dm + _per_request(data, data.weights() * (data.click - data.q_hat))
-    return _clt(per_req, data.slots_per_request, alpha, "dr")
+    return _clt(_per_slot(data, per_req), alpha, "dr")
 
 
 def bootstrap_ci(
@@ -139,12 +148,12 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     n = len(a)
     idx = rng.integers(0, n, size=(n_boot, n))
-    k = data.slots_per_request
     if estimator == "snips":
         boots = a[idx].sum(1) / b[idx].sum(1)
         value = float(a.sum() / b.sum())
     else:
-        boots = a[idx].mean(1) / k
-        value = float(a.mean() / k)
+        a = _per_slot(data, a)
+        boots = a[idx].mean(1)
+        value = float(a.mean())
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return Estimate(value, float(lo), float(hi), n, f"{estimator}_bootstrap")

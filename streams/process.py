@@ -36,6 +36,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "PYTHONPATH": str(REPO_ROOT),
             "HF_HUB_OFFLINE": "1",
             "EXPLORATION_POLICY": settings.exploration_policy,
+            "POLICY_FEEDBACK_SLOTS": str(settings.policy_feedback_slots),
+            "RANKING_LOG": str(settings.ranking_log).lower(),
         }
     )
     if settings.exploration_seed is not None:

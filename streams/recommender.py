@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from recstream.contracts.events import RankedItem, RecommendationRequest, RecommendationResult
+from recstream.contracts.events import (
+    PoolCandidate,
+    RankedItem,
+    RankingLog,
+    RecommendationRequest,
+    RecommendationResult,
+)
 from recstream.kafka.serde import encode
 from recstream.metrics import DEGRADED, STAGE_LATENCY
 from recstream.recommend.candidates import build_filter
@@ -46,6 +52,7 @@ EXPLORE_POOL_FACTOR = 2
 class Answer:
     result: RecommendationResult
     degraded_reason: str | None
+    ranking_log: RankingLog | None = None  # what a stochastic policy drew from (off-policy evaluation)
 
 
 class _Timer:
@@ -103,6 +110,8 @@ def _publish(ctx: StreamContext, p: _Pending) -> None:
         result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)})
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
+        if answer.ranking_log is not None:
+            ctx.send("ranking-log", req.user_id.encode(), encode(answer.ranking_log))
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
         if answer.degraded_reason:
             DEGRADED.labels(reason=answer.degraded_reason).inc()
@@ -312,6 +321,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
     policy = ctx.policy
     feedback = ctx.policy_feedback
+    pool: list[tuple[Candidate, float]] = []
     if policy.name == "greedy" or (feedback is not None and p.degraded is not None):
         # Degraded answers carry retrieval scores, not ranker logits: a learning policy must neither
         # rank by them nor learn from what they showed, so these answers are greedy.
@@ -348,6 +358,18 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         for i, (c, s, prop) in enumerate(slots)
     ]
     timer.lap("rerank")
+    ranking_log = None
+    if pool and p.degraded is None and ctx.settings.ranking_log:
+        ranking_log = RankingLog(
+            request_id=req.request_id,
+            user_id=req.user_id,
+            session_id=req.session_id,
+            model_version=p.version,
+            policy_spec=ctx.settings.exploration_policy,
+            k=req.k,
+            pool=[PoolCandidate(item_id=c.item_id, score=float(s), category=c.category) for c, s in pool],
+            greedy=[c.item_id for c, _ in diversify(candidates, scores, req.k)],
+        )
     result = RecommendationResult(
         request_id=req.request_id,
         user_id=req.user_id,
@@ -358,7 +380,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         degraded=p.degraded is not None,
         policy=policy.name,
     )
-    return Answer(result, p.degraded)
+    return Answer(result, p.degraded, ranking_log)
 
 
 async def _read(ctx: StreamContext, fn, *args):

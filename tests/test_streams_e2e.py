@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer
 
 from recstream.client import EventProducer, RecommendationClient
+from recstream.client.consumer import read_to_end
 from recstream.config import Settings
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 from recstream.data.datasets import load_dataset
+from recstream.explore import make_policy
 from recstream.replay import catalog_events
 from recstream.vectorstore import VectorStore
-from streams.process import WorkerProcess
+from streams.process import WorkerProcess, settings_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -336,6 +341,81 @@ def test_exploring_policy_logs_propensities_and_varies_the_order(
                 orders.append(tuple(i.item_id for i in res.items))
             assert len(set(orders)) > 1, "an exploring policy must not always show the same list"
             assert len({o[0] for o in orders}) == 1, "the greedy head stays put"
+    finally:
+        worker.stop()
+
+
+def test_off_policy_estimate_from_the_workers_logs(
+    make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path
+) -> None:
+    """pl:2 answers through the real broker: simulated users click by a known item-position model,
+    the worker's ranking log and the feedback joiner's training examples are the logs, and
+    `recstream.cli ope` estimates what the greedy answers, and a cooler policy, would have earned.
+    The intervals cover the truth, computed from the logged pools and the click model."""
+    settings = _worker_settings(
+        make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="pl:2", exploration_seed=11
+    )
+    worker = WorkerProcess(
+        settings, tmp_path / "ope.log", ["--feedback-window-s", "1", "--ranker", "inprocess"]
+    ).start()
+    rng = np.random.default_rng(5)
+    k, n_users, rounds = 6, 40, 12
+
+    def click_p(score: float, slot: int) -> float:  # the users' item-position click model
+        # Steep in the ranker's logit (it spans ~0.15-0.4 within a pool), so the weights matter.
+        return 0.7 / (1.0 + np.exp(-25.0 * (score - 0.22))) / (1.0 + slot) ** 0.7
+
+    try:
+        with RecommendationClient(settings) as c:
+            users = [_user() for _ in range(n_users)]
+            for u in users:  # each session starts from two real items, so pools differ
+                for item in rng.choice(1682, 2, replace=False) + 1:
+                    c.producer.send("behaviour", BehaviourEvent(type="click", user_id=u, item_id=str(item)))
+            c.producer.flush(5)
+            time.sleep(1)
+            answers = []
+            for _ in range(rounds):
+                futures = [c.submit(RecommendationRequest(user_id=u, k=k)) for u in users]
+                for f in futures:
+                    res = f.result(timeout=60)
+                    assert res.policy == "pl_t2" and not res.degraded and len(res.items) == k
+                    answers.append(res)
+                    c.producer.send_many("behaviour", res.impressions())
+                    for item in res.items:
+                        if rng.random() < click_p(item.score, item.position):
+                            c.producer.send("behaviour", res.feedback(item, "click"))
+            c.producer.flush(5)
+        n = len(answers)
+        deadline = time.monotonic() + 60
+        while len(read_to_end(settings, "training-examples")[0]) < n * k:
+            assert time.monotonic() < deadline, worker.tail(2000)
+            time.sleep(1)
+        logs = read_to_end(settings, "ranking-log")[0]
+        assert {rl.request_id for rl in logs} == {a.request_id for a in answers}  # type: ignore[attr-defined]
+        for target in ("greedy", "pl:0.5"):
+            truth = 0.0  # the target's expected clicks on these requests under the click model
+            for rl in logs:
+                score = {c.item_id: c.score for c in rl.pool}  # type: ignore[attr-defined]
+                if target == "greedy":
+                    truth += sum(click_p(score[i], j) for j, i in enumerate(rl.greedy))  # type: ignore[attr-defined]
+                else:
+                    pool = rl.pool  # type: ignore[attr-defined]
+                    m = make_policy(target).marginals(-np.arange(len(pool)), k, np.random.default_rng(0))
+                    truth += sum(m[i, j] * click_p(c.score, j) for i, c in enumerate(pool) for j in range(k))
+            truth /= n * k
+            out = subprocess.run(
+                [sys.executable, "-m", "recstream.cli", "ope", target, "--json"],
+                env=settings_env(settings),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            report = json.loads(out.stdout)
+            assert report["requests"] == n and report["requests_incomplete"] == 0, report
+            assert report["logging_policies"] == {"pl:2": n} and report["target_mass_unsupported"] < 0.05
+            for est in report["estimates"]:
+                assert est["low"] <= truth <= est["high"], (target, est, truth, report)
     finally:
         worker.stop()
 

@@ -8,6 +8,8 @@ last committed batch ended and nothing is lost.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -110,3 +112,52 @@ class EventConsumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_to_end(settings: Settings, logical: str, timeout_s: float = 60.0) -> tuple[list[BaseModel], int]:
+    """Every valid event of a registry topic, from its oldest retained message to its end at the time
+    of the call, and how many invalid messages were skipped. Reads without a consumer group's
+    offsets (nothing is committed), for operators' one-off reports. TimeoutError if the end is not
+    reached in `timeout_s`."""
+    spec = TOPICS[logical]
+    name = spec.name(settings.topic_prefix)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"recstream-read-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics(name, timeout=10).topics.get(name)
+        if meta is None or meta.error is not None:
+            raise ValueError(f"topic {name} does not exist (run `python -m recstream.cli topics`)")
+        ends: dict[int, int] = {}
+        starts: list[TopicPartition] = []
+        for p in sorted(meta.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                starts.append(TopicPartition(name, p, low))
+        consumer.assign(starts)
+        events: list[BaseModel] = []
+        invalid = 0
+        deadline = time.monotonic() + timeout_s
+        pending = set(ends)
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: partitions {sorted(pending)} not read to their end in {timeout_s:g} s")
+            for msg in consumer.consume(num_messages=5000, timeout=0.5):
+                if msg.error() is not None or msg.offset() >= ends[msg.partition()]:
+                    continue  # an error event, or produced after the call
+                try:
+                    events.append(decode(spec, msg.value(), settings.max_message_bytes))
+                except InvalidEvent:
+                    invalid += 1
+            # Position, not the last offset seen: control records and gaps never arrive as messages.
+            for tp in consumer.position([TopicPartition(name, p) for p in pending]):
+                if tp.offset >= ends[tp.partition]:
+                    pending.discard(tp.partition)
+        return events, invalid
+    finally:
+        consumer.close()

@@ -176,6 +176,33 @@ class RecommendationResult(Event):
         return [self.feedback(item) for item in self.items]
 
 
+class PoolCandidate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item_id: Id
+    score: float = Field(description="The ranker's logit for this request")
+    category: str | None = None
+
+
+class RankingLog(Event):
+    """What an exploring policy chose from, for off-policy evaluation of other policies.
+
+    Why: a shown slot's propensity says how likely the logging policy was to show *that* item
+    there; estimating another policy's click-through rate also needs what *it* would have shown,
+    which depends on every candidate the logging policy drew from. The worker publishes one per
+    answer of a stochastic policy (not for greedy or degraded answers: no other policy can be
+    evaluated from those)."""
+
+    request_id: Id
+    user_id: Id
+    session_id: Id | None = None
+    model_version: str
+    policy_spec: str = Field(description="EXPLORATION_POLICY spec that drew the answer, e.g. pl:0.5:2")
+    k: int = Field(ge=1)
+    pool: list[PoolCandidate] = Field(description="Candidates the policy drew from, in the order it ranked by")
+    greedy: list[Id] = Field(description="The answer the greedy policy would have given, in order")
+
+
 class TrainingExample(Event):
     """An impression joined with what followed it, for the continual learner."""
 
@@ -219,6 +246,7 @@ ALL_MODELS: dict[str, type[BaseModel]] = {
     "behaviour_event": BehaviourEvent,
     "recommendation_result": RecommendationResult,
     "training_example": TrainingExample,
+    "ranking_log": RankingLog,
     "dead_letter": DeadLetter,
 }
 

@@ -16,6 +16,7 @@ from recstream.contracts.events import (
     BehaviourEvent,
     CatalogEvent,
     DeadLetter,
+    RankingLog,
     RecommendationRequest,
     RecommendationResult,
     TrainingExample,
@@ -69,6 +70,13 @@ RECOMMENDATIONS = TopicSpec(
 TRAINING_EXAMPLES = TopicSpec(
     "training-examples", TrainingExample, "user_id", 2, description="Impressions joined with outcomes"
 )
+RANKING_LOG = TopicSpec(
+    "ranking-log",
+    RankingLog,
+    "user_id",
+    2,
+    description="Candidate pools of exploring answers (off-policy evaluation)",
+)
 DEAD_LETTERS = TopicSpec(
     "dead-letters",
     DeadLetter,
@@ -79,7 +87,7 @@ DEAD_LETTERS = TopicSpec(
 )
 
 TOPICS: dict[str, TopicSpec] = {
-    t.logical: t for t in (CATALOG, REQUESTS, BEHAVIOUR, RECOMMENDATIONS, TRAINING_EXAMPLES)
+    t.logical: t for t in (CATALOG, REQUESTS, BEHAVIOUR, RECOMMENDATIONS, TRAINING_EXAMPLES, RANKING_LOG)
 }
 
 
