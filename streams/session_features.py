@@ -1,9 +1,15 @@
-"""Behaviour events -> the `sessions` table (user_id -> SessionState bytes).
+"""Behaviour events -> the `sessions` table (user_id -> SessionState bytes) and item popularity.
 
 Fed in batches by streams.behaviour (one librdkafka consumer outside faust): per batch each touched
 user is decoded once, folded over their events in offset order (recstream.recommend.session.apply_event,
 which skips offsets it has already applied, so at-least-once replays after a crash change nothing),
 and written once, with its changelog record sent to the partition the user's events came from.
+
+Popularity (interactions per item, a ranker feature) is counted from the same applied events and
+kept in its own changelog table, one row per (source partition, item), written once per batch: a
+restart or a rebalance recovers the counts of its partitions instead of starting every item at 0.
+A kill -9 between the two tables' writes of one batch can lose or double that batch's counts, never
+more (sessions decide what a replay re-applies).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from streams.changelog import ChangelogTable, changelog_topic
 log = logging.getLogger(__name__)
 
 TABLE = "sessions"
+POPULARITY_TABLE = "item-popularity"
 
 
 def declare_table(ctx: StreamContext) -> ChangelogTable:
@@ -30,6 +37,18 @@ def declare_table(ctx: StreamContext) -> ChangelogTable:
         ctx.tables[TABLE] = ChangelogTable(TABLE, topic, BEHAVIOUR.partitions)
         ctx.tables["_session_cache"] = {}
     return ctx.tables[TABLE]
+
+
+def declare_popularity(ctx: StreamContext) -> ChangelogTable:
+    """b"<partition>/<item_id>" -> interactions with the item in that partition (ascii int)."""
+    if POPULARITY_TABLE not in ctx.tables:
+        topic = changelog_topic(app_id(ctx.settings), POPULARITY_TABLE)
+        ctx.tables[POPULARITY_TABLE] = ChangelogTable(POPULARITY_TABLE, topic, BEHAVIOUR.partitions)
+    return ctx.tables[POPULARITY_TABLE]
+
+
+def _popularity_key(partition: int, item_id: str) -> bytes:
+    return f"{partition}/{item_id}".encode()
 
 
 def read_session(ctx: StreamContext, user_id: str) -> SessionState | None:
@@ -54,10 +73,20 @@ class ItemLookup:
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
         self.cache: dict[str, tuple[np.ndarray | None, str | None]] = {}
-        # Interactions per item seen by this process (a ranker feature). In memory only: after a
-        # restart it re-grows from new events; exactness is not worth a changelog write per item.
+        # Interactions per item in this process's partitions (a ranker feature), summed over the
+        # rows of the popularity table; rebuilt from it after every recovery.
         self.popularity: dict[str, int] = {}
         self.max_popularity = 1
+
+    def rebuild_popularity(self, table: ChangelogTable) -> None:
+        totals: dict[str, int] = {}
+        for key, value in table.data.items():
+            _, sep, item_id = key.decode().partition("/")
+            if sep and value.isdigit():  # anything else is not a row this version wrote
+                totals[item_id] = totals.get(item_id, 0) + int(value)
+        # Replace, never mutate: request threads may be reading the old dict.
+        self.popularity = totals
+        self.max_popularity = max(totals.values(), default=1)
 
     def invalidate(self, item_ids: list[str]) -> None:
         for i in item_ids:
@@ -81,13 +110,15 @@ class SessionFeatures:
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
         self.table = declare_table(ctx)
-        self.tables = [self.table]
+        self.popularity_table = declare_popularity(ctx)
+        self.tables = [self.table, self.popularity_table]
         self.cache: dict[bytes, tuple[bytes, SessionState]] = ctx.tables["_session_cache"]
         self.items = ItemLookup(ctx)
         ctx.tables["_item_lookup"] = self.items
 
     def recovered(self) -> None:
         self.cache.clear()
+        self.items.rebuild_popularity(self.popularity_table)
 
     def tick(self) -> None:
         pass
@@ -99,6 +130,7 @@ class SessionFeatures:
         lookup = items.get_many({r.event.item_id for r in batch})
         popularity = items.popularity
         touched: dict[bytes, tuple[int, SessionState]] = {}
+        counted: dict[tuple[int, str], int] = {}  # (partition, item) -> interactions in this batch
         applied = skipped = 0
         for rec in batch:
             m = rec.event
@@ -139,6 +171,8 @@ class SessionFeatures:
                     popularity[m.item_id] = count
                     if count > items.max_popularity:
                         items.max_popularity = count
+                    slot = (rec.partition, m.item_id)
+                    counted[slot] = counted.get(slot, 0) + 1
             else:
                 skipped += 1
         for key, (partition, state) in touched.items():
@@ -146,6 +180,10 @@ class SessionFeatures:
             # Cache first: a reader that finds the new bytes also finds their decoded state.
             cache[key] = (raw, state)
             table.put(partition, key, raw)
+        rows = self.popularity_table
+        for (partition, item_id), n in counted.items():
+            key = _popularity_key(partition, item_id)
+            rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         now = time.time()
         for rec in batch:
             FEATURE_FRESHNESS.observe(max(0.0, now - rec.ts_s))

@@ -192,3 +192,47 @@ def test_restart_recovers_before_folding_and_continues_from_the_commit(settings:
     assert b.recovered_keys and b.recovered_keys[0] == 10, "the table was not recovered before folding"
     assert b.total() == len(second), "the restart re-read input the first run had committed"
     assert {k: int(v) for k, v in b.table.data.items()} == {f"u{u}".encode(): 50 for u in range(10)}
+
+
+def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> None:
+    """Interactions per item (a ranker feature) come back from their changelog table after a
+    restart instead of starting at 0; impressions do not count; new events add to what came back."""
+    from recstream.vectorstore import VectorStore
+    from streams.session_features import SessionFeatures
+
+    group = f"{settings.topic_prefix}popularity-test"
+    settings = settings.model_copy(update={"qdrant_path": tmp_path / "qdrant"})
+    store = VectorStore(settings)  # empty: unknown items still count
+
+    def start() -> tuple[SessionFeatures, BehaviourLoop]:
+        ctx = SimpleNamespace(settings=settings, worker="test", tables={}, store=store)
+        features = SessionFeatures(ctx)
+        ctx.behaviour = BehaviourLoop(ctx, [features], group_id=group).start()
+        return features, ctx.behaviour
+
+    first = [
+        BehaviourEvent(type=kind, user_id=f"u{u}", item_id=item, ts_ms=1_000 + n)
+        for n, (item, kind) in enumerate([("a", "click"), ("b", "view"), ("a", "purchase"), ("c", "impression")])
+        for u in range(6)  # six users over the four partitions
+    ]
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", first)
+    features, loop = start()
+    try:
+        _wait(lambda: sum(features.items.popularity.values()) >= 18, 60, "first run did not count")
+        time.sleep(0.5)
+    finally:
+        loop.stop()
+    assert features.items.popularity == {"a": 12, "b": 6}
+
+    features, loop = start()
+    try:
+        _wait(loop.ready.is_set, 60, "no assignment")
+        assert features.items.popularity == {"a": 12, "b": 6}, "the counts were not recovered"
+        assert features.items.max_popularity == 12
+        with EventProducer(settings) as p:
+            p.send_many("behaviour", [BehaviourEvent(type="click", user_id="u9", item_id="b", ts_ms=9_000)])
+        _wait(lambda: features.items.popularity.get("b") == 7, 30, "a new event was not counted")
+    finally:
+        loop.stop()
+    store.close()
