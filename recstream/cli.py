@@ -138,19 +138,21 @@ def dead_letters(topic: str = typer.Argument("behaviour")) -> None:
 def ope(
     target: str = typer.Argument(..., help="candidate policy: greedy | pl:T[:HEAD] | eps:E[:SLOTS]"),
     timeout_s: float = typer.Option(120.0, help="give up reading the logs after this many seconds"),
+    confidence: float = typer.Option(0.95, help="confidence level of the intervals"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Estimate a candidate ranking policy's click-through rate from the live policy's logs
     (ranking-log joined with training-examples; IPS, SNIPS and doubly robust, 95% CIs)."""
     from recstream.client.consumer import read_to_end
-    from recstream.ope_logs import evaluate_logs
+    from recstream.ope_logs import check_target, evaluate_logs
 
     settings = get_settings()
-    logs, bad_logs = read_to_end(settings, "ranking-log", timeout_s)
-    examples, bad_examples = read_to_end(settings, "training-examples", timeout_s)
     try:
-        report = evaluate_logs(logs, examples, target)  # type: ignore[arg-type]
-    except ValueError as exc:
+        check_target(target)
+        logs, bad_logs = read_to_end(settings, "ranking-log", timeout_s)
+        examples, bad_examples = read_to_end(settings, "training-examples", timeout_s)
+        report = evaluate_logs(logs, examples, target, confidence)  # type: ignore[arg-type]
+    except (ValueError, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if bad_logs or bad_examples:
@@ -163,7 +165,7 @@ def ope(
         f"{report.requests_incomplete} left out with missing outcomes), logged by {report.logging_policies}"
     )
     typer.echo(f"logged CTR {report.logged_ctr:.4f}; effective sample size {report.effective_sample_size:.0f}")
-    typer.echo(f"{'method':<8} {'CTR':>8}  95% CI")
+    typer.echo(f"{'method':<8} {'CTR':>8}  {report.confidence:.0%} CI")
     for e in report.estimates:
         typer.echo(f"{e.method:<8} {e.ctr:>8.4f}  [{e.low:.4f}, {e.high:.4f}]")
     for w in report.warnings:

@@ -10,8 +10,9 @@ pi(i at j | x) of the target (e) and logging (0) policies, per request x
     V(x) = sum_{shown (i, j)} c_ij * pi_e(i, j | x) / pi_0(i, j | x)          (IPS, unbiased)
 
 is an unbiased estimate of the target's expected clicks per request whenever pi_0 > 0 where
-pi_e > 0. CTR = V / k (clicks per shown slot). SNIPS divides by the realised sum of weights
-instead of its expectation (k per request): a little bias, much less variance. Doubly robust adds
+pi_e > 0. CTR = sum V / sum k over requests (clicks per shown slot, also when k varies). SNIPS
+divides by the realised sum of weights instead of its expectation (k per request): a little bias,
+much less variance. Doubly robust adds
 a click model q(x, i, j): V_DR = sum_{i,j} pi_e q + sum_shown w (c - q); unbiased if either the
 propensities or q are right. Confidence intervals: CLT over requests (requests are i.i.d.), or a
 percentile bootstrap over requests.
@@ -93,37 +94,33 @@ def _per_request(data: LoggedData, values: np.ndarray) -> np.ndarray:
     return np.bincount(data.request, weights=values, minlength=data.n_requests)
 
 
-def _per_slot(data: LoggedData, per_req: np.ndarray) -> np.ndarray:
-    """A request's expected clicks -> its clicks per shown slot."""
-    return per_req / np.asarray(data.slots_per_request, dtype=np.float64)
+def _slots(data: LoggedData) -> np.ndarray:
+    """Shown slots per request, as an array (one value broadcast when every answer has k)."""
+    return np.broadcast_to(np.asarray(data.slots_per_request, dtype=np.float64), (data.n_requests,))
 
 
-def _clt(per_slot: np.ndarray, alpha: float, method: str) -> Estimate:
-    n = len(per_slot)
-    mean = float(per_slot.mean())
-    se = float(per_slot.std(ddof=1)) / np.sqrt(n) if n > 1 else float("inf")
+def _ratio(num: np.ndarray, den: np.ndarray, alpha: float, method: str) -> Estimate:
+    """sum(num) / sum(den) over requests, CI by the delta method for a ratio of means:
+    var(num - value * den) / (n * mean(den)^2). With den = slots per request this is clicks per
+    shown slot, the CTR, also when answers differ in length (constant k: the plain CLT interval)."""
+    n = len(num)
+    value = float(num.sum() / den.sum())
+    resid = num - value * den
+    se = float(np.sqrt(resid.var(ddof=1) / n) / den.mean()) if n > 1 else float("inf")
     z = float(stats.norm.ppf(1 - alpha / 2))
-    return Estimate(mean, mean - z * se, mean + z * se, n, method)
+    return Estimate(value, value - z * se, value + z * se, n, method)
 
 
 def ips(data: LoggedData, alpha: float = 0.05, clip: float | None = None) -> Estimate:
     """Inverse propensity scoring; `clip` caps weights (biased down, lower variance)."""
     per_req = _per_request(data, data.weights(clip) * data.click)
-    return _clt(_per_slot(data, per_req), alpha, "ips" if clip is None else f"ips_clip{clip:g}")
+    return _ratio(per_req, _slots(data), alpha, "ips" if clip is None else f"ips_clip{clip:g}")
 
 
 def snips(data: LoggedData, alpha: float = 0.05) -> Estimate:
     """Self-normalised IPS: sum(w c) / sum(w), CI by the delta method over requests."""
     w = data.weights()
-    a = _per_request(data, w * data.click)
-    b = _per_request(data, w)
-    value = float(a.sum() / b.sum())
-    n = len(a)
-    # Delta method for a ratio of means: var(a - value * b) / (n * mean(b)^2).
-    resid = a - value * b
-    se = float(np.sqrt(resid.var(ddof=1) / n) / b.mean()) if n > 1 else float("inf")
-    z = float(stats.norm.ppf(1 - alpha / 2))
-    return Estimate(value, value - z * se, value + z * se, n, "snips")
+    return _ratio(_per_request(data, w * data.click), _per_request(data, w), alpha, "snips")
 
 
 def doubly_robust(data: LoggedData, alpha: float = 0.05) -> Estimate:
@@ -131,7 +128,7 @@ def doubly_robust(data: LoggedData, alpha: float = 0.05) -> Estimate:
     if data.q_hat is None or data.dm is None:
         raise ValueError("doubly robust needs q_hat (per row) and dm (per request)")
     per_req = data.dm + _per_request(data, data.weights() * (data.click - data.q_hat))
-    return _clt(_per_slot(data, per_req), alpha, "dr")
+    return _ratio(per_req, _slots(data), alpha, "dr")
 
 
 def bootstrap_ci(
@@ -148,12 +145,9 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     n = len(a)
     idx = rng.integers(0, n, size=(n_boot, n))
-    if estimator == "snips":
-        boots = a[idx].sum(1) / b[idx].sum(1)
-        value = float(a.sum() / b.sum())
-    else:
-        a = _per_slot(data, a)
-        boots = a[idx].mean(1)
-        value = float(a.mean())
+    if estimator != "snips":
+        b = _slots(data)
+    boots = a[idx].sum(1) / b[idx].sum(1)
+    value = float(a.sum() / b.sum())
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return Estimate(value, float(lo), float(hi), n, f"{estimator}_bootstrap")

@@ -7,24 +7,26 @@ topic, `RankingLog`); the feedback joiner publishes each shown slot with its out
 (`training-examples`). Joined by request id they are the logged data of recstream.ope.
 
 What can be evaluated, and against which logs:
-* target policies: `greedy` (the answer the worker would give, logged per request), `pl:T[:HEAD]`
-  and `eps:E[:SLOTS]` (their propensities are functions of the pool alone). The learning policies
-  `ts:`/`lift:` are refused: their propensities depend on evidence the logs do not carry; compare
-  them online or in `make bench-loop`.
-* logging policies: `pl:` and `eps:` have their marginals recomputed from the pool (a Plackett-Luce
-  slot's logged propensity is conditional on earlier slots, IPS needs the marginal); `ts:`/`lift:`
-  log Monte-Carlo marginals with each slot and those are used as logged.
+* target policies: `greedy` (the answer the worker would have given, logged per request),
+  `pl:T[:HEAD]` and `eps:E[:SLOTS]` (their propensities are functions of the pool alone). The
+  learning policies `ts:`/`lift:` are refused: their propensities depend on evidence the logs do
+  not carry; compare them online or in `make bench-loop`.
+* logging policies: `pl:` and `eps:` have their marginals recomputed exactly from the pool (a
+  Plackett-Luce slot's logged propensity is conditional on earlier slots, IPS needs the marginal);
+  `ts:` logs Monte-Carlo marginals with each slot and those are used as logged.
 
 A request counts only when every shown slot has its outcome: an application that logged some
-impressions of an answer but not others would bias the click-through rate. A target that puts mass
-where the logging policy never shows anything (e.g. greedy's answer outside the logged pool, or
-eps logging that explores only the first slots) cannot be estimated there; that mass is reported
-(`target_mass_unsupported`) and the estimate is biased low by up to it.
+impressions of an answer but not others would bias the click-through rate. A request whose log
+cannot be used (a spec this version cannot parse, a shown item missing from its pool...) is
+skipped and counted by reason, never fatal. A target that puts mass where the logging policy
+(practically) never shows anything - the greedy answer's items outside the logged pool, eps logs
+that explore only the first slots - cannot be estimated there by IPS/SNIPS; that mass is reported
+(`target_mass_unsupported`) and those estimates are biased low by up to it. Doubly robust fills
+those cells with its click model.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,16 +38,13 @@ from pydantic import BaseModel, Field
 from recstream.contracts.events import RankingLog, TrainingExample
 from recstream.explore.feedback import learns_online
 from recstream.explore.policies import PlackettLuce, RankingPolicy, make_policy
-from recstream.ope import Estimate, LoggedData, doubly_robust, ips, snips
+from recstream.ope import LoggedData, doubly_robust, ips, snips
 
-log = logging.getLogger(__name__)
-
-#: Monte-Carlo rankings for Plackett-Luce marginals beyond its first sampled slot. The worker ranks a
-#: pool by its order (logits = -rank), so the marginals depend on (spec, pool size, k) only and are
-#: computed once per shape: many draws, because one shape's error is shared by all its requests.
-MC_SAMPLES = 100_000
-#: Above this share of unsupported target mass the report warns that the estimate is biased.
-UNSUPPORTED_WARN = 0.01
+#: A cell the logging policy fills less often than this is treated as unsupported: a weight above
+#: a million is never observed in practice, so IPS effectively misses that mass.
+SUPPORT_FLOOR = 1e-6
+#: Below this effective sample size the report warns that the estimate rests on too few requests.
+MIN_ESS = 100
 
 
 class OpeEstimate(BaseModel):
@@ -59,18 +58,20 @@ class OpeReport(BaseModel):
     """What `recstream.cli ope` prints: the estimates and everything needed to judge them."""
 
     target: str
+    confidence: float
     logging_policies: dict[str, int] = Field(description="Requests used, per logging policy spec")
-    ranking_logs: int = Field(description="Ranking logs read")
+    ranking_logs: int = Field(description="Distinct requests in the ranking log")
     requests: int = Field(description="Requests with every shown slot's outcome (the sample)")
     requests_incomplete: int = Field(description="Requests with some shown slots' outcomes missing (left out)")
+    requests_invalid: dict[str, int] = Field(description="Requests left out because their logs are unusable, by reason")
     impressions: int
     logged_ctr: float = Field(description="Clicks per shown slot of the logging policies themselves")
     estimates: list[OpeEstimate]
     effective_sample_size: float = Field(description="(sum w)^2 / sum w^2 over impressions")
     max_weight: float
     target_mass_unsupported: float | None = Field(
-        description="Share of the target's slots the logging policy could not have shown "
-        "(None: unknown for ts/lift logs)"
+        description="Share of the target's slots the logging policy (practically) never fills "
+        "(None: unknown for ts logs, which carry only the shown slots' propensities)"
     )
     warnings: list[str] = Field(default_factory=list)
 
@@ -83,10 +84,14 @@ class LoggedRequest:
     slots: list[TrainingExample]  # by position 0..n-1
 
 
+class UnusableLog(ValueError):
+    """A logged request that cannot enter the estimate; the message is the reason it is counted under."""
+
+
 def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tuple[list[LoggedRequest], int]:
     """Complete logged requests (every shown slot has its outcome) and the number of incomplete ones.
 
-    Duplicates (at-least-once delivery) collapse to the last copy of each (request, position)."""
+    Duplicates (at-least-once delivery) collapse to the last copy of each request / (request, slot)."""
     by_request: dict[str, dict[int, TrainingExample]] = {}
     for ex in examples:
         by_request.setdefault(ex.request_id, {})[ex.position] = ex
@@ -104,56 +109,30 @@ def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tup
     return complete, incomplete
 
 
-def _stateless(spec: str, role: str) -> RankingPolicy:
+def _policy(spec: str) -> RankingPolicy:
+    try:
+        return make_policy(spec)
+    except ValueError as exc:
+        raise UnusableLog("unknown policy spec") from exc
+
+
+def check_target(spec: str) -> RankingPolicy:
+    """The target policy, or ValueError if it cannot be evaluated from logs."""
     policy = make_policy(spec)
     if learns_online(policy):
-        raise ValueError(
-            f"{role} policy {spec!r} learns online: its propensities depend on evidence the logs do not carry"
-        )
+        raise ValueError(f"target {spec!r} learns online: its propensities depend on evidence the logs do not carry")
     return policy
 
 
 @lru_cache(maxsize=256)
 def _marginals(spec: str, n: int, k: int) -> np.ndarray:
-    """[n, k] P(pool item i at slot j), ranking by pool order as the worker does (logits = -rank)."""
+    """[n, k] P(pool item i at slot j), ranking by pool order as the worker does (logits = -rank).
+    Depends on (spec, n, k) only, so it is computed once per shape; read-only."""
     policy = make_policy(spec)
     logits = -np.arange(n, dtype=np.float64)
-    rng = np.random.default_rng(n * 1000 + k)
-    if isinstance(policy, PlackettLuce):
-        m = policy.marginals(logits, k, rng, n_samples=MC_SAMPLES)
-    else:
-        m = policy.marginals(logits, k, rng)
+    m = policy.exact_marginals(logits, k) if isinstance(policy, PlackettLuce) else policy.marginals(logits, k)
     m.setflags(write=False)
     return m
-
-
-def _support(policy: RankingPolicy, marginals: np.ndarray) -> np.ndarray:
-    """Cells the logging policy can fill. Plackett-Luce's Monte-Carlo zeros are not impossibilities:
-    every item outside the greedy head can reach every sampled slot."""
-    if isinstance(policy, PlackettLuce):
-        g = min(policy.greedy_slots, marginals.shape[1])
-        support = np.zeros_like(marginals, dtype=bool)
-        head = np.arange(g)
-        support[head, head] = True  # pool order = greedy order
-        support[g:, g:] = True
-        return support
-    return marginals > 0
-
-
-def _target_marginals(spec: str, rl: RankingLog, k: int) -> tuple[np.ndarray, float]:
-    """The target's [n, k] marginals over the pool and its mass outside the pool (greedy only)."""
-    n = len(rl.pool)
-    if spec == "greedy":
-        m = np.zeros((n, k))
-        row = {c.item_id: i for i, c in enumerate(rl.pool)}
-        outside = 0.0
-        for j, item in enumerate(rl.greedy[:k]):
-            if item in row:
-                m[row[item], j] = 1.0
-            else:
-                outside += 1.0
-        return m, outside
-    return _marginals(spec, n, k), 0.0
 
 
 def _examination(k: int) -> np.ndarray:
@@ -161,90 +140,140 @@ def _examination(k: int) -> np.ndarray:
     return 1.0 / (1.0 + np.arange(k))
 
 
-def evaluate_logs(
-    logs: Iterable[RankingLog], examples: Iterable[TrainingExample], target: str, alpha: float = 0.05
-) -> OpeReport:
-    """Join the two topics' records and estimate `target`'s click-through rate (see `evaluate`)."""
-    logs = list(logs)
-    requests, incomplete = join(logs, examples)
-    report = evaluate(requests, target, alpha)
-    return report.model_copy(update={"ranking_logs": len(logs), "requests_incomplete": incomplete})
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
 
 
-def evaluate(requests: Sequence[LoggedRequest], target: str, alpha: float = 0.05) -> OpeReport:
+@dataclass
+class _Rows:
+    """One usable request's contribution to LoggedData."""
+
+    click: list[float]
+    p_log: list[float]
+    p_target: list[float]
+    q_hat: list[float]
+    dm: float
+    unsupported: float | None
+
+
+def _rows(lr: LoggedRequest, target: str) -> _Rows:
+    """Logging and target propensities of one request's shown slots; UnusableLog if it has none."""
+    rl, k = lr.log, len(lr.slots)
+    n = len(rl.pool)
+    if k == 0:
+        raise UnusableLog("empty pool")
+    row = {c.item_id: i for i, c in enumerate(rl.pool)}
+    if len(row) < n or len({ex.item_id for ex in lr.slots}) < k:
+        raise UnusableLog("an item twice in one pool or answer")
+    rows = [row.get(ex.item_id) for ex in lr.slots]
+    if any(i is None for i in rows):
+        raise UnusableLog("a shown item is not in its logged pool")
+    logging_policy = _policy(rl.policy_spec)
+    if not logging_policy.stochastic:
+        raise UnusableLog("logged by a policy that never explores")
+    m_log = None if learns_online(logging_policy) else _marginals(rl.policy_spec, n, k)
+    q = _sigmoid(np.array([c.score for c in rl.pool]))[:, None] * _examination(k)[None, :]
+    exam = _examination(k)
+    if target == "greedy":
+        m_target = np.zeros((n, k))
+        outside_dm = outside = 0.0
+        for j, c in enumerate(rl.greedy[:k]):
+            if c.item_id in row:
+                m_target[row[c.item_id], j] = 1.0
+            else:  # the greedy answer reached past the pool: only the click model can value it
+                outside += 1.0
+                outside_dm += float(_sigmoid(np.array([c.score]))[0] * exam[j])
+    else:
+        m_target, outside, outside_dm = _marginals(target, n, k), 0.0, 0.0
+    unsupported = None
+    if m_log is not None:
+        unsupported = (float(m_target[m_log < SUPPORT_FLOOR].sum()) + outside) / k
+    p_log = []
+    for j, (ex, i) in enumerate(zip(lr.slots, rows, strict=True)):
+        p = ex.propensity if m_log is None else float(m_log[i, j])
+        if p <= 0:
+            raise UnusableLog("a shown slot the logging policy could not have filled")
+        p_log.append(p)
+    return _Rows(
+        click=[ex.label for ex in lr.slots],
+        p_log=p_log,
+        p_target=[float(m_target[i, j]) for j, i in enumerate(rows)],
+        q_hat=[float(q[i, j]) for j, i in enumerate(rows)],
+        dm=float((m_target * q).sum()) + outside_dm,
+        unsupported=unsupported,
+    )
+
+
+def evaluate(requests: Sequence[LoggedRequest], target: str, confidence: float = 0.95) -> OpeReport:
     """IPS, SNIPS and doubly robust estimates of `target`'s click-through rate from logged requests.
 
     The doubly robust click model is the ranker's own: P(click) = sigmoid(logit) / (1 + slot)."""
     target = target.strip()
-    _stateless(target, "target")
-    if not requests:
+    check_target(target)
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    used: list[tuple[LoggedRequest, _Rows]] = []
+    invalid: Counter[str] = Counter()
+    for lr in requests:
+        try:
+            used.append((lr, _rows(lr, target)))
+        except UnusableLog as exc:
+            invalid[str(exc)] += 1
+    if not used:
         raise ValueError(
-            "no complete logged requests: is a stochastic EXPLORATION_POLICY live and are impressions logged?"
+            "no usable logged requests: is a stochastic EXPLORATION_POLICY live (pl:, eps: or ts:), "
+            "and does the application log impressions and clicks?"
+            + (f" (left out: {dict(invalid)})" if invalid else "")
         )
-    rows_req, clicks, p_log, p_target, q_hat = [], [], [], [], []
-    dm, slots_per_request, unsupported = [], [], []
-    logging_used: Counter[str] = Counter()
-    unsupported_known = True
-    for r, lr in enumerate(requests):
-        rl = lr.log
-        n, k = len(rl.pool), len(lr.slots)
-        row = {c.item_id: i for i, c in enumerate(rl.pool)}
-        logging_policy = make_policy(rl.policy_spec)
-        if learns_online(logging_policy):
-            m_log, support = None, None
-            unsupported_known = False
-        else:
-            m_log = _marginals(rl.policy_spec, n, k)
-            support = _support(logging_policy, m_log)
-        m_target, outside = _target_marginals(target, rl, k)
-        q = (1.0 / (1.0 + np.exp(-np.array([c.score for c in rl.pool]))))[:, None] * _examination(k)[None, :]
-        dm.append(float((m_target * q).sum()))
-        if support is not None:
-            unsupported.append((float(m_target[~support].sum()) + outside) / k)
-        for j, ex in enumerate(lr.slots):
-            i = row.get(ex.item_id)
-            if i is None:
-                raise ValueError(f"request {rl.request_id}: shown item {ex.item_id} is not in its logged pool")
-            rows_req.append(r)
-            clicks.append(ex.label)
-            # Floor Monte-Carlo estimates at one draw: the slot *was* shown, so its probability is not 0.
-            p_log.append(ex.propensity if m_log is None else max(float(m_log[i, j]), 1.0 / MC_SAMPLES))
-            p_target.append(float(m_target[i, j]))
-            q_hat.append(float(q[i, j]))
-        slots_per_request.append(k)
-        logging_used[rl.policy_spec] += 1
     data = LoggedData(
-        request=np.array(rows_req),
-        click=np.array(clicks),
-        propensity=np.array(p_log),
-        target_propensity=np.array(p_target),
-        slots_per_request=np.array(slots_per_request, dtype=np.float64),
-        q_hat=np.array(q_hat),
-        dm=np.array(dm),
+        request=np.concatenate([np.full(len(r.click), n) for n, (_, r) in enumerate(used)]),
+        click=np.concatenate([r.click for _, r in used]),
+        propensity=np.concatenate([r.p_log for _, r in used]),
+        target_propensity=np.concatenate([r.p_target for _, r in used]),
+        slots_per_request=np.array([len(r.click) for _, r in used], dtype=np.float64),
+        q_hat=np.concatenate([r.q_hat for _, r in used]),
+        dm=np.array([r.dm for _, r in used]),
     )
-    estimates: list[Estimate] = [ips(data, alpha), snips(data, alpha), doubly_robust(data, alpha)]
+    alpha = 1.0 - confidence
+    estimates = [ips(data, alpha), snips(data, alpha), doubly_robust(data, alpha)]
     w = data.weights()
     ess = float(w.sum() ** 2 / (w**2).sum()) if (w > 0).any() else 0.0
-    mass = float(np.mean(unsupported)) if unsupported_known else None
+    known = [r.unsupported for _, r in used if r.unsupported is not None]
+    mass = float(np.mean(known)) if len(known) == len(used) else None
     warnings = []
-    if mass is not None and mass > UNSUPPORTED_WARN:
+    if mass is not None and mass > 0.01:
         warnings.append(
-            f"{mass:.1%} of the target's slots lie where the logging policy never shows anything: "
-            "the estimates are biased low by up to that share (log with more exploration)"
+            f"{mass:.1%} of the target's slots lie where the logging policy (practically) never shows anything: "
+            "IPS and SNIPS are biased low by up to that share, DR fills it from its click model"
         )
-    if ess < 100:
-        warnings.append(f"effective sample size {ess:.0f}: too few logged requests resemble the target")
+    if ess < MIN_ESS:
+        warnings.append(f"effective sample size {ess:.0f}: too few logged answers resemble the target's")
+    if invalid:
+        warnings.append(f"left out {sum(invalid.values())} unusable logged requests: {dict(invalid)}")
     return OpeReport(
         target=target,
-        logging_policies=dict(logging_used),
+        confidence=confidence,
+        logging_policies=dict(Counter(lr.log.policy_spec for lr, _ in used)),
         ranking_logs=len(requests),
-        requests=len(requests),
+        requests=len(used),
         requests_incomplete=0,
-        impressions=len(rows_req),
-        logged_ctr=float(np.mean(clicks)),
+        requests_invalid=dict(invalid),
+        impressions=len(data.click),
+        logged_ctr=float(data.click.mean()),
         estimates=[OpeEstimate(method=e.method, ctr=e.value, low=e.low, high=e.high) for e in estimates],
         effective_sample_size=ess,
         max_weight=float(w.max()),
         target_mass_unsupported=mass,
         warnings=warnings,
     )
+
+
+def evaluate_logs(
+    logs: Iterable[RankingLog], examples: Iterable[TrainingExample], target: str, confidence: float = 0.95
+) -> OpeReport:
+    """Join the two topics' records and estimate `target`'s click-through rate (see `evaluate`)."""
+    logs = list(logs)
+    requests, incomplete = join(logs, examples)
+    report = evaluate(requests, target, confidence)
+    distinct = len({rl.request_id for rl in logs})
+    return report.model_copy(update={"ranking_logs": distinct, "requests_incomplete": incomplete})

@@ -359,7 +359,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     ]
     timer.lap("rerank")
     ranking_log = None
-    if pool and p.degraded is None and ctx.settings.ranking_log:
+    if pool and p.degraded is None and policy.stochastic and ctx.settings.ranking_log:
         ranking_log = RankingLog(
             request_id=req.request_id,
             user_id=req.user_id,
@@ -367,8 +367,8 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
             model_version=p.version,
             policy_spec=ctx.settings.exploration_policy,
             k=req.k,
-            pool=[PoolCandidate(item_id=c.item_id, score=float(s), category=c.category) for c, s in pool],
-            greedy=[c.item_id for c, _ in diversify(candidates, scores, req.k)],
+            pool=_logged(pool),
+            greedy=_logged(diversify(candidates, scores, req.k)),
         )
     result = RecommendationResult(
         request_id=req.request_id,
@@ -381,6 +381,10 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         policy=policy.name,
     )
     return Answer(result, p.degraded, ranking_log)
+
+
+def _logged(scored: list[tuple[Candidate, float]]) -> list[PoolCandidate]:
+    return [PoolCandidate(item_id=c.item_id, score=float(s), category=c.category) for c, s in scored]
 
 
 async def _read(ctx: StreamContext, fn, *args):

@@ -8,21 +8,29 @@ the marginals IPS needs instead of trusting the conditional ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import lru_cache
+
 import numpy as np
 import pytest
 
 from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
-from recstream.explore import make_policy
+from recstream.explore import PlackettLuce, make_policy
+from recstream.ope import LoggedData, ips
 from recstream.ope_logs import evaluate, evaluate_logs, join
 
 N_ITEMS = 300
 POOL = 12
 K = 6
-EXAM = 1.0 / (1.0 + np.arange(K)) ** 0.7  # not the evaluator's DR examination model, on purpose
+EXAM = 1.0 / (1.0 + np.arange(POOL)) ** 0.7  # not the evaluator's DR examination model, on purpose
 
 
 def _logs(
-    n_req: int, logging_spec: str, seed: int, greedy_outside: bool = False
+    n_req: int,
+    logging_spec: str,
+    seed: int,
+    greedy_outside: bool = False,
+    k_of: Callable[[int], int] = lambda r: K,
 ) -> tuple[list[RankingLog], list[TrainingExample], np.ndarray]:
     """Logs of `logging_spec` over random pools whose order is a noisy view of attractiveness."""
     rng = np.random.default_rng(seed)
@@ -30,26 +38,28 @@ def _logs(
     policy = make_policy(logging_spec)
     logs, examples = [], []
     for r in range(n_req):
+        k = k_of(r)
         items = rng.choice(N_ITEMS, POOL, replace=False)
         noisy = attract[items] + rng.normal(0, 0.1, POOL)
-        items = items[np.argsort(-noisy)]  # the pool in the order the worker ranks by
-        ids = [str(i) for i in items]
-        greedy = ids[:K]
+        order = np.argsort(-noisy)  # the pool in the order the worker ranks by
+        pool = [PoolCandidate(item_id=str(items[i]), score=float(noisy[i])) for i in order]
+        greedy = pool[:k]
         if greedy_outside:  # the worker's greedy answer (tighter category cap) reached past the pool
-            greedy = [*ids[: K - 1], str(next(i for i in range(N_ITEMS) if str(i) not in ids))]
+            ids = {c.item_id for c in pool}
+            other = next(str(i) for i in range(N_ITEMS) if str(i) not in ids)
+            greedy = [*pool[: k - 1], PoolCandidate(item_id=other, score=0.0)]
         rl = RankingLog(
             request_id=f"r{r}",
             user_id=f"u{r % 50}",
             model_version="1",
             policy_spec=logging_spec,
-            k=K,
-            pool=[
-                PoolCandidate(item_id=i, score=float(s)) for i, s in zip(ids, noisy[np.argsort(-noisy)], strict=True)
-            ],
+            k=k,
+            pool=pool,
             greedy=greedy,
         )
         logs.append(rl)
-        for s in policy.rank(ids, -np.arange(POOL, dtype=np.float64), K, rng):
+        ids_in_order = [c.item_id for c in pool]
+        for s in policy.rank(ids_in_order, -np.arange(POOL, dtype=np.float64), k, rng):
             clicked = bool(rng.random() < attract[int(s.item_id)] * EXAM[s.position])
             examples.append(
                 TrainingExample(
@@ -65,26 +75,34 @@ def _logs(
     return logs, examples, attract
 
 
+@lru_cache
+def _target_marginals(target: str, k: int) -> np.ndarray:
+    policy = make_policy(target)
+    logits = -np.arange(POOL, dtype=np.float64)
+    return policy.exact_marginals(logits, k) if isinstance(policy, PlackettLuce) else policy.marginals(logits, k)
+
+
 def _truth(logs: list[RankingLog], attract: np.ndarray, target: str) -> float:
-    """The target's exact CTR on these requests under the click model."""
-    total = 0.0
+    """The target's exact CTR (clicks per shown slot) on these requests under the click model."""
+    clicks = slots = 0.0
     for rl in logs:
         ids = [int(c.item_id) for c in rl.pool]
         if target == "greedy":
-            total += sum(attract[int(i)] * EXAM[j] for j, i in enumerate(rl.greedy))
+            clicks += sum(attract[int(c.item_id)] * EXAM[j] for j, c in enumerate(rl.greedy))
         else:
-            m = make_policy(target).marginals(-np.arange(POOL, dtype=np.float64), K, np.random.default_rng(1))
-            total += float((m * (attract[ids][:, None] * EXAM[None, :])).sum())
-    return total / (len(logs) * K)
+            m = _target_marginals(target, rl.k)
+            clicks += float((m * (attract[ids][:, None] * EXAM[None, : rl.k])).sum())
+        slots += rl.k
+    return clicks / slots
 
 
-@pytest.mark.parametrize("target", ["greedy", "eps:0.2:3", "pl:1"])
+@pytest.mark.parametrize("target", ["greedy", "eps:0.2:3", "pl:1", "pl:0.5:2"])
 def test_estimates_from_plackett_luce_logs_cover_the_truth(target: str) -> None:
     logs, examples, attract = _logs(3000, "pl:2", seed=0)
     report = evaluate_logs(logs, examples, target)
     truth = _truth(logs, attract, target)
     assert report.requests == 3000 and report.impressions == 3000 * K and report.requests_incomplete == 0
-    assert report.logging_policies == {"pl:2": 3000}
+    assert report.logging_policies == {"pl:2": 3000} and report.requests_invalid == {}
     assert report.target_mass_unsupported == pytest.approx(0.0)
     for e in report.estimates:
         assert e.low <= truth <= e.high, (e, truth)
@@ -94,13 +112,35 @@ def test_estimates_from_plackett_luce_logs_cover_the_truth(target: str) -> None:
 
 
 def test_conditional_propensities_would_be_wrong() -> None:
-    """Plackett-Luce logs conditional propensities; weighting by them instead of the marginals
-    misses the truth, so the recomputation above is what makes the estimate right."""
+    """Plackett-Luce logs conditional propensities. IPS weighted by them, as if they were
+    marginals, misses the truth by more than its interval; the recomputed marginals do not."""
     logs, examples, attract = _logs(3000, "pl:2", seed=0)
     truth = _truth(logs, attract, "greedy")
-    naive = [ex.label / ex.propensity for ex in examples if ex.item_id in set(logs[int(ex.request_id[1:])].greedy)]
-    naive_ctr = sum(naive) / (len(logs) * K)
-    assert abs(naive_ctr - truth) > 0.02
+    request = {rl.request_id: n for n, rl in enumerate(logs)}
+    greedy_at = {(rl.request_id, c.item_id): j for rl in logs for j, c in enumerate(rl.greedy)}
+    naive = ips(
+        LoggedData(
+            request=np.array([request[ex.request_id] for ex in examples]),
+            click=np.array([ex.label for ex in examples]),
+            propensity=np.array([ex.propensity for ex in examples]),
+            target_propensity=np.array(
+                [float(greedy_at.get((ex.request_id, ex.item_id)) == ex.position) for ex in examples]
+            ),
+            slots_per_request=K,
+        )
+    )
+    assert not naive.contains(truth), (naive, truth)
+    assert evaluate_logs(logs, examples, "greedy").estimates[0].low <= truth
+
+
+def test_answers_of_different_lengths_give_clicks_per_slot() -> None:
+    """Half the answers have 2 slots, half 6. Evaluating the logging policy itself, every weight
+    is 1, so each estimator must return the logged clicks per shown slot exactly."""
+    logs, examples, _ = _logs(400, "pl:2", seed=6, k_of=lambda r: 2 if r % 2 else 6)
+    report = evaluate_logs(logs, examples, "pl:2")
+    assert report.impressions == 200 * 2 + 200 * 6
+    for e in report.estimates[:2]:  # IPS, SNIPS (DR adds its model's zero-mean correction)
+        assert e.ctr == pytest.approx(report.logged_ctr, abs=1e-9), e
 
 
 def test_eps_logs_cannot_support_a_plackett_luce_target() -> None:
@@ -118,6 +158,7 @@ def test_greedy_answer_outside_the_pool_counts_as_unsupported() -> None:
     logs, examples, _ = _logs(200, "pl:0.5", seed=2, greedy_outside=True)
     report = evaluate_logs(logs, examples, "greedy")
     assert report.target_mass_unsupported == pytest.approx(1 / K)
+    assert any("DR fills" in w for w in report.warnings)
 
 
 def test_incomplete_and_duplicated_requests() -> None:
@@ -129,8 +170,29 @@ def test_incomplete_and_duplicated_requests() -> None:
     requests, incomplete = join(logs + logs[:3], kept)
     assert incomplete == 2
     assert len(requests) == 47 and all(len(r.slots) == K for r in requests)
-    report = evaluate_logs(logs, kept, "greedy")
+    report = evaluate_logs(logs + logs[:3], kept, "greedy")
     assert report.requests == 47 and report.requests_incomplete == 2 and report.ranking_logs == 50
+
+
+def test_unusable_logs_are_counted_not_fatal() -> None:
+    logs, examples, _ = _logs(60, "pl:0.5", seed=4)
+    first_shown_r2 = next(ex.item_id for ex in examples if ex.request_id == "r2" and ex.position == 0)
+    broken = {
+        "r0": logs[0].model_copy(update={"policy_spec": "softmax:1"}),  # a spec this version cannot parse
+        "r1": logs[1].model_copy(update={"policy_spec": "lift:1"}),  # deterministic: never explored
+        "r2": logs[2].model_copy(update={"pool": [c for c in logs[2].pool if c.item_id != first_shown_r2]}),
+        "r3": logs[3].model_copy(update={"pool": []}),  # nothing to draw from
+        "r4": logs[4].model_copy(update={"pool": [logs[4].pool[0]] * POOL}),  # an item twice
+    }
+    logs = [broken.get(rl.request_id, rl) for rl in logs]
+    report = evaluate_logs(logs, examples, "greedy")
+    assert report.requests == 55
+    assert report.requests_invalid["a shown item is not in its logged pool"] == 1
+    assert report.requests_invalid["unknown policy spec"] == 1
+    assert report.requests_invalid["logged by a policy that never explores"] == 1
+    assert report.requests_invalid["empty pool"] == 1
+    assert report.requests_invalid["an item twice in one pool or answer"] == 1
+    assert any("left out" in w for w in report.warnings)
 
 
 def test_learning_logger_uses_logged_marginals_and_learning_target_is_refused() -> None:
@@ -143,12 +205,5 @@ def test_learning_logger_uses_logged_marginals_and_learning_target_is_refused() 
         evaluate_logs(logs, examples, "lift:1")
     with pytest.raises(ValueError, match="unknown policy"):
         evaluate_logs(logs, examples, "softmax")
-    with pytest.raises(ValueError, match="no complete logged requests"):
+    with pytest.raises(ValueError, match="no usable logged requests"):
         evaluate([], "greedy")
-
-
-def test_shown_item_missing_from_pool_is_an_error() -> None:
-    logs, examples, _ = _logs(5, "pl:0.5", seed=5)
-    bad = [ex.model_copy(update={"item_id": "not-in-pool"}) if ex.request_id == "r2" else ex for ex in examples]
-    with pytest.raises(ValueError, match="not in its logged pool"):
-        evaluate_logs(logs, bad, "greedy")

@@ -27,7 +27,7 @@ from recstream.config import Settings
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 from recstream.data.datasets import load_dataset
-from recstream.explore import make_policy
+from recstream.explore import PlackettLuce
 from recstream.replay import catalog_events
 from recstream.vectorstore import VectorStore
 from streams.process import WorkerProcess, settings_env
@@ -395,16 +395,16 @@ def test_off_policy_estimate_from_the_workers_logs(
         for target in ("greedy", "pl:0.5"):
             truth = 0.0  # the target's expected clicks on these requests under the click model
             for rl in logs:
-                score = {c.item_id: c.score for c in rl.pool}  # type: ignore[attr-defined]
                 if target == "greedy":
-                    truth += sum(click_p(score[i], j) for j, i in enumerate(rl.greedy))  # type: ignore[attr-defined]
+                    truth += sum(click_p(c.score, j) for j, c in enumerate(rl.greedy))  # type: ignore[attr-defined]
                 else:
                     pool = rl.pool  # type: ignore[attr-defined]
-                    m = make_policy(target).marginals(-np.arange(len(pool)), k, np.random.default_rng(0))
+                    m = PlackettLuce(0.5).exact_marginals(-np.arange(len(pool), dtype=np.float64), k)
                     truth += sum(m[i, j] * click_p(c.score, j) for i, c in enumerate(pool) for j in range(k))
             truth /= n * k
+            # 99.9% intervals: six of them must all cover the truth, whatever pools this run drew.
             out = subprocess.run(
-                [sys.executable, "-m", "recstream.cli", "ope", target, "--json"],
+                [sys.executable, "-m", "recstream.cli", "ope", target, "--json", "--confidence", "0.999"],
                 env=settings_env(settings),
                 capture_output=True,
                 text=True,

@@ -126,6 +126,7 @@ def read_to_end(settings: Settings, logical: str, timeout_s: float = 60.0) -> tu
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": f"recstream-read-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",  # retention deleted the start: read what is left
         }
     )
     try:

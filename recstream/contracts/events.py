@@ -200,7 +200,7 @@ class RankingLog(Event):
     policy_spec: str = Field(description="EXPLORATION_POLICY spec that drew the answer, e.g. pl:0.5:2")
     k: int = Field(ge=1)
     pool: list[PoolCandidate] = Field(description="Candidates the policy drew from, in the order it ranked by")
-    greedy: list[Id] = Field(description="The answer the greedy policy would have given, in order")
+    greedy: list[PoolCandidate] = Field(description="The answer the greedy policy would have given, in order")
 
 
 class TrainingExample(Event):

@@ -41,6 +41,7 @@ class Shown:
 
 class RankingPolicy(Protocol):
     name: str
+    stochastic: bool  # False: one order per input, every propensity 1 (nothing to evaluate other policies with)
 
     def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]: ...
 
@@ -70,6 +71,7 @@ class Greedy:
     """Pure exploitation: the top-k by score, every propensity 1."""
 
     name = "greedy"
+    stochastic = False
 
     def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
         s, k = _check(item_ids, scores, k)
@@ -100,6 +102,7 @@ class PlackettLuce:
             raise ValueError("temperature must be > 0")
         self.temperature = float(temperature)
         self.greedy_slots = int(greedy_slots)
+        self.stochastic = True
         self.name = f"pl_t{self.temperature:g}" + (f"_g{self.greedy_slots}" if self.greedy_slots else "")
 
     def _logits(self, s: np.ndarray) -> np.ndarray:
@@ -158,11 +161,25 @@ class PlackettLuce:
         tail = np.take_along_axis(top, order, axis=1)
         return np.concatenate([np.broadcast_to(head, (n, g)), tail], axis=1)
 
+    def exact_marginals(self, scores: np.ndarray, k: int) -> np.ndarray:
+        """P(item i at slot j) without sampling (see `sampling_marginals`): off-policy evaluation of
+        production logs uses these."""
+        s = np.asarray(scores, dtype=np.float64)
+        k = min(k, len(s))
+        g = min(self.greedy_slots, k)
+        order = greedy_order(s)
+        m = np.zeros((len(s), k))
+        m[order[:g], np.arange(g)] = 1.0
+        rest = order[g:]
+        if k > g:
+            m[np.ix_(rest, np.arange(g, k))] = sampling_marginals(np.exp(self._logits(s[rest])), k - g)
+        return m
+
     def marginals(
         self, scores: np.ndarray, k: int, rng: np.random.Generator | None = None, n_samples: int = 4000
     ) -> np.ndarray:
         """P(item i at slot j): greedy slots and the first sampled slot exact, later slots estimated
-        from n_samples Gumbel-top-k draws."""
+        from n_samples Gumbel-top-k draws (fast, used by the simulator; `exact_marginals` is exact)."""
         s = np.asarray(scores, dtype=np.float64)
         k = min(k, len(s))
         rng = rng or np.random.default_rng(0)
@@ -176,6 +193,46 @@ class PlackettLuce:
         return m
 
 
+def sampling_marginals(weights: np.ndarray, k: int, points_per_unit: int = 80) -> np.ndarray:
+    """[n, k] P(item i is the j-th draw) when k items are drawn without replacement, each draw with
+    probability proportional to `weights` (the Plackett-Luce law), exact up to quadrature error.
+
+    Exponential clocks: the draw order is the order in which independent E_i ~ Exp(w_i) ring, so
+    item i is drawn j-th when exactly j of the others rang before it:
+
+        P(i at j) = integral over t of  w_i exp(-w_i t) * PoissonBinomial_{l != i}(j; 1 - exp(-w_l t)) dt
+
+    integrated over log t by the trapezoid rule (the integrand is smooth there, whatever the spread
+    of the weights), the Poisson-binomial law by its O(n k) recursion. Items of weight 0 are never
+    drawn. Why not Monte Carlo: one pool shape's estimate is shared by every logged request of
+    that shape, so its error would be a bias; and cells with tiny probabilities need their value,
+    not a floor.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(w)
+    k = min(int(k), n)
+    m = np.zeros((n, k))
+    live = np.flatnonzero(w > 0)
+    if k == 0 or len(live) == 0:
+        return m
+    w_live = w[live] / w[live].max()
+    lo, hi = np.log(1e-7), np.log(60.0 / w_live.min())
+    y = np.linspace(lo, hi, max(400, int(points_per_unit * (hi - lo))))
+    t = np.exp(y)
+    ring = -np.expm1(-np.outer(w_live, t))  # [n_live, points] P(E_l < t)
+    for a, i in enumerate(live):
+        dist = np.zeros((len(t), k))  # P(exactly j others rang by t), j < k
+        dist[:, 0] = 1.0
+        for b in range(len(live)):
+            if b != a:
+                p = ring[b][:, None]
+                dist[:, 1:] = dist[:, 1:] * (1.0 - p) + dist[:, :-1] * p
+                dist[:, 0] *= 1.0 - ring[b]
+        density = w_live[a] * t * np.exp(-w_live[a] * t)  # d/dy P(E_i < e^y)
+        m[i] = np.trapz(density[:, None] * dist, y, axis=0)
+    return m
+
+
 class EpsilonGreedy:
     """Greedy top-k, except each of the first `explore_slots` slots, independently with probability
     epsilon, shows an item drawn uniformly from the pool below the top-k instead (without
@@ -183,7 +240,8 @@ class EpsilonGreedy:
 
     Marginals are closed-form, so `propensity` is the exact marginal P(item at slot):
     greedy item at its own slot j < explore_slots: 1 - epsilon; any pool item at such a slot:
-    epsilon / |pool|; slots >= explore_slots: 1.
+    epsilon / |pool|; slots >= explore_slots: 1. With fewer pool items than exploring slots (a
+    filtered, short candidate list) only the first |pool| slots explore, so every draw has an item.
     """
 
     def __init__(self, epsilon: float = 0.1, explore_slots: int = 3) -> None:
@@ -191,6 +249,7 @@ class EpsilonGreedy:
             raise ValueError("epsilon must be in [0, 1]")
         self.epsilon = float(epsilon)
         self.explore_slots = int(explore_slots)
+        self.stochastic = self.epsilon > 0 and self.explore_slots > 0
         self.name = f"eps{self.epsilon:g}_s{self.explore_slots}"
 
     def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
@@ -199,10 +258,11 @@ class EpsilonGreedy:
         pool = list(order[k:])
         n_pool = len(pool)
         rng_pool = rng.permutation(pool) if pool else np.array([], dtype=np.int64)
+        explore = min(self.explore_slots, n_pool)
         used = 0
         out: list[Shown] = []
         for j, i in enumerate(order[:k]):
-            if j < self.explore_slots and n_pool > 0:
+            if j < explore:
                 if rng.random() < self.epsilon:
                     # A uniformly random permutation read in order = uniform draws without replacement;
                     # each pool item is at slot j with probability 1/|pool| given exploring there.
@@ -219,9 +279,10 @@ class EpsilonGreedy:
         k = min(k, len(s))
         order = greedy_order(s)
         pool = order[k:]
+        explore = min(self.explore_slots, len(pool))
         m = np.zeros((len(s), k))
         for j in range(k):
-            if j < self.explore_slots and len(pool) > 0:
+            if j < explore:
                 m[order[j], j] = 1.0 - self.epsilon
                 m[pool, j] = self.epsilon / len(pool)
             else:

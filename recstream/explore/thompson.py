@@ -67,6 +67,7 @@ class LiftThompson:
         self.exam_eta = float(exam_eta)
         self.mc_samples = int(mc_samples)
         self.sample = bool(sample)  # False: rank by the posterior mean lift (exploitation only, an ablation)
+        self.stochastic = self.sample
         self.name = f"{'ts' if sample else 'mean'}_lift_p{self.prior:g}_h{self.half_life:g}"
         self._index: dict[str, int] = {}
         self._clicks = np.zeros(64)
