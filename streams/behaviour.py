@@ -82,6 +82,9 @@ class Processor(Protocol):
 
     def recovered(self) -> None: ...
 
+    # Optional: `flush()` writes what a processor buffered across batches. It is called right
+    # before each checkpoint and each blocking commit, so committed offsets never run ahead of it.
+
 
 class BehaviourLoop(ConsumerThread):
     """One consumer thread for the behaviour topic feeding `processors` (in order, same batch)."""
@@ -147,6 +150,7 @@ class BehaviourLoop(ConsumerThread):
                     next_tick = now + TICK_S
                 self.producer.poll(0)  # delivery reports: acknowledgements
                 if now >= next_commit:
+                    self._flush_processors()
                     self._checkpoint()
                     next_commit = now + COMMIT_INTERVAL_S
                 self._commit_acknowledged()
@@ -269,10 +273,17 @@ class BehaviourLoop(ConsumerThread):
             self._consumer.commit(offsets=offsets, asynchronous=True)
             STAGE_LATENCY.labels(stage="behaviour_commit").observe(time.perf_counter() - t0)
 
+    def _flush_processors(self) -> None:
+        for proc in self.processors:
+            flush = getattr(proc, "flush", None)
+            if flush is not None:
+                flush()
+
     def _commit(self) -> None:
         """Blocking (revoke and stop): flush every output, then commit the consumed positions."""
         if not self._positions or self._consumer is None:
             return
+        self._flush_processors()
         positions = dict(self._positions)
         remaining = self.producer.flush(FLUSH_TIMEOUT_S)
         self._lowest_unacked()
