@@ -150,7 +150,11 @@ def ope(
     try:
         check_target(target)
         logs, bad_logs = read_to_end(settings, "ranking-log", timeout_s)
-        examples, bad_examples = read_to_end(settings, "training-examples", timeout_s)
+        logged = {rl.request_id for rl in logs}  # type: ignore[attr-defined]
+        # Only the examples of logged answers: training examples of greedy answers may be most of the topic.
+        examples, bad_examples = read_to_end(
+            settings, "training-examples", timeout_s, keep=lambda ex: ex.request_id in logged
+        )
         report = evaluate_logs(logs, examples, target, confidence)  # type: ignore[arg-type]
     except (ValueError, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)

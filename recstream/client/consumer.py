@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +114,13 @@ class EventConsumer:
         self.close()
 
 
-def read_to_end(settings: Settings, logical: str, timeout_s: float = 60.0) -> tuple[list[BaseModel], int]:
-    """Every valid event of a registry topic, from its oldest retained message to its end at the time
-    of the call, and how many invalid messages were skipped. Reads without a consumer group's
-    offsets (nothing is committed), for operators' one-off reports. TimeoutError if the end is not
-    reached in `timeout_s`."""
+def read_to_end(
+    settings: Settings, logical: str, timeout_s: float = 60.0, keep: Callable[[Any], bool] | None = None
+) -> tuple[list[BaseModel], int]:
+    """Every valid event of a registry topic (those `keep` accepts, if given), from its oldest
+    retained message to its end at the time of the call, and how many invalid messages were skipped.
+    Reads without a consumer group's offsets (nothing is committed), for operators' one-off reports.
+    TimeoutError if the end is not reached in `timeout_s`."""
     spec = TOPICS[logical]
     name = spec.name(settings.topic_prefix)
     consumer = Consumer(
@@ -152,9 +154,12 @@ def read_to_end(settings: Settings, logical: str, timeout_s: float = 60.0) -> tu
                 if msg.error() is not None or msg.offset() >= ends[msg.partition()]:
                     continue  # an error event, or produced after the call
                 try:
-                    events.append(decode(spec, msg.value(), settings.max_message_bytes))
+                    event = decode(spec, msg.value(), settings.max_message_bytes)
                 except InvalidEvent:
                     invalid += 1
+                    continue
+                if keep is None or keep(event):
+                    events.append(event)
             # Position, not the last offset seen: control records and gaps never arrive as messages.
             for tp in consumer.position([TopicPartition(name, p) for p in pending]):
                 if tp.offset >= ends[tp.partition]:
