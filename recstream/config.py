@@ -5,6 +5,7 @@ Every variable is documented in README.md ("Configuration"); defaults are the em
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,3 +84,32 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process read `settings`."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TOPIC_PREFIX": settings.topic_prefix,
+            "TRITON_URL": settings.triton_url,
+            "TRITON_GRPC_URL": settings.triton_grpc_url,
+            "TRITON_TIMEOUT_S": str(settings.triton_timeout_s),
+            "QDRANT_PATH": str(settings.qdrant_path),
+            "RUN_DIR": str(settings.run_dir),
+            "LOG_LEVEL": settings.log_level,
+            "PYTHONPATH": str(REPO_ROOT),
+            "HF_HUB_OFFLINE": "1",
+            "EXPLORATION_POLICY": settings.exploration_policy,
+            "POLICY_FEEDBACK_SLOTS": str(settings.policy_feedback_slots),
+            "RANKING_LOG": str(settings.ranking_log).lower(),
+        }
+    )
+    if settings.exploration_seed is not None:
+        env["EXPLORATION_SEED"] = str(settings.exploration_seed)
+    if settings.qdrant_url:
+        env["QDRANT_URL"] = settings.qdrant_url
+    else:
+        env.pop("QDRANT_URL", None)
+    return env

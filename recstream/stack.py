@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infra.kafka_broker import KafkaBroker
 from infra.triton_server import TritonServer
-from recstream.config import REPO_ROOT, Settings
+from recstream.config import REPO_ROOT, Settings, settings_env
 from recstream.kafka.admin import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class LocalStack:
         if not self.triton.is_running():
             self.triton.start()
         if with_worker:
-            self.worker.start(dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+            self.worker.start(settings_env(self.settings))
 
     def down(self) -> None:
         self.worker.stop()

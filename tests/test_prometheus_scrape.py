@@ -134,9 +134,9 @@ class Trainer:
     """`python -m services.trainer run` as a child process with its own model repository (ranker v1)."""
 
     def __init__(self, stack: LiveStack, root: Path) -> None:
+        from recstream.config import settings_env
         from recstream.models.export import export_ranker
         from recstream.models.ranker import RankerConfig, new_ranker
-        from streams.process import settings_env
 
         repo = root / "model_repo"
         export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)

@@ -23,14 +23,14 @@ from confluent_kafka import Consumer
 
 from recstream.client import EventProducer, RecommendationClient
 from recstream.client.consumer import read_to_end
-from recstream.config import Settings
+from recstream.config import Settings, settings_env
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 from recstream.data.datasets import load_dataset
 from recstream.explore import PlackettLuce
 from recstream.replay import catalog_events
 from recstream.vectorstore import VectorStore
-from streams.process import WorkerProcess, settings_env
+from streams.process import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
