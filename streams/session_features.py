@@ -86,7 +86,7 @@ class ItemLookup:
             _, sep, item_id = key.decode().partition("/")
             if sep and value.isdigit():  # anything else is not a row this version wrote
                 totals[item_id] = totals.get(item_id, 0) + int(value)
-        # Replace, never mutate: request threads may be reading the old dict.
+        # A new dict, swapped in whole: request threads only ever `.get` from whichever they hold.
         self.popularity = totals
         self.max_popularity = max(totals.values(), default=1)
 
@@ -122,6 +122,15 @@ class SessionFeatures:
     def recovered(self) -> None:
         self.cache.clear()
         self.flush()
+        self.items.rebuild_popularity(self.popularity_table)
+
+    def revoked(self, partitions: list[int]) -> None:
+        """Counts of partitions another worker now owns are that worker's (it recovers them); the
+        rows were flushed by the commit that precedes this call."""
+        prefixes = tuple(f"{p}/".encode() for p in partitions)
+        data = self.popularity_table.data
+        for key in [k for k in data if k.startswith(prefixes)]:
+            del data[key]
         self.items.rebuild_popularity(self.popularity_table)
 
     def flush(self) -> None:

@@ -224,6 +224,16 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
     finally:
         loop.stop()
     assert features.items.popularity == {"a": 12, "b": 6}
+    # A rebalance that takes a partition away takes its counts along (its new owner recovers them).
+    rows = dict(features.popularity_table.data)
+    gone = int(next(iter(rows)).split(b"/")[0])
+    features.revoked([gone])
+    kept: dict[str, int] = {}
+    for key, value in rows.items():
+        partition, item = key.decode().split("/")
+        if int(partition) != gone:
+            kept[item] = kept.get(item, 0) + int(value)
+    assert features.items.popularity == kept and sum(kept.values()) < 18
 
     features, loop = start()
     try:
