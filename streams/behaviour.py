@@ -156,7 +156,13 @@ class BehaviourLoop(ConsumerThread):
                 self._commit_acknowledged()
             self._commit()
         finally:
-            self._consumer.close()
+            try:
+                self._consumer.close()  # revokes: the last commit, which flushes the producer
+            finally:
+                # Release the librdkafka handle: left to the garbage collector, its threads keep
+                # reconnecting (and logging) after the broker is gone. Nothing uses it after the loop.
+                self.producer.flush(FLUSH_TIMEOUT_S)
+                self.producer.close()
 
     # --- rebalance ----------------------------------------------------------------------------
 
