@@ -67,6 +67,8 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
     if "triton_timeout_s" not in settings.model_fields_set:
         settings = settings.model_copy(update={"triton_timeout_s": DEMO_TRITON_TIMEOUT_S})
     stack = LocalStack(settings)
+    if stack.worker.pid() is not None:
+        print("a stream worker is already running (`make up`): the demo uses it with the settings it was started with")
     print("starting Kafka, Triton and the stream worker ...")
     t0 = time.perf_counter()
     stack.up()
