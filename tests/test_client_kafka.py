@@ -208,6 +208,7 @@ def test_close_delivers_then_releases_the_handle_once(settings: Settings) -> Non
     consumer = EventConsumer(settings, ["behaviour"], group_id="closed")
     (got,) = drain(consumer, 1)
     consumer.close()
+    consumer.close()  # idempotent too: its dead-letter producer and consumer are released once
     assert got.event.user_id == "carol"
     with pytest.raises(RuntimeError):  # the librdkafka handle is gone: nothing is sent by mistake
         producer.send("behaviour", BehaviourEvent(type="click", user_id="carol", item_id="i4"))

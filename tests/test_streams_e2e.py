@@ -416,6 +416,16 @@ def test_off_policy_estimate_from_the_workers_logs(
             assert report["logging_policies"] == {"pl:2": n} and report["target_mass_unsupported"] < 0.05
             for est in report["estimates"]:
                 assert est["low"] <= truth <= est["high"], (target, est, truth, report)
+        table = subprocess.run(
+            [sys.executable, "-m", "recstream.cli", "ope", "greedy"],
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        assert f"{n} logged requests" in table and "95% CI" in table, table
+        assert [line.split()[0] for line in table.splitlines()[-3:]] == ["ips", "snips", "dr"], table
     finally:
         worker.stop()
 

@@ -60,6 +60,7 @@ class EventConsumer:
         }
         conf.update(config)
         self._consumer = Consumer(conf)
+        self._closed = False
         self._consumer.subscribe(list(self._specs))
         self._dlq_producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
         self.dead_letters = DeadLetterSink(
@@ -104,8 +105,15 @@ class EventConsumer:
         return self._consumer.assignment()
 
     def close(self) -> None:
-        self._dlq_producer.flush(10)
-        self._consumer.close()
+        """Flush the dead letters, then release both librdkafka handles (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._dlq_producer.flush(10)
+        finally:
+            self._dlq_producer.close()
+            self._consumer.close()
 
     def __enter__(self) -> EventConsumer:
         return self
