@@ -372,17 +372,7 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
         row_of = {c.item_id: int(i) for c, i in zip(pool, top, strict=True)}
         for x in policy.rank([c.item_id for c in pool], -np.arange(len(pool), dtype=np.float64), cfg.k, rng):
             clicked = bool(rng.random() < rel[row_of[x.item_id]] * exam[x.position])
-            examples.append(
-                TrainingExample(
-                    request_id=rl.request_id,
-                    user_id=rl.user_id,
-                    item_id=x.item_id,
-                    position=x.position,
-                    propensity=x.propensity,
-                    clicked=clicked,
-                    label=float(clicked),
-                )
-            )
+            examples.append(rl.outcome(x.item_id, x.position, x.propensity, clicked))
     report = evaluate_logs(logs, examples, "greedy")
     online = truth / (cfg.ope_requests * cfg.k)
     return {

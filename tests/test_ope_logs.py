@@ -61,17 +61,7 @@ def _logs(
         ids_in_order = [c.item_id for c in pool]
         for s in policy.rank(ids_in_order, -np.arange(POOL, dtype=np.float64), k, rng):
             clicked = bool(rng.random() < attract[int(s.item_id)] * EXAM[s.position])
-            examples.append(
-                TrainingExample(
-                    request_id=rl.request_id,
-                    user_id=rl.user_id,
-                    item_id=s.item_id,
-                    position=s.position,
-                    propensity=s.propensity,
-                    clicked=clicked,
-                    label=float(clicked),
-                )
-            )
+            examples.append(rl.outcome(s.item_id, s.position, s.propensity, clicked))
     return logs, examples, attract
 
 

@@ -202,6 +202,21 @@ class RankingLog(Event):
     pool: list[PoolCandidate] = Field(description="Candidates the policy drew from, in the order it ranked by")
     greedy: list[PoolCandidate] = Field(description="The answer the greedy policy would have given, in order")
 
+    def outcome(self, item_id: str, position: int, propensity: float, clicked: bool) -> TrainingExample:
+        """The training example the feedback joiner writes for one shown slot of this answer: what a
+        simulator replays to produce logs in production's shape for off-policy evaluation."""
+        return TrainingExample(
+            request_id=self.request_id,
+            user_id=self.user_id,
+            session_id=self.session_id,
+            item_id=item_id,
+            position=position,
+            propensity=propensity,
+            model_version=self.model_version,
+            clicked=clicked,
+            label=1.0 if clicked else 0.0,
+        )
+
 
 class TrainingExample(Event):
     """An impression joined with what followed it, for the continual learner."""
