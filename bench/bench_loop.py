@@ -54,7 +54,7 @@ from recstream.continual import (
 from recstream.explore import Greedy, LiftThompson, PlackettLuce, RankingPolicy
 from recstream.models.ranker import ITEM_DIM, RankerConfig, RankerNet, new_ranker
 from recstream.ope import LoggedData, doubly_robust, ips, snips
-from recstream.simulator import Request, SimConfig, Simulator, load_simulator
+from recstream.simulator import LivePopularity, Request, SimConfig, Simulator, load_simulator
 
 log = logging.getLogger("bench.loop")
 
@@ -81,6 +81,9 @@ class LoopConfig(BaseModel):
         default_factory=lambda: ReplayConfig(recent_capacity=6000, reservoir_capacity=20000, recent_fraction=0.7)
     )
     gate: GateConfig = Field(default_factory=lambda: GateConfig(tolerance=0.01))
+    live_popularity: bool = Field(
+        True, description="Each arm's clicks feed its popularity feature, as the stream's item-popularity table does"
+    )
     triton: bool = True
 
 
@@ -136,8 +139,17 @@ def user_segment(sim: Simulator, user: int) -> str:
 class Arm:
     """One system under test: a live model, a policy, and (optionally) a continual learner."""
 
-    def __init__(self, name: str, net: RankerNet, policy: RankingPolicy, learn: bool, cfg: LoopConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        net: RankerNet,
+        policy: RankingPolicy,
+        learn: bool,
+        cfg: LoopConfig,
+        popularity: LivePopularity,
+    ) -> None:
         self.name = name
+        self.popularity = copy.deepcopy(popularity)  # each system's clicks make its own items popular
         self.live = copy.deepcopy(net)
         self.policy = policy
         self.learn = learn
@@ -156,14 +168,16 @@ class Arm:
         if mode == "category":
             return cats.tolist()
         if mode == "category_age":  # new releases (no interaction history yet) pooled apart per category
-            age = np.where(sim.feature_counts[r.candidates] > 0, "old", "new")
+            age = np.where(self.popularity.counts[r.candidates] > 0, "old", "new")
             return [f"{c}|{a}" for c, a in zip(cats, age, strict=True)]
         seg = user_segment(sim, r.user)
         return [f"{seg}|{c}" for c in cats]
 
     def serve(self, sim: Simulator, reqs: list[Request], click_rng: np.random.Generator) -> dict[str, float]:
+        # Popularity features as of the start of the round (a round's clicks count from the next one).
+        reqs = [self.popularity.view(r) for r in reqs]
         scores = score_requests(self.live, reqs)
-        clicks_total, slots, ndcg = 0.0, 0, []
+        clicks_total, slots, ndcg, hot_slots = 0.0, 0, [], 0.0
         new: list[Example] = []
         observe = getattr(self.policy, "observe", None)  # policies that learn online from each click
         for r, s in zip(reqs, scores, strict=True):
@@ -177,6 +191,8 @@ class Arm:
             rows = np.array([row_of[x.item_id] for x in shown])
             p = sim.click_probability(r.user, r.candidates[rows], np.array([x.position for x in shown]))
             c = (click_rng.random(len(p)) < p).astype(np.float64)
+            self.popularity.add(r.candidates[rows], c)
+            hot_slots += float(sim.hot[r.candidates[rows]].sum()) if sim.drifted else 0.0
             if observe is not None:
                 for x, j, cl in zip(shown, rows, c, strict=True):
                     observe(x.item_id, x.position, float(s[j]), float(cl), groups[j])
@@ -185,7 +201,7 @@ class Arm:
             ndcg.append(sim.ndcg_at_k(r.user, r.candidates, np.argsort(-s, kind="stable"), self.cfg.k))
             new += log_examples(r, shown, rows, c, f"v{self.version}")
         self.buffer.extend(new)
-        return {"ctr": clicks_total / slots, "ndcg10": float(np.mean(ndcg))}
+        return {"ctr": clicks_total / slots, "ndcg10": float(np.mean(ndcg)), "hot_share": hot_slots / slots}
 
     def update(self, features: SimFeatures) -> dict[str, Any]:
         if not self.learn:
@@ -225,15 +241,18 @@ def explore_policy(cfg: LoopConfig, sample: bool = True) -> LiftThompson:
     )
 
 
-def pretrain(sim: Simulator, cfg: LoopConfig, features: SimFeatures) -> tuple[RankerNet, list[Example]]:
-    """v1: trained on logs of a uniformly random policy before the drift."""
+def pretrain(sim: Simulator, cfg: LoopConfig, features: SimFeatures) -> tuple[RankerNet, list[Example], LivePopularity]:
+    """v1: trained on logs of a uniformly random policy before the drift; the popularity every arm
+    starts from includes the warm-up's clicks."""
     rng = np.random.default_rng(cfg.seed + 7)
     logs: list[Example] = []
+    popularity = LivePopularity(sim)
     for _ in tqdm(range(cfg.warmup_requests), desc="warm-up logs", leave=False):
-        r = sim.request(int(rng.integers(sim.n_users)), rng)
+        r = popularity.view(sim.request(int(rng.integers(sim.n_users)), rng))
         rows = rng.permutation(len(r.candidates))[: cfg.k]
         p = sim.click_probability(r.user, r.candidates[rows], np.arange(len(rows)))
         c = (rng.random(len(p)) < p).astype(np.float64)
+        popularity.add(r.candidates[rows], c)
         prop = 1.0 / len(r.candidates)  # uniform permutation: P(item at slot) = 1/n exactly
         for pos, (j, cl) in enumerate(zip(rows, c, strict=True)):
             logs.append(
@@ -245,15 +264,17 @@ def pretrain(sim: Simulator, cfg: LoopConfig, features: SimFeatures) -> tuple[Ra
     pre = LearnerConfig(mode="full", steps=cfg.pretrain_steps, lr=2e-3, exam_eta=0.0, seed=cfg.seed)
     net, stats = fine_tune(base, logs, features, pre)
     log.info("pretrained v1: %s", stats)
-    return net, logs
+    return net, logs, popularity
 
 
-def run_loop(sim: Simulator, cfg: LoopConfig, base: RankerNet, features: SimFeatures) -> dict[str, Any]:
+def run_loop(
+    sim: Simulator, cfg: LoopConfig, base: RankerNet, features: SimFeatures, popularity: LivePopularity
+) -> dict[str, Any]:
     arms = [
-        Arm("frozen", base, Greedy(), learn=False, cfg=cfg),
-        Arm("continual", base, Greedy(), learn=True, cfg=cfg),
-        Arm("explore", base, explore_policy(cfg), learn=True, cfg=cfg),
-        Arm("exploit_lift", base, explore_policy(cfg, sample=False), learn=True, cfg=cfg),
+        Arm("frozen", base, Greedy(), learn=False, cfg=cfg, popularity=popularity),
+        Arm("continual", base, Greedy(), learn=True, cfg=cfg, popularity=popularity),
+        Arm("explore", base, explore_policy(cfg), learn=True, cfg=cfg, popularity=popularity),
+        Arm("exploit_lift", base, explore_policy(cfg, sample=False), learn=True, cfg=cfg, popularity=popularity),
     ]
     user_rng = np.random.default_rng(cfg.seed + 11)
     curves: dict[str, list[dict[str, float]]] = {a.name: [] for a in arms}
@@ -288,7 +309,7 @@ def ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, logger: str) -> dict[st
     rows: dict[str, list[float]] = {k: [] for k in ("req", "click", "p", "pt", "q")}
     dm, truth = [], 0.0
     for r_i in tqdm(range(cfg.ope_requests), desc=f"OPE logs ({logger})", leave=False):
-        r = sim.request(int(rng.integers(sim.n_users)), rng)
+        r = arm.popularity.view(sim.request(int(rng.integers(sim.n_users)), rng))
         s = score_requests(arm.live, [r])[0]
         ids = [str(int(i)) for i in r.candidates]
         row_of = {iid: j for j, iid in enumerate(ids)}
@@ -353,7 +374,7 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
     truth = 0.0
     exam = sim.exam(np.arange(cfg.k))
     for r_i in tqdm(range(cfg.ope_requests), desc=f"OPE production logs ({spec})", leave=False):
-        r = sim.request(int(rng.integers(sim.n_users)), rng)
+        r = arm.popularity.view(sim.request(int(rng.integers(sim.n_users)), rng))
         s = score_requests(arm.live, [r])[0]
         rel = sim.relevance(r.user, r.candidates)
         top = greedy_order(s)[: EXPLORE_POOL_FACTOR * cfg.k]
@@ -532,10 +553,10 @@ def run_seed(cfg: LoopConfig) -> dict[str, Any]:
     """One independent repetition: its own simulator (tastes, drift, hits), warm-up logs, v1 and loop."""
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
-    sim = load_simulator(SimConfig(seed=cfg.seed))
+    sim = load_simulator(SimConfig(seed=cfg.seed, live_popularity=cfg.live_popularity))
     features = SimFeatures(sim)
-    base, _ = pretrain(sim, cfg, features)
-    out = run_loop(sim, cfg, base, features)
+    base, _, popularity = pretrain(sim, cfg, features)
+    out = run_loop(sim, cfg, base, features, popularity)
     out.update(sim=sim, features=features, base=base, wall_s=time.monotonic() - t0)
     return out
 
@@ -563,6 +584,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         for a in ARMS:
             row[f"ctr_{a}"] = phase_means(out["curves"][a], *late, "ctr")
             row[f"ndcg10_{a}"] = phase_means(out["curves"][a], *late, "ndcg10")
+            row[f"hot_share_{a}"] = phase_means(out["curves"][a], *late, "hot_share")
             seed_curves[a].append(out["curves"][a])
             arm_stats[a].append(out["arms"][a])
         row["ctr_explore_minus_continual"] = row["ctr_explore"] - row["ctr_continual"]
@@ -582,7 +604,14 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     burst_user_rng = np.random.default_rng(cfg.seed + 5)
     # The burst only carries the measurement; it is logged by the same Plackett-Luce policy as in
     # earlier runs (a fresh Thompson layer knows nothing yet and would make a noisier burst).
-    burst_arm = Arm("burst", base, PlackettLuce(0.5, greedy_slots=2), learn=False, cfg=cfg)
+    burst_arm = Arm(
+        "burst",
+        base,
+        PlackettLuce(0.5, greedy_slots=2),
+        learn=False,
+        cfg=cfg,
+        popularity=first["live"]["explore"].popularity,
+    )
     reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
     burst_arm.serve(sim, reqs, np.random.default_rng(3))
     c2l: dict[str, Any]
@@ -608,6 +637,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
                     "ctr_sd": float(np.std([p["ctr"] for p in pts], ddof=1)) if len(pts) > 1 else 0.0,
                     "ndcg10": float(np.mean([p["ndcg10"] for p in pts])),
                     "ndcg10_sd": float(np.std([p["ndcg10"] for p in pts], ddof=1)) if len(pts) > 1 else 0.0,
+                    "hot_share": float(np.mean([p["hot_share"] for p in pts])),
                 }
             )
     rows = []
@@ -620,7 +650,9 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         row["refusals"] = float(np.mean([s["refusals"] for s in arm_stats[a]]))
         rows.append(row)
 
-    ci = {f"{m}_{a}": t_interval([r[f"{m}_{a}"] for r in per_seed]) for m in ("ctr", "ndcg10") for a in ARMS}
+    ci = {
+        f"{m}_{a}": t_interval([r[f"{m}_{a}"] for r in per_seed]) for m in ("ctr", "ndcg10", "hot_share") for a in ARMS
+    }
     diffs = {
         "explore_minus_continual": t_interval([r["ctr_explore"] - r["ctr_continual"] for r in per_seed]),
         "explore_minus_frozen": t_interval([r["ctr_explore"] - r["ctr_frozen"] for r in per_seed]),
@@ -700,7 +732,13 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         f"MovieLens-100k simulator, drift at round {c['drift_round']} of {c['rounds']}, "
         f"{c['users_per_round']} requests/round, k={c['k']}; {n} seeds {r['seeds']} (each its own simulator, "
         f"warm-up and v1; the arms of a seed share requests and click random numbers). "
-        f"Wall {r['wall_s']:.0f} s.",
+        + (
+            "Popularity is live: each arm's clicks add to its own popularity feature (refreshed every round), as "
+            "the stream worker's item-popularity table counts behaviour events. "
+            if c["live_popularity"]
+            else "Popularity feature fixed at the catalogue's counts (the protocol before live popularity). "
+        )
+        + f"Wall {r['wall_s']:.0f} s.",
         "",
         "Exploration arm: Thompson sampling of a per-item click lift over the ranker's scores "
         f"(Gamma posterior, item prior weight {c['explore_prior']:g}, pooled per {c['explore_groups']} with prior "
@@ -712,11 +750,13 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         "",
         f"## Late window ({r['metric_window']})",
         "",
-        "| arm | CTR late, mean [95% CI] | NDCG@10 late, mean [95% CI] |",
-        "|---|---|---|",
+        "| arm | CTR late, mean [95% CI] | NDCG@10 late, mean [95% CI] | shown slots that are new hits |",
+        "|---|---|---|---|",
     ]
     for a in ARMS:
-        lines.append(f"| {a} | {_ci(r['ci'][f'ctr_{a}'])} | {_ci(r['ci'][f'ndcg10_{a}'])} |")
+        lines.append(
+            f"| {a} | {_ci(r['ci'][f'ctr_{a}'])} | {_ci(r['ci'][f'ndcg10_{a}'])} | {_ci(r['ci'][f'hot_share_{a}'])} |"
+        )
     lines += [
         "",
         "| paired CTR difference (per seed) | mean [95% CI, per comparison] | seeds > 0 | paired t p | Holm p |",

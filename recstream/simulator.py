@@ -16,8 +16,14 @@ with position bias exam(j) = 1 / (1 + j) ** eta (users look less at lower slots)
 Drift (`drift()`): tastes rotate - every user's genre shares move to the next genre in a fixed
 cyclic order, the trend vector is replaced by another one, old real "likes" stop counting, and
 `hot_fraction` of the items are released as new hits (+a_hot logit): they are not candidates before
-the drift and have no interaction history (popularity feature 0) after it, so a greedy ranker that
-learnt "popular = good" never shows them - only exploration can find out.
+the drift and have no interaction history (popularity feature 0) when they arrive, so a greedy ranker
+that learnt "popular = good" does not show them - only showing them reveals them.
+
+Popularity is live (`LivePopularity`, on by default): the ranker's popularity feature counts the
+catalogue's real interactions plus every click the simulated users make on what a system showed
+them, as the stream worker's item-popularity table counts behaviour events. What a system shows
+therefore changes what its ranker sees next (a hit that gets clicked becomes "popular"; one that is
+never shown stays at 0) - the feedback loop that exploration exists to break.
 
 What the ranker sees: item vectors (a fixed random projection of the genre multi-hot plus item
 noise, 384-d, unit norm; a stand-in for text embeddings that keeps the bench seconds-fast) and a
@@ -27,13 +33,13 @@ not let the session drift, so only learning can follow the change).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, candidate_features
+from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, candidate_features, popularity_feature
 
 
 class SimConfig(BaseModel):
@@ -50,6 +56,9 @@ class SimConfig(BaseModel):
     item_noise: float = Field(0.5, description="Item-specific share of the item vectors")
     hot_fraction: float = Field(0.05, description="Share of items that become hits at the drift")
     a_hot: float = Field(2.0, description="Logit boost of a hit after the drift")
+    live_popularity: bool = Field(
+        True, description="Clicks in the loop add to the popularity feature (False: the catalogue's counts, fixed)"
+    )
 
 
 @dataclass
@@ -207,6 +216,28 @@ class Simulator:
         dcg = float((rel[order[:k]] * disc[: len(order[:k])]).sum())
         ideal = float((np.sort(rel)[::-1][:k] * disc[: min(k, len(rel))]).sum())
         return dcg / ideal if ideal > 0 else 0.0
+
+
+class LivePopularity:
+    """One system's view of item popularity: the catalogue's counts plus the clicks its own answers
+    earned. Each system under test keeps its own (what it showed decides what it learns is popular)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.counts = sim.feature_counts.copy()
+        self.live = sim.cfg.live_popularity
+
+    def add(self, items: np.ndarray, clicks: np.ndarray) -> None:
+        """Clicks on shown items (impressions without a click do not count, as in the stream)."""
+        if self.live:
+            np.add.at(self.counts, np.asarray(items, dtype=np.int64), np.asarray(clicks, dtype=np.float64))
+
+    def view(self, req: Request) -> Request:
+        """The request with its popularity feature computed from these counts."""
+        if not self.live:
+            return req
+        feats = req.cand_features.copy()
+        feats[:, 1] = popularity_feature(self.counts[req.candidates], float(self.counts.max()))
+        return replace(req, cand_features=feats)
 
 
 def load_simulator(cfg: SimConfig | None = None, dataset: str = "ml-100k") -> Simulator:

@@ -63,3 +63,31 @@ def test_clicks_follow_probabilities(sim: Simulator) -> None:
     pos = np.zeros(len(items))
     c = sim.clicks(1, items, pos).reshape(5, 4000).mean(1)
     np.testing.assert_allclose(c, sim.click_probability(1, np.arange(5), np.zeros(5)), atol=0.03)
+
+
+def test_live_popularity_counts_clicks_per_system() -> None:
+    """Clicks raise the clicked item's popularity feature in that system's view only; a fixed
+    simulator leaves the catalogue's feature untouched."""
+    from recstream.simulator import LivePopularity
+
+    data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
+    sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=10))
+    req = sim.request(0, np.random.default_rng(0))
+    shown, other = LivePopularity(sim), LivePopularity(sim)
+    np.testing.assert_allclose(shown.view(req).cand_features, req.cand_features, atol=1e-6)
+    low = int(np.argmin(req.cand_features[:, 1]))
+    item = req.candidates[low]
+    shown.add(np.array([item, item]), np.array([1.0, 1.0]))
+    shown.add(np.array([item]), np.array([0.0]))  # an impression without a click does not count
+    assert shown.counts[item] == sim.feature_counts[item] + 2
+    after = shown.view(req).cand_features
+    assert after[low, 1] > req.cand_features[low, 1]
+    np.testing.assert_allclose(np.delete(after, 1, axis=1), np.delete(req.cand_features, 1, axis=1))
+    np.testing.assert_allclose(other.view(req).cand_features, req.cand_features, atol=1e-6)
+
+    fixed = Simulator(
+        data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=10, live_popularity=False)
+    )
+    frozen = LivePopularity(fixed)
+    frozen.add(np.array([item]), np.array([1.0]))
+    assert frozen.view(req) is req and frozen.counts[item] == fixed.feature_counts[item]

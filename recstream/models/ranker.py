@@ -107,6 +107,11 @@ def build_features(context: torch.Tensor, candidates: torch.Tensor, cand_feature
     )
 
 
+def popularity_feature(counts: np.ndarray, max_count: float) -> np.ndarray:
+    """Interactions per candidate on a log scale, 1 = the catalogue's most interacted item."""
+    return (np.log1p(np.asarray(counts, dtype=np.float64)) / np.log1p(max(max_count, 1.0))).astype(np.float32)
+
+
 def candidate_features(
     retrieval_scores: np.ndarray,
     candidate_counts: np.ndarray,
@@ -125,7 +130,7 @@ def candidate_features(
     n = len(candidate_categories)
     out = np.zeros((n, N_CAND_FEATURES), dtype=np.float32)
     out[:, 0] = np.asarray(retrieval_scores, dtype=np.float32)
-    out[:, 1] = np.log1p(np.asarray(candidate_counts, dtype=np.float64)) / np.log1p(max(max_count, 1.0))
+    out[:, 1] = popularity_feature(candidate_counts, max_count)
     recent = list(recent_categories)[-AFFINITY_WINDOW:]
     if recent:
         share: dict[str, float] = {}
