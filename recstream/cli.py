@@ -11,11 +11,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from tqdm import tqdm
 
-from recstream.config import get_settings
+from recstream.config import Settings, get_settings
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 
 app = typer.Typer(help="recstream: real-time search and recommendation on Kafka", no_args_is_help=True)
@@ -134,15 +135,46 @@ def dead_letters(topic: str = typer.Argument("behaviour")) -> None:
     tail(dead_letter_topic(name), from_beginning=True, limit=0, timeout_s=3)
 
 
+def _pool_rescorer(settings: Settings, version: int, logs: list[Any], timeout_s: float) -> Any:
+    """Model `version` from the registry, ready to rescore the logged pools: item vectors are the
+    catalog texts' embeddings (the encoder the catalog indexer uses), only for pooled items."""
+    from recstream.client.consumer import read_to_end
+    from recstream.contracts.events import ItemUpsert
+    from recstream.models.encoder import TextEncoder
+    from recstream.models.export import load_exported, versions
+    from recstream.ope_logs import PoolRescorer
+
+    available = versions(settings.model_repo)
+    if version not in available:
+        raise ValueError(f"no model version {version} in {settings.model_repo} (versions: {available})")
+    ranker = load_exported(settings.model_repo, version=version)
+    pooled = {c.item_id for rl in logs for c in rl.pool}
+    upserts, _ = read_to_end(
+        settings, "catalog", timeout_s, keep=lambda ev: isinstance(ev, ItemUpsert) and ev.item_id in pooled
+    )
+    latest = {ev.item_id: ev for ev in upserts}  # type: ignore[attr-defined]
+    if not latest:
+        return PoolRescorer(ranker.net, {})  # every pool is reported unusable: its items are not in the catalog
+    vectors = TextEncoder().encode([ev.text() for ev in latest.values()])
+    return PoolRescorer(ranker.net, dict(zip(latest, vectors, strict=True)))
+
+
 @app.command()
 def ope(
     target: str = typer.Argument(..., help="candidate policy: greedy | pl:T[:HEAD] | eps:E[:SLOTS]"),
+    model_version: int | None = typer.Option(
+        None,
+        "--model-version",
+        help="rank the logged pools with this version from the model registry (e.g. one not yet live) "
+        "and compare it with the logging model",
+    ),
     timeout_s: float = typer.Option(120.0, help="give up reading the logs after this many seconds"),
     confidence: float = typer.Option(0.95, help="confidence level of the intervals"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Estimate a candidate ranking policy's click-through rate from the live policy's logs
-    (ranking-log joined with training-examples; IPS, SNIPS and doubly robust, 95% CIs)."""
+    (ranking-log joined with training-examples; IPS, SNIPS and doubly robust, 95% CIs); with
+    --model-version, the policy acting on another model version's order of the logged pools."""
     from recstream.client.consumer import read_to_end
     from recstream.ope_logs import check_target, evaluate_logs
 
@@ -155,7 +187,15 @@ def ope(
         examples, bad_examples = read_to_end(
             settings, "training-examples", timeout_s, keep=lambda ex: ex.request_id in logged
         )
-        report = evaluate_logs(logs, examples, target, confidence)  # type: ignore[arg-type]
+        rescore = None if model_version is None else _pool_rescorer(settings, model_version, logs, timeout_s)
+        report = evaluate_logs(
+            logs,  # type: ignore[arg-type]
+            examples,  # type: ignore[arg-type]
+            target,
+            confidence,
+            rescore,
+            None if model_version is None else str(model_version),
+        )
     except (ValueError, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -172,6 +212,10 @@ def ope(
     typer.echo(f"{'method':<8} {'CTR':>8}  {report.confidence:.0%} CI")
     for e in report.estimates:
         typer.echo(f"{e.method:<8} {e.ctr:>8.4f}  [{e.low:.4f}, {e.high:.4f}]")
+    if report.candidate_model is not None:
+        typer.echo(f"model version {report.candidate_model} - logging model, same policy over the same pools:")
+        for e in report.versus_logging_model:
+            typer.echo(f"{e.method:<8} {e.ctr:>+8.4f}  [{e.low:+.4f}, {e.high:+.4f}]")
     for w in report.warnings:
         typer.echo(f"warning: {w}", err=True)
 

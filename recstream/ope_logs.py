@@ -23,12 +23,20 @@ skipped and counted by reason, never fatal. A target that puts mass where the lo
 that explore only the first slots - cannot be estimated there by IPS/SNIPS; that mass is reported
 (`target_mass_unsupported`) and those estimates are biased low by up to it. Doubly robust fills
 those cells with its click model.
+
+A candidate *model version* is evaluated the same way (`rescore=`): it ranks each logged pool by
+its own logits, recomputed from the inputs the worker served with (the logged context vector and
+candidate features, plus the item vectors), and the target policy acts on that order. The answer
+is compared with the logging model's own order over the same pool by paired differences
+(`versus_logging_model`): same requests, same clicks, so most of the noise cancels. Both rank the
+logged pool by pure score (no category cap), and items the logging model left out of the pool are
+out of reach - an estimate of a new model *within the pools the live one drew*.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +45,7 @@ from pydantic import BaseModel, Field
 
 from recstream.contracts.events import RankingLog, TrainingExample
 from recstream.explore.feedback import learns_online
-from recstream.explore.policies import PlackettLuce, RankingPolicy, make_policy
+from recstream.explore.policies import PlackettLuce, RankingPolicy, greedy_order, make_policy
 from recstream.ope import LoggedData, doubly_robust, ips, snips
 
 #: A cell the logging policy fills less often than this is treated as unsupported: a weight above
@@ -73,6 +81,11 @@ class OpeReport(BaseModel):
         description="Share of the target's slots the logging policy (practically) never fills "
         "(None: unknown for ts logs, which carry only the shown slots' propensities)"
     )
+    candidate_model: str | None = Field(None, description="The model version that ranked the pools (None: logged)")
+    versus_logging_model: list[OpeEstimate] = Field(
+        default_factory=list,
+        description="Paired difference candidate - logging model, same policy over the same pools (IPS and DR)",
+    )
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -86,6 +99,36 @@ class LoggedRequest:
 
 class UnusableLog(ValueError):
     """A logged request that cannot enter the estimate; the message is the reason it is counted under."""
+
+
+#: A candidate model's logits for a logged request's pool, in pool order (UnusableLog if it cannot).
+Rescorer = Callable[[LoggedRequest], np.ndarray]
+
+
+class PoolRescorer:
+    """Rescores logged pools with another model version, from the inputs the worker served with:
+    the logged CONTEXT vector and CAND_FEATURES rows, and each item's vector (`item_vectors`, the
+    catalog's text embeddings, as retrieval returned them)."""
+
+    def __init__(self, net: Callable[..., object], item_vectors: Mapping[str, np.ndarray]) -> None:
+        self.net = net
+        self.item_vectors = item_vectors
+
+    def __call__(self, lr: LoggedRequest) -> np.ndarray:
+        import torch
+
+        rl = lr.log
+        if rl.context is None or any(c.features is None for c in rl.pool):
+            raise UnusableLog("logged without the ranker's inputs (heuristic ranker or an older worker)")
+        missing = [c.item_id for c in rl.pool if c.item_id not in self.item_vectors]
+        if missing:
+            raise UnusableLog("a pool item is not in the catalog")
+        context = torch.tensor([rl.context], dtype=torch.float32)
+        items = torch.from_numpy(np.stack([self.item_vectors[c.item_id] for c in rl.pool]).astype(np.float32))
+        feats = torch.tensor([c.features for c in rl.pool], dtype=torch.float32)
+        with torch.inference_mode():
+            out = self.net(context, items[None], feats[None])
+        return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
 def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tuple[list[LoggedRequest], int]:
@@ -156,8 +199,11 @@ class _Rows:
     unsupported: float | None
 
 
-def _rows(lr: LoggedRequest, target: str) -> _Rows:
-    """Logging and target propensities of one request's shown slots; UnusableLog if it has none."""
+def _rows(lr: LoggedRequest, target: str, order: np.ndarray | None = None) -> _Rows:
+    """Logging and target propensities of one request's shown slots; UnusableLog if it has none.
+
+    order: the target ranks the pool in this order (pool indices, best first) instead of the
+    logged one; a greedy target then shows the first k of it."""
     rl, k = lr.log, len(lr.slots)
     n = len(rl.pool)
     if k == 0:
@@ -174,7 +220,15 @@ def _rows(lr: LoggedRequest, target: str) -> _Rows:
     m_log = None if learns_online(logging_policy) else _marginals(rl.policy_spec, n, k)
     q = _sigmoid(np.array([c.score for c in rl.pool]))[:, None] * _examination(k)[None, :]
     exam = _examination(k)
-    if target == "greedy":
+    if order is not None:
+        if target == "greedy":
+            m_target = np.zeros((n, k))
+            m_target[order[:k], np.arange(k)] = 1.0
+        else:
+            m_target = np.empty((n, k))
+            m_target[order] = _marginals(target, n, k)  # row r of the marginals = the item ranked r-th
+        outside = outside_dm = 0.0
+    elif target == "greedy":
         m_target = np.zeros((n, k))
         outside_dm = outside = 0.0
         for j, c in enumerate(rl.greedy[:k]):
@@ -204,19 +258,56 @@ def _rows(lr: LoggedRequest, target: str) -> _Rows:
     )
 
 
-def evaluate(requests: Sequence[LoggedRequest], target: str, confidence: float = 0.95) -> OpeReport:
+def _logged_data(used: Sequence[_Rows], paired_with: Sequence[_Rows] | None = None) -> LoggedData:
+    """The rows as recstream.ope data; with `paired_with`, target propensities and the click model's
+    value are differences (IPS and DR are linear in them: their estimate is the paired difference)."""
+    p_target = np.concatenate([r.p_target for r in used])
+    dm = np.array([r.dm for r in used])
+    if paired_with is not None:
+        p_target = p_target - np.concatenate([r.p_target for r in paired_with])
+        dm = dm - np.array([r.dm for r in paired_with])
+    return LoggedData(
+        request=np.concatenate([np.full(len(r.click), n) for n, r in enumerate(used)]),
+        click=np.concatenate([r.click for r in used]),
+        propensity=np.concatenate([r.p_log for r in used]),
+        target_propensity=p_target,
+        slots_per_request=np.array([len(r.click) for r in used], dtype=np.float64),
+        q_hat=np.concatenate([r.q_hat for r in used]),
+        dm=dm,
+    )
+
+
+def evaluate(
+    requests: Sequence[LoggedRequest],
+    target: str,
+    confidence: float = 0.95,
+    rescore: Rescorer | None = None,
+    candidate_model: str | None = None,
+) -> OpeReport:
     """IPS, SNIPS and doubly robust estimates of `target`'s click-through rate from logged requests.
 
-    The doubly robust click model is the ranker's own: P(click) = sigmoid(logit) / (1 + slot)."""
+    The doubly robust click model is the ranker's own: P(click) = sigmoid(logit) / (1 + slot).
+    With `rescore` the target acts on the candidate model's order of each pool (see the module doc)
+    and the report adds its paired difference with the logging model's order."""
     target = target.strip()
     check_target(target)
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
     used: list[tuple[LoggedRequest, _Rows]] = []
+    baseline: list[_Rows] = []
     invalid: Counter[str] = Counter()
     for lr in requests:
         try:
-            used.append((lr, _rows(lr, target)))
+            if rescore is None:
+                used.append((lr, _rows(lr, target)))
+                continue
+            scores = np.asarray(rescore(lr), dtype=np.float64)
+            if scores.shape != (len(lr.log.pool),) or not np.all(np.isfinite(scores)):
+                raise UnusableLog("the candidate model gave no finite score per pool item")
+            logged_order = greedy_order(np.array([c.score for c in lr.log.pool]))
+            rows = _rows(lr, target, greedy_order(scores))
+            baseline.append(_rows(lr, target, logged_order))
+            used.append((lr, rows))
         except UnusableLog as exc:
             invalid[str(exc)] += 1
     if not used:
@@ -225,17 +316,16 @@ def evaluate(requests: Sequence[LoggedRequest], target: str, confidence: float =
             "and does the application log impressions and clicks?"
             + (f" (left out: {dict(invalid)})" if invalid else "")
         )
-    data = LoggedData(
-        request=np.concatenate([np.full(len(r.click), n) for n, (_, r) in enumerate(used)]),
-        click=np.concatenate([r.click for _, r in used]),
-        propensity=np.concatenate([r.p_log for _, r in used]),
-        target_propensity=np.concatenate([r.p_target for _, r in used]),
-        slots_per_request=np.array([len(r.click) for _, r in used], dtype=np.float64),
-        q_hat=np.concatenate([r.q_hat for _, r in used]),
-        dm=np.array([r.dm for _, r in used]),
-    )
+    data = _logged_data([r for _, r in used])
     alpha = 1.0 - confidence
     estimates = [ips(data, alpha), snips(data, alpha), doubly_robust(data, alpha)]
+    versus: list[OpeEstimate] = []
+    if rescore is not None:
+        paired = _logged_data([r for _, r in used], baseline)
+        versus = [
+            OpeEstimate(method=e.method, ctr=e.value, low=e.low, high=e.high)
+            for e in (ips(paired, alpha), doubly_robust(paired, alpha))
+        ]
     w = data.weights()
     ess = float(w.sum() ** 2 / (w**2).sum()) if (w > 0).any() else 0.0
     known = [r.unsupported for _, r in used if r.unsupported is not None]
@@ -264,16 +354,23 @@ def evaluate(requests: Sequence[LoggedRequest], target: str, confidence: float =
         effective_sample_size=ess,
         max_weight=float(w.max()),
         target_mass_unsupported=mass,
+        candidate_model=candidate_model,
+        versus_logging_model=versus,
         warnings=warnings,
     )
 
 
 def evaluate_logs(
-    logs: Iterable[RankingLog], examples: Iterable[TrainingExample], target: str, confidence: float = 0.95
+    logs: Iterable[RankingLog],
+    examples: Iterable[TrainingExample],
+    target: str,
+    confidence: float = 0.95,
+    rescore: Rescorer | None = None,
+    candidate_model: str | None = None,
 ) -> OpeReport:
     """Join the two topics' records and estimate `target`'s click-through rate (see `evaluate`)."""
     logs = list(logs)
     requests, incomplete = join(logs, examples)
-    report = evaluate(requests, target, confidence)
+    report = evaluate(requests, target, confidence, rescore, candidate_model)
     distinct = len({rl.request_id for rl in logs})
     return report.model_copy(update={"ranking_logs": distinct, "requests_incomplete": incomplete})

@@ -156,8 +156,9 @@ class TritonRanker:
         scores, version = self.score_many([(ctx, candidates)], timeout_s)
         return scores[0], version
 
-    def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""
+    def inputs(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+        """One request's CONTEXT [768] and CAND_FEATURES [n, K] as served: what a ranking log records
+        so that another model version can rescore the candidates offline (with the item vectors)."""
         zeros = _ZEROS
         context = np.concatenate(
             [
@@ -165,7 +166,6 @@ class TritonRanker:
                 ctx.query_vec if ctx.query_vec is not None else zeros,
             ]
         ).astype(np.float32)
-        items = np.stack([c.vector if c.vector is not None else zeros for c in candidates]).astype(np.float32)
         feats = self._features(
             np.array([c.retrieval_score for c in candidates], np.float32),
             np.array([c.popularity for c in candidates], np.float64),
@@ -173,6 +173,12 @@ class TritonRanker:
             ctx.recent_categories,
             ctx.max_popularity,
         )
+        return context, feats
+
+    def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""
+        context, feats = self.inputs(ctx, candidates)
+        items = np.stack([c.vector if c.vector is not None else _ZEROS for c in candidates]).astype(np.float32)
         return context, items, feats
 
     def score_many(

@@ -17,7 +17,7 @@ import pytest
 from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
 from recstream.explore import PlackettLuce, make_policy
 from recstream.ope import LoggedData, ips
-from recstream.ope_logs import evaluate, evaluate_logs, join
+from recstream.ope_logs import UnusableLog, evaluate, evaluate_logs, join
 
 N_ITEMS = 300
 POOL = 12
@@ -197,3 +197,112 @@ def test_learning_logger_uses_logged_marginals_and_learning_target_is_refused() 
         evaluate_logs(logs, examples, "softmax")
     with pytest.raises(ValueError, match="no usable logged requests"):
         evaluate([], "greedy")
+
+
+def _candidate_truth(
+    logs: list[RankingLog], attract: np.ndarray, scores_of: Callable[[RankingLog], np.ndarray]
+) -> float:
+    """Exact CTR of greedy over each pool in the order of `scores_of` (clicks per shown slot)."""
+    clicks = slots = 0.0
+    for rl in logs:
+        ids = np.array([int(c.item_id) for c in rl.pool])
+        top = ids[np.argsort(-scores_of(rl), kind="stable")[: rl.k]]
+        clicks += float((attract[top] * EXAM[: rl.k]).sum())
+        slots += rl.k
+    return clicks / slots
+
+
+def test_a_worse_candidate_model_is_found_worse_within_the_logged_pools() -> None:
+    """A candidate model that ranks each pool by a noisier view of attractiveness than the logging
+    model (a worse version) is estimated at its true CTR by SNIPS and DR, and the paired doubly
+    robust difference with the logging model's greedy order covers the true loss and lies below
+    0: it would be refused before going live. (Checked on 10 seeds of logs: all pass. Plain IPS
+    covers less often here - the candidate reorders the pools, so weights are heavy-tailed; the
+    report's effective sample size says so.)"""
+    logs, examples, attract = _logs(5000, "pl:4", seed=200)
+    rng = np.random.default_rng(0)
+    worse = {rl.request_id: attract[[int(c.item_id) for c in rl.pool]] + rng.normal(0, 0.3, POOL) for rl in logs}
+    report = evaluate_logs(logs, examples, "greedy", rescore=lambda lr: worse[lr.log.request_id], candidate_model="v2")
+    truth = _candidate_truth(logs, attract, lambda rl: worse[rl.request_id])
+    logged_truth = _candidate_truth(logs, attract, lambda rl: np.array([c.score for c in rl.pool]))
+    assert report.candidate_model == "v2" and report.requests == 5000
+    assert truth < logged_truth - 0.03
+    est = {e.method: e for e in report.estimates}
+    for method in ("snips", "dr"):
+        assert est[method].low <= truth <= est[method].high, (est[method], truth)
+    assert [e.method for e in report.versus_logging_model] == ["ips", "dr"]
+    dr = report.versus_logging_model[1]
+    assert dr.low <= truth - logged_truth <= dr.high < 0, (dr, truth - logged_truth)
+
+
+def test_the_logging_model_itself_differs_by_exactly_nothing() -> None:
+    """Rescoring with the model that logged (its own logits) is the same policy: every paired
+    difference is 0 with a zero-width interval, for greedy and for a stochastic target."""
+    logs, examples, _ = _logs(300, "pl:1", seed=8)
+    for target in ("greedy", "pl:0.5:1"):
+        report = evaluate_logs(logs, examples, target, rescore=lambda lr: np.array([c.score for c in lr.log.pool]))
+        for e in report.versus_logging_model:
+            assert e.ctr == pytest.approx(0.0, abs=1e-12) and e.low == pytest.approx(e.high, abs=1e-12), e
+
+
+def test_pools_a_candidate_cannot_score_are_counted() -> None:
+    logs, examples, _ = _logs(60, "pl:1", seed=9)
+
+    def rescore(lr):  # type: ignore[no-untyped-def]
+        n = int(lr.log.request_id[1:])
+        if n < 5:
+            raise UnusableLog("a pool item is not in the catalog")
+        return np.full(len(lr.log.pool), np.nan) if n < 8 else np.zeros(len(lr.log.pool))
+
+    report = evaluate_logs(logs, examples, "greedy", rescore=rescore)
+    assert report.requests == 52
+    assert report.requests_invalid == {
+        "a pool item is not in the catalog": 5,
+        "the candidate model gave no finite score per pool item": 3,
+    }
+
+
+def test_pool_rescorer_reproduces_the_served_logits() -> None:
+    """The ranker's inputs as the worker logs them (context, candidate features, six decimals) plus
+    the item vectors reproduce the logits it served; a log without them is unusable, not fatal."""
+    import torch
+
+    from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
+    from recstream.ope_logs import LoggedRequest, PoolRescorer
+
+    net = new_ranker(RankerConfig(seed=3)).net.eval()
+    rng = np.random.default_rng(3)
+    n = 8
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    context = np.concatenate([unit(rng.normal(size=ITEM_DIM)), np.zeros(CONTEXT_DIM - ITEM_DIM, np.float32)])
+    vectors = {f"i{j}": unit(rng.normal(size=ITEM_DIM)) for j in range(n)}
+    feats = rng.random((n, N_CAND_FEATURES)).astype(np.float32)
+    with torch.inference_mode():
+        served = net(
+            torch.from_numpy(context[None]),
+            torch.from_numpy(np.stack(list(vectors.values()))[None]),
+            torch.from_numpy(feats[None]),
+        ).numpy()[0]
+    pool = [
+        PoolCandidate(item_id=f"i{j}", score=float(served[j]), features=np.round(feats[j], 6).tolist())
+        for j in range(n)
+    ]
+    rl = RankingLog(
+        request_id="r",
+        user_id="u",
+        model_version="1",
+        policy_spec="pl:1",
+        k=3,
+        pool=pool,
+        greedy=pool[:3],
+        context=np.round(context.astype(np.float64), 6).tolist(),
+    )
+    rescored = PoolRescorer(net, vectors)(LoggedRequest(rl, []))
+    np.testing.assert_allclose(rescored, served, rtol=1e-5, atol=1e-4)
+    with pytest.raises(UnusableLog, match="ranker's inputs"):
+        PoolRescorer(net, vectors)(LoggedRequest(rl.model_copy(update={"context": None}), []))
+    with pytest.raises(UnusableLog, match="not in the catalog"):
+        PoolRescorer(net, {})(LoggedRequest(rl, []))

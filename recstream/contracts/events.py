@@ -182,6 +182,11 @@ class PoolCandidate(BaseModel):
     item_id: Id
     score: float = Field(description="The ranker's logit for this request")
     category: str | None = None
+    features: list[float] | None = Field(
+        None,
+        description="The ranker's CAND_FEATURES row as served (recstream.models.ranker.CAND_FEATURE_NAMES order), "
+        "so another model version can rescore the pool offline; None when the ranker is not the learned one",
+    )
 
 
 class RankingLog(Event):
@@ -201,6 +206,11 @@ class RankingLog(Event):
     k: int = Field(ge=1)
     pool: list[PoolCandidate] = Field(description="Candidates the policy drew from, in the order it ranked by")
     greedy: list[PoolCandidate] = Field(description="The answer the greedy policy would have given, in order")
+    context: list[float] | None = Field(
+        None,
+        description="The ranker's CONTEXT input as served (session vector ++ query vector, zeros = none), "
+        "so another model version can rescore the pool offline; None when the ranker is not the learned one",
+    )
 
     def outcome(self, item_id: str, position: int, propensity: float, clicked: bool) -> TrainingExample:
         """The training example the feedback joiner writes for one shown slot of this answer: what a
