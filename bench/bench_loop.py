@@ -75,6 +75,9 @@ class LoopConfig(BaseModel):
     explore_groups: str = Field("category", description="Thompson layer pooling key: category | segment_category")
     explore_mc_samples: int = Field(256, description="Posterior draws behind each logged propensity")
     ope_requests: int = 3000
+    model_ope_logging: str = Field(
+        "pl:3", description="Logging policy whose logs judge other model versions (full support: no greedy head)"
+    )
     ope_mc_samples: int = 2000
     learner: LearnerConfig = Field(default_factory=lambda: LearnerConfig(mode="lora", steps=100, lr=3e-3))
     replay: ReplayConfig = Field(
@@ -356,16 +359,24 @@ def ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, logger: str) -> dict[st
     }
 
 
-def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = "pl:1:1") -> dict[str, Any]:
+def production_ope_check(
+    sim: Simulator, cfg: LoopConfig, arm: Arm, candidates: dict[str, RankerNet] | None = None, spec: str = "pl:1:1"
+) -> dict[str, Any]:
     """The operator's path (`recstream.cli ope greedy`) against the simulator's truth: logs written
     as the worker and the feedback joiner write them - a RankingLog per answer (the model's top
-    EXPLORE_POOL_FACTOR * k candidates in score order, the greedy answer) and a TrainingExample per
-    shown slot (its logged propensity, conditional for Plackett-Luce, and the simulated click) - are
-    evaluated by recstream.ope_logs for the greedy target, on their own fresh requests."""
+    EXPLORE_POOL_FACTOR * k candidates in score order, the greedy answer, the ranker's inputs) and a
+    TrainingExample per shown slot (its logged propensity, conditional for Plackett-Luce, and the
+    simulated click) - are evaluated by recstream.ope_logs for the greedy target, on their own fresh
+    requests. Each of `candidates` (other model versions) is evaluated from the same logs as
+    `ope --model-version` does: greedy over its order of each logged pool, and the paired difference
+    with the live model's order; its truth is that policy's exact expected CTR on the same pools."""
     from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
     from recstream.explore import greedy_order, make_policy
-    from recstream.ope_logs import evaluate_logs
+    from recstream.ope_logs import PoolRescorer, evaluate_logs
     from streams.recommender import EXPLORE_POOL_FACTOR
+
+    candidates = candidates or {}
+    candidate_truth = dict.fromkeys(candidates, 0.0)
 
     rng = np.random.default_rng(cfg.seed + 97)
     policy = make_policy(spec)
@@ -379,7 +390,16 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
         rel = sim.relevance(r.user, r.candidates)
         top = greedy_order(s)[: EXPLORE_POOL_FACTOR * cfg.k]
         truth += float((rel[top[: cfg.k]] * exam).sum())
-        pool = [PoolCandidate(item_id=str(int(r.candidates[i])), score=float(s[i])) for i in top]
+        pooled = Request(r.user, r.candidates[top], r.context, r.cand_vectors[top], r.cand_features[top])
+        for name, net in candidates.items():
+            mine = greedy_order(score_requests(net, [pooled])[0])[: cfg.k]
+            candidate_truth[name] += float((rel[top[mine]] * exam).sum())
+        pool = [
+            PoolCandidate(
+                item_id=str(int(r.candidates[i])), score=float(s[i]), features=np.round(r.cand_features[i], 6).tolist()
+            )
+            for i in top
+        ]
         rl = RankingLog(
             request_id=f"q{r_i}",
             user_id=f"u{r.user}",
@@ -388,6 +408,7 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
             k=cfg.k,
             pool=pool,
             greedy=pool[: cfg.k],
+            context=np.round(r.context.astype(np.float64), 6).tolist(),
         )
         logs.append(rl)
         row_of = {c.item_id: int(i) for c, i in zip(pool, top, strict=True)}
@@ -396,6 +417,26 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
             examples.append(rl.outcome(x.item_id, x.position, x.propensity, clicked))
     report = evaluate_logs(logs, examples, "greedy")
     online = truth / (cfg.ope_requests * cfg.k)
+    vectors = {str(i): v for i, v in enumerate(sim.item_vectors)}
+    models: dict[str, Any] = {}
+    for name, net in candidates.items():
+        net.eval()
+        rep = evaluate_logs(logs, examples, "greedy", rescore=PoolRescorer(net, vectors), candidate_model=name)
+        value = candidate_truth[name] / (cfg.ope_requests * cfg.k)
+        models[name] = {
+            "simulated_online_value": value,
+            "simulated_difference": value - online,
+            "requests": rep.requests,
+            "effective_sample_size": rep.effective_sample_size,
+            "estimates": {
+                e.method: {"value": e.ctr, "ci": [e.low, e.high], "covers": e.low <= value <= e.high}
+                for e in rep.estimates
+            },
+            "versus_live": {
+                e.method: {"value": e.ctr, "ci": [e.low, e.high], "covers": e.low <= value - online <= e.high}
+                for e in rep.versus_logging_model
+            },
+        }
     return {
         "simulated_online_value": online,
         "logging_policy": spec,
@@ -407,6 +448,7 @@ def production_ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, spec: str = 
             e.method: {"value": e.ctr, "ci": [e.low, e.high], "covers": e.low <= online <= e.high}
             for e in report.estimates
         },
+        "candidate_models": models,
     }
 
 
@@ -600,7 +642,11 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     sim, features, base = first["sim"], first["features"], first["base"]
     ope = ope_check(sim, cfg, first["live"]["explore"], "pl")
     ope_ts = ope_check(sim, cfg, first["live"]["explore"], "ts")
+    # Other model versions judged from the explore arm's logs: the frozen arm's v1 (stale since the
+    # drift) and the continual arm's live model.
+    others = {"frozen_v1": first["live"]["frozen"].live, "continual_live": first["live"]["continual"].live}
     ope_production = production_ope_check(sim, cfg, first["live"]["explore"])
+    ope_models = production_ope_check(sim, cfg, first["live"]["explore"], others, spec=cfg.model_ope_logging)
     burst_user_rng = np.random.default_rng(cfg.seed + 5)
     # The burst only carries the measurement; it is logged by the same Plackett-Luce policy as in
     # earlier runs (a fresh Thompson layer knows nothing yet and would make a noisier burst).
@@ -692,6 +738,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "ope": ope,
         "ope_thompson_logs": ope_ts,
         "ope_production_logs": ope_production,
+        "ope_model_versions": ope_models,
         "click_to_live": c2l,
         "curves": curves,
         "curves_per_seed": {
@@ -844,6 +891,28 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
     ]
     for k, e in prod["estimates"].items():
         lines.append(f"| {k} | {e['value']:.4f} | [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}] | {e['covers']} |")
+    models = r["ope_model_versions"]
+    if models.get("candidate_models"):
+        lines += [
+            "",
+            f"Other model versions (`ope greedy --model-version`), from {models['requests']} further fresh requests "
+            f"logged by `{models['logging_policy']}` over the live model's pool order (a greedy head slot would "
+            "leave a version with another top item unsupported): each logged pool reranked by the version from the "
+            "logged inputs, greedy over that order, and the difference paired with the live model's order of the same "
+            "pools. Truth: that policy's exact expected CTR on the same pools.",
+            "",
+            "| model | simulated value | SNIPS [95% CI] | DR [95% CI] | true difference vs live | "
+            "DR difference [95% CI] | covers | ESS |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, m in models["candidate_models"].items():
+            sn, dr, dd = m["estimates"]["snips"], m["estimates"]["dr"], m["versus_live"]["dr"]
+            lines.append(
+                f"| {name} | {m['simulated_online_value']:.4f} | {sn['value']:.4f} [{sn['ci'][0]:.4f}, "
+                f"{sn['ci'][1]:.4f}] | {dr['value']:.4f} [{dr['ci'][0]:.4f}, {dr['ci'][1]:.4f}] | "
+                f"{m['simulated_difference']:+.4f} | {dd['value']:+.4f} [{dd['ci'][0]:+.4f}, {dd['ci'][1]:+.4f}] | "
+                f"{dd['covers']} | {m['effective_sample_size']:.0f} |"
+            )
     cl = r["click_to_live"]
     lines += ["", "## Click to live", ""]
     if cl.get("click_to_live_s") is not None:
