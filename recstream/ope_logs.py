@@ -82,9 +82,13 @@ class OpeReport(BaseModel):
         "(None: unknown for ts logs, which carry only the shown slots' propensities)"
     )
     candidate_model: str | None = Field(None, description="The model version that ranked the pools (None: logged)")
+    baseline_model: str | None = Field(
+        None, description="The model the candidate is paired with (None: the logging model's logged scores)"
+    )
     versus_logging_model: list[OpeEstimate] = Field(
         default_factory=list,
-        description="Paired difference candidate - logging model, same policy over the same pools (IPS and DR)",
+        description="Paired difference candidate - baseline (the logging model unless baseline_model is set), "
+        "same policy over the same pools (IPS and DR)",
     )
     warnings: list[str] = Field(default_factory=list)
 
@@ -258,6 +262,13 @@ def _rows(lr: LoggedRequest, target: str, order: np.ndarray | None = None) -> _R
     )
 
 
+def _checked(scores: np.ndarray, lr: LoggedRequest) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(lr.log.pool),) or not np.all(np.isfinite(scores)):
+        raise UnusableLog("the candidate model gave no finite score per pool item")
+    return scores
+
+
 def _logged_data(used: Sequence[_Rows], paired_with: Sequence[_Rows] | None = None) -> LoggedData:
     """The rows as recstream.ope data; with `paired_with`, target propensities and the click model's
     value are differences (IPS and DR are linear in them: their estimate is the paired difference)."""
@@ -283,30 +294,30 @@ def evaluate(
     confidence: float = 0.95,
     rescore: Rescorer | None = None,
     candidate_model: str | None = None,
+    baseline: Rescorer | None = None,
+    baseline_model: str | None = None,
 ) -> OpeReport:
     """IPS, SNIPS and doubly robust estimates of `target`'s click-through rate from logged requests.
 
     The doubly robust click model is the ranker's own: P(click) = sigmoid(logit) / (1 + slot).
     With `rescore` the target acts on the candidate model's order of each pool (see the module doc)
-    and the report adds its paired difference with the logging model's order."""
+    and the report adds its paired difference with the logging model's order, or with `baseline`'s
+    (another model rescoring the same pools, e.g. the live version when the logs span several)."""
     target = target.strip()
     check_target(target)
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
     used: list[tuple[LoggedRequest, _Rows]] = []
-    baseline: list[_Rows] = []
+    paired: list[_Rows] = []
     invalid: Counter[str] = Counter()
     for lr in requests:
         try:
             if rescore is None:
                 used.append((lr, _rows(lr, target)))
                 continue
-            scores = np.asarray(rescore(lr), dtype=np.float64)
-            if scores.shape != (len(lr.log.pool),) or not np.all(np.isfinite(scores)):
-                raise UnusableLog("the candidate model gave no finite score per pool item")
-            logged_order = greedy_order(np.array([c.score for c in lr.log.pool]))
-            rows = _rows(lr, target, greedy_order(scores))
-            baseline.append(_rows(lr, target, logged_order))
+            base = np.array([c.score for c in lr.log.pool]) if baseline is None else _checked(baseline(lr), lr)
+            rows = _rows(lr, target, greedy_order(_checked(rescore(lr), lr)))
+            paired.append(_rows(lr, target, greedy_order(base)))
             used.append((lr, rows))
         except UnusableLog as exc:
             invalid[str(exc)] += 1
@@ -321,10 +332,10 @@ def evaluate(
     estimates = [ips(data, alpha), snips(data, alpha), doubly_robust(data, alpha)]
     versus: list[OpeEstimate] = []
     if rescore is not None:
-        paired = _logged_data([r for _, r in used], baseline)
+        diff = _logged_data([r for _, r in used], paired)
         versus = [
             OpeEstimate(method=e.method, ctr=e.value, low=e.low, high=e.high)
-            for e in (ips(paired, alpha), doubly_robust(paired, alpha))
+            for e in (ips(diff, alpha), doubly_robust(diff, alpha))
         ]
     w = data.weights()
     ess = float(w.sum() ** 2 / (w**2).sum()) if (w > 0).any() else 0.0
@@ -355,6 +366,7 @@ def evaluate(
         max_weight=float(w.max()),
         target_mass_unsupported=mass,
         candidate_model=candidate_model,
+        baseline_model=baseline_model,
         versus_logging_model=versus,
         warnings=warnings,
     )
@@ -374,3 +386,49 @@ def evaluate_logs(
     report = evaluate(requests, target, confidence, rescore, candidate_model)
     distinct = len({rl.request_id for rl in logs})
     return report.model_copy(update={"ranking_logs": distinct, "requests_incomplete": incomplete})
+
+
+class LogWindow:
+    """The newest `capacity` ranking logs and their shown slots' outcomes, joined as they arrive:
+    a long-running worker's view for off-policy checks (the trainer's promotion gate).
+
+    The two topics are consumed independently, so an outcome may arrive before its ranking log; up
+    to `capacity * 20` such outcomes wait for it (oldest dropped first)."""
+
+    def __init__(self, capacity: int) -> None:
+        from collections import OrderedDict
+
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._logs: OrderedDict[str, RankingLog] = OrderedDict()
+        self._slots: dict[str, dict[int, TrainingExample]] = {}
+        self._early: OrderedDict[tuple[str, int], TrainingExample] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def add_log(self, rl: RankingLog) -> None:
+        self._logs[rl.request_id] = rl
+        self._logs.move_to_end(rl.request_id)
+        slots = self._slots.setdefault(rl.request_id, {})
+        for j in range(rl.k):
+            ex = self._early.pop((rl.request_id, j), None)
+            if ex is not None:
+                slots[j] = ex
+        while len(self._logs) > self.capacity:
+            old, _ = self._logs.popitem(last=False)
+            self._slots.pop(old, None)
+
+    def add_example(self, ex: TrainingExample) -> None:
+        if ex.request_id in self._logs:
+            self._slots[ex.request_id][ex.position] = ex
+            return
+        self._early[(ex.request_id, ex.position)] = ex
+        while len(self._early) > 20 * self.capacity:
+            self._early.popitem(last=False)
+
+    def requests(self) -> list[LoggedRequest]:
+        """Logged requests whose every shown slot has its outcome (see `join`)."""
+        examples = [ex for slots in self._slots.values() for ex in slots.values()]
+        return join(self._logs.values(), examples)[0]

@@ -306,3 +306,25 @@ def test_pool_rescorer_reproduces_the_served_logits() -> None:
         PoolRescorer(net, vectors)(LoggedRequest(rl.model_copy(update={"context": None}), []))
     with pytest.raises(UnusableLog, match="not in the catalog"):
         PoolRescorer(net, {})(LoggedRequest(rl, []))
+
+
+def test_log_window_joins_out_of_order_and_keeps_the_newest() -> None:
+    """Outcomes that arrive before their ranking log wait for it; past capacity the oldest logged
+    answers leave with their outcomes."""
+    from recstream.ope_logs import LogWindow
+
+    logs, examples, _ = _logs(30, "pl:1", seed=11)
+    window = LogWindow(capacity=20)
+    early = [ex for ex in examples if ex.request_id in {"r25", "r26"}]
+    for ex in early:
+        window.add_example(ex)
+    for rl in logs:
+        window.add_log(rl)
+    for ex in examples:
+        if ex.request_id not in {"r25", "r26"}:
+            window.add_example(ex)
+    got = window.requests()
+    assert len(window) == 20 and [lr.log.request_id for lr in got] == [f"r{n}" for n in range(10, 30)]
+    assert all(len(lr.slots) == K for lr in got)
+    with pytest.raises(ValueError):
+        LogWindow(0)

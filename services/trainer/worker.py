@@ -7,6 +7,13 @@ least `min_examples`), run one round on the replay buffer with the newest `holdo
 back for the gate. A promoted candidate is published atomically, becomes live in the registry
 (live + previous stay loaded) and Triton reloads; the CTR monitor can roll it back later.
 
+Off-policy check: while a stochastic policy is live, the worker's ranking logs say what each answer
+was drawn from. The trainer keeps the newest `ope.window` of them joined with their outcomes, and a
+candidate the held-back window accepts is also reranked on those logged pools (recstream.ope_logs)
+against the live version: a candidate whose doubly robust paired CTR difference lies entirely below
+0 is refused. Too few logged answers (effective sample size < `ope.min_ess`) skip the check, and
+the round says so.
+
 Offsets of the training-examples topic are committed after the examples are in the buffer
 (at-least-once). The buffer is memory only: after a restart it refills from new traffic, and the
 live model (on disk) already holds everything learnt before.
@@ -19,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -39,12 +46,21 @@ from recstream.continual import (
     fine_tune,
 )
 from recstream.continual.monitor import CtrMonitor, MonitorConfig
-from recstream.contracts.events import ItemDelete, ItemUpsert, TrainingExample
+from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
 from recstream.metrics import MODEL_VERSION_LIVE, PROMOTIONS, TRAINING_RUNS
 from recstream.models.export import RANKER_MODEL_NAME
 from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
+from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
 
 log = logging.getLogger(__name__)
+
+
+class OffPolicyGateConfig(BaseModel):
+    enabled: bool = Field(True, description="Refuse a candidate the ranking logs say is worse than live")
+    window: int = Field(5000, ge=1, description="Newest logged answers kept for the check")
+    min_ess: float = Field(200.0, gt=0, description="Below this effective sample size the check is skipped")
+    target: str = Field("greedy", description="The policy both models are compared under")
+    confidence: float = Field(0.95, gt=0, lt=1)
 
 
 class TrainerConfig(BaseModel):
@@ -59,6 +75,7 @@ class TrainerConfig(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    ope: OffPolicyGateConfig = Field(default_factory=OffPolicyGateConfig)
 
 
 def example_from_event(ev: TrainingExample) -> Example:
@@ -174,6 +191,7 @@ class TrainerService:
         self.new_since_round = 0
         self.last_round = time.monotonic()
         self.rounds: list[RoundResult] = []
+        self.logged = LogWindow(self.cfg.ope.window)  # what stochastic answers drew from, with outcomes
         self.live_since: dict[int, float] = {}
         self.stop_event = threading.Event()
         self.registry.init_live()
@@ -214,7 +232,10 @@ class TrainerService:
                 self.features.upsert(ev)
             elif isinstance(ev, ItemDelete):
                 self.features.delete(ev.item_id)
+            elif isinstance(ev, RankingLog):
+                self.logged.add_log(ev)
             elif isinstance(ev, TrainingExample):
+                self.logged.add_example(ev)
                 ex = example_from_event(ev)
                 self.monitor.observe(ev.model_version, ev.clicked)
                 self.features.observe(ex)
@@ -248,6 +269,11 @@ class TrainerService:
                 sample=lambda n: self.buffer.sample(n, exclude_latest=self.cfg.holdout),
             )
             d = decide(cand, live.net, window, self.features, self.cfg.gate)
+            if d.accepted:
+                refused, why, ope_stats = self.off_policy_check(cand, live.net, live_v)
+                stats.update(ope_stats)
+                if refused:
+                    d = replace(d, accepted=False, reason=why)
         except Exception as exc:
             TRAINING_RUNS.labels(model=self.cfg.model_name, result="failed").inc()
             log.exception("training round failed")
@@ -277,6 +303,44 @@ class TrainerService:
         self.rounds.append(res)
         return res
 
+    def off_policy_check(self, cand: Any, live: Any, live_version: int | None) -> tuple[bool, str, dict[str, Any]]:
+        """(refuse, reason, stats): the candidate against the live version on the logged pools, both
+        reranking them from the logged inputs (the logs may span several earlier versions)."""
+        cfg = self.cfg.ope
+        requests = self.logged.requests() if cfg.enabled else []
+        if not requests:
+            return False, "", {"ope": "skipped: no logged answers" if cfg.enabled else "disabled"}
+        self.features.flush()
+        vectors = self.features.vectors
+        try:
+            report = evaluate(
+                requests,
+                cfg.target,
+                cfg.confidence,
+                rescore=PoolRescorer(cand, vectors),
+                candidate_model="candidate",
+                baseline=PoolRescorer(live, vectors),
+                baseline_model=str(live_version),
+            )
+        except ValueError as exc:  # no usable logged answer (e.g. logged by the heuristic ranker)
+            return False, "", {"ope": f"skipped: {exc}"}
+        dr = report.versus_logging_model[-1]
+        stats = {
+            "ope_requests": report.requests,
+            "ope_ess": report.effective_sample_size,
+            "ope_dr_diff": dr.ctr,
+            "ope_dr_diff_ci": [dr.low, dr.high],
+        }
+        if report.effective_sample_size < cfg.min_ess:
+            return False, "", {**stats, "ope": f"skipped: effective sample size {report.effective_sample_size:.0f}"}
+        if dr.high < 0:
+            why = (
+                f"off-policy: on {report.requests} logged answers the candidate's {cfg.target} CTR is "
+                f"{dr.ctr:+.4f} [{dr.low:+.4f}, {dr.high:+.4f}] vs live v{live_version} (doubly robust, paired)"
+            )
+            return True, why, {**stats, "ope": "refused"}
+        return False, "", {**stats, "ope": "passed"}
+
     def rollback(self, reason: str) -> int:
         v = self.registry.rollback(reason)
         self.reload_triton()
@@ -295,7 +359,9 @@ class TrainerService:
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, max_seconds: float | None = None) -> None:
         """Consume until stopped (stop_event or max_seconds)."""
-        examples = EventConsumer(self.settings, ["training-examples"], self.cfg.group_id, worker="trainer")
+        examples = EventConsumer(
+            self.settings, ["training-examples", "ranking-log"], self.cfg.group_id, worker="trainer"
+        )
         # The catalog is read from the start on every run (fresh group): item vectors live in memory.
         catalog = EventConsumer(
             self.settings, ["catalog"], f"{self.cfg.group_id}-catalog-{uuid.uuid4().hex[:8]}", worker="trainer"
