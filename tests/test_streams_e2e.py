@@ -345,6 +345,18 @@ def test_exploring_policy_logs_propensities_and_varies_the_order(
         worker.stop()
 
 
+def _cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`python -m recstream.cli ARGS` against the test's broker and topics."""
+    return subprocess.run(
+        [sys.executable, "-m", "recstream.cli", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=check,
+    )
+
+
 def test_off_policy_estimate_from_the_workers_logs(
     make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path
 ) -> None:
@@ -403,27 +415,13 @@ def test_off_policy_estimate_from_the_workers_logs(
                     truth += sum(m[i, j] * click_p(c.score, j) for i, c in enumerate(pool) for j in range(k))
             truth /= n * k
             # 99.9% intervals: six of them must all cover the truth, whatever pools this run drew.
-            out = subprocess.run(
-                [sys.executable, "-m", "recstream.cli", "ope", target, "--json", "--confidence", "0.999"],
-                env=settings_env(settings),
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=True,
-            )
+            out = _cli(settings, "ope", target, "--json", "--confidence", "0.999")
             report = json.loads(out.stdout)
             assert report["requests"] == n and report["requests_incomplete"] == 0, report
             assert report["logging_policies"] == {"pl:2": n} and report["target_mass_unsupported"] < 0.05
             for est in report["estimates"]:
                 assert est["low"] <= truth <= est["high"], (target, est, truth, report)
-        table = subprocess.run(
-            [sys.executable, "-m", "recstream.cli", "ope", "greedy"],
-            env=settings_env(settings),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
+        table = _cli(settings, "ope", "greedy").stdout
         assert f"{n} logged requests" in table and "95% CI" in table, table
         assert [line.split()[0] for line in table.splitlines()[-3:]] == ["ips", "snips", "dr"], table
     finally:
@@ -492,28 +490,14 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
     )
     assert worst < 1e-3, worst
 
-    out = subprocess.run(
-        [sys.executable, "-m", "recstream.cli", "ope", "greedy", "--model-version", str(live), "--json"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=True,
-    )
+    out = _cli(settings, "ope", "greedy", "--model-version", str(live), "--json")
     report = json.loads(out.stdout)
     assert report["candidate_model"] == str(live) and report["requests"] == len(answers), report
     assert report["requests_invalid"] == {}, report
     assert [e["method"] for e in report["versus_logging_model"]] == ["ips", "dr"]
     for e in report["versus_logging_model"]:
         assert abs(e["ctr"]) < 1e-3, report
-    missing = subprocess.run(
-        [sys.executable, "-m", "recstream.cli", "ope", "greedy", "--model-version", "999"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    missing = _cli(settings, "ope", "greedy", "--model-version", "999", check=False)
     assert missing.returncode == 2 and "no model version 999" in missing.stderr, missing.stderr
 
 
