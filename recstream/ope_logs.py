@@ -112,27 +112,61 @@ Rescorer = Callable[[LoggedRequest], np.ndarray]
 class PoolRescorer:
     """Rescores logged pools with another model version, from the inputs the worker served with:
     the logged CONTEXT vector and CAND_FEATURES rows, and each item's vector (`item_vectors`, the
-    catalog's text embeddings, as retrieval returned them)."""
+    catalog's text embeddings, as retrieval returned them).
+
+    `prepare` scores many pools in a few batched forward passes (the ranker scores each candidate
+    on its own, so padding changes nothing); `evaluate` calls it before asking pool by pool."""
+
+    BATCH = 256
 
     def __init__(self, net: Callable[..., object], item_vectors: Mapping[str, np.ndarray]) -> None:
         self.net = net
         self.item_vectors = item_vectors
+        self._scores: dict[str, np.ndarray] = {}
 
-    def __call__(self, lr: LoggedRequest) -> np.ndarray:
-        import torch
-
-        rl = lr.log
+    def _check(self, rl: RankingLog) -> None:
         if rl.context is None or any(c.features is None for c in rl.pool):
             raise UnusableLog("logged without the ranker's inputs (heuristic ranker or an older worker)")
-        missing = [c.item_id for c in rl.pool if c.item_id not in self.item_vectors]
-        if missing:
+        if any(c.item_id not in self.item_vectors for c in rl.pool):
             raise UnusableLog("a pool item is not in the catalog")
-        context = torch.tensor([rl.context], dtype=torch.float32)
-        items = torch.from_numpy(np.stack([self.item_vectors[c.item_id] for c in rl.pool]).astype(np.float32))
-        feats = torch.tensor([c.features for c in rl.pool], dtype=torch.float32)
+
+    def _forward(self, logs: Sequence[RankingLog]) -> list[np.ndarray]:
+        import torch
+
+        width = max(len(rl.pool) for rl in logs)
+        dim = len(next(iter(self.item_vectors.values())))
+        n_feat = len(logs[0].pool[0].features or [])
+        context = np.array([rl.context for rl in logs], dtype=np.float32)
+        items = np.zeros((len(logs), width, dim), np.float32)
+        feats = np.zeros((len(logs), width, n_feat), np.float32)
+        for b, rl in enumerate(logs):
+            items[b, : len(rl.pool)] = [self.item_vectors[c.item_id] for c in rl.pool]
+            feats[b, : len(rl.pool)] = [c.features for c in rl.pool]
         with torch.inference_mode():
-            out = self.net(context, items[None], feats[None])
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+            out = self.net(torch.from_numpy(context), torch.from_numpy(items), torch.from_numpy(feats))
+        scores = np.asarray(out, dtype=np.float64).reshape(len(logs), width)
+        return [scores[b, : len(rl.pool)] for b, rl in enumerate(logs)]
+
+    def prepare(self, requests: Sequence[LoggedRequest]) -> None:
+        """Score every usable pool now, in batches (unusable ones raise when asked for)."""
+        usable = []
+        for lr in requests:
+            try:
+                self._check(lr.log)
+            except UnusableLog:
+                continue
+            if lr.log.pool:
+                usable.append(lr.log)
+        for start in range(0, len(usable), self.BATCH):
+            chunk = usable[start : start + self.BATCH]
+            self._scores.update(zip((rl.request_id for rl in chunk), self._forward(chunk), strict=True))
+
+    def __call__(self, lr: LoggedRequest) -> np.ndarray:
+        cached = self._scores.get(lr.log.request_id)
+        if cached is not None:
+            return cached
+        self._check(lr.log)
+        return self._forward([lr.log])[0]
 
 
 def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tuple[list[LoggedRequest], int]:
@@ -310,6 +344,10 @@ def evaluate(
     used: list[tuple[LoggedRequest, _Rows]] = []
     paired: list[_Rows] = []
     invalid: Counter[str] = Counter()
+    for scorer in (rescore, baseline):
+        prepare = getattr(scorer, "prepare", None)
+        if prepare is not None:
+            prepare(requests)
     for lr in requests:
         try:
             if rescore is None:

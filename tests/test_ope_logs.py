@@ -302,6 +302,12 @@ def test_pool_rescorer_reproduces_the_served_logits() -> None:
     )
     rescored = PoolRescorer(net, vectors)(LoggedRequest(rl, []))
     np.testing.assert_allclose(rescored, served, rtol=1e-5, atol=1e-4)
+    # Batched (pools of different sizes padded into one forward pass) = one pool at a time.
+    short = rl.model_copy(update={"request_id": "s", "pool": pool[2:6]})
+    batched = PoolRescorer(net, vectors)
+    batched.prepare([LoggedRequest(rl, []), LoggedRequest(short, [])])
+    np.testing.assert_allclose(batched(LoggedRequest(rl, [])), rescored, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(batched(LoggedRequest(short, [])), served[2:6], rtol=1e-5, atol=1e-4)
     with pytest.raises(UnusableLog, match="ranker's inputs"):
         PoolRescorer(net, vectors)(LoggedRequest(rl.model_copy(update={"context": None}), []))
     with pytest.raises(UnusableLog, match="not in the catalog"):
