@@ -55,6 +55,18 @@ for _outcome in ("clicked", "not_clicked", "unknown", "evicted"):  # exported at
 # Continual learning: a run ends with result=promoted|rejected|failed; promotions/rollbacks move the live version.
 TRAINING_RUNS = Counter("recstream_training_runs_total", "Continual-learning training runs", ["model", "result"])
 PROMOTIONS = Counter("recstream_model_promotions_total", "Live model version changes", ["model", "action"])
+# The trainer's off-policy check of a gated candidate on the logged pools: result=passed|refused|skipped,
+# and the last paired doubly robust CTR difference candidate - live (bound=estimate|low|high).
+OFF_POLICY_CHECKS = Counter(
+    "recstream_off_policy_checks_total",
+    "Trainer off-policy checks of candidates against the live version",
+    ["model", "result"],
+)
+OFF_POLICY_DIFF = Gauge(
+    "recstream_off_policy_ctr_difference",
+    "Last checked candidate's CTR minus the live version's on the logged pools (doubly robust, paired)",
+    ["model", "bound"],
+)
 # HTTP gateway: route is the path template (low cardinality), status the response code.
 HTTP_REQUESTS = Counter("recstream_http_requests_total", "Gateway HTTP requests", ["route", "method", "status"])
 HTTP_LATENCY = Histogram(

@@ -179,8 +179,16 @@ def test_off_policy_check_refuses_a_candidate_the_logs_show_worse(service: Train
     service.handle(_logged_answers(service, 1500, seed=4))
     assert len(service.logged) == 1500
 
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, {"model": "ranker", **labels}) or 0.0
+
+    refused_before = sample("recstream_off_policy_checks_total", result="refused")
     refused, why, stats = service.off_policy_check(Reversed(), live, 1)
     assert refused and stats["ope"] == "refused", stats
+    assert sample("recstream_off_policy_checks_total", result="refused") == refused_before + 1
+    assert sample("recstream_off_policy_ctr_difference", bound="high") == stats["ope_dr_diff_ci"][1] < 0
     assert why.startswith("off-policy: on 1500 logged answers") and "vs live v1" in why
     assert stats["ope_dr_diff_ci"][1] < 0
 

@@ -47,7 +47,7 @@ from recstream.continual import (
 )
 from recstream.continual.monitor import CtrMonitor, MonitorConfig
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
-from recstream.metrics import MODEL_VERSION_LIVE, PROMOTIONS, TRAINING_RUNS
+from recstream.metrics import MODEL_VERSION_LIVE, OFF_POLICY_CHECKS, OFF_POLICY_DIFF, PROMOTIONS, TRAINING_RUNS
 from recstream.models.export import RANKER_MODEL_NAME
 from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
 from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
@@ -306,6 +306,16 @@ class TrainerService:
     def off_policy_check(self, cand: Any, live: Any, live_version: int | None) -> tuple[bool, str, dict[str, Any]]:
         """(refuse, reason, stats): the candidate against the live version on the logged pools, both
         reranking them from the logged inputs (the logs may span several earlier versions)."""
+        refused, why, stats = self._off_policy_check(cand, live, live_version)
+        if self.cfg.ope.enabled:
+            OFF_POLICY_CHECKS.labels(model=self.cfg.model_name, result=stats["ope"].split(":")[0]).inc()
+        if "ope_dr_diff" in stats:
+            low, high = stats["ope_dr_diff_ci"]
+            for bound, value in (("estimate", stats["ope_dr_diff"]), ("low", low), ("high", high)):
+                OFF_POLICY_DIFF.labels(model=self.cfg.model_name, bound=bound).set(value)
+        return refused, why, stats
+
+    def _off_policy_check(self, cand: Any, live: Any, live_version: int | None) -> tuple[bool, str, dict[str, Any]]:
         cfg = self.cfg.ope
         requests = self.logged.requests() if cfg.enabled else []
         if not requests:
