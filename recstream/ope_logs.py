@@ -99,6 +99,18 @@ class LoggedRequest:
 
     log: RankingLog
     slots: list[TrainingExample]  # by position 0..n-1
+    # The ranker's inputs as arrays (context [768], pool features [n, K]) when a long-lived holder
+    # (LogWindow) keeps them compact instead of in the log's float lists (~4x the memory).
+    inputs: tuple[np.ndarray, np.ndarray] | None = None
+
+    def ranker_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(context [768], features [n, K]) as served; UnusableLog if the worker did not log them."""
+        if self.inputs is not None:
+            return self.inputs
+        rl = self.log
+        if rl.context is None or any(c.features is None for c in rl.pool):
+            raise UnusableLog("logged without the ranker's inputs (heuristic ranker or an older worker)")
+        return np.asarray(rl.context, np.float32), np.asarray([c.features for c in rl.pool], np.float32)
 
 
 class UnusableLog(ValueError):
@@ -124,49 +136,48 @@ class PoolRescorer:
         self.item_vectors = item_vectors
         self._scores: dict[str, np.ndarray] = {}
 
-    def _check(self, rl: RankingLog) -> None:
-        if rl.context is None or any(c.features is None for c in rl.pool):
-            raise UnusableLog("logged without the ranker's inputs (heuristic ranker or an older worker)")
-        if any(c.item_id not in self.item_vectors for c in rl.pool):
+    def _inputs(self, lr: LoggedRequest) -> tuple[np.ndarray, np.ndarray]:
+        inputs = lr.ranker_inputs()
+        if any(c.item_id not in self.item_vectors for c in lr.log.pool):
             raise UnusableLog("a pool item is not in the catalog")
+        return inputs
 
-    def _forward(self, logs: Sequence[RankingLog]) -> list[np.ndarray]:
+    def _forward(self, batch: Sequence[tuple[LoggedRequest, tuple[np.ndarray, np.ndarray]]]) -> list[np.ndarray]:
         import torch
 
-        width = max(len(rl.pool) for rl in logs)
+        sizes = [len(lr.log.pool) for lr, _ in batch]
+        width = max(sizes)
         dim = len(next(iter(self.item_vectors.values())))
-        n_feat = len(logs[0].pool[0].features or [])
-        context = np.array([rl.context for rl in logs], dtype=np.float32)
-        items = np.zeros((len(logs), width, dim), np.float32)
-        feats = np.zeros((len(logs), width, n_feat), np.float32)
-        for b, rl in enumerate(logs):
-            items[b, : len(rl.pool)] = [self.item_vectors[c.item_id] for c in rl.pool]
-            feats[b, : len(rl.pool)] = [c.features for c in rl.pool]
+        n_feat = batch[0][1][1].shape[1]
+        context = np.stack([ctx for _, (ctx, _) in batch]).astype(np.float32)
+        items = np.zeros((len(batch), width, dim), np.float32)
+        feats = np.zeros((len(batch), width, n_feat), np.float32)
+        for b, (lr, (_, f)) in enumerate(batch):
+            items[b, : sizes[b]] = [self.item_vectors[c.item_id] for c in lr.log.pool]
+            feats[b, : sizes[b]] = f
         with torch.inference_mode():
             out = self.net(torch.from_numpy(context), torch.from_numpy(items), torch.from_numpy(feats))
-        scores = np.asarray(out, dtype=np.float64).reshape(len(logs), width)
-        return [scores[b, : len(rl.pool)] for b, rl in enumerate(logs)]
+        scores = np.asarray(out, dtype=np.float64).reshape(len(batch), width)
+        return [scores[b, :n] for b, n in enumerate(sizes)]
 
     def prepare(self, requests: Sequence[LoggedRequest]) -> None:
         """Score every usable pool now, in batches (unusable ones raise when asked for)."""
         usable = []
         for lr in requests:
             try:
-                self._check(lr.log)
+                if lr.log.pool:
+                    usable.append((lr, self._inputs(lr)))
             except UnusableLog:
                 continue
-            if lr.log.pool:
-                usable.append(lr.log)
         for start in range(0, len(usable), self.BATCH):
             chunk = usable[start : start + self.BATCH]
-            self._scores.update(zip((rl.request_id for rl in chunk), self._forward(chunk), strict=True))
+            self._scores.update(zip((lr.log.request_id for lr, _ in chunk), self._forward(chunk), strict=True))
 
     def __call__(self, lr: LoggedRequest) -> np.ndarray:
         cached = self._scores.get(lr.log.request_id)
         if cached is not None:
             return cached
-        self._check(lr.log)
-        return self._forward([lr.log])[0]
+        return self._forward([(lr, self._inputs(lr))])[0]
 
 
 def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tuple[list[LoggedRequest], int]:
@@ -440,6 +451,7 @@ class LogWindow:
             raise ValueError("capacity must be >= 1")
         self.capacity = capacity
         self._logs: OrderedDict[str, RankingLog] = OrderedDict()
+        self._inputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._slots: dict[str, dict[int, TrainingExample]] = {}
         self._early: OrderedDict[tuple[str, int], TrainingExample] = OrderedDict()
 
@@ -447,6 +459,13 @@ class LogWindow:
         return len(self._logs)
 
     def add_log(self, rl: RankingLog) -> None:
+        try:  # the ranker's inputs as arrays, the log without its float lists
+            self._inputs[rl.request_id] = LoggedRequest(rl, []).ranker_inputs()
+            rl = rl.model_copy(
+                update={"context": None, "pool": [c.model_copy(update={"features": None}) for c in rl.pool]}
+            )
+        except UnusableLog:
+            self._inputs.pop(rl.request_id, None)
         self._logs[rl.request_id] = rl
         self._logs.move_to_end(rl.request_id)
         slots = self._slots.setdefault(rl.request_id, {})
@@ -457,6 +476,7 @@ class LogWindow:
         while len(self._logs) > self.capacity:
             old, _ = self._logs.popitem(last=False)
             self._slots.pop(old, None)
+            self._inputs.pop(old, None)
 
     def add_example(self, ex: TrainingExample) -> None:
         if ex.request_id in self._logs:
@@ -469,4 +489,5 @@ class LogWindow:
     def requests(self) -> list[LoggedRequest]:
         """Logged requests whose every shown slot has its outcome (see `join`)."""
         examples = [ex for slots in self._slots.values() for ex in slots.values()]
-        return join(self._logs.values(), examples)[0]
+        joined = join(self._logs.values(), examples)[0]
+        return [LoggedRequest(lr.log, lr.slots, self._inputs.get(lr.log.request_id)) for lr in joined]

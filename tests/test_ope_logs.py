@@ -334,3 +334,29 @@ def test_log_window_joins_out_of_order_and_keeps_the_newest() -> None:
     assert all(len(lr.slots) == K for lr in got)
     with pytest.raises(ValueError):
         LogWindow(0)
+
+
+def test_log_window_keeps_ranker_inputs_as_arrays() -> None:
+    """The window stores the logged context and features as arrays (not float lists) and hands them
+    to the rescorer with each joined request."""
+    from recstream.ope_logs import LogWindow
+
+    logs, examples, _ = _logs(3, "pl:1", seed=12)
+    window = LogWindow(capacity=5)
+    with_inputs = logs[0].model_copy(
+        update={
+            "context": [0.5] * 4,
+            "pool": [c.model_copy(update={"features": [float(n), 1.0]}) for n, c in enumerate(logs[0].pool)],
+        }
+    )
+    window.add_log(with_inputs)
+    window.add_log(logs[1])
+    for ex in examples:
+        window.add_example(ex)
+    got = {lr.log.request_id: lr for lr in window.requests()}
+    assert got["r0"].log.context is None and all(c.features is None for c in got["r0"].log.pool)
+    context, feats = got["r0"].ranker_inputs()
+    assert context.dtype == np.float32 and context.tolist() == [0.5] * 4
+    assert feats.shape == (POOL, 2) and feats[:, 0].tolist() == list(range(POOL))
+    with pytest.raises(UnusableLog, match="ranker's inputs"):
+        got["r1"].ranker_inputs()

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 class OffPolicyGateConfig(BaseModel):
     enabled: bool = Field(True, description="Refuse a candidate the ranking logs say is worse than live")
-    window: int = Field(5000, ge=1, description="Newest logged answers kept for the check")
+    window: int = Field(5000, ge=1, description="Newest logged answers kept for the check (~22 KB each in memory)")
     min_ess: float = Field(200.0, gt=0, description="Below this effective sample size the check is skipped")
     target: str = Field("greedy", description="The policy both models are compared under")
     confidence: float = Field(0.95, gt=0, lt=1)
