@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,10 +49,12 @@ class Settings(BaseSettings):
         "closed impression window of the worker's own answers; lift ranks by the posterior mean, ts samples)",
     )
     exploration_seed: int | None = Field(None, description="Seed of the exploration policy's random draws")
-    ranking_log: bool = Field(
-        True,
-        description="Publish the candidate pool of every answer a stochastic policy drew to the ranking-log topic, "
-        "so `recstream.cli ope` can estimate other policies' click-through rates from production logs",
+    ranking_log: Literal["all", "exploring", "off"] = Field(
+        "all",
+        description="What the recommender publishes to the ranking-log topic. exploring: the candidate pool of "
+        "every answer a stochastic policy drew (for `recstream.cli ope`); all: also every greedy answer of the "
+        "learned ranker with the inputs it was scored from, so the continual trainer learns from exactly what "
+        "serving saw (about 9 KB per answer); off: nothing. true/false mean exploring/off",
     )
     policy_feedback_slots: int = Field(
         200_000,
@@ -64,6 +67,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),
         description="Comma-separated API keys the HTTP gateway accepts (env GATEWAY_API_KEYS)",
     )
+
+    @field_validator("ranking_log", mode="before")
+    @classmethod
+    def _ranking_log_bool(cls, value: object) -> object:
+        """RANKING_LOG=true/false, the setting's earlier boolean form, still works."""
+        text = str(value).strip().lower()
+        return {"true": "exploring", "1": "exploring", "false": "off", "0": "off"}.get(text, text)
 
     @field_validator("exploration_policy")
     @classmethod
@@ -103,7 +113,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1",
             "EXPLORATION_POLICY": settings.exploration_policy,
             "POLICY_FEEDBACK_SLOTS": str(settings.policy_feedback_slots),
-            "RANKING_LOG": str(settings.ranking_log).lower(),
+            "RANKING_LOG": settings.ranking_log,
         }
     )
     if settings.exploration_seed is not None:

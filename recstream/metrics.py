@@ -55,6 +55,12 @@ for _outcome in ("clicked", "not_clicked", "unknown", "evicted"):  # exported at
 # Continual learning: a run ends with result=promoted|rejected|failed; promotions/rollbacks move the live version.
 TRAINING_RUNS = Counter("recstream_training_runs_total", "Continual-learning training runs", ["model", "result"])
 PROMOTIONS = Counter("recstream_model_promotions_total", "Live model version changes", ["model", "action"])
+# Training examples by where their ranker inputs come from: served (logged at scoring time) or rebuilt.
+TRAINING_INPUTS = Counter(
+    "recstream_training_examples_total", "Training examples the trainer took in, by ranker inputs", ["inputs"]
+)
+for _inputs in ("served", "rebuilt"):
+    TRAINING_INPUTS.labels(inputs=_inputs)
 # The trainer's off-policy check of a gated candidate on the logged pools: result=passed|refused|skipped,
 # and the last paired doubly robust CTR difference candidate - live (bound=estimate|low|high).
 OFF_POLICY_CHECKS = Counter(

@@ -201,6 +201,15 @@ def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tup
     return complete, incomplete
 
 
+@lru_cache(maxsize=64)
+def _explores(spec: str) -> bool:
+    """Whether answers logged under `spec` can enter an estimate (a parseable, stochastic policy)."""
+    try:
+        return make_policy(spec).stochastic
+    except ValueError:
+        return False
+
+
 def _policy(spec: str) -> RankingPolicy:
     try:
         return make_policy(spec)
@@ -441,8 +450,11 @@ class LogWindow:
     """The newest `capacity` ranking logs and their shown slots' outcomes, joined as they arrive:
     a long-running worker's view for off-policy checks (the trainer's promotion gate).
 
-    The two topics are consumed independently, so an outcome may arrive before its ranking log; up
-    to `capacity * 20` such outcomes wait for it (oldest dropped first)."""
+    Only logs of policies that explore are kept (the others cannot enter an estimate). The two
+    topics are consumed independently, so an outcome may arrive before its ranking log (the log is
+    written at answer time, the outcome when its feedback window closes, so this is rare); up to
+    `capacity` such outcomes wait for it, oldest dropped first - most outcomes belong to answers
+    that were never logged and must not pile up."""
 
     def __init__(self, capacity: int) -> None:
         from collections import OrderedDict
@@ -459,6 +471,8 @@ class LogWindow:
         return len(self._logs)
 
     def add_log(self, rl: RankingLog) -> None:
+        if not _explores(rl.policy_spec):
+            return
         try:  # the ranker's inputs as arrays, the log without its float lists
             self._inputs[rl.request_id] = LoggedRequest(rl, []).ranker_inputs()
             rl = rl.model_copy(
@@ -483,7 +497,7 @@ class LogWindow:
             self._slots[ex.request_id][ex.position] = ex
             return
         self._early[(ex.request_id, ex.position)] = ex
-        while len(self._early) > 20 * self.capacity:
+        while len(self._early) > self.capacity:
             self._early.popitem(last=False)
 
     def requests(self) -> list[LoggedRequest]:

@@ -359,8 +359,15 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     ]
     timer.lap("rerank")
     ranking_log = None
-    if pool and p.degraded is None and policy.stochastic and ctx.settings.ranking_log:
-        ranking_log = _ranking_log(ctx, p, pool, diversify(candidates, scores, req.k))
+    mode = ctx.settings.ranking_log
+    if p.degraded is None and mode != "off":
+        if pool and policy.stochastic:
+            ranking_log = _ranking_log(ctx, p, pool, diversify(candidates, scores, req.k))
+        elif mode == "all" and slots and getattr(ctx.ranker, "inputs", None) is not None:
+            # Feature logging: the greedy answer with the inputs it was scored from (the trainer's
+            # examples of this answer then use exactly those, not a rebuild of them).
+            shown_scored = [(c, s) for c, s, _ in slots]
+            ranking_log = _ranking_log(ctx, p, shown_scored, shown_scored)
     result = RecommendationResult(
         request_id=req.request_id,
         user_id=req.user_id,
@@ -380,7 +387,10 @@ def _ranking_log(
     """What a stochastic answer drew from; with the learned ranker also its inputs as served (the
     context vector and each pool candidate's features), so another model version can rescore it."""
     inputs = getattr(ctx.ranker, "inputs", None)
-    context, features = (None, None) if inputs is None else inputs(p.rctx, [c for c, _ in pool])
+    # The greedy answer's items are scored too (a category cap may reach past the pool).
+    scored = pool + [(c, s) for c, s in greedy if c.item_id not in {x.item_id for x, _ in pool}]
+    context, features = (None, None) if inputs is None else inputs(p.rctx, [c for c, _ in scored])
+    row = {c.item_id: n for n, (c, _) in enumerate(scored)}
     return RankingLog(
         request_id=p.req.request_id,
         user_id=p.req.user_id,
@@ -388,8 +398,8 @@ def _ranking_log(
         model_version=p.version,
         policy_spec=ctx.settings.exploration_policy,
         k=p.req.k,
-        pool=_logged(pool, features),
-        greedy=_logged(greedy),
+        pool=_logged(pool, features, row),
+        greedy=_logged(greedy, features, row),
         context=None if context is None else _rounded(context),
     )
 
@@ -399,15 +409,17 @@ def _rounded(values: np.ndarray) -> list[float]:
     return np.round(np.asarray(values, dtype=np.float64), 6).tolist()
 
 
-def _logged(scored: list[tuple[Candidate, float]], features: np.ndarray | None = None) -> list[PoolCandidate]:
+def _logged(
+    scored: list[tuple[Candidate, float]], features: np.ndarray | None, row: dict[str, int]
+) -> list[PoolCandidate]:
     return [
         PoolCandidate(
             item_id=c.item_id,
             score=float(s),
             category=c.category,
-            features=None if features is None else _rounded(features[n]),
+            features=None if features is None else _rounded(features[row[c.item_id]]),
         )
-        for n, (c, s) in enumerate(scored)
+        for c, s in scored
     ]
 
 

@@ -198,3 +198,59 @@ def test_off_policy_check_refuses_a_candidate_the_logs_show_worse(service: Train
     service.cfg.ope.min_ess = 1e9
     refused, _, stats = service.off_policy_check(Reversed(), live, 1)
     assert not refused and stats["ope"].startswith("skipped: effective sample size"), stats
+
+
+def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerService) -> None:
+    """A greedy answer's ranking log (RANKING_LOG=all) carries the ranker's inputs: the trainer's
+    examples of that answer are built from exactly those, an answer without a log is rebuilt from
+    the catalog, and both kinds are counted. Old logs expire."""
+    from prometheus_client import REGISTRY
+
+    from recstream.contracts.events import PoolCandidate, RankingLog
+    from services.trainer.worker import ServedInputs
+
+    def count(kind: str) -> float:
+        return REGISTRY.get_sample_value("recstream_training_examples_total", {"inputs": kind}) or 0.0
+
+    events = _events(2, seed=5)
+    upserts = [ev for ev in events if isinstance(ev, ItemUpsert)]
+    examples = [ev for ev in events if isinstance(ev, TrainingExample)]
+    first = [ex for ex in examples if ex.request_id == examples[0].request_id]
+    rng = np.random.default_rng(5)
+    context = np.concatenate([rng.normal(size=ITEM_DIM) / 20, np.zeros(ITEM_DIM)]).round(6)
+    shown = [
+        PoolCandidate(item_id=ex.item_id, score=0.1 * n, features=rng.random(5).round(6).tolist())
+        for n, ex in enumerate(first)
+    ]
+    log = RankingLog(
+        request_id=first[0].request_id,
+        user_id=first[0].user_id,
+        model_version="ranker-v1",
+        policy_spec="greedy",
+        k=len(shown),
+        pool=shown,
+        greedy=shown,
+        context=context.tolist(),
+    )
+    served_before, rebuilt_before = count("served"), count("rebuilt")
+    service.handle([*upserts, log, *examples])
+    assert count("served") == served_before + len(first)
+    assert count("rebuilt") == rebuilt_before + len(examples) - len(first)
+    assert len(service.logged) == 0  # a greedy log cannot enter an off-policy estimate
+
+    got = list(service.buffer.recent)
+    ctx, _, feats = service.features.build(got)
+    by_item = {c.item_id: c.features for c in shown}
+    for n, ex in enumerate(got):
+        if ex.request_id == log.request_id:
+            np.testing.assert_allclose(ctx[n], context, atol=1e-3)
+            np.testing.assert_allclose(feats[n], by_item[ex.item], atol=1e-3)
+        else:  # rebuilt: the mean of the context items' vectors, no query half
+            assert ex.context is None and np.linalg.norm(ctx[n, :ITEM_DIM]) == pytest.approx(1.0, abs=1e-4)
+            assert not ctx[n, ITEM_DIM:].any()
+
+    store = ServedInputs(ttl_s=10.0, capacity=2)
+    store.add(log, now=0.0)
+    store.add(log.model_copy(update={"request_id": "b"}), now=5.0)
+    store.add(log.model_copy(update={"request_id": "c"}), now=12.0)  # evicts the first (age), capacity holds
+    assert len(store) == 2 and not store.attach(service.buffer.recent[0])

@@ -379,3 +379,17 @@ def test_epsilon_greedy_with_fewer_pool_items_than_exploring_slots() -> None:
             counts[int(s.item_id), s.position] += 1
             assert s.propensity == pytest.approx(policy.marginals(scores, 6)[int(s.item_id), s.position])
     np.testing.assert_allclose(counts / n, policy.marginals(scores, 6), atol=0.03)
+
+
+def test_ranking_log_setting_accepts_its_boolean_form(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from recstream.config import Settings, settings_env
+
+    assert Settings().ranking_log == "all"
+    for raw, mode in (("true", "exploring"), ("False", "off"), ("exploring", "exploring"), ("ALL", "all")):
+        monkeypatch.setenv("RANKING_LOG", raw)
+        assert Settings().ranking_log == mode
+    assert settings_env(Settings(ranking_log="off"))["RANKING_LOG"] == "off"
+    with pytest.raises(ValidationError):
+        Settings(ranking_log="sometimes")

@@ -284,14 +284,26 @@ def test_triton_ranker_then_degraded_when_unreachable(
             user = _user()
             c.producer.send("behaviour", BehaviourEvent(type="click", user_id=user, item_id="50"))
             c.producer.flush(5)
+            answers = {}
             for req in (
                 RecommendationRequest(user_id=user, k=5),
                 RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5),
             ):
                 res = c.request(req, timeout_s=10)
                 assert not res.degraded and res.model_version.startswith("ranker") and len(res.items) == 5, res
+                answers[res.request_id] = res
     finally:
         worker.stop()
+    # RANKING_LOG=all (the default): each greedy answer is logged with the inputs it was scored from.
+    logs = {rl.request_id: rl for rl in read_to_end(settings, "ranking-log")[0]}  # type: ignore[attr-defined]
+    assert set(logs) == set(answers)
+    for rid, res in answers.items():
+        rl = logs[rid]
+        assert rl.policy_spec == "greedy" and [c.item_id for c in rl.pool] == [i.item_id for i in res.items]
+        assert [c.score for c in rl.pool] == pytest.approx([i.score for i in res.items], abs=1e-5)
+        assert rl.context is not None and len(rl.context) == 768 and all(c.features for c in rl.pool)
+        query_half = np.abs(np.array(rl.context[384:])).sum()
+        assert (query_half > 0) == (res.kind == "search"), (res.kind, query_half)
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens here: Triton is unreachable
     settings = _worker_settings(

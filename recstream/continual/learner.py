@@ -49,6 +49,7 @@ class Example:
     cand_features: np.ndarray | None = None  # [K], when the logger computed them at serving time
     context_items: tuple[str, ...] = ()
     request_id: str = ""
+    context: np.ndarray | None = None  # [768] CONTEXT the ranker was served with, when logged
 
 
 class FeatureSource(Protocol):

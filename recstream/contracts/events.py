@@ -195,8 +195,10 @@ class RankingLog(Event):
     Why: a shown slot's propensity says how likely the logging policy was to show *that* item
     there; estimating another policy's click-through rate also needs what *it* would have shown,
     which depends on every candidate the logging policy drew from. The worker publishes one per
-    answer of a stochastic policy (not for greedy or degraded answers: no other policy can be
-    evaluated from those)."""
+    answer of a stochastic policy, and with RANKING_LOG=all also one per greedy answer of the
+    learned ranker (pool = the answer): no other policy can be evaluated from those, but their
+    logged inputs let the continual trainer learn from exactly what serving saw. Degraded answers
+    publish nothing."""
 
     request_id: Id
     user_id: Id

@@ -75,7 +75,7 @@ RANKING_LOG = TopicSpec(
     RankingLog,
     "user_id",
     2,
-    description="Candidate pools of exploring answers (off-policy evaluation)",
+    description="Candidate pools of exploring answers (off-policy evaluation), ranker inputs of answers (training)",
 )
 DEAD_LETTERS = TopicSpec(
     "dead-letters",
