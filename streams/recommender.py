@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -52,7 +54,9 @@ EXPLORE_POOL_FACTOR = 2
 class Answer:
     result: RecommendationResult
     degraded_reason: str | None
-    ranking_log: RankingLog | None = None  # what a stochastic policy drew from (off-policy evaluation)
+    # Builds what the answer was drawn from and scored with (ranking-log topic); called only after
+    # every answer of the batch is published, so logging never delays an answer.
+    ranking_log: Callable[[], RankingLog] | None = None
 
 
 class _Timer:
@@ -90,9 +94,11 @@ async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, Recommendati
             _failed(ctx, p.ev, exc)
         return
     await _rank(ctx, prepared)
-    for p in prepared:
-        _publish(ctx, p)
+    logs = [_publish(ctx, p) for p in prepared]
     timer.lap("answer_batch")
+    for p, build in zip(prepared, logs, strict=True):
+        if build is not None:
+            _send_log(ctx, p, build)
 
 
 def _failed(ctx: StreamContext, ev, exc: BaseException) -> None:
@@ -101,7 +107,8 @@ def _failed(ctx: StreamContext, ev, exc: BaseException) -> None:
     ctx.dead_letter(ev, repr(exc), "processing")
 
 
-def _publish(ctx: StreamContext, p: _Pending) -> None:
+def _publish(ctx: StreamContext, p: _Pending) -> Callable[[], RankingLog] | None:
+    """Publish one answer; returns its ranking-log builder, if it is to be logged."""
     ev, req = p.ev, p.req
     try:
         if p.error is not None:
@@ -110,14 +117,24 @@ def _publish(ctx: StreamContext, p: _Pending) -> None:
         result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)})
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
-        if answer.ranking_log is not None:
-            ctx.send("ranking-log", req.user_id.encode(), encode(answer.ranking_log))
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
         if answer.degraded_reason:
             DEGRADED.labels(reason=answer.degraded_reason).inc()
         STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(max(0.0, time.time() - ev.message.timestamp))
+        return answer.ranking_log
     except Exception as exc:  # one bad request must not stop the partition
         _failed(ctx, ev, exc)
+        return None
+
+
+def _send_log(ctx: StreamContext, p: _Pending, build: Callable[[], RankingLog]) -> None:
+    """The answer is out already: a log that cannot be built is reported, never dead-letters it."""
+    t0 = time.perf_counter()
+    try:
+        ctx.send("ranking-log", p.req.user_id.encode(), encode(build()))
+    except Exception:
+        log.exception("ranking log of request %s not published", p.req.request_id)
+    STAGE_LATENCY.labels(stage="ranking_log").observe(time.perf_counter() - t0)
 
 
 async def _embed_queries(
@@ -362,12 +379,13 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     mode = ctx.settings.ranking_log
     if p.degraded is None and mode != "off":
         if pool and policy.stochastic:
-            ranking_log = _ranking_log(ctx, p, pool, diversify(candidates, scores, req.k))
+            greedy = diversify(candidates, scores, req.k)
+            ranking_log = partial(_ranking_log, ctx, p, pool, greedy)
         elif mode == "all" and slots and getattr(ctx.ranker, "inputs", None) is not None:
             # Feature logging: the greedy answer with the inputs it was scored from (the trainer's
             # examples of this answer then use exactly those, not a rebuild of them).
             shown_scored = [(c, s) for c, s, _ in slots]
-            ranking_log = _ranking_log(ctx, p, shown_scored, shown_scored)
+            ranking_log = partial(_ranking_log, ctx, p, shown_scored, shown_scored)
     result = RecommendationResult(
         request_id=req.request_id,
         user_id=req.user_id,
