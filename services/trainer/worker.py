@@ -84,7 +84,13 @@ class TrainerConfig(BaseModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     ope: OffPolicyGateConfig = Field(default_factory=OffPolicyGateConfig)
     served_inputs_ttl_s: float = Field(
-        300.0, gt=0, description="How long an answer's logged ranker inputs wait for its training examples"
+        120.0,
+        gt=0,
+        description="How long an answer's logged ranker inputs wait for its training examples (the feedback "
+        "window, 30 s by default, plus consumer lag)",
+    )
+    served_inputs_capacity: int = Field(
+        50_000, ge=1, description="Answers whose inputs are kept at most (~3.3 KB each: 50k = 4 min at 200/s)"
     )
 
 
@@ -181,9 +187,9 @@ class CatalogFeatures:
 class ServedInputs:
     """The ranker's inputs per answer, from the ranking log, until the answer's training examples
     arrive (the feedback window closes ~30 s after the impression): request id -> (CONTEXT [768],
-    item -> CAND_FEATURES row). Bounded by age and count; float16 (~1.7 KB per answer)."""
+    item -> CAND_FEATURES row). Bounded by age and count; float16 (~3.3 KB per answer of 10)."""
 
-    def __init__(self, ttl_s: float = 300.0, capacity: int = 100_000) -> None:
+    def __init__(self, ttl_s: float = 120.0, capacity: int = 50_000) -> None:
         from collections import OrderedDict
 
         self.ttl_s = ttl_s
@@ -247,7 +253,7 @@ class TrainerService:
         self.last_round = time.monotonic()
         self.rounds: list[RoundResult] = []
         self.logged = LogWindow(self.cfg.ope.window)  # what stochastic answers drew from, with outcomes
-        self.served = ServedInputs(self.cfg.served_inputs_ttl_s)
+        self.served = ServedInputs(self.cfg.served_inputs_ttl_s, self.cfg.served_inputs_capacity)
         self.live_since: dict[int, float] = {}
         self.stop_event = threading.Event()
         self.registry.init_live()
