@@ -217,8 +217,10 @@ class ServedInputs:
         row = found[2].get(ex.item) if found is not None else None
         if row is None:
             return False
-        ex.context = found[1].astype(np.float32)  # type: ignore[index]
-        ex.cand_features = row.astype(np.float32)
+        # float16 and shared by the answer's examples (the replay buffer holds tens of thousands);
+        # `build` widens them to float32.
+        ex.context = found[1]  # type: ignore[index]
+        ex.cand_features = row
         return True
 
 
