@@ -292,3 +292,15 @@ def test_schemathesis_finds_no_server_errors(live_stack: LiveStack) -> None:
     print("\n".join(tested))
     assert len(tested) >= 12, tested  # every operation positive, every one with inputs negative too
     assert not failures, "\n\n".join(failures)
+
+
+def test_ops_monitor_releases_its_admin_client_when_stopped(kafka_bootstrap: str) -> None:
+    """A stopped monitor holds no librdkafka handle: the app object that owns it may outlive the
+    broker, and a live handle would keep reconnecting to it (seen after test sessions)."""
+    from services.gateway.background import OpsMonitor
+
+    monitor = OpsMonitor(Settings(kafka_bootstrap=kafka_bootstrap), interval_s=0.1).start()
+    time.sleep(0.3)
+    monitor.stop()
+    assert monitor._admin is None and not monitor._thread.is_alive()
+    monitor.refresh()  # after stop: a no-op, not an error

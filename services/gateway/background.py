@@ -147,7 +147,7 @@ class OpsMonitor:
     def __init__(self, settings: Settings, interval_s: float = 5.0) -> None:
         self.settings = settings
         self.interval_s = interval_s
-        self._admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        self._admin: AdminClient | None = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ops-monitor", daemon=True)
 
@@ -156,8 +156,11 @@ class OpsMonitor:
         return self
 
     def refresh(self) -> None:
+        admin = self._admin
+        if admin is None:  # stopped
+            return
         try:
-            for (group, topic, partition), lag in consumer_lag(self._admin, self.settings.topic_prefix).items():
+            for (group, topic, partition), lag in consumer_lag(admin, self.settings.topic_prefix).items():
                 CONSUMER_LAG.labels(topic=topic, partition=str(partition), group=group).set(lag)
         except Exception as exc:  # monitoring must never take the gateway down
             log.warning("consumer lag refresh failed: %s", exc)
@@ -175,5 +178,10 @@ class OpsMonitor:
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:
+        """Stop refreshing and release the admin client's connection now: the app object that holds
+        this monitor may outlive the broker (a test client, a reloader), and a live librdkafka
+        handle keeps reconnecting to it. (AdminClient has no close(); dropping the last reference
+        destroys it.)"""
         self._stop.set()
         self._thread.join(timeout=ADMIN_TIMEOUT_S * 2)
+        self._admin = None
