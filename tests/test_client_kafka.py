@@ -212,3 +212,21 @@ def test_close_delivers_then_releases_the_handle_once(settings: Settings) -> Non
     assert got.event.user_id == "carol"
     with pytest.raises(RuntimeError):  # the librdkafka handle is gone: nothing is sent by mistake
         producer.send("behaviour", BehaviourEvent(type="click", user_id="carol", item_id="i4"))
+
+
+def test_topics_are_created_with_their_retention(settings: Settings) -> None:
+    """The ranking log (~9 KB per answer) is bounded by a day and 8 GiB per partition; event topics
+    keep a week, unbounded in bytes."""
+    from confluent_kafka.admin import ConfigResource
+
+    from recstream.kafka.admin import admin_client
+
+    admin = admin_client(settings)
+    wanted = {
+        "ranking-log": ("86400000", str(8 * 1024**3)),
+        "behaviour": (str(7 * 24 * 3600 * 1000), "-1"),
+    }
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, TOPICS[t].name(settings.topic_prefix)) for t in wanted]
+    for (logical, (ms, size)), fut in zip(wanted.items(), admin.describe_configs(resources).values(), strict=True):
+        config = fut.result(timeout=30)
+        assert (config["retention.ms"].value, config["retention.bytes"].value) == (ms, size), logical

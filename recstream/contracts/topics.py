@@ -34,6 +34,7 @@ class TopicSpec:
     cleanup_policy: Literal["delete", "compact"] = "delete"
     retention_ms: int = 7 * 24 * 3600 * 1000
     description: str = ""
+    retention_bytes: int = -1  # per partition; -1 = bounded by time only
     adapter: TypeAdapter = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -43,7 +44,11 @@ class TopicSpec:
         return topic_name(self.logical, prefix)
 
     def config(self) -> dict[str, str]:
-        return {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)}
+        return {
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": str(self.retention_ms),
+            "retention.bytes": str(self.retention_bytes),
+        }
 
 
 def topic_name(logical: str, prefix: str = "") -> str:
@@ -75,6 +80,11 @@ RANKING_LOG = TopicSpec(
     RankingLog,
     "user_id",
     2,
+    # ~9 KB per answer: at 200 answers/s with RANKING_LOG=all a day would be ~155 GB. Off-policy
+    # estimates need thousands of answers and the trainer reads it live, so a day or 8 GiB per
+    # partition (~2.5 h at that rate), whichever comes first.
+    retention_ms=24 * 3600 * 1000,
+    retention_bytes=8 * 1024**3,
     description="Candidate pools of exploring answers (off-policy evaluation), ranker inputs of answers (training)",
 )
 DEAD_LETTERS = TopicSpec(
