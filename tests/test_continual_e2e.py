@@ -121,6 +121,16 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
                             context_items=ctx,
                         )
                     )
+            # The first 20 answers were logged with the inputs they were scored from (RANKING_LOG=all,
+            # written at answer time, before their outcomes): their examples must use exactly those.
+            logged = [ex for ex in burst if int(ex.request_id[1:]) < 20]
+            producer.send_many("ranking-log", _ranking_logs(logged, items))
+            producer.flush()
+            deadline = time.monotonic() + 60  # in production outcomes come a feedback window later
+            while len(svc.served) < 20:
+                assert time.monotonic() < deadline, "the trainer did not consume the ranking logs"
+                time.sleep(0.1)
+            served_before, rebuilt_before = _inputs_count("served"), _inputs_count("rebuilt")
             producer.send_many("training-examples", burst)
             producer.flush()
         t_burst = time.monotonic()
@@ -151,4 +161,46 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
     assert set(last) == {"2"}
     assert click_to_live < 60, (click_to_live, rounds)
     assert served_by == "ranker-v2" and scores.shape == (5,)
+    assert _inputs_count("served") - served_before == len(logged) == 200
+    assert _inputs_count("rebuilt") - rebuilt_before == len(burst) - len(logged)
     print(f"click-to-live {click_to_live:.1f}s; rounds {rounds}; requests {len(seen)} {dict(versions)}")
+
+
+def _inputs_count(kind: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("recstream_training_examples_total", {"inputs": kind}) or 0.0
+
+
+def _ranking_logs(examples: list[TrainingExample], items: list[tuple[str, str]]) -> list:
+    """Greedy answers' ranking logs as the worker writes them with RANKING_LOG=all. The inputs are
+    what the catalog rebuild gives (so the round trains on the same signal), to six decimals."""
+    from recstream.contracts.events import PoolCandidate, RankingLog
+    from services.trainer.worker import example_from_event
+
+    features = CatalogFeatures()
+    for n, (i, c) in enumerate(items):
+        features.upsert(ItemUpsert(item_id=i, title=f"{TITLES[c]} {n}", category=c))
+    by_request: dict[str, list[TrainingExample]] = {}
+    for ex in examples:
+        by_request.setdefault(ex.request_id, []).append(ex)
+    logs = []
+    for rid, shown in by_request.items():
+        ctx, _, feats = features.build([example_from_event(ex) for ex in shown])
+        pool = [
+            PoolCandidate(item_id=ex.item_id, score=0.0, features=np.round(f, 6).tolist())
+            for ex, f in zip(shown, feats, strict=True)
+        ]
+        logs.append(
+            RankingLog(
+                request_id=rid,
+                user_id=shown[0].user_id,
+                model_version="ranker-v1",
+                policy_spec="greedy",
+                k=len(pool),
+                pool=pool,
+                greedy=pool,
+                context=np.round(ctx[0].astype(np.float64), 6).tolist(),
+            )
+        )
+    return logs
