@@ -174,8 +174,9 @@ def _inputs_count(kind: str) -> float:
 
 def _ranking_logs(examples: list[TrainingExample], items: list[tuple[str, str]]) -> list:
     """Greedy answers' ranking logs as the worker writes them with RANKING_LOG=all. The inputs are
-    what the catalog rebuild gives (so the round trains on the same signal), to six decimals."""
-    from recstream.contracts.events import PoolCandidate, RankingLog
+    what the catalog rebuild gives (so the round trains on the same signal)."""
+    from logged_answers import greedy_answer_log
+
     from services.trainer.worker import example_from_event
 
     features = CatalogFeatures()
@@ -187,20 +188,5 @@ def _ranking_logs(examples: list[TrainingExample], items: list[tuple[str, str]])
     logs = []
     for rid, shown in by_request.items():
         ctx, _, feats = features.build([example_from_event(ex) for ex in shown])
-        pool = [
-            PoolCandidate(item_id=ex.item_id, score=0.0, features=np.round(f, 6).tolist())
-            for ex, f in zip(shown, feats, strict=True)
-        ]
-        logs.append(
-            RankingLog(
-                request_id=rid,
-                user_id=shown[0].user_id,
-                model_version="ranker-v1",
-                policy_spec="greedy",
-                k=len(pool),
-                pool=pool,
-                greedy=pool,
-                context=np.round(ctx[0].astype(np.float64), 6).tolist(),
-            )
-        )
+        logs.append(greedy_answer_log(rid, shown[0].user_id, [ex.item_id for ex in shown], feats, ctx[0]))
     return logs

@@ -204,9 +204,9 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
     """A greedy answer's ranking log (RANKING_LOG=all) carries the ranker's inputs: the trainer's
     examples of that answer are built from exactly those, an answer without a log is rebuilt from
     the catalog, and both kinds are counted. Old logs expire."""
+    from logged_answers import greedy_answer_log
     from prometheus_client import REGISTRY
 
-    from recstream.contracts.events import PoolCandidate, RankingLog
     from services.trainer.worker import ServedInputs
 
     def count(kind: str) -> float:
@@ -218,20 +218,15 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
     first = [ex for ex in examples if ex.request_id == examples[0].request_id]
     rng = np.random.default_rng(5)
     context = np.concatenate([rng.normal(size=ITEM_DIM) / 20, np.zeros(ITEM_DIM)]).round(6)
-    shown = [
-        PoolCandidate(item_id=ex.item_id, score=0.1 * n, features=rng.random(5).round(6).tolist())
-        for n, ex in enumerate(first)
-    ]
-    log = RankingLog(
-        request_id=first[0].request_id,
-        user_id=first[0].user_id,
-        model_version="ranker-v1",
-        policy_spec="greedy",
-        k=len(shown),
-        pool=shown,
-        greedy=shown,
-        context=context.tolist(),
+    log = greedy_answer_log(
+        first[0].request_id,
+        first[0].user_id,
+        [ex.item_id for ex in first],
+        rng.random((len(first), 5)),
+        context,
+        scores=[0.1 * n for n in range(len(first))],
     )
+    shown = log.pool
     served_before, rebuilt_before = count("served"), count("rebuilt")
     service.handle([*upserts, log, *examples])
     assert count("served") == served_before + len(first)
