@@ -88,6 +88,12 @@ class LoopConfig(BaseModel):
         True, description="Each arm's clicks feed its popularity feature, as the stream's item-popularity table does"
     )
     triton: bool = True
+    random_candidates: int = Field(
+        30, description="Uniformly random candidates per request of 60 (0: retrieval only, as the stream worker)"
+    )
+    checks: bool = Field(True, description="Run the OPE checks and click-to-live after the loop")
+    name: str = Field("loop", description="Result file stem: bench/results/NAME.{json,md,png}")
+    scenario: str = Field("", description="One line on what this run varies, for the report")
 
 
 class SimFeatures:
@@ -595,12 +601,56 @@ def run_seed(cfg: LoopConfig) -> dict[str, Any]:
     """One independent repetition: its own simulator (tastes, drift, hits), warm-up logs, v1 and loop."""
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
-    sim = load_simulator(SimConfig(seed=cfg.seed, live_popularity=cfg.live_popularity))
+    sim = load_simulator(
+        SimConfig(seed=cfg.seed, live_popularity=cfg.live_popularity, n_random_candidates=cfg.random_candidates)
+    )
     features = SimFeatures(sim)
     base, _, popularity = pretrain(sim, cfg, features)
     out = run_loop(sim, cfg, base, features, popularity)
     out.update(sim=sim, features=features, base=base, wall_s=time.monotonic() - t0)
     return out
+
+
+def run_checks(first: dict[str, Any], cfg: LoopConfig) -> dict[str, Any]:
+    """OPE checks and click-to-live on the first seed's simulator (drifted) and explore arm."""
+    sim, features, base = first["sim"], first["features"], first["base"]
+    ope = ope_check(sim, cfg, first["live"]["explore"], "pl")
+    ope_ts = ope_check(sim, cfg, first["live"]["explore"], "ts")
+    # Other model versions judged from the explore arm's logs: the frozen arm's v1 (stale since the
+    # drift) and the continual arm's live model.
+    others = {"frozen_v1": first["live"]["frozen"].live, "continual_live": first["live"]["continual"].live}
+    ope_production = production_ope_check(sim, cfg, first["live"]["explore"])
+    ope_models = production_ope_check(sim, cfg, first["live"]["explore"], others, spec=cfg.model_ope_logging)
+    burst_user_rng = np.random.default_rng(cfg.seed + 5)
+    # The burst only carries the measurement; it is logged by the same Plackett-Luce policy as in
+    # earlier runs (a fresh Thompson layer knows nothing yet and would make a noisier burst).
+    burst_arm = Arm(
+        "burst",
+        base,
+        PlackettLuce(0.5, greedy_slots=2),
+        learn=False,
+        cfg=cfg,
+        popularity=first["live"]["explore"].popularity,
+    )
+    reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
+    burst_arm.serve(sim, reqs, np.random.default_rng(3))
+    c2l: dict[str, Any]
+    if cfg.triton:
+        try:
+            c2l = click_to_live(sim, cfg, base, list(burst_arm.buffer.recent), features)
+        except Exception as exc:  # the bench still reports the simulation when Triton is unavailable
+            log.exception("click-to-live measurement failed")
+            c2l = {"click_to_live_s": None, "reason": f"tritonserver unavailable: {exc}"}
+    else:
+        c2l = {"click_to_live_s": None, "reason": "disabled"}
+
+    return {
+        "ope": ope,
+        "ope_thompson_logs": ope_ts,
+        "ope_production_logs": ope_production,
+        "ope_model_versions": ope_models,
+        "click_to_live": c2l,
+    }
 
 
 def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
@@ -638,37 +688,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         if seed == cfg.seed:
             first = out
 
-    # OPE and click-to-live on the first seed's simulator (drifted) and explore arm.
-    sim, features, base = first["sim"], first["features"], first["base"]
-    ope = ope_check(sim, cfg, first["live"]["explore"], "pl")
-    ope_ts = ope_check(sim, cfg, first["live"]["explore"], "ts")
-    # Other model versions judged from the explore arm's logs: the frozen arm's v1 (stale since the
-    # drift) and the continual arm's live model.
-    others = {"frozen_v1": first["live"]["frozen"].live, "continual_live": first["live"]["continual"].live}
-    ope_production = production_ope_check(sim, cfg, first["live"]["explore"])
-    ope_models = production_ope_check(sim, cfg, first["live"]["explore"], others, spec=cfg.model_ope_logging)
-    burst_user_rng = np.random.default_rng(cfg.seed + 5)
-    # The burst only carries the measurement; it is logged by the same Plackett-Luce policy as in
-    # earlier runs (a fresh Thompson layer knows nothing yet and would make a noisier burst).
-    burst_arm = Arm(
-        "burst",
-        base,
-        PlackettLuce(0.5, greedy_slots=2),
-        learn=False,
-        cfg=cfg,
-        popularity=first["live"]["explore"].popularity,
-    )
-    reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
-    burst_arm.serve(sim, reqs, np.random.default_rng(3))
-    c2l: dict[str, Any]
-    if cfg.triton:
-        try:
-            c2l = click_to_live(sim, cfg, base, list(burst_arm.buffer.recent), features)
-        except Exception as exc:  # the bench still reports the simulation when Triton is unavailable
-            log.exception("click-to-live measurement failed")
-            c2l = {"click_to_live_s": None, "reason": f"tritonserver unavailable: {exc}"}
-    else:
-        c2l = {"click_to_live_s": None, "reason": "disabled"}
+    checks = run_checks(first, cfg) if cfg.checks else {}
 
     # Mean curves over seeds (per round), phase table over seeds.
     curves: dict[str, list[dict[str, float]]] = {}
@@ -719,10 +739,16 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "ndcg10_frozen": ci["ndcg10_frozen"]["mean"],
         "ndcg10_continual": ci["ndcg10_continual"]["mean"],
         "ndcg10_explore": ci["ndcg10_explore"]["mean"],
-        "ope_estimate": ope["estimates"][ope["primary"]]["value"],
-        "ope_ci": ope["estimates"][ope["primary"]]["ci"],
-        "simulated_online_value": ope["simulated_online_value"],
-        "click_to_live_s": c2l.get("click_to_live_s"),
+        **(
+            {
+                "ope_estimate": checks["ope"]["estimates"][checks["ope"]["primary"]]["value"],
+                "ope_ci": checks["ope"]["estimates"][checks["ope"]["primary"]]["ci"],
+                "simulated_online_value": checks["ope"]["simulated_online_value"],
+                "click_to_live_s": checks["click_to_live"].get("click_to_live_s"),
+            }
+            if checks
+            else {}
+        ),
         "ctr_explore_minus_continual": diffs["explore_minus_continual"]["mean"],
         "ctr_explore_minus_continual_ci": diffs["explore_minus_continual"]["ci"],
         "seeds": seeds,
@@ -735,35 +761,42 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "explore_vs_exploit_lift_verdict": verdict(diffs["explore_minus_exploit_lift"], "the mean-lift exploitation"),
         "per_seed": per_seed,
         "phases": rows,
-        "ope": ope,
-        "ope_thompson_logs": ope_ts,
-        "ope_production_logs": ope_production,
-        "ope_model_versions": ope_models,
-        "click_to_live": c2l,
         "curves": curves,
         "curves_per_seed": {
             a: {str(sd): [round(p["ctr"], 5) for p in sc] for sd, sc in zip(seeds, seed_curves[a], strict=True)}
             for a in ARMS
         },
+        **checks,
         "config": cfg.model_dump(),
         "wall_s": time.monotonic() - t_all,
         "peak_rss_mb": peak_rss_mb(),
     }
-    write_result("loop", result)
-    plot(curves, cfg, RESULTS_DIR / "loop.png")
-    (RESULTS_DIR / "loop.md").write_text(markdown(result, phases))
-    print((RESULTS_DIR / "loop.md").read_text())
+    write_result(cfg.name, result)
+    plot(curves, cfg, RESULTS_DIR / f"{cfg.name}.png")
+    report = RESULTS_DIR / f"{cfg.name}.md"
+    report.write_text(markdown(result, phases))
+    print(report.read_text())
     return result
 
 
 def verdict(d: dict[str, Any], baseline: str = "pure exploitation") -> str:
     """What the paired late-window CI of explore - baseline says, in words."""
     lo, hi = d["ci"]
+    if d.get("n", 0) < 2:
+        return f"one seed: no interval, so no verdict on exploration against {baseline}"
     if lo > 0:
         return f"exploration beats {baseline} (95% CI of the paired difference above 0)"
     if hi < 0:
         return f"exploration loses to {baseline} (95% CI of the paired difference below 0)"
     return f"no significant difference between exploration and {baseline} (95% CI of the paired difference covers 0)"
+
+
+def candidates_line(random_candidates: int) -> str:
+    n = SimConfig().n_candidates
+    if random_candidates == 0:
+        return f"{n} candidates per request, all nearest to the user's context (retrieval only)"
+    nearest = n - random_candidates
+    return f"{n} candidates per request ({nearest} nearest to the user's context, {random_candidates} random)"
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -774,10 +807,11 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
     c = r["config"]
     n = len(r["seeds"])
     lines = [
-        "# Closed loop: frozen vs continual vs continual + exploration",
+        f"# Closed loop: frozen vs continual vs continual + exploration ({c['name']})",
         "",
         f"MovieLens-100k simulator, drift at round {c['drift_round']} of {c['rounds']}, "
-        f"{c['users_per_round']} requests/round, k={c['k']}; {n} seeds {r['seeds']} (each its own simulator, "
+        f"{c['users_per_round']} requests/round, k={c['k']}, {candidates_line(c['random_candidates'])}; "
+        f"{n} seeds {r['seeds']} (each its own simulator, "
         f"warm-up and v1; the arms of a seed share requests and click random numbers). "
         + (
             "Popularity is live: each arm's clicks add to its own popularity feature (refreshed every round), as "
@@ -787,6 +821,7 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         )
         + f"Wall {r['wall_s']:.0f} s.",
         "",
+        *([f"**Scenario:** {c['scenario']}", ""] if c.get("scenario") else []),
         "Exploration arm: Thompson sampling of a per-item click lift over the ranker's scores "
         f"(Gamma posterior, item prior weight {c['explore_prior']:g}, pooled per {c['explore_groups']} with prior "
         f"weight {c['explore_group_prior']:g}, half-life {c['explore_half_life']:g} impressions), updated after "
@@ -855,6 +890,16 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
             + " | ".join(f"{row[f'NDCG@10 {p}']:.4f}" for p in phases)
             + f" | {row['promotions']:.1f} | {row['refusals']:.1f} |"
         )
+    if "ope" in r:
+        lines += checks_markdown(r)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def checks_markdown(r: dict[str, Any]) -> list[str]:
+    """The OPE and click-to-live sections of the report."""
+    c = r["config"]
+    lines: list[str] = []
     ope, ope_ts = r["ope"], r["ope_thompson_logs"]
     lines += [
         "",
@@ -923,8 +968,7 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         )
     else:
         lines.append(f"Not measured: {cl.get('reason')}")
-    lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
