@@ -22,3 +22,31 @@ def test_paired_p_values_come_from_the_per_seed_differences() -> None:
     add_holm(diffs, per_seed)
     assert diffs["a_minus_b"]["p"] < 0.001 < 0.5 < diffs["c_minus_b"]["p"]
     assert diffs["a_minus_b"]["p_holm"] == pytest.approx(2 * diffs["a_minus_b"]["p"])
+
+
+def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatch) -> None:
+    """The bench's whole path on a tiny loop: a retrieval-only scenario (no random candidates) runs,
+    leaves the OPE and click-to-live sections out, and writes NAME.{json,md,png}."""
+    import bench.bench_loop as bl
+    import bench.common as common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bl, "RESULTS_DIR", tmp_path)
+    cfg = bl.LoopConfig(
+        seeds=[0, 1],
+        rounds=3,
+        drift_round=1,
+        users_per_round=10,
+        warmup_requests=100,
+        pretrain_steps=5,
+        checks=False,
+        random_candidates=0,
+        name="tiny",
+        scenario="a test scenario",
+    )
+    result = bl.main(cfg)
+    assert {p.name for p in tmp_path.iterdir()} == {"tiny.json", "tiny.md", "tiny.png"}
+    assert "ope_estimate" not in result and "click_to_live" not in result
+    assert len(result["per_seed"]) == 2 and result["config"]["random_candidates"] == 0
+    report = (tmp_path / "tiny.md").read_text()
+    assert "a test scenario" in report and "retrieval only" in report and "Click to live" not in report

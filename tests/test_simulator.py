@@ -27,6 +27,20 @@ def test_request_shapes_and_probabilities(sim: Simulator) -> None:
     assert np.all((p > 0) & (p < 1))
 
 
+def test_retrieval_only_candidates_are_the_nearest_unseen_items() -> None:
+    """n_random_candidates=0 (the stream worker's candidate generation): the candidates are the
+    unseen released items nearest to the user's context, the same whatever the random generator."""
+    data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
+    sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=0))
+    a = sim.request(5, np.random.default_rng(1)).candidates
+    b = sim.request(5, np.random.default_rng(2)).candidates
+    assert sorted(a.tolist()) == sorted(b.tolist())
+    sims = sim.item_vectors @ sim.user_context[5]
+    eligible = np.setdiff1d(np.flatnonzero(sim.hot == 0), sim.history[5])
+    nearest = eligible[np.argsort(-sims[eligible])[:30]]
+    assert sorted(a.tolist()) == sorted(nearest.tolist())
+
+
 def test_position_bias_lowers_clicks(sim: Simulator) -> None:
     items = np.arange(10)
     top = sim.click_probability(3, items, np.zeros(10))
