@@ -62,7 +62,7 @@ bench: setup
 	@for b in $$(ls bench/bench_*.py | sed 's/.*bench_\(.*\)\.py/\1/'); do $(MAKE) --no-print-directory bench-$$b || exit 1; done
 
 bench-%: setup
-	@$(PY) -m bench.bench_$*
+	@$(PY) -m bench.bench_$* $(ARGS)
 
 clean:
 	rm -rf run artifacts .pytest_cache

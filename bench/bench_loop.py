@@ -727,6 +727,12 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         "continual_minus_frozen": t_interval([r["ctr_continual"] - r["ctr_frozen"] for r in per_seed]),
     }
     add_holm(diffs, per_seed)
+    # Model quality of each arm's live ranker (greedy top-10, independent of the exploration layer).
+    ndcg_diffs = {}
+    for name in diffs:
+        hi, lo = name.split("_minus_")
+        d = [r[f"ndcg10_{hi}"] - r[f"ndcg10_{lo}"] for r in per_seed]
+        ndcg_diffs[name] = {**t_interval(d), "seeds_positive": int(sum(x > 0 for x in d))}
     all_rounds = t_interval([r["ctr_all_rounds_explore_minus_continual"] for r in per_seed])
     all_rounds["seeds_positive"] = int(sum(r["ctr_all_rounds_explore_minus_continual"] > 0 for r in per_seed))
     for name, d in diffs.items():
@@ -756,6 +762,7 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
         f"means over {len(seeds)} seeds, 95% Student-t CIs over seeds",
         "ci": ci,
         "paired_differences": diffs,
+        "paired_ndcg10_differences": ndcg_diffs,
         "paired_difference_all_rounds_explore_minus_continual": all_rounds,
         "explore_verdict": verdict(diffs["explore_minus_continual"]),
         "explore_vs_exploit_lift_verdict": verdict(diffs["explore_minus_exploit_lift"], "the mean-lift exploitation"),
@@ -848,6 +855,19 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         lines.append(
             f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
             f"| {d['seeds_positive']}/{d['n']} | {d['p']:.3f} | {d['p_holm']:.3f} |"
+        )
+    lines += [
+        "",
+        "Paired NDCG@10 differences of the live rankers (each arm's greedy top-10, without its exploration "
+        "layer: what the data an arm collected taught its ranker):",
+        "",
+        "| paired NDCG@10 difference | mean [95% CI] | seeds > 0 |",
+        "|---|---|---|",
+    ]
+    for name, d in r["paired_ndcg10_differences"].items():
+        lines.append(
+            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+            f"| {d['seeds_positive']}/{d['n']} |"
         )
     a = r["paired_difference_all_rounds_explore_minus_continual"]
     lines += [

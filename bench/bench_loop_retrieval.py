@@ -14,11 +14,16 @@ bench_loop's and are not repeated. Known limit of the scenario: the simulated us
 fixed (the worker's session vector would follow the user's clicks), so after the drift every arm's
 candidates stay near the user's old tastes; the scenario isolates what the ranking layer can
 discover inside a fixed candidate set.
+
+Replication (also committed before it ran): the same scenario on five fresh seeds,
+`make bench-loop_retrieval ARGS="--seeds 5 --seeds 6 --seeds 7 --seeds 8 --seeds 9 --name loop_retrieval_seeds5-9"`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from bench.bench_loop import LoopConfig, main
 
@@ -28,9 +33,13 @@ SCENARIO = (
 )
 
 
-def run() -> dict[str, Any]:
-    return main(LoopConfig(random_candidates=0, checks=False, name="loop_retrieval", scenario=SCENARIO))
+def run(
+    seeds: Annotated[list[int] | None, typer.Option(help="Loop seeds (default: bench_loop's)")] = None,
+    name: Annotated[str, typer.Option(help="Result file stem under bench/results")] = "loop_retrieval",
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {"seeds": seeds, "seed": seeds[0]} if seeds else {}
+    return main(LoopConfig(random_candidates=0, checks=False, name=name, scenario=SCENARIO, **extra))
 
 
 if __name__ == "__main__":
-    run()
+    typer.run(run)
