@@ -59,8 +59,9 @@ class Settings(BaseSettings):
     policy_feedback_slots: int = Field(
         200_000,
         ge=1_000,
-        description="Shown slots a worker remembers for its learning policy (ts:/lift:) until their feedback "
-        "window closes; size it to requests/s x k x (window + client delay): 200k = 100 s at 200 req/s, k=10",
+        description="Most shown slots a worker remembers for its learning policy (ts:/lift:) until their feedback "
+        "window closes. Slots are forgotten anyway once the window plus 60 s has passed (outcome expired), so "
+        "this only caps memory: 200k = 100 s at 200 req/s, k=10; past it the oldest are evicted",
     )
     api_keys: str = Field(
         "",

@@ -48,9 +48,10 @@ CLICKS = Counter("recstream_clicks_total", "Clicks on shown items", ["model_vers
 POLICY_FEEDBACK = Counter(
     "recstream_policy_feedback_total",
     "Closed impression windows handed to an online-learning exploration policy, by outcome",
-    ["outcome"],  # clicked | not_clicked | unknown (slot not remembered) | evicted (memory full)
+    ["outcome"],  # clicked | not_clicked | unknown (slot not remembered) | evicted (memory full) | expired (too old)
 )
-for _outcome in ("clicked", "not_clicked", "unknown", "evicted"):  # exported at 0 from the start, as Prometheus advises
+# Exported at 0 from the start, as Prometheus advises.
+for _outcome in ("clicked", "not_clicked", "unknown", "evicted", "expired"):
     POLICY_FEEDBACK.labels(outcome=_outcome)
 # Continual learning: a run ends with result=promoted|rejected|failed; promotions/rollbacks move the live version.
 TRAINING_RUNS = Counter("recstream_training_runs_total", "Continual-learning training runs", ["model", "result"])

@@ -116,10 +116,14 @@ class StreamContext:
         """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
         The recommender ranks through it and the feedback joiner reports closed windows to it."""
         if self._policy_feedback is None:
-            from recstream.explore.feedback import PolicyFeedback, learns_online
+            from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback, learns_online
 
             if learns_online(self.policy):
-                self._policy_feedback = PolicyFeedback(self.policy, self.settings.policy_feedback_slots)
+                self._policy_feedback = PolicyFeedback(
+                    self.policy,
+                    self.settings.policy_feedback_slots,
+                    max_age_s=self.feedback_window_s + CLIENT_DELAY_GRACE_S,
+                )
                 self._policy_feedback.load(self.policy_state_path)
         return self._policy_feedback
 

@@ -258,6 +258,32 @@ def test_policy_feedback_memory_is_bounded_and_refuses_fixed_policies() -> None:
         PolicyFeedback(make_policy("pl:0.5"))
 
 
+def test_policy_feedback_forgets_slots_no_window_can_close_for() -> None:
+    """Slots older than max_age_s (answers whose impressions never came) are dropped when the next
+    answer is ranked and counted as expired; younger ones are still observed."""
+    from prometheus_client import REGISTRY
+
+    from recstream.explore.feedback import PolicyFeedback
+
+    def expired() -> float:
+        return REGISTRY.get_sample_value("recstream_policy_feedback_total", {"outcome": "expired"}) or 0.0
+
+    now = [1000.0]
+    fb = PolicyFeedback(make_policy("lift:1"), capacity=100, max_age_s=90.0, clock=lambda: now[0])
+    rng = np.random.default_rng(23)
+    fb.rank("old", IDS, SCORES, 3, rng)
+    now[0] += 60.0
+    fb.rank("young", IDS, SCORES, 3, rng)
+    before = expired()
+    now[0] += 31.0  # "old" is 91 s old, "young" 31 s
+    fb.rank("new", IDS, SCORES, 3, rng)
+    assert expired() - before == 3 and len(fb) == 6
+    assert not fb.observe("old", "i0", 0, 1.0)
+    assert fb.observe("young", "i0", 0, 1.0)
+    with pytest.raises(ValueError, match="max_age_s"):
+        PolicyFeedback(make_policy("lift:1"), max_age_s=0)
+
+
 def test_policy_specs_are_checked_when_settings_load() -> None:
     from pydantic import ValidationError
 

@@ -9,8 +9,11 @@ back to the policy, and serialises the two threads around the policy's state.
 
 A slot whose memory was evicted, or that was shown by another worker before a rebalance, or
 before a restart, is counted as ``unknown`` and skipped; losing a few observations only slows the
-learning. What the policy learned is per worker; `save` / `load` keep it across restarts (the
-worker saves every POLICY_SAVE_S and at shutdown, written atomically).
+learning. Slots are forgotten once no window can close for them any more (``max_age_s``: the
+feedback window plus a grace for client delay; counted as ``expired``: answers the application
+never showed), so the memory follows the request rate by itself; ``capacity`` only caps it
+(``evicted``) when the rate outgrows it. What the policy learned is per worker; `save` / `load`
+keep it across restarts (the worker saves every POLICY_SAVE_S and at shutdown, written atomically).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 #: How often a worker writes its policy's evidence to disk (and at shutdown).
 POLICY_SAVE_S = 30.0
+#: How long after an answer its impressions may still arrive (the application shows the answer, then
+#: publishes them); a slot is remembered for the feedback window plus this.
+CLIENT_DELAY_GRACE_S = 60.0
 
 
 def learns_online(policy: object) -> bool:
@@ -42,14 +49,25 @@ def learns_online(policy: object) -> bool:
 class PolicyFeedback:
     """Shown-slot memory + thread-safe rank/observe for one learning policy (see the module doc)."""
 
-    def __init__(self, policy: object, capacity: int = 200_000) -> None:
+    def __init__(
+        self,
+        policy: object,
+        capacity: int = 200_000,
+        max_age_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not learns_online(policy):
             raise TypeError(f"policy {getattr(policy, 'name', policy)!r} does not learn from feedback")
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
+        if max_age_s is not None and max_age_s <= 0:
+            raise ValueError("max_age_s must be > 0 (or None: keep slots until the capacity evicts them)")
         self.policy = policy
         self.capacity = int(capacity)
-        self._shown: OrderedDict[tuple[str, str], tuple[float, str | None]] = OrderedDict()
+        self.max_age_s = max_age_s
+        self._clock = clock
+        # (request, item) -> (logit, group, shown at); insertion order = age order
+        self._shown: OrderedDict[tuple[str, str], tuple[float, str | None, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.unsaved = 0  # observations since the last save
 
@@ -69,14 +87,30 @@ class PolicyFeedback:
         groups_list = list(groups) if groups is not None else [None] * len(item_ids)
         with self._lock:
             shown = self.policy.rank(item_ids, logits, k, rng, groups=groups_list)  # type: ignore[attr-defined]
+            now = self._clock()
+            self._expire(now)
             row = {iid: n for n, iid in enumerate(item_ids)}
             for s in shown:
                 j = row[s.item_id]
-                self._shown[(request_id, s.item_id)] = (float(logits[j]), groups_list[j])
+                self._shown[(request_id, s.item_id)] = (float(logits[j]), groups_list[j], now)
             while len(self._shown) > self.capacity:
                 self._shown.popitem(last=False)
                 POLICY_FEEDBACK.labels(outcome="evicted").inc()
         return shown
+
+    def _expire(self, now: float) -> None:
+        """Forget the slots older than max_age_s (oldest first; the caller holds the lock)."""
+        if self.max_age_s is None:
+            return
+        expired = 0
+        while self._shown:
+            _, (_, _, shown_at) = next(iter(self._shown.items()))
+            if now - shown_at <= self.max_age_s:
+                break
+            self._shown.popitem(last=False)
+            expired += 1
+        if expired:
+            POLICY_FEEDBACK.labels(outcome="expired").inc(expired)
 
     def observe(self, request_id: str, item_id: str, position: int, clicked: float) -> bool:
         """One closed impression window; False (and counted as unknown) if the slot is not remembered."""
@@ -85,7 +119,7 @@ class PolicyFeedback:
             if memory is None:
                 POLICY_FEEDBACK.labels(outcome="unknown").inc()
                 return False
-            logit, group = memory
+            logit, group, _ = memory
             self.policy.observe(item_id, position, logit, float(clicked), group)  # type: ignore[attr-defined]
             self.unsaved += 1
         POLICY_FEEDBACK.labels(outcome="clicked" if clicked > 0 else "not_clicked").inc()
