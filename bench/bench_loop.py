@@ -54,7 +54,7 @@ from recstream.continual import (
 from recstream.explore import Greedy, LiftThompson, PlackettLuce, RankingPolicy
 from recstream.models.ranker import ITEM_DIM, RankerConfig, RankerNet, new_ranker
 from recstream.ope import LoggedData, doubly_robust, ips, snips
-from recstream.simulator import LivePopularity, Request, SimConfig, Simulator, load_simulator
+from recstream.simulator import LivePopularity, LiveSessions, Request, SimConfig, Simulator, load_simulator
 
 log = logging.getLogger("bench.loop")
 
@@ -91,6 +91,9 @@ class LoopConfig(BaseModel):
     random_candidates: int = Field(
         30, description="Uniformly random candidates per request of 60 (0: retrieval only, as the stream worker)"
     )
+    live_sessions: bool = Field(
+        False, description="Each arm's users' contexts follow what they clicked in its answers (LiveSessions)"
+    )
     checks: bool = Field(True, description="Run the OPE checks and click-to-live after the loop")
     name: str = Field("loop", description="Result file stem: bench/results/NAME.{json,md,png}")
     scenario: str = Field("", description="One line on what this run varies, for the report")
@@ -106,6 +109,9 @@ class SimFeatures:
         u = np.fromiter((int(e.user) for e in examples), dtype=np.int64, count=len(examples))
         i = np.fromiter((int(e.item) for e in examples), dtype=np.int64, count=len(examples))
         ctx = np.concatenate([self.sim.user_context[u], np.zeros((len(u), ITEM_DIM), np.float32)], axis=1)
+        for n, e in enumerate(examples):  # logged at serving (live sessions): the context as served
+            if e.context is not None:
+                ctx[n] = e.context
         feats = np.stack([e.cand_features for e in examples]).astype(np.float32)
         return ctx, self.sim.item_vectors[i], feats
 
@@ -120,7 +126,10 @@ def score_requests(net: torch.nn.Module, reqs: list[Request]) -> np.ndarray:
     return net(ctx, cand, feats).numpy().astype(np.float64)
 
 
-def log_examples(req: Request, shown: list, rows: np.ndarray, clicks: np.ndarray, version: str) -> list[Example]:
+def log_examples(
+    req: Request, shown: list, rows: np.ndarray, clicks: np.ndarray, version: str, with_context: bool = False
+) -> list[Example]:
+    """with_context: keep the served context with each example (it is not the user's fixed one)."""
     out = []
     for s, j, c in zip(shown, rows, clicks, strict=True):  # rows: the shown items' candidate rows
         out.append(
@@ -132,6 +141,7 @@ def log_examples(req: Request, shown: list, rows: np.ndarray, clicks: np.ndarray
                 label=float(c),
                 model_version=version,
                 cand_features=req.cand_features[j],
+                context=req.context if with_context else None,
             )
         )
     return out
@@ -159,6 +169,7 @@ class Arm:
     ) -> None:
         self.name = name
         self.popularity = copy.deepcopy(popularity)  # each system's clicks make its own items popular
+        self.sessions = LiveSessions(cfg.live_sessions)  # and move its own users' sessions
         self.live = copy.deepcopy(net)
         self.policy = policy
         self.learn = learn
@@ -182,6 +193,10 @@ class Arm:
         seg = user_segment(sim, r.user)
         return [f"{seg}|{c}" for c in cats]
 
+    def requests(self, sim: Simulator, users: np.ndarray, cand_rng: np.random.Generator) -> list[Request]:
+        """This round's requests as this system's users' sessions stand."""
+        return [sim.request(int(u), cand_rng, self.sessions.items(int(u))) for u in users]
+
     def serve(self, sim: Simulator, reqs: list[Request], click_rng: np.random.Generator) -> dict[str, float]:
         # Popularity features as of the start of the round (a round's clicks count from the next one).
         reqs = [self.popularity.view(r) for r in reqs]
@@ -201,6 +216,7 @@ class Arm:
             p = sim.click_probability(r.user, r.candidates[rows], np.array([x.position for x in shown]))
             c = (click_rng.random(len(p)) < p).astype(np.float64)
             self.popularity.add(r.candidates[rows], c)
+            self.sessions.add(r.user, r.candidates[rows], c)
             hot_slots += float(sim.hot[r.candidates[rows]].sum()) if sim.drifted else 0.0
             if observe is not None:
                 for x, j, cl in zip(shown, rows, c, strict=True):
@@ -208,7 +224,7 @@ class Arm:
             clicks_total += c.sum()
             slots += len(c)
             ndcg.append(sim.ndcg_at_k(r.user, r.candidates, np.argsort(-s, kind="stable"), self.cfg.k))
-            new += log_examples(r, shown, rows, c, f"v{self.version}")
+            new += log_examples(r, shown, rows, c, f"v{self.version}", with_context=self.sessions.live)
         self.buffer.extend(new)
         return {"ctr": clicks_total / slots, "ndcg10": float(np.mean(ndcg)), "hot_share": hot_slots / slots}
 
@@ -291,10 +307,11 @@ def run_loop(
         if t == cfg.drift_round:
             sim.drift()
         users = user_rng.integers(0, sim.n_users, cfg.users_per_round)
-        cand_rng = np.random.default_rng(cfg.seed * 1000 + t)
-        reqs = [sim.request(int(u), cand_rng) for u in users]  # same requests for every arm
         for a in arms:
-            click_rng = np.random.default_rng(cfg.seed * 7919 + t)  # common random numbers for clicks
+            # Common random numbers: the same users, candidate draws and click draws for every arm (the
+            # same requests, unless live sessions have taken its users elsewhere).
+            reqs = a.requests(sim, users, np.random.default_rng(cfg.seed * 1000 + t))
+            click_rng = np.random.default_rng(cfg.seed * 7919 + t)
             m = a.serve(sim, reqs, click_rng)
             u = a.update(features)
             curves[a.name].append({"round": t, **m, "version": a.version, "accepted": float(u.get("accepted", 0))})
@@ -786,6 +803,13 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     return result
 
 
+def run_scenario(name: str, scenario: str, seeds: list[int] | None, **settings: Any) -> dict[str, Any]:
+    """A variant of the loop (bench_loop_*.py): its own result files, no OPE checks or click-to-live
+    (bench_loop's), and optionally other seeds (the first seed leads, as in main)."""
+    extra: dict[str, Any] = {"seeds": seeds, "seed": seeds[0]} if seeds else {}
+    return main(LoopConfig(checks=False, name=name, scenario=scenario, **settings, **extra))
+
+
 def verdict(d: dict[str, Any], baseline: str = "pure exploitation") -> str:
     """What the paired late-window CI of explore - baseline says, in words."""
     lo, hi = d["ci"]
@@ -825,6 +849,12 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
             "the stream worker's item-popularity table counts behaviour events. "
             if c["live_popularity"]
             else "Popularity feature fixed at the catalogue's counts (the protocol before live popularity). "
+        )
+        + (
+            "Sessions are live: each arm's users' contexts follow the items they clicked in its answers (the "
+            "newest of their real history and those clicks), and clicked items are not recommended again. "
+            if c.get("live_sessions")
+            else ""
         )
         + f"Wall {r['wall_s']:.0f} s.",
         "",

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.bench_loop import LoopConfig, main
+from bench.bench_loop import run_scenario
 
 SCENARIO = (
     "retrieval-only candidates (60 nearest to the user's context, none random), as the stream worker "
@@ -37,8 +37,7 @@ def run(
     seeds: Annotated[list[int] | None, typer.Option(help="Loop seeds (default: bench_loop's)")] = None,
     name: Annotated[str, typer.Option(help="Result file stem under bench/results")] = "loop_retrieval",
 ) -> dict[str, Any]:
-    extra: dict[str, Any] = {"seeds": seeds, "seed": seeds[0]} if seeds else {}
-    return main(LoopConfig(random_candidates=0, checks=False, name=name, scenario=SCENARIO, **extra))
+    return run_scenario(name, SCENARIO, seeds, random_candidates=0)
 
 
 if __name__ == "__main__":

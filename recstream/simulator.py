@@ -27,8 +27,9 @@ never shown stays at 0) - the feedback loop that exploration exists to break.
 
 What the ranker sees: item vectors (a fixed random projection of the genre multi-hot plus item
 noise, 384-d, unit norm; a stand-in for text embeddings that keeps the bench seconds-fast) and a
-context = the mean vector of the user's last real training interactions (fixed: the simulator does
-not let the session drift, so only learning can follow the change).
+context = the mean vector of the user's last real training interactions. By default the context is
+fixed (only learning can follow the change); with `LiveSessions` a system's users' contexts follow
+the items they clicked in its answers, as the stream worker's session vectors do.
 """
 
 from __future__ import annotations
@@ -183,13 +184,26 @@ class Simulator:
         self.drifted = True
 
     # ---- what the ranker sees ------------------------------------------------------------------
-    def request(self, user: int, rng: np.random.Generator | None = None) -> Request:
-        """Candidates (retrieval top by context cosine + random) and the ranker's input tensors."""
+    def session_context(self, user: int, session: np.ndarray) -> np.ndarray:
+        """The context vector of the user's real history followed by `session` (items clicked in the
+        loop, oldest first): the mean of the newest context_len items, unit norm."""
+        if len(session) == 0:
+            return self.user_context[user]
+        recent = np.concatenate([self.history[user], session])[-self.cfg.context_len :]
+        v = self.item_vectors[recent].mean(0)
+        return (v / (np.linalg.norm(v) + 1e-9)).astype(np.float32)
+
+    def request(self, user: int, rng: np.random.Generator | None = None, session: np.ndarray | None = None) -> Request:
+        """Candidates (retrieval top by context cosine + random) and the ranker's input tensors.
+
+        session: items the user clicked in the loop, oldest first (`LiveSessions`); they move the
+        context, count among the recent categories, and are not recommended again."""
         rng = rng or self.rng
         c = self.cfg
-        ctx = self.user_context[user]
+        clicked = np.asarray(session if session is not None else [], dtype=np.int64)
+        ctx = self.session_context(user, clicked)
         sims = self.item_vectors @ ctx
-        seen = self.history[user]
+        seen = np.concatenate([self.history[user], clicked]) if len(clicked) else self.history[user]
         unreleased = np.flatnonzero(self.hot) if not self.drifted else np.zeros(0, dtype=np.int64)
         sims_masked = sims.copy()
         sims_masked[seen] = -np.inf
@@ -238,6 +252,28 @@ class LivePopularity:
         feats = req.cand_features.copy()
         feats[:, 1] = popularity_feature(self.counts[req.candidates], float(self.counts.max()))
         return replace(req, cand_features=feats)
+
+
+class LiveSessions:
+    """One system's view of its users' sessions: the items each user clicked in its answers, oldest
+    first. With it the context follows the clicks, as the stream worker's session vector follows
+    behaviour events (what a system shows decides where its users' sessions, and so its retrieval,
+    go next); clicked items are not recommended again, as the worker hides seen items. Off: every
+    request uses the user's fixed real history."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.clicked: dict[int, list[int]] = {}
+
+    def items(self, user: int) -> np.ndarray | None:
+        return np.asarray(self.clicked[user], dtype=np.int64) if self.live and user in self.clicked else None
+
+    def add(self, user: int, items: np.ndarray, clicks: np.ndarray) -> None:
+        """The clicked ones of a shown list, in slot order."""
+        if self.live:
+            picked = [int(i) for i, c in zip(items, clicks, strict=True) if c > 0]
+            if picked:
+                self.clicked.setdefault(user, []).extend(picked)
 
 
 def load_simulator(cfg: SimConfig | None = None, dataset: str = "ml-100k") -> Simulator:

@@ -25,8 +25,8 @@ def test_paired_p_values_come_from_the_per_seed_differences() -> None:
 
 
 def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatch) -> None:
-    """The bench's whole path on a tiny loop: a retrieval-only scenario (no random candidates) runs,
-    leaves the OPE and click-to-live sections out, and writes NAME.{json,md,png}."""
+    """The bench's whole path on a tiny loop: a retrieval-only scenario (no random candidates, live
+    sessions) runs, leaves the OPE and click-to-live sections out, and writes NAME.{json,md,png}."""
     import bench.bench_loop as bl
     import bench.common as common
 
@@ -41,6 +41,7 @@ def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatc
         pretrain_steps=5,
         checks=False,
         random_candidates=0,
+        live_sessions=True,
         name="tiny",
         scenario="a test scenario",
     )
@@ -50,3 +51,4 @@ def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatc
     assert len(result["per_seed"]) == 2 and result["config"]["random_candidates"] == 0
     report = (tmp_path / "tiny.md").read_text()
     assert "a test scenario" in report and "retrieval only" in report and "Click to live" not in report
+    assert "Sessions are live" in report

@@ -41,6 +41,26 @@ def test_retrieval_only_candidates_are_the_nearest_unseen_items() -> None:
     assert sorted(a.tolist()) == sorted(nearest.tolist())
 
 
+def test_live_sessions_move_the_context_towards_clicks_and_hide_them() -> None:
+    """A system's users' contexts follow what they clicked in its answers; clicked items are not
+    recommended again, and without live sessions nothing changes."""
+    from recstream.simulator import LiveSessions
+
+    data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
+    sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=0))
+    before = sim.request(7, np.random.default_rng(0))
+    far = before.candidates[np.argsort(before.cand_vectors @ sim.user_context[7])[:3]]  # the least similar
+    sessions, off = LiveSessions(True), LiveSessions(False)
+    for s in (sessions, off):
+        s.add(7, far, np.array([1.0, 1.0, 0.0]))
+    assert sessions.items(7).tolist() == far[:2].tolist() and off.items(7) is None and sessions.items(8) is None
+    after = sim.request(7, np.random.default_rng(0), sessions.items(7))
+    centre = sim.item_vectors[far[:2]].mean(0)
+    assert float(after.context[:384] @ centre) > float(before.context[:384] @ centre)
+    assert not set(far[:2].tolist()) & set(after.candidates.tolist())
+    np.testing.assert_array_equal(sim.request(7, np.random.default_rng(0), off.items(7)).candidates, before.candidates)
+
+
 def test_position_bias_lowers_clicks(sim: Simulator) -> None:
     items = np.arange(10)
     top = sim.click_probability(3, items, np.zeros(10))
