@@ -13,6 +13,10 @@ Pre-registered (this file and the simulator change were committed before the fir
 report is kept whatever it says): the same seeds, arms, policy settings, learner, gate and late
 window as bench_loop; `random_candidates` 0 and live sessions are the only changes. The OPE checks and
 click-to-live are bench_loop's and are not repeated.
+
+Replication (committed after the first run's results and before it ran): the same scenario on five
+fresh seeds, `make bench-loop_sessions ARGS="--seeds 5 --seeds 6 --seeds 7 --seeds 8 --seeds 9 --name
+loop_sessions_seeds5-9"`.
 """
 
 from __future__ import annotations
