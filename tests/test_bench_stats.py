@@ -52,3 +52,33 @@ def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatc
     report = (tmp_path / "tiny.md").read_text()
     assert "a test scenario" in report and "retrieval only" in report and "Click to live" not in report
     assert "Sessions are live" in report
+
+
+def test_pooling_two_runs_of_a_scenario_pairs_every_seed_and_refuses_overlaps(tmp_path, monkeypatch) -> None:
+    import json
+
+    import typer
+
+    import bench.pool_seeds as pool_seeds
+
+    monkeypatch.setattr(pool_seeds, "RESULTS_DIR", tmp_path)
+
+    def run(name: str, seeds: list[int], scenario: str = "s") -> None:
+        rows = [
+            {"seed": s, "ctr_frozen": 0.1, "ctr_continual": 0.2, "ctr_exploit_lift": 0.2, "ctr_explore": 0.21 + s / 1e3}
+            for s in seeds
+        ]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"config": {"scenario": scenario}, "per_seed": rows}))
+
+    run("a", [0, 1, 2])
+    run("b", [3, 4])
+    result = pool_seeds.pool(["a", "b"])
+    d = result["paired_differences"]["explore_minus_continual"]
+    assert result["seeds"] == [0, 1, 2, 3, 4] and d["n"] == 5 and d["seeds_positive"] == 5
+    assert d["mean"] == pytest.approx(0.012) and d["ci"][0] > 0 and 0 < d["p"] <= d["p_holm"]
+    run("c", [4, 5])
+    with pytest.raises(typer.BadParameter, match="share seeds"):
+        pool_seeds.pool(["a", "b", "c"])
+    run("d", [7], scenario="other")
+    with pytest.raises(typer.BadParameter, match="different scenarios"):
+        pool_seeds.pool(["a", "d"])
