@@ -579,7 +579,7 @@ def add_holm(diffs: dict[str, dict[str, Any]], per_seed: list[dict[str, Any]]) -
     for name in diffs:
         hi, lo = name.split("_minus_")
         d = np.array([r[f"ctr_{hi}"] - r[f"ctr_{lo}"] for r in per_seed])
-        raw[name] = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and d.std() > 0 else 1.0
+        raw[name] = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) > 1 and np.ptp(d) > 1e-12 else 1.0
     for name, p_adj in holm_adjusted(raw).items():
         diffs[name]["p"] = raw[name]
         diffs[name]["p_holm"] = p_adj
