@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.bench_loop import ARMS, RESULTS_DIR, add_holm, t_interval
-from bench.common import write_result
+from bench.bench_loop import ARMS
+from bench.common import RESULTS_DIR, write_result
+from bench.loop_stats import add_holm, t_interval
 
 COMPARISONS = ("explore_minus_continual", "explore_minus_exploit_lift", "exploit_lift_minus_continual")
 

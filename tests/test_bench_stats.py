@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_loop import add_holm, holm_adjusted
+from bench.loop_stats import add_holm, holm_adjusted
 
 
 def test_holm_adjustment_steps_down_and_stays_monotone() -> None:
