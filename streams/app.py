@@ -32,6 +32,7 @@ from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
+from recstream.recommend.feedback import SearchQueries
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class StreamContext:
     _policy_feedback: Any = None
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
+    # The queries of searches answered here, for the feedback joiner's training examples.
+    search_queries: SearchQueries = field(default_factory=SearchQueries)
     # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
     # encodes; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))

@@ -81,6 +81,7 @@ class FeedbackJoiner:
                     window_ms=self.window_ms,
                     partition=rec.partition,
                     context_items=session.recent if session is not None else [],
+                    query=self.ctx.search_queries.get(m.request_id),
                 )
                 if pending is not None:
                     self._put(key, pending)

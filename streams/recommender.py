@@ -117,6 +117,8 @@ def _publish(ctx: StreamContext, p: _Pending) -> Callable[[], RankingLog] | None
         result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)})
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
+        if req.query:
+            ctx.search_queries.remember(req.request_id, req.query)
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
         if answer.degraded_reason:
             DEGRADED.labels(reason=answer.degraded_reason).inc()

@@ -4,6 +4,7 @@ promote a gated candidate into the registry, refuse a corrupted stream, roll bac
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,22 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
     store.add(log.model_copy(update={"request_id": "b"}), now=5.0)
     store.add(log.model_copy(update={"request_id": "c"}), now=12.0)  # evicts the first (age), capacity holds
     assert len(store) == 2 and not store.attach(service.buffer.recent[0])
+
+
+def test_a_search_example_without_served_inputs_is_rebuilt_with_its_query(service: TrainerService) -> None:
+    """The joiner fills a search's query: the rebuild puts its vector in the context's second half
+    and scores retrieval against it (searches are retrieved by the query, not the session)."""
+    events = _events(1, seed=6)
+    upserts = [ev for ev in events if isinstance(ev, ItemUpsert)]
+    examples = [ev for ev in events if isinstance(ev, TrainingExample)]
+    search = [ex.model_copy(update={"query": f"{CATS[1]} films"}) for ex in examples]
+    service.handle([*upserts, *search])
+    got = [ex for ex in service.buffer.recent if ex.request_id == search[0].request_id]
+    assert got and all(ex.query == f"{CATS[1]} films" for ex in got)
+    ctx, cand, feats = service.features.build(got)
+    q = _fake_encode([f"{CATS[1]} films"])[0]
+    np.testing.assert_allclose(ctx[:, ITEM_DIM:], np.tile(q, (len(got), 1)), atol=1e-6)
+    np.testing.assert_allclose(feats[:, 0], cand @ q, atol=1e-5)
+    assert np.linalg.norm(ctx[0, :ITEM_DIM]) == pytest.approx(1.0, abs=1e-4)  # the session half as before
+    plain, _, plain_feats = service.features.build([replace(ex, query=None) for ex in got])
+    assert not plain[:, ITEM_DIM:].any() and not np.allclose(plain_feats[:, 0], feats[:, 0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -153,6 +154,35 @@ def test_feedback_labels_and_example() -> None:
     assert ex.context_items == ["a", "b"]
     no_request = BehaviourEvent(type="impression", user_id="u", item_id="i")
     assert PendingImpression.from_event(no_request, now_ms=0, window_ms=1, partition=0, context_items=[]) is None
+
+
+def test_a_search_impression_carries_its_query_into_the_example() -> None:
+    ev = BehaviourEvent(type="impression", user_id="u", item_id="i", request_id="r1", position=0, propensity=1.0)
+    p = PendingImpression.from_event(ev, now_ms=0, window_ms=1, partition=0, context_items=[], query="star wars")
+    assert p is not None and PendingImpression.from_bytes(p.to_bytes()).to_example().query == "star wars"
+    old = json.loads(p.to_bytes())  # a window opened before queries were kept (changelog replay)
+    del old["query"]
+    assert PendingImpression.from_bytes(json.dumps(old).encode()).to_example().query is None
+
+
+def test_search_queries_are_kept_for_a_while_and_bounded() -> None:
+    from recstream.recommend.feedback import SearchQueries
+
+    now = [0.0]
+    queries = SearchQueries(ttl_s=60.0, capacity=2, clock=lambda: now[0])
+    queries.remember("a", "star wars")
+    assert queries.get("a") == "star wars" and queries.get("a") == "star wars"  # one per impression
+    assert queries.get("unknown") is None
+    now[0] = 30.0
+    queries.remember("b", "horror")
+    queries.remember("c", "comedy")  # over capacity: the oldest goes
+    assert queries.get("a") is None and len(queries) == 2
+    now[0] = 95.0  # b and c are 65 s old
+    assert queries.get("b") is None
+    queries.remember("d", "drama")  # drops the expired ones
+    assert len(queries) == 1 and queries.get("d") == "drama"
+    with pytest.raises(ValueError):
+        SearchQueries(ttl_s=0)
 
 
 def test_lexical_and_breaker() -> None:

@@ -222,8 +222,9 @@ def _consume(settings: Settings, topic: str, want: Callable[[list[dict]], bool],
 def test_impressions_and_clicks_become_training_examples(stack: Settings, client: RecommendationClient) -> None:
     user = _user()
     res = client.request(RecommendationRequest(user_id=user, k=6), timeout_s=10)
+    found = client.request(RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=3), timeout_s=10)
     p = client.producer
-    p.send_many("behaviour", res.impressions())
+    p.send_many("behaviour", [*res.impressions(), *found.impressions()])
     clicked, bought = res.items[1], res.items[3]
     p.send_many("behaviour", [res.feedback(clicked, "click"), res.feedback(bought, "click")])
     p.send("behaviour", res.feedback(bought, "purchase"))
@@ -232,10 +233,13 @@ def test_impressions_and_clicks_become_training_examples(stack: Settings, client
     examples = _consume(
         stack,
         topic,
-        lambda xs: sum(x["request_id"] == res.request_id for x in xs) >= 6,
+        lambda xs: sum(x["request_id"] in (res.request_id, found.request_id) for x in xs) >= 9,
         timeout_s=FEEDBACK_WINDOW_S + 15,
     )
+    searched = [x for x in examples if x["request_id"] == found.request_id]
+    assert len(searched) == 3 and {x["query"] for x in searched} == {"Star Wars"}  # the worker kept the query
     mine = {x["item_id"]: x for x in examples if x["request_id"] == res.request_id}
+    assert {x["query"] for x in mine.values()} == {None}
     assert set(mine) == {i.item_id for i in res.items}
     for item in res.items:
         ex = mine[item.item_id]

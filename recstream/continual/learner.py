@@ -50,6 +50,7 @@ class Example:
     context_items: tuple[str, ...] = ()
     request_id: str = ""
     context: np.ndarray | None = None  # [768] CONTEXT the ranker was served with, when logged
+    query: str | None = None  # a search's query (its vector is the CONTEXT's second half)
 
 
 class FeatureSource(Protocol):

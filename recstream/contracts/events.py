@@ -244,7 +244,9 @@ class TrainingExample(Event):
     purchased: bool = False
     label: float = Field(ge=0, le=1, description="1 for a click/purchase, 0 for a skipped impression")
     context_items: list[Id] = Field(default_factory=list, description="Session items before the impression")
-    query: str | None = None
+    query: str | None = Field(
+        None, description="The search's query, when the worker that answered the search also joined its impressions"
+    )
 
 
 class DeadLetter(BaseModel):

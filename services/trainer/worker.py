@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -105,6 +106,7 @@ def example_from_event(ev: TrainingExample) -> Example:
         ts_ms=ev.ts_ms,
         context_items=tuple(ev.context_items),
         request_id=ev.request_id,
+        query=ev.query or None,
     )
 
 
@@ -113,9 +115,14 @@ class CatalogFeatures:
     all-MiniLM-L6-v2 encoder as the indexer); the context and per-candidate features the ranker was
     served with when the example carries them (logged in the ranking log), otherwise rebuilt:
     session = mean vector of the context items, features from the same `candidate_features` the
-    serving path uses. A rebuild is an approximation - serving's session vector is a decayed,
-    event-weighted sum, a search adds its query, popularity counts every behaviour event - measured
-    at 0.95 context cosine and 0.74 mean absolute logit difference on the worker's own answers."""
+    serving path uses; a search's query (when the joiner knew it) is encoded into the context's
+    second half and is what its candidates were retrieved by, as at serving. A rebuild is an
+    approximation - serving's session vector is a decayed, event-weighted sum, popularity counts
+    every behaviour event - measured (before queries were rebuilt) at 0.95 context cosine and 0.74
+    mean absolute logit difference on the worker's own answers."""
+
+    #: Query vectors kept between rounds (a query's examples arrive over a feedback window).
+    QUERY_CACHE = 10_000
 
     def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None) -> None:
         self._encode = encode
@@ -123,6 +130,7 @@ class CatalogFeatures:
         self.categories: dict[str, str] = {}
         self.counts: dict[str, float] = {}
         self._pending: dict[str, str] = {}
+        self.query_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _encoder(self) -> Callable[[list[str]], np.ndarray]:
         if self._encode is None:
@@ -157,8 +165,22 @@ class CatalogFeatures:
     def knows(self, ex: Example) -> bool:
         return ex.item in self.vectors or ex.item in self._pending
 
+    def _queries(self, examples: Sequence[Example]) -> dict[str, np.ndarray]:
+        """Vectors of the queries of the examples to rebuild (new ones encoded in one batch)."""
+        wanted = {ex.query for ex in examples if ex.query and (ex.context is None or ex.cand_features is None)}
+        new = [q for q in wanted if q not in self.query_vectors]
+        if new:
+            vecs = np.asarray(self._encoder()(new), dtype=np.float32)
+            self.query_vectors.update(zip(new, vecs, strict=True))
+        for q in wanted:
+            self.query_vectors.move_to_end(q)
+        while len(self.query_vectors) > max(self.QUERY_CACHE, len(wanted)):
+            self.query_vectors.popitem(last=False)
+        return {q: self.query_vectors[q] for q in wanted}
+
     def build(self, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         self.flush()
+        queries = self._queries(examples)
         zeros = np.zeros(ITEM_DIM, np.float32)
         max_count = max(self.counts.values(), default=1.0)
         ctx = np.zeros((len(examples), 2 * ITEM_DIM), np.float32)
@@ -174,8 +196,11 @@ class CatalogFeatures:
             if hist:
                 s = np.mean([self.vectors[i] for i in hist], axis=0)
                 ctx[r, :ITEM_DIM] = s / (np.linalg.norm(s) + 1e-9)
+            retrieved_by = ctx[r, :ITEM_DIM]
+            if ex.query:  # a search: retrieved by its query, which is the context's second half
+                ctx[r, ITEM_DIM:] = retrieved_by = queries[ex.query]
             feats[r] = candidate_features(
-                np.array([float(ctx[r, :ITEM_DIM] @ v)]),
+                np.array([float(retrieved_by @ v)]),
                 np.array([self.counts.get(ex.item, 0.0)]),
                 [self.categories.get(ex.item, "unknown")],
                 [self.categories.get(i, "unknown") for i in hist],
@@ -190,8 +215,6 @@ class ServedInputs:
     item -> CAND_FEATURES row). Bounded by age and count; float16 (~3.3 KB per answer of 10)."""
 
     def __init__(self, ttl_s: float = 120.0, capacity: int = 50_000) -> None:
-        from collections import OrderedDict
-
         self.ttl_s = ttl_s
         self.capacity = capacity
         self._by_request: OrderedDict[str, tuple[float, np.ndarray, dict[str, np.ndarray]]] = OrderedDict()
