@@ -82,3 +82,33 @@ def test_pooling_two_runs_of_a_scenario_pairs_every_seed_and_refuses_overlaps(tm
     run("d", [7], scenario="other")
     with pytest.raises(typer.BadParameter, match="different scenarios"):
         pool_seeds.pool(["a", "d"])
+
+
+def test_a_tiny_loop_with_checks_reports_the_keys_the_issue_names(tmp_path, monkeypatch) -> None:
+    """bench-loop's own path: the OPE checks run after the loop and loop.json carries every key the
+    issue names (click-to-live needs tritonserver: here it is disabled and says so)."""
+    import bench.bench_loop as bl
+    import bench.common as common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bl, "RESULTS_DIR", tmp_path)
+    cfg = bl.LoopConfig(
+        seeds=[0],
+        rounds=3,
+        drift_round=1,
+        users_per_round=10,
+        warmup_requests=100,
+        pretrain_steps=5,
+        ope_requests=60,
+        ope_mc_samples=100,
+        triton=False,
+        name="tiny_checks",
+    )
+    result = bl.main(cfg)
+    keys = ("ctr_frozen", "ctr_continual", "ctr_explore", "ndcg10_frozen", "ndcg10_continual", "ope_estimate")
+    assert all(isinstance(result[k], float) for k in keys)
+    low, high = result["ope_ci"]
+    assert low <= result["ope_estimate"] <= high and 0 < result["simulated_online_value"] < 1
+    assert result["click_to_live_s"] is None and result["click_to_live"]["reason"] == "disabled"
+    report = (tmp_path / "tiny_checks.md").read_text()
+    assert "Off-policy estimate vs simulated online value" in report and "Not measured: disabled" in report
