@@ -234,3 +234,36 @@ def test_items_without_data_keep_their_retrieval_slot():
         for item in never & set(slot_before):
             assert slot_after[item] == slot_before[item]
     assert any(never & set(np.argsort(-retrieval[r])[:30].tolist()) for r in range(len(hist)))
+
+
+@pytest.mark.parametrize("net_from", ["init", "committed v1"])
+def test_an_untrained_ranker_orders_a_search_by_its_query(net_from: str) -> None:
+    """A recommendation keeps its retrieval order (session similarity); a search without a session
+    keeps its retrieval order (query similarity); with a session, the query still leads. The
+    committed model_repo version 1 is this initialisation (its trained MLP did not beat retrieval)."""
+    from recstream.models.export import load_exported
+    from recstream.models.ranker import RankerConfig, new_ranker
+
+    if net_from == "init":
+        net = new_ranker(RankerConfig(seed=0)).net.eval()
+    else:
+        net = load_exported(Path(__file__).resolve().parents[1] / "model_repo").net.eval()
+    rng = np.random.default_rng(3)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    cand = unit(rng.normal(size=(20, 384)))
+    session, query = unit(rng.normal(size=384)), unit(cand[:5].mean(0) + 0.01 * rng.normal(size=384))
+    feats = np.zeros((20, 5), np.float32)
+
+    def order(s: np.ndarray, q: np.ndarray) -> list[int]:
+        with torch.inference_mode():
+            context = torch.from_numpy(np.concatenate([s, q])[None])
+            x = net(context, torch.from_numpy(cand[None]), torch.from_numpy(feats[None]))
+        return np.argsort(-x.numpy()[0], kind="stable").tolist()
+
+    zeros = np.zeros(384, np.float32)
+    assert order(session, zeros) == np.argsort(-(cand @ session), kind="stable").tolist()
+    assert order(zeros, query) == np.argsort(-(cand @ query), kind="stable").tolist()
+    assert set(order(session, query)[:5]) == set(range(5))  # the five items the query is about lead

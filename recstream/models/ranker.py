@@ -174,13 +174,16 @@ class RankerNet(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
         # "wide" linear part over the scalar features (dots, cand features). Initialised to the
-        # retrieval order (session.item / temperature) with a zero MLP output, so an untrained
-        # ranker reproduces retrieval and training can only learn corrections on top of it.
+        # similarity to what the request is about, / temperature, with a zero MLP output: session.item
+        # for a recommendation (its retrieval order), plus query.item for a search (a search without a
+        # session keeps its retrieval order; with one, the session breaks near-ties of the query). An
+        # untrained ranker never ignores a search's query, and training learns corrections on top.
         self.wide = nn.Linear(N_SCALAR_FEATURES, 1)
         with torch.no_grad():
             self.wide.weight.zero_()
             self.wide.bias.zero_()
             self.wide.weight[0, 0] = cfg.init_retrieval_weight
+            self.wide.weight[0, 1] = cfg.init_retrieval_weight
             self.mlp[-1].weight.zero_()
             self.mlp[-1].bias.zero_()
 
