@@ -32,11 +32,13 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+import typer
 from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
@@ -741,11 +743,19 @@ def main(cfg: LoopConfig | None = None) -> dict[str, Any]:
     return result
 
 
-def run_scenario(name: str, scenario: str, seeds: list[int] | None, **settings: Any) -> dict[str, Any]:
-    """A variant of the loop (bench_loop_*.py): its own result files, no OPE checks or click-to-live
-    (bench_loop's), and optionally other seeds (the first seed leads, as in main)."""
-    extra: dict[str, Any] = {"seeds": seeds, "seed": seeds[0]} if seeds else {}
-    return main(LoopConfig(checks=False, name=name, scenario=scenario, **settings, **extra))
+def scenario_cli(default_name: str, scenario: str, **settings: Any) -> Callable[..., dict[str, Any]]:
+    """The command of a loop variant (bench_loop_*.py): `settings` over bench_loop's, its own result
+    files, no OPE checks or click-to-live (bench_loop's), and optionally other seeds (`--seeds`, the
+    first leads, as in main) under another name (`--name`)."""
+
+    def run(
+        seeds: Annotated[list[int] | None, typer.Option(help="Loop seeds (default: bench_loop's)")] = None,
+        name: Annotated[str, typer.Option(help="Result file stem under bench/results")] = default_name,
+    ) -> dict[str, Any]:
+        extra: dict[str, Any] = {"seeds": seeds, "seed": seeds[0]} if seeds else {}
+        return main(LoopConfig(checks=False, name=name, scenario=scenario, **settings, **extra))
+
+    return run
 
 
 if __name__ == "__main__":

@@ -21,11 +21,9 @@ Replication (also committed before it ran): the same scenario on five fresh seed
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
 import typer
 
-from bench.bench_loop import run_scenario
+from bench.bench_loop import scenario_cli
 
 SCENARIO = (
     "retrieval-only candidates (60 nearest to the user's context, none random), as the stream worker "
@@ -33,12 +31,7 @@ SCENARIO = (
 )
 
 
-def run(
-    seeds: Annotated[list[int] | None, typer.Option(help="Loop seeds (default: bench_loop's)")] = None,
-    name: Annotated[str, typer.Option(help="Result file stem under bench/results")] = "loop_retrieval",
-) -> dict[str, Any]:
-    return run_scenario(name, SCENARIO, seeds, random_candidates=0)
-
+run = scenario_cli("loop_retrieval", SCENARIO, random_candidates=0)
 
 if __name__ == "__main__":
     typer.run(run)

@@ -21,11 +21,9 @@ loop_sessions_seeds5-9"`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
 import typer
 
-from bench.bench_loop import run_scenario
+from bench.bench_loop import scenario_cli
 
 SCENARIO = (
     "retrieval-only candidates (60 nearest to the user's context, none random) from live sessions (the "
@@ -34,12 +32,7 @@ SCENARIO = (
 )
 
 
-def run(
-    seeds: Annotated[list[int] | None, typer.Option(help="Loop seeds (default: bench_loop's)")] = None,
-    name: Annotated[str, typer.Option(help="Result file stem under bench/results")] = "loop_sessions",
-) -> dict[str, Any]:
-    return run_scenario(name, SCENARIO, seeds, random_candidates=0, live_sessions=True)
-
+run = scenario_cli("loop_sessions", SCENARIO, random_candidates=0, live_sessions=True)
 
 if __name__ == "__main__":
     typer.run(run)

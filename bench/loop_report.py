@@ -56,6 +56,14 @@ def candidates_line(random_candidates: int) -> str:
     return f"{n} candidates per request ({nearest} nearest to the user's context, {random_candidates} random)"
 
 
+def _paired_row(name: str, d: dict[str, Any], extra: str = "") -> str:
+    """One paired-difference table row: comparison, mean [CI], seeds > 0, then `extra` cells."""
+    return (
+        f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+        f"| {d['seeds_positive']}/{d['n']} |{extra}"
+    )
+
+
 def _ci(d: dict[str, Any]) -> str:
     return f"{d['mean']:.4f} [{d['ci'][0]:.4f}, {d['ci'][1]:.4f}]"
 
@@ -108,10 +116,7 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, d in r["paired_differences"].items():
-        lines.append(
-            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
-            f"| {d['seeds_positive']}/{d['n']} | {d['p']:.3f} | {d['p_holm']:.3f} |"
-        )
+        lines.append(_paired_row(name, d, f" {d['p']:.3f} | {d['p_holm']:.3f} |"))
     lines += [
         "",
         "Paired NDCG@10 differences of the live rankers (each arm's greedy top-10, without its exploration "
@@ -120,11 +125,7 @@ def markdown(r: dict[str, Any], phases: dict[str, tuple[int, int]]) -> str:
         "| paired NDCG@10 difference | mean [95% CI] | seeds > 0 |",
         "|---|---|---|",
     ]
-    for name, d in r["paired_ndcg10_differences"].items():
-        lines.append(
-            f"| {name.replace('_minus_', ' - ')} | {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
-            f"| {d['seeds_positive']}/{d['n']} |"
-        )
+    lines += [_paired_row(name, d) for name, d in r["paired_ndcg10_differences"].items()]
     a = r["paired_difference_all_rounds_explore_minus_continual"]
     lines += [
         "",

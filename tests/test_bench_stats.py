@@ -24,28 +24,30 @@ def test_paired_p_values_come_from_the_per_seed_differences() -> None:
     assert diffs["a_minus_b"]["p_holm"] == pytest.approx(2 * diffs["a_minus_b"]["p"])
 
 
-def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatch) -> None:
-    """The bench's whole path on a tiny loop: a retrieval-only scenario (no random candidates, live
-    sessions) runs, leaves the OPE and click-to-live sections out, and writes NAME.{json,md,png}."""
+def tiny_loop(tmp_path, monkeypatch, **settings) -> dict:
+    """bench_loop.main on a loop of 3 rounds x 10 users (seconds), writing its results under tmp_path."""
     import bench.bench_loop as bl
     import bench.common as common
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bl, "RESULTS_DIR", tmp_path)
-    cfg = bl.LoopConfig(
+    size = {"rounds": 3, "drift_round": 1, "users_per_round": 10, "warmup_requests": 100, "pretrain_steps": 5}
+    return bl.main(bl.LoopConfig(**size, **settings))
+
+
+def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatch) -> None:
+    """The bench's whole path on a tiny loop: a retrieval-only scenario (no random candidates, live
+    sessions) runs, leaves the OPE and click-to-live sections out, and writes NAME.{json,md,png}."""
+    result = tiny_loop(
+        tmp_path,
+        monkeypatch,
         seeds=[0, 1],
-        rounds=3,
-        drift_round=1,
-        users_per_round=10,
-        warmup_requests=100,
-        pretrain_steps=5,
         checks=False,
         random_candidates=0,
         live_sessions=True,
         name="tiny",
         scenario="a test scenario",
     )
-    result = bl.main(cfg)
     assert {p.name for p in tmp_path.iterdir()} == {"tiny.json", "tiny.md", "tiny.png"}
     assert "ope_estimate" not in result and "click_to_live" not in result
     assert len(result["per_seed"]) == 2 and result["config"]["random_candidates"] == 0
@@ -87,24 +89,9 @@ def test_pooling_two_runs_of_a_scenario_pairs_every_seed_and_refuses_overlaps(tm
 def test_a_tiny_loop_with_checks_reports_the_keys_the_issue_names(tmp_path, monkeypatch) -> None:
     """bench-loop's own path: the OPE checks run after the loop and loop.json carries every key the
     issue names (click-to-live needs tritonserver: here it is disabled and says so)."""
-    import bench.bench_loop as bl
-    import bench.common as common
-
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    monkeypatch.setattr(bl, "RESULTS_DIR", tmp_path)
-    cfg = bl.LoopConfig(
-        seeds=[0],
-        rounds=3,
-        drift_round=1,
-        users_per_round=10,
-        warmup_requests=100,
-        pretrain_steps=5,
-        ope_requests=60,
-        ope_mc_samples=100,
-        triton=False,
-        name="tiny_checks",
+    result = tiny_loop(
+        tmp_path, monkeypatch, seeds=[0], ope_requests=60, ope_mc_samples=100, triton=False, name="tiny_checks"
     )
-    result = bl.main(cfg)
     keys = ("ctr_frozen", "ctr_continual", "ctr_explore", "ndcg10_frozen", "ndcg10_continual", "ope_estimate")
     assert all(isinstance(result[k], float) for k in keys)
     low, high = result["ope_ci"]
@@ -112,3 +99,23 @@ def test_a_tiny_loop_with_checks_reports_the_keys_the_issue_names(tmp_path, monk
     assert result["click_to_live_s"] is None and result["click_to_live"]["reason"] == "disabled"
     report = (tmp_path / "tiny_checks.md").read_text()
     assert "Off-policy estimate vs simulated online value" in report and "Not measured: disabled" in report
+
+
+def test_a_scenario_command_runs_the_loop_with_its_settings_seeds_and_name(monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    import bench.bench_loop as bl
+    import bench.bench_loop_sessions as sessions
+
+    runs: list = []
+    monkeypatch.setattr(bl, "main", lambda cfg: runs.append(cfg) or {})
+    app = typer.Typer()
+    app.command()(sessions.run)
+    assert CliRunner().invoke(app, ["--seeds", "5", "--seeds", "6", "--name", "again"]).exit_code == 0
+    assert CliRunner().invoke(app, []).exit_code == 0
+    again, default = runs
+    assert (again.seeds, again.seed, again.name) == ([5, 6], 5, "again")
+    assert (default.seeds, default.name) == (bl.LoopConfig().seeds, "loop_sessions")
+    for cfg in runs:
+        assert cfg.random_candidates == 0 and cfg.live_sessions and not cfg.checks and cfg.scenario == sessions.SCENARIO
