@@ -31,7 +31,7 @@ SCENARIO = (
 )
 
 
-run = scenario_cli("loop_retrieval", SCENARIO, random_candidates=0)
+run = scenario_cli("loop_retrieval", SCENARIO, random_candidates=0, live_sessions=False, seeds=[0, 1, 2, 3, 4])
 
 if __name__ == "__main__":
     typer.run(run)

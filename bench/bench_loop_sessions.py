@@ -32,7 +32,7 @@ SCENARIO = (
 )
 
 
-run = scenario_cli("loop_sessions", SCENARIO, random_candidates=0, live_sessions=True)
+run = scenario_cli("loop_sessions", SCENARIO, random_candidates=0, live_sessions=True, seeds=[0, 1, 2, 3, 4])
 
 if __name__ == "__main__":
     typer.run(run)

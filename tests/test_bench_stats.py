@@ -32,7 +32,7 @@ def tiny_loop(tmp_path, monkeypatch, **settings) -> dict:
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bl, "RESULTS_DIR", tmp_path)
     size = {"rounds": 3, "drift_round": 1, "users_per_round": 10, "warmup_requests": 100, "pretrain_steps": 5}
-    return bl.main(bl.LoopConfig(**size, **settings))
+    return bl.main(bl.LoopConfig(**{**size, "jobs": 1, **settings}))
 
 
 def test_a_tiny_loop_without_checks_writes_its_named_report(tmp_path, monkeypatch) -> None:
@@ -115,7 +115,28 @@ def test_a_scenario_command_runs_the_loop_with_its_settings_seeds_and_name(monke
     assert CliRunner().invoke(app, ["--seeds", "5", "--seeds", "6", "--name", "again"]).exit_code == 0
     assert CliRunner().invoke(app, []).exit_code == 0
     again, default = runs
-    assert (again.seeds, again.seed, again.name) == ([5, 6], 5, "again")
-    assert (default.seeds, default.name) == (bl.LoopConfig().seeds, "loop_sessions")
+    assert (again.seeds, again.seed, again.name) == ([5, 6], None, "again")
+    assert (default.seeds, default.name) == ([0, 1, 2, 3, 4], "loop_sessions")
     for cfg in runs:
         assert cfg.random_candidates == 0 and cfg.live_sessions and not cfg.checks and cfg.scenario == sessions.SCENARIO
+
+
+def test_seeds_in_worker_processes_give_the_figures_of_one_process(tmp_path, monkeypatch) -> None:
+    """--jobs only changes the wall time: the second seed run in a spawned process reports exactly
+    what it reports when both seeds run in this one."""
+    one = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1], checks=False, name="one")
+    two = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1], checks=False, name="two", jobs=2)
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in one["per_seed"]]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in two["per_seed"]]
+    assert one["curves"] == two["curves"]
+
+
+def test_the_default_loop_is_the_preregistered_confirmatory_run() -> None:
+    """bench-loop's defaults are what its module doc registered before the run: the worker's
+    candidate generation, live sessions, 20 fresh seeds, and the checks."""
+    import bench.bench_loop as bl
+
+    cfg = bl.LoopConfig()
+    assert (cfg.random_candidates, cfg.live_sessions, cfg.checks) == (0, True, True)
+    assert cfg.seeds == list(range(10, 30)) and cfg.seed is None
+    assert (cfg.rounds, cfg.drift_round, cfg.users_per_round) == (36, 12, 200)
