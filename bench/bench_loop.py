@@ -607,17 +607,23 @@ def run_seed_summary(cfg: LoopConfig) -> dict[str, Any]:
 def run_seeds(cfg: LoopConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every seed's loop (in cfg.seeds order) and the first seed's full output, which the checks need.
 
-    The first seed runs in this process; the others in `jobs - 1` spawned processes alongside it. Each
-    seed owns its random streams and runs single-threaded, so the figures do not depend on `jobs`."""
+    This process runs the first seed, then takes seeds from the back of the queue that `jobs - 1`
+    spawned processes work through from the front. Each seed owns its random streams and runs
+    single-threaded, so the figures do not depend on `jobs`."""
     first_cfg, rest = cfg.model_copy(update={"seed": cfg.seeds[0]}), cfg.seeds[1:]
     if cfg.jobs == 1 or not rest:
         outs = [run_seed(first_cfg), *(run_seed(cfg.model_copy(update={"seed": sd})) for sd in rest)]
         return outs, outs[0]
     ctx = multiprocessing.get_context("spawn")  # no forked torch / tqdm state in the workers
     with ProcessPoolExecutor(max_workers=min(cfg.jobs - 1, len(rest)), mp_context=ctx) as pool:
-        futures = [pool.submit(run_seed_summary, cfg.model_copy(update={"seed": sd})) for sd in rest]
+        futures = {sd: pool.submit(run_seed_summary, cfg.model_copy(update={"seed": sd})) for sd in rest}
         first = run_seed(first_cfg)
-        outs = [first, *(f.result() for f in futures)]
+        here = {}
+        for sd in reversed(rest):
+            if futures[sd].cancel():  # not started by a worker yet: run it here
+                out = run_seed(cfg.model_copy(update={"seed": sd}))
+                here[sd] = {"curves": out["curves"], "arms": out["arms"], "wall_s": out["wall_s"]}
+        outs = [first, *(here[sd] if sd in here else futures[sd].result() for sd in rest)]
     return outs, first
 
 

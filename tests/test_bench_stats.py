@@ -122,10 +122,10 @@ def test_a_scenario_command_runs_the_loop_with_its_settings_seeds_and_name(monke
 
 
 def test_seeds_in_worker_processes_give_the_figures_of_one_process(tmp_path, monkeypatch) -> None:
-    """--jobs only changes the wall time: the second seed run in a spawned process reports exactly
-    what it reports when both seeds run in this one."""
-    one = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1], checks=False, name="one")
-    two = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1], checks=False, name="two", jobs=2)
+    """--jobs only changes the wall time: seeds run in a spawned worker (the front of the queue) or
+    taken back by this process (the back) report exactly what they report when all run here."""
+    one = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1, 2, 3], checks=False, name="one")
+    two = tiny_loop(tmp_path, monkeypatch, seeds=[0, 1, 2, 3], checks=False, name="two", jobs=2)
     strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in one["per_seed"]]
     assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in two["per_seed"]]
     assert one["curves"] == two["curves"]
