@@ -506,10 +506,55 @@ def production_ope_check(
     }
 
 
-def click_to_live(
-    sim: Simulator, cfg: LoopConfig, base: RankerNet, burst: list[Example], features: SimFeatures
+def rounds_until_promoted(
+    cfg: LoopConfig,
+    base: RankerNet,
+    next_burst: Callable[[], list[Example]],
+    features: SimFeatures,
+    max_bursts: int,
 ) -> dict[str, Any]:
-    """Seconds from the end of a click burst to the new version answering in a real tritonserver."""
+    """The trainer's rounds on successive bursts until the gate accepts a candidate (decision None when
+    it never does). A refused burst's examples stay in the buffer for the next round, as in the
+    trainer; t0 and timings belong to the accepted round, measured from its own burst's arrival."""
+    buf: ReplayBuffer[Example] = ReplayBuffer(cfg.replay)
+    refused: list[dict[str, Any]] = []
+    for n_burst in range(1, max_bursts + 1):
+        burst = next_burst()
+        t0 = time.monotonic()  # the burst of clicks has just arrived
+        buf.extend(burst)
+        # the first round exactly as in earlier runs; later ones draw their own batches
+        learner = cfg.learner if n_burst == 1 else cfg.learner.model_copy(update={"seed": cfg.seed + n_burst})
+        cand, _ = fine_tune(base, [], features, learner, sample=lambda n: buf.sample(n, exclude_latest=cfg.holdout))
+        timings = {"train_s": time.monotonic() - t0}
+        d = decide(cand, base, buf.latest(cfg.holdout), features, cfg.gate)
+        timings["gate_s"] = time.monotonic() - t0 - timings["train_s"]
+        if d.accepted:
+            return {
+                "candidate": cand,
+                "decision": d,
+                "t0": t0,
+                "timings": timings,
+                "burst_examples": len(burst),
+                "buffer_examples": len(buf),
+                "refused_rounds": refused,
+            }
+        refused.append({"burst_examples": len(burst), "round_s": time.monotonic() - t0, "reason": d.reason})
+    return {"decision": None, "refused_rounds": refused}
+
+
+def click_to_live(
+    sim: Simulator,
+    cfg: LoopConfig,
+    base: RankerNet,
+    next_burst: Callable[[], list[Example]],
+    features: SimFeatures,
+    max_bursts: int = 5,
+) -> dict[str, Any]:
+    """Seconds from the end of a click burst to the new version answering in a real tritonserver.
+
+    As the trainer does, a burst whose candidate the gate refuses is kept in the buffer and the next
+    burst brings a new round; the time is that of the round that went live (measured from its own
+    burst), and the refused rounds are reported with it."""
     import tritonclient.http as httpclient
 
     from infra.triton_server import TritonServer
@@ -545,16 +590,17 @@ def click_to_live(
             return str(client.infer(RANKER_MODEL_NAME, inputs).get_response()["model_version"])
 
         assert served_version() == "1"
-        buf: ReplayBuffer[Example] = ReplayBuffer(cfg.replay)
-        t0 = time.monotonic()  # the burst of clicks has just arrived
-        buf.extend(burst)
-        timings: dict[str, float] = {}
-        cand, _ = fine_tune(base, [], features, cfg.learner, sample=lambda n: buf.sample(n, exclude_latest=cfg.holdout))
-        timings["train_s"] = time.monotonic() - t0
-        d = decide(cand, base, buf.latest(cfg.holdout), features, cfg.gate)
-        timings["gate_s"] = time.monotonic() - t0 - timings["train_s"]
-        if not d.accepted:
-            return {"click_to_live_s": None, "reason": f"gate refused: {d.reason}", "server_start_s": start_s}
+        rounds = rounds_until_promoted(cfg, base, next_burst, features, max_bursts)
+        if rounds["decision"] is None:
+            last = rounds["refused_rounds"][-1]["reason"]
+            reason = f"gate refused all {max_bursts} rounds: {last}"
+            return {
+                "click_to_live_s": None,
+                "reason": reason,
+                "refused_rounds": rounds["refused_rounds"],
+                "server_start_s": start_s,
+            }
+        cand, d, t0, timings = rounds["candidate"], rounds["decision"], rounds["t0"], rounds["timings"]
         v = reg.publish(Ranker(cand, meta.model_copy(deep=True)), {"gate_auc": d.candidate["auc"]})
         reg.promote(v, d.reason)
         control = TritonModelControl(server.url)
@@ -570,7 +616,9 @@ def click_to_live(
             "click_to_live_s": total,
             "version": v,
             "server_start_s": start_s,
-            "burst_examples": len(burst),
+            "burst_examples": rounds["burst_examples"],
+            "buffer_examples": rounds["buffer_examples"],
+            "refused_rounds": rounds["refused_rounds"],
             **timings,
             "via": "real tritonserver (explicit model control), in-process learner; no Kafka",
         }
@@ -648,12 +696,19 @@ def run_checks(first: dict[str, Any], cfg: LoopConfig) -> dict[str, Any]:
         cfg=cfg,
         popularity=first["live"]["explore"].popularity,
     )
-    reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
-    burst_arm.serve(sim, reqs, np.random.default_rng(3))
+    click_rng = np.random.default_rng(3)
+
+    def next_burst() -> list[Example]:
+        """300 more requests served and clicked: the examples they added."""
+        seen = burst_arm.buffer.seen
+        reqs = [sim.request(int(u), burst_user_rng) for u in burst_user_rng.integers(0, sim.n_users, 300)]
+        burst_arm.serve(sim, reqs, click_rng)
+        return burst_arm.buffer.latest(burst_arm.buffer.seen - seen)
+
     c2l: dict[str, Any]
     if cfg.triton:
         try:
-            c2l = click_to_live(sim, cfg, base, list(burst_arm.buffer.recent), features)
+            c2l = click_to_live(sim, cfg, base, next_burst, features)
         except Exception as exc:  # the bench still reports the simulation when Triton is unavailable
             log.exception("click-to-live measurement failed")
             c2l = {"click_to_live_s": None, "reason": f"tritonserver unavailable: {exc}"}

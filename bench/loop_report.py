@@ -243,6 +243,11 @@ def checks_markdown(r: dict[str, Any]) -> list[str]:
             f"({cl['gate_s']:.1f} s) -> atomic version write + Triton load_model ({cl['load_s']:.1f} s): "
             f"**{cl['click_to_live_s']:.1f} s** until v{cl['version']} answers ({cl['via']})."
         )
+        for n, rr in enumerate(cl.get("refused_rounds", []), 1):
+            lines.append(
+                f"Before it, burst {n} ({rr['burst_examples']} impressions) made a round of {rr['round_s']:.1f} s "
+                f"whose candidate the gate refused ({rr['reason']}); its examples stayed in the buffer."
+            )
     else:
         lines.append(f"Not measured: {cl.get('reason')}")
     return lines

@@ -140,3 +140,45 @@ def test_the_default_loop_is_the_preregistered_confirmatory_run() -> None:
     assert (cfg.random_candidates, cfg.live_sessions, cfg.checks) == (0, True, True)
     assert cfg.seeds == list(range(10, 30)) and cfg.seed is None
     assert (cfg.rounds, cfg.drift_round, cfg.users_per_round) == (36, 12, 200)
+
+
+def test_click_to_live_rounds_keep_refused_bursts_and_time_the_round_that_goes_live(monkeypatch) -> None:
+    """A refused round does not end the measurement: its burst stays in the buffer, the next burst
+    brings another round, and the accepted round's time starts at its own burst."""
+    import dataclasses
+
+    import numpy as np
+
+    import bench.bench_loop as bl
+    from recstream.explore import Greedy
+    from recstream.simulator import SimConfig, load_simulator
+
+    cfg = bl.LoopConfig(warmup_requests=100, pretrain_steps=5, seeds=[0], seed=0)
+    sim = load_simulator(SimConfig(seed=0, n_random_candidates=0))
+    features = bl.SimFeatures(sim)
+    base, _, popularity = bl.pretrain(sim, cfg, features)
+    arm = bl.Arm("burst", base, Greedy(), learn=False, cfg=cfg, popularity=popularity)
+    rng = np.random.default_rng(1)
+
+    def next_burst():
+        seen = arm.buffer.seen
+        arm.serve(sim, [sim.request(int(u), rng) for u in rng.integers(0, sim.n_users, 30)], rng)
+        return arm.buffer.latest(arm.buffer.seen - seen)
+
+    real_decide, calls = bl.decide, []
+
+    def refuse_first(cand, live, window, feats, gate):
+        d = real_decide(cand, live, window, feats, gate)
+        calls.append(len(window))
+        return d if len(calls) > 1 else dataclasses.replace(d, accepted=False, reason="refused by the test")
+
+    monkeypatch.setattr(bl, "decide", lambda *a: refuse_first(*a))
+    accept_all = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"tolerance": 1.0})})
+    out = bl.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=3)
+    assert out["decision"].accepted and len(calls) == 2
+    assert [r["reason"] for r in out["refused_rounds"]] == ["refused by the test"]
+    assert out["burst_examples"] == 300 and out["buffer_examples"] == 600 and calls == [300, 600]
+
+    monkeypatch.setattr(bl, "decide", lambda *a: dataclasses.replace(real_decide(*a), accepted=False))
+    never = bl.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=2)
+    assert never["decision"] is None and len(never["refused_rounds"]) == 2
