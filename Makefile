@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RECSTREAM_CACHE_DIR := $(CACHE_DIR)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv kafka-jars prometheus browser up down demo test lint bench schemas clean
+.PHONY: setup venv kafka-jars prometheus browser up down demo train test lint bench schemas clean
 
 setup: venv kafka-jars prometheus browser  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
 
@@ -47,6 +47,10 @@ down:
 
 demo: setup
 	@$(PY) -m recstream.cli demo
+
+DATASET ?= ml-100k
+train: setup  ## the served models on DATASET (name or generic-form folder) -> new versions in model_repo/
+	@$(PY) -m recstream.cli train --dataset $(DATASET) $(ARGS)
 
 test: setup
 	@$(PY) -m pytest

@@ -280,26 +280,64 @@ def _reload_triton(version: int) -> None:
         raise typer.Exit(1) from exc
 
 
-@models_app.command("list")
-def models_list(model: str = typer.Option("ranker", help="model name in MODEL_REPO")) -> None:
-    """Versions on disk, which one is live, the rollback target, and the recent history."""
-    from recstream.continual import ModelRegistry
+SERVED_MODELS = ("item_encoder", "session_encoder", "ranker")
 
-    reg = ModelRegistry(get_settings().model_repo, model)
-    state = reg.state()
-    typer.echo(
-        json.dumps(
+
+@models_app.command("list")
+def models_list(
+    model: str = typer.Option("", help="one model name in MODEL_REPO (default: all served models)"),
+) -> None:
+    """Per model: versions on disk with what each was trained on and scored on validation, which
+    one is live, the rollback target, and the recent history."""
+    from recstream.continual import ModelRegistry
+    from recstream.models.training import read_meta
+
+    out = []
+    for name in [model] if model else SERVED_MODELS:
+        reg = ModelRegistry(get_settings().model_repo, name)
+        state = reg.state()
+        described = {}
+        for v in reg.versions():
+            meta = read_meta(reg.model_dir / str(v))
+            if meta is not None:
+                described[str(v)] = {
+                    "created_utc": meta.created_utc,
+                    "git_sha": meta.git_sha,
+                    "data_hash": meta.data_hash,
+                    "dataset": meta.extra.get("dataset"),
+                    **{k: round(x, 4) for k, x in meta.metrics.items() if "valid" in k and isinstance(x, float)},
+                }
+        out.append(
             {
-                "model": model,
+                "model": name,
                 "live": state.get("live"),
                 "previous": state.get("previous"),
-                "versions": reg.versions(),
+                "versions": described or reg.versions(),
                 "served": reg.served(),
                 "history": state.get("history", [])[-10:],
-            },
-            indent=2,
+            }
         )
-    )
+    typer.echo(json.dumps(out[0] if model else out, indent=2))
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option("ml-100k", help="built-in name (ml-100k) or a generic-form directory"),
+    model_repo: Path = typer.Option(None, help="Triton repository to write (default MODEL_REPO)"),
+    version: int = typer.Option(0, help="version number to write (0 = one past the newest of each model)"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
+) -> None:
+    """Train the served models (item encoder, session encoder, ranker) on DATASET's leave-last-out
+    training part and write them as Triton model versions; prints their validation figures."""
+    from recstream.models.bundle import export_bundle, train_bundle
+    from recstream.models.training import configure_threads
+
+    _setup_logging()
+    configure_threads(threads or None)
+    bundle = train_bundle(dataset, seed=seed)
+    written = export_bundle(bundle, model_repo or get_settings().model_repo, version or None)
+    typer.echo(json.dumps({"stats": bundle.stats, "written": {k: str(v) for k, v in written.items()}}, indent=2))
 
 
 @models_app.command("promote")

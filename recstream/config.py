@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         65_536, description="Largest accepted event payload in bytes; events are small, 64 KiB is generous"
     )
+    session_refresh_s: float = Field(
+        0.05,
+        ge=0,
+        description="How often the worker re-encodes the changed sessions of users who asked in the last 5 "
+        "minutes, in one session-encoder call (so their requests find the vector ready); 0 = encode at "
+        "request time only",
+    )
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
     log_level: str = Field("INFO", description="Log level for every entry point")
     exploration_policy: str = Field(
@@ -115,6 +122,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             "EXPLORATION_POLICY": settings.exploration_policy,
             "POLICY_FEEDBACK_SLOTS": str(settings.policy_feedback_slots),
             "RANKING_LOG": settings.ranking_log,
+            "SESSION_REFRESH_S": str(settings.session_refresh_s),
         }
     )
     if settings.exploration_seed is not None:

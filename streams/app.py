@@ -60,6 +60,9 @@ class StreamContext:
     _producer: Producer | None = None
     _store: Any = None
     _embedder: Any = None
+    _item_embedder: Any = None
+    _session_encoder: Any = None
+    _session_vectors: Any = None
     _ranker: Any = None
     _policy: Any = None
     _rng: Any = None
@@ -98,6 +101,44 @@ class StreamContext:
 
             self._embedder = TritonTextEmbedder(self.settings)
         return self._embedder
+
+    @property
+    def item_embedder(self):
+        """What the catalog indexer embeds items with: the trained `item_encoder` (text + learned ID
+        residual) when Triton serves one, else the plain `text_encoder` (a repository without
+        trained models). Chosen once at start-up."""
+        if self._item_embedder is None:
+            from streams.inference import ITEM_MODEL, TritonTextEmbedder, model_ready
+
+            if model_ready(self.settings, ITEM_MODEL):
+                self._item_embedder = TritonTextEmbedder(self.settings, model=ITEM_MODEL)
+            else:
+                log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_MODEL)
+                self._item_embedder = self.embedder
+        return self._item_embedder
+
+    @property
+    def session_encoder(self):
+        """The trained session transformer on Triton, or None (sessions are then the decayed sum
+        of their item vectors, as before a model was trained). Chosen once at start-up."""
+        if self._session_encoder is None:
+            from streams.inference import SESSION_MODEL, TritonSessionEncoder, model_ready
+
+            if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_MODEL):
+                self._session_encoder = TritonSessionEncoder(self.settings)
+            else:
+                log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_MODEL)
+                self._session_encoder = False
+        return self._session_encoder or None
+
+    @property
+    def session_vectors(self):
+        """Session vectors of active users, refreshed in the background (streams.session_vectors)."""
+        if self._session_vectors is None and self.session_encoder is not None:
+            from streams.session_vectors import SessionVectors
+
+            self._session_vectors = SessionVectors(self, self.session_encoder).start()
+        return self._session_vectors
 
     @property
     def policy(self):
@@ -223,6 +264,8 @@ class StreamContext:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def close(self) -> None:
+        if self._session_vectors is not None:
+            self._session_vectors.stop()
         if self.requests is not None:
             self.requests.stop()
         if self.behaviour is not None:
@@ -235,6 +278,8 @@ class StreamContext:
             self._store.close()
         if self._embedder is not None:
             self._embedder.close()
+        if self._item_embedder is not None and self._item_embedder is not self._embedder:
+            self._item_embedder.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

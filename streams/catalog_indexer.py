@@ -52,7 +52,7 @@ def register(ctx: StreamContext) -> None:
             upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
             deletes = [m.item_id for m in latest.values() if isinstance(m, ItemDelete)]
             if upserts:
-                vectors = await _encode_with_retry(ctx, [m.text() for m in upserts])
+                vectors = await _encode_with_retry(ctx, upserts)
                 await ctx.in_thread(ctx.store.upsert, [payload_of(m) for m in upserts], vectors)
             if deletes:
                 await ctx.in_thread(ctx.store.delete, deletes)
@@ -65,11 +65,16 @@ def register(ctx: StreamContext) -> None:
             log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
 
 
-async def _encode_with_retry(ctx: StreamContext, texts: list[str]):
+async def _encode_with_retry(ctx: StreamContext, upserts: list[ItemUpsert]):
+    """Item vectors from the item encoder (text + learned ID residual for items it was trained on,
+    text alone for new ones), or the text encoder where no trained item encoder is served."""
+    embedder = ctx.item_embedder
+    texts = [m.text() for m in upserts]
+    ids = [m.item_id for m in upserts] if embedder is not ctx.embedder else None
     attempt = 0
     while True:
         try:
-            return await ctx.in_thread(ctx.embedder.encode, texts, ENCODE_TIMEOUT_S, False)
+            return await ctx.in_thread(embedder.encode, texts, ENCODE_TIMEOUT_S, False, ids)
         except ModelUnavailable as exc:
             delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
             log.warning("catalog: encoder unavailable (%s); retrying %d texts in %.1f s", exc, len(texts), delay)

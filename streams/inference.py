@@ -24,6 +24,10 @@ from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
 log = logging.getLogger(__name__)
 
 RANKER_MODEL = "ranker"
+SESSION_MODEL = "session_encoder"
+#: Candidates a ranker without a configured depth reorders (5x a typical k).
+RERANK_DEPTH = 50
+ITEM_MODEL = "item_encoder"
 _ZEROS = np.zeros(384, np.float32)
 
 
@@ -38,10 +42,13 @@ class TextEmbedder(Protocol):
 class TritonTextEmbedder:
     """text_encoder on Triton with a small LRU for repeated queries and a circuit breaker."""
 
-    def __init__(self, settings: Settings, cache_size: int = 4096) -> None:
+    def __init__(self, settings: Settings, cache_size: int = 4096, model: str = "text_encoder") -> None:
         from recstream.serving.triton_client import TritonEncoderClient
 
-        self._client = TritonEncoderClient(settings.triton_grpc_url, timeout_s=settings.triton_timeout_s)
+        self.model = model
+        self._client = TritonEncoderClient(
+            settings.triton_grpc_url, timeout_s=settings.triton_timeout_s, model_name=model
+        )
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -54,27 +61,35 @@ class TritonTextEmbedder:
                 self._cache.move_to_end(text)
             return vec
 
-    def encode(self, texts: Sequence[str], timeout_s: float, use_breaker: bool = True) -> np.ndarray:
+    def encode(
+        self,
+        texts: Sequence[str],
+        timeout_s: float,
+        use_breaker: bool = True,
+        item_ids: Sequence[str] | None = None,
+    ) -> np.ndarray:
         """[n, 384] normalised; raises ModelUnavailable (fast, while the breaker is open).
 
         Bulk callers (catalog indexing) pass use_breaker=False: they retry on their own schedule
-        and must not be refused because online requests recently failed."""
+        and must not be refused because online requests recently failed. `item_ids` is for the
+        item_encoder model (known items get their learned residual)."""
         from recstream.serving.triton_client import TritonError
 
         if not texts:
             return np.zeros((0, 384), np.float32)
         if use_breaker and not self.breaker.allow():
-            raise ModelUnavailable("text_encoder: circuit open after a recent failure")
+            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
         t0 = time.perf_counter()
         try:
-            out = self._client.encode_texts(list(texts), timeout_s=timeout_s)
+            ids = None if item_ids is None else list(item_ids)
+            out = self._client.encode_texts(list(texts), timeout_s=timeout_s, item_ids=ids)
         except TritonError as exc:
             self.breaker.failure()
-            TRITON_ERRORS.labels(model="text_encoder", kind=type(exc).__name__).inc()
-            raise ModelUnavailable(f"text_encoder: {exc}") from exc
+            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
+            raise ModelUnavailable(f"{self.model}: {exc}") from exc
         self.breaker.success()
-        TRITON_LATENCY.labels(model="text_encoder").observe(time.perf_counter() - t0)
-        if len(texts) <= 8:  # queries, not catalog batches, are worth caching
+        TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
+        if item_ids is None and len(texts) <= 8:  # queries, not catalog batches, are worth caching
             with self._lock:
                 for text, vec in zip(texts, out, strict=True):
                     self._cache[text] = vec
@@ -86,6 +101,83 @@ class TritonTextEmbedder:
         self._client.close()
 
 
+def model_ready(settings: Settings, model: str) -> bool:
+    """One readiness probe at start-up (2 s: a loaded server answers in ~1 ms); False when unknown."""
+    try:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
+        try:
+            return bool(client.is_model_ready(model, client_timeout=2.0))
+        finally:
+            client.close()
+    except Exception as exc:
+        log.info("%s readiness probe failed: %s", model, exc)
+        return False
+
+
+def served_version(client: object, model: str) -> str:
+    """'<model>-v<highest served version>' from Triton's metadata, or the bare name."""
+    try:
+        versions = list(client.get_model_metadata(model, client_timeout=2.0).versions)  # type: ignore[attr-defined]
+        return f"{model}-v{max(versions, key=int)}" if versions else model
+    except Exception as exc:
+        log.warning("%s metadata unavailable (%s)", model, exc)
+        return model
+
+
+class TritonSessionEncoder:
+    """The trained session transformer on Triton (model 'session_encoder'): the item vectors of a
+    batch of sessions in ONE call -> one unit vector per session (retrieval query, ranker context)."""
+
+    def __init__(self, settings: Settings, model: str = SESSION_MODEL) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._tc = grpcclient
+        self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
+        self.model = model
+        self.breaker = CircuitBreaker()
+        self.version = served_version(self._client, model)
+        self.max_history = self._max_history()
+        self.max_batch = 64
+
+    def _max_history(self) -> int:
+        try:
+            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)
+            return int(cfg["config"].get("parameters", {}).get("max_history", {}).get("string_value") or 50)
+        except Exception:
+            return 50
+
+    def encode(self, histories: Sequence[np.ndarray], timeout_s: float) -> np.ndarray:
+        """[B, 384] for per-session item vectors [L_i, 384] (oldest first); raises ModelUnavailable."""
+        from recstream.models.served import pad_left
+
+        if not self.breaker.allow():
+            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
+        out = []
+        t0 = time.perf_counter()
+        try:
+            for lo in range(0, len(histories), self.max_batch):
+                items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
+                inputs = []
+                for name, arr, dtype in (("ITEMS", items, "FP32"), ("LENGTH", lengths[:, None], "INT32")):
+                    inp = self._tc.InferInput(name, list(arr.shape), dtype)
+                    inp.set_data_from_numpy(arr)
+                    inputs.append(inp)
+                res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
+                out.append(res.as_numpy("SESSION").astype(np.float32))
+                served = res.get_response().model_version
+                if served:
+                    self.version = f"{self.model}-v{served}"
+        except Exception as exc:
+            self.breaker.failure()
+            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
+            raise ModelUnavailable(f"{self.model}: {exc}") from exc
+        self.breaker.success()
+        TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
+        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
 class Ranker(Protocol):
     version: str
 
@@ -94,6 +186,8 @@ class Ranker(Protocol):
 
 class InProcessRanker:
     """The heuristic ranker from recstream.recommend, behind the same interface as Triton's."""
+
+    rerank_depth = RERANK_DEPTH
 
     def __init__(self) -> None:
         self.impl = HeuristicRanker()
@@ -124,16 +218,18 @@ class TritonRanker:
         self.model = model
         self.breaker = CircuitBreaker()
         self.version = self._model_version()
-        self.max_batch = self._max_batch()
+        self.max_batch, self.rerank_depth = self._config()
 
-    def _max_batch(self) -> int:
-        """Rows one call may carry (the model config's max_batch_size; 1 if it does not batch)."""
+    def _config(self) -> tuple[int, int]:
+        """Rows one call may carry (the model config's max_batch_size; 1 if it does not batch) and
+        how many retrieved candidates the ranker was trained to reorder (its `rerank_depth`)."""
         try:
-            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)
-            return max(1, int(cfg["config"].get("max_batch_size", 0)))
+            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)["config"]
+            depth = cfg.get("parameters", {}).get("rerank_depth", {}).get("string_value") or RERANK_DEPTH
+            return max(1, int(cfg.get("max_batch_size", 0))), int(depth)
         except Exception as exc:
             log.warning("ranker config unavailable (%s); one request per call", exc)
-            return 1
+            return 1, RERANK_DEPTH
 
     def _model_version(self) -> str:
         try:
@@ -172,6 +268,7 @@ class TritonRanker:
             [c.category or "" for c in candidates],
             ctx.recent_categories,
             ctx.max_popularity,
+            np.array([c.trending for c in candidates], np.float64),
         )
         return context, feats
 

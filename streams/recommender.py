@@ -31,11 +31,12 @@ from recstream.kafka.serde import encode
 from recstream.metrics import DEGRADED, STAGE_LATENCY
 from recstream.recommend.candidates import build_filter
 from recstream.recommend.lexical import lexical_score
-from recstream.recommend.rerank import diversify
+from recstream.recommend.rerank import diversify, keep_new_items_in_place
 from recstream.recommend.scoring import Candidate, RankContext
 from streams.app import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
 from streams.session_features import read_session
+from streams.session_vectors import AFFINITY_WINDOW, session_history
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ CANDIDATES_MIN = 50
 CANDIDATE_FACTOR = 5
 #: Degraded search scans this many filtered items lexically (no query vector available).
 LEXICAL_SCAN = 2000
+
 GREEDY_PROPENSITY = 1.0
 # An exploring policy draws k slots from the best EXPLORE_POOL_FACTOR * k diversified candidates.
 EXPLORE_POOL_FACTOR = 2
@@ -87,6 +89,8 @@ async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, Recommendati
             prepared.append(_context(ctx, ev, req, query_vecs, encoder_error, over_budget=over_budget))
         except Exception as exc:  # one bad request must not stop the partition
             _failed(ctx, ev, exc)
+    _encode_sessions(ctx, prepared)
+    timer.lap("session_encode")
     try:
         await _retrieve(ctx, prepared)
     except Exception as exc:  # the store failed for the batch: dead-letter its requests, keep going
@@ -164,6 +168,39 @@ async def _embed_queries(
     return vecs, None
 
 
+def _encode_sessions(ctx: StreamContext, prepared: list[_Pending]) -> None:
+    """Session vectors of the batch from the trained session encoder, in ONE Triton call: the
+    transformer over each session's item vectors (as stored), which is what retrieval and the
+    ranker were trained on. Without the model, or when it fails, the decayed sum stays (answers
+    are then flagged degraded, since the ranker would see a context it was not trained on)."""
+    encoder = ctx.session_encoder
+    if encoder is None:
+        return
+    ready = ctx.session_vectors
+    todo = []
+    for p in prepared:
+        if p.history is None or not len(p.history) or p.degraded is not None:
+            continue
+        vec = ready.lookup(p.req.user_id, p.session)  # precomputed for exactly this state
+        if vec is not None:
+            p.rctx.session_vec = vec
+        else:
+            todo.append(p)
+    if not todo:
+        return
+    try:
+        # Called here, not in the pool: this loop (the request consumer's own) has nothing else to run.
+        vectors = encoder.encode([p.history for p in todo], ctx.settings.triton_timeout_s)
+    except ModelUnavailable as exc:
+        log.warning("session encoder unavailable, answering %d requests degraded: %s", len(todo), exc)
+        for p in todo:
+            p.degraded = "session_encoder_unavailable"
+        return
+    for p, vec in zip(todo, vectors, strict=True):
+        p.rctx.session_vec = vec
+        ready.store(p.req.user_id, p.session, vec)
+
+
 def _age_s(ev) -> float:
     """Seconds since the request was produced (Kafka CreateTime)."""
     return max(0.0, time.time() - ev.message.timestamp)
@@ -194,6 +231,8 @@ class _Pending:
     error: BaseException | None = None
     filt: Any = None
     hits: list[Any] = field(default_factory=list)
+    history: np.ndarray | None = None  # the session's item vectors, oldest first (session encoder input)
+    session: Any = None  # the SessionState the request was answered from
 
 
 def _context(
@@ -210,11 +249,13 @@ def _context(
     filt = build_filter(req, session)
     session_vec = session.embedding() if session is not None else None
     lookup = ctx.tables.get("_item_lookup")
-    recent = session.recent[-20:] if session is not None else []
-    recent_categories: list[str] = []
-    if lookup is not None and recent:
-        known = lookup.get_many(set(recent))
-        recent_categories = [c for c in (known[i][1] for i in recent) if c]
+    encoder = ctx.session_encoder
+    history, recent_categories = (
+        session_history(ctx, session, encoder.max_history if encoder is not None else 0)
+        if session is not None
+        else (None, [])
+    )
+    recent = session.recent[-AFFINITY_WINDOW:] if session is not None else []
     rctx = RankContext(
         query_vec=query_vecs.get(req.query) if req.query else None,
         session_vec=session_vec,
@@ -231,11 +272,12 @@ def _context(
         # rather than queue another Triton call behind an overloaded server.
         degraded = "over_budget"
     timer.lap("context")
-    return _Pending(ev, req, rctx, [], degraded, filt=filt)
+    return _Pending(ev, req, rctx, [], degraded, filt=filt, history=history, session=session)
 
 
-def _limit(req: RecommendationRequest) -> int:
-    return max(CANDIDATES_MIN, CANDIDATE_FACTOR * req.k)
+def _limit(ctx: StreamContext, req: RecommendationRequest) -> int:
+    """Candidates to retrieve: as many as the ranker was trained to reorder, and 5x k."""
+    return max(getattr(ctx.ranker, "rerank_depth", CANDIDATES_MIN), CANDIDATE_FACTOR * req.k)
 
 
 async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
@@ -246,7 +288,7 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
     searches: list[tuple[_Pending, np.ndarray]] = []
     for p in pending:
         req, rctx = p.req, p.rctx
-        limit = _limit(req)
+        limit = _limit(ctx, req)
         if req.query and rctx.query_vec is None:  # degraded search: no query vector
             hits = await _read(ctx, store.scroll, LEXICAL_SCAN, p.filt)
             for h in hits:
@@ -259,17 +301,25 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
             else:  # a cold user with no session and no query: any eligible items
                 p.hits = await _read(ctx, store.scroll, limit, p.filt)
     if searches:
-        found = await _read(ctx, store.search_many, [(vec, _limit(p.req), p.filt) for p, vec in searches])
+        found = await _read(ctx, store.search_many, [(vec, _limit(ctx, p.req), p.filt) for p, vec in searches])
         for (p, _), hits in zip(searches, found, strict=True):
             p.hits = hits
     lookup = ctx.tables.get("_item_lookup")
     popularity = lookup.popularity if lookup is not None else {}
     for p in pending:
+        ids = [h.item_id for h in p.hits]
+        trending = lookup.trending(ids, p.req.ts_ms / 1000.0) if lookup is not None else [0] * len(ids)
         p.candidates = [
             Candidate(
-                h.item_id, h.score, h.vector, h.payload.get("category"), h.payload, float(popularity.get(h.item_id, 0))
+                h.item_id,
+                h.score,
+                h.vector,
+                h.payload.get("category"),
+                h.payload,
+                float(popularity.get(h.item_id, 0)),
+                float(trend),
             )
-            for h in p.hits
+            for h, trend in zip(p.hits, trending, strict=True)
         ]
         p.hits = []
     elapsed = time.perf_counter() - t0
@@ -320,7 +370,9 @@ async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
             else:
                 scores, version = res
                 for p, sc in zip(chunk, scores, strict=True):
-                    p.scores, p.version = sc, version
+                    # Candidates nobody has interacted with keep their retrieval slot (as offline).
+                    p.scores = keep_new_items_in_place(sc, [c.popularity == 0 for c in p.candidates])
+                    p.version = version
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)

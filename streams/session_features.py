@@ -24,6 +24,7 @@ import numpy as np
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.metrics import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from recstream.recommend.session import SessionState, apply_event
+from recstream.recommend.trending import DAY_S, trend_days
 from streams.app import StreamContext, app_id
 from streams.changelog import ChangelogTable, changelog_topic
 
@@ -53,6 +54,11 @@ def _popularity_key(partition: int, item_id: str) -> bytes:
     return f"{partition}/{item_id}".encode()
 
 
+def _trend_key(partition: int, day: int, item_id: str) -> bytes:
+    """Row of one item's interactions on one UTC day (event time), for the trending feature."""
+    return f"{partition}#{day}/{item_id}".encode()
+
+
 def read_session(ctx: StreamContext, user_id: str) -> SessionState | None:
     """The current state of one user (decoded once per stored version, then cached)."""
     table = ctx.tables[TABLE]
@@ -79,16 +85,35 @@ class ItemLookup:
         # rows of the popularity table; rebuilt from it after every recovery.
         self.popularity: dict[str, int] = {}
         self.max_popularity = 1
+        # item_id -> {UTC day of the event: interactions}, for the trending feature.
+        self.trend: dict[str, dict[int, int]] = {}
 
     def rebuild_popularity(self, table: ChangelogTable) -> None:
         totals: dict[str, int] = {}
+        trend: dict[str, dict[int, int]] = {}
         for key, value in table.data.items():
-            _, sep, item_id = key.decode().partition("/")
-            if sep and value.isdigit():  # anything else is not a row this version wrote
+            head, sep, item_id = key.decode().partition("/")
+            if not sep or not value.isdigit():  # anything else is not a row this version wrote
+                continue
+            _, hash_, day = head.partition("#")
+            if not hash_:
                 totals[item_id] = totals.get(item_id, 0) + int(value)
-        # A new dict, swapped in whole: request threads only ever `.get` from whichever they hold.
+            elif day.lstrip("-").isdigit():
+                days = trend.setdefault(item_id, {})
+                days[int(day)] = days.get(int(day), 0) + int(value)
+        # New dicts, swapped in whole: request threads only ever `.get` from whichever they hold.
         self.popularity = totals
+        self.trend = trend
         self.max_popularity = max(totals.values(), default=1)
+
+    def trending(self, item_ids: list[str], now_s: float) -> list[int]:
+        """Interactions per item on the days `trend_days(now_s)` (the ranker's trending feature)."""
+        days = trend_days(now_s)
+        out = []
+        for item_id in item_ids:
+            per_day = self.trend.get(item_id)
+            out.append(sum(per_day.get(d, 0) for d in days) if per_day else 0)
+        return out
 
     def invalidate(self, item_ids: list[str]) -> None:
         for i in item_ids:
@@ -118,6 +143,7 @@ class SessionFeatures:
         self.items = ItemLookup(ctx)
         ctx.tables["_item_lookup"] = self.items
         self.unwritten: dict[tuple[int, str], int] = {}  # (partition, item) -> counts not yet in the table
+        self.unwritten_trend: dict[tuple[int, int, str], int] = {}  # (partition, day, item) -> counts
 
     def recovered(self) -> None:
         self.cache.clear()
@@ -127,19 +153,23 @@ class SessionFeatures:
     def revoked(self, partitions: list[int]) -> None:
         """Counts of partitions another worker now owns are that worker's (it recovers them); the
         rows were flushed by the commit that precedes this call."""
-        prefixes = tuple(f"{p}/".encode() for p in partitions)
+        prefixes = tuple(f"{p}{sep}".encode() for p in partitions for sep in "/#")
         data = self.popularity_table.data
         for key in [k for k in data if k.startswith(prefixes)]:
             del data[key]
         self.items.rebuild_popularity(self.popularity_table)
 
     def flush(self) -> None:
-        """Write the popularity rows counted since the last flush."""
+        """Write the popularity and trend rows counted since the last flush."""
         rows = self.popularity_table
         for (partition, item_id), n in self.unwritten.items():
             key = _popularity_key(partition, item_id)
             rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         self.unwritten.clear()
+        for (partition, day, item_id), n in self.unwritten_trend.items():
+            key = _trend_key(partition, day, item_id)
+            rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
+        self.unwritten_trend.clear()
 
     def tick(self) -> None:
         pass
@@ -151,7 +181,7 @@ class SessionFeatures:
         lookup = items.get_many({r.event.item_id for r in batch})
         popularity = items.popularity
         touched: dict[bytes, tuple[int, SessionState]] = {}
-        unwritten = self.unwritten
+        unwritten, unwritten_trend, trend = self.unwritten, self.unwritten_trend, items.trend
         applied = skipped = 0
         for rec in batch:
             m = rec.event
@@ -166,6 +196,9 @@ class SessionFeatures:
                 entry = touched[key] = (rec.partition, state)
             vec, category = lookup[m.item_id]
             event_type = m.type.value
+            # Popularity counts users, not events: a rating replayed as view + click + purchase, or
+            # a user clicking one item ten times, is one interaction (as in training data).
+            first_touch = m.item_id not in entry[1].seen
             try:
                 ok = apply_event(
                     entry[1],
@@ -187,13 +220,18 @@ class SessionFeatures:
                 continue
             if ok:
                 applied += 1
-                if event_type != "impression":
+                if event_type != "impression" and first_touch:
                     count = popularity.get(m.item_id, 0) + 1
                     popularity[m.item_id] = count
                     if count > items.max_popularity:
                         items.max_popularity = count
                     slot = (rec.partition, m.item_id)
                     unwritten[slot] = unwritten.get(slot, 0) + 1
+                    day = m.ts_ms // (DAY_S * 1000)
+                    per_day = trend.setdefault(m.item_id, {})
+                    per_day[day] = per_day.get(day, 0) + 1
+                    tslot = (rec.partition, day, m.item_id)
+                    unwritten_trend[tslot] = unwritten_trend.get(tslot, 0) + 1
             else:
                 skipped += 1
         for key, (partition, state) in touched.items():
@@ -201,6 +239,9 @@ class SessionFeatures:
             # Cache first: a reader that finds the new bytes also finds their decoded state.
             cache[key] = (raw, state)
             table.put(partition, key, raw)
+        vectors = getattr(self.ctx, "_session_vectors", None)
+        if vectors is not None:  # their session vectors are now stale: re-encode those of active users
+            vectors.changed([k.decode() for k in touched])
         now = time.time()
         for rec in batch:
             FEATURE_FRESHNESS.observe(max(0.0, now - rec.ts_s))

@@ -124,8 +124,11 @@ def main(
                 ctx.store  # noqa: B018
             if {"catalog", "recommender"} & set(chosen):
                 ctx.embedder  # noqa: B018
+            if "catalog" in chosen:
+                ctx.item_embedder  # noqa: B018
             if "recommender" in chosen:
                 ctx.ranker  # noqa: B018
+                ctx.session_vectors  # noqa: B018
             _quiet_gc()
             log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
 

@@ -198,3 +198,17 @@ def test_lexical_and_breaker() -> None:
     assert b.allow()
     b.success()
     assert b.failures == 0
+
+
+def test_items_nobody_interacted_with_keep_their_retrieval_slot():
+    """The quality bench's cold-item rule at serving: the ranker reorders the others around them."""
+    from recstream.recommend.rerank import keep_new_items_in_place
+
+    # retrieval order a, b(new), c, d(new), e; the ranker prefers e > c > a
+    scores = np.array([1.0, -5.0, 2.0, 9.0, 3.0])
+    new = [False, True, False, True, False]
+    out = keep_new_items_in_place(scores, new)
+    order = np.argsort(-out, kind="stable")
+    assert order.tolist() == [4, 1, 2, 3, 0]  # slots 1 and 3 keep b and d
+    assert sorted(out.tolist()) == sorted(scores.tolist())
+    np.testing.assert_array_equal(keep_new_items_in_place(scores, [False] * 5), scores.astype(np.float32))

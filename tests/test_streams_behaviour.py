@@ -196,7 +196,9 @@ def test_restart_recovers_before_folding_and_continues_from_the_commit(settings:
 
 def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> None:
     """Interactions per item (a ranker feature) come back from their changelog table after a
-    restart instead of starting at 0; impressions do not count; new events add to what came back."""
+    restart instead of starting at 0; they count users (a click then a purchase of one item by one
+    user is one interaction, as one rating is in training data), impressions do not count; new
+    events add to what came back; so do the per-day rows of the trending feature."""
     from recstream.vectorstore import VectorStore
     from streams.session_features import SessionFeatures
 
@@ -219,9 +221,9 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
         p.send_many("behaviour", first)
     features, loop = start()
     try:
-        _wait(lambda: sum(features.items.popularity.values()) >= 18, 60, "first run did not count")
+        _wait(lambda: sum(features.items.popularity.values()) >= 12, 60, "first run did not count")
         time.sleep(0.5)
-        assert features.items.popularity == {"a": 12, "b": 6}
+        assert features.items.popularity == {"a": 6, "b": 6}
     finally:
         loop.stop()
     assert features.items.popularity == {}, "a stopped consumer gave its partitions, and their counts, away"
@@ -229,11 +231,14 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
     features, loop = start()
     try:
         _wait(loop.ready.is_set, 60, "no assignment")
-        assert features.items.popularity == {"a": 12, "b": 6}, "the counts were not recovered"
-        assert features.items.max_popularity == 12
+        assert features.items.popularity == {"a": 6, "b": 6}, "the counts were not recovered"
+        assert features.items.max_popularity == 6
         with EventProducer(settings) as p:
             p.send_many("behaviour", [BehaviourEvent(type="click", user_id="u9", item_id="b", ts_ms=9_000)])
         _wait(lambda: features.items.popularity.get("b") == 7, 30, "a new event was not counted")
+        # every event was on day 0: a request on day 1 sees them as trending, one on day 0 does not
+        assert features.items.trending(["a", "b", "c"], 86_400 + 10) == [6, 7, 0]
+        assert features.items.trending(["a", "b"], 5) == [0, 0]
     finally:
         loop.stop()
 
@@ -242,8 +247,9 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
     features = SessionFeatures(ctx)
     features.popularity_table.recover(settings, range(BEHAVIOUR.partitions))
     features.recovered()
-    assert features.items.popularity == {"a": 12, "b": 7}
-    rows = dict(features.popularity_table.data)
+    assert features.items.popularity == {"a": 6, "b": 7}
+    assert features.items.trending(["a", "b"], 86_400) == [6, 7], "the trend rows were not recovered"
+    rows = {k: v for k, v in features.popularity_table.data.items() if b"#" not in k}  # totals, not days
     gone = int(next(iter(rows)).split(b"/")[0])
     features.revoked([gone])
     kept: dict[str, int] = {}
@@ -251,5 +257,6 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
         partition, item = key.decode().split("/")
         if int(partition) != gone:
             kept[item] = kept.get(item, 0) + int(value)
-    assert features.items.popularity == kept and sum(kept.values()) < 19
+    assert features.items.popularity == kept and sum(kept.values()) < 13
+    assert sum(features.items.trending(["a", "b"], 86_400)) == sum(kept.values()), "day rows left with it"
     store.close()

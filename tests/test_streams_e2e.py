@@ -157,6 +157,39 @@ def test_search_returns_items_relevant_to_the_text(client: RecommendationClient,
     assert all(i.propensity == 1.0 and i.reasons for i in res.items)
 
 
+def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: RecommendationClient, movielens) -> None:
+    """An item upserted at runtime, which the trained item encoder never saw, is embedded from its
+    text alone (no learned residual) and retrievable at once; catalogue items carry their residual."""
+    from recstream.contracts.events import ItemUpsert
+    from recstream.models.encoder import TextEncoder
+    from recstream.models.export import versions
+    from recstream.models.served import ITEM_ENCODER, ItemEncoder
+
+    repo = Path(__file__).resolve().parents[1] / "model_repo"
+    max_len = ItemEncoder.load(repo / ITEM_ENCODER / str(versions(repo, ITEM_ENCODER)[-1])).max_text_len
+    item = ItemUpsert(
+        item_id=f"new-{uuid.uuid4().hex[:6]}", title="Zorblax the Quantum Llama Detective", category="Comedy"
+    )
+    client.producer.send("catalog", item)
+    client.producer.flush(5)
+    query = "quantum llama detective"
+    deadline, found = time.monotonic() + 30, []
+    while not found and time.monotonic() < deadline:
+        res = client.request(RecommendationRequest(user_id=_user(), kind="search", query=query, k=5), timeout_s=10)
+        found = [i for i in res.items if i.item_id == item.item_id]
+        time.sleep(0.2)
+    assert found and res.items[0].item_id == item.item_id, res
+    text_model = TextEncoder(max_seq_length=max_len)
+    q = TextEncoder().encode([query])[0]
+    assert found[0].retrieval_score == pytest.approx(float(q @ text_model.encode([item.text()])[0]), abs=2e-3)
+    # a catalogue item the model was trained on is not its text alone
+    star_wars = catalog_events(movielens.items[movielens.items.item_id == "50"])[0]
+    res = client.request(RecommendationRequest(user_id=_user(), kind="search", query="Star Wars", k=20), timeout_s=10)
+    hit = next(i for i in res.items if i.item_id == "50")
+    q = TextEncoder().encode(["Star Wars"])[0]
+    assert abs(hit.retrieval_score - float(q @ text_model.encode([star_wars.text()])[0])) > 0.01
+
+
 def test_clicks_shift_recommendations_within_one_second(client: RecommendationClient, movielens) -> None:
     user = _user()
     before = client.request(RecommendationRequest(user_id=user, k=10), timeout_s=10)

@@ -198,7 +198,8 @@ def export_ranker(
             k=N_CAND_FEATURES,
             max_batch_size=max_batch_size,
             serve_versions=serve_versions,
-            extra="" if _inside(model_dir, REPO_ROOT) else ROOT_PARAM.format(root=REPO_ROOT),
+            extra=_params({"rerank_depth": str(int(ranker.meta.config.get("rerank_depth", 100)))})
+            + ("" if _inside(model_dir, REPO_ROOT) else ROOT_PARAM.format(root=REPO_ROOT)),
         )
     )
     size = sum(p.stat().st_size for p in vdir.iterdir())
@@ -247,3 +248,228 @@ def triton_score(
     finally:
         if own:
             cl.close()  # type: ignore[attr-defined]
+
+
+# --- the retrieval model's two servable parts (recstream.models.served) ---------------------------
+
+ENCODER_CONFIG = """\
+# {what} on the Triton python backend (CPU). Written by recstream.models.export; model.py loads
+# recstream.models.served.{cls}, the class the in-process parity checks use.
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+version_policy: {{ latest {{ num_versions: 1 }} }}
+
+input [
+{inputs}
+]
+output [
+  {{
+    name: "{output}"
+    data_type: TYPE_FP32
+    dims: [ {dim} ]
+  }}
+]
+
+# Concurrent callers (catalog batches, request batches of several partitions) are merged.
+dynamic_batching {{
+  max_queue_delay_microseconds: {delay_us}
+}}
+
+instance_group [
+  {{
+    kind: KIND_CPU
+    count: 1
+  }}
+]
+
+parameters: {{
+  key: "torch_threads"
+  value: {{ string_value: "{threads}" }}
+}}
+{extra}"""
+
+_INPUT = """  {{
+    name: "{name}"
+    data_type: {dtype}
+    dims: [ {dims} ]
+  }}"""
+
+SERVED_MODEL_PY = '''\
+"""Triton python-backend model for recstream.models.served.{cls} (written by recstream.models.export)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _served(params: dict):
+    """Import recstream from PYTHONPATH, else the checkout this file sits in
+    (model_repo/<model>/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
+    try:
+        import recstream.models.served as served
+    except ImportError:
+        here = Path(__file__).resolve()
+        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        for root in roots:
+            if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
+                sys.path.insert(0, root)
+                break
+        import recstream.models.served as served
+    return served
+
+
+def _strings(request, name: str) -> list[str]:
+    raw = pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
+    return [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in raw]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        cfg = json.loads(args["model_config"])
+        params = {{k: v.get("string_value", "") for k, v in cfg.get("parameters", {{}}).items()}}
+        torch.set_num_threads(int(params.get("torch_threads") or 1))
+        torch.set_num_interop_threads(1)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.model = _served(params).{cls}.load(version_dir)
+        pb_utils.Logger.log_info(f"{name} v{{args['model_version']}} loaded from {{version_dir}}")
+
+    def execute(self, requests: list) -> list:
+{execute}
+'''
+
+ITEM_EXECUTE = """\
+        texts: list[str] = []
+        ids: list[str] = []
+        spans: list[tuple[int, int] | str] = []
+        for request in requests:
+            try:
+                t, i = _strings(request, "TEXT"), _strings(request, "ITEM_ID")
+            except UnicodeDecodeError as exc:
+                spans.append(f"TEXT/ITEM_ID is not valid UTF-8: {exc}")
+                continue
+            if len(t) != len(i):
+                spans.append(f"{len(t)} texts but {len(i)} item ids")
+                continue
+            spans.append((len(texts), len(texts) + len(t)))
+            texts += t
+            ids += i
+        vectors = self.model.encode(texts, ids) if texts else np.zeros((0, 384), np.float32)
+        out = []
+        for span in spans:
+            if isinstance(span, str):
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(span)))
+            else:
+                emb = np.ascontiguousarray(vectors[span[0] : span[1]])
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", emb)]))
+        return out"""
+
+SESSION_EXECUTE = """\
+        out = []
+        for request in requests:  # one request = one batch of sessions, already padded alike
+            try:
+                items = pb_utils.get_input_tensor_by_name(request, "ITEMS").as_numpy()
+                lengths = pb_utils.get_input_tensor_by_name(request, "LENGTH").as_numpy().reshape(-1)
+                session = self.model.encode_padded(items, lengths)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SESSION", session)]))
+            except Exception as exc:  # one bad request must not fail the others
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return out"""
+
+
+def _export_served(
+    part: object,
+    meta: object,
+    model_repo: Path,
+    version: int | None,
+    *,
+    name: str,
+    cls: str,
+    what: str,
+    inputs: list[tuple[str, str, str]],
+    output: str,
+    execute: str,
+    max_batch_size: int,
+    delay_us: int,
+    threads: int,
+    params: dict[str, str] | None = None,
+) -> Path:
+    model_dir = Path(model_repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    v = version if version is not None else (max(versions(model_repo, name), default=0) + 1)
+    vdir = model_dir / str(v)
+    if vdir.exists():
+        import shutil
+
+        shutil.rmtree(vdir)
+    meta.extra["version"] = v  # type: ignore[attr-defined]
+    part.save(vdir, meta)  # type: ignore[attr-defined]
+    (vdir / "model.py").write_text(SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute))
+    (model_dir / "config.pbtxt").write_text(
+        ENCODER_CONFIG.format(
+            what=what,
+            cls=cls,
+            name=name,
+            max_batch_size=max_batch_size,
+            inputs=",\n".join(_INPUT.format(name=n, dtype=t, dims=d) for n, t, d in inputs),
+            output=output,
+            dim=ITEM_DIM,
+            delay_us=delay_us,
+            threads=threads,
+            extra=_params(params or {}) + ("" if _inside(model_dir, REPO_ROOT) else ROOT_PARAM.format(root=REPO_ROOT)),
+        )
+    )
+    size = sum(p.stat().st_size for p in vdir.iterdir())
+    log.info("exported %s v%d to %s (%.1f kB)", name, v, vdir, size / 1024)
+    return vdir
+
+
+def export_item_encoder(encoder: object, meta: object, model_repo: Path, version: int | None = None) -> Path:
+    """TEXT, ITEM_ID -> EMBEDDING: what the catalog indexer writes to the vector store."""
+    return _export_served(
+        encoder,
+        meta,
+        model_repo,
+        version,
+        name="item_encoder",
+        cls="ItemEncoder",
+        what="Item encoder (MiniLM text tower + learned ID residual of known items)",
+        inputs=[("TEXT", "TYPE_STRING", "1"), ("ITEM_ID", "TYPE_STRING", "1")],
+        output="EMBEDDING",
+        execute=ITEM_EXECUTE,
+        max_batch_size=64,
+        delay_us=2000,
+        threads=2,
+    )
+
+
+def export_session_encoder(encoder: object, meta: object, model_repo: Path, version: int | None = None) -> Path:
+    """ITEMS [L, 384] (left-padded), LENGTH [1] -> SESSION [384]: one call per request batch."""
+    return _export_served(
+        encoder,
+        meta,
+        model_repo,
+        version,
+        name="session_encoder",
+        cls="SessionEncoder",
+        what="Session encoder (causal transformer over the session's item vectors)",
+        inputs=[("ITEMS", "TYPE_FP32", f"-1, {ITEM_DIM}"), ("LENGTH", "TYPE_INT32", "1")],
+        output="SESSION",
+        execute=SESSION_EXECUTE,
+        max_batch_size=64,
+        delay_us=500,
+        threads=1,
+        params={"max_history": str(encoder.max_history)},  # type: ignore[attr-defined]
+    )
+
+
+def _params(params: dict[str, str]) -> str:
+    """config.pbtxt `parameters` entries a client reads with get_model_config."""
+    return "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items())

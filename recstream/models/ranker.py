@@ -39,6 +39,7 @@ from recstream.models.training import (
     save_checkpoint,
     set_seed,
 )
+from recstream.recommend.trending import DAY_S, TREND_DAYS, trend_days
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,14 @@ CAND_FEATURE_NAMES = (
 )
 N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
 AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
-TREND_WINDOW_S = 7 * 24 * 3600  # "trending" = interactions with the item in the week before the request
+TREND_WINDOW_S = TREND_DAYS * DAY_S
 TREND_NORM = float(np.log1p(200.0))
 VEC_SCALE = float(ITEM_DIM) ** 0.5
 PROD_SCALE = float(ITEM_DIM)
 FEATURE_SCHEMA = {
-    "version": 3,
-    "trend_window_s": TREND_WINDOW_S,
+    "version": 4,
+    "trend": "distinct-user interactions in the 7 UTC days before the request's day",
+    "popularity": "distinct (user, item) interactions",
     "scales": {"item": VEC_SCALE, "products": PROD_SCALE},
     "context": ["session[384]", "query[384]"],
     "item_dim": ITEM_DIM,
@@ -125,7 +127,7 @@ def candidate_features(
     retrieval_scores: session.item cosine from the retrieval stage; candidate_counts: interactions
     seen so far per candidate (0 for a new item); recent_categories: the session's item categories,
     oldest first (the last AFFINITY_WINDOW count); max_count: the largest count in the catalogue;
-    candidate_recent_counts: interactions per candidate in the TREND_WINDOW_S before the request.
+    candidate_recent_counts: interactions per candidate on the days `trend_days(request time)`.
     """
     n = len(candidate_categories)
     out = np.zeros((n, N_CAND_FEATURES), dtype=np.float32)
@@ -280,18 +282,21 @@ class RankingContext:
         self._keys: np.ndarray | None = None
         if events is not None:
             items, ts = (np.asarray(a, dtype=np.int64) for a in events)
-            self._span = int(ts.max() - ts.min() + 2 * TREND_WINDOW_S + 1) if len(ts) else 1
-            self._t0 = int(ts.min()) - TREND_WINDOW_S if len(ts) else 0
-            self._keys = np.sort(items * self._span + (ts - self._t0))
+            days = ts // DAY_S
+            self._d0 = int(days.min()) - TREND_DAYS - 1 if len(days) else 0
+            self._span = int(days.max()) - self._d0 + 2 if len(days) else 1
+            self._keys = np.sort(items * self._span + (days - self._d0))
 
     def recent_counts(self, cand: np.ndarray, now: float | None) -> np.ndarray | None:
-        """Interactions per candidate in (now - TREND_WINDOW_S, now], from the training events."""
+        """Interactions per candidate on the days `trend_days(now)`, from the training events."""
         if self._keys is None or now is None:
             return None
-        t = int(np.clip(int(now) - self._t0, TREND_WINDOW_S, self._span - 1))
+        days = trend_days(now)
+        lo_day = int(np.clip(days.start - self._d0, 0, self._span))
+        hi_day = int(np.clip(days.stop - self._d0, 0, self._span))
         base = np.asarray(cand, dtype=np.int64) * self._span
-        hi = np.searchsorted(self._keys, base + t, side="right")
-        lo = np.searchsorted(self._keys, base + t - TREND_WINDOW_S, side="right")
+        hi = np.searchsorted(self._keys, base + hi_day, side="left")
+        lo = np.searchsorted(self._keys, base + lo_day, side="left")
         return (hi - lo).astype(np.float64)
 
     def features(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from recstream.contracts.events import RecommendationRequest
-from recstream.recommend.session import SessionState
+from recstream.recommend.session import MAX_SEEN, SessionState
 
-#: How many of the most recently seen items a 'recommend' request hides (search shows them).
-RECOMMEND_HIDE_SEEN = 200
+#: How many of the most recently seen items a 'recommend' request hides (search shows them): all
+#: the session remembers, as offline evaluation excludes the whole history.
+RECOMMEND_HIDE_SEEN = MAX_SEEN
 
 
 @dataclass(frozen=True)

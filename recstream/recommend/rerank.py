@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from recstream.recommend.scoring import Candidate
 
 #: At most this share of a list may be one category: enough to follow a strong interest,
@@ -12,6 +14,26 @@ from recstream.recommend.scoring import Candidate
 MAX_CATEGORY_SHARE = 0.6
 #: Soft penalty per already-picked item of the same category (in score units, scores are ~[0, 1]).
 CATEGORY_PENALTY = 0.02
+
+
+def keep_new_items_in_place(scores: Sequence[float], is_new: Sequence[bool]) -> np.ndarray:
+    """Ranker scores for candidates given in retrieval order, adjusted so that items with no
+    interaction data keep their retrieval slot while the others are ordered by the ranker around
+    them (the quality bench's cold-item rule: the popularity and trend features say nothing of a
+    new item but "unseen", and letting the ranker act on that buries every new item).
+
+    Returns the same multiset of scores, reassigned so that sorting by score gives that order.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    new = np.asarray(is_new, dtype=bool)
+    if not new.any() or new.all():
+        return scores.astype(np.float32)
+    order = np.arange(len(scores))
+    warm = np.flatnonzero(~new)
+    order[warm] = warm[np.argsort(-scores[warm], kind="stable")]
+    out = np.empty_like(scores)
+    out[order] = np.sort(scores)[::-1]
+    return out.astype(np.float32)
 
 
 def diversify(

@@ -19,7 +19,8 @@ class Candidate:
     vector: np.ndarray | None = None
     category: str | None = None
     payload: dict = field(default_factory=dict)
-    popularity: float = 0.0  # interactions seen so far (a ranker feature)
+    popularity: float = 0.0  # distinct users who interacted with it so far (a ranker feature)
+    trending: float = 0.0  # of those, interactions on the days recstream.models.ranker.trend_days(request)
 
 
 @dataclass

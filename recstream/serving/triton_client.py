@@ -26,6 +26,8 @@ LOG = logging.getLogger(__name__)
 
 MODEL_NAME = "text_encoder"
 INPUT_NAME = "TEXT"
+#: Second input of the ``item_encoder`` model (recstream.models.served.ItemEncoder).
+ITEM_ID_INPUT = "ITEM_ID"
 OUTPUT_NAME = "EMBEDDING"
 #: Must not exceed max_batch_size in model_repo/text_encoder/config.pbtxt; larger inputs are chunked.
 MAX_BATCH_SIZE = 64
@@ -148,10 +150,15 @@ class TritonEncoderClient:
                 raise TritonUnavailable(f"{self.model_name} on {self.url} not ready after {timeout_s}s")
             time.sleep(poll_s)
 
-    def _infer_chunk(self, texts: Sequence[str], timeout_s: float) -> np.ndarray:
-        arr = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-        inp = self._tc.InferInput(INPUT_NAME, list(arr.shape), "BYTES")
-        inp.set_data_from_numpy(arr)
+    def _infer_chunk(self, texts: Sequence[str], timeout_s: float, item_ids: Sequence[str] | None = None) -> np.ndarray:
+        inputs = []
+        for name, values in ((INPUT_NAME, texts), (ITEM_ID_INPUT, item_ids)):
+            if values is None:
+                continue
+            arr = np.array([t.encode("utf-8") for t in values], dtype=np.object_).reshape(-1, 1)
+            inp = self._tc.InferInput(name, list(arr.shape), "BYTES")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
         if self.protocol == "grpc":
             kwargs = {"client_timeout": timeout_s}
             outputs = [self._tc.InferRequestedOutput(OUTPUT_NAME)]
@@ -162,7 +169,7 @@ class TritonEncoderClient:
             "infer",
             self._client.infer,
             self.model_name,
-            [inp],
+            inputs,
             model_version=self.model_version,
             outputs=outputs,
             **kwargs,
@@ -172,18 +179,27 @@ class TritonEncoderClient:
             raise TritonError(f"{self.model_name} returned {None if out is None else out.shape} for {len(texts)} texts")
         return out.astype(np.float32, copy=False)
 
-    def encode_texts(self, texts: Sequence[str], timeout_s: float | None = None) -> np.ndarray:
+    def encode_texts(
+        self, texts: Sequence[str], timeout_s: float | None = None, item_ids: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Embeddings [len(texts), 384] float32, L2-normalised, in input order.
 
         ``timeout_s`` applies per request chunk of ``max_batch_size`` texts (gRPC deadline).
+        ``item_ids`` (the ``item_encoder`` model): known items get their learned ID residual.
         """
+        if item_ids is not None and len(item_ids) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(item_ids)} item ids")
         if isinstance(texts, str):
             raise TypeError("encode_texts() takes a list of strings, not a single string")
         if len(texts) == 0:
             return np.empty((0, EMBEDDING_DIM), dtype=np.float32)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         chunks = [
-            self._infer_chunk(texts[i : i + self.max_batch_size], timeout)
+            self._infer_chunk(
+                texts[i : i + self.max_batch_size],
+                timeout,
+                None if item_ids is None else item_ids[i : i + self.max_batch_size],
+            )
             for i in range(0, len(texts), self.max_batch_size)
         ]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)

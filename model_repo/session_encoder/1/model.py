@@ -1,0 +1,56 @@
+"""Triton python-backend model for recstream.models.served.SessionEncoder (written by recstream.models.export)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def _served(params: dict):
+    """Import recstream from PYTHONPATH, else the checkout this file sits in
+    (model_repo/<model>/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
+    try:
+        import recstream.models.served as served
+    except ImportError:
+        here = Path(__file__).resolve()
+        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        for root in roots:
+            if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
+                sys.path.insert(0, root)
+                break
+        import recstream.models.served as served
+    return served
+
+
+def _strings(request, name: str) -> list[str]:
+    raw = pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)
+    return [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in raw]
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        cfg = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        torch.set_num_threads(int(params.get("torch_threads") or 1))
+        torch.set_num_interop_threads(1)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.model = _served(params).SessionEncoder.load(version_dir)
+        pb_utils.Logger.log_info(f"session_encoder v{args['model_version']} loaded from {version_dir}")
+
+    def execute(self, requests: list) -> list:
+        out = []
+        for request in requests:  # one request = one batch of sessions, already padded alike
+            try:
+                items = pb_utils.get_input_tensor_by_name(request, "ITEMS").as_numpy()
+                lengths = pb_utils.get_input_tensor_by_name(request, "LENGTH").as_numpy().reshape(-1)
+                session = self.model.encode_padded(items, lengths)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SESSION", session)]))
+            except Exception as exc:  # one bad request must not fail the others
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return out

@@ -1,0 +1,211 @@
+"""The trained retrieval model as two servable parts: an item encoder and a session encoder.
+
+`make train` fits the two-tower (recstream.models.two_tower) and splits it for serving:
+
+* item encoder = the text tower (the packaged MiniLM, or a fine-tuned copy in `encoder/`) plus the
+  per-item ID residual learned for every item that had training data. A known item's vector is
+  normalise(text + residual); an item the model never saw gets its text vector alone. This is what
+  the catalog indexer writes to the vector store.
+* session encoder = the causal transformer over the session's item vectors (oldest first, the
+  vectors as stored), whose output is the retrieval query and the ranker's context.
+
+Both are loaded by their Triton python-backend models (model.py in each version folder) and by the
+in-process parity checks from the same classes here, so Triton and in-process outputs agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from recstream.models.training import CheckpointMeta
+
+ITEM_ENCODER = "item_encoder"
+SESSION_ENCODER = "session_encoder"
+DIM = 384
+
+
+class ItemEncoder:
+    """Text vectors plus the learned ID residual of known items (see module docstring)."""
+
+    RESIDUAL = "id_residual.safetensors"
+    IDS = "item_ids.json"
+
+    def __init__(
+        self, residual: np.ndarray, item_ids: Sequence[str], max_text_len: int, text_model_dir: Path | None = None
+    ) -> None:
+        if residual.shape != (len(item_ids), DIM):
+            raise ValueError(f"residual {residual.shape} does not match {len(item_ids)} item ids x {DIM}")
+        self.residual = np.asarray(residual, np.float32)
+        self.row_of = {str(i): r for r, i in enumerate(item_ids)}
+        self.max_text_len = max_text_len
+        self.text_model_dir = text_model_dir
+        self._text = None
+
+    @property
+    def text_encoder(self):
+        if self._text is None:
+            from recstream.models.encoder import TextEncoder
+
+            self._text = TextEncoder(self.text_model_dir, max_seq_length=self.max_text_len)
+        return self._text
+
+    def knows(self, item_id: str) -> bool:
+        return str(item_id) in self.row_of
+
+    def combine(self, text_vectors: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
+        """Final vectors from text vectors: + residual and re-normalised where the id is known."""
+        out = np.array(text_vectors, dtype=np.float32, copy=True)
+        rows = [(n, self.row_of.get(str(i))) for n, i in enumerate(item_ids)]
+        known = [(n, r) for n, r in rows if r is not None]
+        if known:
+            idx = np.array([n for n, _ in known])
+            mixed = out[idx] + self.residual[np.array([r for _, r in known])]
+            out[idx] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True).clip(1e-12)
+        return out
+
+    def encode(self, texts: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
+        if len(texts) != len(item_ids):
+            raise ValueError(f"{len(texts)} texts but {len(item_ids)} item ids")
+        return self.combine(self.text_encoder.encode(list(texts)), item_ids)
+
+    def save(self, path: Path, meta: CheckpointMeta) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": torch.from_numpy(self.residual).contiguous()}, str(path / self.RESIDUAL))
+        (path / self.IDS).write_text(json.dumps(sorted(self.row_of, key=self.row_of.__getitem__)))
+        meta.config.setdefault("max_text_len", self.max_text_len)
+        (path / "meta.json").write_text(meta.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> ItemEncoder:
+        path = Path(path)
+        meta = CheckpointMeta.model_validate_json((path / "meta.json").read_text())
+        residual = load_file(str(path / cls.RESIDUAL))["weight"].numpy()
+        ids = json.loads((path / cls.IDS).read_text())
+        encoder_dir = path / "encoder"
+        text_dir = encoder_dir if (encoder_dir / "config.json").is_file() else None
+        return cls(residual, ids, int(meta.config.get("max_text_len", 32)), text_dir)
+
+    @classmethod
+    def from_two_tower(cls, model: object) -> ItemEncoder:
+        """The residual rows of the items that had training data (the others are text-only)."""
+        has_id = model.has_id.numpy()  # type: ignore[attr-defined]
+        rows = np.flatnonzero(has_id)
+        weight = model.id_residual.weight.detach().numpy()[rows]  # type: ignore[attr-defined]
+        ids = [model.item_ids[r] for r in rows]  # type: ignore[attr-defined]
+        return cls(weight, ids, model.cfg.max_text_len)  # type: ignore[attr-defined]
+
+
+class SessionEncoder:
+    """The session tower on its own: item vectors of a session (oldest first) -> a unit vector."""
+
+    WEIGHTS = "session_tower.safetensors"
+
+    def __init__(self, tower: torch.nn.Module, cfg: object) -> None:
+        self.tower = tower.eval()
+        self.cfg = cfg
+
+    @property
+    def max_history(self) -> int:
+        return int(self.cfg.max_history)  # type: ignore[attr-defined]
+
+    @torch.inference_mode()
+    def encode_padded(self, items: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """items [B, L, 384] left-padded (row b's history is its last lengths[b] rows) -> [B, 384].
+
+        An empty history gives the tower's output for a zero vector (callers without history
+        should not ask)."""
+        from recstream.models.two_tower import _ensure_nonempty
+
+        x = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32))
+        length = x.shape[1]
+        lengths = np.clip(np.asarray(lengths, dtype=np.int64).reshape(-1), 0, length)
+        valid = torch.from_numpy(np.arange(length)[None, :] >= (length - lengths)[:, None])
+        x = x * valid[..., None]
+        out = self.tower(x, _ensure_nonempty(valid))
+        return out[:, -1].numpy().astype(np.float32)
+
+    def encode(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Per session an array [L_i, 384] of item vectors (oldest first) -> [B, 384]."""
+        items, lengths = pad_left(histories, self.max_history)
+        return self.encode_padded(items, lengths)
+
+    def save(self, path: Path, meta: CheckpointMeta) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.tower.state_dict().items()}
+        save_file(state, str(path / self.WEIGHTS))
+        (path / "meta.json").write_text(meta.model_dump_json(indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> SessionEncoder:
+        from recstream.models.two_tower import SessionTower, TwoTowerConfig
+
+        path = Path(path)
+        meta = CheckpointMeta.model_validate_json((path / "meta.json").read_text())
+        cfg = TwoTowerConfig.model_validate(meta.config)
+        tower = SessionTower(cfg)
+        tower.load_state_dict(load_file(str(path / cls.WEIGHTS)))
+        return cls(tower, cfg)
+
+
+def pad_left(histories: Sequence[np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, L, 384] float32 with each history's newest `max_history` vectors at the right end, and
+    the lengths [B] int32 (L = the longest kept history, at least 1)."""
+    kept = [np.asarray(h, np.float32).reshape(-1, DIM)[-max_history:] for h in histories]
+    length = max(1, max((len(h) for h in kept), default=1))
+    items = np.zeros((len(kept), length, DIM), np.float32)
+    for r, h in enumerate(kept):
+        if len(h):
+            items[r, length - len(h) :] = h
+    return items, np.array([len(h) for h in kept], np.int32)
+
+
+class ServedRetrieval:
+    """The exported item and session encoders as the retrieval model offline evaluation expects
+    (`item_vectors`, `session_vectors_from_index`, `score_index`): the served models scored
+    in-process over a catalogue, with the two-tower's cold-item rule, so a figure of what is in
+    the model repository needs no training checkpoint."""
+
+    def __init__(self, item: ItemEncoder, session: SessionEncoder, texts: Sequence[str], item_ids: Sequence[str]):
+        text_vectors = item.text_encoder.encode(list(texts))
+        self.cfg = session.cfg
+        self.session = session
+        self.text_vectors = torch.from_numpy(text_vectors)
+        self.item_vectors = torch.from_numpy(item.combine(text_vectors, item_ids))
+        self.has_id = torch.tensor([item.knows(i) for i in item_ids], dtype=torch.bool)
+
+    @classmethod
+    def from_repo(cls, model_repo: Path, texts: Sequence[str], item_ids: Sequence[str]) -> ServedRetrieval:
+        from recstream.models.export import versions
+
+        def latest(name: str) -> Path:
+            vs = versions(model_repo, name)
+            if not vs:
+                raise FileNotFoundError(f"no version of {name} under {model_repo}: run `make train`")
+            return Path(model_repo) / name / str(vs[-1])
+
+        return cls(
+            ItemEncoder.load(latest(ITEM_ENCODER)), SessionEncoder.load(latest(SESSION_ENCODER)), texts, item_ids
+        )
+
+    def session_vectors_from_index(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        vecs = self.item_vectors.numpy()
+        return torch.from_numpy(self.session.encode([vecs[np.asarray(h, dtype=np.int64)] for h in histories]))
+
+    def score_index(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        from recstream.models.two_tower import TwoTowerModel
+
+        scores = (self.session_vectors_from_index(histories) @ self.item_vectors.T).numpy()
+        cold = ~self.has_id.numpy()
+        if cold.any() and (~cold).any():
+            scores[:, cold] = TwoTowerModel.cold_item_scores(self, histories, scores, cold)  # type: ignore[arg-type]
+        return scores

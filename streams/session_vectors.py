@@ -1,0 +1,131 @@
+"""Session vectors of the users who are asking, kept fresh between their requests.
+
+The session encoder is a transformer served by Triton; asking it at request time costs every
+request batch a second Triton round trip before retrieval (retrieval needs the vector, so it cannot
+share the ranker's call). Instead, a background thread re-encodes, every SESSION_REFRESH_S (settings), the sessions of
+users who asked in the last ACTIVE_S whose state changed since their vector was computed, all in one
+call. A request then finds its vector ready unless the user acted in the last few tens of
+milliseconds; those (and first requests) are encoded in the request batch's own call.
+
+A vector is used only for exactly the state it was computed from (the state's last applied
+offset), so precomputing never serves a stale session. Vectors live in memory only: after a
+restart they are recomputed on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from recstream.recommend.session import SessionState
+
+log = logging.getLogger(__name__)
+
+#: A user counts as active this long after a request.
+ACTIVE_S = 300.0
+#: Most sessions one refresh encodes (the rest are encoded when they ask, or at the next refresh).
+MAX_PER_REFRESH = 128
+#: The session's most recent items whose categories make its category affinity (as in training).
+AFFINITY_WINDOW = 20
+
+
+def session_history(ctx: Any, state: SessionState, depth: int) -> tuple[np.ndarray | None, list[str]]:
+    """The session encoder's input, the vectors of the session's last `depth` items as stored
+    (oldest first; items the store does not know are skipped), and the categories of its last
+    AFFINITY_WINDOW items (the ranker's affinity features)."""
+    lookup = ctx.tables.get("_item_lookup")
+    recent = state.recent[-max(depth, AFFINITY_WINDOW) :]
+    if lookup is None or not recent:
+        return None, []
+    known = lookup.get_many(set(recent))
+    categories = [c for c in (known[i][1] for i in recent[-AFFINITY_WINDOW:]) if c]
+    if depth <= 0:
+        return None, categories
+    vectors = [known[i][0] for i in recent[-depth:] if known[i][0] is not None]
+    return (np.stack(vectors) if vectors else None), categories
+
+
+class SessionVectors:
+    """user_id -> (state offset, session vector), refreshed for active users by one thread."""
+
+    def __init__(self, ctx: Any, encoder: Any) -> None:
+        self.ctx = ctx
+        self.encoder = encoder
+        self.vectors: dict[str, tuple[int, np.ndarray]] = {}
+        self.active: dict[str, float] = {}
+        # users whose state changed since the last refresh (the session features processor adds them)
+        self.dirty: set[str] = set()
+        self._dirty_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def lookup(self, user_id: str, state: SessionState) -> np.ndarray | None:
+        """The vector of exactly this state, if computed; marks the user active."""
+        self.active[user_id] = time.monotonic()
+        hit = self.vectors.get(user_id)
+        return hit[1] if hit is not None and hit[0] == state.last_offset else None
+
+    def changed(self, user_ids: list[str]) -> None:
+        """Called by the session features processor with the users a behaviour batch touched."""
+        if self._thread is None:
+            return
+        with self._dirty_lock:
+            self.dirty.update(user_ids)
+
+    def store(self, user_id: str, state: SessionState, vector: np.ndarray) -> None:
+        self.vectors[user_id] = (state.last_offset, vector)
+
+    def start(self) -> SessionVectors:
+        if self.ctx.settings.session_refresh_s <= 0:
+            return self  # request-time encoding only
+        self._thread = threading.Thread(target=self._run, name="session-vectors", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ctx.settings.session_refresh_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # Triton down or busy: requests encode for themselves meanwhile
+                log.debug("session vector refresh skipped: %s", exc)
+
+    def refresh(self) -> int:
+        """Re-encode the changed sessions of active users; returns how many were encoded."""
+        from streams.session_features import read_session
+
+        now = time.monotonic()
+        for user in [u for u, t in list(self.active.items()) if now - t > ACTIVE_S]:
+            self.active.pop(user, None)
+            self.vectors.pop(user, None)
+        todo: list[tuple[str, SessionState, np.ndarray]] = []
+        with self._dirty_lock:
+            dirty, self.dirty = self.dirty, set()
+        candidates = [u for u in dirty if u in self.active]
+        for n, user in enumerate(candidates):
+            if len(todo) >= MAX_PER_REFRESH:
+                self.changed(candidates[n:])  # the next refresh takes them
+                break
+            state = read_session(self.ctx, user)
+            if state is None:
+                continue
+            hit = self.vectors.get(user)
+            if hit is not None and hit[0] == state.last_offset:
+                continue
+            history, _ = session_history(self.ctx, state, self.encoder.max_history)
+            if history is not None:
+                todo.append((user, state, history))
+        if not todo:
+            return 0
+        vectors = self.encoder.encode([h for _, _, h in todo], self.ctx.settings.triton_timeout_s)
+        for (user, state, _), vec in zip(todo, vectors, strict=True):
+            self.store(user, state, vec)
+        return len(todo)
