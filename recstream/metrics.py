@@ -80,3 +80,6 @@ HTTP_LATENCY = Histogram(
     "recstream_http_request_seconds", "Gateway HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
 )
 INDEXED_ITEMS = Gauge("recstream_indexed_items", "Items in the vector store, as seen by the catalog indexer")
+REEMBEDS = Counter(
+    "recstream_catalog_reembeds_total", "Catalog re-embeddings after a new item-encoder version went live"
+)

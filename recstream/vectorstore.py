@@ -15,11 +15,19 @@ and can keep an exact in-process read index (`_ReadIndex`: a numpy matrix plus p
 updated on every write and loaded from Qdrant at open. Qdrant stays the store of record (durable,
 restart-safe); `read_index=False` forces reads through Qdrant and a test checks both agree.
 Server mode always reads from the server (other processes may write).
+
+Versions of item vectors: vectors belong to the item encoder that made them (and to the session
+encoder trained with it), so each encoder version gets its own physical collection,
+`items__<model>-v<N>`, behind the alias `items` (`tag` says which). `rebuild` fills a new
+collection and swaps the alias and the read index in one step, so readers see the old vectors or
+the new ones, never a mix or an empty store (streams.catalog_indexer re-embeds the catalog when a
+new item-encoder version goes live).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -36,10 +44,17 @@ log = logging.getLogger(__name__)
 
 COLLECTION = "items"
 DIM = 384
+#: The tag of a store created before any encoder wrote to it.
+INITIAL_TAG = "initial"
 _NAMESPACE = uuid.UUID("6f1c2b1e-4d7a-5c7e-9f3a-2b8d4e6a1c90")
 # Server mode only: a search on a few-thousand-item collection answers in a few ms; 5 s means the
 # server is gone, and the caller's degraded path takes over instead of hanging the stream.
 SERVER_TIMEOUT_S = 5
+
+
+def physical_name(alias: str, tag: str) -> str:
+    """The collection that holds the vectors of encoder `tag` behind `alias`."""
+    return f"{alias}__{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}"
 
 
 def point_id(item_id: str) -> str:
@@ -61,7 +76,8 @@ class VectorStore:
     def __init__(
         self, settings: Settings, collection: str = COLLECTION, dim: int = DIM, read_index: bool | None = None
     ) -> None:
-        self.collection = collection
+        self.alias = collection
+        self.collection = collection  # the physical collection behind the alias (set by ensure_collection)
         self.dim = dim
         if settings.qdrant_url:
             self.client = QdrantClient(url=settings.qdrant_url, timeout=SERVER_TIMEOUT_S)
@@ -110,20 +126,80 @@ class VectorStore:
         log.info("read index loaded: %d items", len(self._index.row_of))
 
     def ensure_collection(self) -> None:
-        if self.client.collection_exists(self.collection):
-            return
+        """Resolve the alias to its physical collection; on first use create `<alias>__initial`.
+        A collection named like the alias itself (made before versioned collections) is used as is."""
+        aliases = {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+        if self.alias in aliases:
+            self.collection = aliases[self.alias]
+        elif self.client.collection_exists(self.alias):
+            self.collection = self.alias
+        else:
+            self.collection = physical_name(self.alias, INITIAL_TAG)
+            self._create(self.collection)
+            self._point_alias(self.collection)
+
+    @property
+    def tag(self) -> str:
+        """Which encoder made the vectors: the physical collection's suffix ('' for a pre-alias store)."""
+        prefix = f"{self.alias}__"
+        return self.collection[len(prefix) :] if self.collection.startswith(prefix) else ""
+
+    def _create(self, name: str) -> None:
+        if self.client.collection_exists(name):
+            self.client.delete_collection(name)  # left over from an interrupted rebuild
         self.client.create_collection(
-            self.collection,
-            vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.COSINE),
+            name, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.COSINE)
         )
         if self.mode == "server":  # local mode scans anyway; indexes only matter on a server
-            for name, schema in (
+            for field, schema in (
                 ("category", models.PayloadSchemaType.KEYWORD),
                 ("in_stock", models.PayloadSchemaType.BOOL),
                 ("price", models.PayloadSchemaType.FLOAT),
             ):
-                self.client.create_payload_index(self.collection, name, field_schema=schema)
-        log.info("created Qdrant collection %s (%s mode)", self.collection, self.mode)
+                self.client.create_payload_index(name, field, field_schema=schema)
+        log.info("created Qdrant collection %s (%s mode)", name, self.mode)
+
+    def _point_alias(self, name: str) -> None:
+        ops: list[Any] = []
+        aliases = {a.alias_name for a in self.client.get_aliases().aliases}
+        if self.alias in aliases:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self.alias)))
+        ops.append(
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=name, alias_name=self.alias))
+        )
+        self.client.update_collection_aliases(change_aliases_operations=ops)  # one atomic change
+
+    def rebuild(self, tag: str, items: Sequence[dict[str, Any]], vectors: np.ndarray, batch: int = 256) -> None:
+        """Write `items` with `vectors` (made by encoder `tag`) into a new collection, then switch the
+        alias, the read index and the writes over to it in one step and drop the old collection.
+        Readers keep the old vectors until the switch. The caller must not write meanwhile."""
+        new = physical_name(self.alias, tag)
+        old = self.collection
+        if new == old:
+            return
+        self._create(new)
+        for lo in range(0, len(items), batch):
+            points = [
+                models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
+                for it, vec in zip(items[lo : lo + batch], vectors[lo : lo + batch], strict=True)
+            ]
+            self.client.upsert(new, points=points, wait=True)
+        index = None
+        if self._index is not None:
+            index = _ReadIndex(self.dim)
+            for it, vec in zip(items, vectors, strict=True):
+                index.put(it["item_id"], _normalise(np.asarray(vec, np.float32)), dict(it))
+        if old == self.alias:  # a pre-alias store: its collection holds the alias's name
+            self.client.delete_collection(old)
+        self._point_alias(new)
+        self.collection = new
+        if index is not None:
+            self._index = index  # one reference swap: a search in flight finishes on the old index
+        if self.mode == "local":
+            self._tune_local_storage()
+        if old != self.alias and self.client.collection_exists(old):
+            self.client.delete_collection(old)
+        log.info("item vectors switched from %s to %s (%d items)", old, new, len(items))
 
     # --- writes -------------------------------------------------------------------------------
 

@@ -12,9 +12,12 @@ import asyncio
 import logging
 import time
 
+import numpy as np
+
+from recstream.client.consumer import read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
 from recstream.contracts.topics import CATALOG
-from recstream.metrics import INDEXED_ITEMS, STAGE_LATENCY
+from recstream.metrics import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
 from streams.app import StreamContext, source_topic
 from streams.inference import ModelUnavailable
 
@@ -26,6 +29,10 @@ BATCH_WITHIN_S = 0.2
 #: Catalog batches are bulk work, not the online path: 30 s covers 256 texts on a contended CPU.
 ENCODE_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+#: How often a quiet catalog agent asks Triton which item-encoder version it serves.
+REEMBED_CHECK_S = 10.0
+#: Reading the compacted catalog topic for a re-embed: minutes for millions of items.
+REEMBED_READ_TIMEOUT_S = 600.0
 
 
 def payload_of(item: ItemUpsert) -> dict:
@@ -42,9 +49,12 @@ def payload_of(item: ItemUpsert) -> dict:
 
 
 def register(ctx: StreamContext) -> None:
+    follow = EncoderFollower(ctx)
+
     @ctx.app.agent(source_topic(ctx, "catalog"), name="catalog-indexer")
     async def catalog_indexer(stream) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+            await follow.check()  # a new item-encoder version re-embeds the catalog before this batch
             t0 = time.perf_counter()
             latest: dict[str, ItemUpsert | ItemDelete] = {}
             for _, model in ctx.decode_events(CATALOG, events):
@@ -63,6 +73,60 @@ def register(ctx: StreamContext) -> None:
             count = ctx.store.count()
             INDEXED_ITEMS.set(count)
             log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
+
+
+class EncoderFollower:
+    """Keeps the vector store on the item encoder Triton serves: when a newer version goes live,
+    the whole catalog (the compacted catalog topic read to its end) is embedded with it into a new
+    collection, which replaces the old one in one step (VectorStore.rebuild). Checked before each
+    catalog batch and every REEMBED_CHECK_S when the catalog is quiet; the agent writes nothing
+    while a rebuild runs, and requests read the old vectors until the switch."""
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.lock = asyncio.Lock()
+        self.checked_at = -float("inf")
+
+        @ctx.app.timer(interval=REEMBED_CHECK_S)
+        async def encoder_check() -> None:
+            await self.check()
+
+    async def check(self) -> None:
+        if time.monotonic() - self.checked_at < REEMBED_CHECK_S:
+            return
+        async with self.lock:
+            self.checked_at = time.monotonic()
+            ctx = self.ctx
+            tag = await ctx.in_thread(ctx.item_embedder.served_tag)
+            store = ctx.store
+            if not tag or tag == store.tag:
+                return
+            t0 = time.perf_counter()
+            if store.count() == 0:
+                await ctx.in_thread(store.rebuild, tag, [], np.zeros((0, store.dim), np.float32))
+                return
+            log.warning("catalog: item vectors are %r, Triton serves %r: re-embedding the catalog", store.tag, tag)
+            events, invalid = await ctx.in_thread(read_to_end, ctx.settings, "catalog", REEMBED_READ_TIMEOUT_S)
+            latest: dict[str, ItemUpsert | ItemDelete] = {}
+            for event in events:  # one item's operations share a partition, in order
+                latest[event.item_id] = event  # type: ignore[attr-defined]
+            upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
+            vectors = np.zeros((0, store.dim), np.float32)
+            for lo in range(0, len(upserts), BATCH_MAX):
+                vectors = np.concatenate([vectors, await _encode_with_retry(ctx, upserts[lo : lo + BATCH_MAX])])
+            await ctx.in_thread(store.rebuild, tag, [payload_of(m) for m in upserts], vectors)
+            lookup = ctx.tables.get("_item_lookup")
+            if lookup is not None:
+                lookup.invalidate(list(lookup.cache))
+            REEMBEDS.inc()
+            INDEXED_ITEMS.set(store.count())
+            log.warning(
+                "catalog: %d items re-embedded with %s in %.1f s (%d invalid catalog messages skipped)",
+                len(upserts),
+                tag,
+                time.perf_counter() - t0,
+                invalid,
+            )
 
 
 async def _encode_with_retry(ctx: StreamContext, upserts: list[ItemUpsert]):

@@ -54,6 +54,12 @@ class TritonTextEmbedder:
         self._lock = threading.Lock()
         self.breaker = CircuitBreaker()
 
+    def served_tag(self) -> str:
+        """'<model>-v<N>' of the newest version Triton serves, '' when it cannot say (the store's
+        vectors are then left as they are)."""
+        tag = served_version(self._client._client, self.model)
+        return tag if "-v" in tag else ""
+
     def cached(self, text: str) -> np.ndarray | None:
         with self._lock:
             vec = self._cache.get(text)
@@ -126,6 +132,14 @@ def served_version(client: object, model: str) -> str:
         return model
 
 
+def matching_session_version(store_tag: str) -> str | None:
+    """The session-encoder version that belongs to the store's item vectors: the same number as the
+    item encoder that made them (`make train` writes both together). None when the vectors are not
+    a trained item encoder's (zero-shot text vectors): the session encoder must not be used then."""
+    prefix = f"{ITEM_MODEL}-v"
+    return store_tag[len(prefix) :] if store_tag.startswith(prefix) else None
+
+
 class TritonSessionEncoder:
     """The trained session transformer on Triton (model 'session_encoder'): the item vectors of a
     batch of sessions in ONE call -> one unit vector per session (retrieval query, ranker context)."""
@@ -148,8 +162,10 @@ class TritonSessionEncoder:
         except Exception:
             return 50
 
-    def encode(self, histories: Sequence[np.ndarray], timeout_s: float) -> np.ndarray:
-        """[B, 384] for per-session item vectors [L_i, 384] (oldest first); raises ModelUnavailable."""
+    def encode(self, histories: Sequence[np.ndarray], timeout_s: float, version: str = "") -> np.ndarray:
+        """[B, 384] for per-session item vectors [L_i, 384] (oldest first); raises ModelUnavailable.
+
+        `version` pins the session encoder trained with the item encoder whose vectors these are."""
         from recstream.models.served import pad_left
 
         if not self.breaker.allow():
@@ -164,7 +180,7 @@ class TritonSessionEncoder:
                     inp = self._tc.InferInput(name, list(arr.shape), dtype)
                     inp.set_data_from_numpy(arr)
                     inputs.append(inp)
-                res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
+                res = self._client.infer(self.model, inputs, model_version=version, client_timeout=timeout_s)
                 out.append(res.as_numpy("SESSION").astype(np.float32))
                 served = res.get_response().model_version
                 if served:

@@ -177,11 +177,14 @@ def _encode_sessions(ctx: StreamContext, prepared: list[_Pending]) -> None:
     if encoder is None:
         return
     ready = ctx.session_vectors
+    version = ready.version()
+    if version is None:  # the store's vectors are not a trained item encoder's: keep the decayed sum
+        return
     todo = []
     for p in prepared:
         if p.history is None or not len(p.history) or p.degraded is not None:
             continue
-        vec = ready.lookup(p.req.user_id, p.session)  # precomputed for exactly this state
+        vec = ready.lookup(p.req.user_id, p.session, version)  # precomputed for exactly this state
         if vec is not None:
             p.rctx.session_vec = vec
         else:
@@ -190,7 +193,7 @@ def _encode_sessions(ctx: StreamContext, prepared: list[_Pending]) -> None:
         return
     try:
         # Called here, not in the pool: this loop (the request consumer's own) has nothing else to run.
-        vectors = encoder.encode([p.history for p in todo], ctx.settings.triton_timeout_s)
+        vectors = encoder.encode([p.history for p in todo], ctx.settings.triton_timeout_s, version)
     except ModelUnavailable as exc:
         log.warning("session encoder unavailable, answering %d requests degraded: %s", len(todo), exc)
         for p in todo:
@@ -198,7 +201,7 @@ def _encode_sessions(ctx: StreamContext, prepared: list[_Pending]) -> None:
         return
     for p, vec in zip(todo, vectors, strict=True):
         p.rctx.session_vec = vec
-        ready.store(p.req.user_id, p.session, vec)
+        ready.store(p.req.user_id, p.session, version, vec)
 
 
 def _age_s(ev) -> float:

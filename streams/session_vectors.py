@@ -55,7 +55,7 @@ class SessionVectors:
     def __init__(self, ctx: Any, encoder: Any) -> None:
         self.ctx = ctx
         self.encoder = encoder
-        self.vectors: dict[str, tuple[int, np.ndarray]] = {}
+        self.vectors: dict[str, tuple[int, str, np.ndarray]] = {}  # user -> (offset, encoder version, vector)
         self.active: dict[str, float] = {}
         # users whose state changed since the last refresh (the session features processor adds them)
         self.dirty: set[str] = set()
@@ -63,11 +63,17 @@ class SessionVectors:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def lookup(self, user_id: str, state: SessionState) -> np.ndarray | None:
-        """The vector of exactly this state, if computed; marks the user active."""
+    def version(self) -> str | None:
+        """The session-encoder version for the store's current item vectors (None: do not encode)."""
+        from streams.inference import matching_session_version
+
+        return matching_session_version(self.ctx.store.tag)
+
+    def lookup(self, user_id: str, state: SessionState, version: str) -> np.ndarray | None:
+        """The vector of exactly this state by this encoder version, if computed; marks the user active."""
         self.active[user_id] = time.monotonic()
         hit = self.vectors.get(user_id)
-        return hit[1] if hit is not None and hit[0] == state.last_offset else None
+        return hit[2] if hit is not None and hit[0] == state.last_offset and hit[1] == version else None
 
     def changed(self, user_ids: list[str]) -> None:
         """Called by the session features processor with the users a behaviour batch touched."""
@@ -76,8 +82,8 @@ class SessionVectors:
         with self._dirty_lock:
             self.dirty.update(user_ids)
 
-    def store(self, user_id: str, state: SessionState, vector: np.ndarray) -> None:
-        self.vectors[user_id] = (state.last_offset, vector)
+    def store(self, user_id: str, state: SessionState, version: str, vector: np.ndarray) -> None:
+        self.vectors[user_id] = (state.last_offset, version, vector)
 
     def start(self) -> SessionVectors:
         if self.ctx.settings.session_refresh_s <= 0:
@@ -106,6 +112,9 @@ class SessionVectors:
         for user in [u for u, t in list(self.active.items()) if now - t > ACTIVE_S]:
             self.active.pop(user, None)
             self.vectors.pop(user, None)
+        version = self.version()
+        if version is None:
+            return 0
         todo: list[tuple[str, SessionState, np.ndarray]] = []
         with self._dirty_lock:
             dirty, self.dirty = self.dirty, set()
@@ -118,14 +127,14 @@ class SessionVectors:
             if state is None:
                 continue
             hit = self.vectors.get(user)
-            if hit is not None and hit[0] == state.last_offset:
+            if hit is not None and hit[0] == state.last_offset and hit[1] == version:
                 continue
             history, _ = session_history(self.ctx, state, self.encoder.max_history)
             if history is not None:
                 todo.append((user, state, history))
         if not todo:
             return 0
-        vectors = self.encoder.encode([h for _, _, h in todo], self.ctx.settings.triton_timeout_s)
+        vectors = self.encoder.encode([h for _, _, h in todo], self.ctx.settings.triton_timeout_s, version)
         for (user, state, _), vec in zip(todo, vectors, strict=True):
-            self.store(user, state, vec)
+            self.store(user, state, version, vec)
         return len(todo)

@@ -101,6 +101,7 @@ recstream.models.export; scoring code lives in recstream.models.ranker)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,7 +117,11 @@ def _ranker_class(params: dict) -> type:
         from recstream.models.ranker import Ranker
     except ImportError:
         here = Path(__file__).resolve()
-        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        roots = [
+            params.get("recstream_root", ""),
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            str(here.parents[3]) if len(here.parents) > 3 else "",
+        ]
         for root in roots:
             if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
                 sys.path.insert(0, root)
@@ -258,7 +263,9 @@ ENCODER_CONFIG = """\
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
-version_policy: {{ latest {{ num_versions: 1 }} }}
+# Two versions stay loaded: the worker pins the one its item vectors came from while it re-embeds
+# the catalog with a new one (streams.catalog_indexer.EncoderFollower).
+version_policy: {{ latest {{ num_versions: 2 }} }}
 
 input [
 {inputs}
@@ -301,6 +308,7 @@ SERVED_MODEL_PY = '''\
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -315,7 +323,11 @@ def _served(params: dict):
         import recstream.models.served as served
     except ImportError:
         here = Path(__file__).resolve()
-        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        roots = [
+            params.get("recstream_root", ""),
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            str(here.parents[3]) if len(here.parents) > 3 else "",
+        ]
         for root in roots:
             if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
                 sys.path.insert(0, root)

@@ -4,6 +4,7 @@ recstream.models.export; scoring code lives in recstream.models.ranker)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,11 @@ def _ranker_class(params: dict) -> type:
         from recstream.models.ranker import Ranker
     except ImportError:
         here = Path(__file__).resolve()
-        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        roots = [
+            params.get("recstream_root", ""),
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            str(here.parents[3]) if len(here.parents) > 3 else "",
+        ]
         for root in roots:
             if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
                 sys.path.insert(0, root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,11 @@ def _served(params: dict):
         import recstream.models.served as served
     except ImportError:
         here = Path(__file__).resolve()
-        roots = [params.get("recstream_root", ""), str(here.parents[3]) if len(here.parents) > 3 else ""]
+        roots = [
+            params.get("recstream_root", ""),
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            str(here.parents[3]) if len(here.parents) > 3 else "",
+        ]
         for root in roots:
             if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
                 sys.path.insert(0, root)
