@@ -140,8 +140,8 @@ def _pool_rescorer(settings: Settings, version: int, logs: list[Any], timeout_s:
     catalog texts' embeddings (the encoder the catalog indexer uses), only for pooled items."""
     from recstream.client.consumer import read_to_end
     from recstream.contracts.events import ItemUpsert
-    from recstream.models.encoder import TextEncoder
     from recstream.models.export import load_exported, versions
+    from recstream.models.served import item_vectors_as_indexed
     from recstream.ope_logs import PoolRescorer
 
     available = versions(settings.model_repo)
@@ -155,7 +155,7 @@ def _pool_rescorer(settings: Settings, version: int, logs: list[Any], timeout_s:
     latest = {ev.item_id: ev for ev in upserts}  # type: ignore[attr-defined]
     if not latest:
         return PoolRescorer(ranker.net, {})  # every pool is reported unusable: its items are not in the catalog
-    vectors = TextEncoder().encode([ev.text() for ev in latest.values()])
+    vectors = item_vectors_as_indexed(settings.model_repo, [ev.text() for ev in latest.values()], list(latest))
     return PoolRescorer(ranker.net, dict(zip(latest, vectors, strict=True)))
 
 

@@ -75,8 +75,10 @@ async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, Recommendati
     """Answer and publish a batch of (event, request): one encoder call for its new query texts, one
     store call for its vector searches, ONE ranker call per `ranker.max_batch` requests, then re-rank
     and publish each."""
+    if not decoded:  # every message of the batch was dead-lettered
+        return
     timer = _Timer()
-    if decoded and _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
+    if _age_s(decoded[0][0]) > ctx.settings.triton_timeout_s:
         # Already past the model budget while queued (overload): don't add a Triton wait.
         query_vecs, encoder_error = _cached_queries(ctx, [m for _, m in decoded]), "over_budget"
     else:
@@ -235,6 +237,7 @@ class _Pending:
     filt: Any = None
     hits: list[Any] = field(default_factory=list)
     history: np.ndarray | None = None  # the session's item vectors, oldest first (session encoder input)
+    order: np.ndarray | None = None  # what the list is ordered by, when not the scores themselves
     session: Any = None  # the SessionState the request was answered from
 
 
@@ -373,9 +376,10 @@ async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
             else:
                 scores, version = res
                 for p, sc in zip(chunk, scores, strict=True):
-                    # Candidates nobody has interacted with keep their retrieval slot (as offline).
-                    p.scores = keep_new_items_in_place(sc, [c.popularity == 0 for c in p.candidates])
-                    p.version = version
+                    p.scores, p.version = sc, version
+                    # Candidates nobody has interacted with keep their retrieval slot (as offline):
+                    # that orders the list; the scores published and logged stay the ranker's logits.
+                    p.order = keep_new_items_in_place(sc, [c.popularity == 0 for c in p.candidates])
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)
@@ -389,8 +393,11 @@ async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
 def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     """Diversify, apply the exploration policy, and build the result of one ranked request."""
     timer = _Timer()
-    req, candidates, scores = p.req, p.candidates, p.scores
-    assert scores is not None
+    req, candidates, logits = p.req, p.candidates, p.scores
+    assert logits is not None
+    # diversify by the ordering scores, then report each item's own logit
+    scores = p.order if p.order is not None else logits
+    logit_of = {c.item_id: float(x) for c, x in zip(candidates, logits, strict=True)}
     reasons = p.reasons if p.reasons is not None else [{} for _ in candidates]
     reason_of = {c.item_id: r for c, r in zip(candidates, reasons, strict=True)}
     policy = ctx.policy
@@ -399,13 +406,13 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     if policy.name == "greedy" or (feedback is not None and p.degraded is not None):
         # Degraded answers carry retrieval scores, not ranker logits: a learning policy must neither
         # rank by them nor learn from what they showed, so these answers are greedy.
-        slots = [(c, s, GREEDY_PROPENSITY) for c, s in diversify(candidates, scores, req.k)]
+        slots = [(c, logit_of[c.item_id], GREEDY_PROPENSITY) for c, _ in diversify(candidates, scores, req.k)]
     elif feedback is not None:
         # A policy that learns click lifts needs the ranker's logits (its base click probability) and
         # the slots it showed, so the feedback joiner can report each outcome back (ctx.policy_feedback).
         # It chooses k of a diversified pool: the category cap bounds the pool, and the lifts it
         # learned may concentrate the k shown on fewer categories.
-        pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
+        pool = _with_logits(diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k)), logit_of)
         by_id = {c.item_id: (c, s) for c, s in pool}
         logits = np.array([s for _, s in pool], dtype=np.float64)
         ids, groups = [c.item_id for c, _ in pool], [c.category for c, _ in pool]
@@ -414,7 +421,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     else:
         # The policy perturbs the diversified order (logits = -rank) of a pool the category cap has
         # shaped, and logs the probability of each shown slot for IPS/off-policy use.
-        pool = diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k))
+        pool = _with_logits(diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k)), logit_of)
         by_id = {c.item_id: (c, s) for c, s in pool}
         rank_logits = -np.arange(len(pool), dtype=np.float64)
         shown = policy.rank([c.item_id for c, _ in pool], rank_logits, req.k, ctx.rng) if pool else []
@@ -436,7 +443,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     mode = ctx.settings.ranking_log
     if p.degraded is None and mode != "off":
         if pool and policy.stochastic:
-            greedy = diversify(candidates, scores, req.k)
+            greedy = _with_logits(diversify(candidates, scores, req.k), logit_of)
             ranking_log = partial(_ranking_log, ctx, p, pool, greedy)
         elif mode == "all" and slots and getattr(ctx.ranker, "inputs", None) is not None:
             # Feature logging: the greedy answer with the inputs it was scored from (the trainer's
@@ -454,6 +461,10 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
         policy=policy.name,
     )
     return Answer(result, p.degraded, ranking_log)
+
+
+def _with_logits(picked: list[tuple[Candidate, float]], logit_of: dict[str, float]) -> list[tuple[Candidate, float]]:
+    return [(c, logit_of[c.item_id]) for c, _ in picked]
 
 
 def _ranking_log(

@@ -98,16 +98,17 @@ def test_cli_models_list_promote_rollback(tmp_path, monkeypatch: pytest.MonkeyPa
     get_settings.cache_clear()
     try:
         runner = CliRunner()
-        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
-        assert listed["live"] == 1 and listed["versions"] == [1]
+        listed = json.loads(runner.invoke(cli.app, ["models", "list", "--model", "ranker"]).output)
+        assert listed["live"] == 1 and list(listed["versions"]) == ["1"]  # described by its meta.json
+        assert listed["versions"]["1"]["data_hash"] == "none"
         export_ranker(new_ranker(RankerConfig(seed=1)), repo, version=2)
         result = runner.invoke(cli.app, ["models", "promote", "2", "--reason", "test"])
         assert result.exit_code == 1 and "on disk" in result.output
-        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
+        listed = json.loads(runner.invoke(cli.app, ["models", "list", "--model", "ranker"]).output)
         assert (listed["live"], listed["previous"], listed["served"]) == (2, 1, [1, 2])
         result = runner.invoke(cli.app, ["models", "rollback"])
         assert "live version is now 1" in result.output
-        listed = json.loads(runner.invoke(cli.app, ["models", "list"]).output)
+        listed = json.loads(runner.invoke(cli.app, ["models", "list", "--model", "ranker"]).output)
         assert (listed["live"], listed["previous"]) == (1, None)
         assert [h["event"] for h in listed["history"]][-2:] == ["promote", "rollback"]
     finally:

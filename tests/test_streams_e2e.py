@@ -484,8 +484,8 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
     logged context and features plus the catalog's item vectors reproduce the served logits, and
     `recstream.cli ope greedy --model-version V` rescores every logged pool with V. Evaluating the
     live version itself, its paired difference with the logging model is 0."""
-    from recstream.models.encoder import TextEncoder
     from recstream.models.export import load_exported, versions
+    from recstream.models.served import item_vectors_as_indexed
     from recstream.ope_logs import LoggedRequest, PoolRescorer
 
     settings = _worker_settings(
@@ -529,8 +529,10 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
         producer.send_many("catalog", upserts)
     live = versions(settings.model_repo)[-1]
 
+    # the item vectors as the catalog indexer made them (the served item encoder)
+    ids = [ev.item_id for ev in upserts]
     vectors = dict(
-        zip([ev.item_id for ev in upserts], TextEncoder().encode([ev.text() for ev in upserts]), strict=True)
+        zip(ids, item_vectors_as_indexed(settings.model_repo, [ev.text() for ev in upserts], ids), strict=True)
     )
     rescorer = PoolRescorer(load_exported(settings.model_repo, version=live).net, vectors)
     worst = max(

@@ -166,9 +166,13 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
 
 
 def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None = None) -> dict[str, Path]:
-    """Write item_encoder, session_encoder and ranker versions (next free number, or `version`)."""
-    from recstream.models.export import export_item_encoder, export_ranker, export_session_encoder
+    """Write item_encoder and session_encoder as version `version` (default: one past the newest of
+    either) and the ranker as the same number, or the next free one when the continual trainer
+    already holds that number. An explicit `version` overwrites what is there."""
+    from recstream.models.export import export_item_encoder, export_ranker, export_session_encoder, versions
     from recstream.models.served import ItemEncoder, SessionEncoder
+
+    overwrite = version is not None
 
     common = dict(bundle.stats)
     extra = {"dataset": bundle.split.data.name, "item_texts": "ItemUpsert.text() of the replayed catalog"}
@@ -179,11 +183,16 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     def meta(kind: str, config: dict) -> CheckpointMeta:
         return CheckpointMeta(kind=kind, config=config, data_hash=bundle.data_hash, metrics=common, extra=dict(extra))
 
+    # The two encoders share a version number: the worker pins the session encoder to the number of
+    # the item encoder whose vectors it holds (streams.inference.matching_session_version).
+    if version is None:
+        version = max([0, *versions(model_repo, "item_encoder"), *versions(model_repo, "session_encoder")]) + 1
     out = {
         "item_encoder": export_item_encoder(item, meta("item_encoder", cfg), model_repo, version),
         "session_encoder": export_session_encoder(session, meta("session_encoder", cfg), model_repo, version),
     }
     bundle.ranker.meta.metrics.update(common)
     bundle.ranker.meta.extra.update(extra)
-    out["ranker"] = export_ranker(bundle.ranker, model_repo, version, overwrite=version is not None)
+    ranker_version = version if overwrite or version not in versions(model_repo, "ranker") else None
+    out["ranker"] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
     return out

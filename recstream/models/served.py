@@ -103,6 +103,20 @@ class ItemEncoder:
         return cls(weight, ids, model.cfg.max_text_len)  # type: ignore[attr-defined]
 
 
+def item_vectors_as_indexed(model_repo: Path | None, texts: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
+    """Item vectors as the catalog indexer makes them: the newest `item_encoder` version in the
+    repository (text + learned residual), or the text alone where the repository has none. For
+    offline code that must see what serving saw (off-policy rescoring, the trainer's rebuilds)."""
+    from recstream.models.export import versions
+
+    vs = versions(model_repo, ITEM_ENCODER) if model_repo is not None else []
+    if vs:
+        return ItemEncoder.load(Path(model_repo) / ITEM_ENCODER / str(vs[-1])).encode(texts, item_ids)
+    from recstream.models.encoder import TextEncoder
+
+    return TextEncoder().encode(list(texts))
+
+
 class SessionEncoder:
     """The session tower on its own: item vectors of a session (oldest first) -> a unit vector."""
 

@@ -28,6 +28,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,21 +112,23 @@ def example_from_event(ev: TrainingExample) -> Example:
 
 
 class CatalogFeatures:
-    """FeatureSource for logged impressions: item vectors from the catalog's texts (the same
-    all-MiniLM-L6-v2 encoder as the indexer); the context and per-candidate features the ranker was
-    served with when the example carries them (logged in the ranking log), otherwise rebuilt:
-    session = mean vector of the context items, features from the same `candidate_features` the
-    serving path uses; a search's query (when the joiner knew it) is encoded into the context's
-    second half and is what its candidates were retrieved by, as at serving. A rebuild is an
-    approximation - serving's session vector is a decayed, event-weighted sum, popularity counts
-    every behaviour event - measured (before queries were rebuilt) at 0.95 context cosine and 0.74
-    mean absolute logit difference on the worker's own answers."""
+    """FeatureSource for logged impressions: item vectors from the catalog's texts by the encoder the
+    indexer uses (the served item encoder); the context and per-candidate features the ranker was
+    served with when the example carries them (logged in the ranking log, the default), otherwise
+    rebuilt: session = mean vector of the context items, features from the same
+    `candidate_features` the serving path uses; a search's query (when the joiner knew it) is
+    encoded into the context's second half and is what its candidates were retrieved by, as at
+    serving. A rebuild is an approximation: serving's session vector comes from the session
+    encoder, and its popularity and trend counts from the worker's tables."""
 
     #: Query vectors kept between rounds (a query's examples arrive over a feedback window).
     QUERY_CACHE = 10_000
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None) -> None:
+    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None, model_repo: Path | None = None) -> None:
+        """`encode`: texts -> vectors (queries; items too when no `model_repo` is given). With
+        `model_repo`, items are embedded as the catalog indexer embeds them (its item encoder)."""
         self._encode = encode
+        self._model_repo = model_repo
         self.vectors: dict[str, np.ndarray] = {}
         self.categories: dict[str, str] = {}
         self.counts: dict[str, float] = {}
@@ -153,7 +156,12 @@ class CatalogFeatures:
         if not self._pending:
             return 0
         ids, texts = list(self._pending), list(self._pending.values())
-        vecs = np.asarray(self._encoder()(texts), dtype=np.float32)
+        if self._model_repo is not None:
+            from recstream.models.served import item_vectors_as_indexed
+
+            vecs = np.asarray(item_vectors_as_indexed(self._model_repo, texts, ids), dtype=np.float32)
+        else:
+            vecs = np.asarray(self._encoder()(texts), dtype=np.float32)
         self.vectors.update(zip(ids, vecs, strict=True))
         self._pending.clear()
         return len(ids)
@@ -268,7 +276,7 @@ class TrainerService:
     ) -> None:
         self.settings = settings
         self.cfg = cfg or TrainerConfig()
-        self.features = features or CatalogFeatures()
+        self.features = features or CatalogFeatures(model_repo=settings.model_repo)
         self.registry = ModelRegistry(settings.model_repo, self.cfg.model_name)
         self.buffer: ReplayBuffer[Example] = ReplayBuffer(self.cfg.replay)
         self.monitor = CtrMonitor(self.cfg.monitor)

@@ -1,0 +1,74 @@
+"""`make train` on a data set in the generic form: the three served models are trained, exported as
+Triton versions that score exactly like the trained models, and a second run adds a version.
+
+In-process (no broker, no Triton); the Triton side of the same classes is tests/test_served_models.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recstream.data.datasets import save_generic, tiny_synthetic
+from recstream.models.bundle import export_bundle, serving_item_texts, train_bundle
+from recstream.models.export import load_exported, versions
+from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ServedRetrieval
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("train")
+    data = save_generic(tiny_synthetic(n_users=40, n_items=30), root / "tiny")
+    return train_bundle(str(data), work_dir=root / "work"), root
+
+
+def test_exported_versions_score_like_the_trained_models(bundle) -> None:
+    trained, root = bundle
+    repo = root / "model_repo"
+    written = export_bundle(trained, repo)
+    assert {k: p.name for k, p in written.items()} == {ITEM_ENCODER: "1", SESSION_ENCODER: "1", "ranker": "1"}
+    split = trained.split
+    served = ServedRetrieval.from_repo(repo, serving_item_texts(split), [str(i) for i in split.item_ids])
+    np.testing.assert_allclose(served.item_vectors.numpy(), trained.retrieval.item_vectors.numpy(), atol=1e-5)
+    cases = split.cases("valid")
+    np.testing.assert_allclose(
+        served.score_index(cases.histories), trained.retrieval.score_index(cases.histories), atol=1e-4
+    )
+    ranker = load_exported(repo)
+    assert ranker.meta.config["rerank_depth"] == 50 and ranker.meta.data_hash == trained.data_hash
+    for name in (ITEM_ENCODER, SESSION_ENCODER):
+        meta = json.loads((repo / name / "1" / "meta.json").read_text())
+        assert meta["data_hash"] == trained.data_hash and meta["extra"]["dataset"] == "tiny"
+        assert meta["metrics"]["retrieval_valid_ndcg10"] == pytest.approx(trained.stats["retrieval_valid_ndcg10"])
+
+
+def test_a_second_export_adds_one_version_number_to_all_three(bundle) -> None:
+    trained, root = bundle
+    repo = root / "repo2"
+    export_bundle(trained, repo)
+    export_bundle(trained, repo)
+    assert [versions(repo, n) for n in (ITEM_ENCODER, SESSION_ENCODER, "ranker")] == [[1, 2]] * 3
+
+
+def test_a_rerun_reuses_what_it_trained(bundle) -> None:
+    trained, root = bundle
+    again = train_bundle(str(root / "tiny"), work_dir=root / "work")
+    assert again.stats["command_seconds"] < trained.stats["command_seconds"]
+    assert again.stats["retrieval_valid_ndcg10"] == trained.stats["retrieval_valid_ndcg10"]
+    assert again.stats["ranker_valid_ndcg10"] == trained.stats["ranker_valid_ndcg10"]
+
+
+def test_texts_are_the_catalog_upserts_texts(bundle) -> None:
+    from recstream.replay import catalog_events
+
+    trained, _ = bundle
+    upserts = {u.item_id: u.text() for u in catalog_events(trained.split.data.items)}
+    assert trained.texts == [upserts[str(i)] for i in trained.split.item_ids]
+
+
+def test_an_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises((FileNotFoundError, ValueError)):
+        train_bundle(str(tmp_path / "nothing-here"), work_dir=tmp_path / "work")
