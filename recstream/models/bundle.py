@@ -129,7 +129,9 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
     # Depth 50, not the quality bench's 100: serving reorders what it retrieves, and on 2 cores at
     # 200 requests/s 100 candidates a request tipped the stack into saturation (p50 18.9 -> 276 ms,
     # measured side by side); the ranker is trained on lists of the depth it will serve.
-    rcfg = RankerConfig(init_retrieval_weight=1.0 / cfg.temperature, dropout=0.3, seed=seed, rerank_depth=SERVED_DEPTH)
+    # (a catalogue smaller than that is reordered whole, less one: the lists need an item to leave out)
+    depth = min(SERVED_DEPTH, len(split.item_ids) - 1)
+    rcfg = RankerConfig(init_retrieval_weight=1.0 / cfg.temperature, dropout=0.3, seed=seed, rerank_depth=depth)
     rkey = _key(key, rcfg.model_dump(), FEATURE_SCHEMA)
     rpath = work / "ranker"
     meta = read_meta(rpath)
