@@ -329,6 +329,8 @@ def test_triton_ranker_then_degraded_when_unreachable(
                 res = c.request(req, timeout_s=10)
                 assert not res.degraded and res.model_version.startswith("ranker") and len(res.items) == 5, res
                 answers[res.request_id] = res
+        # the session vector came from the trained session encoder on Triton, not the decayed sum
+        assert worker.metric("recstream_triton_request_seconds_count", 'model="session_encoder"') >= 1
     finally:
         worker.stop()
     # RANKING_LOG=all (the default): each greedy answer is logged with the inputs it was scored from.
