@@ -94,7 +94,32 @@ parameters: {{
 }}
 """
 
-MODEL_PY = '''\
+# How every generated model.py finds this package: the python-backend stub runs its own interpreter.
+IMPORT_RECSTREAM = """\
+def _import_recstream(params: dict, module: str):
+    \"\"\"`module` from PYTHONPATH, else from the first checkout found: the `recstream_root` parameter,
+    RECSTREAM_REPO_ROOT (set by infra/triton_server.py), the checkout this file sits in
+    (model_repo/<model>/<v>/model.py -> parents[3]).\"\"\"
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        here = Path(__file__).resolve()
+        roots = [
+            params.get("recstream_root", ""),
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),
+            str(here.parents[3]) if len(here.parents) > 3 else "",
+        ]
+        for root in roots:
+            if root and (Path(root) / "recstream" / "__init__.py").is_file():
+                sys.path.insert(0, root)
+                break
+        return importlib.import_module(module)
+"""
+
+MODEL_PY = (
+    '''\
 """Triton python-backend model: CONTEXT, CANDIDATES, CAND_FEATURES -> SCORES (written by
 recstream.models.export; scoring code lives in recstream.models.ranker)."""
 
@@ -109,26 +134,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-
-def _ranker_class(params: dict) -> type:
-    """Import recstream from PYTHONPATH, else the checkout this file sits in
-    (model_repo/ranker/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
-    try:
-        from recstream.models.ranker import Ranker
-    except ImportError:
-        here = Path(__file__).resolve()
-        roots = [
-            params.get("recstream_root", ""),
-            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
-            str(here.parents[3]) if len(here.parents) > 3 else "",
-        ]
-        for root in roots:
-            if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
-                sys.path.insert(0, root)
-                break
-        from recstream.models.ranker import Ranker
-    return Ranker
-
+'''
+    + IMPORT_RECSTREAM
+    + """
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
@@ -137,7 +145,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("torch_threads") or 1))
-        Ranker = _ranker_class(params)
+        Ranker = _import_recstream(params, "recstream.models.ranker").Ranker
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.ranker = Ranker.load(version_dir)  # raises on a feature-schema mismatch
         pb_utils.Logger.log_info(f"ranker v{args['model_version']} loaded from {version_dir}")
@@ -155,7 +163,8 @@ class TritonPythonModel:
             except Exception as exc:  # one bad request must not fail the others
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
         return responses
-'''
+"""
+)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -316,24 +325,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def _served(params: dict):
-    """Import recstream from PYTHONPATH, else the checkout this file sits in
-    (model_repo/<model>/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
-    try:
-        import recstream.models.served as served
-    except ImportError:
-        here = Path(__file__).resolve()
-        roots = [
-            params.get("recstream_root", ""),
-            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
-            str(here.parents[3]) if len(here.parents) > 3 else "",
-        ]
-        for root in roots:
-            if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
-                sys.path.insert(0, root)
-                break
-        import recstream.models.served as served
-    return served
+{helper}
 
 
 def _strings(request, name: str) -> list[str]:
@@ -350,7 +342,7 @@ class TritonPythonModel:
         torch.set_num_threads(int(params.get("torch_threads") or 1))
         torch.set_num_interop_threads(1)
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.model = _served(params).{cls}.load(version_dir)
+        self.model = _import_recstream(params, "recstream.models.served").{cls}.load(version_dir)
         pb_utils.Logger.log_info(f"{name} v{{args['model_version']}} loaded from {{version_dir}}")
 
     def execute(self, requests: list) -> list:
@@ -423,7 +415,9 @@ def _export_served(
         shutil.rmtree(vdir)
     meta.extra["version"] = v  # type: ignore[attr-defined]
     part.save(vdir, meta)  # type: ignore[attr-defined]
-    (vdir / "model.py").write_text(SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute))
+    (vdir / "model.py").write_text(
+        SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute, helper=IMPORT_RECSTREAM.rstrip("\n"))
+    )
     (model_dir / "config.pbtxt").write_text(
         ENCODER_CONFIG.format(
             what=what,

@@ -11,24 +11,26 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def _served(params: dict):
-    """Import recstream from PYTHONPATH, else the checkout this file sits in
-    (model_repo/<model>/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
+def _import_recstream(params: dict, module: str):
+    """`module` from PYTHONPATH, else from the first checkout found: the `recstream_root` parameter,
+    RECSTREAM_REPO_ROOT (set by infra/triton_server.py), the checkout this file sits in
+    (model_repo/<model>/<v>/model.py -> parents[3])."""
+    import importlib
+
     try:
-        import recstream.models.served as served
+        return importlib.import_module(module)
     except ImportError:
         here = Path(__file__).resolve()
         roots = [
             params.get("recstream_root", ""),
-            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),
             str(here.parents[3]) if len(here.parents) > 3 else "",
         ]
         for root in roots:
-            if root and (Path(root) / "recstream" / "models" / "served.py").is_file():
+            if root and (Path(root) / "recstream" / "__init__.py").is_file():
                 sys.path.insert(0, root)
                 break
-        import recstream.models.served as served
-    return served
+        return importlib.import_module(module)
 
 
 def _strings(request, name: str) -> list[str]:
@@ -45,7 +47,7 @@ class TritonPythonModel:
         torch.set_num_threads(int(params.get("torch_threads") or 1))
         torch.set_num_interop_threads(1)
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.model = _served(params).ItemEncoder.load(version_dir)
+        self.model = _import_recstream(params, "recstream.models.served").ItemEncoder.load(version_dir)
         pb_utils.Logger.log_info(f"item_encoder v{args['model_version']} loaded from {version_dir}")
 
     def execute(self, requests: list) -> list:

@@ -12,25 +12,26 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+def _import_recstream(params: dict, module: str):
+    """`module` from PYTHONPATH, else from the first checkout found: the `recstream_root` parameter,
+    RECSTREAM_REPO_ROOT (set by infra/triton_server.py), the checkout this file sits in
+    (model_repo/<model>/<v>/model.py -> parents[3])."""
+    import importlib
 
-def _ranker_class(params: dict) -> type:
-    """Import recstream from PYTHONPATH, else the checkout this file sits in
-    (model_repo/ranker/<v>/model.py -> parents[3]), else the `recstream_root` parameter."""
     try:
-        from recstream.models.ranker import Ranker
+        return importlib.import_module(module)
     except ImportError:
         here = Path(__file__).resolve()
         roots = [
             params.get("recstream_root", ""),
-            os.environ.get("RECSTREAM_REPO_ROOT", ""),  # set by infra/triton_server.py
+            os.environ.get("RECSTREAM_REPO_ROOT", ""),
             str(here.parents[3]) if len(here.parents) > 3 else "",
         ]
         for root in roots:
-            if root and (Path(root) / "recstream" / "models" / "ranker.py").is_file():
+            if root and (Path(root) / "recstream" / "__init__.py").is_file():
                 sys.path.insert(0, root)
                 break
-        from recstream.models.ranker import Ranker
-    return Ranker
+        return importlib.import_module(module)
 
 
 class TritonPythonModel:
@@ -40,7 +41,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("torch_threads") or 1))
-        Ranker = _ranker_class(params)
+        Ranker = _import_recstream(params, "recstream.models.ranker").Ranker
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.ranker = Ranker.load(version_dir)  # raises on a feature-schema mismatch
         pb_utils.Logger.log_info(f"ranker v{args['model_version']} loaded from {version_dir}")
