@@ -27,12 +27,6 @@ HISTORY = 50
 CANDIDATES = 50
 
 
-def _latest(repo: Path, name: str) -> Path:
-    from recstream.models.export import versions
-
-    return repo / name / str(versions(repo, name)[-1])
-
-
 def _time(fn, device: str, repeats: int) -> dict[str, float]:
     for _ in range(5):
         fn()
@@ -58,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bench.common import print_table, write_result
-    from recstream.models.export import load_exported
+    from recstream.models.export import latest_version_dir, load_exported
     from recstream.models.served import SESSION_ENCODER, SessionEncoder
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    session = SessionEncoder.load(_latest(args.model_repo, SESSION_ENCODER))
+    session = SessionEncoder.load(latest_version_dir(args.model_repo, SESSION_ENCODER))
     tower = session.tower.to(dev).eval()
     ranker = load_exported(args.model_repo).net.to(dev).eval()
     rng = np.random.default_rng(0)

@@ -47,8 +47,7 @@ def _history_rows(split) -> object:
     """Interactions of each user minus the test item (train + validation), as the data set has them."""
     import pandas as pd
 
-    data = split.data
-    idx = data.interactions.copy()
+    idx = split.data.interactions
     test = {
         (split.user_ids[u], split.item_ids[i])
         for u, i in zip(split.test["user_idx"], split.test["item_idx"], strict=True)
@@ -58,7 +57,7 @@ def _history_rows(split) -> object:
         not ((u, i) in test and ts == test_ts.get(u))
         for u, i, ts in zip(idx["user_id"].astype(str), idx["item_id"].astype(str), idx["ts"], strict=True)
     ]
-    return pd.DataFrame(idx[keep])
+    return pd.DataFrame(idx[keep]).reset_index(drop=True)
 
 
 def _before_repo(tmp: Path) -> Path:
@@ -243,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import print_table, write_result
     from recstream.data.datasets import load_dataset
     from recstream.data.split import leave_last_out
-    from recstream.eval.metrics import metrics_from_ranks
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     split = leave_last_out(load_dataset("ml-100k"))
@@ -299,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         "time order; requests at the event time of the user's last history interaction",
         "targets": {"served_ndcg10": 0.10, "served_over_offline": 0.95},
     }
-    # a cross-check that the two scorings agree on the metric code
-    assert abs(metrics_from_ranks(served_ranks, ks=(K,))["NDCG@10"] - served["NDCG@10"]) < 1e-12
     rows = [
         {"path": "served (real stack)", "NDCG@10": result["served_ndcg10"], "HR@10": result["served_hr10"]},
         {"path": "offline (same versions)", "NDCG@10": result["offline_ndcg10"], "HR@10": result["offline_hr10"]},

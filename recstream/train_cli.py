@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from recstream.models.bundle import item_categories
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, configure_threads, write_json
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
@@ -43,10 +44,6 @@ def load_split(dataset: str, split: str = "leave-last-out", cold_frac: float = 0
     if split != "leave-last-out":
         raise typer.BadParameter(f"split must be 'leave-last-out' or 'cold', got {split!r}")
     return leave_last_out(data)
-
-
-def item_categories(sp: Any) -> list[str]:
-    return sp.data.items.set_index("item_id").loc[sp.item_ids, "category"].astype(str).tolist()
 
 
 def split_hash(sp: Any) -> str:

@@ -178,17 +178,9 @@ class VectorStore:
         if new == old:
             return
         self._create(new)
+        index = _ReadIndex(self.dim) if self._index is not None else None
         for lo in range(0, len(items), batch):
-            points = [
-                models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
-                for it, vec in zip(items[lo : lo + batch], vectors[lo : lo + batch], strict=True)
-            ]
-            self.client.upsert(new, points=points, wait=True)
-        index = None
-        if self._index is not None:
-            index = _ReadIndex(self.dim)
-            for it, vec in zip(items, vectors, strict=True):
-                index.put(it["item_id"], _normalise(np.asarray(vec, np.float32)), dict(it))
+            self._write(new, index, items[lo : lo + batch], vectors[lo : lo + batch])
         if old == self.alias:  # a pre-alias store: its collection holds the alias's name
             self.client.delete_collection(old)
         self._point_alias(new)
@@ -205,17 +197,21 @@ class VectorStore:
 
     def upsert(self, items: Sequence[dict[str, Any]], vectors: np.ndarray) -> None:
         """Items are payload dicts with at least item_id; replaying the same upsert is a no-op."""
-        if not items:
-            return
+        if items:
+            self._write(self.collection, self._index, items, vectors)
+
+    def _write(
+        self, collection: str, index: _ReadIndex | None, items: Sequence[dict[str, Any]], vectors: np.ndarray
+    ) -> None:
         points = [
             models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
             for it, vec in zip(items, vectors, strict=True)
         ]
-        self.client.upsert(self.collection, points=points, wait=True)
-        if self._index is not None:
+        self.client.upsert(collection, points=points, wait=True)
+        if index is not None:
             for it, p in zip(items, points, strict=True):
                 # Qdrant stores cosine vectors normalised; the index keeps exactly what Qdrant returns.
-                self._index.put(it["item_id"], _normalise(np.asarray(p.vector, np.float32)), dict(it))
+                index.put(it["item_id"], _normalise(np.asarray(p.vector, np.float32)), dict(it))
 
     def delete(self, item_ids: Iterable[str]) -> None:
         ids = [point_id(i) for i in item_ids]

@@ -191,20 +191,11 @@ class StreamContext:
         return self._ranker
 
     def _pick_ranker(self):
-        from streams.inference import InProcessRanker, TritonRanker
+        from streams.inference import RANKER_MODEL, InProcessRanker, TritonRanker, model_ready
 
         if self.ranker_mode == "inprocess":
             return InProcessRanker()
-        try:
-            import tritonclient.grpc as grpcclient
-
-            client = grpcclient.InferenceServerClient(self.settings.triton_grpc_url)
-            # One readiness probe at start-up; 2 s: a loaded server answers in ~1 ms.
-            ready = client.is_model_ready("ranker", client_timeout=2.0)
-        except Exception as exc:
-            ready = False
-            log.info("ranker readiness probe failed: %s", exc)
-        if ready or self.ranker_mode == "triton":
+        if self.ranker_mode == "triton" or model_ready(self.settings, RANKER_MODEL):
             log.info("ranking with the Triton 'ranker' model")
             return TritonRanker(self.settings)
         log.info("no 'ranker' model on Triton; ranking in-process (heuristic)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -56,9 +58,7 @@ def register(ctx: StreamContext) -> None:
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
             await follow.check()  # a new item-encoder version re-embeds the catalog before this batch
             t0 = time.perf_counter()
-            latest: dict[str, ItemUpsert | ItemDelete] = {}
-            for _, model in ctx.decode_events(CATALOG, events):
-                latest[model.item_id] = model
+            latest = _last_per_item(model for _, model in ctx.decode_events(CATALOG, events))
             upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
             deletes = [m.item_id for m in latest.values() if isinstance(m, ItemDelete)]
             if upserts:
@@ -73,6 +73,12 @@ def register(ctx: StreamContext) -> None:
             count = ctx.store.count()
             INDEXED_ITEMS.set(count)
             log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
+
+
+def _last_per_item(operations: Iterable[Any]) -> dict[str, ItemUpsert | ItemDelete]:
+    """Only the last operation per item counts: the catalog is keyed and ordered by item_id (one
+    item's operations share a partition, in order), so replaying them gives the same final state."""
+    return {op.item_id: op for op in operations}
 
 
 class EncoderFollower:
@@ -107,13 +113,11 @@ class EncoderFollower:
                 return
             log.warning("catalog: item vectors are %r, Triton serves %r: re-embedding the catalog", store.tag, tag)
             events, invalid = await ctx.in_thread(read_to_end, ctx.settings, "catalog", REEMBED_READ_TIMEOUT_S)
-            latest: dict[str, ItemUpsert | ItemDelete] = {}
-            for event in events:  # one item's operations share a partition, in order
-                latest[event.item_id] = event  # type: ignore[attr-defined]
-            upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
-            vectors = np.zeros((0, store.dim), np.float32)
-            for lo in range(0, len(upserts), BATCH_MAX):
-                vectors = np.concatenate([vectors, await _encode_with_retry(ctx, upserts[lo : lo + BATCH_MAX])])
+            upserts = [m for m in _last_per_item(events).values() if isinstance(m, ItemUpsert)]
+            chunks = [
+                await _encode_with_retry(ctx, upserts[lo : lo + BATCH_MAX]) for lo in range(0, len(upserts), BATCH_MAX)
+            ]
+            vectors = np.concatenate(chunks) if chunks else np.zeros((0, store.dim), np.float32)
             await ctx.in_thread(store.rebuild, tag, [payload_of(m) for m in upserts], vectors)
             lookup = ctx.tables.get("_item_lookup")
             if lookup is not None:

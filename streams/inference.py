@@ -123,13 +123,29 @@ def model_ready(settings: Settings, model: str) -> bool:
 
 
 def served_version(client: object, model: str) -> str:
-    """'<model>-v<highest served version>' from Triton's metadata, or the bare name."""
+    """'<model>-v<highest served version>' from Triton's metadata, or the bare name. Versions change
+    live (promotion, rollback), so callers also read the version of each response."""
     try:
+        # Metadata is one small RPC at start-up; 2 s covers a busy server.
         versions = list(client.get_model_metadata(model, client_timeout=2.0).versions)  # type: ignore[attr-defined]
         return f"{model}-v{max(versions, key=int)}" if versions else model
     except Exception as exc:
-        log.warning("%s metadata unavailable (%s)", model, exc)
+        log.warning("%s metadata unavailable (%s); version reported as %r", model, exc, model)
         return model
+
+
+def model_config(client: object, model: str) -> dict:
+    """The model's config.pbtxt as Triton serves it (JSON form), {} when it cannot be read."""
+    try:
+        return client.get_model_config(model, as_json=True, client_timeout=2.0)["config"]  # type: ignore[attr-defined]
+    except Exception as exc:
+        log.warning("%s config unavailable (%s)", model, exc)
+        return {}
+
+
+def config_param(cfg: dict, key: str, default: int) -> int:
+    """An integer `parameters` entry of a model config (export writes rerank_depth, max_history)."""
+    return int(cfg.get("parameters", {}).get(key, {}).get("string_value") or default)
 
 
 def matching_session_version(store_tag: str) -> str | None:
@@ -152,15 +168,9 @@ class TritonSessionEncoder:
         self.model = model
         self.breaker = CircuitBreaker()
         self.version = served_version(self._client, model)
-        self.max_history = self._max_history()
-        self.max_batch = 64
-
-    def _max_history(self) -> int:
-        try:
-            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)
-            return int(cfg["config"].get("parameters", {}).get("max_history", {}).get("string_value") or 50)
-        except Exception:
-            return 50
+        cfg = model_config(self._client, model)
+        self.max_history = config_param(cfg, "max_history", 50)
+        self.max_batch = max(1, int(cfg.get("max_batch_size", 0) or 64))
 
     def encode(self, histories: Sequence[np.ndarray], timeout_s: float, version: str = "") -> np.ndarray:
         """[B, 384] for per-session item vectors [L_i, 384] (oldest first); raises ModelUnavailable.
@@ -196,6 +206,7 @@ class TritonSessionEncoder:
 
 class Ranker(Protocol):
     version: str
+    rerank_depth: int  # retrieved candidates it reorders
 
     def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray: ...
 
@@ -233,29 +244,12 @@ class TritonRanker:
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
         self.breaker = CircuitBreaker()
-        self.version = self._model_version()
-        self.max_batch, self.rerank_depth = self._config()
-
-    def _config(self) -> tuple[int, int]:
-        """Rows one call may carry (the model config's max_batch_size; 1 if it does not batch) and
-        how many retrieved candidates the ranker was trained to reorder (its `rerank_depth`)."""
-        try:
-            cfg = self._client.get_model_config(self.model, as_json=True, client_timeout=2.0)["config"]
-            depth = cfg.get("parameters", {}).get("rerank_depth", {}).get("string_value") or RERANK_DEPTH
-            return max(1, int(cfg.get("max_batch_size", 0))), int(depth)
-        except Exception as exc:
-            log.warning("ranker config unavailable (%s); one request per call", exc)
-            return 1, RERANK_DEPTH
-
-    def _model_version(self) -> str:
-        try:
-            # Metadata is one small RPC at start-up; 2 s covers a busy server.
-            meta = self._client.get_model_metadata(self.model, client_timeout=2.0)
-            versions = list(meta.versions)
-            return f"{self.model}-v{max(versions, key=int)}" if versions else self.model
-        except Exception as exc:
-            log.warning("ranker metadata unavailable (%s); version reported as %r", exc, self.model)
-            return self.model
+        self.version = served_version(self._client, model)
+        cfg = model_config(self._client, model)
+        # Rows one call may carry (1 if the model does not batch, or its config is unreadable) and
+        # how many retrieved candidates the ranker was trained to reorder.
+        self.max_batch = max(1, int(cfg.get("max_batch_size", 0)))
+        self.rerank_depth = config_param(cfg, "rerank_depth", RERANK_DEPTH)
 
     def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray:
         return self.score_versioned(ctx, candidates, timeout_s)[0]

@@ -40,13 +40,10 @@ from streams.session_vectors import AFFINITY_WINDOW, session_history
 
 log = logging.getLogger(__name__)
 
-#: Candidates retrieved per request before ranking: 5x a typical k leaves room for filters and
-#: diversity without making the ranker call heavy.
-CANDIDATES_MIN = 50
+#: Candidates retrieved per request: what the ranker reorders (its rerank_depth), at least 5x k.
 CANDIDATE_FACTOR = 5
 #: Degraded search scans this many filtered items lexically (no query vector available).
 LEXICAL_SCAN = 2000
-
 GREEDY_PROPENSITY = 1.0
 # An exploring policy draws k slots from the best EXPLORE_POOL_FACTOR * k diversified candidates.
 EXPLORE_POOL_FACTOR = 2
@@ -173,8 +170,9 @@ async def _embed_queries(
 def _encode_sessions(ctx: StreamContext, prepared: list[_Pending]) -> None:
     """Session vectors of the batch from the trained session encoder, in ONE Triton call: the
     transformer over each session's item vectors (as stored), which is what retrieval and the
-    ranker were trained on. Without the model, or when it fails, the decayed sum stays (answers
-    are then flagged degraded, since the ranker would see a context it was not trained on)."""
+    ranker were trained on. Without the model (or with item vectors it was not trained with) the
+    decayed sum stays; when the call fails, the answers are flagged degraded (the ranker would see
+    a context it was not trained on)."""
     encoder = ctx.session_encoder
     if encoder is None:
         return
@@ -256,10 +254,9 @@ def _context(
     session_vec = session.embedding() if session is not None else None
     lookup = ctx.tables.get("_item_lookup")
     encoder = ctx.session_encoder
+    encodes = encoder is not None and ctx.session_vectors.version() is not None
     history, recent_categories = (
-        session_history(ctx, session, encoder.max_history if encoder is not None else 0)
-        if session is not None
-        else (None, [])
+        session_history(ctx, session, encoder.max_history if encodes else 0) if session is not None else (None, [])
     )
     recent = session.recent[-AFFINITY_WINDOW:] if session is not None else []
     rctx = RankContext(
@@ -283,7 +280,7 @@ def _context(
 
 def _limit(ctx: StreamContext, req: RecommendationRequest) -> int:
     """Candidates to retrieve: as many as the ranker was trained to reorder, and 5x k."""
-    return max(getattr(ctx.ranker, "rerank_depth", CANDIDATES_MIN), CANDIDATE_FACTOR * req.k)
+    return max(ctx.ranker.rerank_depth, CANDIDATE_FACTOR * req.k)
 
 
 async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:

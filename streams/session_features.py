@@ -24,7 +24,7 @@ import numpy as np
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.metrics import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from recstream.recommend.session import SessionState, apply_event
-from recstream.recommend.trending import DAY_S, trend_days
+from recstream.recommend.trending import day_of, trend_days
 from streams.app import StreamContext, app_id
 from streams.changelog import ChangelogTable, changelog_topic
 
@@ -162,13 +162,11 @@ class SessionFeatures:
     def flush(self) -> None:
         """Write the popularity and trend rows counted since the last flush."""
         rows = self.popularity_table
-        for (partition, item_id), n in self.unwritten.items():
-            key = _popularity_key(partition, item_id)
+        counted = [(p, _popularity_key(p, item), n) for (p, item), n in self.unwritten.items()]
+        counted += [(p, _trend_key(p, day, item), n) for (p, day, item), n in self.unwritten_trend.items()]
+        for partition, key, n in counted:
             rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         self.unwritten.clear()
-        for (partition, day, item_id), n in self.unwritten_trend.items():
-            key = _trend_key(partition, day, item_id)
-            rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         self.unwritten_trend.clear()
 
     def tick(self) -> None:
@@ -227,7 +225,7 @@ class SessionFeatures:
                         items.max_popularity = count
                     slot = (rec.partition, m.item_id)
                     unwritten[slot] = unwritten.get(slot, 0) + 1
-                    day = m.ts_ms // (DAY_S * 1000)
+                    day = day_of(m.ts_ms / 1000)
                     per_day = trend.setdefault(m.item_id, {})
                     per_day[day] = per_day.get(day, 0) + 1
                     tslot = (rec.partition, day, m.item_id)

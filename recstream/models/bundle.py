@@ -55,23 +55,14 @@ def _key(*parts: object) -> str:
 
 @dataclass
 class TrainedBundle:
-    """The three trained parts plus what evaluation needs (catalogue statistics, request times)."""
+    """The retrieval model (both towers, exported as two parts), the ranker, and how they were made."""
 
     split: Any
     retrieval: Any  # TwoTowerModel
     ranker: Any  # Ranker
-    context: Any  # RankingContext
     texts: list[str]
     stats: dict[str, float]
     data_hash: str
-
-    def score(self, histories: list[np.ndarray], users: np.ndarray) -> np.ndarray:
-        """Full-catalogue scores of retrieval -> ranker, as the quality bench scores its best row."""
-        from recstream.models.ranker import request_times, rerank_scores
-
-        times = request_times(self.split, users, histories)
-        depth = int(self.ranker.meta.config.get("rerank_depth", 100))
-        return rerank_scores(self.ranker, self.retrieval, self.context, histories, depth, times)
 
 
 def _two_tower(split: Any, texts: list[str], seqs: list[np.ndarray], valid: tuple, cfg: Any, path: Path, key: str):
@@ -96,7 +87,6 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
         FEATURE_SCHEMA,
         Ranker,
         RankerConfig,
-        RankingContext,
         request_times,
         split_events,
         split_train_times,
@@ -125,7 +115,6 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
     )
 
     cats = item_categories(split)
-    ctx = RankingContext(cats, split.train_seqs, len(split.item_ids), split_events(split))
     # Depth 50, not the quality bench's 100: serving reorders what it retrieves, and on 2 cores at
     # 200 requests/s 100 candidates a request tipped the stack into saturation (p50 18.9 -> 276 ms,
     # measured side by side); the ranker is trained on lists of the depth it will serve.
@@ -164,7 +153,7 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
         # this invocation (short when every part came from the cache)
         "command_seconds": time.perf_counter() - t0,
     }
-    return TrainedBundle(split, retrieval, ranker, ctx, texts, stats, fp)
+    return TrainedBundle(split, retrieval, ranker, texts, stats, fp)
 
 
 def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None = None) -> dict[str, Path]:

@@ -181,6 +181,14 @@ def versions(model_repo: Path, name: str = RANKER_MODEL_NAME) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
 
 
+def latest_version_dir(model_repo: Path, name: str) -> Path:
+    """The newest version folder of a model; FileNotFoundError says how to make one."""
+    vs = versions(model_repo, name)
+    if not vs:
+        raise FileNotFoundError(f"no version of {name} under {model_repo}: run `make train`")
+    return Path(model_repo) / name / str(vs[-1])
+
+
 def export_ranker(
     ranker: Ranker,
     model_repo: Path,

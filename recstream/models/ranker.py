@@ -54,7 +54,6 @@ CAND_FEATURE_NAMES = (
 )
 N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
 AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
-TREND_WINDOW_S = TREND_DAYS * DAY_S
 TREND_NORM = float(np.log1p(200.0))
 VEC_SCALE = float(ITEM_DIM) ** 0.5
 PROD_SCALE = float(ITEM_DIM)

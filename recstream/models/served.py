@@ -107,11 +107,10 @@ def item_vectors_as_indexed(model_repo: Path | None, texts: Sequence[str], item_
     """Item vectors as the catalog indexer makes them: the newest `item_encoder` version in the
     repository (text + learned residual), or the text alone where the repository has none. For
     offline code that must see what serving saw (off-policy rescoring, the trainer's rebuilds)."""
-    from recstream.models.export import versions
+    from recstream.models.export import latest_version_dir, versions
 
-    vs = versions(model_repo, ITEM_ENCODER) if model_repo is not None else []
-    if vs:
-        return ItemEncoder.load(Path(model_repo) / ITEM_ENCODER / str(vs[-1])).encode(texts, item_ids)
+    if model_repo is not None and versions(model_repo, ITEM_ENCODER):
+        return ItemEncoder.load(latest_version_dir(model_repo, ITEM_ENCODER)).encode(texts, item_ids)
     from recstream.models.encoder import TextEncoder
 
     return TextEncoder().encode(list(texts))
@@ -199,17 +198,10 @@ class ServedRetrieval:
 
     @classmethod
     def from_repo(cls, model_repo: Path, texts: Sequence[str], item_ids: Sequence[str]) -> ServedRetrieval:
-        from recstream.models.export import versions
+        from recstream.models.export import latest_version_dir
 
-        def latest(name: str) -> Path:
-            vs = versions(model_repo, name)
-            if not vs:
-                raise FileNotFoundError(f"no version of {name} under {model_repo}: run `make train`")
-            return Path(model_repo) / name / str(vs[-1])
-
-        return cls(
-            ItemEncoder.load(latest(ITEM_ENCODER)), SessionEncoder.load(latest(SESSION_ENCODER)), texts, item_ids
-        )
+        item = ItemEncoder.load(latest_version_dir(model_repo, ITEM_ENCODER))
+        return cls(item, SessionEncoder.load(latest_version_dir(model_repo, SESSION_ENCODER)), texts, item_ids)
 
     def session_vectors_from_index(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
         vecs = self.item_vectors.numpy()

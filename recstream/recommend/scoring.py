@@ -20,7 +20,7 @@ class Candidate:
     category: str | None = None
     payload: dict = field(default_factory=dict)
     popularity: float = 0.0  # distinct users who interacted with it so far (a ranker feature)
-    trending: float = 0.0  # of those, interactions on the days recstream.models.ranker.trend_days(request)
+    trending: float = 0.0  # of those, interactions on the days recstream.recommend.trending.trend_days(request)
 
 
 @dataclass

@@ -19,4 +19,5 @@ def trend_days(now_s: float) -> range:
 
 
 def day_of(ts_s: float) -> int:
+    """The UTC day number of an event at unix time `ts_s` (what per-day trend rows are keyed by)."""
     return int(ts_s // DAY_S)
