@@ -1,98 +1,127 @@
-"""Offline quality benchmark: every registered model on one split, full ranking, one table.
+"""Offline quality benchmark: every registered model, several seeds, one split, full ranking.
 
-Run ``python -m bench.bench_quality`` (or ``make bench-quality``). Environment:
+Run ``python -m bench.bench_quality`` (or ``make bench-quality``; options after ``ARGS=``)::
 
-* ``DATASET``: a built-in name (default ``ml-100k``) or a directory in the generic form
-* ``MODELS``: comma-separated subset of model names to run (default: all registered)
-* ``EXTRA_MODELS``: more rows without editing code, ``name=module:attr,...``
-* ``SEED`` (default 0), ``COLD_FRAC`` (default 0.1), ``SKIP_COLD=1`` to skip the cold-start rows,
-  ``TORCH_THREADS`` (default 1: on a shared 2-core box more threads oversubscribe and run slower)
+    --dataset ml-100k        built-in name or a generic-form directory (env DATASET)
+    --seeds 0,1,2            training seeds per learned model (env SEEDS)
+    --models a,b             subset of the registered rows (env MODELS; EXTRA_MODELS adds rows)
+    --splits main,cold       which tables to run (cold: items held out of training entirely)
+    --no-cache               retrain every run instead of reusing cached ones
 
-Writes ``bench/results/quality.json``.
+Every learned model trains under one budget rule (epochs until validation NDCG@10 stops rising,
+recstream.eval.baselines.EarlyStopConfig; never wall-clock), and rows are chosen and compared on
+validation only: the best baseline and our best model are the rows with the highest mean
+*validation* NDCG@10, and their *test* difference is then reported paired over users with a 95 %
+interval (recstream.eval.stats). Deterministic rows (popularity, item-knn, zero-shot) run once.
 
-Adding a model row is one line in ``MODELS`` below: ``ModelSpec("name", factory)`` where factory is
-a zero-argument callable or a ``"module:attr"`` string (imported lazily; with ``optional=True`` any
-error while importing, fitting or scoring turns the row into a skipped one, with the reason, instead
-of failing the run). The model must follow
-``recstream.eval.baselines.Recommender``: ``fit(split) -> self`` and
-``score(users, histories) -> np.ndarray [batch, n_items]``.
+A finished (model, seed, split) run is cached under artifacts/quality_runs/, keyed by the data's
+fingerprint, the row's factory and seed, and the training code's hash (code_version), so a rerun
+only trains what changed. Writes ``bench/results/quality.json`` (rows with ``ci95`` and ``seeds``,
+``cold_start_rows``, ``paired_vs_best_baseline``) and the per-user ranks behind every figure in
+``bench/results/quality_ranks.json`` (test cases by user id, per model and seed), so any two rows
+can be compared paired later.
+
+Adding a row is one line in ``MODELS``: ``ModelSpec(name, factory, kind=..., seeded=...)``; a seeded
+factory takes ``seed=`` and returns an unfitted ``recstream.eval.baselines.Recommender``.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import hashlib
 import importlib
+import json
 import os
 import platform
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from bench.common import measure, print_table, write_result
+from bench.common import RESULTS_DIR, measure, print_table, write_result
 from recstream.data import cold_start_split, data_hash, leave_last_out, load_dataset
 from recstream.data.split import Split
-from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, ZeroShotText
-from recstream.eval.metrics import evaluate
+from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
+from recstream.eval.metrics import metrics_from_ranks, rank_cases
+from recstream.eval.stats import mean_ci95, paired_difference
+from recstream.models.training import ARTIFACTS_DIR, code_version, split_fingerprint
 
-TABLE_COLUMNS = ["model", "HR@10", "NDCG@10", "MRR", "Recall@50"]
+METRICS = ("HR@10", "NDCG@10", "MRR", "Recall@50", "HR@50", "NDCG@50")
+TABLE_COLUMNS = ["model", "kind", "seeds", "NDCG@10", "ci95", "HR@10", "MRR", "valid_NDCG@10", "train_s", "peak_rss_mb"]
+CACHE_DIR = ARTIFACTS_DIR / "quality_runs"
 PROTOCOL = (
     "leave-last-out per user in time order (ties by original row order; users with <3 interactions "
     "train only); one target per case; FULL ranking over all catalogue items with the user's other "
-    "history items excluded; ties ranked pessimistically. Cold start: {frac:.0%} of interacted items "
-    "(seed {seed}) removed from training and histories entirely; rows evaluate only test cases whose "
-    "target is such an item."
+    "history items excluded; ties ranked pessimistically. Learned models: up to 40 epochs, early "
+    "stopping on validation NDCG@10 (patience 5) for baselines; the served two-tower keeps its own "
+    "rule (20 epochs, patience 3), never more than the baselines get. Selection of the compared rows "
+    "by mean validation NDCG@10 only. Cold start: {frac:.0%} of interacted items (seed {cold_seed}) "
+    "removed from training and histories entirely; rows evaluate only test cases whose target is "
+    "such an item; validation cases with a cold target form cold_valid (the only place a cold rule "
+    "may be tuned)."
 )
+
+Kind = Literal["baseline", "ours"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One benchmark row: a name and how to build an unfitted model."""
+    """One benchmark row: a name, how to build an unfitted model, and whether a seed changes it."""
 
     name: str
-    factory: Callable[[], Recommender] | str
+    factory: Callable[..., Recommender] | str
+    kind: Kind = "baseline"
+    seeded: bool = True
     optional: bool = False
+    default: bool = True  # False: only when asked for by name (too slow for the default run)
 
-    def build(self) -> Recommender:
+    def target(self) -> str:
+        f = self.factory
+        return f if isinstance(f, str) else f"{f.__module__}:{f.__qualname__}"
+
+    def build(self, seed: int) -> Recommender:
         factory = self.factory
         if isinstance(factory, str):
             module, _, attr = factory.partition(":")
             factory = getattr(importlib.import_module(module), attr)
-        return factory()
+        return factory(seed=seed) if self.seeded else factory()
 
 
 MODELS: list[ModelSpec] = [
-    ModelSpec("popularity", Popularity),
-    ModelSpec("item-knn", ItemKNN),
+    ModelSpec("popularity", Popularity, seeded=False),
+    ModelSpec("item-knn", ItemKNN, seeded=False),
     ModelSpec("bpr-mf", BPRMF),
     ModelSpec("sasrec-id", SASRecID),
-    ModelSpec("zero-shot-minilm", ZeroShotText, optional=True),  # needs recstream.models.encoder
-    # Project models register here, one line each, e.g.:
-    # ModelSpec("two-tower", "recstream.models.two_tower:TwoTowerRecommender", optional=True),
-    ModelSpec("two-tower-lora", "recstream.models.two_tower:two_tower_lora", optional=True),
-    ModelSpec("two-tower-full", "recstream.models.two_tower:two_tower_full", optional=True),
-    ModelSpec("two-tower-frozen", "recstream.models.two_tower:two_tower_frozen", optional=True),
-    ModelSpec("two-tower+ranker", "recstream.models.ranker:two_tower_ranker", optional=True),
+    ModelSpec("sasrec-text", SASRecText, optional=True),  # needs the MiniLM package
+    ModelSpec("zero-shot-minilm", ZeroShotText, seeded=False, optional=True),
+    # ours: exactly what `make train` fits and exports (same code, config and checkpoints layout)
+    ModelSpec("served-retrieval", "recstream.models.bundle:served_retrieval", kind="ours", optional=True),
+    ModelSpec("served", "recstream.models.bundle:served_model", kind="ours", optional=True),
+    # fine-tuned text towers: to convergence they take hours per seed on 2 CPU cores (run on a GPU)
+    ModelSpec("two-tower-lora", "recstream.models.two_tower:two_tower_lora", "ours", optional=True, default=False),
+    ModelSpec("two-tower-full", "recstream.models.two_tower:two_tower_full", "ours", optional=True, default=False),
 ]
 
 
-def register(name: str, factory: Callable[[], Recommender] | str, optional: bool = True) -> None:
+def register(name: str, factory: Callable[..., Recommender] | str, kind: Kind = "ours", seeded: bool = True) -> None:
     """Add (or replace) a row at run time, for scripts that import this module."""
     MODELS[:] = [m for m in MODELS if m.name != name]
-    MODELS.append(ModelSpec(name, factory, optional))
+    MODELS.append(ModelSpec(name, factory, kind, seeded, optional=True))
 
 
-def _selected() -> list[ModelSpec]:
+def selected(names: str) -> list[ModelSpec]:
     for entry in filter(None, (e.strip() for e in os.environ.get("EXTRA_MODELS", "").split(","))):
         name, _, target = entry.partition("=")
-        register(name.strip(), target.strip(), optional=True)
-    wanted = [m.strip() for m in os.environ.get("MODELS", "").split(",") if m.strip()]
+        register(name.strip(), target.strip())
+    wanted = [m.strip() for m in names.split(",") if m.strip()]
     if not wanted:
-        return list(MODELS)
+        return [m for m in MODELS if m.default]
     known = {m.name: m for m in MODELS}
     unknown = [w for w in wanted if w not in known]
     if unknown:
@@ -100,100 +129,242 @@ def _selected() -> list[ModelSpec]:
     return [known[w] for w in wanted]
 
 
-def run_model(spec: ModelSpec, split: Split, seed: int) -> dict[str, Any]:
-    """Fit and evaluate one model on `split`; the row also carries time, memory and training info."""
-    row: dict[str, Any] = {"model": spec.name}
+# --- one run: fit one model with one seed, rank every case ----------------------------------------
+
+
+def _run_key(spec: ModelSpec, split: Split, seed: int, code: str) -> str:
+    blob = json.dumps([spec.name, spec.target(), spec.seeded, seed, split_fingerprint(split), code])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _stages(split: Split) -> list[str]:
+    return ["valid", "test", *(["cold_valid"] if hasattr(split, "cold_valid") else [])]
+
+
+def fit_and_rank(spec: ModelSpec, split: Split, seed: int) -> dict[str, Any]:
+    """Fit one model with one seed; the ranks of every stage's cases plus time, memory, training info."""
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = spec.build()
+    model = spec.build(seed)
     with measure() as fit_m:
         model.fit(split)
+    run: dict[str, Any] = {"ranks": {}}
     with measure() as eval_m:
-        metrics = evaluate(model, split.cases("test"), ks=(10, 50))
-    row.update({k: metrics[k] for k in ("HR@10", "NDCG@10", "MRR", "Recall@50")})
-    row.update(
-        {
-            "HR@50": metrics["HR@50"],
-            "NDCG@50": metrics["NDCG@50"],
-            "n_cases": metrics["n_cases"],
-            "train_s": round(fit_m.seconds, 2),
-            "eval_s": round(eval_m.seconds, 2),
-            "peak_rss_mb": round(max(fit_m.peak_rss_mb, eval_m.peak_rss_mb), 1),
-            "rss_growth_mb": round(fit_m.rss_growth_mb + eval_m.rss_growth_mb, 1),
-        }
+        for stage in _stages(split):
+            cases = split.cases(stage)
+            run["ranks"][stage] = rank_cases(model.score, cases.users, cases.histories, cases.targets).tolist()
+    run.update(
+        train_s=round(fit_m.seconds, 2),
+        eval_s=round(eval_m.seconds, 2),
+        peak_rss_mb=round(max(fit_m.peak_rss_mb, eval_m.peak_rss_mb), 1),
+        train_info=_plain(getattr(model, "info", None) or {}),
     )
-    info = getattr(model, "info", None)
-    if info:
-        row["train_info"] = info
     del model
     gc.collect()
+    return run
+
+
+def _plain(info: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe training info, without absolute machine paths."""
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if isinstance(v, str | Path) and os.path.isabs(str(v)):
+            v = os.path.relpath(str(v), ARTIFACTS_DIR.parent)
+        out[k] = v.item() if hasattr(v, "item") else v
+    return out
+
+
+def cached_run(spec: ModelSpec, split: Split, seed: int, label: str, use_cache: bool, code: str) -> dict[str, Any]:
+    key = _run_key(spec, split, seed, code)
+    path = CACHE_DIR / split_fingerprint(split)[:16] / f"{spec.name}-seed{seed}.json"
+    if use_cache and path.exists():
+        run = json.loads(path.read_text())
+        if run.get("key") == key:
+            run["cached"] = True
+            return run
+    print(f"[{label}] {spec.name} seed {seed} ...", flush=True)
+    run = {"key": key, "seed": seed, **fit_and_rank(spec, split, seed)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+    run["cached"] = False
+    return run
+
+
+# --- rows: runs of one model summarised over seeds ---------------------------------------------
+
+
+def summarise(spec: ModelSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of every metric, a 95 % interval over seeds, and the per-seed values."""
+    per_seed = [metrics_from_ranks(np.asarray(r["ranks"]["test"]), ks=(10, 50)) for r in runs]
+    valid = [metrics_from_ranks(np.asarray(r["ranks"]["valid"]), ks=(10,))["NDCG@10"] for r in runs]
+    row: dict[str, Any] = {"model": spec.name, "kind": spec.kind, "seeds": [r["seed"] for r in runs]}
+    row["deterministic"] = not spec.seeded
+    ci: dict[str, list[float]] = {}
+    for m in METRICS:
+        mean, lo, hi = mean_ci95([p[m] for p in per_seed])
+        row[m] = mean
+        ci[m] = [lo, hi] if spec.seeded else [mean, mean]
+    row["ci95"] = ci
+    row["per_seed"] = {"NDCG@10": [p["NDCG@10"] for p in per_seed], "valid_NDCG@10": valid}
+    row["valid_NDCG@10"] = float(np.mean(valid))
+    if "cold_valid" in runs[0]["ranks"]:
+        cv = [metrics_from_ranks(np.asarray(r["ranks"]["cold_valid"]), ks=(10,))["NDCG@10"] for r in runs]
+        row["cold_valid_NDCG@10"] = float(np.mean(cv))
+    row["n_cases"] = len(runs[0]["ranks"]["test"])
+    row["train_s"] = float(np.mean([r["train_s"] for r in runs]))
+    row["eval_s"] = float(np.mean([r["eval_s"] for r in runs]))
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    row["cached_runs"] = sum(bool(r.get("cached")) for r in runs)
+    row["train_info"] = runs[0]["train_info"]
     return row
 
 
-def _run_all(specs: list[ModelSpec], split: Split, seed: int, label: str) -> list[dict[str, Any]]:
-    rows = []
+def run_table(
+    specs: list[ModelSpec], split: Split, seeds: list[int], label: str, use_cache: bool
+) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    code = code_version()
+    rows, runs_by_model = [], {}
     for spec in specs:
-        print(f"[{label}] {spec.name} ...", flush=True)
         try:
-            row = run_model(spec, split, seed)
+            runs = [cached_run(spec, split, s, label, use_cache, code) for s in (seeds if spec.seeded else seeds[:1])]
         except Exception as exc:
             if not spec.optional:
                 raise
             print(f"  {spec.name}: skipped ({type(exc).__name__}: {exc})", flush=True)
-            row = {"model": spec.name, "skipped": f"{type(exc).__name__}: {exc}"}
             traceback.print_exc(limit=3)
-        else:
-            print(f"  {spec.name}: NDCG@10={row['NDCG@10']:.4f} train {row['train_s']}s", flush=True)
+            rows.append({"model": spec.name, "kind": spec.kind, "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        row = summarise(spec, runs)
+        print(f"  {spec.name}: NDCG@10 {row['NDCG@10']:.4f} (valid {row['valid_NDCG@10']:.4f}) seeds {row['seeds']}")
         rows.append(row)
-    return rows
+        runs_by_model[spec.name] = runs
+    return rows, runs_by_model
 
 
-def main() -> dict[str, Any]:
-    seed = int(os.environ.get("SEED", "0"))
-    frac = float(os.environ.get("COLD_FRAC", "0.1"))
-    torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
-    dataset = os.environ.get("DATASET", "ml-100k")
+def best_by_validation(rows: list[dict[str, Any]], kind: Kind) -> dict[str, Any] | None:
+    candidates = [r for r in rows if r.get("kind") == kind and "skipped" not in r]
+    return max(candidates, key=lambda r: r["valid_NDCG@10"], default=None)
+
+
+def paired_block(
+    rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], model: str, baseline: str
+) -> dict[str, Any]:
+    ours = [np.asarray(r["ranks"]["test"]) for r in runs[model]]
+    base = [np.asarray(r["ranks"]["test"]) for r in runs[baseline]]
+    if len(base) == 1 and len(ours) > 1:  # a deterministic baseline: the same ranks for every seed
+        base = base * len(ours)
+    p = paired_difference(ours, base, k=10)
+    return {"model": model, "baseline": baseline, "metric": "NDCG@10", **p}
+
+
+def _rank_dump(split: Split, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    cases = split.cases("test")
+    return {
+        "users": [split.user_ids[u] for u in cases.users.tolist()],
+        "targets": [split.item_ids[i] for i in cases.targets.tolist()],
+        "ranks": {name: {str(r["seed"]): r["ranks"]["test"] for r in rs} for name, rs in runs.items()},
+    }
+
+
+def _fmt(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    lo, hi = row.get("ci95", {}).get("NDCG@10", [None, None])
+    out["ci95"] = "-" if lo is None or lo != lo else f"[{lo:.4f}, {hi:.4f}]"
+    out["seeds"] = len(row.get("seeds", [])) if not row.get("deterministic") else "det."
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default=os.environ.get("DATASET", "ml-100k"))
+    p.add_argument("--seeds", default=os.environ.get("SEEDS", "0,1,2"), help="comma-separated training seeds")
+    p.add_argument("--models", default=os.environ.get("MODELS", ""), help="comma-separated rows (default: all)")
+    p.add_argument("--splits", default="main,cold", help="main, cold or both")
+    p.add_argument("--cold-frac", type=float, default=float(os.environ.get("COLD_FRAC", "0.1")))
+    p.add_argument("--cold-seed", type=int, default=0, help="which items are held out (not a training seed)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")))
+    p.add_argument("--out", default="quality", help="result name under bench/results/")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        raise SystemExit("--seeds needs at least one seed")
+    splits = {s.strip() for s in args.splits.split(",") if s.strip()}
+    if not splits <= {"main", "cold"}:
+        raise SystemExit(f"--splits takes main and/or cold, got {args.splits!r}")
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = load_dataset(dataset)
-    specs = _selected()
-    split = leave_last_out(data)
-    print(f"{data}: {len(split.test)} test cases, {split.n_items} items ranked per case", flush=True)
-    rows = _run_all(specs, split, seed, "leave-last-out")
+    data = load_dataset(args.dataset)
+    specs = selected(args.models)
+    use_cache = not args.no_cache
+    result: dict[str, Any] = {
+        "dataset": data.name,
+        "protocol": PROTOCOL.format(frac=args.cold_frac, cold_seed=args.cold_seed),
+    }
+    ranks: dict[str, Any] = {"dataset": data.name}
+    rows: list[dict[str, Any]] = []
     cold_rows: list[dict[str, Any]] = []
-    cold_info: dict[str, Any] = {}
-    if os.environ.get("SKIP_COLD", "") not in ("1", "true", "yes"):
-        cold = cold_start_split(data, frac=frac, seed=seed)
-        cold_info = {
+    if "main" in splits:
+        split = leave_last_out(data)
+        print(f"{data}: {len(split.test)} test cases, {split.n_items} items ranked per case", flush=True)
+        rows, runs = run_table(specs, split, seeds, "leave-last-out", use_cache)
+        ranks["leave_last_out"] = _rank_dump(split, runs)
+        ours, base = best_by_validation(rows, "ours"), best_by_validation(rows, "baseline")
+        if ours and base:
+            result["paired_vs_best_baseline"] = paired_block(rows, runs, ours["model"], base["model"])
+    if "cold" in splits:
+        cold = cold_start_split(data, frac=args.cold_frac, seed=args.cold_seed)
+        result["cold_start"] = {
             "cold_items": len(cold.cold_items),
             "cold_test_cases": len(cold.test),
+            "cold_valid_cases": len(cold.cold_valid),
             "all_test_cases": cold.n_test_all,
         }
-        print(f"cold start: {cold_info}", flush=True)
-        cold_rows = _run_all(specs, cold, seed, "cold-start")
-    result = {
-        "dataset": data.name,
-        "protocol": PROTOCOL.format(frac=frac, seed=seed),
-        "rows": rows,
-        "cold_start_rows": cold_rows,
-        "data_hash": data_hash(data),
-        "n_users": data.n_users,
-        "n_items": data.n_items,
-        "n_interactions": len(data.interactions),
-        "cold_start": cold_info,
-        "seed": seed,
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-        "total_s": round(time.perf_counter() - t0, 1),
-    }
-    path = write_result("quality", result)
-    timing_cols = [*TABLE_COLUMNS, "train_s", "peak_rss_mb"]
-    print_table(f"{data.name}: leave-last-out, full ranking over {data.n_items} items", rows, timing_cols)
-    if cold_rows:
+        print(f"cold start: {result['cold_start']}", flush=True)
+        cold_rows, cold_runs = run_table(specs, cold, seeds, "cold-start", use_cache)
+        ranks["cold_start"] = _rank_dump(cold, cold_runs)
+        ours = best_by_validation(rows or cold_rows, "ours")
+        if ours and ours["model"] in cold_runs and "zero-shot-minilm" in cold_runs:
+            result["cold_start_vs_zero_shot"] = paired_block(cold_rows, cold_runs, ours["model"], "zero-shot-minilm")
+    result.update(
+        rows=rows,
+        cold_start_rows=cold_rows,
+        seeds=seeds,
+        selection="best baseline and our best model by mean validation NDCG@10; test figures compared paired",
+        data_hash=data_hash(data),
+        code_version=code_version(),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        n_interactions=len(data.interactions),
+        torch_threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        total_s=round(time.perf_counter() - t0, 1),
+    )
+    path = write_result(args.out, result)
+    (RESULTS_DIR / f"{args.out}_ranks.json").write_text(json.dumps(ranks, separators=(",", ":")) + "\n")
+    if rows:
         print_table(
-            f"{data.name}: cold-start items ({cold_info['cold_test_cases']} test cases with a cold target)",
-            cold_rows,
-            timing_cols,
+            f"{data.name}: leave-last-out, full ranking over {data.n_items} items",
+            [_fmt(r) for r in rows],
+            TABLE_COLUMNS,
         )
+    if cold_rows:
+        cols = [*TABLE_COLUMNS[:-2], "cold_valid_NDCG@10"]
+        title = (
+            f"{data.name}: cold-start items ({result['cold_start']['cold_test_cases']} test cases with a cold target)"
+        )
+        print_table(title, [_fmt(r) for r in cold_rows], cols)
+    for block in ("paired_vs_best_baseline", "cold_start_vs_zero_shot"):
+        if block in result:
+            b = result[block]
+            print(
+                f"\n{block}: {b['model']} - {b['baseline']} NDCG@10 {b['diff']:+.4f} "
+                f"[{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}], seeds won {b['seeds_won']}/{b['seeds_compared']}"
+            )
     print(f"\nwrote {path} in {result['total_s']}s", flush=True)
     return result
 

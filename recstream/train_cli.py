@@ -46,6 +46,13 @@ def load_split(dataset: str, split: str = "leave-last-out", cold_frac: float = 0
     return leave_last_out(data)
 
 
+def _stage(stage: str) -> str:
+    """Validation by default; test figures only when asked for, so nothing is tuned on them."""
+    if stage not in ("valid", "cold_valid", "test"):
+        raise typer.BadParameter(f"--stage must be valid, cold_valid or test, got {stage!r}")
+    return stage
+
+
 def split_hash(sp: Any) -> str:
     from recstream.models.training import split_fingerprint
 
@@ -67,6 +74,7 @@ def train_retrieval(
     lr_text: float = typer.Option(0.0, help="0 = default for the fine-tuning mode"),
     seed: int = typer.Option(0),
     max_minutes: float = typer.Option(0.0, help="Wall-time budget; stops after the epoch past it (0 = none)"),
+    stage: str = typer.Option("valid", help="Which cases the printed metrics use: valid, or test (explicitly)"),
     threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
     out: Path = typer.Option(None, help="Checkpoint folder (default artifacts/two_tower_<finetune>[_cold])"),
 ) -> None:
@@ -98,10 +106,10 @@ def train_retrieval(
         item_categories(sp),
         item_ids=sp.item_ids,
     )
-    test = sp.cases("test")
-    metrics = evaluate_retrieval(model, test.histories, test.targets)
-    metrics = {f"test_{k}": v for k, v in metrics.items()}
-    log.info("test %s", json.dumps(metrics))
+    cases = sp.cases(_stage(stage))
+    metrics = evaluate_retrieval(model, cases.histories, cases.targets)
+    metrics = {f"{stage}_{k}": v for k, v in metrics.items()}
+    log.info("%s %s", stage, json.dumps(metrics))
     out = out or ARTIFACTS_DIR / f"two_tower_{finetune}{'_cold' if split == 'cold' else ''}"
     meta = CheckpointMeta(
         kind="two_tower",
@@ -136,6 +144,7 @@ def train_ranker_cmd(
     dropout: float = typer.Option(0.3, help="MLP dropout (0.1 overfits the few thousand ml-100k lists)"),
     batch_size: int = typer.Option(128),
     seed: int = typer.Option(0),
+    stage: str = typer.Option("valid", help="Which cases the printed metrics use: valid, or test (explicitly)"),
     threads: int = typer.Option(0),
     out_of_fold: bool = typer.Option(
         True, help="Build training lists with a retrieval model that never saw those positions (trained first)"
@@ -188,13 +197,13 @@ def train_ranker_cmd(
         if out_of_fold
         else None,
     )
-    test = sp.cases("test")
+    cases = sp.cases(_stage(stage))
     ctx = RankingContext(cats, sp.train_seqs, sp.n_items, split_events(sp))
     scores = rerank_scores(
-        ranker, model, ctx, test.histories, cfg.rerank_depth, request_times(sp, test.users, test.histories)
+        ranker, model, ctx, cases.histories, cfg.rerank_depth, request_times(sp, cases.users, cases.histories)
     )
     metrics = {
-        f"test_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, test.targets, test.histories)).items()
+        f"{stage}_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, cases.targets, cases.histories)).items()
     }
     ranker.meta.metrics.update(metrics)
     ranker.meta.extra.update(retrieval_checkpoint=str(retrieval.resolve()), retrieval_git_sha=rmeta.git_sha)
@@ -234,7 +243,7 @@ def export_cmd(
 def evaluate_cmd(
     retrieval: Path = typer.Option(ARTIFACTS_DIR / "two_tower_frozen"),
     ranker: Path = typer.Option(None, help="Add the reranking stage"),
-    stage: str = typer.Option("test", help="valid | test"),
+    stage: str = typer.Option("valid", help="valid | cold_valid (cold split) | test (report only; never tune on it)"),
     threads: int = typer.Option(0),
     out: Path = typer.Option(None, help="Write the metrics JSON here"),
 ) -> None:
@@ -247,7 +256,7 @@ def evaluate_cmd(
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
     sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
     model, _ = _load_retrieval(retrieval, sp)
-    cases = sp.cases(stage)
+    cases = sp.cases(_stage(stage))
     result: dict[str, Any] = {"retrieval": evaluate_retrieval(model, cases.histories, cases.targets)}
     if ranker is not None:
         rk = Ranker.load(ranker)

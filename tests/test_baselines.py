@@ -16,6 +16,7 @@ from recstream.eval.baselines import (
     Recommender,
     SASRecConfig,
     SASRecID,
+    SASRecText,
     ZeroShotText,
 )
 from recstream.eval.metrics import evaluate
@@ -56,9 +57,12 @@ def random_mrr(split: Split) -> float:
         ItemKNN,
         lambda: BPRMF(BPRConfig(max_epochs=15, batch_size=128, lr=1e-2, patience=3)),
         lambda: SASRecID(SASRecConfig(max_epochs=20, eval_every=5, max_len=20, dropout=0.1, lr=5e-3)),
+        lambda: SASRecText(
+            SASRecConfig(max_epochs=20, eval_every=5, max_len=20, dropout=0.1, lr=5e-3), encoder=CategoryEncoder()
+        ),
         lambda: ZeroShotText(encoder=CategoryEncoder()),
     ],
-    ids=["popularity", "item-knn", "bpr-mf", "sasrec-id", "zero-shot"],
+    ids=["popularity", "item-knn", "bpr-mf", "sasrec-id", "sasrec-text", "zero-shot"],
 )
 def test_beats_random(factory, split: Split, random_mrr: float) -> None:  # type: ignore[no-untyped-def]
     model = factory()
@@ -88,23 +92,64 @@ def test_bpr_records_early_stopping(split: Split) -> None:
     assert 1 <= model.info["best_epoch"] <= model.info["epochs_run"] <= 4
 
 
+def test_seed_changes_a_learned_baseline(split: Split) -> None:
+    """The bench's seeds must reach the model: two seeds, two different fits; one seed, one fit."""
+    cfg = SASRecConfig(max_epochs=2, max_len=20)
+    scores = [SASRecID(cfg, seed=s).fit(split).score(np.array([0]), [split.train_seqs[0]])[0] for s in (0, 1, 0)]
+    assert not np.allclose(scores[0], scores[1])
+    np.testing.assert_allclose(scores[0], scores[2], rtol=1e-5)
+
+
+def test_sasrec_text_scores_untrained_items_by_text(split: Split) -> None:
+    """An item without training data gets no random ID vector: its score is its text part alone."""
+    model = SASRecText(SASRecConfig(max_epochs=1, max_len=20), encoder=CategoryEncoder()).fit(split)
+    seen = np.zeros(split.n_items + 1, dtype=bool)
+    seen[split.train["item_idx"].to_numpy() + 1] = True
+    assert np.all(model.net.item.weight.detach().numpy()[~seen] == 0.0)
+
+
 def test_bench_quality_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """The bench runs end to end on tiny data, registers extra rows and skips a broken optional one."""
+    """The bench runs end to end on tiny data: seeds, intervals, the paired block chosen by validation,
+    per-user ranks, the run cache, extra rows and a skipped broken optional one."""
     import json
 
     import bench.common
     from bench import bench_quality
 
     monkeypatch.setattr(bench.common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_quality, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench_quality, "CACHE_DIR", tmp_path / "runs")
     monkeypatch.setattr(bench_quality, "MODELS", list(bench_quality.MODELS))
-    monkeypatch.setenv("DATASET", "tiny-synthetic")
-    monkeypatch.setenv("MODELS", "popularity,item-knn,broken")
     monkeypatch.setenv("EXTRA_MODELS", "broken=recstream.no_such_module:Model")
-    monkeypatch.setenv("COLD_FRAC", "0.2")
-    result = bench_quality.main()
+    bench_quality.register("bpr-small", _small_bpr, kind="ours")
+    argv = ["--dataset", "tiny-synthetic", "--models", "popularity,item-knn,bpr-small,broken", "--seeds", "0,1"]
+    result = bench_quality.main([*argv, "--cold-frac", "0.2"])
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert saved["dataset"] == result["dataset"] == "tiny-synthetic"
-    assert [r["model"] for r in saved["rows"]] == ["popularity", "item-knn", "broken"]
-    assert {"HR@10", "NDCG@10", "MRR", "Recall@50", "train_s", "peak_rss_mb"} <= set(saved["rows"][0])
-    assert "skipped" in saved["rows"][2]
-    assert len(saved["cold_start_rows"]) == 3
+    assert [r["model"] for r in saved["rows"]] == ["popularity", "item-knn", "bpr-small", "broken"]
+    pop, _, bpr, broken = saved["rows"]
+    assert {"HR@10", "NDCG@10", "MRR", "Recall@50", "train_s", "peak_rss_mb", "ci95", "seeds"} <= set(pop)
+    assert "skipped" in broken
+    assert pop["seeds"] == [0] and pop["deterministic"] and pop["ci95"]["NDCG@10"] == [pop["NDCG@10"]] * 2
+    assert bpr["seeds"] == [0, 1] and bpr["NDCG@10"] == pytest.approx(np.mean(bpr["per_seed"]["NDCG@10"]))
+    lo, hi = bpr["ci95"]["NDCG@10"]
+    assert lo <= bpr["NDCG@10"] <= hi
+    paired = saved["paired_vs_best_baseline"]
+    best_base = max(saved["rows"][:2], key=lambda r: r["valid_NDCG@10"])["model"]
+    assert paired["model"] == "bpr-small" and paired["baseline"] == best_base
+    assert paired["diff"] == pytest.approx(
+        bpr["NDCG@10"] - next(r for r in saved["rows"] if r["model"] == best_base)["NDCG@10"]
+    )
+    assert len(paired["ci95"]) == 2 and 0 <= paired["seeds_won"] <= 2
+    assert len(saved["cold_start_rows"]) == 4 and "cold_valid_NDCG@10" in saved["cold_start_rows"][0]
+    ranks = json.loads((tmp_path / "quality_ranks.json").read_text())["leave_last_out"]
+    assert set(ranks["ranks"]["bpr-small"]) == {"0", "1"}
+    assert len(ranks["ranks"]["bpr-small"]["0"]) == len(ranks["users"]) == bpr["n_cases"]
+    assert not any(str(tmp_path) in line for line in (tmp_path / "quality.json").read_text().splitlines())
+    again = bench_quality.main([*argv, "--splits", "main"])
+    assert [r["cached_runs"] for r in again["rows"][:3]] == [1, 1, 2]
+    assert again["rows"][2]["NDCG@10"] == bpr["NDCG@10"]
+
+
+def _small_bpr(seed: int = 0) -> BPRMF:
+    return BPRMF(BPRConfig(max_epochs=3, batch_size=128), seed=seed)

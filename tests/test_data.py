@@ -65,9 +65,26 @@ def test_generic_optional_columns_defaulted(tmp_path: Path) -> None:
     [
         ("user_id,ts\n1,10\n", "item_id,title\na,A\n", "lacks required column(s) ['item_id']"),
         ("user_id,item_id,ts\n1,a,10\n", "item_id,name\na,A\n", "items lacks required column(s) ['title']"),
-        ("user_id,item_id,ts\n1,z,10\n", "item_id,title\na,A\n", "not in items"),
-        ("user_id,item_id,ts\n1,a,yesterday\n", "item_id,title\na,A\n", "integer seconds"),
-        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,A\na,B\n", "must be unique"),
+        (
+            "user_id,item_id,ts\n1,a,10\n1,z,10\n",
+            "item_id,title\na,A\n",
+            "not in items, e.g. ['z'], at interactions row 2",
+        ),
+        (
+            "user_id,item_id,ts\n1,a,1\n1,a,yesterday\n",
+            "item_id,title\na,A\n",
+            "integer seconds, got e.g. ['yesterday'] at row 2",
+        ),
+        ("user_id,item_id,ts\n1,a,1.5\n", "item_id,title\na,A\n", "integer seconds"),
+        ("user_id,item_id,ts\n1,a,1\n,a,2\n", "item_id,title\na,A\n", "interactions.user_id is empty at row 2"),
+        ("user_id,item_id,ts,rating\n1,a,1,5\n1,a,2,high\n", "item_id,title\na,A\n", "got e.g. ['high'] at row 2"),
+        (
+            "user_id,item_id,ts\n1,a,1\n",
+            "item_id,title\na,A\nb,B\na,C\n",
+            "must be unique, duplicates e.g. ['a'] at row 3",
+        ),
+        ("user_id,item_id,ts\n", "item_id,title\na,A\n", "interactions.csv: has a header but no rows"),
+        ("user_id,item_id,ts\n1,a,1\n", 'item_id,title\na,"A\n', "not a readable UTF-8 CSV"),
     ],
 )
 def test_generic_clear_errors(tmp_path: Path, inter: str, items: str, message: str) -> None:
@@ -141,5 +158,24 @@ def test_cold_start_split(ml100k: InteractionData) -> None:
     for hist in cold.cases("test").histories:
         assert not cold_set & set(hist.tolist())
     _check_no_leakage(cold)
+    # validation cases with a cold target are kept apart (cold_valid), with cold-free histories
+    assert len(cold.cold_valid) > 0 and set(cold.cold_valid["item_idx"].tolist()) <= cold_set
+    cv = cold.cases("cold_valid")
+    assert len(cv) == len(cold.cold_valid) and set(cv.targets.tolist()) <= cold_set
+    assert not any(cold_set & set(h.tolist()) for h in cv.histories)
+    assert len(cold.valid) + len(cold.cold_valid) == len(leave_last_out(ml100k).valid)
+    with pytest.raises(ValueError, match="cold_valid"):
+        leave_last_out(ml100k).cases("cold_valid")
     again = cold_start_split(ml100k, frac=0.1, seed=0)
     assert np.array_equal(again.cold_items, cold.cold_items)
+
+
+def test_training_cli_reports_validation_unless_test_is_asked_for() -> None:
+    """Test figures are printed only on an explicit --stage test; a typo is refused, not defaulted."""
+    import typer
+
+    from recstream.train_cli import _stage
+
+    assert _stage("valid") == "valid" and _stage("test") == "test" and _stage("cold_valid") == "cold_valid"
+    with pytest.raises(typer.BadParameter, match="--stage"):
+        _stage("tset")

@@ -45,11 +45,12 @@ class InteractionData:
     def __post_init__(self) -> None:
         self.interactions = _normalise_interactions(self.interactions, self.name)
         self.items = _normalise_items(self.items, self.name)
-        known = set(self.items["item_id"])
-        missing = sorted(set(self.interactions["item_id"]) - known)
-        if missing:
+        unknown = ~self.interactions["item_id"].isin(set(self.items["item_id"]))
+        if unknown.any():
+            missing = sorted(set(self.interactions.loc[unknown, "item_id"]))
             raise DataFormatError(
-                f"{self.name}: {len(missing)} item_id(s) in interactions are not in items, e.g. {missing[:5]}"
+                f"{self.name}: {len(missing)} item_id(s) in interactions are not in items, e.g. {missing[:5]}, "
+                f"at interactions {_rows(unknown)}"
             )
 
     @property
@@ -65,6 +66,14 @@ class InteractionData:
             f"InteractionData(name={self.name!r}, users={self.n_users}, items={self.n_items}, "
             f"interactions={len(self.interactions)})"
         )
+
+
+def _rows(mask: pd.Series | np.ndarray, limit: int = 5) -> str:
+    """Where a problem is, as a user finds it in the file: 1-based data rows (line = row + 1 in a CSV
+    with its header), the first `limit` of them and how many in all."""
+    idx = np.flatnonzero(np.asarray(mask))
+    shown = ", ".join(str(i + 1) for i in idx[:limit])
+    return f"row {shown}" if len(idx) == 1 else f"rows {shown}{', ...' if len(idx) > limit else ''} ({len(idx)} rows)"
 
 
 def _check_columns(df: pd.DataFrame, required: list[str], what: str, name: str) -> None:
@@ -83,18 +92,27 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if "rating" not in out.columns:
         out["rating"] = np.nan
     for col in ("user_id", "item_id"):
-        if out[col].isna().any():
-            raise DataFormatError(f"{name}: interactions.{col} has empty values")
+        empty = out[col].isna() | (out[col].astype(str).str.strip() == "")
+        if empty.any():
+            raise DataFormatError(f"{name}: interactions.{col} is empty at {_rows(empty)}")
         out[col] = out[col].astype(str)
     ts = pd.to_numeric(out["ts"], errors="coerce")
-    if ts.isna().any():
-        bad = out.loc[ts.isna(), "ts"].head(3).tolist()
-        raise DataFormatError(f"{name}: interactions.ts must be integer seconds, got e.g. {bad}")
+    bad_ts = ts.isna() | (ts.notna() & (ts.fillna(0) % 1 != 0)) | (ts.abs() > 2**62)
+    if bad_ts.any():
+        bad = out.loc[bad_ts, "ts"].head(3).tolist()
+        raise DataFormatError(
+            f"{name}: interactions.ts must be integer seconds, got e.g. {bad} at {_rows(bad_ts)} "
+            "(a data set without real times may number each user's events 0, 1, 2, ...)"
+        )
     out["ts"] = ts.astype(np.int64)
     out["event"] = out["event"].fillna("interaction").astype(str)
     rating = pd.to_numeric(out["rating"], errors="coerce")
-    if (rating.isna() & out["rating"].notna() & (out["rating"].astype(str).str.strip() != "")).any():
-        raise DataFormatError(f"{name}: interactions.rating must be numeric or empty")
+    bad_rating = rating.isna() & out["rating"].notna() & (out["rating"].astype(str).str.strip() != "")
+    if bad_rating.any():
+        bad = out.loc[bad_rating, "rating"].head(3).tolist()
+        raise DataFormatError(
+            f"{name}: interactions.rating must be numeric or empty, got e.g. {bad} at {_rows(bad_rating)}"
+        )
     out["rating"] = rating.astype(np.float64)
     extra = [c for c in out.columns if c not in INTERACTION_COLUMNS]
     return out[INTERACTION_COLUMNS + extra]
@@ -103,12 +121,16 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
 def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
     _check_columns(df, _REQUIRED_ITEMS, "items", name)
     out = df.copy().reset_index(drop=True)
-    if out["item_id"].isna().any():
-        raise DataFormatError(f"{name}: items.item_id has empty values")
+    empty = out["item_id"].isna() | (out["item_id"].astype(str).str.strip() == "")
+    if empty.any():
+        raise DataFormatError(f"{name}: items.item_id is empty at {_rows(empty)}")
     out["item_id"] = out["item_id"].astype(str)
-    dup = out["item_id"][out["item_id"].duplicated()]
-    if len(dup):
-        raise DataFormatError(f"{name}: items.item_id must be unique, duplicates e.g. {dup.head(5).tolist()}")
+    dup_mask = out["item_id"].duplicated()
+    if dup_mask.any():
+        dup = out["item_id"][dup_mask]
+        raise DataFormatError(
+            f"{name}: items.item_id must be unique, duplicates e.g. {dup.head(5).tolist()} at {_rows(dup_mask)}"
+        )
     out["title"] = out["title"].fillna("").astype(str)
     if "category" not in out.columns:
         out["category"] = ""
@@ -180,9 +202,17 @@ def load_generic(path: Path) -> InteractionData:
         fpath = path / fname
         if not fpath.is_file():
             raise DataFormatError(f"{path}: missing {fname} (the generic form needs interactions.csv and items.csv)")
-        files[fname] = pd.read_csv(
-            fpath, dtype={"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str}
-        )
+        try:
+            files[fname] = pd.read_csv(
+                fpath,
+                dtype={"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str},
+                keep_default_na=False,
+                na_values={"rating": [""]},
+            )
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise DataFormatError(f"{fpath}: not a readable UTF-8 CSV with a header row: {exc}") from exc
+        if files[fname].empty:
+            raise DataFormatError(f"{fpath}: has a header but no rows")
     return InteractionData(interactions=files["interactions.csv"], items=files["items.csv"], name=path.name)
 
 

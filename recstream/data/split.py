@@ -86,7 +86,9 @@ class Split:
     def cases(self, stage: str) -> EvalCases:
         """Validation ("valid") or test ("test") cases; the test history includes the valid item."""
         if stage not in ("valid", "test"):
-            raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+            raise ValueError(
+                f"stage must be 'valid' or 'test' (a cold-start split also has 'cold_valid'), got {stage!r}"
+            )
         df = self.valid if stage == "valid" else self.test
         users = df["user_idx"].to_numpy(dtype=np.int64)
         targets = df["item_idx"].to_numpy(dtype=np.int64)
@@ -106,6 +108,19 @@ class ColdStartSplit(Split):
 
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     n_test_all: int = 0  # test cases before keeping only those with a cold target
+    # validation cases whose target is cold: where anything about cold items is tuned, never on test
+    cold_valid: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["user_idx", "item_idx", "ts"]))
+
+    def cases(self, stage: str) -> EvalCases:
+        """As `Split.cases`, plus "cold_valid": validation cases whose target is a cold item."""
+        if stage != "cold_valid":
+            return super().cases(stage)
+        users = self.cold_valid["user_idx"].to_numpy(dtype=np.int64)
+        return EvalCases(
+            users=users,
+            histories=[self.train_seqs[u] for u in users],
+            targets=self.cold_valid["item_idx"].to_numpy(dtype=np.int64),
+        )
 
 
 def _indexed(data: InteractionData) -> tuple[pd.DataFrame, list[str], list[str]]:
@@ -166,6 +181,8 @@ def cold_start_split(data: InteractionData, frac: float = 0.1, seed: int = 0) ->
     The base is the leave-last-out split. Every interaction with a cold item is removed from train
     and from histories; validation keeps only warm targets (for early stopping), test keeps only
     cases whose target is a cold item — the cases a text-based model can rank and an ID model cannot.
+    The validation cases with a cold target become `cold_valid`: the only cases a cold-start rule
+    may be chosen on. (A test case's history keeps its valid item only when that item is warm.)
     """
     if not 0.0 < frac < 1.0:
         raise ValueError(f"frac must be in (0, 1), got {frac}")
@@ -179,7 +196,9 @@ def cold_start_split(data: InteractionData, frac: float = 0.1, seed: int = 0) ->
     is_cold = np.zeros(base.n_items, dtype=bool)
     is_cold[cold] = True
     train = base.train[~is_cold[base.train["item_idx"].to_numpy()]].reset_index(drop=True)
-    valid = base.valid[~is_cold[base.valid["item_idx"].to_numpy()]].reset_index(drop=True)
+    valid_cold = is_cold[base.valid["item_idx"].to_numpy()]
+    valid = base.valid[~valid_cold].reset_index(drop=True)
+    cold_valid = base.valid[valid_cold].reset_index(drop=True)
     test = base.test[is_cold[base.test["item_idx"].to_numpy()]].reset_index(drop=True)
     return ColdStartSplit(
         data=data,
@@ -193,4 +212,5 @@ def cold_start_split(data: InteractionData, frac: float = 0.1, seed: int = 0) ->
         item_index=base.item_index,
         cold_items=cold,
         n_test_all=len(base.test),
+        cold_valid=cold_valid,
     )

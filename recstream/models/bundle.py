@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, read_meta, split_fingerprint
+from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, code_version, read_meta, split_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
     """Train (or reuse) the retrieval model, its out-of-fold twin and the ranker."""
     from recstream.data.datasets import load_dataset
     from recstream.data.split import leave_last_out
+
+    return train_bundle_on(leave_last_out(load_dataset(dataset)), seed, Path(work_dir or ARTIFACTS_DIR / "served"))
+
+
+def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
+    """`train_bundle` on a given split (the quality bench passes its cold-start split too)."""
     from recstream.models.ranker import (
         FEATURE_SCHEMA,
         Ranker,
@@ -96,12 +102,10 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
     from recstream.models.two_tower import TwoTowerConfig
 
     t0 = time.perf_counter()
-    split = leave_last_out(load_dataset(dataset))
     texts = serving_item_texts(split)
     fp = split_fingerprint(split)
-    work = Path(work_dir or ARTIFACTS_DIR / "served")
     cfg = TwoTowerConfig(finetune="frozen", seed=seed)
-    key = _key(fp, texts, cfg.model_dump())
+    key = _key(fp, texts, cfg.model_dump(), code_version())
     valid = split.cases("valid")
     retrieval, r_stats = _two_tower(
         split, texts, split.train_seqs, (valid.histories, valid.targets), cfg, work / "two_tower", key
@@ -187,3 +191,47 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     ranker_version = version if overwrite or version not in versions(model_repo, "ranker") else None
     out["ranker"] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
     return out
+
+
+class BundleRecommender:
+    """`make train`'s models as a quality-bench row (`fit(split)` / `score(users, histories)`).
+
+    The same training code and configuration as the served versions, one checkpoint folder per
+    split and seed (artifacts/quality/<split fingerprint>/seed<n>), so a seed's retrieval-only and
+    ranked rows share one training run. `ranked=False` scores with the retrieval stage alone.
+    """
+
+    def __init__(self, seed: int = 0, ranked: bool = True, work_root: Path | None = None) -> None:
+        self.seed = seed
+        self.ranked = ranked
+        self.work_root = Path(work_root or ARTIFACTS_DIR / "quality")
+        self.info: dict[str, Any] = {}
+
+    def fit(self, split: Any) -> BundleRecommender:
+        from recstream.models.ranker import RankingContext, split_events
+
+        work = self.work_root / split_fingerprint(split)[:16] / f"seed{self.seed}"
+        self.bundle = train_bundle_on(split, self.seed, work)
+        self.split = split
+        self.ctx = RankingContext(item_categories(split), split.train_seqs, split.n_items, split_events(split))
+        self.depth = int(self.bundle.ranker.meta.config.get("rerank_depth", SERVED_DEPTH))
+        self.info = {k: round(v, 4) for k, v in self.bundle.stats.items()}
+        return self
+
+    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+        from recstream.models.ranker import request_times, rerank_scores
+
+        if not self.ranked:
+            return self.bundle.retrieval.score_index(histories)
+        times = request_times(self.split, users, histories)
+        return rerank_scores(self.bundle.ranker, self.bundle.retrieval, self.ctx, histories, self.depth, times)
+
+
+def served_model(seed: int = 0) -> BundleRecommender:
+    """The served pair: frozen-text + ID two-tower retrieval -> ranker over the top 50."""
+    return BundleRecommender(seed, ranked=True)
+
+
+def served_retrieval(seed: int = 0) -> BundleRecommender:
+    """The served retrieval stage alone (the ablation of the ranker)."""
+    return BundleRecommender(seed, ranked=False)

@@ -547,15 +547,15 @@ def train_ranker(
 def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, path: Path) -> object:
     """The retrieval model the ranker learns from: the serving model's config, trained without each
     user's last `n_last` training items, validated on the first of them. Cached at `path` (reused
-    when it was trained on exactly this split)."""
-    from recstream.models.training import read_meta, split_fingerprint
+    when it was trained on exactly this split, config and training code)."""
+    from recstream.models.training import code_version, read_meta, split_fingerprint
     from recstream.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
 
-    fp = f"{split_fingerprint(split)}:fold{n_last}"
-    meta = read_meta(path)
-    if meta is not None and meta.data_hash == fp:
-        return TwoTowerModel.load(path)[0]
+    fp = f"{split_fingerprint(split)}:fold{n_last}:{code_version()}"
     cfg = TwoTowerConfig.model_validate(retrieval_cfg.model_dump())  # type: ignore[attr-defined]
+    meta = read_meta(path)
+    if meta is not None and meta.data_hash == fp and meta.config == cfg.model_dump():
+        return TwoTowerModel.load(path)[0]
     full = split.train_seqs  # type: ignore[attr-defined]
     seqs = truncate_sequences(full, n_last)
     users = [u for u, s in enumerate(full) if len(s) > n_last]
@@ -572,79 +572,3 @@ def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, pat
     )
     model.save(path, CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats))
     return model
-
-
-# --- quality-bench adapter ---------------------------------------------------------------------
-
-
-class TwoTowerRankerRecommender:
-    """Retrieval (two-tower) -> ranker, as one `fit(split)` / `score(users, histories)` bench row.
-
-    Reuses artifacts/ranker[_cold] when it was trained on this split on top of the same retrieval
-    checkpoint; otherwise trains it (and the retrieval model if needed) and saves both.
-    """
-
-    def __init__(self, finetune: str = "frozen", checkpoint: Path | None = None) -> None:
-        self.finetune = finetune
-        self.checkpoint = checkpoint
-        self.retrieval: object | None = None
-        self.ranker: Ranker | None = None
-        self.ctx: RankingContext | None = None
-        self.depth = RankerConfig().rerank_depth
-        self.split: object | None = None
-        self.info: dict[str, object] = {}
-
-    def fit(self, split: object) -> TwoTowerRankerRecommender:
-        from recstream.models.training import ARTIFACTS_DIR, read_meta, split_fingerprint
-        from recstream.models.two_tower import TwoTowerRecommender
-
-        retr = TwoTowerRecommender(self.finetune).fit(split)  # type: ignore[arg-type]
-        self.retrieval = retr.model
-        retr_path = str(Path(retr.checkpoint or retr.default_checkpoint(split)).resolve())
-        fp = split_fingerprint(split)
-        cold = hasattr(split, "cold_items")
-        path = self.checkpoint or ARTIFACTS_DIR / f"ranker{'_cold' if cold else ''}"
-        cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
-        self.split = split
-        self.ctx = RankingContext(cats, split.train_seqs, len(split.item_ids), split_events(split))  # type: ignore[attr-defined]
-        meta = read_meta(path)
-        if meta is not None and meta.data_hash == fp and meta.extra.get("retrieval_checkpoint") == retr_path:
-            self.ranker = Ranker.load(path)
-            self.info = {"checkpoint": str(path), "reused": True, **self.ranker.meta.metrics}
-        else:
-            valid = split.cases("valid")  # type: ignore[attr-defined]
-            # dropout 0.3: a few thousand lists for a 150k-parameter MLP over 384-d vectors overfit at 0.1
-            cfg = RankerConfig(init_retrieval_weight=1.0 / self.retrieval.cfg.temperature, dropout=0.3)  # type: ignore[attr-defined]
-            fold_path = (
-                ARTIFACTS_DIR / f"two_tower_{self.finetune}_fold{cfg.positions_per_user}{'_cold' if cold else ''}"
-            )
-            fold = out_of_fold_retrieval(split, self.retrieval.cfg, cfg.positions_per_user, fold_path)  # type: ignore[attr-defined]
-            self.ranker, stats = train_ranker(
-                cfg,
-                self.retrieval,
-                split.train_seqs,
-                cats,
-                valid.histories,
-                valid.targets,
-                fp,
-                events=split_events(split),
-                train_times=split_train_times(split),
-                valid_times=request_times(split, valid.users, valid.histories),
-                example_retrieval=fold,
-            )
-            self.ranker.meta.extra["retrieval_checkpoint"] = retr_path
-            self.ranker.save(path)
-            self.info = {"checkpoint": str(path), "reused": False, **stats}
-        self.depth = int(self.ranker.meta.config.get("rerank_depth", self.depth))
-        return self
-
-    def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        assert self.ranker is not None and self.ctx is not None, "fit() first"
-        times = request_times(self.split, users, histories)
-        return rerank_scores(self.ranker, self.retrieval, self.ctx, histories, self.depth, times)
-
-
-def two_tower_ranker() -> TwoTowerRankerRecommender:
-    """The production pair: on the 2-core budget the frozen-text + ID-residual two-tower retrieves
-    best (see the report in train_stats.json), so the ranker sits on top of it."""
-    return TwoTowerRankerRecommender("frozen")

@@ -94,6 +94,22 @@ def data_hash(*frames: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+#: The packages whose code decides what a training run produces (data, splits, models, metrics).
+TRAINING_CODE = ("recstream/data", "recstream/models", "recstream/eval")
+
+
+def code_version() -> str:
+    """Hash of the training code's sources: part of every reuse key, so that a changed model,
+    split or metric retrains instead of silently reusing old weights (a commit that touches only
+    the streams or the services keeps the caches)."""
+    h = hashlib.sha256()
+    for pkg in TRAINING_CODE:
+        for path in sorted((REPO_ROOT / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(REPO_ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def split_fingerprint(split: Any) -> str:
     """Hash of what a model trains on (train interactions + catalogue size) for a data split.
 

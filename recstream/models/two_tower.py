@@ -670,11 +670,14 @@ class TwoTowerRecommender:
     meta.json), so the bench does not retrain for minutes on every run; otherwise trains and saves.
     """
 
-    def __init__(self, finetune: FineTune = "lora", checkpoint: Path | None = None, **overrides: object) -> None:
+    def __init__(
+        self, finetune: FineTune = "lora", checkpoint: Path | None = None, seed: int = 0, **overrides: object
+    ) -> None:
         self.finetune = finetune
         self.checkpoint = checkpoint
-        # when no matching checkpoint exists the bench trains one; bound that to ~15 minutes
-        self.overrides = {"time_budget_s": 900.0, **overrides}
+        # the baselines' budget rule (recstream.eval.baselines.EarlyStopConfig): epochs until
+        # validation stops rising, never a wall-clock budget
+        self.cfg = TwoTowerConfig(finetune=finetune, seed=seed, **{"epochs": 40, "patience": 5, **overrides})  # type: ignore[arg-type]
         self.model: TwoTowerModel | None = None
         self.info: dict[str, object] = {}
 
@@ -682,19 +685,19 @@ class TwoTowerRecommender:
         from recstream.models.training import ARTIFACTS_DIR
 
         cold = hasattr(split, "cold_items")
-        return ARTIFACTS_DIR / f"two_tower_{self.finetune}{'_cold' if cold else ''}"
+        return ARTIFACTS_DIR / f"two_tower_{self.finetune}{'_cold' if cold else ''}" / f"seed{self.cfg.seed}"
 
     def fit(self, split: object) -> TwoTowerRecommender:
-        from recstream.models.training import read_meta, split_fingerprint
+        from recstream.models.training import code_version, read_meta, split_fingerprint
 
-        fp = split_fingerprint(split)
+        key = f"{split_fingerprint(split)}:{code_version()}"
         path = self.checkpoint or self.default_checkpoint(split)
         meta = read_meta(path)
-        if meta is not None and meta.data_hash == fp:
+        if meta is not None and meta.data_hash == key and meta.config == self.cfg.model_dump():
             self.model, meta = TwoTowerModel.load(path)
             self.info = {"checkpoint": str(path), "reused": True, **meta.metrics}
         else:
-            cfg = TwoTowerConfig(finetune=self.finetune, **self.overrides)  # type: ignore[arg-type]
+            cfg = self.cfg
             valid = split.cases("valid")  # type: ignore[attr-defined]
             cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
             self.model, stats = train_two_tower(
@@ -706,7 +709,7 @@ class TwoTowerRecommender:
                 cats,
                 item_ids=split.item_ids,  # type: ignore[attr-defined]
             )
-            meta = CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats)
+            meta = CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=key, metrics=stats)
             self.model.save(path, meta)
             self.info = {"checkpoint": str(path), "reused": False, **stats}
         if self.model.item_ids != [str(i) for i in split.item_ids]:  # type: ignore[attr-defined]
@@ -718,13 +721,13 @@ class TwoTowerRecommender:
         return self.model.score_index(histories)
 
 
-def two_tower_lora() -> TwoTowerRecommender:
-    return TwoTowerRecommender("lora")
+def two_tower_lora(seed: int = 0) -> TwoTowerRecommender:
+    return TwoTowerRecommender("lora", seed=seed)
 
 
-def two_tower_full() -> TwoTowerRecommender:
-    return TwoTowerRecommender("full")
+def two_tower_full(seed: int = 0) -> TwoTowerRecommender:
+    return TwoTowerRecommender("full", seed=seed)
 
 
-def two_tower_frozen() -> TwoTowerRecommender:
-    return TwoTowerRecommender("frozen")
+def two_tower_frozen(seed: int = 0) -> TwoTowerRecommender:
+    return TwoTowerRecommender("frozen", seed=seed)
