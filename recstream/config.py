@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),
         description="Comma-separated API keys the HTTP gateway accepts (env GATEWAY_API_KEYS)",
     )
+    cors_origins: str = Field(
+        "",
+        validation_alias=AliasChoices("gateway_cors_origins", "cors_origins"),
+        description="Comma-separated browser origins allowed to call the gateway (env GATEWAY_CORS_ORIGINS; "
+        "'*' = any; empty = no CORS headers, same-origin only)",
+    )
 
     @field_validator("ranking_log", mode="before")
     @classmethod
@@ -91,6 +97,10 @@ class Settings(BaseSettings):
 
         make_policy(spec)
         return spec
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def api_key_list(self) -> list[str]:

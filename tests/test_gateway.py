@@ -149,6 +149,65 @@ def test_invalid_payloads_are_422_naming_the_field(client: TestClient, gw_settin
     nothing_published(gw_settings)
 
 
+def test_nan_infinity_and_lone_surrogates_are_422_not_500(client: TestClient, gw_settings: Settings) -> None:
+    """JSON that Python parses (NaN, Infinity, "\\ud800") but no contract allows: a 422 naming the
+    field, with the bad input echoed as text; nothing is published."""
+    raw = lambda path, text: client.post(  # noqa: E731
+        path, content=text.encode(), headers={**HEADERS, "content-type": "application/json"}
+    )
+    click_json = '{"type": "click", "user_id": "u1", "item_id": "i1", "position": 1'
+    r = raw("/v1/events", '{"events": [' + click_json + ', "propensity": NaN}]}')
+    assert ["body", "events", 0, "propensity"] in _locs(r) and r.json()["detail"][0]["input"] == "nan"
+    assert ["body", "k"] in _locs(raw("/v1/recommend", '{"user_id": "u1", "k": Infinity}'))
+    assert ["body", "price"] in _locs(raw("/v1/items", '{"item_id": "i1", "title": "t", "price": -Infinity}'))
+    r = raw("/v1/search", '{"user_id": "u1", "query": "caf\\ud800"}')
+    assert _locs(r) == [["body"]] and "query: text is not valid Unicode" in r.text
+    r = raw("/v1/events", '{"events": [' + click_json + ', "model_version": "v\\udfff"}]}')
+    assert r.status_code == 422 and "events.0.model_version" in r.text
+    r = raw("/v1/items", '{"item_id": "i1", "title": "t", "attributes": {"\\ud800": 1}}')
+    assert r.status_code == 422 and "not valid Unicode" in r.text
+    nothing_published(gw_settings)
+
+
+def test_cors_is_off_by_default_and_answers_preflight_when_configured(
+    client: TestClient, make_settings: Callable[..., Settings]
+) -> None:
+    preflight = {
+        "Origin": "https://shop.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key, content-type",
+    }
+    r = client.options("/v1/search", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    settings = make_settings(api_keys=KEY, cors_origins="https://shop.example", triton_url="127.0.0.1:9")
+    with TestClient(create_app(settings, LIMITS, monitor=False, catalog_view=False)) as c:
+        r = c.options("/v1/search", headers=preflight)  # no key: the preflight must not be a 401
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "https://shop.example"
+        assert "x-api-key" in r.headers["access-control-allow-headers"].lower()
+        r = c.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        # the actual call still needs its key, and carries the CORS header either way
+        r = c.post("/v1/search", json={"user_id": "u1", "query": "x"}, headers={"Origin": "https://shop.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://shop.example"
+
+
+def test_api_keys_in_a_query_string_never_reach_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from services.gateway.middleware import RedactKeysFilter, redact_url
+
+    assert redact_url("/?apiKey=s3cret&user=u1") == "/?apiKey=***&user=u1"
+    assert redact_url("/x?user=u&api_key=s3cret#frag") == "/x?user=u&api_key=***#frag"
+    assert redact_url("/?X-API-KEY=s3cret") == "/?X-API-KEY=***"
+    assert redact_url("/?keyboard=1") == "/?keyboard=1"
+    access = logging.getLogger("uvicorn.access.test")
+    access.addFilter(RedactKeysFilter())
+    with caplog.at_level(logging.INFO, logger="uvicorn.access.test"):
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/?apiKey=s3cret&user=u1", "1.1", 200)
+    assert "s3cret" not in caplog.text and "apiKey=***" in caplog.text
+
+
 def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Settings) -> None:
     r = client.post("/v1/events", json={"events": [click(i) for i in range(6)]}, headers=HEADERS)
     assert r.status_code == 413 and "at most 5 events" in r.json()["detail"]
@@ -251,3 +310,44 @@ def test_health_readiness_metrics_and_openapi(
 def test_refuses_to_start_without_keys(make_settings: Callable[..., Settings]) -> None:
     with pytest.raises(ValueError, match="GATEWAY_API_KEYS"):
         create_app(make_settings(api_keys=" , "))
+
+
+def test_feedback_labels_are_bounded_to_versions_the_worker_served(gw_settings: Settings) -> None:
+    """A client's free-text model_version never becomes a label value: 200 made-up versions add one
+    series ("other"), and a result served here labels its clicks with the worker's version."""
+    from prometheus_client import REGISTRY
+
+    from recstream.contracts.events import BehaviourEvent, RankedItem, RecommendationResult
+    from services.gateway.app import Gateway
+
+    gw = Gateway(gw_settings, LIMITS)
+    result = RecommendationResult(
+        request_id="served1",
+        user_id="u1",
+        items=[RankedItem(item_id="i1", score=1.0, position=0, propensity=1.0)],
+        model_version="ranker-v7-labeltest",
+        policy="greedy",
+    )
+    gw.remember(result)
+    junk = [
+        BehaviourEvent(type="click", user_id="u1", item_id="i1", position=0, model_version=f"made-up-{i}")
+        for i in range(200)
+    ]
+    gw.count_feedback([*junk, result.feedback(result.items[0], "click")])
+
+    def versions() -> set[str]:
+        return {
+            s.labels["model_version"]
+            for metric in REGISTRY.collect()
+            if metric.name == "recstream_clicks"
+            for s in metric.samples
+            if s.name.endswith("_total")
+        }
+
+    seen = versions()
+    assert not any(v.startswith("made-up-") for v in seen), seen
+    assert {"other", "ranker-v7-labeltest"} <= seen
+    clicks = REGISTRY.get_sample_value(
+        "recstream_clicks_total", {"model_version": "ranker-v7-labeltest", "arm": "greedy"}
+    )
+    assert clicks is not None and clicks >= 1

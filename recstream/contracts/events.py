@@ -18,6 +18,47 @@ SCHEMA_VERSION = 1
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
 
 
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """Path of the first string in `value` that UTF-8 cannot encode (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "value"
+        return None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # the path itself must print
+        where = f"{path}.{name}" if path else name
+        bad = (_unencodable(key, where + " (key)") if isinstance(key, str) else None) or _unencodable(item, where)
+        if bad:
+            return bad
+    return None
+
+
+class Inbound(BaseModel):
+    """Base of what applications send (events, requests, catalog writes, gateway bodies): unknown
+    fields, NaN/Infinity and text that is not valid Unicode (a lone surrogate from a JSON escape)
+    are refused at the boundary with the field named, so they become a 422 or a dead letter and
+    never a 500 deep inside a serializer. (What the worker itself writes is built from checked
+    values and skips the walk.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = _unencodable(data)
+        if bad:
+            raise ValueError(f"{bad}: text is not valid Unicode (lone surrogate)")
+        return data
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -38,7 +79,7 @@ class Event(BaseModel):
 # --- catalog -----------------------------------------------------------------------------------
 
 
-class ItemUpsert(Event):
+class ItemUpsert(Event, Inbound):
     """Create or replace one catalog item; idempotent by item_id."""
 
     op: Literal["upsert"] = "upsert"
@@ -57,7 +98,7 @@ class ItemUpsert(Event):
         return " | ".join(p for p in parts if p)
 
 
-class ItemDelete(Event):
+class ItemDelete(Event, Inbound):
     op: Literal["delete"] = "delete"
     item_id: Id
 
@@ -68,10 +109,8 @@ CatalogEvent = Annotated[ItemUpsert | ItemDelete, Field(discriminator="op")]
 # --- requests --------------------------------------------------------------------------------
 
 
-class RequestFilters(BaseModel):
+class RequestFilters(Inbound):
     """Business filters a caller may put on one request."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     categories: list[str] | None = Field(None, description="Only these categories")
     exclude_categories: list[str] = Field(default_factory=list)
@@ -80,7 +119,7 @@ class RequestFilters(BaseModel):
     exclude_items: list[Id] = Field(default_factory=list)
 
 
-class RecommendationRequest(Event):
+class RecommendationRequest(Event, Inbound):
     """Ask for items. With `query` it is a search; without, 'more for this session'."""
 
     kind: Literal["recommend", "search"] = "recommend"
@@ -116,7 +155,7 @@ class BehaviourType(StrEnum):
     purchase = "purchase"
 
 
-class BehaviourEvent(Event):
+class BehaviourEvent(Event, Inbound):
     """Something a user did with an item. request_id + position tie it to what was shown."""
 
     event_id: Id = Field(default_factory=new_id)

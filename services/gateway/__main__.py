@@ -9,6 +9,7 @@ import uvicorn
 
 from recstream.config import get_settings
 from services.gateway.app import GatewayLimits, create_app
+from services.gateway.middleware import RedactKeysFilter
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -23,6 +24,7 @@ def main(
 ) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(RedactKeysFilter())
     limits = GatewayLimits(max_batch=max_batch, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout_s)
     uvicorn.run(create_app(settings, limits), host=host, port=port, log_level=settings.log_level.lower())
 

@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: FastAPI must resolve the batch mod
 """
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -21,13 +22,14 @@ import httpx
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from fastapi import Body, FastAPI, HTTPException, Path, Request, Security
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 
 from recstream.client import DeliveryError, EventProducer, RecommendationClient
 from recstream.config import Settings
@@ -35,6 +37,7 @@ from recstream.contracts.events import (
     BehaviourEvent,
     BehaviourType,
     Id,
+    Inbound,
     ItemDelete,
     ItemUpsert,
     RecommendationRequest,
@@ -49,10 +52,25 @@ from services.gateway.middleware import ApiKeyMiddleware, BodyLimitMiddleware, M
 log = logging.getLogger(__name__)
 
 STATIC_DIR = FsPath(__file__).parent / "static"
+#: Distinct model versions kept as metric label values (older ones fall out; unknown ones are "other").
+MAX_VERSION_LABELS = 32
 # Mirrors contracts.events.Id for path parameters (FastAPI needs Path(), not Field()); the contract
 # model built from the path value re-validates it anyway.
 ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
 ItemIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="Catalog item id")]
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as text and unencodable strings backslash-escaped."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class GatewayLimits(BaseModel):
@@ -66,10 +84,8 @@ class GatewayLimits(BaseModel):
     publish_timeout_s: float = Field(10.0, gt=0, description="How long a write waits for the broker's ack")
 
 
-class SearchBody(BaseModel):
+class SearchBody(Inbound):
     """A text search for one user (optionally within a session)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     user_id: Id
     session_id: Id | None = None
@@ -78,10 +94,8 @@ class SearchBody(BaseModel):
     filters: RequestFilters = Field(default_factory=RequestFilters)
 
 
-class RecommendBody(BaseModel):
+class RecommendBody(Inbound):
     """'More for this user/session', from the session's live features."""
-
-    model_config = ConfigDict(extra="forbid")
 
     user_id: Id
     session_id: Id | None = None
@@ -110,7 +124,7 @@ class Readiness(BaseModel):
 _ITEM_ENVELOPE = {"item_id", "op", "schema_version", "ts_ms"}
 ItemFields = create_model(
     "ItemFields",
-    __config__=ConfigDict(extra="forbid"),
+    __base__=Inbound,
     **{name: (f.annotation, f) for name, f in ItemUpsert.model_fields.items() if name not in _ITEM_ENVELOPE},
 )
 
@@ -135,6 +149,8 @@ class Gateway:
         self._admin: AdminClient | None = None
         # request_id -> (model_version, arm) of results served here, so clicks get the arm label.
         self._served: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # model versions the worker has answered with (label values), most recent last
+        self._versions: OrderedDict[str, None] = OrderedDict()
         self.catalog: CatalogView | None = None
         self.monitor: OpsMonitor | None = None
 
@@ -175,6 +191,10 @@ class Gateway:
             self._served[result.request_id] = (result.model_version, result.policy)
             while len(self._served) > 100_000:
                 self._served.popitem(last=False)
+            self._versions[result.model_version] = None
+            self._versions.move_to_end(result.model_version)
+            while len(self._versions) > MAX_VERSION_LABELS:
+                self._versions.popitem(last=False)
 
     def count_feedback(self, events: list[BehaviourEvent]) -> None:
         """Impressions/clicks by model version and arm, for online CTR (ratio computed in PromQL)."""
@@ -183,8 +203,13 @@ class Gateway:
                 continue
             with self._lock:
                 version, arm = self._served.get(e.request_id or "", (None, "unknown"))
+                claimed = e.model_version
+                # a label value must come from the worker (a result served here), never from the
+                # client's free text: 10,000 made-up versions were 10,000 series on /metrics
+                if claimed is not None and claimed not in self._versions:
+                    claimed = "other"
             counter = IMPRESSIONS if e.type == BehaviourType.impression else CLICKS
-            counter.labels(model_version=e.model_version or version or "unknown", arm=arm).inc()
+            counter.labels(model_version=version or claimed or "unknown", arm=arm).inc()
 
     def ask(self, request: RecommendationRequest) -> GatewayResult:
         try:
@@ -287,7 +312,7 @@ def create_app(
 
     EventBatch = create_model(  # a class, built here because max_batch is per app
         "EventBatch",
-        __config__=ConfigDict(extra="forbid"),
+        __base__=Inbound,
         events=(Annotated[list[BehaviourEvent], Field(min_length=1, max_length=limits.max_batch)], ...),
     )
 
@@ -299,7 +324,9 @@ def create_app(
                 return JSONResponse(
                     {"detail": f"batch too large: at most {limits.max_batch} events per request"}, status_code=413
                 )
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's handler echoes each bad input; NaN or a lone surrogate cannot be rendered as
+        # JSON, which turned a 422 into a 500. Echo them as escaped text instead.
+        return JSONResponse({"detail": jsonable_encoder(_json_safe(exc.errors()))}, status_code=422)
 
     deps = [Security(require_key)]
     # Writes are accepted (202) once on Kafka; queries wait for the stream worker's answer.
@@ -368,4 +395,13 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.add_middleware(MetricsMiddleware, routes=lambda: app.routes)
+    if settings.cors_origin_list:
+        # outermost, so a browser's preflight (OPTIONS, no key) is answered before auth refuses it
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["x-api-key", "content-type"],
+            max_age=600,
+        )
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,25 @@ from recstream.metrics import HTTP_LATENCY, HTTP_REQUESTS
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "x-api-key"
+# ?apiKey=... (the playground's deep link), ?api_key=, ?x-api-key=: redacted wherever a URL is logged
+_KEY_IN_QUERY = re.compile(r"(?i)([?&](?:x[-_]?)?api[-_]?key=)[^&#\s]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` with the value of any API-key query parameter replaced by ***."""
+    return _KEY_IN_QUERY.sub(r"\1***", url)
+
+
+class RedactKeysFilter(logging.Filter):
+    """For uvicorn's access log (args: client, method, path with query, version, status): a key
+    passed in a query string never reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_url(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact_url(record.msg)
+        return True
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:

@@ -20,6 +20,11 @@ function initSettings() {
     $(id).addEventListener("change", () => localStorage.setItem("recstream." + key, $(id).value));
     localStorage.setItem("recstream." + key, value);
   }
+  if (params.has("apiKey")) {
+    // the key is kept in localStorage; take it out of the address bar, history and bookmarks
+    params.delete("apiKey");
+    history.replaceState(null, "", location.pathname + (params.size ? "?" + params : "") + location.hash);
+  }
   $("live").addEventListener("change", scheduleLive);
 }
 
