@@ -31,10 +31,60 @@ def test_refusals_carry_a_reason(raw: bytes | None, reason: str) -> None:
     assert info.value.reason == reason
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "position": "3"}', "position"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "propensity": true}', "propensity"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "ts_ms": 1e23}', "ts_ms"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "ts_ms": 253402300800000}', "ts_ms"),
+        (b'{"type": "click", "user_id": "u", "item_id": "i", "model_version": "' + b"v" * 129 + b'"}', "model_version"),
+    ],
+)
+def test_numbers_are_numbers_and_bounded(raw: bytes, field: str) -> None:
+    """What the JSON Schema says is what the worker takes: no "3" for 3, no true for 1, no 1e23 ms."""
+    with pytest.raises(InvalidEvent) as info:
+        decode(BEHAVIOUR, raw, LIMIT)
+    assert info.value.reason == "schema" and field in info.value.detail
+
+
+def test_an_upsert_without_op_is_an_upsert_as_its_schema_says() -> None:
+    event = decode(CATALOG, b'{"item_id": "i1", "title": "t", "price": 3}', LIMIT)
+    assert isinstance(event, ItemUpsert) and event.price == 3.0
+    with pytest.raises(InvalidEvent, match="in_stock"):
+        decode(CATALOG, b'{"item_id": "i1", "title": "t", "in_stock": "yes"}', LIMIT)
+
+
+def test_committed_json_schemas_are_what_the_models_say() -> None:
+    """schemas/v1 is the contract non-Python apps read: it must be regenerated with every change
+    (`make schemas`), and it states the search rule (kind=search needs a query)."""
+    import json
+
+    from recstream.contracts.export import render, schema_dir
+
+    on_disk = {p.name: p.read_text() for p in schema_dir().glob("*.json")}
+    assert on_disk == render(), "schemas/v1 is stale: run `make schemas`"
+    request = json.loads(on_disk["recommendation_request.json"])
+    assert request["then"] == {"required": ["query"]}
+    assert request["if"]["properties"]["kind"] == {"const": "search"}
+
+
 def test_schema_errors_name_the_field() -> None:
     with pytest.raises(InvalidEvent) as info:
         decode(BEHAVIOUR, b'{"type": "click", "user_id": 4.5, "item_id": "i"}', LIMIT)
     assert "user_id" in info.value.detail
+
+
+def test_a_catalog_tombstone_deletes_its_key_and_needs_one() -> None:
+    """A null value on the compacted catalog topic is the usual Kafka delete: it means ItemDelete of
+    its key. Without a valid key it is refused; on other topics a null is always refused."""
+    assert decode(CATALOG, None, LIMIT, key=b"item-7") == ItemDelete(item_id="item-7")
+    for key in (None, b"", b"has space", b"\xff"):
+        with pytest.raises(InvalidEvent) as info:
+            decode(CATALOG, None, LIMIT, key=key)
+        assert info.value.reason == "empty" and "item_id" in info.value.detail
+    with pytest.raises(InvalidEvent):
+        decode(BEHAVIOUR, None, LIMIT, key=b"u1")
 
 
 def test_catalog_union_is_discriminated_by_op() -> None:

@@ -25,7 +25,7 @@ from recstream.client import EventProducer, RecommendationClient
 from recstream.client.consumer import read_to_end
 from recstream.config import Settings, settings_env
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
-from recstream.contracts.topics import TOPICS, dead_letter_topic
+from recstream.contracts.topics import CATALOG, TOPICS, dead_letter_topic
 from recstream.data.datasets import load_dataset
 from recstream.explore import PlackettLuce
 from recstream.replay import catalog_events
@@ -188,6 +188,16 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
     hit = next(i for i in res.items if i.item_id == "50")
     q = TextEncoder().encode(["Star Wars"])[0]
     assert abs(hit.retrieval_score - float(q @ text_model.encode([star_wars.text()])[0])) > 0.01
+
+    # a Kafka tombstone (key = item_id, null value) on the compacted catalog topic deletes it
+    client.producer.send_raw(CATALOG.name(client.settings.topic_prefix), item.item_id.encode(), None)
+    client.producer.flush(5)
+    deadline = time.monotonic() + 30
+    while found and time.monotonic() < deadline:
+        res = client.request(RecommendationRequest(user_id=_user(), kind="search", query=query, k=5), timeout_s=10)
+        found = [i for i in res.items if i.item_id == item.item_id]
+        time.sleep(0.2)
+    assert not found, res
 
 
 def test_clicks_shift_recommendations_within_one_second(client: RecommendationClient, movielens) -> None:

@@ -11,9 +11,11 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 SCHEMA_VERSION = 1
+#: 9999-12-31T23:59:59.999Z: a timestamp past it is a unit mistake (1e23 was accepted once)
+MAX_TS_MS = 253_402_300_799_999
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
 
@@ -59,6 +61,28 @@ class Inbound(BaseModel):
         return data
 
 
+def _json_number(value: Any) -> Any:
+    """Numbers arrive as JSON numbers: "3" or true for a number is a client bug, refused, not coerced."""
+    if isinstance(value, str | bytes | bool):
+        raise ValueError(f"must be a JSON number, got {type(value).__name__}")
+    return value
+
+
+def _json_bool(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {type(value).__name__}")
+    return value
+
+
+def json_number(kind: type, **bounds: float) -> Any:
+    """`kind` with `bounds` (ge, gt, le), refusing strings and booleans. The bounds come before the
+    check so they stay in the JSON Schema as minimum/maximum."""
+    return Annotated[kind, Field(**bounds), BeforeValidator(_json_number)]
+
+
+JsonBool = Annotated[bool, BeforeValidator(_json_bool)]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -73,7 +97,9 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Contract version of this message")
-    ts_ms: int = Field(default_factory=now_ms, ge=0, description="Event time, Unix milliseconds")
+    ts_ms: json_number(int, ge=0, le=MAX_TS_MS) = Field(  # type: ignore[valid-type]
+        default_factory=now_ms, description="Event time, Unix milliseconds"
+    )
 
 
 # --- catalog -----------------------------------------------------------------------------------
@@ -88,8 +114,8 @@ class ItemUpsert(Event, Inbound):
     description: str = Field("", max_length=8192)
     category: str = Field("unknown", max_length=128, description="Primary category, used for diversity")
     tags: list[str] = Field(default_factory=list, max_length=64)
-    price: float | None = Field(None, ge=0)
-    in_stock: bool = True
+    price: json_number(float, ge=0) | None = None  # type: ignore[valid-type]
+    in_stock: JsonBool = True
     attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     def text(self) -> str:
@@ -103,7 +129,14 @@ class ItemDelete(Event, Inbound):
     item_id: Id
 
 
-CatalogEvent = Annotated[ItemUpsert | ItemDelete, Field(discriminator="op")]
+def _catalog_op(value: Any) -> str | None:
+    """`op` picks the model; a message without one is an upsert, as its schema's default says."""
+    return value.get("op", "upsert") if isinstance(value, dict) else getattr(value, "op", None)
+
+
+CatalogEvent = Annotated[
+    Annotated[ItemUpsert, Tag("upsert")] | Annotated[ItemDelete, Tag("delete")], Discriminator(_catalog_op)
+]
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -114,8 +147,8 @@ class RequestFilters(Inbound):
 
     categories: list[str] | None = Field(None, description="Only these categories")
     exclude_categories: list[str] = Field(default_factory=list)
-    max_price: float | None = Field(None, ge=0)
-    in_stock_only: bool = True
+    max_price: json_number(float, ge=0) | None = None  # type: ignore[valid-type]
+    in_stock_only: JsonBool = True
     exclude_items: list[Id] = Field(default_factory=list)
 
 
@@ -127,8 +160,16 @@ class RecommendationRequest(Event, Inbound):
     user_id: Id
     session_id: Id | None = None
     query: str | None = Field(None, min_length=1, max_length=1024)
-    k: int = Field(10, ge=1, le=100)
+    k: json_number(int, ge=1, le=100) = 10  # type: ignore[valid-type]
     filters: RequestFilters = Field(default_factory=RequestFilters)
+
+    # the rule below, in the JSON Schema too, so a non-Python client's validator agrees with the worker
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"kind": {"const": "search"}}, "required": ["kind"]},
+            "then": {"required": ["query"]},
+        }
+    )
 
     @model_validator(mode="after")
     def _search_has_text(self) -> RecommendationRequest:
@@ -164,9 +205,13 @@ class BehaviourEvent(Event, Inbound):
     session_id: Id | None = None
     item_id: Id
     request_id: Id | None = Field(None, description="The recommendation/search that showed the item")
-    position: int | None = Field(None, ge=0, description="0-based slot the item was shown in")
-    model_version: str | None = None
-    propensity: float | None = Field(None, gt=0, le=1, description="P(shown here) under the logging policy")
+    position: json_number(int, ge=0) | None = Field(  # type: ignore[valid-type]
+        None, description="0-based slot the item was shown in"
+    )
+    model_version: str | None = Field(None, max_length=128, description="Version that scored what was shown")
+    propensity: json_number(float, gt=0, le=1) | None = Field(  # type: ignore[valid-type]
+        None, description="P(shown here) under the logging policy"
+    )
 
 
 # --- results ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Derived names (dead letters) come from one function, never from string literals 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from recstream.contracts.events import (
     BehaviourEvent,
     CatalogEvent,
     DeadLetter,
+    ItemDelete,
     RankingLog,
     RecommendationRequest,
     RecommendationResult,
@@ -35,6 +37,8 @@ class TopicSpec:
     retention_ms: int = 7 * 24 * 3600 * 1000
     description: str = ""
     retention_bytes: int = -1  # per partition; -1 = bounded by time only
+    # what a tombstone (null value) with this key means; None = nothing, it is dead-lettered
+    tombstone: Callable[[str], Any] | None = field(default=None, compare=False)
     adapter: TypeAdapter = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -61,7 +65,15 @@ def dead_letter_topic(source_topic: str) -> str:
 
 
 CATALOG = TopicSpec(
-    "catalog", CatalogEvent, "item_id", 2, "compact", -1, "Item upserts and deletes (latest state per item)"
+    "catalog",
+    CatalogEvent,
+    "item_id",
+    2,
+    "compact",
+    -1,
+    "Item upserts and deletes (latest state per item); a tombstone (key = item_id, null value), the usual "
+    "delete on a compacted topic, deletes the item like an ItemDelete",
+    tombstone=lambda key: ItemDelete(item_id=key),
 )
 REQUESTS = TopicSpec(
     "requests", RecommendationRequest, "user_id", 4, description="Search queries and recommendation requests"

@@ -38,10 +38,16 @@ def key_of(spec: TopicSpec, model: BaseModel) -> bytes | None:
     return None if key is None else str(key).encode()
 
 
-def decode(spec: TopicSpec, raw: bytes | None, max_bytes: int) -> BaseModel:
-    """Bytes from the wire to a validated model, or InvalidEvent saying why not."""
+def decode(spec: TopicSpec, raw: bytes | None, max_bytes: int, key: bytes | None = None) -> BaseModel:
+    """Bytes from the wire to a validated model, or InvalidEvent saying why not. A tombstone (null
+    value) means what the topic's spec says it means (a catalog delete), given a valid key."""
     if raw is None:
-        raise InvalidEvent("empty", "message has no value (tombstone or null)")
+        if spec.tombstone is None:
+            raise InvalidEvent("empty", "message has no value (tombstone or null)")
+        try:
+            return spec.tombstone(key.decode("utf-8") if key else "")
+        except (ValidationError, UnicodeDecodeError) as exc:
+            raise InvalidEvent("empty", f"a tombstone needs the {spec.key_field} as its key, got {key!r}") from exc
     if len(raw) > max_bytes:
         raise InvalidEvent("oversize", f"{len(raw)} bytes > limit {max_bytes}")
     try:

@@ -82,12 +82,8 @@ class CatalogView:
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         with self._lock:
-            if value is None:  # tombstone
-                if key:
-                    self._items.pop(key.decode("utf-8", "replace"), None)
-                return
             try:
-                event = decode(CATALOG, value, self.settings.max_message_bytes)
+                event = decode(CATALOG, value, self.settings.max_message_bytes, key)
             except InvalidEvent:
                 return  # the catalog indexer dead-letters it; the view just skips it
             if isinstance(event, ItemUpsert):
