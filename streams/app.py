@@ -239,7 +239,7 @@ class StreamContext:
             if owner:
                 EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
             try:
-                out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes, msg.key)))
+                out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes, msg.key, msg.partition)))
             except InvalidEvent as exc:
                 if owner:
                     self.dead_letter(ev, exc.detail, exc.reason)

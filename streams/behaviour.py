@@ -205,7 +205,7 @@ class BehaviourLoop(ConsumerThread):
             partition, offset = msg.partition(), msg.offset()
             positions[partition] = offset + 1
             try:
-                event = decode(BEHAVIOUR, msg.value(), max_bytes)
+                event = decode(BEHAVIOUR, msg.value(), max_bytes, msg.key(), partition)
             except InvalidEvent as exc:
                 self.dead_letter(msg, exc.detail, exc.reason)
                 continue

@@ -260,3 +260,82 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
     assert features.items.popularity == kept and sum(kept.values()) < 13
     assert sum(features.items.trending(["a", "b"], 86_400)) == sum(kept.values()), "day rows left with it"
     store.close()
+
+
+def _java_produce(settings: Settings, topic: str, records: list[tuple[str, str]]) -> dict[str, set[int]]:
+    """Send (key, value) records with a plain Java KafkaProducer (Kafka's default partitioner, the
+    jars the broker runs from); the partitions it reports, per key."""
+    import subprocess
+    from pathlib import Path
+
+    from infra.kafka_broker import install
+
+    source = Path(__file__).parent / "java" / "KeyedProducer.java"
+    out = subprocess.run(
+        ["java", "-cp", f"{install()}/*", str(source), settings.kafka_bootstrap, topic],
+        input="".join(f"{k}\t{v}\n" for k, v in records),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    placed: dict[str, set[int]] = {}
+    for line in out.splitlines():
+        key, partition = line.split("\t")
+        placed.setdefault(key, set()).add(int(partition))
+    return placed
+
+
+def test_java_producers_and_the_sdk_agree_on_partitions_and_nothing_is_lost(settings: Settings) -> None:
+    """A user's clicks written half by a JVM application (Java's default murmur2 partitioner) and
+    half by the SDK reach one partition and are all counted; a click written with librdkafka's
+    default partitioner (CRC32, kcat's default) to another partition is dead-lettered, not lost
+    silently and not applied to the wrong partition's state."""
+    from recstream.kafka.partitioning import partition_for
+    from recstream.kafka.serde import encode
+
+    topic = BEHAVIOUR.name(settings.topic_prefix)
+    group = f"{settings.topic_prefix}behaviour-test"
+    users = [f"user-{i}" for i in range(12)]
+    clicks = lambda start: [  # noqa: E731
+        BehaviourEvent(type="click", user_id=u, item_id=str(start + i), ts_ms=1_000 + start + i)
+        for i in range(6)
+        for u in users
+    ]
+    java = _java_produce(settings, topic, [(e.user_id, encode(e).decode()) for e in clicks(0)])
+    assert java == {u: {partition_for(u.encode(), BEHAVIOUR.partitions)} for u in users}
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", clicks(100))
+    # librdkafka's default partitioner: find a user it places elsewhere, and send one click that way
+    crc = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    misplaced = []
+    for i in range(200):
+        user = f"crc-{i}"
+        event = BehaviourEvent(type="click", user_id=user, item_id="1")
+        crc.produce(topic, key=user.encode(), value=encode(event), on_delivery=lambda err, msg: misplaced.append(msg))
+        crc.flush(10)
+        if misplaced[-1].partition() != partition_for(user.encode(), BEHAVIOUR.partitions):
+            break
+    wrong = misplaced[-1]
+    assert wrong.partition() != partition_for(wrong.key(), BEHAVIOUR.partitions), "CRC32 agreed with murmur2 200 times"
+
+    recorder = Recorder(changelog_topic(f"{settings.topic_prefix}app", "counts"))
+    loop = _loop(settings, recorder, group)
+    try:
+        _wait(lambda: recorder.total() >= 12 * len(users) + len(misplaced) - 1, 60, "events missing")
+        time.sleep(0.3)
+    finally:
+        loop.stop()
+    assert {u: int(recorder.table.data[u.encode()]) for u in users} == {u: 12 for u in users}
+    assert wrong.key().decode() not in recorder.seen
+    dlq = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "dlq", "auto.offset.reset": "earliest"})
+    dlq.subscribe([dead_letter_topic(topic)])
+    letters: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not letters and time.monotonic() < deadline:
+        msg = dlq.poll(0.5)
+        if msg is not None and not msg.error():
+            letters.append(json.loads(msg.value()))
+    dlq.close()
+    assert [x["error_type"] for x in letters] == ["wrong_partition"]
+    assert "murmur2" in letters[0]["error"] and letters[0]["partition"] == wrong.partition()

@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import BaseModel
 
+from recstream.client.producer import producer_config
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
@@ -62,7 +63,7 @@ class EventConsumer:
         self._consumer = Consumer(conf)
         self._closed = False
         self._consumer.subscribe(list(self._specs))
-        self._dlq_producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+        self._dlq_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
         self.dead_letters = DeadLetterSink(
             lambda topic, key, value: self._dlq_producer.produce(topic, key=key, value=value), worker
         )

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
+from recstream.kafka.partitioning import PARTITIONER
 from recstream.kafka.serde import encode, key_of, validate
 from recstream.metrics import EVENTS_OUT, PRODUCE_ERRORS
 
@@ -29,6 +30,8 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,  # retries never duplicate or reorder a user's events
+        # Java's partitioner: a user's events land on one partition whichever client wrote them
+        "partitioner": PARTITIONER,
         "acks": "all",
         # 2 ms lets bursts share a batch without adding visible latency to a 50 ms request budget.
         "linger.ms": 2,

@@ -37,6 +37,9 @@ class TopicSpec:
     retention_ms: int = 7 * 24 * 3600 * 1000
     description: str = ""
     retention_bytes: int = -1  # per partition; -1 = bounded by time only
+    # consumers check that the key is the event's key field and the partition Kafka's murmur2
+    # partitioner gives it (per-user state is per partition); a misplaced event is dead-lettered
+    keyed_placement: bool = False
     # what a tombstone (null value) with this key means; None = nothing, it is dead-lettered
     tombstone: Callable[[str], Any] | None = field(default=None, compare=False)
     adapter: TypeAdapter = field(init=False, repr=False, compare=False)
@@ -76,10 +79,20 @@ CATALOG = TopicSpec(
     tombstone=lambda key: ItemDelete(item_id=key),
 )
 REQUESTS = TopicSpec(
-    "requests", RecommendationRequest, "user_id", 4, description="Search queries and recommendation requests"
+    "requests",
+    RecommendationRequest,
+    "user_id",
+    4,
+    description="Search queries and recommendation requests",
+    keyed_placement=True,
 )
 BEHAVIOUR = TopicSpec(
-    "behaviour", BehaviourEvent, "user_id", 4, description="Impressions, views, clicks, carts, purchases"
+    "behaviour",
+    BehaviourEvent,
+    "user_id",
+    4,
+    description="Impressions, views, clicks, carts, purchases",
+    keyed_placement=True,
 )
 RECOMMENDATIONS = TopicSpec(
     "recommendations", RecommendationResult, "user_id", 4, description="Ranked results for applications"
