@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from fastapi.testclient import TestClient
@@ -282,13 +283,28 @@ def test_health_readiness_metrics_and_openapi(
     client: TestClient, make_settings: Callable[..., Settings], triton_server
 ) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
-    r = client.get("/readyz")  # Kafka up, Triton on a closed port
-    assert r.status_code == 503
-    assert r.json()["kafka"] == "ok" and r.json()["triton"].startswith("down:") and r.json()["ready"] is False
+    r = client.get("/readyz")  # Kafka up, Triton on a closed port: answers come, degraded
+    assert r.status_code == 200
+    assert r.json()["ready"] is True and r.json()["degraded"] is True and r.json()["triton"].startswith("down:")
+    r = client.get("/modelz")
+    assert r.status_code == 503 and r.json()["triton"].startswith("down:")
 
     ok = make_settings(api_keys=KEY, triton_url=triton_server.url)
     with TestClient(create_app(ok, LIMITS, monitor=False, catalog_view=False)) as c:
-        assert c.get("/readyz").json() == {"ready": True, "kafka": "ok", "triton": "ok"}
+        state = c.get("/readyz").json()
+        assert state["ready"] is True and state["kafka"] == "ok" and state["triton"] == "ok"
+        assert set(state["models"]) == {"text_encoder", "item_encoder", "session_encoder", "ranker"}
+        assert state["degraded"] is False and c.get("/modelz").status_code == 200  # every model loaded
+        # a model unloaded: still ready (answers come, in retrieval order), and /modelz names it
+        assert httpx.post(f"http://{triton_server.url}/v2/repository/models/ranker/unload", timeout=30).is_success
+        try:
+            r = c.get("/readyz")
+            assert r.status_code == 200 and r.json()["degraded"] is True
+            r = c.get("/modelz")
+            assert r.status_code == 503 and r.json()["models"]["ranker"].startswith("missing")
+            assert r.json()["models"]["text_encoder"] == "ok"
+        finally:
+            assert httpx.post(f"http://{triton_server.url}/v2/repository/models/ranker/load", timeout=120).is_success
     no_kafka = Settings(api_keys=KEY, kafka_bootstrap="127.0.0.1:9", triton_url=triton_server.url)
     with TestClient(create_app(no_kafka, LIMITS, monitor=False, catalog_view=False)) as c:
         r = c.get("/readyz")

@@ -25,6 +25,9 @@ from tritonclient.utils import InferenceServerException
 LOG = logging.getLogger(__name__)
 
 MODEL_NAME = "text_encoder"
+#: What a deployment serves from model_repo/: query text, item vectors, session vectors, the ranker.
+#: Without one of them answers still come, degraded (retrieval order, or zero-shot vectors).
+SERVED_MODELS = (MODEL_NAME, "item_encoder", "session_encoder", "ranker")
 INPUT_NAME = "TEXT"
 #: Second input of the ``item_encoder`` model (recstream.models.served.ItemEncoder).
 ITEM_ID_INPUT = "ITEM_ID"

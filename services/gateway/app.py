@@ -46,6 +46,7 @@ from recstream.contracts.events import (
 )
 from recstream.contracts.topics import REQUESTS
 from recstream.metrics import CLICKS, IMPRESSIONS
+from recstream.serving.triton_client import SERVED_MODELS
 from services.gateway.background import CatalogView, OpsMonitor
 from services.gateway.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, key_status
 
@@ -115,9 +116,13 @@ class Accepted(BaseModel):
 
 
 class Readiness(BaseModel):
-    ready: bool
+    """/readyz: can this gateway answer at all. /modelz: is every served model there."""
+
+    ready: bool = Field(description="Requests can be answered: Kafka is reachable (answers may be degraded)")
+    degraded: bool = Field(description="Triton or a served model is missing: answers fall back to retrieval")
     kafka: str
     triton: str
+    models: dict[str, str] = Field(default_factory=dict, description="Each served model: ok, or why not")
 
 
 # Item fields without the identity/envelope ones: PUT takes the id from the path.
@@ -240,13 +245,19 @@ class Gateway:
                 kafka = f"down: topic {topic}: {meta.topics[topic].error}"
         except KafkaException as exc:
             kafka = f"down: {exc}"
+        models: dict[str, str] = {}
+        base = f"http://{self.settings.triton_url}/v2"
         try:  # 2 s for the same reason
-            resp = httpx.get(f"http://{self.settings.triton_url}/v2/health/ready", timeout=2.0)
-            if resp.status_code != 200:
-                triton = f"down: /v2/health/ready answered {resp.status_code}"
+            resp = httpx.get(f"{base}/health/ready", timeout=2.0)
+            if resp.status_code != 200:  # tritonserver says not ready while any model is unavailable
+                triton = f"not ready: /v2/health/ready answered {resp.status_code}"
+            for name in SERVED_MODELS:
+                code = httpx.get(f"{base}/models/{name}/ready", timeout=2.0).status_code
+                models[name] = "ok" if code == 200 else f"missing: /v2/models/{name}/ready answered {code}"
         except httpx.HTTPError as exc:
             triton = f"down: {type(exc).__name__}: {exc}"
-        return Readiness(ready=kafka == "ok" and triton == "ok", kafka=kafka, triton=triton)
+        degraded = triton != "ok" or any(v != "ok" for v in models.values())
+        return Readiness(ready=kafka == "ok", degraded=degraded, kafka=kafka, triton=triton, models=models)
 
     def start_background(self, catalog_view: bool, monitor: bool) -> None:
         if catalog_view and self.catalog is None:
@@ -377,9 +388,18 @@ def create_app(
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
     def readyz() -> Response:
-        """Readiness: Kafka metadata reachable AND Triton ready; 503 names whichever is down."""
+        """Readiness for a load balancer: 200 while answers can be served (Kafka reachable), degraded
+        ones included (Triton down: the worker answers in retrieval order, `degraded: true`);
+        503 only when Kafka is unreachable. A model missing is /modelz's signal, not this one's."""
         state = gw.readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    @app.get("/modelz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
+    def modelz() -> Response:
+        """For alerting and deploy checks: 200 only when Triton is up and serves every model of
+        model_repo/ (text_encoder, item_encoder, session_encoder, ranker); 503 names what is missing."""
+        state = gw.readiness()
+        return JSONResponse(state.model_dump(), status_code=503 if state.degraded else 200)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
