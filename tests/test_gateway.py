@@ -226,9 +226,18 @@ def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Se
     assert r.status_code == 413
     r = client.post("/v1/items", json={"item_id": "i1", "title": "t", "description": "d" * 5000}, headers=HEADERS)
     assert r.status_code == 413
-    nothing_published(gw_settings)
     assert client.post("/v1/events", json={"events": [click(i) for i in range(5)]}, headers=HEADERS).status_code == 202
     assert published(gw_settings, "behaviour") == 5
+    # under the body limit but over what the worker takes per message: refused here, not dead-lettered there
+    small = gw_settings.model_copy(update={"max_message_bytes": 1024})
+    with TestClient(create_app(small, LIMITS, monitor=False, catalog_view=False)) as c:
+        attributes = {f"a{i}": "v" * 20 for i in range(60)}  # ~2 KB: fits the 4 KiB body, not 1 KiB
+        r = c.post("/v1/items", json={"item_id": "i1", "title": "t", "attributes": attributes}, headers=HEADERS)
+        assert r.status_code == 413 and "the item is" in r.json()["detail"] and "at most 1024" in r.json()["detail"]
+        assert published(small, "catalog") == 0
+        events = {"events": [click(0), click(1, model_version="m" * 100), click(2, session_id="s" * 100)]}
+        assert c.post("/v1/events", json=events, headers=HEADERS).status_code == 202  # each fits
+    assert published(small, "behaviour") == 5 + 3  # same topics as above
 
 
 def test_events_and_items_land_on_their_topics(client: TestClient, gw_settings: Settings) -> None:

@@ -45,6 +45,7 @@ from recstream.contracts.events import (
     RequestFilters,
 )
 from recstream.contracts.topics import REQUESTS
+from recstream.kafka.serde import encode
 from recstream.metrics import CLICKS, IMPRESSIONS
 from recstream.serving.triton_client import SERVED_MODELS
 from services.gateway.background import CatalogView, OpsMonitor
@@ -136,7 +137,7 @@ ItemFields = create_model(
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No X-API-Key header"},
     403: {"description": "X-API-Key is not a valid key"},
-    413: {"description": "Body larger than max_body_bytes, or batch longer than max_batch"},
+    413: {"description": "Body over max_body_bytes, batch over max_batch, or a message over MAX_MESSAGE_BYTES"},
     503: {"description": "The broker did not acknowledge in time"},
 }
 WAIT_ERRORS = {**ERRORS, 504: {"description": "No stream worker answered within request_timeout_s"}}
@@ -181,7 +182,19 @@ class Gateway:
             return self._admin
 
     def publish(self, topic: str, events: list[BaseModel]) -> None:
-        """Send and wait for the broker's ack; 503 if it does not come within publish_timeout_s."""
+        """Send and wait for the broker's ack; 503 if it does not come within publish_timeout_s.
+
+        Each message must fit the limit the stream worker applies (MAX_MESSAGE_BYTES), checked
+        before anything is sent: a 202 for a message the worker would dead-letter is a lie."""
+        limit = self.settings.max_message_bytes
+        for i, event in enumerate(events):
+            size = len(encode(event))
+            if size > limit:
+                where = f"event {i}" if len(events) > 1 else "the item" if topic == "catalog" else "the event"
+                raise HTTPException(
+                    413,
+                    f"{where} is {size} bytes as a message; the worker takes at most {limit} (MAX_MESSAGE_BYTES)",
+                )
         producer = self.producer
         for event in events:
             producer.send(topic, event)
