@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         "window closes. Slots are forgotten anyway once the window plus 60 s has passed (outcome expired), so "
         "this only caps memory: 200k = 100 s at 200 req/s, k=10; past it the oldest are evicted",
     )
+    event_dedupe_ids: int = Field(
+        100_000,
+        ge=0,
+        description="Behaviour event_ids remembered per partition to drop a client's retried duplicates "
+        "(the last N events of each partition: ~13 min at 500 events/s over 4 partitions)",
+    )
     api_keys: str = Field(
         "",
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),

@@ -27,7 +27,7 @@ import functools
 import heapq
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.metrics import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS, STAGE_LATENCY
+from recstream.metrics import EVENTS_IN, EVENTS_OUT, FEATURE_EVENTS, PRODUCE_ERRORS, STAGE_LATENCY
 from streams.changelog import ChangelogTable, ensure_changelog
 from streams.consumer_threads import ConsumerThread, consumer_config
 
@@ -99,6 +99,7 @@ class BehaviourLoop(ConsumerThread):
         self.group_id = group_id
         self.topic = BEHAVIOUR.name(self.settings.topic_prefix)
         self._positions: dict[int, int] = {}  # partition -> next offset to commit
+        self._event_ids: dict[int, OrderedDict[str, None]] = {}  # partition -> recent event ids
         self._delivery_errors = 0
         self._consumer: Consumer | None = None
         # streams.requests.RequestLoop following this consumer's partitions (co-partitioning)
@@ -198,6 +199,7 @@ class BehaviourLoop(ConsumerThread):
         max_bytes = self.settings.max_message_bytes
         batch: list[Record] = []
         positions = self._positions
+        duplicates = 0
         for msg in msgs:
             if msg.error():
                 log.warning("behaviour consumer: %s", msg.error())
@@ -209,11 +211,30 @@ class BehaviourLoop(ConsumerThread):
             except InvalidEvent as exc:
                 self.dead_letter(msg, exc.detail, exc.reason)
                 continue
+            if self._duplicate(partition, event.event_id):
+                duplicates += 1
+                continue
             batch.append(Record(msg, partition, offset, msg.timestamp()[1] / 1000.0, event))
+        if duplicates:
+            FEATURE_EVENTS.labels(result="duplicate").inc(duplicates)
         EVENTS_IN.labels(topic=self.topic, worker=self.ctx.worker).inc(len(msgs))
         STAGE_LATENCY.labels(stage="behaviour_decode").observe(time.perf_counter() - t0)
         for proc in self.processors:
             proc.process(batch)
+
+    def _duplicate(self, partition: int, event_id: str) -> bool:
+        """True for an event_id seen among the partition's last `event_dedupe_ids` events: a client's
+        retry (after a 503 or a timeout whose write did land) is applied once. (A restart forgets
+        the window; replays after one are the offsets' business.)"""
+        seen = self._event_ids.get(partition)
+        if seen is None:
+            seen = self._event_ids[partition] = OrderedDict()
+        if event_id in seen:
+            return True
+        seen[event_id] = None
+        if len(seen) > self.settings.event_dedupe_ids:
+            seen.popitem(last=False)
+        return False
 
     def dead_letter(self, msg: Message, error: str, error_type: str) -> None:
         self.dead_letters.publish(RefusedMessage.from_confluent(msg), error=error, error_type=error_type)

@@ -339,3 +339,28 @@ def test_java_producers_and_the_sdk_agree_on_partitions_and_nothing_is_lost(sett
     dlq.close()
     assert [x["error_type"] for x in letters] == ["wrong_partition"]
     assert "murmur2" in letters[0]["error"] and letters[0]["partition"] == wrong.partition()
+
+
+def test_a_retried_event_is_applied_once(settings: Settings) -> None:
+    """A client that retries after a 503 or a timeout resends the same event_id: whether or not the
+    first write landed, the worker folds the event once and counts the copy as a duplicate."""
+    from prometheus_client import REGISTRY
+
+    def duplicates() -> float:
+        return REGISTRY.get_sample_value("recstream_feature_events_total", {"result": "duplicate"}) or 0.0
+
+    before = duplicates()
+    events = _events(users=5, per_user=4)
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", events)
+        p.send_many("behaviour", events[:7])  # the retry of a batch whose first write did land
+    recorder = Recorder(changelog_topic(f"{settings.topic_prefix}app", "counts"))
+    loop = _loop(settings, recorder, f"{settings.topic_prefix}behaviour-test")
+    try:
+        _wait(lambda: duplicates() - before >= 7, 60, "the retried copies were not recognised")
+        _wait(lambda: recorder.total() >= len(events), 30, "events missing")
+        time.sleep(0.3)
+    finally:
+        loop.stop()
+    assert recorder.total() == len(events)
+    assert {k: int(v) for k, v in recorder.table.data.items()} == {f"u{u}".encode(): 4 for u in range(5)}

@@ -96,6 +96,13 @@ class EventProducer:
             errors, self._errors = self._errors, []
             raise DeliveryError(f"{len(errors)} messages failed: {errors[:3]}")
 
+    def drop_unsent(self) -> None:
+        """Drop what still waits in the local queue (not what is in flight: that may land), so that
+        a caller told "not written" is not proven wrong by a late write once the broker is back."""
+        self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+        self._producer.poll(0)
+        self._errors.clear()
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush, then release the librdkafka handle: left to the garbage collector, its threads keep
         reconnecting, and logging to stderr, after the broker is gone. What flush could not deliver

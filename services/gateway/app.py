@@ -201,8 +201,14 @@ class Gateway:
         try:
             producer.flush(self.limits.publish_timeout_s)
         except DeliveryError as exc:
+            # what was never sent is dropped, so it is not written after this 503; what was in
+            # flight may still land, which is why behaviour events carry an event_id the worker
+            # deduplicates: a client's retry with the same body never doubles an event
+            producer.drop_unsent()
             log.error("publish to %s failed: %s", topic, exc)
-            raise HTTPException(503, f"the broker did not acknowledge the write: {exc}") from exc
+            raise HTTPException(
+                503, f"the broker did not acknowledge the write: {exc}; retry with the same event_id(s)"
+            ) from exc
 
     def remember(self, result: RecommendationResult) -> None:
         with self._lock:
