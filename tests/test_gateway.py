@@ -288,6 +288,37 @@ def test_search_without_a_worker_is_a_clear_504(client: TestClient, gw_settings:
     assert sorted(e["kind"] for e in requests) == ["recommend", "search"]
 
 
+def test_waiting_queries_hold_no_threads_and_health_is_never_queued(gw_settings: Settings) -> None:
+    """150 searches wait on Kafka at once (no worker: each ends in a 504 at its deadline). They wait
+    on the event loop, not in the 40-thread pool, so all end about one timeout after they arrived,
+    and /healthz answers at once meanwhile."""
+    import asyncio
+
+    app = create_app(gw_settings, LIMITS, monitor=False, catalog_view=False)
+
+    async def run() -> tuple[list[httpx.Response], float, float, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            await c.post("/v1/search", json={"user_id": "warm", "query": "x"}, headers=HEADERS)  # connects
+            t0 = time.monotonic()
+            body = {"user_id": "u1", "query": "space"}
+            waits = [asyncio.create_task(c.post("/v1/search", json=body, headers=HEADERS)) for _ in range(150)]
+            await asyncio.sleep(0.3)
+            h0 = time.monotonic()
+            health = await c.get("/healthz")
+            health_s = time.monotonic() - h0
+            answers = await asyncio.gather(*waits)
+            return answers, time.monotonic() - t0, health_s, health
+
+    try:
+        answers, wall_s, health_s, health = asyncio.run(run())
+    finally:
+        app.state.gateway.close()
+    assert {r.status_code for r in answers} == {504}
+    assert health.status_code == 200 and health_s < 0.5, health_s
+    # 150 waits through 40 threads would take 4 timeouts; on the loop they overlap
+    assert wall_s < 2.5 * LIMITS.request_timeout_s, wall_s
+
+
 def test_health_readiness_metrics_and_openapi(
     client: TestClient, make_settings: Callable[..., Settings], triton_server
 ) -> None:

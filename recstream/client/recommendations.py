@@ -7,6 +7,7 @@ as measured here is the true produce-to-consume time an application would see.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import Future
@@ -74,6 +75,21 @@ class RecommendationClient:
         self.producer.send("requests", request)
         self.producer._producer.poll(0)
         return fut
+
+    def forget(self, request_id: str) -> None:
+        """Stop waiting for `request_id` (its caller gave up); a late result is then ignored."""
+        with self._lock:
+            self._pending.pop(request_id, None)
+
+    async def ask(self, request: RecommendationRequest, deadline: float) -> RecommendationResult:
+        """`request` from an event loop, waiting without a thread until `deadline` (time.monotonic()).
+        Raises TimeoutError at the deadline."""
+        fut = self.submit(request)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self.forget(request.request_id)
+            raise TimeoutError(f"no result for request {request.request_id} by its deadline") from None
 
     def request(self, request: RecommendationRequest, timeout_s: float = 5.0) -> RecommendationResult:
         fut = self.submit(request)

@@ -30,6 +30,7 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
+from starlette.concurrency import run_in_threadpool
 
 from recstream.client import DeliveryError, EventProducer, RecommendationClient
 from recstream.config import Settings
@@ -49,7 +50,13 @@ from recstream.kafka.serde import encode
 from recstream.metrics import CLICKS, IMPRESSIONS
 from recstream.serving.triton_client import SERVED_MODELS
 from services.gateway.background import CatalogView, OpsMonitor
-from services.gateway.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, key_status
+from services.gateway.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    arrival_of,
+    key_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,18 +242,22 @@ class Gateway:
             counter = IMPRESSIONS if e.type == BehaviourType.impression else CLICKS
             counter.labels(model_version=version or claimed or "unknown", arm=arm).inc()
 
-    def ask(self, request: RecommendationRequest) -> GatewayResult:
+    async def ask(self, request: RecommendationRequest, arrival: float) -> GatewayResult:
+        """Publish the request and await its answer on the event loop (no thread waits on Kafka),
+        until request_timeout_s after the request *arrived*: time spent queued counts."""
         try:
-            client = self.client
+            # the first call connects (blocking, up to seconds): off the loop; later calls are instant
+            client = self._client or await run_in_threadpool(lambda: self.client)
         except KafkaException as exc:
             raise HTTPException(503, f"Kafka is unreachable: {exc}") from exc
+        timeout = self.limits.request_timeout_s
         try:
-            result = client.request(request, timeout_s=self.limits.request_timeout_s)
+            result = await client.ask(request, deadline=arrival + timeout)
         except TimeoutError as exc:
-            log.warning("no result for %s within %ss", request.request_id, self.limits.request_timeout_s)
+            log.warning("no result for %s within %ss of its arrival", request.request_id, timeout)
             raise HTTPException(
                 504,
-                f"no recommendation for request {request.request_id} within {self.limits.request_timeout_s}s: "
+                f"no recommendation for request {request.request_id} within {timeout}s: "
                 "is the stream worker (python -m streams.worker) running and caught up?",
             ) from exc
         self.remember(result)
@@ -373,14 +384,14 @@ def create_app(
         return Accepted(accepted=len(events), ids=[e.event_id for e in events])
 
     @app.post("/v1/search", **query)
-    def search(body: SearchBody) -> GatewayResult:
+    async def search(body: SearchBody, request: Request) -> GatewayResult:
         """Text search, ranked by the stream worker for this user/session."""
-        return gw.ask(RecommendationRequest(kind="search", **body.model_dump()))
+        return await gw.ask(RecommendationRequest(kind="search", **body.model_dump()), arrival_of(request))
 
     @app.post("/v1/recommend", **query)
-    def recommend(body: RecommendBody) -> GatewayResult:
+    async def recommend(body: RecommendBody, request: Request) -> GatewayResult:
         """Recommendations for the user's current session."""
-        return gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()))
+        return await gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()), arrival_of(request))
 
     @app.post("/v1/items", **catalog_write)
     def create_item(item: ItemUpsert) -> Accepted:
@@ -401,7 +412,7 @@ def create_app(
         return Accepted(accepted=1, ids=[item_id])
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:  # on the event loop: never queued behind threaded work
         """Liveness: the process is up and serving HTTP (checks nothing else, so it never flaps)."""
         return {"status": "ok"}
 
@@ -421,7 +432,7 @@ def create_app(
         return JSONResponse(state.model_dump(), status_code=503 if state.degraded else 200)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

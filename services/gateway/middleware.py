@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 
+from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,8 +73,18 @@ def key_status(presented: str | None, keys: Sequence[str]) -> int | None:
     return None if ok else 403
 
 
+ARRIVAL = "arrival_monotonic"
+
+
+def arrival_of(request: Request) -> float:
+    """When the request reached the gateway (time.monotonic()): deadlines count from here, so time
+    spent waiting for a worker thread or the event loop is part of the budget."""
+    return float(request.scope.get("state", {}).get(ARRIVAL, time.monotonic()))
+
+
 class MetricsMiddleware:
-    """Count and time every request by route template (not raw path: item ids would explode cardinality)."""
+    """Stamp each request's arrival; count and time every request by route template (not the raw
+    path: item ids would explode cardinality)."""
 
     def __init__(self, app: ASGIApp, routes: Callable[[], Sequence[BaseRoute]]) -> None:
         self.app = app
@@ -90,6 +101,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})[ARRIVAL] = time.monotonic()
         route, status, t0 = self._route(scope), 500, time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
