@@ -112,6 +112,20 @@ def _tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def bench_settings(bootstrap: str, triton: object) -> Settings:
+    """A fresh topic prefix and Qdrant folder on the bench's broker and tritonserver."""
+    prefix = f"b{uuid.uuid4().hex[:8]}."
+    return Settings(
+        kafka_bootstrap=bootstrap,
+        topic_prefix=prefix,
+        triton_url=triton.url,  # type: ignore[attr-defined]
+        triton_grpc_url=triton.grpc_url,  # type: ignore[attr-defined]
+        qdrant_path=RUN / f"qdrant-{prefix.rstrip('.')}",
+        run_dir=RUN / "worker",
+        log_level="WARNING",
+    )
+
+
 def _start_stack(args: argparse.Namespace):
     from infra.kafka_broker import KafkaBroker
     from infra.triton_server import TritonServer
@@ -164,18 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     broker, bootstrap, triton, ranker_note = _start_stack(args)
     worker = None
     try:
-        prefix = f"b{uuid.uuid4().hex[:8]}."
-        snapshot = RUN / "qdrant-catalog"
-        qdrant = RUN / f"qdrant-{prefix.rstrip('.')}"
-        settings = Settings(
-            kafka_bootstrap=bootstrap,
-            topic_prefix=prefix,
-            triton_url=triton.url,
-            triton_grpc_url=triton.grpc_url,
-            qdrant_path=qdrant,
-            run_dir=RUN / "worker",
-            log_level="WARNING",
-        )
+        settings = bench_settings(bootstrap, triton)
+        prefix, qdrant, snapshot = settings.topic_prefix, settings.qdrant_path, RUN / "qdrant-catalog"
         ensure_topics(settings)
         items = catalog_events(data.items)
         have_snapshot = snapshot.exists()

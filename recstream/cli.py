@@ -327,17 +327,61 @@ def train(
     version: int = typer.Option(0, help="version number to write (0 = one past the newest of each model)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
+    export_if_worse: bool = typer.Option(
+        False, help="export even when a simple baseline beats the trained models on validation"
+    ),
 ) -> None:
     """Train the served models (item encoder, session encoder, ranker) on DATASET's leave-last-out
-    training part and write them as Triton model versions; prints their validation figures."""
+    training part and write them as Triton model versions; prints their validation figures beside
+    item-knn's and popularity's, and refuses to export models that lose to either on validation."""
     from recstream.models.bundle import export_bundle, train_bundle
     from recstream.models.training import configure_threads
 
     _setup_logging()
     configure_threads(threads or None)
     bundle = train_bundle(dataset, seed=seed)
+    check = _validation_against_baselines(bundle)
+    typer.echo(json.dumps({"stats": bundle.stats, "validation_ndcg10": check}, indent=2))
+    ours = check["served (retrieval + ranker)"]
+    better = {name: v for name, v in check.items() if not name.startswith("served") and v > ours}
+    if better and not export_if_worse:
+        typer.echo(
+            f"not exported: on {dataset}'s validation cases {', '.join(better)} beat the trained models "
+            f"(NDCG@10 {ours:.4f} against {', '.join(f'{v:.4f}' for v in better.values())}); serving them would "
+            "be worse than the simple baseline. --export-if-worse overrides.",
+            err=True,
+        )
+        raise typer.Exit(2)
     written = export_bundle(bundle, model_repo or get_settings().model_repo, version or None)
-    typer.echo(json.dumps({"stats": bundle.stats, "written": {k: str(v) for k, v in written.items()}}, indent=2))
+    typer.echo(json.dumps({"written": {k: str(v) for k, v in written.items()}}, indent=2))
+
+
+def _validation_against_baselines(bundle: object) -> dict[str, float]:
+    """Validation NDCG@10 (full ranking) of the trained pair and of item-knn and popularity fitted on
+    the same training part: the choice to serve is made on validation, never on test."""
+    from recstream.eval.baselines import ItemKNN, Popularity
+    from recstream.eval.metrics import evaluate
+    from recstream.models.ranker import RankingContext, request_times, rerank_scores, split_events
+
+    split = bundle.split  # type: ignore[attr-defined]
+    valid = split.cases("valid")
+    ctx = RankingContext(
+        split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist(),
+        split.train_seqs,
+        split.n_items,
+        split_events(split),
+    )
+    ranker = bundle.ranker  # type: ignore[attr-defined]
+    depth = int(ranker.meta.config.get("rerank_depth", 50))
+
+    def served(users: object, histories: list) -> object:
+        times = request_times(split, users, histories)
+        return rerank_scores(ranker, bundle.retrieval, ctx, histories, depth, times)  # type: ignore[attr-defined]
+
+    out = {"served (retrieval + ranker)": evaluate(served, valid)["NDCG@10"]}
+    for name, model in (("item-knn", ItemKNN()), ("popularity", Popularity())):
+        out[name] = evaluate(model.fit(split), valid)["NDCG@10"]
+    return {k: round(float(v), 4) for k, v in out.items()}
 
 
 @models_app.command("promote")

@@ -73,3 +73,15 @@ def test_texts_are_the_catalog_upserts_texts(bundle) -> None:
 def test_an_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises((FileNotFoundError, ValueError)):
         train_bundle(str(tmp_path / "nothing-here"), work_dir=tmp_path / "work")
+
+
+def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None:
+    """`make train` serves only what beats item-knn and popularity on validation: the figure it
+    judges the trained pair by is the ranker's own validation figure, recomputed the serving way."""
+    from recstream.cli import _validation_against_baselines
+
+    trained, _ = bundle
+    check = _validation_against_baselines(trained)
+    assert set(check) == {"served (retrieval + ranker)", "item-knn", "popularity"}
+    assert all(0.0 <= v <= 1.0 for v in check.values())
+    assert check["served (retrieval + ranker)"] == pytest.approx(trained.stats["ranker_valid_ndcg10"], abs=1e-4)
