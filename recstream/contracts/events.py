@@ -16,6 +16,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 SCHEMA_VERSION = 1
 #: 9999-12-31T23:59:59.999Z: a timestamp past it is a unit mistake (1e23 was accepted once)
 MAX_TS_MS = 253_402_300_799_999
+#: Deepest slot a shown item can have (endless scrolling included)
+MAX_POSITION = 1_000_000
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
 
@@ -96,7 +98,9 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Contract version of this message")
+    schema_version: Annotated[Literal[1], BeforeValidator(_json_number)] = Field(  # true == 1 in Python: refused
+        SCHEMA_VERSION, description="Contract version of this message"
+    )
     ts_ms: json_number(int, ge=0, le=MAX_TS_MS) = Field(  # type: ignore[valid-type]
         default_factory=now_ms, description="Event time, Unix milliseconds"
     )
@@ -124,9 +128,18 @@ class ItemUpsert(Event, Inbound):
         return " | ".join(p for p in parts if p)
 
 
+def _op_required(schema: dict[str, Any]) -> None:
+    schema["required"] = sorted({*schema.get("required", []), "op"})
+
+
 class ItemDelete(Event, Inbound):
+    """Remove one item. On the wire `op: "delete"` is required (without `op` a message is an upsert);
+    in Python it is the default."""
+
     op: Literal["delete"] = "delete"
     item_id: Id
+
+    model_config = ConfigDict(json_schema_extra=_op_required)
 
 
 def _catalog_op(value: Any) -> str | None:
@@ -167,7 +180,7 @@ class RecommendationRequest(Event, Inbound):
     model_config = ConfigDict(
         json_schema_extra={
             "if": {"properties": {"kind": {"const": "search"}}, "required": ["kind"]},
-            "then": {"required": ["query"]},
+            "then": {"required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}}},
         }
     )
 
@@ -205,7 +218,7 @@ class BehaviourEvent(Event, Inbound):
     session_id: Id | None = None
     item_id: Id
     request_id: Id | None = Field(None, description="The recommendation/search that showed the item")
-    position: json_number(int, ge=0) | None = Field(  # type: ignore[valid-type]
+    position: json_number(int, ge=0, le=MAX_POSITION) | None = Field(  # type: ignore[valid-type]
         None, description="0-based slot the item was shown in"
     )
     model_version: str | None = Field(None, max_length=128, description="Version that scored what was shown")
