@@ -5,16 +5,21 @@
 Starts a Kafka broker, tritonserver and `python -m streams.worker` (all agents, Qdrant local mode)
 next to this load generator, on the same cores. Phases:
 
-1. catalog: the MovieLens-100k items through the catalog topic (indexed once, then the Qdrant
-   directory is reused from run/bench/ on later runs: it is set-up, not what is measured);
+1. catalog: the MovieLens-100k items through the catalog topic, embedded by the item encoder
+   Triton serves (set-up, not measured);
 2. throughput: N behaviour events produced as fast as possible; events_per_s = N / time until
    the worker's feature counter reaches N (sustained into features, not just into Kafka);
 3. mixed load at fixed rates: requests at --rps (90 % 'recommend', 10 % 'search' over a fixed
    set of query texts) and behaviour at --events-rps, for --duration-s. Latency is query ->
    recommendation as the client SDK sees it (RecommendationClient: produce to consume);
-   freshness is event produce -> session features updated, from the worker's histogram.
+   freshness is event produce -> session features updated, from the worker's histogram;
+4. capacity: the same mixed load at each of --capacity-steps (default 50, 100, 200, 400
+   requests/s, --step-s each, stopping at the first that fails): `capacity_req_per_s` is the
+   highest rate whose p99 stays <= 50 ms with no degraded or unanswered request.
 
-Writes bench/results/stream.json.
+CPU is reported as what a planner needs on any machine: `cpu_ms_per_request` (mixed phase, per
+process: worker, tritonserver, kafka, load generator) and `cpu_ms_per_1k_events` (throughput
+phase, per process). Writes bench/results/stream.json.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ from recstream.contracts.events import RecommendationRequest
 from recstream.kafka.serde import encode
 
 RUN = REPO_ROOT / "run" / "bench"
+#: what each capacity step keeps in stream.json
+STEP_KEYS = (
+    "latency_ms_p50",
+    "latency_ms_p99",
+    "degraded_share",
+    "requests_unanswered",
+    "empty_answers",
+    "cpu_cores",
+    "cpu_ms_per_request",
+)
 QUERIES = [
     "star wars",
     "romantic comedy",
@@ -160,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-events", type=int, default=50_000)
     ap.add_argument("--search-share", type=float, default=0.1)
     ap.add_argument("--ranker", default="auto", help="worker --ranker: auto, triton or inprocess")
+    ap.add_argument(
+        "--capacity-steps",
+        default="50,100,200,400",
+        help="offered rates of the capacity search (stops at the first over p99 50 ms or degraded); '' = none",
+    )
+    ap.add_argument("--step-s", type=float, default=20.0, help="seconds per capacity step")
     ap.add_argument("--name", default="stream", help="results file bench/results/NAME.json")
     args = ap.parse_args(argv)
 
@@ -179,29 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     worker = None
     try:
         settings = bench_settings(bootstrap, triton)
-        prefix, qdrant, snapshot = settings.topic_prefix, settings.qdrant_path, RUN / "qdrant-catalog"
+        prefix = settings.topic_prefix
         ensure_topics(settings)
         items = catalog_events(data.items)
-        have_snapshot = snapshot.exists()
-        if have_snapshot:
-            shutil.copytree(snapshot, qdrant)
         worker = WorkerProcess(settings, RUN / "worker.log", ["--ranker", args.ranker]).start(ready_timeout_s=180)
         print(f"stack up in {time.time() - t_start:.0f}s (ranker: {ranker_note})", flush=True)
 
-        # 1. catalog ------------------------------------------------------------------------------------
+        # 1. catalog: indexed through the catalog topic by the item encoder Triton serves, every run
+        # (a reused index from another encoder version would be re-embedded from an empty topic)
         t0 = time.time()
-        if not have_snapshot:
-            with EventProducer(settings) as p:
-                p.send_many("catalog", items)
-            while worker.metric("recstream_indexed_items") < len(items):
-                time.sleep(1)
-                if time.time() - t0 > 300:
-                    raise TimeoutError("catalog not indexed in 300 s")
-            print(
-                f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s", flush=True
-            )
-        else:
-            print(f"catalog: reusing the indexed Qdrant directory {snapshot}", flush=True)
+        with EventProducer(settings) as p:
+            p.send_many("catalog", items)
+        while worker.metric("recstream_indexed_items") < len(items):
+            time.sleep(1)
+            if time.time() - t0 > 300:
+                raise TimeoutError("catalog not indexed in 300 s")
+        print(f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s", flush=True)
 
         # 2. throughput -------------------------------------------------------------------------------
         events = list(behaviour_events(data.interactions))
@@ -210,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         payloads = [(e.user_id.encode(), encode(e)) for e in events[:n]]
         base = worker.metric("recstream_feature_events_total", 'result="applied"')
         producer = EventProducer(settings, worker="bench", **{"linger.ms": 5})
+        procs = {"worker": worker.proc.pid, "tritonserver": triton._proc.pid, "kafka": broker._proc.pid}
+        cpu_throughput0 = {name: _tree_cpu_seconds(pid) for name, pid in procs.items()}
+        cpu_throughput0["load_generator"] = _cpu_seconds(os.getpid())
         cpu0 = _cpu_seconds(worker.proc.pid)
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
@@ -223,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise TimeoutError("features did not catch up in 240 s")
         t_applied = time.perf_counter() - t0
         worker_cpu = _cpu_seconds(worker.proc.pid) - cpu0
+        cpu_throughput = {name: _tree_cpu_seconds(pid) - cpu_throughput0[name] for name, pid in procs.items()}
+        cpu_throughput["load_generator"] = _cpu_seconds(os.getpid()) - cpu_throughput0["load_generator"]
+        cpu_per_1k_events = {k: round(v * 1000 * 1000 / n, 2) for k, v in cpu_throughput.items()}
         events_per_s = n / t_applied
         print(
             f"throughput: {n} events produced in {t_produced:.1f}s, applied in {t_applied:.1f}s "
@@ -232,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         # 3. mixed fixed-rate load ------------------------------------------------------------------
-        if not have_snapshot:  # keep the indexed catalog for later runs (the worker still holds it: copy files)
-            shutil.copytree(qdrant, snapshot, dirs_exist_ok=True)
         client = RecommendationClient(settings)
         users = sorted({e.user_id for e in events[:n]})
         rng = random.Random(0)
@@ -246,118 +264,167 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"!! query {q!r} still answered degraded after 60 s of warm-up", flush=True)
                     break
                 time.sleep(0.5)
-        text_before = worker.metrics()
-        fresh_before = _quantile_from_histogram(text_before, "recstream_feature_freshness_seconds")[1]
-        e2e_series = ',stage="request_e2e_at_publish"'
-        e2e_before = _quantile_from_histogram(text_before, "recstream_stage_latency_seconds", labels=e2e_series)[1]
-        stop = threading.Event()
-        sent_events = [0]
 
-        def behaviour_load() -> None:
-            limiter = RateLimiter(args.events_rps)
-            i = n
-            while not stop.is_set():
-                key, value = (events[i % len(events)].user_id.encode(), encode(events[i % len(events)]))
-                producer.send_raw(topic, key, value)
-                sent_events[0] += 1
-                i += 1
+        def mixed(rps: float, duration_s: float) -> dict:
+            """Requests at `rps` beside behaviour at --events-rps for `duration_s`: latency, freshness,
+            degraded answers, and CPU by process, per request and as cores."""
+            text_before = worker.metrics()
+            fresh_before = _quantile_from_histogram(text_before, "recstream_feature_freshness_seconds")[1]
+            e2e_series = ',stage="request_e2e_at_publish"'
+            e2e_before = _quantile_from_histogram(text_before, "recstream_stage_latency_seconds", labels=e2e_series)[1]
+            stop = threading.Event()
+            sent_events = [0]
+
+            def behaviour_load() -> None:
+                limiter = RateLimiter(args.events_rps)
+                i = n
+                while not stop.is_set():
+                    key, value = (events[i % len(events)].user_id.encode(), encode(events[i % len(events)]))
+                    producer.send_raw(topic, key, value)
+                    sent_events[0] += 1
+                    i += 1
+                    limiter.wait()
+
+            cpu_before = {name: _tree_cpu_seconds(pid) for name, pid in procs.items()}
+            cpu_before["load_generator"] = _cpu_seconds(os.getpid())
+            load_mixed0 = os.getloadavg()[0]
+            loader = threading.Thread(target=behaviour_load, daemon=True)
+            loader.start()
+            latencies: list[float] = []
+            results = []
+            lock = threading.Lock()
+            limiter = RateLimiter(rps)
+            t0 = time.perf_counter()
+            futures = []
+            while time.perf_counter() - t0 < duration_s:
+                user = rng.choice(users)
+                if rng.random() < args.search_share:
+                    req = RecommendationRequest(user_id=user, kind="search", query=rng.choice(QUERIES), k=10)
+                else:
+                    req = RecommendationRequest(user_id=user, k=10)
+                sent = time.perf_counter()
+                fut = client.submit(req)
+
+                def done(f, sent=sent) -> None:
+                    now = time.perf_counter()
+                    with lock:
+                        latencies.append((now - sent) * 1000)
+                        results.append(f.result())
+
+                fut.add_done_callback(done)
+                futures.append(fut)
                 limiter.wait()
+            elapsed = time.perf_counter() - t0
+            cpu_cores = {name: (_tree_cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in procs.items()}
+            cpu_cores["load_generator"] = (_cpu_seconds(os.getpid()) - cpu_before["load_generator"]) / elapsed
+            load_mixed1 = os.getloadavg()[0]
+            stop.set()
+            loader.join(5)
+            deadline = time.perf_counter() + 10
+            while len(latencies) < len(futures) and time.perf_counter() < deadline:
+                time.sleep(0.05)
+            metrics_text = worker.metrics()
+            fresh_p99, _ = _quantile_from_histogram(metrics_text, "recstream_feature_freshness_seconds", fresh_before)
+            # Where the tail is: produce -> the worker publishing the answer (the rest is Kafka delivery
+            # to the client and the client itself).
+            worker_e2e = {
+                f"p{int(q * 100)}": round(
+                    _quantile_from_histogram(
+                        metrics_text, "recstream_stage_latency_seconds", e2e_before, labels=e2e_series, q=q
+                    )[0]
+                    * 1000,
+                    1,
+                )
+                for q in (0.5, 0.95, 0.99)
+            }
+            lost = len(futures) - len(latencies)
+            lat = np.array(latencies) if latencies else np.array([float("nan")])
+            degraded = sum(r.degraded for r in results)
+            empty = sum(not r.items for r in results)
+            stages = {}
+            import re
 
-        procs = {"worker": worker.proc.pid, "tritonserver": triton._proc.pid, "kafka": broker._proc.pid}
-        cpu_before = {name: _tree_cpu_seconds(pid) for name, pid in procs.items()}
-        cpu_before["load_generator"] = _cpu_seconds(os.getpid())
-        load_mixed0 = os.getloadavg()[0]
-        loader = threading.Thread(target=behaviour_load, daemon=True)
-        loader.start()
-        latencies: list[float] = []
-        results = []
-        lock = threading.Lock()
-        limiter = RateLimiter(args.rps)
-        t0 = time.perf_counter()
-        futures = []
-        while time.perf_counter() - t0 < args.duration_s:
-            user = rng.choice(users)
-            if rng.random() < args.search_share:
-                req = RecommendationRequest(user_id=user, kind="search", query=rng.choice(QUERIES), k=10)
-            else:
-                req = RecommendationRequest(user_id=user, k=10)
-            sent = time.perf_counter()
-            fut = client.submit(req)
+            for m in re.finditer(r'^recstream_stage_latency_seconds_sum\{stage="([^"]+)"\} (\S+)$', metrics_text, re.M):
+                cnt = re.search(
+                    rf'^recstream_stage_latency_seconds_count\{{stage="{m.group(1)}"\}} (\S+)$', metrics_text, re.M
+                )
+                if cnt and float(cnt.group(1)):
+                    stages[m.group(1)] = round(float(m.group(2)) / float(cnt.group(1)) * 1000, 3)
+            lat_ms = {f"latency_ms_p{q}": round(float(np.percentile(lat, q)), 2) for q in (50, 95, 99)}
+            return {
+                **lat_ms,
+                "requests_per_s": round(len(latencies) / elapsed, 1),
+                "cpu_cores": {k: round(v, 3) for k, v in cpu_cores.items()},
+                "cpu_ms_per_request": {k: round(v * 1000 / max(rps, 1e-9), 2) for k, v in cpu_cores.items()},
+                "freshness_ms_p99": round(fresh_p99 * 1000, 1),
+                "worker_request_to_publish_ms": worker_e2e,
+                "degraded_share": round(degraded / max(len(results), 1), 4),
+                "empty_answers": empty,
+                "requests_sent": len(futures),
+                "requests_unanswered": lost,
+                "behaviour_events": sent_events[0],
+                "behaviour_rate_per_s": round(sent_events[0] / elapsed, 0),
+                "load_average_start_end": [round(load_mixed0, 2), round(load_mixed1, 2)],
+                "model_versions": sorted({r.model_version for r in results}),
+                "worker_stage_mean_ms": stages,
+                "duration_s": round(elapsed, 1),
+            }
 
-            def done(f, sent=sent) -> None:
-                now = time.perf_counter()
-                with lock:
-                    latencies.append((now - sent) * 1000)
-                    results.append(f.result())
-
-            fut.add_done_callback(done)
-            futures.append(fut)
-            limiter.wait()
-        elapsed = time.perf_counter() - t0
-        cpu_cores = {name: (_tree_cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in procs.items()}
-        cpu_cores["load_generator"] = (_cpu_seconds(os.getpid()) - cpu_before["load_generator"]) / elapsed
-        load_mixed1 = os.getloadavg()[0]
-        stop.set()
-        loader.join(5)
-        deadline = time.perf_counter() + 10
-        while len(latencies) < len(futures) and time.perf_counter() < deadline:
-            time.sleep(0.05)
-        metrics_text = worker.metrics()
-        fresh_p99, _ = _quantile_from_histogram(metrics_text, "recstream_feature_freshness_seconds", fresh_before)
-        # Where the tail is: produce -> the worker publishing the answer (the rest is Kafka delivery
-        # to the client and the client itself).
-        worker_e2e = {
-            f"p{int(q * 100)}": round(
-                _quantile_from_histogram(
-                    metrics_text, "recstream_stage_latency_seconds", e2e_before, labels=e2e_series, q=q
-                )[0]
-                * 1000,
-                1,
+        run = mixed(args.rps, args.duration_s)
+        # capacity: the highest offered rate whose p99 stays within 50 ms with no degraded answer
+        steps = []
+        for rate in [float(r) for r in args.capacity_steps.split(",") if r.strip()]:
+            step = mixed(rate, args.step_s)
+            ok = step["latency_ms_p99"] <= 50 and step["degraded_share"] == 0 and step["requests_unanswered"] == 0
+            ok = ok and step["empty_answers"] == 0
+            steps.append({"rate": rate, "ok": ok, **{k: step[k] for k in STEP_KEYS}})
+            print(
+                f"capacity step {rate:.0f} req/s: p99 {step['latency_ms_p99']} ms, degraded "
+                f"{step['degraded_share']}, {'ok' if ok else 'over'}",
+                flush=True,
             )
-            for q in (0.5, 0.95, 0.99)
-        }
-        lost = len(futures) - len(latencies)
-        lat = np.array(latencies) if latencies else np.array([float("nan")])
-        degraded = sum(r.degraded for r in results)
-        stages = {}
-        import re
-
-        for m in re.finditer(r'^recstream_stage_latency_seconds_sum\{stage="([^"]+)"\} (\S+)$', metrics_text, re.M):
-            cnt = re.search(
-                rf'^recstream_stage_latency_seconds_count\{{stage="{m.group(1)}"\}} (\S+)$', metrics_text, re.M
-            )
-            if cnt and float(cnt.group(1)):
-                stages[m.group(1)] = round(float(m.group(2)) / float(cnt.group(1)) * 1000, 3)
+            if not ok:
+                break
+        capacity = max([st["rate"] for st in steps if st["ok"]], default=0.0)
         result = {
-            "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
-            "latency_ms_p95": round(float(np.percentile(lat, 95)), 2),
-            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2),
-            "requests_per_s": round(len(latencies) / elapsed, 1),
+            "capacity_req_per_s": capacity,
+            "cpu_ms_per_request": run["cpu_ms_per_request"],
+            "cpu_ms_per_1k_events": cpu_per_1k_events,
+            **{k: run[k] for k in ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "requests_per_s")},
             "events_per_s": round(events_per_s, 0),
             "events_per_worker_cpu_s": round(n / worker_cpu, 0),
             "load_average_at_throughput_start": round(load0, 2),
-            "load_average_mixed_start_end": [round(load_mixed0, 2), round(load_mixed1, 2)],
-            "cpu_cores_during_mixed": {k: round(v, 3) for k, v in cpu_cores.items()},
-            "freshness_ms_p99": round(fresh_p99 * 1000, 1),
-            "worker_request_to_publish_ms": worker_e2e,
-            "degraded_share": round(degraded / max(len(results), 1), 4),
-            "requests_sent": len(futures),
-            "requests_unanswered": lost,
-            "behaviour_events_during_mixed": sent_events[0],
-            "behaviour_rate_during_mixed_per_s": round(sent_events[0] / elapsed, 0),
+            "load_average_mixed_start_end": run["load_average_start_end"],
+            "cpu_cores_during_mixed": run["cpu_cores"],
+            "freshness_ms_p99": run["freshness_ms_p99"],
+            "worker_request_to_publish_ms": run["worker_request_to_publish_ms"],
+            "degraded_share": run["degraded_share"],
+            "requests_sent": run["requests_sent"],
+            "requests_unanswered": run["requests_unanswered"],
+            "empty_answers": run["empty_answers"],
+            "behaviour_events_during_mixed": run["behaviour_events"],
+            "behaviour_rate_during_mixed_per_s": run["behaviour_rate_per_s"],
+            "capacity_steps": steps,
             "search_share": args.search_share,
-            "duration_s": round(elapsed, 1),
+            "duration_s": run["duration_s"],
             "ranker": ranker_note if args.ranker == "auto" else args.ranker,
-            "model_versions": sorted({r.model_version for r in results}),
-            "worker_stage_mean_ms": stages,
-            "targets": {"latency_ms_p99": 50, "requests_per_s": 200, "events_per_s": 20000, "freshness_ms_p99": 100},
-            "machine": "2 cores shared by Kafka, tritonserver, worker and this load generator",
+            "model_versions": run["model_versions"],
+            "worker_stage_mean_ms": run["worker_stage_mean_ms"],
+            "targets": {
+                "capacity_req_per_s": 200,
+                "latency_ms_p99": 50,
+                "events_per_s": 30000,
+                "freshness_ms_p99": 50,
+                "kafka_cores_at_200_req_per_s": 0.25,
+            },
+            "machine": f"{os.cpu_count()} cores shared by Kafka, tritonserver, worker and this load generator",
         }
         client.close()
         producer.flush(30)
         rows = [
             {"metric": k, "value": result[k], "target": result["targets"].get(k, "-")}
             for k in (
+                "capacity_req_per_s",
                 "latency_ms_p50",
                 "latency_ms_p95",
                 "latency_ms_p99",
@@ -368,9 +435,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         ]
         print_table(f"stream bench (bench/results/{args.name}.json)", rows, ["metric", "value", "target"])
-        print("worker stage means (ms):", json.dumps(stages))
+        print("worker stage means (ms):", json.dumps(run["worker_stage_mean_ms"]))
         print("CPU cores used during the mixed phase:", json.dumps(result["cpu_cores_during_mixed"]))
-        print("worker request produce -> answer published (ms):", json.dumps(worker_e2e))
+        print("CPU-ms per request:", json.dumps(result["cpu_ms_per_request"]))
+        print("CPU-ms per 1,000 behaviour events (throughput phase):", json.dumps(cpu_per_1k_events))
+        print("worker request produce -> answer published (ms):", json.dumps(run["worker_request_to_publish_ms"]))
         write_result(args.name, result)
         return 0
     finally:
