@@ -361,27 +361,16 @@ def _validation_against_baselines(bundle: object) -> dict[str, float]:
     the same training part: the choice to serve is made on validation, never on test."""
     from recstream.eval.baselines import ItemKNN, Popularity
     from recstream.eval.metrics import evaluate
-    from recstream.models.ranker import RankingContext, request_times, rerank_scores, split_events
+    from recstream.models.bundle import BundleRecommender
 
     split = bundle.split  # type: ignore[attr-defined]
     valid = split.cases("valid")
-    ctx = RankingContext(
-        split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist(),
-        split.train_seqs,
-        split.n_items,
-        split_events(split),
-    )
-    ranker = bundle.ranker  # type: ignore[attr-defined]
-    depth = int(ranker.meta.config.get("rerank_depth", 50))
-
-    def served(users: object, histories: list) -> object:
-        times = request_times(split, users, histories)
-        return rerank_scores(ranker, bundle.retrieval, ctx, histories, depth, times)  # type: ignore[attr-defined]
-
-    out = {"served (retrieval + ranker)": evaluate(served, valid)["NDCG@10"]}
-    for name, model in (("item-knn", ItemKNN()), ("popularity", Popularity())):
-        out[name] = evaluate(model.fit(split), valid)["NDCG@10"]
-    return {k: round(float(v), 4) for k, v in out.items()}
+    models = {
+        "served (retrieval + ranker)": BundleRecommender().attach(bundle),  # type: ignore[arg-type]
+        "item-knn": ItemKNN().fit(split),
+        "popularity": Popularity().fit(split),
+    }
+    return {name: round(float(evaluate(model, valid)["NDCG@10"]), 4) for name, model in models.items()}
 
 
 @models_app.command("promote")

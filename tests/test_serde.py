@@ -120,3 +120,19 @@ def test_feedback_on_an_answer_carries_what_ties_it_to_the_answer() -> None:
         assert tie == ("r9", "u9", "s9", "3", 0.5)
         assert decode(BEHAVIOUR, encode(ev), LIMIT) == ev  # valid on the behaviour topic's contract
     assert (click.type, click.item_id, click.position) == ("click", "i2", 2)
+
+
+def test_the_sdk_refuses_what_the_worker_would_dead_letter_for_size() -> None:
+    """One size limit: an event larger as a message than MAX_MESSAGE_BYTES is refused before it is
+    sent (the gateway turns this into a 413), instead of being written and then dead-lettered."""
+    from recstream.client.producer import EventProducer, MessageTooLarge
+    from recstream.config import Settings
+
+    producer = EventProducer(Settings(kafka_bootstrap="127.0.0.1:9", max_message_bytes=1024))
+    try:
+        small = producer.prepare("catalog", ItemUpsert(item_id="i1", title="t"))
+        assert small.topic.endswith("catalog") and small.key == b"i1" and len(small.value) <= 1024
+        with pytest.raises(MessageTooLarge, match="at most 1024"):
+            producer.prepare("catalog", ItemUpsert(item_id="i1", title="t", description="d" * 2000))
+    finally:
+        producer.close(0)

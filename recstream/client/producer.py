@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, Message, Producer
 from pydantic import BaseModel
@@ -24,6 +24,24 @@ log = logging.getLogger(__name__)
 
 class DeliveryError(RuntimeError):
     """The broker did not acknowledge one or more messages."""
+
+
+class MessageTooLarge(ValueError):
+    """An event larger as a message than the stream worker takes: sending it would only make a dead letter."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes as a message; the worker takes at most {limit} (MAX_MESSAGE_BYTES)")
+        self.size = size
+        self.limit = limit
+
+
+class Outgoing(NamedTuple):
+    """One validated, encoded event and where it goes."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    model: BaseModel
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -63,12 +81,21 @@ class EventProducer:
     def topic_for(self, logical: str) -> str:
         return TOPICS[logical].name(self.settings.topic_prefix)
 
-    def send(self, logical_topic: str, event: BaseModel | dict[str, Any]) -> BaseModel:
-        """Validate and enqueue one event; returns the validated model (ids filled in)."""
+    def prepare(self, logical_topic: str, event: BaseModel | dict[str, Any]) -> Outgoing:
+        """Validate and encode one event for its topic, without sending it. Raises MessageTooLarge
+        when the stream worker would refuse it (MAX_MESSAGE_BYTES, the limit the worker applies)."""
         spec: TopicSpec = TOPICS[logical_topic]
         model = validate(spec, event)
-        self.send_raw(spec.name(self.settings.topic_prefix), key_of(spec, model), encode(model))
-        return model
+        value = encode(model)
+        if len(value) > self.settings.max_message_bytes:
+            raise MessageTooLarge(len(value), self.settings.max_message_bytes)
+        return Outgoing(spec.name(self.settings.topic_prefix), key_of(spec, model), value, model)
+
+    def send(self, logical_topic: str, event: BaseModel | dict[str, Any]) -> BaseModel:
+        """Validate and enqueue one event; returns the validated model (ids filled in)."""
+        out = self.prepare(logical_topic, event)
+        self.send_raw(out.topic, out.key, out.value)
+        return out.model
 
     def send_many(self, logical_topic: str, events: Iterable[BaseModel | dict[str, Any]]) -> int:
         n = 0

@@ -11,7 +11,16 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 #: 9999-12-31T23:59:59.999Z: a timestamp past it is a unit mistake (1e23 was accepted once)
@@ -56,7 +65,9 @@ class Inbound(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
+    def _valid_unicode(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.mode == "json":  # pydantic's JSON parser already refuses lone surrogates (malformed JSON)
+            return data
         bad = _unencodable(data)
         if bad:
             raise ValueError(f"{bad}: text is not valid Unicode (lone surrogate)")

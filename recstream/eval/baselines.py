@@ -248,7 +248,6 @@ class SASRecConfig(EarlyStopConfig):
     lr: float = 3e-3
     weight_decay: float = 0.0
     batch_size: int = 128
-    text_dim: int = Field(0, description="> 0: item embedding = ID embedding + projection of the item's text vector")
 
 
 class _SASRecNet(nn.Module):
@@ -419,9 +418,7 @@ class SASRecText(SASRecID):
         super().fit(split)
         # an item never trained keeps its random ID init: zero it, so text alone places it
         seen = np.zeros(split.n_items + 1, dtype=bool)
-        seen[
-            np.concatenate([np.asarray(s, dtype=np.int64) for s in split.train_seqs] or [np.zeros(0, np.int64)]) + 1
-        ] = True
+        seen[split.train["item_idx"].to_numpy(np.int64) + 1] = True
         with torch.no_grad():
             self.net.item.weight[torch.as_tensor(~seen)] = 0.0
         return self

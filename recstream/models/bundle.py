@@ -208,10 +208,15 @@ class BundleRecommender:
         self.info: dict[str, Any] = {}
 
     def fit(self, split: Any) -> BundleRecommender:
+        work = self.work_root / split_fingerprint(split)[:16] / f"seed{self.seed}"
+        return self.attach(train_bundle_on(split, self.seed, work))
+
+    def attach(self, bundle: TrainedBundle) -> BundleRecommender:
+        """Score with an already trained bundle (`make train` judges the one it is about to export)."""
         from recstream.models.ranker import RankingContext, split_events
 
-        work = self.work_root / split_fingerprint(split)[:16] / f"seed{self.seed}"
-        self.bundle = train_bundle_on(split, self.seed, work)
+        split = bundle.split
+        self.bundle = bundle
         self.split = split
         self.ctx = RankingContext(item_categories(split), split.train_seqs, split.n_items, split_events(split))
         self.depth = int(self.bundle.ranker.meta.config.get("rerank_depth", SERVED_DEPTH))

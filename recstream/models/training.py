@@ -94,8 +94,9 @@ def data_hash(*frames: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-#: The packages whose code decides what a training run produces (data, splits, models, metrics).
-TRAINING_CODE = ("recstream/data", "recstream/models", "recstream/eval")
+#: The code that decides what a training run produces: data, splits, models, metrics, and the
+#: trending feature the ranker learns from.
+TRAINING_CODE = ("recstream/data", "recstream/models", "recstream/eval", "recstream/recommend/trending.py")
 
 
 def code_version() -> str:
@@ -103,8 +104,9 @@ def code_version() -> str:
     split or metric retrains instead of silently reusing old weights (a commit that touches only
     the streams or the services keeps the caches)."""
     h = hashlib.sha256()
-    for pkg in TRAINING_CODE:
-        for path in sorted((REPO_ROOT / pkg).rglob("*.py")):
+    for part in TRAINING_CODE:
+        root = REPO_ROOT / part
+        for path in [root] if root.is_file() else sorted(root.rglob("*.py")):
             h.update(str(path.relative_to(REPO_ROOT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]

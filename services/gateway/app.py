@@ -29,24 +29,23 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from recstream.client import DeliveryError, EventProducer, RecommendationClient
+from recstream.client.producer import MessageTooLarge
 from recstream.config import Settings
 from recstream.contracts.events import (
     BehaviourEvent,
     BehaviourType,
-    Id,
     Inbound,
     ItemDelete,
     ItemUpsert,
     RecommendationRequest,
     RecommendationResult,
-    RequestFilters,
+    SearchQuery,
 )
 from recstream.contracts.topics import REQUESTS
-from recstream.kafka.serde import encode
 from recstream.metrics import CLICKS, IMPRESSIONS
 from recstream.serving.triton_client import SERVED_MODELS
 from services.gateway.background import CatalogView, OpsMonitor
@@ -93,23 +92,25 @@ class GatewayLimits(BaseModel):
     publish_timeout_s: float = Field(10.0, gt=0, description="How long a write waits for the broker's ack")
 
 
-class SearchBody(Inbound):
-    """A text search for one user (optionally within a session)."""
-
-    user_id: Id
-    session_id: Id | None = None
-    query: str = Field(min_length=1, max_length=1024)
-    k: int = Field(10, ge=1, le=100)
-    filters: RequestFilters = Field(default_factory=RequestFilters)
+def _body(name: str, doc: str, contract: type[BaseModel], fields: set[str]) -> type[BaseModel]:
+    """An HTTP body made of the contract's own field definitions (types, bounds, descriptions), so
+    the gateway takes exactly what the worker takes; unknown fields are refused (Inbound)."""
+    picked = {n: (f.annotation, f) for n, f in contract.model_fields.items() if n in fields}
+    return create_model(name, __base__=Inbound, __doc__=doc, **picked)  # type: ignore[call-overload]
 
 
-class RecommendBody(Inbound):
-    """'More for this user/session', from the session's live features."""
-
-    user_id: Id
-    session_id: Id | None = None
-    k: int = Field(10, ge=1, le=100)
-    filters: RequestFilters = Field(default_factory=RequestFilters)
+SearchBody = _body(
+    "SearchBody",
+    "A text search for one user (optionally within a session).",
+    SearchQuery,
+    {"user_id", "session_id", "query", "k", "filters"},
+)
+RecommendBody = _body(
+    "RecommendBody",
+    "'More for this user/session', from the session's live features.",
+    RecommendationRequest,
+    {"user_id", "session_id", "k", "filters"},
+)
 
 
 class GatewayResult(RecommendationResult):
@@ -135,11 +136,13 @@ class Readiness(BaseModel):
 
 # Item fields without the identity/envelope ones: PUT takes the id from the path.
 _ITEM_ENVELOPE = {"item_id", "op", "schema_version", "ts_ms"}
-ItemFields = create_model(
+ItemFields = _body(
     "ItemFields",
-    __base__=Inbound,
-    **{name: (f.annotation, f) for name, f in ItemUpsert.model_fields.items() if name not in _ITEM_ENVELOPE},
+    "An item's fields; the id comes from the path.",
+    ItemUpsert,
+    set(ItemUpsert.model_fields) - _ITEM_ENVELOPE,
 )
+
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No X-API-Key header"},
@@ -193,18 +196,16 @@ class Gateway:
 
         Each message must fit the limit the stream worker applies (MAX_MESSAGE_BYTES), checked
         before anything is sent: a 202 for a message the worker would dead-letter is a lie."""
-        limit = self.settings.max_message_bytes
-        for i, event in enumerate(events):
-            size = len(encode(event))
-            if size > limit:
-                where = f"event {i}" if len(events) > 1 else "the item" if topic == "catalog" else "the event"
-                raise HTTPException(
-                    413,
-                    f"{where} is {size} bytes as a message; the worker takes at most {limit} (MAX_MESSAGE_BYTES)",
-                )
         producer = self.producer
-        for event in events:
-            producer.send(topic, event)
+        outgoing = []
+        for i, event in enumerate(events):
+            try:
+                outgoing.append(producer.prepare(topic, event))
+            except MessageTooLarge as exc:
+                where = f"event {i}" if len(events) > 1 else "the item" if topic == "catalog" else "the event"
+                raise HTTPException(413, f"{where} is {exc}") from exc
+        for out in outgoing:
+            producer.send_raw(out.topic, out.key, out.value)
         try:
             producer.flush(self.limits.publish_timeout_s)
         except DeliveryError as exc:
@@ -353,7 +354,7 @@ def create_app(
 
     EventBatch = create_model(  # a class, built here because max_batch is per app
         "EventBatch",
-        __base__=Inbound,
+        __config__=ConfigDict(extra="forbid"),  # each event is Inbound itself: no second walk
         events=(Annotated[list[BehaviourEvent], Field(min_length=1, max_length=limits.max_batch)], ...),
     )
 
@@ -384,12 +385,12 @@ def create_app(
         return Accepted(accepted=len(events), ids=[e.event_id for e in events])
 
     @app.post("/v1/search", **query)
-    async def search(body: SearchBody, request: Request) -> GatewayResult:
+    async def search(body: SearchBody, request: Request) -> GatewayResult:  # type: ignore[valid-type]
         """Text search, ranked by the stream worker for this user/session."""
         return await gw.ask(RecommendationRequest(kind="search", **body.model_dump()), arrival_of(request))
 
     @app.post("/v1/recommend", **query)
-    async def recommend(body: RecommendBody, request: Request) -> GatewayResult:
+    async def recommend(body: RecommendBody, request: Request) -> GatewayResult:  # type: ignore[valid-type]
         """Recommendations for the user's current session."""
         return await gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()), arrival_of(request))
 
