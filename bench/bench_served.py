@@ -71,8 +71,9 @@ def _before_repo(tmp: Path) -> Path:
     return repo
 
 
-def run_stack(model_repo: Path, split, history, rps: float, label: str) -> dict:
-    """One fresh stack over `model_repo`: catalog, history replay, one request per test user."""
+def run_stack(model_repo: Path, split, history, rps: float, label: str, queries: dict[str, str] | None = None) -> dict:
+    """One fresh stack over `model_repo`: catalog, history replay, one request per test user (a
+    search with the user's query where `queries` is given, for those users only)."""
     from bench.bench_stream import _cpu_seconds, _tree_cpu_seconds
     from infra.kafka_broker import KafkaBroker
     from infra.triton_server import TritonServer
@@ -133,6 +134,8 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str) -> dict:
 
         last_ts = history.groupby(history["user_id"].astype(str))["ts"].max().to_dict()
         users = [split.user_ids[u] for u in split.test["user_idx"]]
+        if queries is not None:
+            users = [u for u in users if u in queries]
         client = RecommendationClient(settings)
         limiter = RateLimiter(rps)
         futures = []
@@ -141,7 +144,11 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str) -> dict:
         cpu0["load_generator"] = _cpu_seconds(os.getpid())
         t0 = time.perf_counter()
         for user in users:
-            req = RecommendationRequest(user_id=user, k=K, ts_ms=int(last_ts[user]) * 1000)
+            ts_ms = int(last_ts[user]) * 1000
+            if queries is None:
+                req = RecommendationRequest(user_id=user, k=K, ts_ms=ts_ms)
+            else:
+                req = RecommendationRequest(user_id=user, k=K, ts_ms=ts_ms, kind="search", query=queries[user])
             futures.append(client.submit(req))
             limiter.wait()
         results = [fut.result(timeout=60) for fut in futures]
@@ -231,19 +238,131 @@ def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
     return metrics_from_ranks(ranks, ks=(K,)), ranks, {"metrics": as_served_metrics, "ranks": np.array(shown_ranks)}
 
 
+def score_offline_search(split, model_repo: Path) -> tuple[dict[str, str], dict, np.ndarray, dict]:
+    """Search cases of bench-search (category queries of the test targets) scored in-process by the
+    served text_encoder version with the fusion weights it ships: as the protocol ranks (history
+    excluded, popularity over train) and as the stack answers (nothing excluded: a search shows
+    seen items; popularity over train + validation, what the stack replayed; top 10)."""
+    from recstream.eval.metrics import metrics_from_ranks, target_ranks
+    from recstream.models.bundle import serving_item_texts
+    from recstream.models.encoder import version_text_encoder
+    from recstream.models.export import TEXT_ENCODER, latest_version_dir
+    from recstream.models.served import ServedRetrieval
+    from recstream.models.training import read_meta
+    from recstream.search.protocol import category_cases
+    from recstream.search.query_encoder import dense_scores, encode_cases
+    from recstream.search.scoring import BM25Index, fuse
+    from recstream.search.served import SearchWeights
+
+    vdir = latest_version_dir(model_repo, TEXT_ENCODER)
+    meta = read_meta(vdir)
+    if meta is None or "search_weights" not in meta.extra:
+        raise SystemExit(f"{vdir} ships no search weights: run `make bench-search ARGS=--export` first")
+    w = SearchWeights.from_bench(meta.extra["search_weights"])
+    cases = category_cases(split, "test")
+    texts = serving_item_texts(split)
+    retrieval = ServedRetrieval.from_repo(model_repo, texts, [str(i) for i in split.item_ids])
+    items = retrieval.item_vectors.numpy()
+    dense = dense_scores(encode_cases(version_text_encoder(vdir).encode, cases), items)
+    bm25 = BM25Index(texts).scores(cases.queries)
+    session = retrieval.score_index(cases.histories)
+
+    def fused(counts: np.ndarray) -> np.ndarray:
+        pop = np.broadcast_to(np.log1p(counts).astype(np.float32)[None, :], dense.shape)
+        return fuse([(1.0, dense), (w.lexical, bm25), (w.popularity, pop), (w.session, session)])
+
+    train_counts = np.bincount(split.train["item_idx"], minlength=split.n_items)
+    ranks = target_ranks(fused(train_counts), cases.targets, cases.histories)
+    replayed = train_counts + np.bincount(split.valid["item_idx"], minlength=split.n_items)
+    shown = target_ranks(fused(replayed), cases.targets)
+    shown = np.where(shown < K, shown, 10**6)
+    users = [split.user_ids[u] for u in cases.users]
+    queries = dict(zip(users, cases.queries, strict=True))
+    as_served = {"metrics": metrics_from_ranks(shown, ks=(K,)), "ranks": shown, "version": vdir.name, "weights": w}
+    return queries, metrics_from_ranks(ranks, ks=(K,)), ranks, as_served
+
+
+def main_search(args) -> int:
+    """`--kind search`: the served search through the real stack against the same configuration
+    offline (bench/results/served_search.json)."""
+    from bench.common import print_table, write_result
+    from recstream.data.datasets import load_dataset
+    from recstream.data.split import leave_last_out
+
+    split = leave_last_out(load_dataset("ml-100k"))
+    history = _history_rows(split)
+    queries, offline, offline_ranks, as_served = score_offline_search(split, args.model_repo)
+    print(f"offline search (text_encoder v{as_served['version']}): NDCG@10 {offline['NDCG@10']:.4f}", flush=True)
+    run = run_stack(args.model_repo, split, history, args.rps, "search", queries=queries)
+    results = run.pop("results")
+    served, served_ranks = score_served(split, results)
+    by_user = dict(zip([r.user_id for r in results], served_ranks, strict=True))
+    served_ranks = np.array([by_user[u] for u in queries])
+
+    def gains(r: np.ndarray) -> np.ndarray:
+        return np.where(r < K, 1.0 / np.log2(r + 2.0), 0.0)
+
+    def paired(diff: np.ndarray) -> dict:
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        return {
+            "diff": round(float(diff.mean()), 4),
+            "se": round(se, 4),
+            "ci95": [round(float(diff.mean()) + z * se, 4) for z in (-1.96, 1.96)],
+        }
+
+    result = {
+        "served_ndcg10": round(served["NDCG@10"], 4),
+        "served_hr10": round(served["HR@10"], 4),
+        "offline_ndcg10": round(offline["NDCG@10"], 4),
+        "offline_as_served_ndcg10": round(as_served["metrics"]["NDCG@10"], 4),
+        "served_minus_offline_as_served_ndcg10": paired(gains(served_ranks) - gains(as_served["ranks"])),
+        "served_minus_offline_ndcg10": paired(gains(served_ranks) - gains(offline_ranks)),
+        "n_cases": len(served_ranks),
+        "text_encoder_version": as_served["version"],
+        "search_weights": as_served["weights"].model_dump(),
+        "latency_ms_p50": run["latency_ms_p50"],
+        "latency_ms_p99": run["latency_ms_p99"],
+        "run": run,
+        "offline_metric": "bench-search's category protocol: full ranking, the user's history excluded, "
+        "popularity over train",
+        "offline_as_served_metric": "the same scores with nothing excluded (a search shows seen items) and "
+        "popularity over train + validation (what the stack replayed); rank within the top 10",
+        "served_metric": "rank of the test item in the 10 items the worker published for the search; not shown = miss",
+        "protocol": "ml-100k leave-last-out test cases with category words; history = train + validation replayed "
+        "through Kafka in time order; one search per user (query = the target's genres) at the event time of "
+        "the user's last history interaction",
+    }
+    rows = [
+        {"path": "served search (real stack)", "NDCG@10": result["served_ndcg10"], "HR@10": result["served_hr10"]},
+        {"path": "offline as served", "NDCG@10": result["offline_as_served_ndcg10"]},
+        {"path": "offline (protocol)", "NDCG@10": result["offline_ndcg10"], "HR@10": round(offline["HR@10"], 4)},
+    ]
+    print_table(
+        f"served search, {len(served_ranks)} cases (bench/results/{args.name}.json)", rows, ["path", "NDCG@10", "HR@10"]
+    )
+    print("search run:", json.dumps(run, default=str))
+    write_result(args.name, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rps", type=float, default=50.0, help="recommend requests per second")
     ap.add_argument("--model-repo", type=Path, default=REPO_ROOT / "model_repo")
     ap.add_argument("--skip-before", action="store_true", help="only the served configuration")
-    ap.add_argument("--name", default="served")
+    ap.add_argument("--name", default=None, help="result name (default: served, or served_search)")
+    ap.add_argument("--kind", choices=["recommend", "search"], default="recommend")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.kind == "search":
+        args.name = args.name or "served_search"
+        return main_search(args)
+    args.name = args.name or "served"
 
     from bench.common import print_table, write_result
     from recstream.data.datasets import load_dataset
     from recstream.data.split import leave_last_out
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     split = leave_last_out(load_dataset("ml-100k"))
     history = _history_rows(split)
     t0 = time.time()

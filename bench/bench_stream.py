@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             loader = threading.Thread(target=behaviour_load, daemon=True)
             loader.start()
             latencies: list[float] = []
+            kinds: list[str] = []
             results = []
             lock = threading.Lock()
             limiter = RateLimiter(rps)
@@ -305,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 sent = time.perf_counter()
                 fut = client.submit(req)
 
-                def done(f, sent=sent) -> None:
+                def done(f, sent=sent, kind=req.kind) -> None:
                     now = time.perf_counter()
                     with lock:
                         latencies.append((now - sent) * 1000)
+                        kinds.append(kind)
                         results.append(f.result())
 
                 fut.add_done_callback(done)
@@ -351,8 +353,22 @@ def main(argv: list[str] | None = None) -> int:
                 if cnt and float(cnt.group(1)):
                     stages[m.group(1)] = round(float(m.group(2)) / float(cnt.group(1)) * 1000, 3)
             lat_ms = {f"latency_ms_p{q}": round(float(np.percentile(lat, q)), 2) for q in (50, 95, 99)}
+            by_kind = {}
+            for kind in ("recommend", "search"):
+                got = np.array([v for v, k in zip(latencies, kinds, strict=True) if k == kind])
+                answers = [r for r in results if r.kind == kind]
+                by_kind[kind] = {
+                    "requests": len(got),
+                    **{
+                        f"latency_ms_p{q}": round(float(np.percentile(got, q)), 2) if len(got) else None
+                        for q in (50, 99)
+                    },
+                    "degraded": sum(r.degraded for r in answers),
+                    "model_versions": sorted({r.model_version for r in answers}),
+                }
             return {
                 **lat_ms,
+                "by_kind": by_kind,
                 "requests_per_s": round(len(latencies) / elapsed, 1),
                 "cpu_cores": {k: round(v, 3) for k, v in cpu_cores.items()},
                 "cpu_ms_per_request": {k: round(v * 1000 / max(rps, 1e-9), 2) for k, v in cpu_cores.items()},
@@ -397,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_mixed_start_end": run["load_average_start_end"],
             "cpu_cores_during_mixed": run["cpu_cores"],
             "freshness_ms_p99": run["freshness_ms_p99"],
+            "by_kind": run["by_kind"],
+            "search_latency_ms_p99": run["by_kind"]["search"]["latency_ms_p99"],
             "worker_request_to_publish_ms": run["worker_request_to_publish_ms"],
             "degraded_share": run["degraded_share"],
             "requests_sent": run["requests_sent"],

@@ -79,6 +79,9 @@ class VectorStore:
         self.alias = collection
         self.collection = collection  # the physical collection behind the alias (set by ensure_collection)
         self.dim = dim
+        #: Bumped by every write through this object: readers that keep derived state (the hybrid
+        #: search's catalogue statistics) know when to rebuild it.
+        self.revision = 0
         if settings.qdrant_url:
             self.client = QdrantClient(url=settings.qdrant_url, timeout=SERVER_TIMEOUT_S)
             self.mode = "server"
@@ -191,6 +194,7 @@ class VectorStore:
             self._tune_local_storage()
         if old != self.alias and self.client.collection_exists(old):
             self.client.delete_collection(old)
+        self.revision += 1
         log.info("item vectors switched from %s to %s (%d items)", old, new, len(items))
 
     # --- writes -------------------------------------------------------------------------------
@@ -199,6 +203,7 @@ class VectorStore:
         """Items are payload dicts with at least item_id; replaying the same upsert is a no-op."""
         if items:
             self._write(self.collection, self._index, items, vectors)
+            self.revision += 1
 
     def _write(
         self, collection: str, index: _ReadIndex | None, items: Sequence[dict[str, Any]], vectors: np.ndarray
@@ -220,6 +225,7 @@ class VectorStore:
         if self._index is not None:
             for i in item_ids:
                 self._index.remove(i)
+        self.revision += 1
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -279,6 +285,20 @@ class VectorStore:
             ],
         )
         return [[_hit(p, p.score) for p in r.points] for r in res]
+
+    def snapshot(self) -> list[Hit]:
+        """Every item with its vector and payload (catalogue-wide statistics; a full scan)."""
+        if self._index is not None:
+            return self._index.search(None, len(self._index.row_of), None)
+        out: list[Hit] = []
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, limit=1024, offset=offset, with_payload=True, with_vectors=True
+            )
+            out += [_hit(p, 0.0) for p in points]
+            if offset is None:
+                return out
 
     def scroll(self, limit: int, filt: CandidateFilter | None = None, with_vectors: bool = True) -> list[Hit]:
         """Any `limit` items passing `filt` (no query vector: a cold user with no session yet)."""

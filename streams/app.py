@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ APP_VERSION = 1
 ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
 
 
+#: Seconds between attempts to read the text_encoder's search weights while Triton cannot say.
+HYBRID_RETRY_S = 10.0
+
+
 def app_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}{APP_NAME}-v{APP_VERSION}"
 
@@ -63,6 +68,8 @@ class StreamContext:
     _item_embedder: Any = None
     _session_encoder: Any = None
     _session_vectors: Any = None
+    _hybrid_search: Any = None
+    _hybrid_retry_at: float = 0.0
     _ranker: Any = None
     _policy: Any = None
     _rng: Any = None
@@ -130,6 +137,25 @@ class StreamContext:
                 log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_MODEL)
                 self._session_encoder = False
         return self._session_encoder or None
+
+    @property
+    def hybrid_search(self):
+        """streams.hybrid_search.LiveHybridSearch when the served text_encoder ships search weights
+        (a fine-tuned query encoder from `make bench-search --export`), else None. Chosen once."""
+        if self._hybrid_search is None and time.monotonic() >= self._hybrid_retry_at:
+            from streams.hybrid_search import LiveHybridSearch
+            from streams.inference import ModelUnavailable
+
+            try:
+                weights = self.embedder.search_weights()
+            except ModelUnavailable as exc:
+                self._hybrid_retry_at = time.monotonic() + HYBRID_RETRY_S
+                log.warning("search weights unknown for now (%s); searches go through the ranker", exc)
+                return None
+            self._hybrid_search = LiveHybridSearch(self, weights, self.embedder.served_tag()) if weights else False
+            if weights:
+                log.info("searches are answered by the hybrid search (%s, %s)", self._hybrid_search.version, weights)
+        return self._hybrid_search or None
 
     @property
     def session_vectors(self):

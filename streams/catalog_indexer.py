@@ -46,6 +46,7 @@ def payload_of(item: ItemUpsert) -> dict:
         "price": item.price,
         "in_stock": item.in_stock,
         "tags": list(item.tags),
+        "description": item.description,
         "updated_at": item.ts_ms,
     }
 

@@ -60,6 +60,20 @@ class TritonTextEmbedder:
         tag = served_version(self._client._client, self.model)
         return tag if "-v" in tag else ""
 
+    def search_weights(self):
+        """The hybrid-search weights the served version's config carries (None: no hybrid search);
+        raises ModelUnavailable when Triton cannot say (the caller asks again later)."""
+        from recstream.search.served import SearchWeights
+
+        cfg = model_config(self._client._client, self.model)
+        if not cfg:
+            raise ModelUnavailable(f"{self.model}: config unavailable")
+        try:
+            return SearchWeights.from_model_config(cfg)
+        except ValueError as exc:
+            log.error("%s: unreadable search weights, searches go through the ranker: %s", self.model, exc)
+            return None
+
     def cached(self, text: str) -> np.ndarray | None:
         with self._lock:
             vec = self._cache.get(text)

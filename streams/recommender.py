@@ -31,7 +31,8 @@ from recstream.kafka.serde import encode
 from recstream.metrics import DEGRADED, STAGE_LATENCY
 from recstream.recommend.candidates import build_filter
 from recstream.recommend.lexical import lexical_score
-from recstream.recommend.rerank import diversify, keep_new_items_in_place
+from recstream.recommend.rerank import diversify as diversify_list
+from recstream.recommend.rerank import keep_new_items_in_place
 from recstream.recommend.scoring import Candidate, RankContext
 from streams.app import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
@@ -237,6 +238,8 @@ class _Pending:
     history: np.ndarray | None = None  # the session's item vectors, oldest first (session encoder input)
     order: np.ndarray | None = None  # what the list is ordered by, when not the scores themselves
     session: Any = None  # the SessionState the request was answered from
+    hybrid: Any = None  # recstream.search.served.HybridSearch a search is scored by (None: the ranker)
+    lexical: np.ndarray | None = None  # the search's BM25 scores over the hybrid snapshot
 
 
 def _context(
@@ -289,10 +292,16 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
     t0 = time.perf_counter()
     store = ctx.store
     searches: list[tuple[_Pending, np.ndarray]] = []
+    live = ctx.hybrid_search if any(p.req.query and p.rctx.query_vec is not None for p in pending) else None
+    hybrid = live.current() if live is not None else None
     for p in pending:
         req, rctx = p.req, p.rctx
         limit = _limit(ctx, req)
-        if req.query and rctx.query_vec is None:  # degraded search: no query vector
+        if hybrid is not None and req.query and rctx.query_vec is not None and p.degraded is None:
+            # the served search: one vector search for the fused dense + session terms, plus BM25's best
+            p.hybrid, p.lexical, p.version = hybrid, hybrid.lexical(req.query), f"{live.version}+hybrid"
+            searches.append((p, hybrid.retrieval_vector(rctx.query_vec, rctx.session_vec)))
+        elif req.query and rctx.query_vec is None:  # degraded search: no query vector
             hits = await _read(ctx, store.scroll, LEXICAL_SCAN, p.filt)
             for h in hits:
                 h.score = lexical_score(req.query, h.payload)
@@ -307,6 +316,8 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
         found = await _read(ctx, store.search_many, [(vec, _limit(ctx, p.req), p.filt) for p, vec in searches])
         for (p, _), hits in zip(searches, found, strict=True):
             p.hits = hits
+            if p.hybrid is not None:
+                p.hits += await _lexical_hits(ctx, p, {h.item_id for h in hits})
     lookup = ctx.tables.get("_item_lookup")
     popularity = lookup.popularity if lookup is not None else {}
     for p in pending:
@@ -330,12 +341,40 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
         STAGE_LATENCY.labels(stage="retrieve").observe(elapsed)
 
 
+async def _lexical_hits(ctx: StreamContext, p: _Pending, have: set[str]) -> list[Any]:
+    """BM25's best items a vector search did not return, that the request's filter allows."""
+    ids = [i for i in p.hybrid.lexical_top(p.lexical, _limit(ctx, p.req)) if i not in have]
+    if not ids:
+        return []
+    found = await _read(ctx, ctx.store.retrieve, ids)
+    return [found[i] for i in ids if i in found and p.filt.allows(i, found[i].payload)]
+
+
+def _score_searches(searches: list[_Pending]) -> None:
+    """Hybrid-search scores (the fused score offline evaluation tunes) with each signal as a reason."""
+    for p in searches:
+        try:
+            c = p.candidates
+            vectors = np.stack([x.vector for x in c]) if c else np.zeros((0, 384), np.float32)
+            popularity = np.array([x.popularity for x in c])
+            ids = [x.item_id for x in c]
+            scored = p.hybrid.score(p.rctx.query_vec, p.rctx.session_vec, p.lexical, ids, vectors, popularity)
+            p.scores, p.reasons = scored.scores, scored.reasons
+            # a search's retrieval_score is the query's cosine with the item, as without the hybrid
+            for x, cos in zip(c, vectors @ p.rctx.query_vec.astype(np.float32), strict=True):
+                x.retrieval_score = float(cos)
+        except Exception as exc:
+            p.error = exc
+
+
 async def _rank(ctx: StreamContext, prepared: list[_Pending]) -> None:
     """Scores for every prepared request: in-process one by one, on Triton one call per
-    `ranker.max_batch` requests (the calls of one batch run concurrently in the thread pool)."""
+    `ranker.max_batch` requests (the calls of one batch run concurrently in the thread pool);
+    searches that the hybrid search retrieved are scored by it."""
     t0 = time.perf_counter()
     ranker = ctx.ranker
-    todo = [p for p in prepared if p.degraded is None]
+    _score_searches([p for p in prepared if p.degraded is None and p.hybrid is not None])
+    todo = [p for p in prepared if p.degraded is None and p.hybrid is None]
     timeout_s = ctx.settings.triton_timeout_s
     if isinstance(ranker, InProcessRanker):
         for p in todo:
@@ -400,9 +439,12 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     policy = ctx.policy
     feedback = ctx.policy_feedback
     pool: list[tuple[Candidate, float]] = []
-    if policy.name == "greedy" or (feedback is not None and p.degraded is not None):
-        # Degraded answers carry retrieval scores, not ranker logits: a learning policy must neither
-        # rank by them nor learn from what they showed, so these answers are greedy.
+    # A search shows what it asked for: no category cap (as bench-search scores it); lists do.
+    diversify = partial(diversify_list, max_share=1.0, penalty=0.0) if p.hybrid is not None else diversify_list
+    if policy.name == "greedy" or (feedback is not None and (p.degraded is not None or p.hybrid is not None)):
+        # Degraded answers carry retrieval scores and searches fused search scores, not ranker logits:
+        # a learning policy must neither rank by them nor learn from what they showed, so these
+        # answers are greedy.
         slots = [(c, logit_of[c.item_id], GREEDY_PROPENSITY) for c, _ in diversify(candidates, scores, req.k)]
     elif feedback is not None:
         # A policy that learns click lifts needs the ranker's logits (its base click probability) and

@@ -36,8 +36,8 @@ def test_a_new_item_encoder_version_is_switched_in_without_a_failed_answer(
     from infra.triton_server import TritonServer
     from recstream.continual.registry import TritonModelControl
     from recstream.kafka.admin import ensure_topics
-    from recstream.models.encoder import TextEncoder
-    from recstream.models.export import export_item_encoder, export_session_encoder
+    from recstream.models.encoder import TextEncoder, version_text_encoder
+    from recstream.models.export import TEXT_ENCODER, export_item_encoder, export_session_encoder, latest_version_dir
 
     repo = tmp_path / "model_repo"
     for name in ("text_encoder", ITEM_ENCODER, SESSION_ENCODER, "ranker"):
@@ -121,7 +121,8 @@ def test_a_new_item_encoder_version_is_switched_in_without_a_failed_answer(
     last = [res for t, res in answers if res.kind == "search" and t > switched_at][-1]
     hit = next(i for i in last.items if i.item_id == items[10].item_id)
     text = TextEncoder(max_seq_length=old.max_text_len).encode([items[10].text()])[0]
-    assert hit.retrieval_score == pytest.approx(float(TextEncoder().encode([query])[0] @ text), abs=2e-3)
+    q = version_text_encoder(latest_version_dir(repo, TEXT_ENCODER)).encode([query])[0]  # what Triton serves
+    assert hit.retrieval_score == pytest.approx(float(q @ text), abs=2e-3)
     first = next(res for _, res in answers if res.kind == "search")
     before = next(i for i in first.items if i.item_id == items[10].item_id)
     assert abs(before.retrieval_score - hit.retrieval_score) > 0.005, "the first answers already had v2 vectors"

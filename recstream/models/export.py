@@ -487,3 +487,51 @@ def export_session_encoder(encoder: object, meta: object, model_repo: Path, vers
 def _params(params: dict[str, str]) -> str:
     """config.pbtxt `parameters` entries a client reads with get_model_config."""
     return "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items())
+
+
+TEXT_ENCODER = "text_encoder"
+
+
+def export_query_encoder(
+    adapter_dir: Path, meta: object, model_repo: Path, weights: object, version: int | None = None
+) -> Path:
+    """A new `text_encoder` version serving the fine-tuned query encoder: its LoRA adapter in
+    `<v>/adapter/` over the packaged MiniLM, the model.py of the newest version (the text_encoder
+    code is the same for every version), and meta.json (data, the item encoder version whose
+    vectors it was trained into, validation figures). Only search queries use text_encoder while
+    an item_encoder is served, so the vector store keeps its item vectors. `weights`
+    (recstream.search.served.SearchWeights) go into the model's config as `search_weights`, which
+    the worker reads to answer searches with the hybrid search."""
+    import shutil
+
+    model_dir = Path(model_repo) / TEXT_ENCODER
+    existing = versions(model_repo, TEXT_ENCODER)
+    if not existing:
+        raise FileNotFoundError(f"{model_dir} has no version to take model.py from")
+    v = version if version is not None else max(existing) + 1
+    vdir = model_dir / str(v)
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    shutil.copy(model_dir / str(max(existing)) / "model.py", vdir / "model.py")
+    # the adapter without peft's blank model card
+    shutil.copytree(adapter_dir, vdir / "adapter", ignore=shutil.ignore_patterns("README.md"))
+    meta.extra["version"] = v  # type: ignore[attr-defined]
+    (vdir / "meta.json").write_text(meta.model_dump_json(indent=2))  # type: ignore[attr-defined]
+    set_config_param(model_dir / "config.pbtxt", "search_weights", weights.model_dump_json())  # type: ignore[attr-defined]
+    log.info("exported %s v%d (LoRA adapter) to %s", TEXT_ENCODER, v, vdir)
+    return vdir
+
+
+def set_config_param(config: Path, key: str, value: str) -> None:
+    """Set (or add) one string `parameters` entry of a config.pbtxt, keeping the rest as written."""
+    import re
+
+    text = config.read_text()
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    entry = _params({key: escaped})
+    quoted = r'"(?:[^"\\]|\\.)*"'
+    pattern = re.compile(
+        r'parameters: \{\s*key: "' + re.escape(key) + r'"\s*value: \{\s*string_value: ' + quoted + r"\s*\}\s*\}\n?"
+    )
+    config.write_text(pattern.sub(lambda _: entry, text) if pattern.search(text) else text.rstrip("\n") + "\n" + entry)

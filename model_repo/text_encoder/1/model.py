@@ -7,9 +7,10 @@ repo root computed from this file (model_repo/text_encoder/<version>/model.py ->
 is right whenever the model repository is the one inside the checkout. site-packages (torch,
 transformers) come from the venv because the launcher puts the venv's bin first on PATH.
 
-Checkpoint choice, first match wins: ``<version dir>/encoder/`` (a fine-tuned checkpoint shipped
-with a new model version, loaded via the model-control API), the ``model_dir`` config parameter,
-the packaged all-MiniLM-L6-v2 weights.
+Checkpoint choice (recstream.models.encoder.version_text_encoder): ``<version dir>/encoder/`` (a
+full fine-tuned checkpoint), else the ``model_dir`` config parameter or the packaged all-MiniLM-L6-v2
+weights, with ``<version dir>/adapter/`` (a LoRA query encoder from `make bench-search` / `make
+train`) folded in when the version ships one. ``precision`` = int8 quantises the Linear layers.
 """
 
 from __future__ import annotations
@@ -49,19 +50,15 @@ class TritonPythonModel:
         torch.set_num_interop_threads(1)
 
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        local = version_dir / "encoder"
-        if (local / "config.json").is_file():
-            model_dir = local
-        elif params.get("model_dir"):
-            model_dir = Path(params["model_dir"])
-        else:
-            model_dir = encoder_mod.default_model_dir()
-        self.encoder = encoder_mod.TextEncoder(model_dir)
+        base = Path(params["model_dir"]) if params.get("model_dir") else None
+        precision = params.get("precision") or "fp32"
+        self.encoder = encoder_mod.version_text_encoder(version_dir, base, precision)
         self.max_batch = int(cfg.get("max_batch_size") or 64)
         self.logger = pb_utils.Logger
+        adapter = f" + adapter {self.encoder.adapter_dir}" if self.encoder.adapter_dir else ""
         self.logger.log_info(
-            f"text_encoder v{args['model_version']} loaded from {model_dir} "
-            f"(torch threads={threads}, recstream from {Path(encoder_mod.__file__).parent})"
+            f"text_encoder v{args['model_version']} loaded from {self.encoder.model_dir}{adapter} "
+            f"({precision}, torch threads={threads}, recstream from {Path(encoder_mod.__file__).parent})"
         )
 
     def execute(self, requests: list) -> list:
