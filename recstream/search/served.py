@@ -75,6 +75,7 @@ class HybridSearch:
         if not (len(item_ids) == len(vectors) == len(texts) == len(popularity)):
             raise ValueError("item_ids, vectors, texts and popularity must cover the same items")
         self.item_ids = list(item_ids)
+        self.row_of = {i: n for n, i in enumerate(self.item_ids)}
         self.weights = weights
         v = np.asarray(vectors, np.float64)
         self.mean = v.mean(axis=0) if len(v) else np.zeros(v.shape[1])
@@ -130,7 +131,7 @@ class HybridSearch:
         w = self.weights
         if w.lexical and lexical is not None:
             sd_b = _std(lexical)
-            rows = {i: n for n, i in enumerate(self.item_ids)}
+            rows = self.row_of
             raw = np.array([lexical[rows[i]] if i in rows else 0.0 for i in item_ids], np.float64)
             parts["lexical"] = w.lexical * (raw - lexical.mean()) / sd_b if sd_b > 0 else np.zeros(len(v))
         if w.popularity and self.pop_std > 0:
