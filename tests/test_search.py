@@ -178,6 +178,8 @@ def test_served_hybrid_search_computes_the_offline_fused_score_from_catalogue_mo
     w = search.retrieval_vector(q, s)
     dense_session = fuse([(1.0, (vectors @ q)[None]), (1.5, (vectors @ s)[None])])[0]
     assert (np.argsort(-(vectors @ w))[:10] == np.argsort(-dense_session)[:10]).all()
+    empty = search.score(q, s, lexical, [], np.zeros((0, d)), np.zeros(0))  # filters that match nothing
+    assert empty.scores.shape == (0,) and empty.reasons == []
     assert search.lexical_top(lexical, 3) and all(
         "red" in texts[int(i[1:])] or "car" in texts[int(i[1:])] for i in search.lexical_top(lexical, 3)
     )
@@ -197,3 +199,30 @@ def test_search_weights_travel_in_the_text_encoder_config(tmp_path):
     as_triton_returns = {"parameters": {"search_weights": {"string_value": raw.replace('\\"', '"')}}}
     assert SearchWeights.from_model_config(as_triton_returns) == SearchWeights(lexical=2.0)
     assert SearchWeights.from_model_config({}) is None
+
+
+@pytest.mark.slow
+def test_continual_query_round_learns_from_search_clicks_and_the_gate_refuses_noise():
+    """Live search clicks continue training the live adapter; the gate (held-back newest clicks,
+    MRR not below live's) promotes a round that learned and refuses one trained on noise."""
+    from recstream.search.continual import QueryUpdateConfig, SearchClick, update_query_encoder
+
+    texts = [f"item number {i} about {w}" for i, w in enumerate(["cats", "dogs", "boats", "trains", "music", "paint"])]
+    ids = [f"i{i}" for i in range(len(texts))]
+    items = TextEncoder().encode(texts)
+    live = TextEncoder().encode
+    cfg = QueryUpdateConfig(min_clicks=50, min_holdout=10, steps=40, lr=3e-3, batch_size=16)
+    answers = {"pick one": "i3", "pick two": "i5", "choose a thing": "i0"}
+    clicks = [SearchClick(q, answers[q], ts) for ts, q in enumerate(list(answers) * 30)]
+    learned = update_query_encoder(None, live, clicks, ids, items, cfg)
+    assert learned is not None and learned.decision.accepted, learned.decision
+    assert learned.decision.candidate["mrr"] > learned.decision.live["mrr"] + 0.2
+    assert learned.held_out == 18 and learned.trained_on == 72
+
+    rng = np.random.default_rng(0)
+    noise = [SearchClick(texts[n % 6], ids[int(rng.integers(6))], n) for n in range(80)]
+    truth = [SearchClick(texts[n % 6], ids[n % 6], 100 + n) for n in range(20)]  # newest: held back
+    refused = update_query_encoder(None, live, noise + truth, ids, items, cfg)
+    assert refused is not None and not refused.decision.accepted, refused.decision
+    assert refused.decision.live["mrr"] > 0.9  # the live encoder already answers these titles
+    assert update_query_encoder(None, live, clicks[:10], ids, items, cfg) is None  # too few clicks

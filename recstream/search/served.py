@@ -124,7 +124,7 @@ class HybridSearch:
         popularity: np.ndarray,
     ) -> Scored:
         """Fused z-scores of candidates (+ each signal's weighted contribution)."""
-        v = np.asarray(vectors, np.float64).reshape(len(item_ids), -1)
+        v = np.asarray(vectors, np.float64).reshape(len(item_ids), len(self.mean))  # 0 candidates: (0, d)
         parts: dict[str, np.ndarray] = {}
         mean_q, sd_q = self._moments(query_vec)
         parts["dense"] = (v @ np.asarray(query_vec, np.float64) - mean_q) / sd_q if sd_q > 0 else np.zeros(len(v))
