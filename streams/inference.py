@@ -28,6 +28,8 @@ SESSION_MODEL = "session_encoder"
 #: Candidates a ranker without a configured depth reorders (5x a typical k).
 RERANK_DEPTH = 50
 ITEM_MODEL = "item_encoder"
+#: Seconds between checks of which text_encoder version Triton serves (TritonTextEmbedder.follow_version).
+VERSION_CHECK_S = 30.0
 _ZEROS = np.zeros(384, np.float32)
 
 
@@ -53,6 +55,9 @@ class TritonTextEmbedder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.breaker = CircuitBreaker()
+        #: '<model>-v<N>' last seen served; a new version (the continual trainer's) empties the cache.
+        self.version = ""
+        self._version_checked = 0.0
 
     def served_tag(self) -> str:
         """'<model>-v<N>' of the newest version Triton serves, '' when it cannot say (the store's
@@ -73,6 +78,25 @@ class TritonTextEmbedder:
         except ValueError as exc:
             log.error("%s: unreadable search weights, searches go through the ranker: %s", self.model, exc)
             return None
+
+    def follow_version(self, every_s: float = VERSION_CHECK_S) -> None:
+        """At most every `every_s`, ask Triton (in a background thread: a hung server must not hold
+        a request) which version it serves; when it changed, cached query vectors are dropped."""
+        now = time.monotonic()
+        if now - self._version_checked < every_s:
+            return
+        self._version_checked = now
+
+        def check() -> None:
+            tag = self.served_tag()
+            if tag and tag != self.version:
+                with self._lock:
+                    if self.version:
+                        log.info("%s now serves %s (was %s): query cache cleared", self.model, tag, self.version)
+                    self._cache.clear()
+                    self.version = tag
+
+        threading.Thread(target=check, name=f"{self.model}-version", daemon=True).start()
 
     def cached(self, text: str) -> np.ndarray | None:
         with self._lock:

@@ -149,6 +149,8 @@ async def _embed_queries(
     """Vectors for the batch's search texts (cache first, one Triton call for the rest)."""
     vecs: dict[str, np.ndarray] = {}
     todo: list[str] = []
+    if any(req.query for req in requests):
+        ctx.embedder.follow_version()
     for req in requests:
         if req.query and req.query not in vecs:
             hit = ctx.embedder.cached(req.query)
@@ -299,7 +301,8 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
         limit = _limit(ctx, req)
         if hybrid is not None and req.query and rctx.query_vec is not None and p.degraded is None:
             # the served search: one vector search for the fused dense + session terms, plus BM25's best
-            p.hybrid, p.lexical, p.version = hybrid, hybrid.lexical(req.query), f"{live.version}+hybrid"
+            version = ctx.embedder.version or live.version
+            p.hybrid, p.lexical, p.version = hybrid, hybrid.lexical(req.query), f"{version}+hybrid"
             searches.append((p, hybrid.retrieval_vector(rctx.query_vec, rctx.session_vec)))
         elif req.query and rctx.query_vec is None:  # degraded search: no query vector
             hits = await _read(ctx, store.scroll, LEXICAL_SCAN, p.filt)

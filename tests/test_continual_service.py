@@ -269,3 +269,65 @@ def test_a_search_example_without_served_inputs_is_rebuilt_with_its_query(servic
     assert np.linalg.norm(ctx[0, :ITEM_DIM]) == pytest.approx(1.0, abs=1e-4)  # the session half as before
     plain, _, plain_feats = service.features.build([replace(ex, query=None) for ex in got])
     assert not plain[:, ITEM_DIM:].any() and not np.allclose(plain_feats[:, 0], feats[:, 0])
+
+
+@pytest.mark.slow
+def test_search_clicks_train_the_served_query_encoder_into_a_new_version(tmp_path: Path) -> None:
+    """Training examples that carry their search's query continue training the served LoRA query
+    encoder; a gated winner becomes the next text_encoder version (same search weights), whose
+    encoder answers the clicked queries."""
+    import shutil
+
+    from recstream.config import REPO_ROOT
+    from recstream.models.encoder import version_text_encoder
+    from recstream.models.export import TEXT_ENCODER, versions
+    from recstream.models.training import read_meta
+    from recstream.search.continual import QueryUpdateConfig
+
+    repo = tmp_path / "model_repo"
+    shutil.copytree(
+        REPO_ROOT / "model_repo" / TEXT_ENCODER, repo / TEXT_ENCODER, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    served = max(versions(repo, TEXT_ENCODER))
+    settings = Settings(model_repo=repo, run_dir=tmp_path / "run")
+    cfg = TrainerConfig(
+        search=QueryUpdateConfig(min_clicks=50, min_holdout=10, steps=40, lr=3e-3, batch_size=16),
+        search_every_clicks=50,
+    )
+    service = TrainerService(settings, cfg, CatalogFeatures(model_repo=repo), triton_url="")
+    words = ["cats", "dogs", "boats", "trains", "music", "paint"]
+    events: list = [ItemUpsert(item_id=f"s{n}", title=f"a film about {w}", category="x") for n, w in enumerate(words)]
+    answers = {"pick one": "s3", "pick two": "s5", "choose a thing": "s0"}
+    for n, query in enumerate(list(answers) * 30):
+        events.append(
+            TrainingExample(
+                request_id=f"q{n}",
+                user_id=f"u{n % 7}",
+                item_id=answers[query],
+                position=0,
+                propensity=1.0,
+                model_version=f"text_encoder-v{served}+hybrid",
+                clicked=True,
+                label=1.0,
+                query=query,
+                ts_ms=1_000 + n,
+            )
+        )
+    service.handle(events)
+    assert len(service.search_clicks) == 90 and service.query_round_due()
+    res = service.query_round()
+    assert res.accepted and res.version == served + 1, res
+    assert res.stats["cand_mrr"] > res.stats["live_mrr"], res.stats
+    new_dir = repo / TEXT_ENCODER / str(res.version)
+    meta = read_meta(new_dir)
+    assert (
+        meta.extra["parent_version"] == served
+        and meta.extra["search_weights"] == read_meta(repo / TEXT_ENCODER / str(served)).extra["search_weights"]
+    )
+    assert "search_weights" in (repo / TEXT_ENCODER / "config.pbtxt").read_text()
+    encoder = version_text_encoder(new_dir)
+    items = np.stack([service.features.vectors[f"s{n}"] for n in range(len(words))])
+    best = (encoder.encode(list(answers)) @ items.T).argmax(axis=1)
+    assert [f"s{b}" for b in best] == list(answers.values())
+    assert not service.query_round_due()  # the clicks were used; the next round waits for new ones

@@ -1,6 +1,10 @@
 """The continual fine-tuning worker: training-examples topic -> replay buffer -> LoRA round -> gate ->
 new version in model_repo/ranker/ -> Triton load_model; and rollback when online CTR drops.
 
+Search clicks (training examples that carry their search's query) also feed the served query
+encoder: every `search_every_clicks` of them, a round continues training its LoRA adapter
+(recstream.search.continual) and a candidate the gate accepts becomes the next text_encoder version.
+
 Loop (one thread, so no locking): poll the catalog (item texts -> vectors) and training examples;
 every `train_every_examples` new examples or `train_every_s` seconds (whichever first, given at
 least `min_examples`), run one round on the replay buffer with the newest `holdout` examples held
@@ -25,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +64,7 @@ from recstream.metrics import (
 from recstream.models.export import RANKER_MODEL_NAME
 from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
 from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
+from recstream.search.continual import QueryUpdateConfig, SearchClick, update_query_encoder
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,9 @@ class TrainerConfig(BaseModel):
     served_inputs_capacity: int = Field(
         50_000, ge=1, description="Answers whose inputs are kept at most (~3.3 KB each: 50k = 4 min at 200/s)"
     )
+    search: QueryUpdateConfig = Field(default_factory=QueryUpdateConfig)
+    search_every_clicks: int = Field(500, ge=1, description="New search clicks that trigger a query-encoder round")
+    search_clicks_kept: int = Field(20_000, ge=1, description="Newest search clicks a round learns from")
 
 
 def example_from_event(ev: TrainingExample) -> Example:
@@ -288,6 +296,9 @@ class TrainerService:
         self.logged = LogWindow(self.cfg.ope.window)  # what stochastic answers drew from, with outcomes
         self.served = ServedInputs(self.cfg.served_inputs_ttl_s, self.cfg.served_inputs_capacity)
         self.live_since: dict[int, float] = {}
+        self.search_clicks: deque[SearchClick] = deque(maxlen=self.cfg.search_clicks_kept)
+        self.new_search_clicks = 0
+        self.query_rounds: list[RoundResult] = []
         self.stop_event = threading.Event()
         self.registry.init_live()
         self._set_live_gauge()
@@ -338,6 +349,9 @@ class TrainerService:
                 self.features.observe(ex)
                 self.buffer.add(ex)
                 added += 1
+                if ex.query and ex.label > 0:
+                    self.search_clicks.append(SearchClick(ex.query, ex.item, ex.ts_ms))
+                    self.new_search_clicks += 1
         self.new_since_round += added
         return added
 
@@ -398,6 +412,100 @@ class TrainerService:
         log.info("promoted %s v%d (%s); triton reloaded=%s", self.cfg.model_name, v, d.reason, loaded)
         res = RoundResult(True, d.reason, v, time.monotonic() - t0, {**stats, "triton_loaded": loaded})
         self.rounds.append(res)
+        return res
+
+    # ---- the search query encoder ------------------------------------------------------------------
+    def _served_query_encoder(self) -> tuple[Path, Any] | None:
+        """(version dir, its meta) of the served text_encoder when it is a hybrid-search query
+        encoder (an adapter with search weights); None otherwise: then there is nothing to update."""
+        from recstream.models.export import TEXT_ENCODER, latest_version_dir, versions
+        from recstream.models.training import read_meta
+
+        if not versions(self.settings.model_repo, TEXT_ENCODER):
+            return None
+        vdir = latest_version_dir(self.settings.model_repo, TEXT_ENCODER)
+        meta = read_meta(vdir)
+        if meta is None or "search_weights" not in meta.extra or not (vdir / "adapter").is_dir():
+            return None
+        return vdir, meta
+
+    def query_round_due(self) -> bool:
+        return (
+            self.new_search_clicks >= self.cfg.search_every_clicks
+            and len(self.search_clicks) >= self.cfg.search.min_clicks
+            and self._served_query_encoder() is not None
+        )
+
+    def query_round(self) -> RoundResult:
+        """Continue training the served query encoder on live search clicks; publish and load a new
+        text_encoder version when the gate accepts it (recstream.search.continual)."""
+        import tempfile
+
+        from recstream.models.encoder import version_text_encoder
+        from recstream.models.export import TEXT_ENCODER, export_query_encoder
+        from recstream.search.query_encoder import save_adapter
+        from recstream.search.served import SearchWeights
+
+        t0 = time.monotonic()
+        self.new_search_clicks = 0
+        served = self._served_query_encoder()
+        if served is None:
+            return RoundResult(False, "no fine-tuned query encoder is served", None, 0.0, {})
+        vdir, meta = served
+        self.features.flush()
+        ids = list(self.features.vectors)
+        try:
+            update = update_query_encoder(
+                vdir / "adapter",
+                version_text_encoder(vdir).encode,
+                list(self.search_clicks),
+                ids,
+                np.stack([self.features.vectors[i] for i in ids]) if ids else np.zeros((0, ITEM_DIM), np.float32),
+                self.cfg.search,
+            )
+        except Exception as exc:
+            TRAINING_RUNS.labels(model=TEXT_ENCODER, result="failed").inc()
+            log.exception("query encoder round failed")
+            res = RoundResult(False, f"failed: {exc}", None, time.monotonic() - t0, {})
+            self.query_rounds.append(res)
+            return res
+        if update is None:
+            res = RoundResult(False, "too few search clicks on catalogue items", None, time.monotonic() - t0, {})
+            self.query_rounds.append(res)
+            return res
+        d = update.decision
+        stats = {
+            **{f"cand_{k}": v for k, v in d.candidate.items()},
+            **{f"live_{k}": v for k, v in d.live.items()},
+            "trained_on": update.trained_on,
+        }
+        if not d.accepted:
+            TRAINING_RUNS.labels(model=TEXT_ENCODER, result="rejected").inc()
+            log.info("query encoder candidate refused: %s", d.reason)
+            res = RoundResult(False, d.reason, None, time.monotonic() - t0, stats)
+            self.query_rounds.append(res)
+            return res
+        new_meta = meta.model_copy(deep=True)
+        new_meta.extra.update(parent_version=int(vdir.name), trained_on_clicks=update.trained_on, gate=d.reason)
+        new_meta.metrics.update({"gate_mrr": d.candidate["mrr"], "gate_live_mrr": d.live["mrr"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = save_adapter(update.tower, Path(tmp) / "adapter")
+            weights = SearchWeights.from_bench(meta.extra["search_weights"])
+            new_dir = export_query_encoder(adapter, new_meta, self.settings.model_repo, weights)
+        loaded = False
+        try:
+            if self.triton_url:
+                control = TritonModelControl(self.triton_url, TEXT_ENCODER)
+                control.reload()
+                control.close()
+                loaded = True
+        except Exception as exc:  # the version is on disk: Triton loads it at its next start
+            log.error("Triton load_model(%s) failed: %s", TEXT_ENCODER, exc)
+        TRAINING_RUNS.labels(model=TEXT_ENCODER, result="promoted").inc()
+        PROMOTIONS.labels(model=TEXT_ENCODER, action="promote").inc()
+        log.info("promoted %s v%s (%s); triton reloaded=%s", TEXT_ENCODER, new_dir.name, d.reason, loaded)
+        res = RoundResult(True, d.reason, int(new_dir.name), time.monotonic() - t0, {**stats, "triton_loaded": loaded})
+        self.query_rounds.append(res)
         return res
 
     def off_policy_check(self, cand: Any, live: Any, live_version: int | None) -> tuple[bool, str, dict[str, Any]]:
@@ -483,6 +591,8 @@ class TrainerService:
                     examples.commit()
                 if self.due():
                     self.train_round()
+                if self.query_round_due():
+                    self.query_round()
                 self.check_rollback()
         finally:
             examples.close()
