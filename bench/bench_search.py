@@ -53,7 +53,7 @@ from recstream.models.bundle import serving_item_texts
 from recstream.models.encoder import TextEncoder
 from recstream.models.export import latest_version_dir
 from recstream.models.served import ITEM_ENCODER, ItemEncoder, ServedRetrieval
-from recstream.models.training import ARTIFACTS_DIR, code_version, split_fingerprint
+from recstream.models.training import ARTIFACTS_DIR, split_fingerprint
 from recstream.search.protocol import SearchCases, category_cases, known_item_cases, training_pairs
 from recstream.search.query_encoder import (
     QueryEncoderConfig,
@@ -66,8 +66,19 @@ from recstream.search.scoring import BM25Index, fuse, reciprocal_rank_fusion
 from recstream.search.served import SearchWeights
 
 CACHE_DIR = ARTIFACTS_DIR / "search_runs"
-#: What decides a trained query encoder besides recstream.models.training.code_version().
-QUERY_ENCODER_CODE = ("recstream/search/protocol.py", "recstream/search/query_encoder.py")
+#: The code that decides what a query-encoder run produces (its reuse key hashes these, so an edit
+#: elsewhere, e.g. in export or serving code, keeps the cache): the protocol and training loop, the
+#: tower, the training helpers, the split and the metrics.
+QUERY_ENCODER_CODE = (
+    "recstream/search/protocol.py",
+    "recstream/search/query_encoder.py",
+    "recstream/models/two_tower.py",
+    "recstream/models/training.py",
+    "recstream/data/split.py",
+    "recstream/data/datasets.py",
+    "recstream/eval/metrics.py",
+    "recstream/eval/stats.py",
+)
 ALPHAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
 LAMBDAS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -147,6 +158,7 @@ def _row(name: str, kind: str, personalized: bool, ranks: list[np.ndarray], vali
         "MRR": float(np.mean([m["MRR"] for m in per_seed])),
         "ci95": [lo, hi],
         "valid_NDCG@10": float(np.mean(valid)),
+        "per_seed_valid_NDCG@10": [float(v) for v in valid],
         "weights": weights[0] if len(weights) == 1 else weights,
         "n_cases": len(gains),
     }
@@ -205,7 +217,7 @@ def _adapter_key(split: Split, item_vectors: np.ndarray, cfg: QueryEncoderConfig
     search_code = hashlib.sha256()
     for name in QUERY_ENCODER_CODE:
         search_code.update((REPO_ROOT / name).read_bytes())
-    parts = [split_fingerprint(split), cfg.model_dump(), code_version(), search_code.hexdigest()]
+    parts = [split_fingerprint(split), cfg.model_dump(), search_code.hexdigest()]
     parts.append(hashlib.sha256(np.ascontiguousarray(item_vectors.round(5)).tobytes()).hexdigest())
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -223,6 +235,21 @@ def trained_adapter(split, pairs, item_vectors, valid_sets, seed: int, use_cache
     save_adapter(tower, path)
     stats_file.write_text(json.dumps(stats, indent=2))
     return path, stats
+
+
+def _disjoint(cases: SearchCases, held: SearchCases, n: int) -> SearchCases:
+    """The first `n` of `cases` whose target is not a target of `held` (known-item test items are
+    never validation items, which choose the encoder's epoch and every weight)."""
+    seen = set(held.targets.tolist())
+    keep = [k for k, t in enumerate(cases.targets.tolist()) if t not in seen][:n]
+    return SearchCases(
+        kind=cases.kind,
+        queries=[cases.queries[k] for k in keep],
+        users=cases.users[keep],
+        histories=[cases.histories[k] for k in keep],
+        targets=cases.targets[keep],
+        synthetic=cases.synthetic,
+    )
 
 
 def _encode_timing(encoder: TextEncoder, queries: list[str]) -> tuple[float, float]:
@@ -273,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("category", "valid"): category_cases(split, "valid"),
         ("category", "test"): category_cases(split, "test"),
         ("known_item", "valid"): known_item_cases(split, args.known_items, seed=1),
-        ("known_item", "test"): known_item_cases(split, args.known_items, seed=0),
     }
+    case_sets["known_item", "test"] = _disjoint(
+        known_item_cases(split, split.n_items, seed=0), case_sets["known_item", "valid"], args.known_items
+    )
     print(f"{data}: {len(case_sets['category', 'test'])} category and {args.known_items} known-item test searches")
 
     pairs = training_pairs(split)
@@ -384,6 +413,8 @@ def export(result: dict, split: Split, train_stats: dict, adapters: dict, model_
     from recstream.models.export import export_query_encoder
     from recstream.models.training import CheckpointMeta
 
+    # the seed whose encoder scored best on its own validation objective (the one it was
+    # early-stopped on: dense-only NDCG@10 on the category and known-item validation cases)
     seed = max(train_stats, key=lambda s: train_stats[s]["valid_ndcg10"])
     chosen = next(r for r in result["rows"] if r["model"] == result["paired_vs_best_baseline"]["model"])
     weights = chosen["weights"]

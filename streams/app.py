@@ -142,6 +142,7 @@ class StreamContext:
     def hybrid_search(self):
         """streams.hybrid_search.LiveHybridSearch when the served text_encoder ships search weights
         (a fine-tuned query encoder from `make bench-search --export`), else None. Chosen once."""
+        self._follow_search_weights()
         if self._hybrid_search is None and time.monotonic() >= self._hybrid_retry_at:
             from streams.hybrid_search import LiveHybridSearch
             from streams.inference import ModelUnavailable
@@ -156,6 +157,22 @@ class StreamContext:
             if weights:
                 log.info("searches are answered by the hybrid search (%s, %s)", self._hybrid_search.version, weights)
         return self._hybrid_search or None
+
+    def _follow_search_weights(self) -> None:
+        """A new text_encoder version may bring other weights, or none (a rollback to the zero-shot
+        encoder): the hybrid search follows what the embedder read with the version change."""
+        from streams.inference import UNKNOWN
+
+        seen = self.embedder.weights_seen
+        if seen is UNKNOWN or self._hybrid_search is None:
+            return
+        current = self._hybrid_search.weights if self._hybrid_search else None
+        if seen == current:
+            return
+        from streams.hybrid_search import LiveHybridSearch
+
+        log.info("search weights changed with %s: %s -> %s", self.embedder.version, current, seen)
+        self._hybrid_search = LiveHybridSearch(self, seen, self.embedder.version) if seen else False
 
     @property
     def session_vectors(self):

@@ -30,6 +30,8 @@ RERANK_DEPTH = 50
 ITEM_MODEL = "item_encoder"
 #: Seconds between checks of which text_encoder version Triton serves (TritonTextEmbedder.follow_version).
 VERSION_CHECK_S = 30.0
+#: "Not read yet" (None means: read, and the version carries no search weights).
+UNKNOWN = object()
 _ZEROS = np.zeros(384, np.float32)
 
 
@@ -58,6 +60,8 @@ class TritonTextEmbedder:
         #: '<model>-v<N>' last seen served; a new version (the continual trainer's) empties the cache.
         self.version = ""
         self._version_checked = 0.0
+        #: The hybrid-search weights read with the last version change (UNKNOWN until then).
+        self.weights_seen: object = UNKNOWN
 
     def served_tag(self) -> str:
         """'<model>-v<N>' of the newest version Triton serves, '' when it cannot say (the store's
@@ -90,11 +94,15 @@ class TritonTextEmbedder:
         def check() -> None:
             tag = self.served_tag()
             if tag and tag != self.version:
+                try:
+                    weights = self.search_weights()  # the config may have changed with the version
+                except ModelUnavailable:
+                    return  # asked again at the next check
                 with self._lock:
                     if self.version:
                         log.info("%s now serves %s (was %s): query cache cleared", self.model, tag, self.version)
                     self._cache.clear()
-                    self.version = tag
+                    self.version, self.weights_seen = tag, weights
 
         threading.Thread(target=check, name=f"{self.model}-version", daemon=True).start()
 

@@ -444,10 +444,10 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     pool: list[tuple[Candidate, float]] = []
     # A search shows what it asked for: no category cap (as bench-search scores it); lists do.
     diversify = partial(diversify_list, max_share=1.0, penalty=0.0) if p.hybrid is not None else diversify_list
-    if policy.name == "greedy" or (feedback is not None and (p.degraded is not None or p.hybrid is not None)):
-        # Degraded answers carry retrieval scores and searches fused search scores, not ranker logits:
-        # a learning policy must neither rank by them nor learn from what they showed, so these
-        # answers are greedy.
+    if policy.name == "greedy" or p.hybrid is not None or (feedback is not None and p.degraded is not None):
+        # Degraded answers carry retrieval scores and hybrid searches fused search scores, not ranker
+        # logits: a learning policy must neither rank by them nor learn from what they showed, and a
+        # search is not a ranker's answer to explore around, so these answers are greedy.
         slots = [(c, logit_of[c.item_id], GREEDY_PROPENSITY) for c, _ in diversify(candidates, scores, req.k)]
     elif feedback is not None:
         # A policy that learns click lifts needs the ranker's logits (its base click probability) and
@@ -483,7 +483,7 @@ def _finish(ctx: StreamContext, p: _Pending) -> Answer:
     timer.lap("rerank")
     ranking_log = None
     mode = ctx.settings.ranking_log
-    if p.degraded is None and mode != "off":
+    if p.degraded is None and p.hybrid is None and mode != "off":  # the logs are the ranker's answers
         if pool and policy.stochastic:
             greedy = _with_logits(diversify(candidates, scores, req.k), logit_of)
             ranking_log = partial(_ranking_log, ctx, p, pool, greedy)

@@ -281,13 +281,13 @@ def test_search_clicks_train_the_served_query_encoder_into_a_new_version(tmp_pat
     from recstream.config import REPO_ROOT
     from recstream.models.encoder import version_text_encoder
     from recstream.models.export import TEXT_ENCODER, versions
+    from recstream.models.served import ITEM_ENCODER
     from recstream.models.training import read_meta
     from recstream.search.continual import QueryUpdateConfig
 
     repo = tmp_path / "model_repo"
-    shutil.copytree(
-        REPO_ROOT / "model_repo" / TEXT_ENCODER, repo / TEXT_ENCODER, ignore=shutil.ignore_patterns("__pycache__")
-    )
+    for name in (TEXT_ENCODER, ITEM_ENCODER):  # a query adapter is only trained beside a served item encoder
+        shutil.copytree(REPO_ROOT / "model_repo" / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
     served = max(versions(repo, TEXT_ENCODER))
     settings = Settings(model_repo=repo, run_dir=tmp_path / "run")

@@ -97,6 +97,8 @@ def test_bm25_prefers_rare_matching_words_and_ignores_unknown_ones():
     assert s[0, 0] > 0 and s[0, 2] > 0 and s[0, 1] == 0 and s[0, 3] == 0
     assert s[1].argmax() == 2  # 'pie' is rarer than 'red'
     assert (s[2] == 0).all() and (s[3] == 0).all()
+    # a catalogue whose texts hold no indexable word (stop words, one letter) scores 0, never raises
+    assert (BM25Index(["the a", "of", "x"]).scores(["the x"]) == 0).all()
 
 
 def test_fusion_standardises_each_signal_and_rrf_matches_its_definition():
@@ -226,3 +228,28 @@ def test_continual_query_round_learns_from_search_clicks_and_the_gate_refuses_no
     assert refused is not None and not refused.decision.accepted, refused.decision
     assert refused.decision.live["mrr"] > 0.9  # the live encoder already answers these titles
     assert update_query_encoder(None, live, clicks[:10], ids, items, cfg) is None  # too few clicks
+
+
+def test_the_worker_follows_the_search_weights_of_a_new_text_encoder_version(tmp_path):
+    """A new text_encoder version brings its own weights, or none (a rollback to zero-shot): the
+    worker's hybrid search follows what the embedder read with the version change."""
+    from types import SimpleNamespace
+
+    from recstream.config import Settings
+    from recstream.search.served import SearchWeights
+    from streams.app import StreamContext
+    from streams.hybrid_search import LiveHybridSearch
+    from streams.inference import UNKNOWN
+
+    ctx = StreamContext(settings=Settings(run_dir=tmp_path), worker="w", app=None, agents=())
+    embedder = SimpleNamespace(weights_seen=UNKNOWN, version="text_encoder-v2", search_weights=lambda: None)
+    ctx._embedder = embedder
+    ctx._hybrid_search = LiveHybridSearch(ctx, SearchWeights(lexical=1.0), "text_encoder-v2")
+    ctx._follow_search_weights()  # nothing read yet: unchanged
+    assert ctx._hybrid_search.weights == SearchWeights(lexical=1.0)
+    embedder.weights_seen, embedder.version = SearchWeights(lexical=2.0, session=1.0), "text_encoder-v3"
+    ctx._follow_search_weights()
+    assert ctx._hybrid_search.weights == SearchWeights(lexical=2.0, session=1.0)
+    assert ctx._hybrid_search.version == "text_encoder-v3"
+    embedder.weights_seen, embedder.version = None, "text_encoder-v1"
+    assert ctx.hybrid_search is None  # rolled back to an encoder without weights: searches use the ranker

@@ -7,12 +7,14 @@ against the item vectors the store holds now, with a small learning rate and few
 corrects the live encoder instead of replacing it. The gate is the ranker's rule on the held-back
 clicks: the candidate goes live only if its mean reciprocal rank of the clicked item (full
 catalogue, dense score) is not below live's minus a tolerance, with enough clicks to judge. A
-candidate trained on shuffled clicks learns noise and is refused.
+candidate trained on shuffled clicks learns noise and is refused. Both sides are scored as
+`text_encoder` serves them (TextEncoder with the adapter folded in, fp32).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from recstream.continual.gate import GateDecision
 from recstream.eval.metrics import target_ranks
+from recstream.models.encoder import TextEncoder
 from recstream.models.training import set_seed
 
 log = logging.getLogger(__name__)
@@ -120,7 +123,9 @@ def update_query_encoder(
         opt.step()
     tower.eval()
     vectors = np.asarray(item_vectors, np.float32)
-    cand = reciprocal_ranks(tower.encode, holdout, row, vectors)
+    with tempfile.TemporaryDirectory() as tmp:  # the gate scores the candidate as it would be served
+        tower.encoder.save_pretrained(tmp, safe_serialization=True)
+        cand = reciprocal_ranks(TextEncoder(adapter_dir=tmp).encode, holdout, row, vectors)
     live = reciprocal_ranks(live_encode, holdout, row, vectors)
     stats = {"mrr": float(cand.mean()), "n": float(len(holdout))}
     live_stats = {"mrr": float(live.mean()), "n": float(len(holdout))}

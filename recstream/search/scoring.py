@@ -23,13 +23,18 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75) -> None:
         self.n_items = len(texts)
-        self._bm25 = bm25s.BM25(k1=k1, b=b)
-        self._bm25.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+        corpus = bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+        self._bm25: bm25s.BM25 | None = None
+        if any(corpus):  # bm25s cannot index a corpus without a single word (e.g. titles of stop words)
+            self._bm25 = bm25s.BM25(k1=k1, b=b)
+            self._bm25.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """float32 [len(queries), n_items]."""
-        tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
         out = np.zeros((len(queries), self.n_items), np.float32)
+        if self._bm25 is None:
+            return out
+        tokens = bm25s.tokenize(list(queries), stopwords="en", return_ids=False, show_progress=False)
         for row, words in enumerate(tokens):
             if words:
                 out[row] = self._bm25.get_scores(words)

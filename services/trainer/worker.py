@@ -419,9 +419,12 @@ class TrainerService:
         """(version dir, its meta) of the served text_encoder when it is a hybrid-search query
         encoder (an adapter with search weights); None otherwise: then there is nothing to update."""
         from recstream.models.export import TEXT_ENCODER, latest_version_dir, versions
+        from recstream.models.served import ITEM_ENCODER
         from recstream.models.training import read_meta
 
-        if not versions(self.settings.model_repo, TEXT_ENCODER):
+        # without a served item encoder the catalog is embedded by text_encoder itself: a query
+        # adapter must not move the item vectors
+        if not versions(self.settings.model_repo, TEXT_ENCODER) or not versions(self.settings.model_repo, ITEM_ENCODER):
             return None
         vdir = latest_version_dir(self.settings.model_repo, TEXT_ENCODER)
         meta = read_meta(vdir)
