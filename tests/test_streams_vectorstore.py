@@ -55,6 +55,15 @@ def test_local_store_index_matches_qdrant_and_is_idempotent(tmp_path: Path) -> N
         assert np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
         assert all(f is None or f.allows(h.item_id, h.payload) for h in a)
         assert np.allclose(a[0].vector, b[0].vector, atol=1e-6)
+    # the hybrid search's catalogue snapshot: the same items with vectors, from the index or Qdrant
+    # (the scroll path server mode takes)
+    snap, scrolled = store.snapshot(), direct.snapshot()
+    assert len(snap) == len(scrolled) == 298 and {h.item_id for h in snap} == {h.item_id for h in scrolled}
+    by_id = {h.item_id: h for h in scrolled}
+    assert all(np.allclose(h.vector, by_id[h.item_id].vector, atol=1e-6) for h in snap)
+    revision = store.revision
+    store.upsert(items[:1], vecs[:1])
+    assert store.revision == revision + 1  # readers that derive state from the store see the write
     got = store.retrieve(["m0", "m1", "m9"])
     assert set(got) == {"m0", "m9"} and got["m9"].payload["category"] == "Drama"
     expected = [h.item_id for h in direct.search(q, 5)]
