@@ -128,3 +128,20 @@ CATALOG_FIELDS = {
 @given(_perturbed({"op": "upsert", "item_id": "i1", "title": "Toy Story"}, CATALOG_FIELDS))
 def test_catalog_operations(message: dict) -> None:
     _agree(CATALOG, CATALOG_SCHEMAS, message)
+
+
+def test_a_request_without_request_id_is_refused_on_the_wire_and_defaulted_in_python() -> None:
+    """The caller finds its answer by request_id: a wire request must carry one (schema and worker
+    agree), while Python callers (SDK, gateway) get a fresh id by default and send it."""
+    import pytest
+
+    from recstream.contracts.events import RecommendationRequest
+
+    message = {"user_id": "u1", "kind": "search", "query": "star wars"}
+    assert not REQUEST_SCHEMA.is_valid(message)
+    with pytest.raises(InvalidEvent) as refused:
+        decode(REQUESTS, json.dumps(message).encode(), LIMIT)
+    assert "request_id" in refused.value.detail
+    assert decode(REQUESTS, json.dumps({**message, "request_id": "r1"}).encode(), LIMIT).request_id == "r1"
+    sent = RecommendationRequest(user_id="u1")
+    assert sent.request_id and decode(REQUESTS, sent.model_dump_json().encode(), LIMIT).request_id == sent.request_id

@@ -183,8 +183,20 @@ class RequestFilters(Inbound):
     exclude_items: list[Id] = Field(default_factory=list)
 
 
+def _request_wire_rules(schema: dict[str, Any]) -> None:
+    """What the worker requires of a request on the wire, in the JSON Schema too, so that a
+    non-Python client's validator agrees with it: a request_id, and a query for a search."""
+    schema["required"] = sorted({*schema.get("required", []), "request_id"})
+    schema["if"] = {"properties": {"kind": {"const": "search"}}, "required": ["kind"]}
+    schema["then"] = {"required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}}}
+
+
 class RecommendationRequest(Event, Inbound):
-    """Ask for items. With `query` it is a search; without, 'more for this session'."""
+    """Ask for items. With `query` it is a search; without, 'more for this session'.
+
+    On the wire `request_id` is required: the answer carries it and it is how the caller finds its
+    answer on the recommendations topic (a worker-made id would leave the answer unclaimed). In
+    Python it defaults to a new id, which the SDK and the gateway send."""
 
     kind: Literal["recommend", "search"] = "recommend"
     request_id: Id = Field(default_factory=new_id)
@@ -194,13 +206,14 @@ class RecommendationRequest(Event, Inbound):
     k: json_number(int, ge=1, le=100) = 10  # type: ignore[valid-type]
     filters: RequestFilters = Field(default_factory=RequestFilters)
 
-    # the rule below, in the JSON Schema too, so a non-Python client's validator agrees with the worker
-    model_config = ConfigDict(
-        json_schema_extra={
-            "if": {"properties": {"kind": {"const": "search"}}, "required": ["kind"]},
-            "then": {"required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}}},
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=_request_wire_rules)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _request_id_on_the_wire(cls, data: Any, info: ValidationInfo) -> Any:
+        if info.mode == "json" and isinstance(data, dict) and "request_id" not in data:
+            raise ValueError("request_id is required: the answer carries it, and the caller finds its answer by it")
+        return data
 
     @model_validator(mode="after")
     def _search_has_text(self) -> RecommendationRequest:
