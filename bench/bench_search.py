@@ -59,6 +59,7 @@ from recstream.search.query_encoder import (
     QueryEncoderConfig,
     dense_scores,
     encode_cases,
+    ndcg10,
     save_adapter,
     train_query_encoder,
 )
@@ -101,10 +102,6 @@ def _ranks(scores: np.ndarray, cases: SearchCases) -> np.ndarray:
     return target_ranks(scores, cases.targets, cases.exclude)
 
 
-def _ndcg(scores: np.ndarray, cases: SearchCases) -> float:
-    return float(ndcg_gains(_ranks(scores, cases)).mean())
-
-
 Scorer = Callable[[Stage, dict[str, float]], np.ndarray]
 
 
@@ -139,7 +136,7 @@ def _grid(hybrid: bool, personalized: bool) -> list[dict[str, float]]:
 def _tune(score: Scorer, valid: Stage, hybrid: bool, personalized: bool) -> tuple[dict[str, float], float]:
     best: tuple[dict[str, float], float] = ({}, -1.0)
     for w in _grid(hybrid, personalized):
-        v = _ndcg(score(valid, w), valid.cases)
+        v = ndcg10(score(valid, w), valid.cases)
         if v > best[1]:
             best = (w, v)
     return best
@@ -398,7 +395,7 @@ def encoder_block(
                 "configuration": best,
                 "query_encode_ms_p50": p50,
                 "query_encode_ms_p99": p99,
-                "NDCG@10": _ndcg(sc(scores["category", "test"], w), scores["category", "test"].cases),
+                "NDCG@10": ndcg10(sc(scores["category", "test"], w), scores["category", "test"].cases),
             }
         )
     print_table(

@@ -75,6 +75,7 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str, queries:
     """One fresh stack over `model_repo`: catalog, history replay, one request per test user (a
     search with the user's query where `queries` is given, for those users only)."""
     from bench.bench_stream import _cpu_seconds, _tree_cpu_seconds
+    from bench.common import index_catalog
     from infra.kafka_broker import KafkaBroker
     from infra.triton_server import TritonServer
     from recstream.client import EventProducer, RecommendationClient
@@ -109,14 +110,7 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str, queries:
         ensure_topics(settings)
         worker = WorkerProcess(settings, run / "worker.log").start(ready_timeout_s=240)
         items = catalog_events(split.data.items)
-        t0 = time.time()
-        with EventProducer(settings) as p:
-            p.send_many("catalog", items)
-        while worker.metric("recstream_indexed_items") < len(items):
-            time.sleep(0.5)
-            if time.time() - t0 > 600:
-                raise TimeoutError("catalog not indexed in 600 s")
-        catalog_s = time.time() - t0
+        catalog_s = index_catalog(settings, worker, items, timeout_s=600)
 
         events = list(behaviour_events(history))
         topic = BEHAVIOUR.name(prefix)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import index_catalog
 from recstream.config import REPO_ROOT, Settings
 from recstream.contracts.events import RecommendationRequest
 from recstream.kafka.serde import encode
@@ -207,15 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack up in {time.time() - t_start:.0f}s (ranker: {ranker_note})", flush=True)
 
         # 1. catalog: indexed through the catalog topic by the item encoder Triton serves, every run
-        # (a reused index from another encoder version would be re-embedded from an empty topic)
-        t0 = time.time()
-        with EventProducer(settings) as p:
-            p.send_many("catalog", items)
-        while worker.metric("recstream_indexed_items") < len(items):
-            time.sleep(1)
-            if time.time() - t0 > 300:
-                raise TimeoutError("catalog not indexed in 300 s")
-        print(f"catalog: {len(items)} items indexed through the catalog topic in {time.time() - t0:.1f}s", flush=True)
+        catalog_s = index_catalog(settings, worker, items, timeout_s=300, poll_s=1.0)
+        print(f"catalog: {len(items)} items indexed through the catalog topic in {catalog_s:.1f}s", flush=True)
 
         # 2. throughput -------------------------------------------------------------------------------
         events = list(behaviour_events(data.interactions))

@@ -364,7 +364,7 @@ def _score_searches(searches: list[_Pending]) -> None:
             scored = p.hybrid.score(p.rctx.query_vec, p.rctx.session_vec, p.lexical, ids, vectors, popularity)
             p.scores, p.reasons = scored.scores, scored.reasons
             # a search's retrieval_score is the query's cosine with the item, as without the hybrid
-            for x, cos in zip(c, vectors @ p.rctx.query_vec.astype(np.float32), strict=True):
+            for x, cos in zip(c, scored.cosines, strict=True):
                 x.retrieval_score = float(cos)
         except Exception as exc:
             p.error = exc

@@ -51,15 +51,6 @@ class SearchClick:
     ts_ms: int = 0
 
 
-def clicks_from_examples(examples: Sequence[object]) -> list[SearchClick]:
-    """The clicked search results among logged examples (anything with query, item, label, ts_ms)."""
-    return [
-        SearchClick(str(e.query), str(e.item), int(getattr(e, "ts_ms", 0)))  # type: ignore[attr-defined]
-        for e in examples
-        if getattr(e, "query", None) and getattr(e, "label", 0) > 0
-    ]
-
-
 def trainable_tower(adapter_dir: Path | None, max_text_len: int = 16):
     """A query tower to continue training: the live adapter over MiniLM, or a fresh LoRA one."""
     from peft import PeftModel

@@ -23,11 +23,11 @@ class BM25Index:
 
     def __init__(self, texts: Sequence[str], k1: float = 1.2, b: float = 0.75) -> None:
         self.n_items = len(texts)
-        corpus = bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+        corpus = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
         self._bm25: bm25s.BM25 | None = None
-        if any(corpus):  # bm25s cannot index a corpus without a single word (e.g. titles of stop words)
+        if corpus.vocab:  # bm25s cannot index a corpus without a single word (e.g. titles of stop words)
             self._bm25 = bm25s.BM25(k1=k1, b=b)
-            self._bm25.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+            self._bm25.index(corpus, show_progress=False)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """float32 [len(queries), n_items]."""

@@ -59,6 +59,7 @@ class SearchWeights(BaseModel):
 class Scored:
     scores: np.ndarray
     reasons: list[dict[str, float]]
+    cosines: np.ndarray  # query . item of each candidate (a search's retrieval_score)
 
 
 def _std(x: np.ndarray) -> float:
@@ -131,7 +132,8 @@ class HybridSearch:
         v = np.asarray(vectors, np.float64).reshape(len(item_ids), len(self.mean))  # 0 candidates: (0, d)
         parts: dict[str, np.ndarray] = {}
         mean_q, sd_q = self._moments(query_vec)
-        parts["dense"] = (v @ np.asarray(query_vec, np.float64) - mean_q) / sd_q if sd_q > 0 else np.zeros(len(v))
+        cosines = v @ np.asarray(query_vec, np.float64)
+        parts["dense"] = (cosines - mean_q) / sd_q if sd_q > 0 else np.zeros(len(v))
         w = self.weights
         if w.lexical and lexical is not None:
             sd_b = _std(lexical)
@@ -146,4 +148,4 @@ class HybridSearch:
             parts["session"] = w.session * (v @ np.asarray(session_vec, np.float64) - mean_s) / sd_s
         total = np.sum(list(parts.values()), axis=0)
         reasons = [{k: round(float(p[n]), 4) for k, p in parts.items()} for n in range(len(v))]
-        return Scored(total.astype(np.float32), reasons)
+        return Scored(total.astype(np.float32), reasons, cosines.astype(np.float32))
