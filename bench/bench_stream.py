@@ -9,9 +9,11 @@ next to this load generator, on the same cores. Phases:
    Triton serves (set-up, not measured);
 2. throughput: N behaviour events produced as fast as possible; events_per_s = N / time until
    the worker's feature counter reaches N (sustained into features, not just into Kafka);
-3. mixed load at fixed rates: requests at --rps (90 % 'recommend', 10 % 'search' over a fixed
-   set of query texts) and behaviour at --events-rps, for --duration-s. Latency is query ->
-   recommendation as the client SDK sees it (RecommendationClient: produce to consume);
+3. mixed load at fixed rates, after --warmup-s of the same load unmeasured (the broker's JIT
+   compiles its request paths in the first minute; a deployment pays that once): requests at
+   --rps (90 % 'recommend', 10 % 'search' over a fixed set of query texts) and behaviour at
+   --events-rps, for --duration-s. Latency is query -> recommendation as the client SDK sees it
+   (RecommendationClient: produce to consume);
    freshness is event produce -> session features updated, from the worker's histogram;
 4. capacity: the same mixed load at each of --capacity-steps (default 50, 100, 200, 400
    requests/s, --step-s each, stopping at the first that fails): `capacity_req_per_s` is the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -37,6 +40,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,6 +50,17 @@ from recstream.contracts.events import RecommendationRequest
 from recstream.kafka.serde import encode
 
 RUN = REPO_ROOT / "run" / "bench"
+
+
+class Answered(NamedTuple):
+    """What the bench counts of one answer."""
+
+    kind: str
+    degraded: bool
+    empty: bool
+    model_version: str
+
+
 #: what each capacity step keeps in stream.json
 STEP_KEYS = (
     "latency_ms_p50",
@@ -147,6 +162,11 @@ def _start_stack(args: argparse.Namespace):
     from infra.triton_server import TritonServer
 
     RUN.mkdir(parents=True, exist_ok=True)
+    # A fresh broker every run: the topics of earlier runs (37 partitions each, 14 runs had piled
+    # up 518) would make the broker's per-request cost depend on the bench's history.
+    shutil.rmtree(RUN / "kafka", ignore_errors=True)
+    for old in RUN.glob("qdrant-*"):
+        shutil.rmtree(old, ignore_errors=True)
     broker = KafkaBroker(RUN / "kafka", port=0, controller_port=0)
     bootstrap = broker.start(timeout_s=90)
     triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0, metrics_port=0)
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rps", type=float, default=200.0, help="recommendation requests per second")
     ap.add_argument("--events-rps", type=float, default=500.0, help="behaviour events/s during the mixed phase")
     ap.add_argument("--throughput-events", type=int, default=50_000)
+    ap.add_argument("--warmup-s", type=float, default=30.0, help="unmeasured load at --rps before the mixed phase")
     ap.add_argument("--search-share", type=float, default=0.1)
     ap.add_argument("--ranker", default="auto", help="worker --ranker: auto, triton or inprocess")
     ap.add_argument(
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("ml-100k")
     broker, bootstrap, triton, ranker_note = _start_stack(args)
     worker = None
+    handles: list = []  # the load generator's Kafka clients, closed before the broker stops
     try:
         settings = bench_settings(bootstrap, triton)
         prefix = settings.topic_prefix
@@ -218,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         payloads = [(e.user_id.encode(), encode(e)) for e in events[:n]]
         base = worker.metric("recstream_feature_events_total", 'result="applied"')
         producer = EventProducer(settings, worker="bench", **{"linger.ms": 5})
+        handles.append(producer)
         procs = {"worker": worker.proc.pid, "tritonserver": triton._proc.pid, "kafka": broker._proc.pid}
         cpu_throughput0 = {name: _tree_cpu_seconds(pid) for name, pid in procs.items()}
         cpu_throughput0["load_generator"] = _cpu_seconds(os.getpid())
@@ -247,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. mixed fixed-rate load ------------------------------------------------------------------
         client = RecommendationClient(settings)
+        handles.append(client)
         users = sorted({e.user_id for e in events[:n]})
         rng = random.Random(0)
         for q in QUERIES:  # first sight of each query text pays the encoder once; not measured
@@ -279,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                     i += 1
                     limiter.wait()
 
+            # The load generator's own pauses must not count as the stack's latency: its full
+            # collections (over the phases' results, payloads and futures) stopped this process for
+            # 50-100 ms every 10-25 s, and with it the requests and events it sends (the broker's
+            # request log showed no produce at all during the stalls). No collection while it sends.
+            gc.collect()
+            gc.disable()
             cpu_before = {name: _tree_cpu_seconds(pid) for name, pid in procs.items()}
             cpu_before["load_generator"] = _cpu_seconds(os.getpid())
             load_mixed0 = os.getloadavg()[0]
@@ -305,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                     with lock:
                         latencies.append((now - sent) * 1000)
                         kinds.append(kind)
-                        results.append(f.result())
+                        r = f.result()  # keep what is counted, not the answer (less for the collector)
+                        results.append(Answered(r.kind, r.degraded, not r.items, r.model_version))
 
                 fut.add_done_callback(done)
                 futures.append(fut)
@@ -319,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.perf_counter() + 10
             while len(latencies) < len(futures) and time.perf_counter() < deadline:
                 time.sleep(0.05)
+            gc.enable()
             metrics_text = worker.metrics()
             fresh_p99, _ = _quantile_from_histogram(metrics_text, "recstream_feature_freshness_seconds", fresh_before)
             # Where the tail is: produce -> the worker publishing the answer (the rest is Kafka delivery
@@ -336,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             lost = len(futures) - len(latencies)
             lat = np.array(latencies) if latencies else np.array([float("nan")])
             degraded = sum(r.degraded for r in results)
-            empty = sum(not r.items for r in results)
+            empty = sum(r.empty for r in results)
             stages = {}
             import re
 
@@ -380,6 +412,16 @@ def main(argv: list[str] | None = None) -> int:
                 "duration_s": round(elapsed, 1),
             }
 
+        # The broker's JIT compiles its request paths in the first minute under load (C2 threads took
+        # up to 0.43 cores, twice the broker's steady 0.18 at 200 req/s): a long-running deployment
+        # never pays that again, so the measured phases start after a warm-up at the main rate.
+        if args.warmup_s > 0:
+            warm = mixed(args.rps, args.warmup_s)
+            print(
+                f"warm-up {args.warmup_s:.0f}s at {args.rps:.0f} req/s (not measured): p99 {warm['latency_ms_p99']} ms,"
+                f" CPU cores {json.dumps(warm['cpu_cores'])}",
+                flush=True,
+            )
         run = mixed(args.rps, args.duration_s)
         # capacity: the highest offered rate whose p99 stays within 50 ms with no degraded answer
         steps = []
@@ -418,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "behaviour_rate_during_mixed_per_s": run["behaviour_rate_per_s"],
             "capacity_steps": steps,
             "search_share": args.search_share,
+            "warmup_s": args.warmup_s,
             "duration_s": run["duration_s"],
             "ranker": ranker_note if args.ranker == "auto" else args.ranker,
             "model_versions": run["model_versions"],
@@ -455,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         write_result(args.name, result)
         return 0
     finally:
+        for handle in reversed(handles):
+            with contextlib.suppress(Exception):
+                handle.close()
         if worker is not None:
             worker.stop()
         triton.stop()

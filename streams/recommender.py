@@ -137,7 +137,7 @@ def _send_log(ctx: StreamContext, p: _Pending, build: Callable[[], RankingLog]) 
     """The answer is out already: a log that cannot be built is reported, never dead-letters it."""
     t0 = time.perf_counter()
     try:
-        ctx.send("ranking-log", p.req.user_id.encode(), encode(build()))
+        ctx.send("ranking-log", p.req.user_id.encode(), encode(build()), bulk=True)
     except Exception:
         log.exception("ranking log of request %s not published", p.req.request_id)
     STAGE_LATENCY.labels(stage="ranking_log").observe(time.perf_counter() - t0)
