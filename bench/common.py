@@ -85,14 +85,16 @@ def measure() -> Iterator[Measure]:
 
 def index_catalog(settings: Any, worker: Any, items: Sequence[Any], timeout_s: float, poll_s: float = 0.5) -> float:
     """Send the catalog through the catalog topic and wait until the worker (streams.process
-    .WorkerProcess) has indexed all of it; returns the seconds it took. Every bench indexes each run:
-    a reused index from another encoder version would be re-embedded from an empty topic."""
+    .WorkerProcess, or a list of them: each builds its own index replica) has indexed all of it;
+    returns the seconds it took. Every bench indexes each run: a reused index from another encoder
+    version would be re-embedded from an empty topic."""
     from recstream.client import EventProducer
 
+    workers = list(worker) if isinstance(worker, list | tuple) else [worker]
     t0 = time.time()
     with EventProducer(settings) as p:
         p.send_many("catalog", list(items))
-    while worker.metric("recstream_indexed_items") < len(items):
+    while min(w.metric("recstream_indexed_items") for w in workers) < len(items):
         time.sleep(poll_s)
         if time.time() - t0 > timeout_s:
             raise TimeoutError(f"catalog not indexed in {timeout_s:.0f} s")

@@ -4,8 +4,9 @@ faust runs the catalog indexer. The behaviour topic (session features and the fe
 consumed outside faust, in batches on its own thread (streams.behaviour), and so are requests
 (streams.requests, assigned the same partitions as behaviour, so a user's session is local).
 
-State contract: the app id names the consumer groups (faust's `<app id>`, `<app id>-behaviour`,
-`<app id>-requests`) and every table's changelog topic (`<app id>-<table>-changelog`). Tables
+State contract: the app id names the consumer groups (`<app id>-behaviour`, `<app id>-requests`;
+faust's group, the catalog indexer's, see catalog_group) and every table's changelog topic
+(`<app id>-<table>-changelog`). Tables
 recover from those changelogs after a restart, so the id and APP_VERSION are part of the state
 contract: changing either starts from empty tables and re-consumes the source topics from the
 beginning; changing a table's value encoding without bumping APP_VERSION would make a restarted
@@ -15,7 +16,9 @@ worker read old bytes with new code.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +53,18 @@ BULK_LINGER_MS = 50
 
 def app_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}{APP_NAME}-v{APP_VERSION}"
+
+
+def catalog_group(settings: Settings) -> str:
+    """The catalog indexer's consumer group (faust's app id). Workers sharing a Qdrant server share
+    one index, so they split the catalog in one group. In local mode every worker fills its own
+    index, which needs the whole catalog: the group is named after the index (host name and folder),
+    so N workers each read every catalog partition, and a restarted worker resumes where its index
+    stopped (a new folder, or a new host, reads the compacted topic from the beginning)."""
+    if settings.qdrant_url:
+        return app_id(settings)
+    where = f"{socket.gethostname()}:{Path(settings.qdrant_path).resolve()}"
+    return f"{app_id(settings)}-catalog-{hashlib.sha1(where.encode()).hexdigest()[:12]}"
 
 
 @dataclass
@@ -359,10 +374,10 @@ def create_app(
     unknown = set(agents) - set(ALL_AGENTS)
     if unknown:
         raise ValueError(f"unknown agents {sorted(unknown)}; choose from {ALL_AGENTS}")
-    datadir = settings.run_dir / "faust" / app_id(settings)
+    datadir = settings.run_dir / "faust" / catalog_group(settings)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        app_id(settings),
+        catalog_group(settings),
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",  # rocksdb is not installed; tables recover from their changelog topics
         # Every key and value is our own bytes. Tables must also say key_type/value_type=bytes:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from confluent_kafka import Consumer
+from worker_stack import TEST_TRITON_TIMEOUT_S, read_all, uninterrupted_fold
 
 from recstream.client import EventProducer, RecommendationClient
 from recstream.client.consumer import read_to_end
@@ -35,10 +36,6 @@ from streams.process import WorkerProcess
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
 FEEDBACK_WINDOW_S = 2.0
-#: The production budget is settings.triton_timeout_s = 250 ms. On the shared 2-core test box one
-#: query encode alone measured 100-300 ms under load, so the behaviour tests give Triton 2 s and
-#: the degraded path is tested by making Triton unreachable, not by racing the deadline.
-TEST_TRITON_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="session")
@@ -633,43 +630,11 @@ def test_learning_policy_sinks_items_users_ignored(
 N_EVENTS = 50_000
 
 
-def _read_all(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
-    """Every message of `topic` from the beginning to its current end (confluent, no group offsets)."""
-    from confluent_kafka import TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"read-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
-    meta = consumer.list_topics(topic, timeout=10).topics[topic]
-    parts = sorted(meta.partitions)
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-    pending = {p for p in parts if ends[p] > 0}
-    out = []
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        for msg in consumer.consume(5000, timeout=0.5):
-            if msg.error():
-                continue
-            out.append(msg)
-            if msg.offset() >= ends[msg.partition()] - 1:
-                pending.discard(msg.partition())
-    consumer.close()
-    assert not pending, f"could not read {topic} to its end"
-    return out
-
-
 def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
     make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path, movielens
 ) -> None:
     from recstream.contracts.topics import BEHAVIOUR
-    from recstream.kafka.serde import decode
-    from recstream.recommend.session import SessionState, apply_event
+    from recstream.recommend.session import SessionState
     from recstream.replay import behaviour_events
     from streams.app import app_id
 
@@ -709,23 +674,10 @@ def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
         reference_store = tmp_path / "qdrant-ref"
         shutil.copytree(indexed_catalog, reference_store)
         store = VectorStore(settings.model_copy(update={"qdrant_path": reference_store}))
-        source = _read_all(settings, BEHAVIOUR.name(settings.topic_prefix))
+        source = read_all(settings, BEHAVIOUR.name(settings.topic_prefix))
         assert len(source) == N_EVENTS
         items = store.retrieve(sorted({e.item_id for e in events}))
-        expected: dict[bytes, SessionState] = {}
-        for msg in sorted(source, key=lambda m: (m.partition(), m.offset())):
-            ev = decode(BEHAVIOUR, msg.value(), settings.max_message_bytes)
-            hit = items.get(ev.item_id)
-            state = expected.setdefault(ev.user_id.encode(), SessionState())
-            apply_event(
-                state,
-                offset=msg.offset(),
-                event_type=ev.type.value,
-                item_id=ev.item_id,
-                ts_ms=ev.ts_ms,
-                item_vec=None if hit is None else hit.vector,
-                item_category=None if hit is None else hit.payload.get("category"),
-            )
+        expected = uninterrupted_fold(settings, source, items)
         store.close()
         want = {k: v.to_bytes() for k, v in expected.items()}
 
@@ -733,7 +685,7 @@ def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
         deadline = time.monotonic() + 180
         while True:
             table: dict[bytes, bytes] = {}
-            for msg in _read_all(settings, changelog):
+            for msg in read_all(settings, changelog):
                 table[msg.key()] = msg.value()
             got = {k: SessionState.from_bytes(v).to_bytes() for k, v in table.items()}
             if got == want or time.monotonic() > deadline:
