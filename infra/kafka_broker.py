@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -228,6 +229,7 @@ class KafkaBroker:
         auto_create_topics: bool = False,
         extra_config: dict[str, str] | None = None,
         die_with_parent: bool = False,
+        cluster_id: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.port = port
@@ -237,6 +239,7 @@ class KafkaBroker:
         self.auto_create_topics = auto_create_topics
         self.extra_config = dict(extra_config or {})
         self.die_with_parent = die_with_parent
+        self.cluster_id = cluster_id  # the nodes of one cluster format their storage with the same id
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- paths -------------------------------------------------------------------------------------
@@ -402,6 +405,15 @@ class KafkaBroker:
                 return self.bootstrap
             time.sleep(0.2)
 
+    def kill9(self) -> None:
+        """SIGKILL, no clean shutdown: what a crashed machine looks like to the cluster (tests)."""
+        pid = self.pid
+        if pid is not None and self.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_exit(pid, 10)
+        self._forget()
+
     def stop(self, grace_s: float = 20.0) -> bool:
         """SIGTERM (clean shutdown), then SIGKILL after ``grace_s``. Returns whether a process was stopped."""
         pid = self.pid
@@ -497,7 +509,7 @@ class KafkaBroker:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            _random_cluster_id(),
+            self.cluster_id or _random_cluster_id(),
             "-c",
             str(self.properties_file),
         ]
@@ -509,6 +521,82 @@ class KafkaBroker:
                 f"formatting Kafka storage in {self.data_dir} failed (exit {proc.returncode}):\n"
                 f"{_tail(proc.stdout + proc.stderr)}"
             )
+
+
+class KafkaCluster:
+    """A local KRaft cluster of `size` nodes on loopback, each broker and controller, for tests of
+    replication and broker failure: topics get `size` replicas (the brokers' default replication,
+    which topic creation uses) and acks=all writes need `min_insync` of them. A dead replica leaves
+    the in-sync set after 5 s (replica.lag.time.max.ms; Kafka's 30 s would stall such writes)."""
+
+    def __init__(self, run_dir: Path | str, size: int = 3, min_insync: int = 2, heap: str = "256m") -> None:
+        ports = []
+        while len(ports) < 2 * size:  # every node's two ports, all different, known before any starts
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        voters = ",".join(f"{i + 1}@{HOST}:{ports[2 * i + 1]}" for i in range(size))
+        shared = {
+            "controller.quorum.voters": voters,
+            "default.replication.factor": str(size),
+            "min.insync.replicas": str(min_insync),
+            "offsets.topic.replication.factor": str(size),
+            "transaction.state.log.replication.factor": str(size),
+            "transaction.state.log.min.isr": str(min_insync),
+            "share.coordinator.state.topic.replication.factor": str(size),
+            "share.coordinator.state.topic.min.isr": str(min_insync),
+            "replica.lag.time.max.ms": "5000",
+            # a killed node is fenced, and its partitions led elsewhere, after 4 s (Kafka: 9 s)
+            "broker.session.timeout.ms": "4000",
+            "broker.heartbeat.interval.ms": "1000",
+        }
+        cluster_id = _random_cluster_id()
+        self._stopped = threading.Event()
+        self.nodes = [
+            KafkaBroker(
+                Path(run_dir) / f"node-{i + 1}",
+                port=ports[2 * i],
+                controller_port=ports[2 * i + 1],
+                heap=heap,
+                extra_config={**shared, "node.id": str(i + 1)},
+                die_with_parent=True,
+                cluster_id=cluster_id,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def start(self, timeout_s: float = 120.0) -> str:
+        """Start every node at once (none answers before a quorum of controllers is up). Each node
+        is launched from a thread that lives until stop(): Linux's parent-death signal follows the
+        launching *thread*, so a thread that returned would take its JVM with it."""
+        errors: list[BaseException] = []
+        started = threading.Barrier(len(self.nodes) + 1)
+
+        def run(node: KafkaBroker) -> None:
+            try:
+                node.start(timeout_s=timeout_s)
+            except BaseException as exc:  # reported below, after every node was tried
+                errors.append(exc)
+            started.wait()
+            self._stopped.wait()
+
+        self._stopped = threading.Event()
+        for node in self.nodes:
+            threading.Thread(target=run, args=(node,), name=f"kafka-node-{node.port}", daemon=True).start()
+        started.wait()
+        if errors:
+            self.stop()
+            raise BrokerError(f"Kafka cluster did not start: {errors[0]}")
+        return self.bootstrap
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(grace_s=10)
+        self._stopped.set()
 
 
 def _parent_death_signal() -> None:

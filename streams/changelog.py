@@ -57,7 +57,7 @@ def ensure_changelog(settings: Settings, topic: str, partitions: int) -> None:
             raise TopicMismatch(f"changelog {topic} has {have} partitions, the table needs {partitions}")
         return
     fut = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=CHANGELOG_CONFIG)],
+        [NewTopic(topic, num_partitions=partitions, replication_factor=-1, config=CHANGELOG_CONFIG)],  # broker default
         operation_timeout=ADMIN_TIMEOUT_S,
         request_timeout=ADMIN_TIMEOUT_S,
     )[topic]

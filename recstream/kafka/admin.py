@@ -50,10 +50,11 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
             if have < spec.partitions:
                 raise TopicMismatch(f"topic {name} has {have} partitions, registry declares {spec.partitions}")
             continue
-        new.append(NewTopic(name, num_partitions=spec.partitions, replication_factor=1, config=spec.config()))
+        # replication: the broker's default.replication.factor (1 on the dev broker, 3 on a cluster)
+        new.append(NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config()))
     for name, partitions in (extra or {}).items():
         if name not in existing:
-            new.append(NewTopic(name, num_partitions=partitions, replication_factor=1))
+            new.append(NewTopic(name, num_partitions=partitions, replication_factor=-1))
     if not new:
         return []
     futures = admin.create_topics(new, operation_timeout=ADMIN_TIMEOUT_S, request_timeout=ADMIN_TIMEOUT_S)
