@@ -584,7 +584,7 @@ class KafkaCluster:
             started.wait()
             self._stopped.wait()
 
-        self._stopped = threading.Event()
+        self._stopped.clear()
         for node in self.nodes:
             threading.Thread(target=run, args=(node,), name=f"kafka-node-{node.port}", daemon=True).start()
         started.wait()

@@ -279,7 +279,8 @@ class StreamContext:
         self.produce(topic, key, value, self.bulk_producer if bulk else self.producer)
 
     def produce(self, topic: str, key: bytes | None, value: bytes, producer: Producer | None = None) -> None:
-        producer = producer or self.producer
+        if producer is None:
+            producer = self.producer
         while True:
             try:
                 producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
