@@ -101,6 +101,65 @@ def test_generic_missing_file_and_unknown_name(tmp_path: Path) -> None:
         load_dataset("no-such-data-set")
 
 
+def test_generic_parquet_round_trip_and_mixed_forms(tmp_path: Path) -> None:
+    data = tiny_synthetic()
+    save_generic(data, tmp_path / "pq", fmt="parquet")
+    assert sorted(p.name for p in (tmp_path / "pq").iterdir()) == ["interactions.parquet", "items.parquet"]
+    back = load_dataset(str(tmp_path / "pq"))
+    pd.testing.assert_frame_equal(back.interactions, data.interactions)
+    pd.testing.assert_frame_equal(back.items, data.items)
+    assert data_hash(back) == data_hash(data)
+    # Parquet interactions beside a CSV items file read as the all-CSV form does
+    data.items.to_csv(tmp_path / "pq" / "items.csv", index=False)
+    (tmp_path / "pq" / "items.parquet").unlink()
+    assert data_hash(load_generic(tmp_path / "pq")) == data_hash(data)
+
+
+def test_generic_parquet_native_types(tmp_path: Path) -> None:
+    """Integer ids and a timestamp column, as Parquet exports from a warehouse usually have them."""
+    pd.DataFrame(
+        {
+            "user_id": pd.array([7, 7, 8], dtype="int64"),
+            "item_id": pd.array([1, 2, 1], dtype="int32"),
+            "ts": pd.to_datetime(["2024-01-01 00:00:10", "2024-01-01 00:00:20", "2024-01-02 00:00:00"]),
+        }
+    ).to_parquet(tmp_path / "interactions.parquet")
+    pd.DataFrame({"item_id": [1, 2], "title": ["One", "Two"]}).to_parquet(tmp_path / "items.parquet")
+    data = load_generic(tmp_path)
+    assert data.interactions["user_id"].tolist() == ["7", "7", "8"]
+    assert data.interactions["item_id"].tolist() == ["1", "2", "1"]
+    assert data.interactions["ts"].tolist() == [1704067210, 1704067220, 1704153600]
+    assert data.items["item_id"].tolist() == ["1", "2"]
+
+
+def test_generic_parquet_errors(tmp_path: Path) -> None:
+    items = pd.DataFrame({"item_id": ["a"], "title": ["A"]})
+    items.to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"user_id": ["1", "1"], "item_id": ["a", "a"], "ts": [1.0, 2.5]}).to_parquet(
+        tmp_path / "interactions.parquet"
+    )
+    with pytest.raises(DataFormatError, match=re.escape("integer seconds, got e.g. [2.5] at row 2")):
+        load_generic(tmp_path)
+    pd.DataFrame({"user_id": ["1"], "ts": [1]}).to_parquet(tmp_path / "interactions.parquet")
+    with pytest.raises(DataFormatError, match=re.escape("interactions lacks required column(s) ['item_id']")):
+        load_generic(tmp_path)
+    (tmp_path / "interactions.parquet").write_bytes(b"user_id,item_id,ts\n1,a,1\n")
+    with pytest.raises(DataFormatError, match=r"interactions\.parquet: not a readable Parquet file"):
+        load_generic(tmp_path)
+    pd.DataFrame({"user_id": ["1"], "item_id": ["a"], "ts": [1]}).to_parquet(tmp_path / "interactions.parquet")
+    items.to_csv(tmp_path / "items.csv", index=False)
+    with pytest.raises(DataFormatError, match=re.escape("both items.csv and items.parquet; keep one")):
+        load_generic(tmp_path)
+    pd.DataFrame({"item_id": pd.Series([], dtype=str), "title": pd.Series([], dtype=str)}).to_parquet(
+        tmp_path / "items.parquet"
+    )
+    (tmp_path / "items.csv").unlink()
+    (tmp_path / "interactions.parquet").unlink()
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,ts\n1,a,1\n")
+    with pytest.raises(DataFormatError, match=r"items\.parquet: has no rows"):
+        load_generic(tmp_path)
+
+
 def test_hash_is_stable_and_content_sensitive() -> None:
     a, b = tiny_synthetic(seed=0), tiny_synthetic(seed=0)
     assert data_hash(a) == data_hash(b)

@@ -1,7 +1,11 @@
 """One generic form for interaction data, so every model and benchmark reads any data set the same way.
 
 The generic form on disk (what `load_generic` reads and `save_generic` writes) is a directory with two
-UTF-8 CSV files with a header row:
+tables, each either a UTF-8 CSV file with a header row (``interactions.csv``) or a Parquet file
+(``interactions.parquet``; one of the two per table, and they may differ: Parquet interactions beside
+a CSV items file is fine). In Parquet, ids may be integer columns (read as their decimal strings) and
+``ts`` may be a timestamp column (read as UTC seconds). Errors name the file, the column and the
+1-based data rows.
 
 ``interactions.csv``
     ``user_id`` (str, required), ``item_id`` (str, required), ``ts`` (int seconds, required),
@@ -20,6 +24,7 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -96,6 +101,11 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
         if empty.any():
             raise DataFormatError(f"{name}: interactions.{col} is empty at {_rows(empty)}")
         out[col] = out[col].astype(str)
+    if pd.api.types.is_datetime64_any_dtype(out["ts"]):
+        # a Parquet timestamp column: UTC seconds (naive times are taken as UTC)
+        stamps = out["ts"].dt.tz_localize("UTC") if out["ts"].dt.tz is None else out["ts"].dt.tz_convert("UTC")
+        missing = stamps.isna()
+        out["ts"] = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().floordiv(1).where(~missing)
     ts = pd.to_numeric(out["ts"], errors="coerce")
     bad_ts = ts.isna() | (ts.notna() & (ts.fillna(0) % 1 != 0)) | (ts.abs() > 2**62)
     if bad_ts.any():
@@ -192,36 +202,57 @@ def load_movielens_100k() -> InteractionData:
     return InteractionData(interactions=interactions, items=item_df, name="ml-100k")
 
 
+_CSV_DTYPES = {"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str}
+
+
+def _read_table(folder: Path, table: str) -> pd.DataFrame:
+    """`table`.csv or `table`.parquet from `folder` (exactly one of them), never empty."""
+    found = [folder / f"{table}{ext}" for ext in (".csv", ".parquet") if (folder / f"{table}{ext}").is_file()]
+    if not found:
+        raise DataFormatError(
+            f"{folder}: missing {table}.csv (or {table}.parquet); the generic form needs interactions and items"
+        )
+    if len(found) > 1:
+        raise DataFormatError(f"{folder}: both {found[0].name} and {found[1].name}; keep one of them")
+    fpath = found[0]
+    if fpath.suffix == ".csv":
+        try:
+            df = pd.read_csv(fpath, dtype=_CSV_DTYPES, keep_default_na=False, na_values={"rating": [""]})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise DataFormatError(f"{fpath}: not a readable UTF-8 CSV with a header row: {exc}") from exc
+        if df.empty:
+            raise DataFormatError(f"{fpath}: has a header but no rows")
+        return df
+    import pyarrow as pa
+
+    try:
+        df = pd.read_parquet(fpath, engine="pyarrow")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataFormatError(f"{fpath}: not a readable Parquet file: {exc}") from exc
+    if df.empty:
+        raise DataFormatError(f"{fpath}: has no rows")
+    return df
+
+
 def load_generic(path: Path) -> InteractionData:
     """A data set given as files in the generic form (see the module docstring)."""
     path = Path(path)
     if not path.is_dir():
-        raise DataFormatError(f"{path}: expected a directory holding interactions.csv and items.csv")
-    files = {}
-    for fname in ("interactions.csv", "items.csv"):
-        fpath = path / fname
-        if not fpath.is_file():
-            raise DataFormatError(f"{path}: missing {fname} (the generic form needs interactions.csv and items.csv)")
-        try:
-            files[fname] = pd.read_csv(
-                fpath,
-                dtype={"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str},
-                keep_default_na=False,
-                na_values={"rating": [""]},
-            )
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise DataFormatError(f"{fpath}: not a readable UTF-8 CSV with a header row: {exc}") from exc
-        if files[fname].empty:
-            raise DataFormatError(f"{fpath}: has a header but no rows")
-    return InteractionData(interactions=files["interactions.csv"], items=files["items.csv"], name=path.name)
+        raise DataFormatError(f"{path}: expected a directory holding interactions and items (.csv or .parquet)")
+    interactions = _read_table(path, "interactions")
+    items = _read_table(path, "items")
+    return InteractionData(interactions=interactions, items=items, name=path.name)
 
 
-def save_generic(data: InteractionData, path: Path) -> Path:
+def save_generic(data: InteractionData, path: Path, fmt: Literal["csv", "parquet"] = "csv") -> Path:
     """Write `data` in the generic form, so it can be read back with `load_generic`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    data.interactions.to_csv(path / "interactions.csv", index=False)
-    data.items.to_csv(path / "items.csv", index=False)
+    for table, df in (("interactions", data.interactions), ("items", data.items)):
+        if fmt == "parquet":
+            df.to_parquet(path / f"{table}.parquet", index=False, engine="pyarrow")
+        else:
+            df.to_csv(path / f"{table}.csv", index=False)
     return path
 
 
@@ -240,7 +271,7 @@ def load_dataset(name_or_path: str) -> InteractionData:
         return load_generic(path)
     raise DataFormatError(
         f"unknown data set {name_or_path!r}: use one of {sorted(_BUILTIN)} or a directory with "
-        "interactions.csv and items.csv"
+        "interactions and items (.csv or .parquet)"
     )
 
 
