@@ -196,6 +196,7 @@ def train_ranker_cmd(
         )
         if out_of_fold
         else None,
+        item_ids=sp.item_ids,
     )
     cases = sp.cases(_stage(stage))
     ctx = RankingContext(cats, sp.train_seqs, sp.n_items, split_events(sp))

@@ -18,6 +18,7 @@ import numpy as np
 
 from recstream.config import Settings
 from recstream.metrics import TRITON_ERRORS, TRITON_LATENCY
+from recstream.models.co_visitation import CoVisitation
 from recstream.recommend.breaker import CircuitBreaker
 from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
 
@@ -276,6 +277,9 @@ class TritonRanker:
     CONTEXT [B, 768] = session vector ++ query vector (zeros = none), CANDIDATES [B, n, 384],
     CAND_FEATURES [B, n, K] from recstream.models.ranker.candidate_features (the one function
     training uses too), SCORES [B, n]; B requests per call (up to the model's max_batch_size).
+
+    The co-visitation feature's statistic is read from the served version's folder in the model
+    repository (`settings.model_repo`, which a worker container mounts read-only), once per version.
     """
 
     version = "ranker"
@@ -286,6 +290,8 @@ class TritonRanker:
         from recstream.models.ranker import candidate_features
 
         self._features = candidate_features
+        self._model_repo = settings.model_repo
+        self._co_visitation: tuple[str, CoVisitation | None] = ("", None)
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -325,8 +331,29 @@ class TritonRanker:
             ctx.recent_categories,
             ctx.max_popularity,
             np.array([c.trending for c in candidates], np.float64),
+            self._co_visit_scores(ctx, candidates),
         )
         return context, feats
+
+    def _co_visit_scores(self, ctx: RankContext, candidates: list[Candidate]) -> np.ndarray | None:
+        stat = self.co_visitation()
+        return stat.scores(ctx.recent_items, [c.item_id for c in candidates]) if stat is not None else None
+
+    def co_visitation(self) -> CoVisitation | None:
+        """The co-visitation statistic of the version last served (read once per version)."""
+        version = self.version
+        if self._co_visitation[0] != version:
+            number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
+            stat = None
+            if number.isdigit():
+                folder = self._model_repo / self.model / number
+                stat = CoVisitation.load(folder)
+                if stat is None:
+                    log.warning("%s: no %s in %s; its co_visitation feature is 0", version, CoVisitation.FILE, folder)
+                else:
+                    log.info("%s: co-visitation statistic of %d items loaded", version, len(stat.item_ids))
+            self._co_visitation = (version, stat)
+        return self._co_visitation[1]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""

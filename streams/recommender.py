@@ -29,6 +29,7 @@ from recstream.contracts.events import (
 )
 from recstream.kafka.serde import encode
 from recstream.metrics import DEGRADED, STAGE_LATENCY
+from recstream.models.co_visitation import CO_VISIT_WINDOW
 from recstream.recommend.candidates import build_filter
 from recstream.recommend.lexical import lexical_score
 from recstream.recommend.rerank import diversify as diversify_list
@@ -37,7 +38,7 @@ from recstream.recommend.scoring import Candidate, RankContext
 from streams.app import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
 from streams.session_features import read_session
-from streams.session_vectors import AFFINITY_WINDOW, session_history
+from streams.session_vectors import session_history
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _context(
     history, recent_categories = (
         session_history(ctx, session, encoder.max_history if encodes else 0) if session is not None else (None, [])
     )
-    recent = session.recent[-AFFINITY_WINDOW:] if session is not None else []
+    recent = session.recent[-CO_VISIT_WINDOW:] if session is not None else []
     rctx = RankContext(
         query_vec=query_vecs.get(req.query) if req.query else None,
         session_vec=session_vec,

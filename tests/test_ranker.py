@@ -267,7 +267,7 @@ def test_an_untrained_ranker_orders_a_search_by_its_query(net_from: str) -> None
 
     cand = unit(rng.normal(size=(20, 384)))
     session, query = unit(rng.normal(size=384)), unit(cand[:5].mean(0) + 0.01 * rng.normal(size=384))
-    feats = np.zeros((20, 5), np.float32)
+    feats = np.zeros((20, N_CAND_FEATURES), np.float32)
 
     def order(s: np.ndarray, q: np.ndarray) -> list[int]:
         with torch.inference_mode():
@@ -280,3 +280,65 @@ def test_an_untrained_ranker_orders_a_search_by_its_query(net_from: str) -> None
         assert order(session, zeros) == np.argsort(-(cand @ session), kind="stable").tolist()
         assert order(zeros, query) == np.argsort(-(cand @ query), kind="stable").tolist()
     assert set(order(session, query)[:5]) == set(range(5))  # the five items the query is about lead
+
+
+def _bundle_sessions(rng: np.random.Generator, n_users: int = 200) -> list[np.ndarray]:
+    """Items come in 20 bundles of 3 (item b, b + 20, b + 40: unrelated to the toy clusters, item % 4)
+    and a user takes whole bundles one after another: the last item's bundle-mates are in the history,
+    which co-visitation sees and the toy retrieval does not."""
+    seqs = []
+    for _ in range(n_users):
+        bundles = rng.choice(20, size=3, replace=False)
+        seqs.append(np.concatenate([b + 20 * rng.permutation(3) for b in bundles]))
+    return seqs
+
+
+def test_co_visitation_is_the_item_knn_similarity(tmp_path: Path):
+    from recstream.data import leave_last_out, tiny_synthetic
+    from recstream.eval.baselines import ItemKNN
+    from recstream.models.co_visitation import CoVisitation
+
+    split = leave_last_out(tiny_synthetic())
+    stat = CoVisitation.fit(split.train_seqs, split.item_ids)
+    cases = split.cases("valid")
+    knn = ItemKNN().fit(split).score(cases.users, cases.histories)
+    everything = np.arange(split.n_items)
+    for r, h in enumerate(cases.histories):
+        np.testing.assert_allclose(stat.scores_idx(h, everything), knn[r], rtol=1e-5, atol=1e-7)
+    h = cases.histories[0]
+    ids = [split.item_ids[i] for i in h]
+    np.testing.assert_allclose(
+        stat.scores([*ids, "never-seen"], [split.item_ids[3], "never-seen", split.item_ids[7]]),
+        [knn[0][3], 0.0, knn[0][7]],
+        rtol=1e-5,
+    )
+    ranker = new_ranker()
+    ranker.co_visitation = stat
+    ranker.save(tmp_path / "r")
+    back = Ranker.load(tmp_path / "r").co_visitation
+    assert back is not None and back.item_ids == stat.item_ids
+    assert (back.sim != stat.sim).nnz == 0
+    assert Ranker.load(_saved_plain(tmp_path / "plain")).co_visitation is None
+
+
+def _saved_plain(path: Path) -> Path:
+    new_ranker().save(path)
+    return path
+
+
+def test_ranker_chooses_the_co_visitation_weight_on_validation():
+    toy = _ToyRetrieval()
+    seqs = _bundle_sessions(np.random.default_rng(0))
+    cats = [f"c{c}" for c in toy.cluster]
+    train = [s[:-1] for s in seqs]
+    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
+    ctx = RankingContext(cats, train, 60)
+    retrieval = (toy.session_vectors_from_index(hist) @ toy.item_vectors.T).numpy()
+    ndcg = {"retrieval": metrics_from_ranks(target_ranks(retrieval, tgt, hist))["NDCG@10"]}
+    for name, weights in (("without", [0.0]), ("chosen", [0.0, 1.0, 3.0])):
+        cfg = RankerConfig(epochs=0, rerank_depth=30, co_visitation_weights=weights)
+        ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
+        ndcg[name] = metrics_from_ranks(target_ranks(rerank_scores(ranker, toy, ctx, hist, 30), tgt, hist))["NDCG@10"]
+        ndcg[f"{name}_weight"] = stats["co_visitation_weight"]
+    assert ndcg["without"] == pytest.approx(ndcg["retrieval"], abs=1e-9), ndcg  # weight 0 = retrieval order
+    assert ndcg["chosen_weight"] > 0 and ndcg["chosen"] > ndcg["retrieval"] + 0.2, ndcg

@@ -50,3 +50,25 @@ def test_one_call_for_many_requests_scores_like_one_call_each(triton_server) -> 
         assert np.allclose(got, one, atol=1e-5)
     with pytest.raises(ValueError, match="at most"):
         ranker.score_many([jobs[0]] * (ranker.max_batch + 1), timeout_s=10.0)
+
+
+def test_the_served_versions_co_visitation_statistic_feeds_its_feature(triton_server) -> None:
+    """The worker reads the co-visitation statistic saved beside the served ranker version and
+    computes the feature with the function training uses (log1p of CoVisitation.scores)."""
+    from recstream.models.ranker import CAND_FEATURE_NAMES
+
+    ranker = TritonRanker(Settings(triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url))
+    stat = ranker.co_visitation()
+    assert stat is not None, f"{ranker.version} was exported without its co-visitation statistic"
+    rng = np.random.default_rng(1)
+    ctx, _ = _job(rng, 0, False)
+    ctx.recent_items = ["1", "50", "100", "181"]  # ml-100k ids: Toy Story, Star Wars, Fargo, Return of the Jedi
+    vecs = _unit(rng, 40)
+    cands = [Candidate(str(i + 1), 0.5, vecs[i], "Drama", {}, 3.0) for i in range(40)] + [
+        Candidate("not-in-the-catalogue", 0.5, vecs[0], "Drama", {}, 0.0)
+    ]
+    _, feats = ranker.inputs(ctx, cands)
+    got = feats[:, CAND_FEATURE_NAMES.index("co_visitation")]
+    expected = np.log1p(stat.scores(ctx.recent_items, [c.item_id for c in cands]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert (got[:-1] > 0).sum() >= 10 and got[-1] == 0.0

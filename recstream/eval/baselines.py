@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from recstream.data.split import Split
 from recstream.eval.metrics import evaluate
+from recstream.models.co_visitation import binary_matrix, item_similarity
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,7 @@ class Recommender(Protocol):
 
 def _history_matrix(histories: list[np.ndarray], n_items: int) -> sp.csr_matrix:
     """Binary [batch, n_items] matrix of the items in each history."""
-    lens = [len(h) for h in histories]
-    rows = np.repeat(np.arange(len(histories)), lens)
-    cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if sum(lens) else np.zeros(0, int)
-    m = sp.csr_matrix((np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), n_items))
-    m.sum_duplicates()
-    m.data[:] = 1.0
-    return m
+    return binary_matrix(histories, n_items)
 
 
 class RandomScorer:
@@ -89,43 +84,14 @@ class ItemKNN:
         self.config = config or ItemKNNConfig()
 
     def fit(self, split: Split) -> ItemKNN:
-        x = split.train_matrix(binary=True).tocsc().astype(np.float32)
-        co = (x.T @ x).tocsr()  # item x item co-occurrence
-        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())
-        co.setdiag(0)
-        co.eliminate_zeros()
-        co = co.tocoo()
-        denom = norms[co.row] * norms[co.col] + self.config.shrink + 1e-8
-        sim = sp.csr_matrix((co.data / denom, (co.row, co.col)), shape=co.shape)
-        self.sim = _topk_per_row(sim, self.config.topk).T.tocsr()  # column j: neighbours of j
+        # the ranker's co-visitation feature is this similarity (recstream.models.co_visitation)
+        self.sim = item_similarity(split.train_matrix(binary=True), self.config.topk, self.config.shrink)
         self.n_items = split.n_items
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         h = _history_matrix(histories, self.n_items)
         return np.asarray((h @ self.sim).todense(), dtype=np.float32)
-
-
-def _topk_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """Keep the k largest entries of each row."""
-    m = m.tocsr()
-    rows, cols, vals = [], [], []
-    for r in range(m.shape[0]):
-        lo, hi = m.indptr[r], m.indptr[r + 1]
-        if hi == lo:
-            continue
-        d, c = m.data[lo:hi], m.indices[lo:hi]
-        if hi - lo > k:
-            keep = np.argpartition(-d, k)[:k]
-            d, c = d[keep], c[keep]
-        rows.append(np.full(len(c), r))
-        cols.append(c)
-        vals.append(d)
-    if not rows:
-        return sp.csr_matrix(m.shape, dtype=np.float32)
-    return sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=m.shape, dtype=np.float32
-    )
 
 
 class EarlyStopConfig(BaseModel):

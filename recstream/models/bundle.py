@@ -143,6 +143,7 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
             train_times=split_train_times(split),
             valid_times=request_times(split, valid.users, valid.histories),
             example_retrieval=fold,
+            item_ids=split.item_ids,
         )
         ranker.meta.extra["bundle_key"] = rkey
         ranker.save(rpath)

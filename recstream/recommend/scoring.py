@@ -30,7 +30,7 @@ class RankContext:
     query_vec: np.ndarray | None = None
     session_vec: np.ndarray | None = None
     affinity: dict[str, float] = field(default_factory=dict)  # category -> share (sums to 1)
-    recent_items: list[str] = field(default_factory=list)
+    recent_items: list[str] = field(default_factory=list)  # the last CO_VISIT_WINDOW, oldest first
     recent_categories: list[str] = field(default_factory=list)  # oldest first
     max_popularity: float = 1.0
 

@@ -127,7 +127,8 @@ class CatalogFeatures:
     `candidate_features` the serving path uses; a search's query (when the joiner knew it) is
     encoded into the context's second half and is what its candidates were retrieved by, as at
     serving. A rebuild is an approximation: serving's session vector comes from the session
-    encoder, and its popularity and trend counts from the worker's tables."""
+    encoder, its popularity and trend counts from the worker's tables, and the rebuild leaves the
+    co-visitation feature at 0."""
 
     #: Query vectors kept between rounds (a query's examples arrive over a feedback window).
     QUERY_CACHE = 10_000
@@ -399,7 +400,8 @@ class TrainerService:
             res = RoundResult(False, d.reason, None, time.monotonic() - t0, stats)
             self.rounds.append(res)
             return res
-        new = Ranker(cand, live.meta.model_copy(deep=True))
+        # the derived version keeps its parent's co-visitation statistic (the feature it was tuned on)
+        new = Ranker(cand, live.meta.model_copy(deep=True), live.co_visitation)
         new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
         v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
         self.registry.promote(v, d.reason)
