@@ -14,7 +14,7 @@ from recstream.config import Settings
 from recstream.continual import GateConfig, LearnerConfig
 from recstream.contracts.events import ItemUpsert, TrainingExample
 from recstream.models.export import export_ranker
-from recstream.models.ranker import ITEM_DIM, RankerConfig, new_ranker
+from recstream.models.ranker import ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
 from services.trainer import CatalogFeatures, TrainerConfig, TrainerService
 
 CATS = ["a", "b", "c", "d"]
@@ -138,7 +138,7 @@ def _logged_answers(service: TrainerService, n_req: int, seed: int) -> list:
         items = [f"i{j}" for j in rng.choice(40, 8, replace=False)]
         ctx = service.features.vectors[items[0]]
         context = np.concatenate([ctx, np.zeros_like(ctx)]).round(6).tolist()
-        feats = rng.random((8, 5)).round(6)
+        feats = rng.random((8, N_CAND_FEATURES)).round(6)
         draft = RankingLog(
             request_id=f"q{seed}-{r}",
             user_id=f"u{r % 30}",
@@ -223,7 +223,7 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
         first[0].request_id,
         first[0].user_id,
         [ex.item_id for ex in first],
-        rng.random((len(first), 5)),
+        rng.random((len(first), N_CAND_FEATURES)),
         context,
         scores=[0.1 * n for n in range(len(first))],
     )
