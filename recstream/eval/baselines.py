@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
@@ -37,11 +36,6 @@ class Recommender(Protocol):
     def fit(self, split: Split) -> Recommender: ...
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray: ...
-
-
-def _history_matrix(histories: list[np.ndarray], n_items: int) -> sp.csr_matrix:
-    """Binary [batch, n_items] matrix of the items in each history."""
-    return binary_matrix(histories, n_items)
 
 
 class RandomScorer:
@@ -90,7 +84,7 @@ class ItemKNN:
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        h = _history_matrix(histories, self.n_items)
+        h = binary_matrix(histories, self.n_items)
         return np.asarray((h @ self.sim).todense(), dtype=np.float32)
 
 
@@ -406,7 +400,7 @@ class ZeroShotText:
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        h = _history_matrix(histories, len(self.emb))
+        h = binary_matrix(histories, len(self.emb))
         n = np.maximum(np.asarray(h.sum(axis=1)), 1.0)
         user_vec = np.asarray(h @ self.emb) / n
         return (user_vec @ self.emb.T).astype(np.float32)
