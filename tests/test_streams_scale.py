@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import wait
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,13 @@ def _ask_all(settings: Settings, users: list[str], timeout_s: float) -> dict[str
         while len(answers) < len(users) and time.monotonic() < deadline:
             asked = {u: RecommendationRequest(user_id=u, k=5) for u in users if u not in answers}
             futures = {u: client.submit(req) for u, req in asked.items()}
+            # all waited on together: one lost answer costs one round, not 20 s for each user
+            wait(futures.values(), timeout=max(1.0, min(20.0, deadline - time.monotonic())))
             for user, fut in futures.items():
-                try:
-                    result = fut.result(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
-                except TimeoutError:
+                if fut.done():
+                    answers[user] = [item.item_id for item in fut.result().items]
+                else:
                     client.forget(asked[user].request_id)
-                    continue
-                answers[user] = [item.item_id for item in result.items]
     return answers
 
 
