@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RECSTREAM_CACHE_DIR := $(CACHE_DIR)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup venv kafka-jars prometheus browser up down demo train test lint bench schemas clean
+.PHONY: setup venv kafka-jars prometheus browser up down demo train test test-fast lint bench schemas clean
 
 setup: venv kafka-jars prometheus browser  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
 
@@ -54,6 +54,9 @@ train: setup  ## the served models on DATASET (name or generic-form folder) -> n
 
 test: setup
 	@$(PY) -m pytest
+
+test-fast: setup  ## the inner loop: no broker, no tritonserver, nothing marked slow
+	@$(PY) -m pytest -m "not kafka and not triton and not slow"
 
 lint: setup
 	@$(VENV)/bin/ruff check .

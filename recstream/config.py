@@ -120,31 +120,23 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def env_name(field: str) -> str:
+    """The environment variable a Settings field is read from (its first alias, else its name)."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        alias = alias.choices[0]
+    return str(alias or field).upper()
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process read `settings`."""
+    """The environment that makes a child process read `settings`: every field, derived from the
+    class (so a new setting cannot be forgotten); a field that is None is removed."""
     env = dict(os.environ)
-    env.update(
-        {
-            "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "TOPIC_PREFIX": settings.topic_prefix,
-            "TRITON_URL": settings.triton_url,
-            "TRITON_GRPC_URL": settings.triton_grpc_url,
-            "TRITON_TIMEOUT_S": str(settings.triton_timeout_s),
-            "QDRANT_PATH": str(settings.qdrant_path),
-            "RUN_DIR": str(settings.run_dir),
-            "LOG_LEVEL": settings.log_level,
-            "PYTHONPATH": str(REPO_ROOT),
-            "HF_HUB_OFFLINE": "1",
-            "EXPLORATION_POLICY": settings.exploration_policy,
-            "POLICY_FEEDBACK_SLOTS": str(settings.policy_feedback_slots),
-            "RANKING_LOG": settings.ranking_log,
-            "SESSION_REFRESH_S": str(settings.session_refresh_s),
-        }
-    )
-    if settings.exploration_seed is not None:
-        env["EXPLORATION_SEED"] = str(settings.exploration_seed)
-    if settings.qdrant_url:
-        env["QDRANT_URL"] = settings.qdrant_url
-    else:
-        env.pop("QDRANT_URL", None)
+    for field in Settings.model_fields:
+        value = getattr(settings, field)
+        if value is None:
+            env.pop(env_name(field), None)
+        else:
+            env[env_name(field)] = str(value)
+    env.update(PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
     return env

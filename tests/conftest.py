@@ -20,6 +20,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: The session fixtures that start a real component, and the marker a test using one must carry.
+_NEEDS = {"kafka_bootstrap": "kafka", "triton_server": "triton"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the components its fixtures start (directly or through make_settings), so
+    `make test-fast` (-m "not kafka and not triton") never starts a broker or a tritonserver."""
+    for item in items:
+        for fixture, marker in _NEEDS.items():
+            if fixture in getattr(item, "fixturenames", ()) and marker not in item.keywords:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")

@@ -158,6 +158,9 @@ def _split_then_kill(base: Settings, tmp_path: Path, kill_also: Callable[[], Non
         assert len(answers) == len(users) and all(answers.values()), (
             f"{len(users) - len(answers)} users unanswered after the kill\n{b.tail()}"
         )
+    except BaseException:
+        b.kill9()  # a failed run must not leave the survivor running (it outlived the test before)
+        raise
     finally:
         a.kill9()
 

@@ -1,0 +1,53 @@
+"""The settings object and the environment that hands it to a child process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recstream.config import Settings, env_name, settings_env
+
+
+def test_a_child_process_reads_back_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """settings_env covers every field (none set by hand to forget): each one, changed from its
+    default, comes back equal when Settings is read from the environment it produces."""
+    changed = {
+        "kafka_bootstrap": "kafka-a:9093,kafka-b:9093",
+        "topic_prefix": "tenant7.",
+        "triton_url": "triton:18000",
+        "triton_grpc_url": "triton:18001",
+        "triton_timeout_s": 0.75,
+        "qdrant_url": "http://qdrant:6333",
+        "qdrant_path": tmp_path / "qdrant",
+        "model_repo": tmp_path / "model_repo",
+        "run_dir": tmp_path / "run",
+        "cache_dir": tmp_path / "cache",
+        "max_message_bytes": 4096,
+        "session_refresh_s": 0.2,
+        "metrics_port": 9555,
+        "log_level": "DEBUG",
+        "exploration_policy": "eps:0.1",
+        "exploration_seed": 11,
+        "ranking_log": "off",
+        "policy_feedback_slots": 5_000,
+        "event_dedupe_ids": 10,
+        "api_keys": "k1,k2",
+        "cors_origins": "https://shop.example",
+    }
+    assert set(changed) == set(Settings.model_fields), "give the new setting a non-default value here"
+    defaults = Settings()
+    assert all(getattr(defaults, k) != v for k, v in changed.items())
+    wanted = defaults.model_copy(update=changed)
+
+    for key, value in settings_env(wanted).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == wanted
+
+
+def test_a_setting_left_unset_is_removed_from_the_child_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QDRANT_URL", "http://stale:6333")
+    monkeypatch.setenv("EXPLORATION_SEED", "3")
+    env = settings_env(Settings(qdrant_url=None, exploration_seed=None))
+    assert "QDRANT_URL" not in env and "EXPLORATION_SEED" not in env
+    assert env_name("api_keys") == "GATEWAY_API_KEYS" and env_name("cache_dir") == "RECSTREAM_CACHE_DIR"
