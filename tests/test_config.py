@@ -51,3 +51,11 @@ def test_a_setting_left_unset_is_removed_from_the_child_environment(monkeypatch:
     env = settings_env(Settings(qdrant_url=None, exploration_seed=None))
     assert "QDRANT_URL" not in env and "EXPLORATION_SEED" not in env
     assert env_name("api_keys") == "GATEWAY_API_KEYS" and env_name("cache_dir") == "RECSTREAM_CACHE_DIR"
+
+
+def test_the_readme_configuration_table_is_the_generated_one() -> None:
+    """Every setting is documented, with its real default: the README's table equals the one made
+    from the fields (regenerate with `python -m recstream.config`)."""
+    from recstream.config import REPO_ROOT, configuration_table
+
+    assert configuration_table() in (REPO_ROOT / "README.md").read_text(), "README's configuration table is stale"
