@@ -254,6 +254,7 @@ class TritonSessionEncoder:
 class Ranker(Protocol):
     version: str
     rerank_depth: int  # retrieved candidates it reorders
+    co_visitation_candidates: int  # of those, slots filled from its co-visitation statistic
 
     def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray: ...
 
@@ -262,6 +263,7 @@ class InProcessRanker:
     """The heuristic ranker from recstream.recommend, behind the same interface as Triton's."""
 
     rerank_depth = RERANK_DEPTH
+    co_visitation_candidates = 0
 
     def __init__(self) -> None:
         self.impl = HeuristicRanker()
@@ -291,7 +293,7 @@ class TritonRanker:
 
         self._features = candidate_features
         self._model_repo = settings.model_repo
-        self._co_visitation: tuple[str, CoVisitation | None] = ("", None)
+        self._co_visitation: tuple[str, CoVisitation | None, int] = ("", None, 0)
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -341,19 +343,38 @@ class TritonRanker:
 
     def co_visitation(self) -> CoVisitation | None:
         """The co-visitation statistic of the version last served (read once per version)."""
+        return self._version_files()[0]
+
+    @property
+    def co_visitation_candidates(self) -> int:
+        """Slots of each list the served version fills from its co-visitation statistic (chosen on
+        validation when it was trained; 0 = the vector search's candidates alone)."""
+        return self._version_files()[1]
+
+    def _version_files(self) -> tuple[CoVisitation | None, int]:
+        """What the served version's folder holds beside its weights, read once per version."""
         version = self.version
         if self._co_visitation[0] != version:
+            from recstream.models.training import read_meta
+
             number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
-            stat = None
+            stat, slots = None, 0
             if number.isdigit():
                 folder = self._model_repo / self.model / number
                 stat = CoVisitation.load(folder)
+                meta = read_meta(folder)
                 if stat is None:
                     log.warning("%s: no %s in %s; its co_visitation feature is 0", version, CoVisitation.FILE, folder)
                 else:
-                    log.info("%s: co-visitation statistic of %d items loaded", version, len(stat.item_ids))
-            self._co_visitation = (version, stat)
-        return self._co_visitation[1]
+                    slots = int(meta.extra.get("co_visitation_candidates", 0)) if meta is not None else 0
+                    log.info(
+                        "%s: co-visitation statistic of %d items loaded, %d co-visited candidates per list",
+                        version,
+                        len(stat.item_ids),
+                        slots,
+                    )
+            self._co_visitation = (version, stat, slots)
+        return self._co_visitation[1], self._co_visitation[2]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""

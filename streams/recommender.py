@@ -322,6 +322,7 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
             p.hits = hits
             if p.hybrid is not None:
                 p.hits += await _lexical_hits(ctx, p, {h.item_id for h in hits})
+        await _co_visited_hits(ctx, [(p, vec) for p, vec in searches if p.hybrid is None and not p.req.query])
     lookup = ctx.tables.get("_item_lookup")
     popularity = lookup.popularity if lookup is not None else {}
     for p in pending:
@@ -343,6 +344,35 @@ async def _retrieve(ctx: StreamContext, pending: list[_Pending]) -> None:
     elapsed = time.perf_counter() - t0
     for _ in pending:
         STAGE_LATENCY.labels(stage="retrieve").observe(elapsed)
+
+
+async def _co_visited_hits(ctx: StreamContext, searched: list[tuple[_Pending, np.ndarray]]) -> None:
+    """The ranker's second candidate source (`recstream.models.ranker.candidate_slate`): the last
+    `co_visitation_candidates` slots of a recommendation's list go to the items most co-visited with
+    the session that the vector search did not bring and the filter allows, each with its cosine to
+    the search vector as its retrieval score. One store read for the batch."""
+    slots = int(getattr(ctx.ranker, "co_visitation_candidates", 0))
+    stat = ctx.ranker.co_visitation() if slots else None
+    if stat is None:
+        return
+    wanted: list[tuple[_Pending, np.ndarray, int, list[str]]] = []
+    for p, vec in searched:
+        if not p.rctx.recent_items or not p.hits:
+            continue
+        keep = max(0, len(p.hits) - slots)
+        exclude = [h.item_id for h in p.hits[:keep]] + list(p.filt.exclude_ids)
+        # twice the slots: business filters (stock, category, price) are checked on the payloads below
+        wanted.append((p, vec, keep, stat.top(p.rctx.recent_items, 2 * slots, exclude)))
+    ids = sorted({i for *_, top in wanted for i in top})
+    found = await _read(ctx, ctx.store.retrieve, ids) if ids else {}
+    for p, vec, keep, top in wanted:
+        extra = [found[i] for i in top if i in found and p.filt.allows(i, found[i].payload)][:slots]
+        unit = vec / max(float(np.linalg.norm(vec)), 1e-12)
+        for hit in extra:
+            hit.score = float(hit.vector @ unit / max(float(np.linalg.norm(hit.vector)), 1e-12))
+        chosen = {h.item_id for h in extra}
+        fill = [h for h in p.hits[keep:] if h.item_id not in chosen][: slots - len(extra)]
+        p.hits = p.hits[:keep] + fill + extra
 
 
 async def _lexical_hits(ctx: StreamContext, p: _Pending, have: set[str]) -> list[Any]:

@@ -336,9 +336,39 @@ def test_ranker_chooses_the_co_visitation_weight_on_validation():
     retrieval = (toy.session_vectors_from_index(hist) @ toy.item_vectors.T).numpy()
     ndcg = {"retrieval": metrics_from_ranks(target_ranks(retrieval, tgt, hist))["NDCG@10"]}
     for name, weights in (("without", [0.0]), ("chosen", [0.0, 1.0, 3.0])):
-        cfg = RankerConfig(epochs=0, rerank_depth=30, co_visitation_weights=weights)
+        cfg = RankerConfig(epochs=0, rerank_depth=30, co_visitation_weights=weights, co_visitation_candidates=[0])
         ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
         ndcg[name] = metrics_from_ranks(target_ranks(rerank_scores(ranker, toy, ctx, hist, 30), tgt, hist))["NDCG@10"]
         ndcg[f"{name}_weight"] = stats["co_visitation_weight"]
     assert ndcg["without"] == pytest.approx(ndcg["retrieval"], abs=1e-9), ndcg  # weight 0 = retrieval order
     assert ndcg["chosen_weight"] > 0 and ndcg["chosen"] > ndcg["retrieval"] + 0.2, ndcg
+
+
+def test_co_visited_candidates_reach_what_retrieval_misses_when_validation_says_so():
+    """Ten slots: the toy retrieval (clusters) rarely brings the next bundle-mate; the slots given to
+    co-visited items do, validation picks them, and the saved ranker serves the same slate."""
+    from recstream.models.ranker import candidate_slate
+
+    toy = _ToyRetrieval()
+    seqs = _bundle_sessions(np.random.default_rng(0))
+    cats = [f"c{c}" for c in toy.cluster]
+    train = [s[:-1] for s in seqs]
+    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
+    ctx = RankingContext(cats, train, 60)
+    ndcg, chosen = {}, {}
+    for name, slots in (("retrieval's candidates", [0]), ("with co-visited", [0, 5])):
+        cfg = RankerConfig(
+            epochs=0, rerank_depth=10, co_visitation_weights=[0.0, 1.0, 3.0], co_visitation_candidates=slots
+        )
+        ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
+        ndcg[name] = metrics_from_ranks(target_ranks(rerank_scores(ranker, toy, ctx, hist, 10), tgt, hist))["NDCG@10"]
+        chosen[name] = (stats["co_visitation_candidates"], ranker.co_visitation_candidates)
+    assert chosen == {"retrieval's candidates": (0, 0), "with co-visited": (5, 5)}, chosen
+    assert ndcg["with co-visited"] > ndcg["retrieval's candidates"] + 0.1, ndcg  # measured 0.40 -> 0.59
+
+    # the slate: retrieval's best unseen items first, then co-visited ones retrieval did not bring
+    scores = np.linspace(1.0, 0.0, 60)
+    slate = candidate_slate(scores, hist[0], 10, ctx.co_visitation, 5)
+    assert len(slate) == len(set(slate)) == 10 and not set(slate) & set(hist[0].tolist())
+    assert list(slate[:5]) == [i for i in range(60) if i not in set(hist[0].tolist())][:5]
+    assert set(slate[5:]) <= set(ctx.co_visitation.top_idx(hist[0], 10, np.concatenate([hist[0], slate[:5]])))

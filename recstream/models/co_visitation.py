@@ -1,4 +1,5 @@
-"""Item-to-item co-visitation: which items the same users interacted with, as a ranker feature.
+"""Item-to-item co-visitation: which items the same users interacted with, as a ranker feature
+and as a second candidate source beside the vector search.
 
 A sequential model of item vectors misses what plain co-occurrence counting sees: on ml-100k,
 adding log(1 + co-visitation) to the served two-tower's retrieval score (weight chosen on
@@ -99,6 +100,29 @@ class CoVisitation:
         if not len(recent) or not len(cand):
             return np.zeros(len(cand), np.float64)
         return np.asarray(self.sim[recent][:, cand].sum(axis=0), dtype=np.float64).ravel()
+
+    def top_idx(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """The `n` items (indices, best first) most co-visited with the last CO_VISIT_WINDOW of
+        `history`, none of `exclude`; fewer when fewer have any co-visitation. Touches only the
+        history rows' neighbours (at most TOPK each), not the whole catalogue."""
+        recent = np.unique(np.asarray(history, dtype=np.int64)[-CO_VISIT_WINDOW:])
+        if n <= 0 or not len(recent):
+            return np.zeros(0, np.int64)
+        rows = self.sim[recent].tocoo()
+        items, inverse = np.unique(rows.col, return_inverse=True)
+        summed = np.bincount(inverse, weights=rows.data, minlength=len(items))
+        if exclude is not None and len(exclude):
+            keep = ~np.isin(items, np.asarray(exclude, dtype=np.int64))
+            items, summed = items[keep], summed[keep]
+        # a full sort (at most CO_VISIT_WINDOW x TOPK entries), ties by item index: the first n are
+        # the same whatever n is asked, which serving (over-fetching for its filters) relies on
+        return items[np.lexsort((items, -summed))][:n].astype(np.int64)
+
+    def top(self, history: Sequence[str], n: int, exclude: Sequence[str] = ()) -> list[str]:
+        """`top_idx` by item id (serving: the session's recent ids, the ids already retrieved)."""
+        hist = np.array([self.index[i] for i in history if i in self.index], dtype=np.int64)
+        skip = np.array([self.index[i] for i in exclude if i in self.index], dtype=np.int64)
+        return [self.item_ids[i] for i in self.top_idx(hist, n, skip)]
 
     def scores(self, history: Sequence[str], candidates: Sequence[str]) -> np.ndarray:
         """`scores_idx` by item id; items this statistic has never seen score 0 and add nothing."""

@@ -160,8 +160,13 @@ class RankerConfig(BaseModel):
     dropout: float = 0.1
     init_retrieval_weight: float = Field(20.0, description="Start at retrieval order (1 / two-tower temperature)")
     co_visitation_weights: list[float] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0],
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0],
         description="Starting weights of the co-visitation feature tried on validation before training",
+    )
+    co_visitation_candidates: list[int] = Field(
+        default_factory=lambda: [0, 10, 25],
+        description="Slots of the reranked list given to the items most co-visited with the history that "
+        "retrieval did not bring, tried on validation (0 = retrieval's candidates alone)",
     )
     positions_per_user: int = Field(5, description="Most recent training positions used per user")
     rerank_depth: int = Field(100, description="Candidates from retrieval that the ranker reorders")
@@ -221,6 +226,11 @@ class Ranker:
         self.meta = meta
         # the statistic behind the co_visitation feature, saved beside the weights that use it
         self.co_visitation = co_visitation
+
+    @property
+    def co_visitation_candidates(self) -> int:
+        """Slots of each list filled from the co-visitation statistic (chosen on validation)."""
+        return int(self.meta.extra.get("co_visitation_candidates", 0)) if self.co_visitation is not None else 0
 
     @property
     def version_tag(self) -> str:
@@ -338,6 +348,30 @@ class RankingContext:
         )
 
 
+def candidate_slate(
+    scores: np.ndarray, history: np.ndarray, depth: int, co_visitation: CoVisitation | None = None, n_co: int = 0
+) -> np.ndarray:
+    """The `depth` candidates a ranker reorders (item indices, in slate order): the unseen items with
+    the best retrieval scores, the last `n_co` of them replaced by the unseen items most co-visited
+    with the history that retrieval did not rank above them (retrieval's next items fill what the
+    statistic cannot). Serving builds the same slate from the vector store and the ranker's
+    statistic (streams/recommender.py)."""
+    s = np.array(scores, dtype=np.float64, copy=True)
+    history = np.asarray(history, dtype=np.int64)
+    s[history] = -np.inf
+    depth = min(depth, len(s) - 1)
+    top = np.argpartition(-s, depth)[:depth]
+    top = top[np.argsort(-s[top], kind="stable")]
+    if co_visitation is None or n_co <= 0:
+        return top
+    n_co = min(n_co, depth)
+    head = top[: depth - n_co]
+    extra = co_visitation.top_idx(history, n_co, np.concatenate([history, head]))
+    # slots the statistic could not fill go back to retrieval's next items
+    fill = top[depth - n_co :][~np.isin(top[depth - n_co :], extra)][: n_co - len(extra)]
+    return np.concatenate([head, fill, extra])
+
+
 def truncate_sequences(train_seqs: Sequence[np.ndarray], n_last: int) -> list[np.ndarray]:
     """Each user's training sequence without its last `n_last` items (>= 1 item kept): the training
     set of the out-of-fold retrieval model whose scores the ranker learns from."""
@@ -397,9 +431,11 @@ def _examples(
     positives: np.ndarray,
     depth: int,
     times: Sequence[float | None] | None = None,
+    n_co: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training lists shaped exactly like serving lists: the top-`depth` retrieved unseen items in
-    retrieval order, kept only when the positive is among them (otherwise no reranking can reach it).
+    """Training lists shaped exactly like serving lists: `candidate_slate` (the top retrieved unseen
+    items in retrieval order, `n_co` of them from `ctx`'s co-visitation), kept only when the positive
+    is among them (otherwise no reranking can reach it).
 
     Returns (context [N, 768], candidate indices [N, depth], features [N, depth, K], label column [N]).
     Sampling negatives differently from serving teaches the wrong thing: with "positive + the top
@@ -409,10 +445,7 @@ def _examples(
     sess, scores = _retrieval_scores(retrieval, histories)
     keep, cands, feats, labels = [], [], [], []
     for r, (h, pos) in enumerate(zip(histories, positives, strict=True)):
-        s = scores[r].copy()
-        s[np.asarray(h, dtype=np.int64)] = -np.inf
-        top = np.argpartition(-s, depth)[:depth]
-        top = top[np.argsort(-s[top], kind="stable")]
+        top = candidate_slate(scores[r], h, depth, ctx.co_visitation, n_co)
         hit = np.flatnonzero(top == pos)
         if not len(hit):
             continue
@@ -455,11 +488,10 @@ def rerank_scores(
     if co_visitation is not None and len(co_visitation.item_ids) != len(ctx.counts):
         raise ValueError(f"ranker's co-visitation covers {len(co_visitation.item_ids)} items, not {len(ctx.counts)}")
     vecs = retrieval.item_vectors.numpy()  # type: ignore[attr-defined]
+    n_co = ranker.co_visitation_candidates
     for r, h in enumerate(histories):
-        s = scores[r].copy()
-        s[np.asarray(h, dtype=np.int64)] = -np.inf
-        top = np.argpartition(-s, depth)[:depth]
-        top = top[np.argsort(-s[top], kind="stable")]  # retrieval order: slot i = i-th best
+        top = candidate_slate(scores[r], h, depth, co_visitation, n_co)  # slot i = i-th in slate order
+        depth = len(top)
         feats = ctx.features(h, top, scores[r][top], None if times is None else times[r], co_visitation)
         context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
         rs = ranker.score(context, vecs[top], feats).astype(np.float64)
@@ -499,7 +531,9 @@ def train_ranker(
     Before the first epoch the co-visitation feature's weight is chosen on validation from
     `cfg.co_visitation_weights` (a learned MLP starting at weight 0 did not pick the feature up
     within the few epochs it trains before it overfits: 0.1203 -> 0.1201 valid NDCG@10 on ml-100k,
-    where a validation-chosen starting weight gave 0.1347). `item_ids` key the saved statistic.
+    where a validation-chosen starting weight gave 0.1347); then, with that weight, how many of each
+    list's slots go to co-visited items retrieval missed (`cfg.co_visitation_candidates`; the lists
+    trained on are built with the number chosen). `item_ids` key the saved statistic.
     """
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
 
@@ -521,14 +555,9 @@ def train_ranker(
         source_ctx = RankingContext(
             item_categories, truncate_sequences(train_seqs, cfg.positions_per_user), n_items, events, item_ids
         )
-    context, cands, feats, labels = _examples(source, source_ctx, hist, np.asarray(pos), cfg.rerank_depth, when)
-    vecs = source.item_vectors  # type: ignore[attr-defined]
-    log.info("ranker: %d of %d positions have the positive in the top %d", len(cands), len(hist), cfg.rerank_depth)
-
     ranker = new_ranker(cfg, data_hash)
     ranker.co_visitation = ctx.co_visitation
     net = ranker.net
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stopper = EarlyStopping(patience=cfg.patience)
     best: dict[str, torch.Tensor] | None = None
     stats: dict[str, float] = {}
@@ -541,24 +570,44 @@ def train_ranker(
         ranks = target_ranks(s, valid_targets, list(valid_histories))
         return metrics_from_ranks(ranks)["NDCG@10"]
 
-    ctx_t, feats_t = torch.from_numpy(context), torch.from_numpy(feats)
-    labels_t = torch.from_numpy(labels)
     # epoch 0 = the initialisation: the retrieval order plus the co-visitation weight that does best
-    # on validation (0 = the retrieval order itself), so the ranker that ships is never worse than
-    # retrieval on validation
+    # on validation (0 = the retrieval order itself), then with that weight the number of slots given
+    # to co-visited candidates that retrieval missed. The ranker that ships is never worse than
+    # retrieval on validation, and where co-occurrence beats the vector search (a sparse catalogue,
+    # weak text) the ranker becomes item-knn over its own candidates: an honest fallback, chosen on
+    # validation, served by the same path.
     co_col = N_SCALAR_FEATURES - N_CAND_FEATURES + CAND_FEATURE_NAMES.index("co_visitation")
-    tried: dict[float, float] = {}
-    for weight in cfg.co_visitation_weights if valid_histories is not None else [0.0]:
+    validating = valid_histories is not None
+
+    def _try(weight: float, n_co: int) -> float:
         with torch.no_grad():
             net.wide.weight[0, co_col] = weight
-        tried[weight] = _valid(0)
-        log.info("ranker: co-visitation weight %.2f, valid NDCG@10 %.4f", weight, tried[weight])
-    chosen = max(tried, key=lambda w: (tried[w], -w))
+        ranker.meta.extra["co_visitation_candidates"] = n_co
+        value = _valid(0)
+        log.info("ranker: co-visitation weight %.2f, %d co-visited candidates: valid NDCG@10 %.4f", weight, n_co, value)
+        return value
+
+    by_weight = {w: _try(w, 0) for w in (cfg.co_visitation_weights if validating else [0.0])}
+    weight = max(by_weight, key=lambda w: (by_weight[w], -w))
+    by_slots = {0: by_weight[weight]}
+    by_slots |= {n: _try(weight, n) for n in (cfg.co_visitation_candidates if validating else []) if n > 0}
+    n_co = max(by_slots, key=lambda n: (by_slots[n], -n))
     with torch.no_grad():
-        net.wide.weight[0, co_col] = chosen
-    stats["co_visitation_weight"] = chosen
-    stats["valid_ndcg10_epoch0"] = tried[chosen]
+        net.wide.weight[0, co_col] = weight
+    ranker.meta.extra["co_visitation_candidates"] = n_co
+    stats["co_visitation_weight"] = weight
+    stats["co_visitation_candidates"] = float(n_co)
+    stats["valid_ndcg10_epoch0"] = by_slots[n_co]
     stopper.step(stats["valid_ndcg10_epoch0"], 0)
+
+    context, cands, feats, labels = _examples(source, source_ctx, hist, np.asarray(pos), cfg.rerank_depth, when, n_co)
+    vecs = source.item_vectors  # type: ignore[attr-defined]
+    log.info(
+        "ranker: %d of %d positions have the positive in their list of %d", len(cands), len(hist), cfg.rerank_depth
+    )
+    ctx_t, feats_t = torch.from_numpy(context), torch.from_numpy(feats)
+    labels_t = torch.from_numpy(labels)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     for epoch in range(1, cfg.epochs + 1):
         net.train()
