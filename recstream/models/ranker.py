@@ -160,11 +160,11 @@ class RankerConfig(BaseModel):
     dropout: float = 0.1
     init_retrieval_weight: float = Field(20.0, description="Start at retrieval order (1 / two-tower temperature)")
     co_visitation_weights: list[float] = Field(
-        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0],
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0],
         description="Starting weights of the co-visitation feature tried on validation before training",
     )
     co_visitation_candidates: list[int] = Field(
-        default_factory=lambda: [0, 10, 25],
+        default_factory=lambda: [0, 10, 25, 40],
         description="Slots of the reranked list given to the items most co-visited with the history that "
         "retrieval did not bring, tried on validation (0 = retrieval's candidates alone)",
     )
@@ -532,8 +532,10 @@ def train_ranker(
     `cfg.co_visitation_weights` (a learned MLP starting at weight 0 did not pick the feature up
     within the few epochs it trains before it overfits: 0.1203 -> 0.1201 valid NDCG@10 on ml-100k,
     where a validation-chosen starting weight gave 0.1347); then, with that weight, how many of each
-    list's slots go to co-visited items retrieval missed (`cfg.co_visitation_candidates`; the lists
-    trained on are built with the number chosen). `item_ids` key the saved statistic.
+    list's slots go to co-visited items retrieval missed (`cfg.co_visitation_candidates`), and when
+    some do, the weight again among the higher ones (where co-occurrence beats the vector search the
+    ranker so becomes item-knn over its own candidates); the lists trained on have the slots chosen.
+    `item_ids` key the saved statistic.
     """
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
 
@@ -592,6 +594,10 @@ def train_ranker(
     by_slots = {0: by_weight[weight]}
     by_slots |= {n: _try(weight, n) for n in (cfg.co_visitation_candidates if validating else []) if n > 0}
     n_co = max(by_slots, key=lambda n: (by_slots[n], -n))
+    if n_co:  # co-visited candidates earn their slots: their weight may now do better higher
+        by_weight = {weight: by_slots[n_co]} | {w: _try(w, n_co) for w in cfg.co_visitation_weights if w > weight}
+        weight = max(by_weight, key=lambda w: (by_weight[w], -w))
+        by_slots[n_co] = by_weight[weight]
     with torch.no_grad():
         net.wide.weight[0, co_col] = weight
     ranker.meta.extra["co_visitation_candidates"] = n_co
