@@ -51,6 +51,18 @@ def _setup(tmp_path: Path) -> tuple[VectorStore, np.ndarray, CoVisitation, list[
     return store, vectors, CoVisitation.fit(seqs, ids), ids
 
 
+def _served_slate(
+    store: VectorStore, stat: CoVisitation, session: np.ndarray, recent: list[str], filt: CandidateFilter
+) -> _Pending:
+    """One recommendation's candidates as the worker gathers them: the vector search, then the
+    co-visited slots."""
+    req = RecommendationRequest(user_id="u", k=4)
+    p = _Pending(None, req, RankContext(session_vec=session, recent_items=recent), [], None, filt=filt)
+    p.hits = store.search(session, DEPTH, filt)
+    asyncio.run(_co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
+    return p
+
+
 def test_the_worker_builds_the_offline_slate(tmp_path: Path) -> None:
     store, vectors, stat, ids = _setup(tmp_path)
     try:
@@ -58,16 +70,7 @@ def test_the_worker_builds_the_offline_slate(tmp_path: Path) -> None:
         for history in ([0, 21, 42], [5], [13, 33, 53, 2, 8]):
             recent = [ids[i] for i in history]
             filt = CandidateFilter(in_stock_only=False, exclude_ids=frozenset(recent))
-            p = _Pending(
-                None,
-                RecommendationRequest(user_id="u", k=4),
-                RankContext(session_vec=session, recent_items=recent),
-                [],
-                None,
-                filt=filt,
-            )
-            p.hits = store.search(session, DEPTH, filt)
-            asyncio.run(_co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
+            p = _served_slate(store, stat, session, recent, filt)
 
             scores = vectors @ (session / np.linalg.norm(session))
             offline = [ids[i] for i in candidate_slate(scores, np.array(history), DEPTH, stat, SLOTS)]
@@ -85,16 +88,7 @@ def test_co_visited_items_pass_the_request_filter(tmp_path: Path) -> None:
         recent = ["m0", "m21"]
         filt = CandidateFilter(in_stock_only=True, exclude_ids=frozenset(recent))
         session = np.asarray(vectors[0])
-        p = _Pending(
-            None,
-            RecommendationRequest(user_id="u", k=4),
-            RankContext(session_vec=session, recent_items=recent),
-            [],
-            None,
-            filt=filt,
-        )
-        p.hits = store.search(session, DEPTH, filt)
-        asyncio.run(_co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
+        p = _served_slate(store, stat, session, recent, filt)
         assert len(p.hits) == DEPTH and len({h.item_id for h in p.hits}) == DEPTH
         assert all(filt.allows(h.item_id, h.payload) for h in p.hits)
         found = store.retrieve(stat.top(recent, N_ITEMS, recent))

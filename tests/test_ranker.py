@@ -321,18 +321,23 @@ def test_co_visitation_is_the_item_knn_similarity(tmp_path: Path):
     assert Ranker.load(_saved_plain(tmp_path / "plain")).co_visitation is None
 
 
+def _bundle_case():
+    """The toy retrieval over bundle sessions: each user's last item is the validation target."""
+    toy = _ToyRetrieval()
+    seqs = _bundle_sessions(np.random.default_rng(0))
+    cats = [f"c{c}" for c in toy.cluster]
+    train = [s[:-1] for s in seqs]
+    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
+    return toy, cats, train, hist, tgt, RankingContext(cats, train, 60)
+
+
 def _saved_plain(path: Path) -> Path:
     new_ranker().save(path)
     return path
 
 
 def test_ranker_chooses_the_co_visitation_weight_on_validation():
-    toy = _ToyRetrieval()
-    seqs = _bundle_sessions(np.random.default_rng(0))
-    cats = [f"c{c}" for c in toy.cluster]
-    train = [s[:-1] for s in seqs]
-    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
-    ctx = RankingContext(cats, train, 60)
+    toy, cats, train, hist, tgt, ctx = _bundle_case()
     retrieval = (toy.session_vectors_from_index(hist) @ toy.item_vectors.T).numpy()
     ndcg = {"retrieval": metrics_from_ranks(target_ranks(retrieval, tgt, hist))["NDCG@10"]}
     for name, weights in (("without", [0.0]), ("chosen", [0.0, 1.0, 3.0])):
@@ -350,12 +355,7 @@ def test_co_visited_candidates_reach_what_retrieval_misses_when_validation_says_
     the ranker then scores as item-knn does: the honest fallback, served by the same path."""
     from recstream.models.ranker import candidate_slate
 
-    toy = _ToyRetrieval()
-    seqs = _bundle_sessions(np.random.default_rng(0))
-    cats = [f"c{c}" for c in toy.cluster]
-    train = [s[:-1] for s in seqs]
-    hist, tgt = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
-    ctx = RankingContext(cats, train, 60)
+    toy, cats, train, hist, tgt, ctx = _bundle_case()
     knn = np.stack([ctx.co_visitation.scores_idx(h, np.arange(60)) for h in hist])
     ndcg = {"item-knn": metrics_from_ranks(target_ranks(knn, tgt, hist))["NDCG@10"]}
     chosen = {}
