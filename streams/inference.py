@@ -293,7 +293,7 @@ class TritonRanker:
 
         self._features = candidate_features
         self._model_repo = settings.model_repo
-        self._co_visitation: tuple[str, CoVisitation | None, int] = ("", None, 0)
+        self._version_cache: tuple[str, CoVisitation | None, int] = ("", None, 0)
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -354,7 +354,8 @@ class TritonRanker:
     def _version_files(self) -> tuple[CoVisitation | None, int]:
         """What the served version's folder holds beside its weights, read once per version."""
         version = self.version
-        if self._co_visitation[0] != version:
+        if self._version_cache[0] != version:
+            from recstream.models.ranker import co_visited_slots
             from recstream.models.training import read_meta
 
             number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
@@ -362,19 +363,18 @@ class TritonRanker:
             if number.isdigit():
                 folder = self._model_repo / self.model / number
                 stat = CoVisitation.load(folder)
-                meta = read_meta(folder)
                 if stat is None:
                     log.warning("%s: no %s in %s; its co_visitation feature is 0", version, CoVisitation.FILE, folder)
                 else:
-                    slots = int(meta.extra.get("co_visitation_candidates", 0)) if meta is not None else 0
+                    slots = co_visited_slots(read_meta(folder), stat)
                     log.info(
                         "%s: co-visitation statistic of %d items loaded, %d co-visited candidates per list",
                         version,
                         len(stat.item_ids),
                         slots,
                     )
-            self._co_visitation = (version, stat, slots)
-        return self._co_visitation[1], self._co_visitation[2]
+            self._version_cache = (version, stat, slots)
+        return self._version_cache[1], self._version_cache[2]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""

@@ -351,7 +351,7 @@ async def _co_visited_hits(ctx: StreamContext, searched: list[tuple[_Pending, np
     `co_visitation_candidates` slots of a recommendation's list go to the items most co-visited with
     the session that the vector search did not bring and the filter allows, each with its cosine to
     the search vector as its retrieval score. One store read for the batch."""
-    slots = int(getattr(ctx.ranker, "co_visitation_candidates", 0))
+    slots = ctx.ranker.co_visitation_candidates
     stat = ctx.ranker.co_visitation() if slots else None
     if stat is None:
         return

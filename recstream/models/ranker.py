@@ -81,6 +81,18 @@ def feature_schema_hash(schema: dict | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: Where a ranker version's meta.json (`extra`) keeps how many of each list's slots it fills from its
+#: co-visitation statistic (chosen on validation; serving reads it for the version Triton serves).
+CO_VISITED_SLOTS = "co_visitation_candidates"
+
+
+def co_visited_slots(meta: CheckpointMeta | None, co_visitation: CoVisitation | None) -> int:
+    """Slots a ranker version fills from its co-visitation statistic: none without the statistic."""
+    if meta is None or co_visitation is None:
+        return 0
+    return int(meta.extra.get(CO_VISITED_SLOTS, 0))
+
+
 class FeatureSchemaMismatch(RuntimeError):
     """The weights were trained on a different feature layout than this code builds."""
 
@@ -230,7 +242,7 @@ class Ranker:
     @property
     def co_visitation_candidates(self) -> int:
         """Slots of each list filled from the co-visitation statistic (chosen on validation)."""
-        return int(self.meta.extra.get("co_visitation_candidates", 0)) if self.co_visitation is not None else 0
+        return co_visited_slots(self.meta, self.co_visitation)
 
     @property
     def version_tag(self) -> str:
@@ -584,7 +596,7 @@ def train_ranker(
     def _try(weight: float, n_co: int) -> float:
         with torch.no_grad():
             net.wide.weight[0, co_col] = weight
-        ranker.meta.extra["co_visitation_candidates"] = n_co
+        ranker.meta.extra[CO_VISITED_SLOTS] = n_co
         value = _valid(0)
         log.info("ranker: co-visitation weight %.2f, %d co-visited candidates: valid NDCG@10 %.4f", weight, n_co, value)
         return value
@@ -600,7 +612,7 @@ def train_ranker(
         by_slots[n_co] = by_weight[weight]
     with torch.no_grad():
         net.wide.weight[0, co_col] = weight
-    ranker.meta.extra["co_visitation_candidates"] = n_co
+    ranker.meta.extra[CO_VISITED_SLOTS] = n_co
     stats["co_visitation_weight"] = weight
     stats["co_visitation_candidates"] = float(n_co)
     stats["valid_ndcg10_epoch0"] = by_slots[n_co]
