@@ -40,17 +40,17 @@ kafka-jars: venv
 	@$(PY) -m infra.kafka_broker install
 
 up: setup
-	@$(PY) -m recstream.cli stack up
+	@$(PY) -m recstream.ops.cli stack up
 
 down:
-	@$(PY) -m recstream.cli stack down
+	@$(PY) -m recstream.ops.cli stack down
 
 demo: setup
-	@$(PY) -m recstream.cli demo
+	@$(PY) -m recstream.ops.cli demo
 
 DATASET ?= ml-100k
 train: setup  ## the served models on DATASET (name or generic-form folder) -> new versions in model_repo/
-	@$(PY) -m recstream.cli train --dataset $(DATASET) $(ARGS)
+	@$(PY) -m recstream.ops.cli train --dataset $(DATASET) $(ARGS)
 
 test: setup
 	@$(PY) -m pytest

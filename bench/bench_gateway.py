@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from recstream.client import EventProducer, RecommendationClient
     from recstream.contracts.events import RecommendationRequest
     from recstream.data.datasets import load_dataset
+    from recstream.data.events import behaviour_events, catalog_events
     from recstream.kafka.admin import ensure_topics
-    from recstream.replay import behaviour_events, catalog_events
     from streams.process import WorkerProcess, free_port
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

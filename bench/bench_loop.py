@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from bench.common import RESULTS_DIR, peak_rss_mb, write_result
 from bench.loop_report import markdown, plot, verdict
 from bench.loop_stats import add_holm, phase_means, t_interval
+from bench.simulator import LivePopularity, LiveSessions, Request, SimConfig, Simulator, load_simulator
 from recstream.continual import (
     Example,
     GateConfig,
@@ -79,7 +80,6 @@ from recstream.continual import (
 from recstream.explore import Greedy, LiftThompson, PlackettLuce, RankingPolicy
 from recstream.models.ranker import ITEM_DIM, RankerConfig, RankerNet, new_ranker
 from recstream.ope import LoggedData, doubly_robust, ips, snips
-from recstream.simulator import LivePopularity, LiveSessions, Request, SimConfig, Simulator, load_simulator
 
 log = logging.getLogger("bench.loop")
 
@@ -416,7 +416,7 @@ def ope_check(sim: Simulator, cfg: LoopConfig, arm: Arm, logger: str) -> dict[st
 def production_ope_check(
     sim: Simulator, cfg: LoopConfig, arm: Arm, candidates: dict[str, RankerNet] | None = None, spec: str = "pl:1:1"
 ) -> dict[str, Any]:
-    """The operator's path (`recstream.cli ope greedy`) against the simulator's truth: logs written
+    """The operator's path (`recstream.ops.cli ope greedy`) against the simulator's truth: logs written
     as the worker and the feedback joiner write them - a RankingLog per answer (the model's top
     EXPLORE_POOL_FACTOR * k candidates in score order, the greedy answer, the ranker's inputs) and a
     TrainingExample per shown slot (its logged propensity, conditional for Plackett-Luce, and the

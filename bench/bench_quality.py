@@ -101,11 +101,11 @@ MODELS: list[ModelSpec] = [
     ModelSpec("sasrec-text", SASRecText, optional=True),  # needs the MiniLM package
     ModelSpec("zero-shot-minilm", ZeroShotText, seeded=False, optional=True),
     # ours: exactly what `make train` fits and exports (same code, config and checkpoints layout)
-    ModelSpec("served-retrieval", "recstream.models.bundle:served_retrieval", kind="ours", optional=True),
-    ModelSpec("served", "recstream.models.bundle:served_model", kind="ours", optional=True),
+    ModelSpec("served-retrieval", "recstream.training.bundle:served_retrieval", kind="ours", optional=True),
+    ModelSpec("served", "recstream.training.bundle:served_model", kind="ours", optional=True),
     # fine-tuned text towers: to convergence they take hours per seed on 2 CPU cores (run on a GPU)
-    ModelSpec("two-tower-lora", "recstream.models.two_tower:two_tower_lora", "ours", optional=True, default=False),
-    ModelSpec("two-tower-full", "recstream.models.two_tower:two_tower_full", "ours", optional=True, default=False),
+    ModelSpec("two-tower-lora", "recstream.training.two_tower:two_tower_lora", "ours", optional=True, default=False),
+    ModelSpec("two-tower-full", "recstream.training.two_tower:two_tower_full", "ours", optional=True, default=False),
 ]
 
 

@@ -44,9 +44,9 @@ def _run(broker, triton, n_workers: int, args: argparse.Namespace, data) -> dict
     """One worker count on the running broker and tritonserver, under its own topic prefix."""
     from recstream.client import EventProducer, RecommendationClient
     from recstream.contracts.topics import BEHAVIOUR
+    from recstream.data.events import behaviour_events, catalog_events
     from recstream.kafka.admin import ensure_topics
     from recstream.kafka.serde import encode
-    from recstream.replay import behaviour_events, catalog_events
     from streams.process import WorkerProcess
 
     base = bench_settings(broker.bootstrap, triton)

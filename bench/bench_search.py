@@ -49,7 +49,6 @@ from recstream.data.datasets import load_dataset
 from recstream.data.split import Split, leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
-from recstream.models.bundle import serving_item_texts
 from recstream.models.encoder import TextEncoder
 from recstream.models.export import latest_version_dir
 from recstream.models.served import ITEM_ENCODER, ItemEncoder, ServedRetrieval
@@ -65,6 +64,7 @@ from recstream.search.query_encoder import (
 )
 from recstream.search.scoring import BM25Index, fuse, reciprocal_rank_fusion
 from recstream.search.served import SearchWeights
+from recstream.training.bundle import serving_item_texts
 
 CACHE_DIR = ARTIFACTS_DIR / "search_runs"
 #: The code that decides what a query-encoder run produces (its reuse key hashes these, so an edit

@@ -81,9 +81,10 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str, queries:
     from recstream.client import EventProducer, RecommendationClient
     from recstream.contracts.events import RecommendationRequest
     from recstream.contracts.topics import BEHAVIOUR
+    from recstream.data.events import behaviour_events, catalog_events
     from recstream.kafka.admin import ensure_topics
     from recstream.kafka.serde import encode
-    from recstream.replay import RateLimiter, behaviour_events, catalog_events
+    from recstream.ops.replay import RateLimiter
     from streams.process import WorkerProcess
 
     run = RUN / label
@@ -194,12 +195,13 @@ def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
     (train + validation) and the top 10 chosen by the worker's diversity rule. The second says how
     much of a served-offline gap those two differences explain."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.bundle import item_categories, serving_item_texts
     from recstream.models.export import load_exported
-    from recstream.models.ranker import RankingContext, request_times, rerank_scores, split_events
+    from recstream.models.ranker import RankingContext
     from recstream.models.served import ServedRetrieval
     from recstream.recommend.rerank import diversify
     from recstream.recommend.scoring import Candidate
+    from recstream.training.bundle import item_categories, serving_item_texts
+    from recstream.training.ranker import request_times, rerank_scores, split_events
 
     retrieval = ServedRetrieval.from_repo(model_repo, serving_item_texts(split), [str(i) for i in split.item_ids])
     ranker = load_exported(model_repo)
@@ -238,7 +240,6 @@ def score_offline_search(split, model_repo: Path) -> tuple[dict[str, str], dict,
     excluded, popularity over train) and as the stack answers (only purchases excluded: a search
     shows seen items; popularity over train + validation, what the stack replayed; top 10)."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.bundle import serving_item_texts
     from recstream.models.encoder import version_text_encoder
     from recstream.models.export import TEXT_ENCODER, latest_version_dir
     from recstream.models.served import ServedRetrieval
@@ -247,6 +248,7 @@ def score_offline_search(split, model_repo: Path) -> tuple[dict[str, str], dict,
     from recstream.search.query_encoder import dense_scores, encode_cases
     from recstream.search.scoring import BM25Index, fuse
     from recstream.search.served import SearchWeights
+    from recstream.training.bundle import serving_item_texts
 
     vdir = latest_version_dir(model_repo, TEXT_ENCODER)
     meta = read_meta(vdir)

@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from recstream.client import EventProducer, RecommendationClient
     from recstream.contracts.topics import BEHAVIOUR
     from recstream.data.datasets import load_dataset
+    from recstream.data.events import behaviour_events, catalog_events
     from recstream.kafka.admin import ensure_topics
-    from recstream.replay import RateLimiter, behaviour_events, catalog_events
+    from recstream.ops.replay import RateLimiter
     from streams.process import WorkerProcess
 
     # SIGTERM (a CI timeout) must still run the finally below, or broker and tritonserver outlive us.

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from recstream.simulator import SimConfig
+from bench.simulator import SimConfig
 
 
 def plot(curves: dict[str, list[dict[str, float]]], n_seeds: int, drift_round: int, path: Path) -> None:
@@ -202,7 +202,7 @@ def checks_markdown(r: dict[str, Any]) -> list[str]:
     prod = r["ope_production_logs"]
     lines += [
         "",
-        f"The operator's path (`recstream.cli ope greedy`): {prod['requests']} other fresh requests logged as the "
+        f"The operator's path (`recstream.ops.cli ope greedy`): {prod['requests']} other fresh requests logged as the "
         f"worker and the feedback joiner log them (ranking-log + training-examples, `{prod['logging_policy']}` over "
         "the pool order, conditional propensities as logged), evaluated by `recstream.ope_logs` with exact "
         f"marginals. Simulated online value of greedy on those requests **{prod['simulated_online_value']:.4f}**; "

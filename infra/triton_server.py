@@ -447,21 +447,21 @@ class TritonServer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from recstream.config import get_settings
-
-    settings = get_settings()
+    """The launcher alone, for operators; `python -m recstream.ops.cli stack up` starts it with the
+    project's settings (RUN_DIR, MODEL_REPO, ...)."""
     parser = argparse.ArgumentParser(prog="python -m infra.triton_server", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--run-dir", type=Path, default=settings.run_dir / "triton")
-    parser.add_argument("--model-repo", type=Path, default=settings.model_repo)
+    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "run" / "triton")
+    parser.add_argument("--model-repo", type=Path, default=REPO_ROOT / "model_repo")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--mode", choices=MODEL_CONTROL_MODES, default="explicit")
     parser.add_argument("--model", action="append", dest="models", help="model to load/wait for (repeatable)")
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.action == "start":
         server = TritonServer(

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     ranking_log: Literal["all", "exploring", "off"] = Field(
         "all",
         description="What goes to `ranking-log`: `exploring` = the candidate pool of every answer a stochastic "
-        "policy drew (for `recstream.cli ope`); `all` = also every greedy answer of the learned ranker, each with "
+        "policy drew (for `recstream.ops.cli ope`); `all` = also every greedy answer of the learned ranker, each with "
         "the inputs it was scored from (the continual trainer then learns from exactly what serving saw; ~9 KB "
         "per answer, built after the batch's answers are published: about +0.05 worker cores at 200 requests/s, "
         "latency unchanged within noise); `off`. `true`/`false` mean `exploring`/`off`",
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_policy(cls, spec: str) -> str:
         """A typo in EXPLORATION_POLICY fails at start-up, not at the first request."""
-        from recstream.explore.policies import make_policy
+        from recstream.explore.specs import make_policy
 
         make_policy(spec)
         return spec

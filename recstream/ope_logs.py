@@ -45,7 +45,8 @@ from pydantic import BaseModel, Field
 
 from recstream.contracts.events import RankingLog, TrainingExample
 from recstream.explore.feedback import learns_online
-from recstream.explore.policies import PlackettLuce, RankingPolicy, greedy_order, make_policy
+from recstream.explore.policies import PlackettLuce, RankingPolicy, greedy_order
+from recstream.explore.specs import make_policy
 from recstream.ope import LoggedData, doubly_robust, ips, snips
 
 #: A cell the logging policy fills less often than this is treated as unsupported: a weight above
@@ -63,7 +64,7 @@ class OpeEstimate(BaseModel):
 
 
 class OpeReport(BaseModel):
-    """What `recstream.cli ope` prints: the estimates and everything needed to judge them."""
+    """What `recstream.ops.cli ope` prints: the estimates and everything needed to judge them."""
 
     target: str
     confidence: float

@@ -38,7 +38,7 @@ from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.metrics import EVENTS_IN, EVENTS_OUT, FEATURE_EVENTS, PRODUCE_ERRORS, STAGE_LATENCY
+from recstream.telemetry import EVENTS_IN, EVENTS_OUT, FEATURE_EVENTS, PRODUCE_ERRORS, STAGE_LATENCY
 from streams.changelog import ChangelogTable, ensure_changelog
 from streams.consumer_threads import ConsumerThread, consumer_config
 

@@ -19,8 +19,8 @@ import numpy as np
 from recstream.client.consumer import read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
 from recstream.contracts.topics import CATALOG
-from recstream.metrics import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
-from streams.app import StreamContext, source_topic
+from recstream.telemetry import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
+from streams.context import StreamContext, source_topic
 from streams.inference import ModelUnavailable
 
 log = logging.getLogger(__name__)

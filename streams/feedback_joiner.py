@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from recstream.contracts.events import BehaviourType
 from recstream.contracts.topics import BEHAVIOUR, TOPICS
 from recstream.explore.feedback import POLICY_SAVE_S
 from recstream.kafka.serde import encode
-from recstream.metrics import STAGE_LATENCY
 from recstream.recommend.feedback import POSITIVE, PendingImpression, impression_key
-from streams.app import StreamContext, app_id
+from recstream.telemetry import STAGE_LATENCY
 from streams.changelog import ChangelogTable, changelog_topic
+from streams.naming import app_id
+
+if TYPE_CHECKING:  # the context imports processors' helpers lazily; a runtime import would circle
+    from streams.context import StreamContext
 from streams.session_features import read_session
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from typing import Protocol
 import numpy as np
 
 from recstream.config import Settings
-from recstream.metrics import TRITON_ERRORS, TRITON_LATENCY
 from recstream.models.co_visitation import CoVisitation
 from recstream.recommend.breaker import CircuitBreaker
 from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
+from recstream.telemetry import TRITON_ERRORS, TRITON_LATENCY
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from recstream.contracts.events import (
     RecommendationResult,
 )
 from recstream.kafka.serde import encode
-from recstream.metrics import DEGRADED, STAGE_LATENCY
 from recstream.models.co_visitation import CO_VISIT_WINDOW
 from recstream.recommend.candidates import build_filter
 from recstream.recommend.lexical import lexical_score
 from recstream.recommend.rerank import diversify as diversify_list
 from recstream.recommend.rerank import keep_new_items_in_place
 from recstream.recommend.scoring import Candidate, RankContext
-from streams.app import StreamContext
+from recstream.telemetry import DEGRADED, STAGE_LATENCY
+from streams.context import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
 from streams.session_features import read_session
 from streams.session_vectors import session_history

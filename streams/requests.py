@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.contracts.topics import REQUESTS
-from recstream.metrics import STAGE_LATENCY
+from recstream.telemetry import STAGE_LATENCY
 from streams.consumer_threads import ConsumerThread, consumer_config
 from streams.recommender import answer_batch
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from recstream.contracts.topics import BEHAVIOUR
-from recstream.metrics import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from recstream.recommend.session import SessionState, apply_event
 from recstream.recommend.trending import day_of, trend_days
-from streams.app import StreamContext, app_id
+from recstream.telemetry import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from streams.changelog import ChangelogTable, changelog_topic
+from streams.naming import app_id
+
+if TYPE_CHECKING:  # the context imports processors' helpers lazily; a runtime import would circle
+    from streams.context import StreamContext
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import typer
 
 from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
-from recstream.metrics import STAGE_LATENCY, serve_metrics
+from recstream.telemetry import STAGE_LATENCY, serve_metrics
 from streams.app import ALL_AGENTS, create_app, uses_faust
 
 log = logging.getLogger("streams.worker")

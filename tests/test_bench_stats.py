@@ -150,8 +150,8 @@ def test_click_to_live_rounds_keep_refused_bursts_and_time_the_round_that_goes_l
     import numpy as np
 
     import bench.bench_loop as bl
+    from bench.simulator import SimConfig, load_simulator
     from recstream.explore import Greedy
-    from recstream.simulator import SimConfig, load_simulator
 
     cfg = bl.LoopConfig(warmup_requests=100, pretrain_steps=5, seeds=[0], seed=0)
     sim = load_simulator(SimConfig(seed=0, n_random_candidates=0))

@@ -233,7 +233,7 @@ def test_training_cli_reports_validation_unless_test_is_asked_for() -> None:
     """Test figures are printed only on an explicit --stage test; a typo is refused, not defaulted."""
     import typer
 
-    from recstream.train_cli import _stage
+    from recstream.training.cli import _stage
 
     assert _stage("valid") == "valid" and _stage("test") == "test" and _stage("cold_valid") == "cold_valid"
     with pytest.raises(typer.BadParameter, match="--stage"):

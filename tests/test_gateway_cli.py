@@ -13,8 +13,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from recstream import cli
 from recstream.config import REPO_ROOT
+from recstream.ops import cli
 
 
 def _free_port() -> int:

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest
+from recstream.contracts.partitioning import murmur2, partition_for
 from recstream.contracts.topics import BEHAVIOUR, CATALOG, REQUESTS
-from recstream.kafka.partitioning import murmur2, partition_for
 from recstream.kafka.serde import InvalidEvent, decode, encode
 
 LIMIT = 65_536

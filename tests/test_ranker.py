@@ -23,10 +23,8 @@ from recstream.models.ranker import (
     build_features,
     candidate_features,
     new_ranker,
-    rerank_scores,
-    train_ranker,
-    truncate_sequences,
 )
+from recstream.training.ranker import rerank_scores, train_ranker, truncate_sequences
 
 
 def _request(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,9 +20,9 @@ from recstream.client import EventProducer, RecommendationClient
 from recstream.config import REPO_ROOT, Settings
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest
 from recstream.data.datasets import load_dataset
+from recstream.data.events import catalog_events
 from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ItemEncoder, SessionEncoder
 from recstream.models.training import CheckpointMeta
-from recstream.replay import catalog_events
 from streams.process import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]

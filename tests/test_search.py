@@ -237,7 +237,7 @@ def test_the_worker_follows_the_search_weights_of_a_new_text_encoder_version(tmp
 
     from recstream.config import Settings
     from recstream.search.served import SearchWeights
-    from streams.app import StreamContext
+    from streams.context import StreamContext
     from streams.hybrid_search import LiveHybridSearch
     from streams.inference import UNKNOWN
 

@@ -86,7 +86,7 @@ def test_session_encoder_on_triton_equals_in_process(triton_server, make_setting
 def test_models_list_shows_every_served_model():
     from typer.testing import CliRunner
 
-    from recstream.cli import app
+    from recstream.ops.cli import app
 
     out = CliRunner().invoke(app, ["models", "list"])
     assert out.exit_code == 0, out.output

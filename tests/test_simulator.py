@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.simulator import SimConfig, Simulator
 from recstream.data.datasets import tiny_synthetic
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES
-from recstream.simulator import SimConfig, Simulator
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_retrieval_only_candidates_are_the_nearest_unseen_items() -> None:
 def test_live_sessions_move_the_context_towards_clicks_and_hide_them() -> None:
     """A system's users' contexts follow what they clicked in its answers; clicked items are not
     recommended again, and without live sessions nothing changes."""
-    from recstream.simulator import LiveSessions
+    from bench.simulator import LiveSessions
 
     data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
     sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=0))
@@ -102,7 +102,7 @@ def test_clicks_follow_probabilities(sim: Simulator) -> None:
 def test_live_popularity_counts_clicks_per_system() -> None:
     """Clicks raise the clicked item's popularity feature in that system's view only; a fixed
     simulator leaves the catalogue's feature untouched."""
-    from recstream.simulator import LivePopularity
+    from bench.simulator import LivePopularity
 
     data = tiny_synthetic(n_users=80, n_items=60, n_cats=4, seed=0)
     sim = Simulator(data.interactions, data.items, SimConfig(n_candidates=30, n_random_candidates=10))

@@ -291,7 +291,7 @@ def test_java_producers_and_the_sdk_agree_on_partitions_and_nothing_is_lost(sett
     half by the SDK reach one partition and are all counted; a click written with librdkafka's
     default partitioner (CRC32, kcat's default) to another partition is dead-lettered, not lost
     silently and not applied to the wrong partition's state."""
-    from recstream.kafka.partitioning import partition_for
+    from recstream.contracts.partitioning import partition_for
     from recstream.kafka.serde import encode
 
     topic = BEHAVIOUR.name(settings.topic_prefix)

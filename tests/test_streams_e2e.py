@@ -28,8 +28,8 @@ from recstream.config import Settings, settings_env
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult, RequestFilters
 from recstream.contracts.topics import CATALOG, TOPICS, dead_letter_topic
 from recstream.data.datasets import load_dataset
+from recstream.data.events import catalog_events
 from recstream.explore import PlackettLuce
-from recstream.replay import catalog_events
 from recstream.vectorstore import VectorStore
 from streams.process import WorkerProcess
 
@@ -423,9 +423,9 @@ def test_exploring_policy_logs_propensities_and_varies_the_order(
 
 
 def _cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`python -m recstream.cli ARGS` against the test's broker and topics."""
+    """`python -m recstream.ops.cli ARGS` against the test's broker and topics."""
     return subprocess.run(
-        [sys.executable, "-m", "recstream.cli", *args],
+        [sys.executable, "-m", "recstream.ops.cli", *args],
         env=settings_env(settings),
         capture_output=True,
         text=True,
@@ -439,7 +439,7 @@ def test_off_policy_estimate_from_the_workers_logs(
 ) -> None:
     """pl:2 answers through the real broker: simulated users click by a known item-position model,
     the worker's ranking log and the feedback joiner's training examples are the logs, and
-    `recstream.cli ope` estimates what the greedy answers, and a cooler policy, would have earned.
+    `recstream.ops.cli ope` estimates what the greedy answers, and a cooler policy, would have earned.
     The intervals cover the truth, computed from the logged pools and the click model."""
     settings = _worker_settings(
         make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="pl:2", exploration_seed=11
@@ -510,7 +510,7 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
 ) -> None:
     """With the Triton ranker live, each ranking log carries the ranker's inputs as served; the
     logged context and features plus the catalog's item vectors reproduce the served logits, and
-    `recstream.cli ope greedy --model-version V` rescores every logged pool with V. Evaluating the
+    `recstream.ops.cli ope greedy --model-version V` rescores every logged pool with V. Evaluating the
     live version itself, its paired difference with the logging model is 0."""
     from recstream.models.export import load_exported, versions
     from recstream.models.served import item_vectors_as_indexed
@@ -634,9 +634,9 @@ def test_kill_9_mid_stream_then_restart_gives_the_uninterrupted_tables(
     make_settings: Callable[..., Settings], triton_server, indexed_catalog: Path, tmp_path: Path, movielens
 ) -> None:
     from recstream.contracts.topics import BEHAVIOUR
+    from recstream.data.events import behaviour_events
     from recstream.recommend.session import SessionState
-    from recstream.replay import behaviour_events
-    from streams.app import app_id
+    from streams.naming import app_id
 
     settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog)
     events = []

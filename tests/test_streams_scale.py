@@ -24,7 +24,7 @@ from recstream.config import Settings
 from recstream.contracts.events import RecommendationRequest
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.data.datasets import load_dataset
-from recstream.replay import behaviour_events, catalog_events
+from recstream.data.events import behaviour_events, catalog_events
 from recstream.vectorstore import VectorStore
 from streams.process import WorkerProcess
 
@@ -101,7 +101,7 @@ def _split_then_kill(base: Settings, tmp_path: Path, kill_also: Callable[[], Non
     """Two workers split the stream; one is killed -9 mid-stream (with `kill_also`, at the same
     moment); the survivor answers every user and the sessions equal the uninterrupted fold."""
     from recstream.recommend.session import SessionState
-    from streams.app import app_id
+    from streams.naming import app_id
 
     data = load_dataset("ml-100k")
     items = catalog_events(data.items)[:N_ITEMS]

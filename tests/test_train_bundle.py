@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from recstream.data.datasets import save_generic, tiny_synthetic
-from recstream.models.bundle import export_bundle, serving_item_texts, train_bundle
 from recstream.models.export import load_exported, versions
 from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ServedRetrieval
+from recstream.training.bundle import export_bundle, serving_item_texts, train_bundle
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_rerun_reuses_what_it_trained(bundle) -> None:
 
 
 def test_texts_are_the_catalog_upserts_texts(bundle) -> None:
-    from recstream.replay import catalog_events
+    from recstream.data.events import catalog_events
 
     trained, _ = bundle
     upserts = {u.item_id: u.text() for u in catalog_events(trained.split.data.items)}
@@ -78,7 +78,7 @@ def test_an_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
 def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None:
     """`make train` serves only what beats item-knn and popularity on validation: the figure it
     judges the trained pair by is the ranker's own validation figure, recomputed the serving way."""
-    from recstream.cli import _validation_against_baselines
+    from recstream.ops.cli import _validation_against_baselines
 
     trained, _ = bundle
     check = _validation_against_baselines(trained)

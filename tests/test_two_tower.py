@@ -12,14 +12,8 @@ from recstream.data.datasets import tiny_synthetic
 from recstream.data.split import leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.models.training import CheckpointMeta, EarlyStopping, data_hash, library_versions
-from recstream.models.two_tower import (
-    ItemTower,
-    SessionTower,
-    TwoTowerConfig,
-    TwoTowerModel,
-    evaluate_retrieval,
-    train_two_tower,
-)
+from recstream.models.two_tower import ItemTower, SessionTower, TwoTowerConfig, TwoTowerModel
+from recstream.training.two_tower import evaluate_retrieval, train_two_tower
 
 TINY = dict(max_history=10, d_model=32, n_heads=2, batch_size=16, fresh_items_per_step=16, max_text_len=16)
 

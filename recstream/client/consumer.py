@@ -22,7 +22,7 @@ from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.metrics import EVENTS_IN
+from recstream.telemetry import EVENTS_IN
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def read_to_end(
     try:
         meta = consumer.list_topics(name, timeout=10).topics.get(name)
         if meta is None or meta.error is not None:
-            raise ValueError(f"topic {name} does not exist (run `python -m recstream.cli topics`)")
+            raise ValueError(f"topic {name} does not exist (run `python -m recstream.ops.cli topics`)")
         ends: dict[int, int] = {}
         starts: list[TopicPartition] = []
         for p in sorted(meta.partitions):

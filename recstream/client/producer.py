@@ -14,10 +14,10 @@ from confluent_kafka import KafkaError, Message, Producer
 from pydantic import BaseModel
 
 from recstream.config import Settings
+from recstream.contracts.partitioning import PARTITIONER
 from recstream.contracts.topics import TOPICS, TopicSpec
-from recstream.kafka.partitioning import PARTITIONER
 from recstream.kafka.serde import encode, key_of, validate
-from recstream.metrics import EVENTS_OUT, PRODUCE_ERRORS
+from recstream.telemetry import EVENTS_OUT, PRODUCE_ERRORS
 
 log = logging.getLogger(__name__)
 

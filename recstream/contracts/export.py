@@ -14,8 +14,8 @@ def schema_dir():
 
 def topic_contract() -> dict[str, object]:
     """What a producer in any language must know beyond the value schemas: key and partitioner."""
+    from recstream.contracts.partitioning import PARTITIONER
     from recstream.contracts.topics import DEAD_LETTER_SUFFIX, TOPICS
-    from recstream.kafka.partitioning import PARTITIONER
 
     files = {model: name for name, model in ALL_MODELS.items()}
     return {

@@ -29,8 +29,8 @@ from recstream.explore.policies import (
     RankingPolicy,
     Shown,
     greedy_order,
-    make_policy,
 )
+from recstream.explore.specs import make_policy
 from recstream.explore.thompson import LiftThompson
 
 __all__ = [

@@ -30,7 +30,7 @@ import numpy as np
 
 from recstream.atomic import atomic_write_bytes
 from recstream.explore.policies import Shown
-from recstream.metrics import POLICY_FEEDBACK
+from recstream.telemetry import POLICY_FEEDBACK
 
 log = logging.getLogger(__name__)
 

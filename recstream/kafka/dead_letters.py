@@ -15,7 +15,7 @@ from confluent_kafka import Message
 
 from recstream.contracts.events import DeadLetter
 from recstream.contracts.topics import dead_letter_topic
-from recstream.metrics import DEAD_LETTERS
+from recstream.telemetry import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from recstream.contracts.partitioning import PARTITIONER, partition_for
 from recstream.contracts.topics import TopicSpec
-from recstream.kafka.partitioning import PARTITIONER, partition_for
 
 
 class InvalidEvent(ValueError):
@@ -45,7 +45,7 @@ def decode(
     """Bytes from the wire to a validated model, or InvalidEvent saying why not. A tombstone (null
     value) means what the topic's spec says it means (a catalog delete), given a valid key. Given the
     partition it arrived on, a keyed-placement topic's event must carry its key field as the key
-    and sit on the partition Kafka's partitioner gives that key (recstream.kafka.partitioning)."""
+    and sit on the partition Kafka's partitioner gives that key (recstream.contracts.partitioning)."""
     if raw is None:
         if spec.tombstone is None:
             raise InvalidEvent("empty", "message has no value (tombstone or null)")

@@ -135,14 +135,14 @@ class SessionEncoder:
 
         An empty history gives the tower's output for a zero vector (callers without history
         should not ask)."""
-        from recstream.models.two_tower import _ensure_nonempty
+        from recstream.models.two_tower import ensure_nonempty
 
         x = torch.from_numpy(np.ascontiguousarray(items, dtype=np.float32))
         length = x.shape[1]
         lengths = np.clip(np.asarray(lengths, dtype=np.int64).reshape(-1), 0, length)
         valid = torch.from_numpy(np.arange(length)[None, :] >= (length - lengths)[:, None])
         x = x * valid[..., None]
-        out = self.tower(x, _ensure_nonempty(valid))
+        out = self.tower(x, ensure_nonempty(valid))
         return out[:, -1].numpy().astype(np.float32)
 
     def encode(self, histories: Sequence[np.ndarray]) -> np.ndarray:

@@ -96,7 +96,13 @@ def data_hash(*frames: pd.DataFrame) -> str:
 
 #: The code that decides what a training run produces: data, splits, models, metrics, and the
 #: trending feature the ranker learns from.
-TRAINING_CODE = ("recstream/data", "recstream/models", "recstream/eval", "recstream/recommend/trending.py")
+TRAINING_CODE = (
+    "recstream/data",
+    "recstream/models",
+    "recstream/eval",
+    "recstream/training",
+    "recstream/recommend/trending.py",
+)
 
 
 def code_version() -> str:

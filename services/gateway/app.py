@@ -46,8 +46,8 @@ from recstream.contracts.events import (
     SearchQuery,
 )
 from recstream.contracts.topics import REQUESTS
-from recstream.metrics import CLICKS, IMPRESSIONS
 from recstream.serving.triton_client import SERVED_MODELS
+from recstream.telemetry import CLICKS, IMPRESSIONS
 from services.gateway.background import CatalogView, OpsMonitor
 from services.gateway.middleware import (
     ApiKeyMiddleware,

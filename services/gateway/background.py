@@ -19,7 +19,7 @@ from recstream.config import Settings
 from recstream.contracts.events import ItemUpsert
 from recstream.contracts.topics import CATALOG, TOPICS
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.metrics import CONSUMER_LAG, MODEL_VERSION_LIVE
+from recstream.telemetry import CONSUMER_LAG, MODEL_VERSION_LIVE
 
 log = logging.getLogger(__name__)
 

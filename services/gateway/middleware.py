@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from recstream.metrics import HTTP_LATENCY, HTTP_REQUESTS
+from recstream.telemetry import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import typer
 
 from recstream.config import get_settings
 from recstream.continual import ModelRegistry, TritonModelControl
-from recstream.metrics import serve_metrics
+from recstream.telemetry import serve_metrics
 from services.trainer.worker import TrainerConfig, TrainerService
 
 app = typer.Typer(add_completion=False, help="Continual fine-tuning worker for the Triton ranker.")

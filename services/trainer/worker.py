@@ -53,7 +53,11 @@ from recstream.continual import (
 )
 from recstream.continual.monitor import CtrMonitor, MonitorConfig
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
-from recstream.metrics import (
+from recstream.models.export import RANKER_MODEL_NAME
+from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
+from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
+from recstream.search.continual import QueryUpdateConfig, SearchClick, update_query_encoder
+from recstream.telemetry import (
     MODEL_VERSION_LIVE,
     OFF_POLICY_CHECKS,
     OFF_POLICY_DIFF,
@@ -61,10 +65,6 @@ from recstream.metrics import (
     TRAINING_INPUTS,
     TRAINING_RUNS,
 )
-from recstream.models.export import RANKER_MODEL_NAME
-from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, Ranker, candidate_features
-from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
-from recstream.search.continual import QueryUpdateConfig, SearchClick, update_query_encoder
 
 log = logging.getLogger(__name__)
 

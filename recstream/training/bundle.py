@@ -39,7 +39,7 @@ SERVED_DEPTH = 50
 
 def serving_item_texts(split: Any) -> list[str]:
     """Per split item, the text the catalog indexer encodes: ItemUpsert.text() of its replayed upsert."""
-    from recstream.replay import catalog_events
+    from recstream.data.events import catalog_events
 
     texts = {u.item_id: u.text() for u in catalog_events(split.data.items)}
     return [texts[str(i)] for i in split.item_ids]
@@ -66,7 +66,8 @@ class TrainedBundle:
 
 
 def _two_tower(split: Any, texts: list[str], seqs: list[np.ndarray], valid: tuple, cfg: Any, path: Path, key: str):
-    from recstream.models.two_tower import TwoTowerModel, train_two_tower
+    from recstream.models.two_tower import TwoTowerModel
+    from recstream.training.two_tower import train_two_tower
 
     meta = read_meta(path)
     if meta is not None and meta.data_hash == key:
@@ -89,17 +90,15 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
 
 def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
     """`train_bundle` on a given split (the quality bench passes its cold-start split too)."""
-    from recstream.models.ranker import (
-        FEATURE_SCHEMA,
-        Ranker,
-        RankerConfig,
+    from recstream.models.ranker import FEATURE_SCHEMA, Ranker, RankerConfig
+    from recstream.models.two_tower import TwoTowerConfig
+    from recstream.training.ranker import (
         request_times,
         split_events,
         split_train_times,
         train_ranker,
         truncate_sequences,
     )
-    from recstream.models.two_tower import TwoTowerConfig
 
     t0 = time.perf_counter()
     texts = serving_item_texts(split)
@@ -214,7 +213,8 @@ class BundleRecommender:
 
     def attach(self, bundle: TrainedBundle) -> BundleRecommender:
         """Score with an already trained bundle (`make train` judges the one it is about to export)."""
-        from recstream.models.ranker import RankingContext, split_events
+        from recstream.models.ranker import RankingContext
+        from recstream.training.ranker import split_events
 
         split = bundle.split
         self.bundle = bundle
@@ -225,7 +225,7 @@ class BundleRecommender:
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
-        from recstream.models.ranker import request_times, rerank_scores
+        from recstream.training.ranker import request_times, rerank_scores
 
         if not self.ranked:
             return self.bundle.retrieval.score_index(histories)

@@ -2,12 +2,12 @@
 
 Typical run (ml-100k, 2 CPU cores)::
 
-    python -m recstream.train_cli train-retrieval --finetune frozen   # -> artifacts/two_tower_frozen/
-    python -m recstream.train_cli train-retrieval --finetune lora     # -> artifacts/two_tower_lora/
-    python -m recstream.train_cli train-retrieval --finetune full     # -> artifacts/two_tower_full/
-    python -m recstream.train_cli train-ranker --retrieval artifacts/two_tower_frozen
-    python -m recstream.train_cli export --ranker artifacts/ranker   # -> model_repo/ranker/<v+1>/
-    python -m recstream.train_cli evaluate --retrieval artifacts/two_tower_frozen --ranker artifacts/ranker
+    python -m recstream.training.cli train-retrieval --finetune frozen   # -> artifacts/two_tower_frozen/
+    python -m recstream.training.cli train-retrieval --finetune lora     # -> artifacts/two_tower_lora/
+    python -m recstream.training.cli train-retrieval --finetune full     # -> artifacts/two_tower_full/
+    python -m recstream.training.cli train-ranker --retrieval artifacts/two_tower_frozen
+    python -m recstream.training.cli export --ranker artifacts/ranker   # -> model_repo/ranker/<v+1>/
+    python -m recstream.training.cli evaluate --retrieval artifacts/two_tower_frozen --ranker artifacts/ranker
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import typer
 
-from recstream.models.bundle import item_categories
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, configure_threads, write_json
+from recstream.training.bundle import item_categories
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 log = logging.getLogger("recstream.train")
@@ -80,7 +80,8 @@ def train_retrieval(
 ) -> None:
     """Fine-tune the two-tower retrieval model; early-stops on validation NDCG@10 (full ranking)."""
     _setup(threads)
-    from recstream.models.two_tower import TwoTowerConfig, evaluate_retrieval, train_two_tower
+    from recstream.models.two_tower import TwoTowerConfig
+    from recstream.training.two_tower import evaluate_retrieval, train_two_tower
 
     sp = load_split(dataset, split, seed=seed)
     cfg = TwoTowerConfig(
@@ -154,9 +155,8 @@ def train_ranker_cmd(
     """Train the MLP ranker on retrieval hard negatives; early-stops on validation NDCG@10 after rerank."""
     _setup(threads)
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.ranker import (
-        RankerConfig,
-        RankingContext,
+    from recstream.models.ranker import RankerConfig, RankingContext
+    from recstream.training.ranker import (
         out_of_fold_retrieval,
         request_times,
         rerank_scores,
@@ -251,8 +251,9 @@ def evaluate_cmd(
     """Full-ranking metrics (history excluded) of retrieval alone or retrieval -> ranker."""
     _setup(threads)
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.ranker import Ranker, RankingContext, request_times, rerank_scores, split_events
-    from recstream.models.two_tower import evaluate_retrieval
+    from recstream.models.ranker import Ranker, RankingContext
+    from recstream.training.ranker import request_times, rerank_scores, split_events
+    from recstream.training.two_tower import evaluate_retrieval
 
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
     sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))

@@ -1,20 +1,15 @@
-"""Turn an interaction data set into contract events, and send event streams at a fixed rate.
+"""An interaction data set as contract events: the catalog as item upserts, ratings as behaviour.
 
 MovieLens-style ratings become behaviour: every rating is a `view`, a rating of 4+ also a
-`click` and a 5 an `add_to_cart` + `purchase`; a user's session is one calendar day.
+`click` and a 5 an `add_to_cart` + `purchase`; a user's session is one calendar day. The demo
+replays these events; training encodes the same `ItemUpsert.text()` the catalog indexer will.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-
-from pydantic import BaseModel
+from collections.abc import Iterator
 
 from recstream.contracts.events import BehaviourEvent, BehaviourType, ItemUpsert
-from recstream.contracts.topics import TOPICS
 
 
 def catalog_events(items) -> list[ItemUpsert]:
@@ -48,40 +43,3 @@ def behaviour_events(interactions) -> Iterator[BehaviourEvent]:
             kinds += [BehaviourType.add_to_cart, BehaviourType.purchase]
         for kind in kinds:
             yield BehaviourEvent(type=kind, user_id=user, session_id=session, item_id=item, ts_ms=ts * 1000)
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """Lines of {"topic": <logical topic>, "event": {...}}."""
-    with path.open() as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if rec.get("topic") not in TOPICS:
-                raise ValueError(f"{path}:{n}: unknown topic {rec.get('topic')!r}; known: {sorted(TOPICS)}")
-            yield rec["topic"], rec["event"]
-
-
-class RateLimiter:
-    """Paces a loop at `rate` per second (0 = unlimited) without drifting over long replays."""
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.start = time.perf_counter()
-        self.count = 0
-
-    def wait(self) -> None:
-        self.count += 1
-        if not self.interval:
-            return
-        due = self.start + self.count * self.interval
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-
-
-def paced(events: Iterable[tuple[str, BaseModel | dict]], rate: float) -> Iterator[tuple[str, BaseModel | dict]]:
-    limiter = RateLimiter(rate)
-    for item in events:
-        limiter.wait()
-        yield item

@@ -1,4 +1,4 @@
-"""The one command-line entry point: `python -m recstream.cli --help`.
+"""The one command-line entry point: `python -m recstream.ops.cli --help`.
 
 Applications' helpers (produce, tail, replay) and operators' commands (stack, demo) live here;
 each command only wires settings to library functions.
@@ -108,7 +108,8 @@ def replay(
     from itertools import islice
 
     from recstream.client import EventProducer
-    from recstream.replay import behaviour_events, catalog_events, paced, read_jsonl
+    from recstream.data.events import behaviour_events, catalog_events
+    from recstream.ops.replay import paced, read_jsonl
 
     _setup_logging()
     settings = get_settings()
@@ -227,7 +228,7 @@ app.add_typer(stack_app, name="stack")
 @stack_app.command("up")
 def stack_up(worker: bool = typer.Option(True, help="also start the stream worker")) -> None:
     """Start the local stack in the background (state, logs and PIDs under RUN_DIR)."""
-    from recstream.stack import LocalStack
+    from recstream.ops.stack import LocalStack
 
     _setup_logging()
     stack = LocalStack(get_settings())
@@ -238,14 +239,14 @@ def stack_up(worker: bool = typer.Option(True, help="also start the stream worke
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop everything `stack up` started."""
-    from recstream.stack import LocalStack
+    from recstream.ops.stack import LocalStack
 
     LocalStack(get_settings()).down()
 
 
 @stack_app.command("status")
 def stack_status() -> None:
-    from recstream.stack import LocalStack
+    from recstream.ops.stack import LocalStack
 
     typer.echo(json.dumps(LocalStack(get_settings()).status()))
 
@@ -256,7 +257,7 @@ def demo(
     keep_running: bool = typer.Option(False, help="leave the stack up afterwards"),
 ) -> None:
     """Run the live demo on the embedded default, replaying MovieLens-100k."""
-    from recstream.demo import run
+    from recstream.ops.demo import run
 
     _setup_logging()
     run(get_settings(), events=events, keep_running=keep_running)
@@ -334,8 +335,8 @@ def train(
     """Train the served models (item encoder, session encoder, ranker) on DATASET's leave-last-out
     training part and write them as Triton model versions; prints their validation figures beside
     item-knn's and popularity's, and refuses to export models that lose to either on validation."""
-    from recstream.models.bundle import export_bundle, train_bundle
     from recstream.models.training import configure_threads
+    from recstream.training.bundle import export_bundle, train_bundle
 
     _setup_logging()
     configure_threads(threads or None)
@@ -361,7 +362,7 @@ def _validation_against_baselines(bundle: object) -> dict[str, float]:
     the same training part: the choice to serve is made on validation, never on test."""
     from recstream.eval.baselines import ItemKNN, Popularity
     from recstream.eval.metrics import evaluate
-    from recstream.models.bundle import BundleRecommender
+    from recstream.training.bundle import BundleRecommender
 
     split = bundle.split  # type: ignore[attr-defined]
     valid = split.cases("valid")

@@ -19,8 +19,8 @@ from recstream.client import EventProducer, RecommendationClient
 from recstream.config import Settings
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RecommendationResult
 from recstream.data.datasets import load_dataset
-from recstream.replay import behaviour_events, catalog_events
-from recstream.stack import LocalStack
+from recstream.data.events import behaviour_events, catalog_events
+from recstream.ops.stack import LocalStack
 
 log = logging.getLogger("demo")
 

@@ -1,0 +1,335 @@
+"""What every stream processor shares: settings, the faust app, store and model handles, the one
+produce and dead-letter path, and the app's naming rules (app id, consumer groups).
+
+Processors import this module; streams.app builds the context and wires the processors to it, so
+imports run one way (app -> processors -> context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+import numpy as np
+from confluent_kafka import Producer
+
+from recstream.client.producer import producer_config
+from recstream.config import Settings
+from recstream.contracts.topics import TOPICS, TopicSpec
+from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
+from recstream.kafka.serde import InvalidEvent, decode
+from recstream.recommend.feedback import SearchQueries
+from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
+from streams.naming import app_id
+
+log = logging.getLogger(__name__)
+
+ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
+
+
+#: Seconds between attempts to read the text_encoder's search weights while Triton cannot say.
+HYBRID_RETRY_S = 10.0
+#: Linger of the producer for records nobody waits for (ranking logs).
+BULK_LINGER_MS = 50
+
+
+@dataclass
+class StreamContext:
+    """Shared I/O handles of one worker process; agents get everything they touch from here."""
+
+    settings: Settings
+    worker: str
+    app: faust.App
+    agents: tuple[str, ...]
+    feedback_window_s: float = 30.0
+    ranker_mode: str = "auto"
+    topics: dict[str, faust.TopicT] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    _producer: Producer | None = None
+    _bulk_producer: Producer | None = None
+    _store: Any = None
+    _embedder: Any = None
+    _item_embedder: Any = None
+    _session_encoder: Any = None
+    _session_vectors: Any = None
+    _hybrid_search: Any = None
+    _hybrid_retry_at: float = 0.0
+    _ranker: Any = None
+    _policy: Any = None
+    _rng: Any = None
+    _policy_feedback: Any = None
+    behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
+    requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
+    # The queries of searches answered here, for the feedback joiner's training examples.
+    search_queries: SearchQueries = field(default_factory=SearchQueries)
+    # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
+    # encodes; the calls release the GIL.
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
+
+    # --- lazily opened handles (opened in the worker process, never at import/app-build time) --
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            # Outputs (recommendations, examples, dead letters) go through librdkafka: produce() is
+            # a non-blocking C call, far cheaper per message than aiokafka on 2 cores; 1 ms linger
+            # batches bursts without visible latency.
+            self._producer = Producer(producer_config(self.settings, **{"linger.ms": 1}))
+        return self._producer
+
+    @property
+    def bulk_producer(self) -> Producer:
+        if self._bulk_producer is None:
+            # Records nobody waits for (ranking logs): 50 ms linger puts a second's worth into ~20
+            # broker requests. On the answer producer each log cost the broker one produce request
+            # (built after its answer's 1 ms linger had closed): measured 0.9 per answer.
+            self._bulk_producer = Producer(producer_config(self.settings, **{"linger.ms": BULK_LINGER_MS}))
+        return self._bulk_producer
+
+    @property
+    def store(self):
+        if self._store is None:
+            from recstream.vectorstore import VectorStore
+
+            self._store = VectorStore(self.settings)
+        return self._store
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from streams.inference import TritonTextEmbedder
+
+            self._embedder = TritonTextEmbedder(self.settings)
+        return self._embedder
+
+    @property
+    def item_embedder(self):
+        """What the catalog indexer embeds items with: the trained `item_encoder` (text + learned ID
+        residual) when Triton serves one, else the plain `text_encoder` (a repository without
+        trained models). Chosen once at start-up."""
+        if self._item_embedder is None:
+            from streams.inference import ITEM_MODEL, TritonTextEmbedder, model_ready
+
+            if model_ready(self.settings, ITEM_MODEL):
+                self._item_embedder = TritonTextEmbedder(self.settings, model=ITEM_MODEL)
+            else:
+                log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_MODEL)
+                self._item_embedder = self.embedder
+        return self._item_embedder
+
+    @property
+    def session_encoder(self):
+        """The trained session transformer on Triton, or None (sessions are then the decayed sum
+        of their item vectors, as before a model was trained). Chosen once at start-up."""
+        if self._session_encoder is None:
+            from streams.inference import SESSION_MODEL, TritonSessionEncoder, model_ready
+
+            if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_MODEL):
+                self._session_encoder = TritonSessionEncoder(self.settings)
+            else:
+                log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_MODEL)
+                self._session_encoder = False
+        return self._session_encoder or None
+
+    @property
+    def hybrid_search(self):
+        """streams.hybrid_search.LiveHybridSearch when the served text_encoder ships search weights
+        (a fine-tuned query encoder from `make bench-search --export`), else None. Chosen once."""
+        self._follow_search_weights()
+        if self._hybrid_search is None and time.monotonic() >= self._hybrid_retry_at:
+            from streams.hybrid_search import LiveHybridSearch
+            from streams.inference import ModelUnavailable
+
+            try:
+                weights = self.embedder.search_weights()
+            except ModelUnavailable as exc:
+                self._hybrid_retry_at = time.monotonic() + HYBRID_RETRY_S
+                log.warning("search weights unknown for now (%s); searches go through the ranker", exc)
+                return None
+            self._hybrid_search = LiveHybridSearch(self, weights, self.embedder.served_tag()) if weights else False
+            if weights:
+                log.info("searches are answered by the hybrid search (%s, %s)", self._hybrid_search.version, weights)
+        return self._hybrid_search or None
+
+    def _follow_search_weights(self) -> None:
+        """A new text_encoder version may bring other weights, or none (a rollback to the zero-shot
+        encoder): the hybrid search follows what the embedder read with the version change."""
+        from streams.inference import UNKNOWN
+
+        seen = self.embedder.weights_seen
+        if seen is UNKNOWN or self._hybrid_search is None:
+            return
+        current = self._hybrid_search.weights if self._hybrid_search else None
+        if seen == current:
+            return
+        from streams.hybrid_search import LiveHybridSearch
+
+        log.info("search weights changed with %s: %s -> %s", self.embedder.version, current, seen)
+        self._hybrid_search = LiveHybridSearch(self, seen, self.embedder.version) if seen else False
+
+    @property
+    def session_vectors(self):
+        """Session vectors of active users, refreshed in the background (streams.session_vectors)."""
+        if self._session_vectors is None and self.session_encoder is not None:
+            from streams.session_vectors import SessionVectors
+
+            self._session_vectors = SessionVectors(self, self.session_encoder).start()
+        return self._session_vectors
+
+    @property
+    def policy(self):
+        """The exploration policy that orders each answer (settings.exploration_policy), with its rng."""
+        if self._policy is None:
+            from recstream.explore import make_policy
+
+            self._policy = make_policy(self.settings.exploration_policy)
+            self._rng = np.random.default_rng(self.settings.exploration_seed)
+        return self._policy
+
+    @property
+    def rng(self):
+        self.policy  # noqa: B018 - builds the rng together with the policy
+        return self._rng
+
+    @property
+    def policy_feedback(self):
+        """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
+        The recommender ranks through it and the feedback joiner reports closed windows to it."""
+        if self._policy_feedback is None:
+            from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback, learns_online
+
+            if learns_online(self.policy):
+                self._policy_feedback = PolicyFeedback(
+                    self.policy,
+                    self.settings.policy_feedback_slots,
+                    max_age_s=self.feedback_window_s + CLIENT_DELAY_GRACE_S,
+                )
+                self._policy_feedback.load(self.policy_state_path)
+        return self._policy_feedback
+
+    def save_policy_state(self) -> None:
+        """Snapshot the policy's evidence; a failed write is logged and retried at the next snapshot
+        (losing a snapshot costs a little learning, never the worker)."""
+        try:
+            self._policy_feedback.save(self.policy_state_path)
+        except OSError as exc:
+            log.error("could not save the policy state to %s: %s", self.policy_state_path, exc)
+
+    @property
+    def policy_state_path(self) -> Path:
+        """Where this worker keeps what its policy learned (one file per app and worker name)."""
+        return self.settings.run_dir / "policy" / f"{app_id(self.settings)}-{self.worker}.npz"
+
+    @property
+    def ranker(self):
+        if self._ranker is None:
+            self._ranker = self._pick_ranker()
+        return self._ranker
+
+    def _pick_ranker(self):
+        from streams.inference import RANKER_MODEL, InProcessRanker, TritonRanker, model_ready
+
+        if self.ranker_mode == "inprocess":
+            return InProcessRanker()
+        if self.ranker_mode == "triton" or model_ready(self.settings, RANKER_MODEL):
+            log.info("ranking with the Triton 'ranker' model")
+            return TritonRanker(self.settings)
+        log.info("no 'ranker' model on Triton; ranking in-process (heuristic)")
+        return InProcessRanker()
+
+    # --- helpers the agents share ----------------------------------------------------------------
+
+    def send(self, logical: str, key: bytes | None, value: bytes, bulk: bool = False) -> None:
+        """`bulk`: nobody waits for the record (logs), so it may linger and share broker requests."""
+        topic = TOPICS[logical].name(self.settings.topic_prefix)
+        self.produce(topic, key, value, self.bulk_producer if bulk else self.producer)
+
+    def produce(self, topic: str, key: bytes | None, value: bytes, producer: Producer | None = None) -> None:
+        if producer is None:
+            producer = self.producer
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                producer.poll(0.01)
+        producer.poll(0)
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
+            log.error("delivery to %s failed: %s", msg.topic(), err)
+        else:
+            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
+
+    @property
+    def dead_letters(self) -> DeadLetterSink:
+        return DeadLetterSink(lambda topic, key, value: self.produce(topic, key, value), self.worker)
+
+    def decode_events(
+        self, spec: TopicSpec, events: Iterable[faust.types.EventT], owner: bool = True
+    ) -> list[tuple[Any, Any]]:
+        """(event, model) for valid messages; invalid ones go to the dead-letter topic, logged with
+        topic[partition]@offset, and never stop the stream. When two agents read one topic only
+        the `owner` dead-letters and counts, so a bad message is recorded once."""
+        out = []
+        for ev in events:
+            msg = ev.message
+            if owner:
+                EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
+            try:
+                out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes, msg.key, msg.partition)))
+            except InvalidEvent as exc:
+                if owner:
+                    self.dead_letter(ev, exc.detail, exc.reason)
+        return out
+
+    def dead_letter(self, ev: faust.types.EventT, error: str, error_type: str) -> None:
+        msg = ev.message
+        source = RefusedMessage(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+        self.dead_letters.publish(source, error=error, error_type=error_type)
+
+    async def in_thread(self, fn, *args):
+        """Run a blocking model/store call off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        if self._session_vectors is not None:
+            self._session_vectors.stop()
+        if self.requests is not None:
+            self.requests.stop()
+        if self.behaviour is not None:
+            self.behaviour.stop()  # commits what it folded (after flushing the changelog)
+        if self._policy_feedback is not None and self._policy_feedback.unsaved:
+            self.save_policy_state()
+        for producer in (self._producer, self._bulk_producer):
+            if producer is not None:
+                producer.flush(10)  # 10 s: enough for a local broker to ack what is queued
+        if self._store is not None:
+            self._store.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        if self._item_embedder is not None and self._item_embedder is not self._embedder:
+            self._item_embedder.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def source_topic(ctx: StreamContext, logical: str) -> faust.TopicT:
+    """The registry topic as a faust topic of raw bytes: validation is ours (decode()), not faust's."""
+    if logical not in ctx.topics:
+        spec = TOPICS[logical]
+        ctx.topics[logical] = ctx.app.topic(
+            spec.name(ctx.settings.topic_prefix),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=spec.partitions,
+            internal=False,  # created by ensure_topics from the registry, never by faust
+        )
+    return ctx.topics[logical]
