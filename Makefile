@@ -30,10 +30,10 @@ $(VENV_CACHE)/.complete:
 
 APT_GET = $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get
 
-prometheus:  ## Debian's Prometheus for tests/test_prometheus_scrape.py (skipped when on PATH)
+prometheus:  ## Debian's Prometheus for tests/ops/test_prometheus_scrape.py (skipped when on PATH)
 	@command -v prometheus >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq prometheus; }
 
-browser:  ## headless Chromium for tests/test_playground_browser.py (skipped when on PATH)
+browser:  ## headless Chromium for tests/services/test_playground_browser.py (skipped when on PATH)
 	@command -v chromium >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver; }
 
 kafka-jars: venv

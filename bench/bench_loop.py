@@ -559,7 +559,8 @@ def click_to_live(
 
     from infra.triton_server import TritonServer
     from recstream.continual.registry import ModelRegistry, TritonModelControl
-    from recstream.models.export import RANKER_MODEL_NAME, export_ranker
+    from recstream.contracts.models import RANKER
+    from recstream.models.export import export_ranker
     from recstream.models.ranker import Ranker
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_loop_"))
@@ -568,7 +569,7 @@ def click_to_live(
     export_ranker(Ranker(copy.deepcopy(base), meta.model_copy(deep=True)), repo, version=1)
     reg = ModelRegistry(repo)
     reg.init_live()
-    server = TritonServer(repo, tmp / "run", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER_MODEL_NAME])
+    server = TritonServer(repo, tmp / "run", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER])
     t_start = time.monotonic()
     server.start(timeout_s=300)
     start_s = time.monotonic() - t_start
@@ -587,7 +588,7 @@ def click_to_live(
                 inp = httpclient.InferInput(k, list(a.shape), "FP32")
                 inp.set_data_from_numpy(np.ascontiguousarray(a, dtype=np.float32))
                 inputs.append(inp)
-            return str(client.infer(RANKER_MODEL_NAME, inputs).get_response()["model_version"])
+            return str(client.infer(RANKER, inputs).get_response()["model_version"])
 
         assert served_version() == "1"
         rounds = rounds_until_promoted(cfg, base, next_burst, features, max_bursts)

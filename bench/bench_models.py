@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from bench.common import print_table, write_result
+    from recstream.contracts.models import SESSION_ENCODER
     from recstream.models.export import latest_version_dir, load_exported
-    from recstream.models.served import SESSION_ENCODER, SessionEncoder
+    from recstream.models.served import SessionEncoder
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)

@@ -22,7 +22,8 @@ import numpy as np
 
 from bench.common import print_table, write_result
 from recstream.config import REPO_ROOT
-from recstream.models.export import RANKER_MODEL_NAME, load_exported, triton_score, versions
+from recstream.contracts.models import RANKER
+from recstream.models.export import load_exported, triton_score, versions
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, candidate_features
 
 
@@ -90,7 +91,7 @@ def main() -> dict[str, Any]:
         feat_ms.append((time.perf_counter() - t0) * 1e3)
 
     with tempfile.TemporaryDirectory(prefix="bench_ranker_") as tmp:
-        server = TritonServer(repo, Path(tmp), http_port=0, grpc_port=0, metrics_port=0, models=[RANKER_MODEL_NAME])
+        server = TritonServer(repo, Path(tmp), http_port=0, grpc_port=0, metrics_port=0, models=[RANKER])
         t_start = time.perf_counter()
         server.start(timeout_s=180)
         startup_s = time.perf_counter() - t_start

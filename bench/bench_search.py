@@ -45,13 +45,14 @@ import torch
 
 from bench.common import print_table, write_result
 from recstream.config import REPO_ROOT
+from recstream.contracts.models import ITEM_ENCODER
 from recstream.data.datasets import load_dataset
 from recstream.data.split import Split, leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
 from recstream.models.encoder import TextEncoder
 from recstream.models.export import latest_version_dir
-from recstream.models.served import ITEM_ENCODER, ItemEncoder, ServedRetrieval
+from recstream.models.served import ItemEncoder, ServedRetrieval
 from recstream.models.training import ARTIFACTS_DIR, split_fingerprint
 from recstream.search.protocol import SearchCases, category_cases, known_item_cases, training_pairs
 from recstream.search.query_encoder import (

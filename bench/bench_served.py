@@ -239,9 +239,10 @@ def score_offline_search(split, model_repo: Path) -> tuple[dict[str, str], dict,
     served text_encoder version with the fusion weights it ships: as the protocol ranks (history
     excluded, popularity over train) and as the stack answers (only purchases excluded: a search
     shows seen items; popularity over train + validation, what the stack replayed; top 10)."""
+    from recstream.contracts.models import TEXT_ENCODER
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
     from recstream.models.encoder import version_text_encoder
-    from recstream.models.export import TEXT_ENCODER, latest_version_dir
+    from recstream.models.export import latest_version_dir
     from recstream.models.served import ServedRetrieval
     from recstream.models.training import read_meta
     from recstream.search.protocol import category_cases

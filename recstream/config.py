@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,25 +21,26 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, frozen=True, extra="ignore")
 
+    # --- kafka -------------------------------------------------------------------------------------------
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers (host:port,...)")
     topic_prefix: str = Field("", description="Prefix for every topic name (isolates tests and tenants)")
+    max_message_bytes: int = Field(
+        65_536, description="Largest accepted event payload in bytes; events are small, 64 KiB is generous"
+    )
+
+    # --- triton ------------------------------------------------------------------------------------------
     triton_url: str = Field("127.0.0.1:8000", description="Triton HTTP endpoint host:port")
     triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port")
     triton_timeout_s: float = Field(
         0.25, description="Deadline for one Triton call; past it the ranker answers degraded"
     )
+    model_repo: Path = Field(REPO_ROOT / "model_repo", description="Triton model repository")
+
+    # --- vector store ------------------------------------------------------------------------------------
     qdrant_url: str | None = Field(None, description="Qdrant server URL; unset = embedded local mode")
     qdrant_path: Path = Field(REPO_ROOT / "run" / "qdrant", description="On-disk path for Qdrant local mode")
-    model_repo: Path = Field(REPO_ROOT / "model_repo", description="Triton model repository")
-    run_dir: Path = Field(REPO_ROOT / "run", description="Logs, PID files and local state of the stack")
-    cache_dir: Path = Field(
-        Path.home() / ".cache" / "recstream",
-        validation_alias="RECSTREAM_CACHE_DIR",
-        description="Downloads kept outside the clone (Kafka jars, venvs)",
-    )
-    max_message_bytes: int = Field(
-        65_536, description="Largest accepted event payload in bytes; events are small, 64 KiB is generous"
-    )
+
+    # --- streams -----------------------------------------------------------------------------------------
     session_refresh_s: float = Field(
         0.05,
         ge=0,
@@ -47,8 +48,29 @@ class Settings(BaseSettings):
         "who asked in the last 5 minutes, so that their next request finds the session vector ready; `0` = encode "
         "at request time only (one more Triton call per request batch)",
     )
+    event_dedupe_ids: int = Field(
+        100_000,
+        ge=0,
+        description="Behaviour `event_id`s remembered per partition; a repeat within them (a client's retry) is "
+        "folded once (the last N events of each partition: ~13 min at 500 events/s over 4 partitions); `0` = off",
+    )
+    feedback_window_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long the feedback joiner waits for a click after an impression before the impression "
+        "becomes a no-click training example (a learning policy forgets a shown slot 60 s after that)",
+    )
+    ranking_log: Literal["all", "exploring", "off"] = Field(
+        "all",
+        description="What goes to `ranking-log`: `exploring` = the candidate pool of every answer a stochastic "
+        "policy drew (for `recstream.ops.cli ope`); `all` = also every greedy answer of the learned ranker, each with "
+        "the inputs it was scored from (the continual trainer then learns from exactly what serving saw; ~9 KB "
+        "per answer, built after the batch's answers are published: about +0.05 worker cores at 200 requests/s, "
+        "latency unchanged within noise); `off`. `true`/`false` mean `exploring`/`off`",
+    )
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
-    log_level: str = Field("INFO", description="Log level for every entry point")
+
+    # --- explore -----------------------------------------------------------------------------------------
     exploration_policy: str = Field(
         "greedy",
         description="Recommender ranking policy: `greedy`, `pl:T[:HEAD]` (Plackett-Luce at temperature T over the "
@@ -61,14 +83,6 @@ class Settings(BaseSettings):
         "at start-up",
     )
     exploration_seed: int | None = Field(None, description="Seed of the policy's random draws")
-    ranking_log: Literal["all", "exploring", "off"] = Field(
-        "all",
-        description="What goes to `ranking-log`: `exploring` = the candidate pool of every answer a stochastic "
-        "policy drew (for `recstream.ops.cli ope`); `all` = also every greedy answer of the learned ranker, each with "
-        "the inputs it was scored from (the continual trainer then learns from exactly what serving saw; ~9 KB "
-        "per answer, built after the batch's answers are published: about +0.05 worker cores at 200 requests/s, "
-        "latency unchanged within noise); `off`. `true`/`false` mean `exploring`/`off`",
-    )
     policy_feedback_slots: int = Field(
         200_000,
         ge=1_000,
@@ -78,12 +92,8 @@ class Settings(BaseSettings):
         "memory follows the request rate; this cap only binds above requests/s x k x (window + 60 s) (200k: "
         '222 req/s at k=10 and a 30 s window), and its evictions count as `outcome="evicted"`',
     )
-    event_dedupe_ids: int = Field(
-        100_000,
-        ge=0,
-        description="Behaviour `event_id`s remembered per partition; a repeat within them (a client's retry) is "
-        "folded once (the last N events of each partition: ~13 min at 500 events/s over 4 partitions); `0` = off",
-    )
+
+    # --- gateway -----------------------------------------------------------------------------------------
     api_keys: str = Field(
         "",
         validation_alias=AliasChoices("gateway_api_keys", "api_keys"),
@@ -95,6 +105,15 @@ class Settings(BaseSettings):
         description="Comma-separated browser origins allowed to call the gateway (`*` = any); empty = no CORS "
         "headers, same-origin only",
     )
+
+    # --- operations --------------------------------------------------------------------------------------
+    run_dir: Path = Field(REPO_ROOT / "run", description="Logs, PID files and local state of the stack")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "recstream",
+        validation_alias="RECSTREAM_CACHE_DIR",
+        description="Downloads kept outside the clone (Kafka jars, venvs)",
+    )
+    log_level: str = Field("INFO", description="Log level for every entry point")
 
     @field_validator("ranking_log", mode="before")
     @classmethod
@@ -122,10 +141,32 @@ class Settings(BaseSettings):
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
+#: The settings by section, in the class's order (tests/contracts/test_config.py keeps the two equal); the
+#: README's configuration table is grouped by them.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "kafka": ("kafka_bootstrap", "topic_prefix", "max_message_bytes"),
+    "triton": ("triton_url", "triton_grpc_url", "triton_timeout_s", "model_repo"),
+    "vector store": ("qdrant_url", "qdrant_path"),
+    "streams": ("session_refresh_s", "event_dedupe_ids", "feedback_window_s", "ranking_log", "metrics_port"),
+    "explore": ("exploration_policy", "exploration_seed", "policy_feedback_slots"),
+    "gateway": ("api_keys", "cors_origins"),
+    "operations": ("run_dir", "cache_dir", "log_level"),
+}
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def model_option(model: type[BaseModel], field: str, **kwargs: Any) -> Any:
+    """A typer option whose default and help are a pydantic model's field: a CLI flag cannot drift
+    from the config it fills."""
+    import typer
+
+    info = model.model_fields[field]
+    return typer.Option(info.get_default(call_default_factory=True), help=info.description, **kwargs)
 
 
 def env_name(field: str) -> str:
@@ -164,14 +205,16 @@ def _shown_default(value: object) -> str:
 
 
 def configuration_table() -> str:
-    """README's configuration table, made from the fields themselves (tests/test_config.py keeps the
+    """README's configuration table, made from the fields themselves (tests/contracts/test_config.py keeps the
     README equal to it): `python -m recstream.config` prints it."""
-    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
-    for name, field in Settings.model_fields.items():
-        rows.append(
-            f"| `{env_name(name)}` | {_shown_default(field.get_default(call_default_factory=True))} | "
-            f"{field.description} |"
-        )
+    rows = ["| section | variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, names in SECTIONS.items():
+        for name in names:
+            field = Settings.model_fields[name]
+            rows.append(
+                f"| {section} | `{env_name(name)}` | {_shown_default(field.get_default(call_default_factory=True))} | "
+                f"{field.description} |"
+            )
     return "\n".join(rows)
 
 

@@ -16,13 +16,17 @@ worker read old bytes with new code.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import faust
 
 from recstream.config import Settings
-from streams.context import ALL_AGENTS, StreamContext
+from recstream.contracts.topics import BEHAVIOUR, CATALOG, REQUESTS
+from streams import registry
+from streams.behaviour import BehaviourLoop
+from streams.context import StreamContext
 from streams.naming import app_id, catalog_group
+from streams.registry import ALL_AGENTS
+from streams.requests import RequestLoop
 
 
 def create_app(
@@ -30,14 +34,11 @@ def create_app(
     agents: Iterable[str] = ALL_AGENTS,
     *,
     worker: str = "streams",
-    feedback_window_s: float = 30.0,
     ranker: str = "auto",
 ) -> faust.App:
     """Build the app and register the chosen agents on it. `app.ctx` is the StreamContext."""
-    agents = tuple(agents)
-    unknown = set(agents) - set(ALL_AGENTS)
-    if unknown:
-        raise ValueError(f"unknown agents {sorted(unknown)}; choose from {ALL_AGENTS}")
+    specs = registry.specs_for(agents)
+    agents = tuple(spec.name for spec in specs)
     datadir = settings.run_dir / "faust" / catalog_group(settings)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -71,44 +72,30 @@ def create_app(
         worker=worker,
         app=app,
         agents=agents,
-        feedback_window_s=feedback_window_s,
         ranker_mode=ranker,
     )
     app.ctx = ctx  # type: ignore[attr-defined]
 
-    from streams import catalog_indexer, feedback_joiner, session_features
-    from streams.behaviour import BehaviourLoop
-    from streams.requests import RequestLoop
-
-    # Features own the sessions table; the recommender and the joiner read it, so it is declared
-    # whenever any of them runs (co-partitioned with behaviour and requests by user_id).
-    if {"features", "recommender", "feedback"} & set(agents):
-        session_features.declare_table(ctx)
-    if "catalog" in agents:
-        catalog_indexer.register(ctx)
-    processors: list[Any] = []
-    if "feedback" in agents:  # first: an example's context is the session before its own batch
-        processors.append(feedback_joiner.FeedbackJoiner(ctx))
-    if "features" in agents:
-        processors.append(session_features.SessionFeatures(ctx))
-    if processors:
-        ctx.behaviour = BehaviourLoop(ctx, processors, group_id=f"{app_id(settings)}-behaviour")
-    if "recommender" in agents:
-        ctx.requests = RequestLoop(ctx, group_id=f"{app_id(settings)}-requests")
-        if ctx.behaviour is not None:  # answer exactly the partitions whose tables are here
+    for table, declare in registry.SHARED_TABLES.items():
+        if any(table in spec.writes + spec.reads for spec in specs):
+            declare(ctx)
+    behaviour = []
+    for spec in specs:
+        built = spec.build(ctx)
+        if spec.source == BEHAVIOUR.logical:
+            behaviour.append(built)
+        elif spec.source == REQUESTS.logical:
+            ctx.requests = RequestLoop(ctx, built, group_id=f"{app_id(settings)}-requests")
+    if behaviour:
+        ctx.behaviour = BehaviourLoop(ctx, behaviour, group_id=f"{app_id(settings)}-behaviour")
+        if ctx.requests is not None:  # answer exactly the partitions whose tables are here
             ctx.behaviour.requests = ctx.requests.follow()
 
     @app.task
     async def _start_consumers() -> None:
         # Handles are opened here, on one thread, before the consumer threads need them.
-        if {"catalog", "recommender", "features"} & set(agents):
-            ctx.store  # noqa: B018
+        registry.open_handles(ctx, specs)
         if ctx.requests is not None:
-            # the ranker import and its metadata probe take seconds on a busy box: not on a request
-            ctx.embedder  # noqa: B018
-            ctx.ranker  # noqa: B018
-            ctx.policy  # noqa: B018
-            ctx.producer  # noqa: B018
             ctx.requests.start()
         if ctx.behaviour is not None:
             ctx.behaviour.start()
@@ -117,6 +104,6 @@ def create_app(
 
 
 def uses_faust(agents: Iterable[str]) -> bool:
-    """Whether any of the agents runs on faust's consumer (the others run on streams.behaviour and
-    streams.requests)."""
-    return "catalog" in set(agents)
+    """Whether any of the agents runs on faust's consumer (the catalog's runtime; behaviour and
+    requests run on streams.behaviour and streams.requests)."""
+    return any(spec.source == CATALOG.logical for spec in registry.specs_for(agents))

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from recstream.client.producer import producer_config
+from recstream.client.producer import produce_or_wait, producer_config
 from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
@@ -108,7 +108,7 @@ class BehaviourLoop(ConsumerThread):
         # cover everything this consumer's offsets stand for. 20 ms linger: nobody waits for these
         # records (tables are read from memory), and fewer, larger requests save broker CPU.
         self.producer = Producer(producer_config(self.settings, **{"linger.ms": 20}))
-        self.dead_letters = DeadLetterSink(self._produce_dead_letter, ctx.worker)
+        self.dead_letters = DeadLetterSink(self.produce, ctx.worker)
         # Acknowledgement tracking: every output gets a sequence number; a checkpoint (the consumed
         # positions and the last sequence number produced when it was taken) is committed once no
         # record up to that number is unacknowledged. The consumer never waits for the broker.
@@ -249,17 +249,7 @@ class BehaviourLoop(ConsumerThread):
         self._seq += 1
         seq = self._seq
         heapq.heappush(self._unacked, seq)
-        on_delivery = functools.partial(self._on_delivery, seq)
-        kwargs = {} if partition is None else {"partition": partition}
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
-                return
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                self.producer.poll(0.01)
-
-    def _produce_dead_letter(self, topic: str, key: bytes | None, value: bytes) -> None:
-        self.produce(topic, key, value)
+        produce_or_wait(self.producer, topic, key, value, functools.partial(self._on_delivery, seq), partition)
 
     def _on_delivery(self, seq: int, err: Any, msg: Any) -> None:
         if err is not None:

@@ -20,7 +20,7 @@ import faust
 import numpy as np
 from confluent_kafka import Producer
 
-from recstream.client.producer import producer_config
+from recstream.client.producer import produce_or_wait, producer_config
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
@@ -30,8 +30,6 @@ from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
 from streams.naming import app_id
 
 log = logging.getLogger(__name__)
-
-ALL_AGENTS = ("catalog", "features", "recommender", "feedback")
 
 
 #: Seconds between attempts to read the text_encoder's search weights while Triton cannot say.
@@ -48,7 +46,6 @@ class StreamContext:
     worker: str
     app: faust.App
     agents: tuple[str, ...]
-    feedback_window_s: float = 30.0
     ranker_mode: str = "auto"
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
@@ -115,12 +112,13 @@ class StreamContext:
         residual) when Triton serves one, else the plain `text_encoder` (a repository without
         trained models). Chosen once at start-up."""
         if self._item_embedder is None:
-            from streams.inference import ITEM_MODEL, TritonTextEmbedder, model_ready
+            from recstream.contracts.models import ITEM_ENCODER
+            from streams.inference import TritonTextEmbedder, model_ready
 
-            if model_ready(self.settings, ITEM_MODEL):
-                self._item_embedder = TritonTextEmbedder(self.settings, model=ITEM_MODEL)
+            if model_ready(self.settings, ITEM_ENCODER):
+                self._item_embedder = TritonTextEmbedder(self.settings, model=ITEM_ENCODER)
             else:
-                log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_MODEL)
+                log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_ENCODER)
                 self._item_embedder = self.embedder
         return self._item_embedder
 
@@ -129,12 +127,13 @@ class StreamContext:
         """The trained session transformer on Triton, or None (sessions are then the decayed sum
         of their item vectors, as before a model was trained). Chosen once at start-up."""
         if self._session_encoder is None:
-            from streams.inference import SESSION_MODEL, TritonSessionEncoder, model_ready
+            from recstream.contracts.models import SESSION_ENCODER
+            from streams.inference import TritonSessionEncoder, model_ready
 
-            if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_MODEL):
+            if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_ENCODER):
                 self._session_encoder = TritonSessionEncoder(self.settings)
             else:
-                log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_MODEL)
+                log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_ENCODER)
                 self._session_encoder = False
         return self._session_encoder or None
 
@@ -209,7 +208,7 @@ class StreamContext:
                 self._policy_feedback = PolicyFeedback(
                     self.policy,
                     self.settings.policy_feedback_slots,
-                    max_age_s=self.feedback_window_s + CLIENT_DELAY_GRACE_S,
+                    max_age_s=self.settings.feedback_window_s + CLIENT_DELAY_GRACE_S,
                 )
                 self._policy_feedback.load(self.policy_state_path)
         return self._policy_feedback
@@ -234,15 +233,16 @@ class StreamContext:
         return self._ranker
 
     def _pick_ranker(self):
-        from streams.inference import RANKER_MODEL, InProcessRanker, TritonRanker, model_ready
+        from recstream.contracts.models import RANKER
+        from streams.inference import RANKERS, model_ready
 
-        if self.ranker_mode == "inprocess":
-            return InProcessRanker()
-        if self.ranker_mode == "triton" or model_ready(self.settings, RANKER_MODEL):
-            log.info("ranking with the Triton 'ranker' model")
-            return TritonRanker(self.settings)
-        log.info("no 'ranker' model on Triton; ranking in-process (heuristic)")
-        return InProcessRanker()
+        mode = self.ranker_mode
+        if mode == "auto":
+            mode = "triton" if model_ready(self.settings, RANKER) else "inprocess"
+        if mode not in RANKERS:
+            raise ValueError(f"unknown ranker {self.ranker_mode!r}; choose auto or one of {sorted(RANKERS)}")
+        log.info("ranking with the %s ranker", mode)
+        return RANKERS[mode](self.settings)
 
     # --- helpers the agents share ----------------------------------------------------------------
 
@@ -254,12 +254,7 @@ class StreamContext:
     def produce(self, topic: str, key: bytes | None, value: bytes, producer: Producer | None = None) -> None:
         if producer is None:
             producer = self.producer
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-                break
-            except BufferError:  # local queue full: serve delivery reports, then retry
-                producer.poll(0.01)
+        produce_or_wait(producer, topic, key, value, self._on_delivery)
         producer.poll(0)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:

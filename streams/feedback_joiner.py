@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from recstream.contracts.events import BehaviourType
 from recstream.contracts.topics import BEHAVIOUR, TOPICS
@@ -21,11 +20,9 @@ from recstream.kafka.serde import encode
 from recstream.recommend.feedback import POSITIVE, PendingImpression, impression_key
 from recstream.telemetry import STAGE_LATENCY
 from streams.changelog import ChangelogTable, changelog_topic
+from streams.context import StreamContext
 from streams.naming import app_id
-
-if TYPE_CHECKING:  # the context imports processors' helpers lazily; a runtime import would circle
-    from streams.context import StreamContext
-from streams.session_features import read_session
+from streams.state import read_session
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +37,7 @@ class FeedbackJoiner:
         self.table = ChangelogTable(TABLE, changelog_topic(app_id(ctx.settings), TABLE), BEHAVIOUR.partitions)
         ctx.tables[TABLE] = self.table
         self.tables = [self.table]
-        self.window_ms = int(ctx.feedback_window_s * 1000)
+        self.window_ms = int(ctx.settings.feedback_window_s * 1000)
         self.examples_topic = TOPICS["training-examples"].name(ctx.settings.topic_prefix)
         # key -> (deadline_ms, partition): lets the tick find due windows without decoding the table.
         self.deadlines: dict[bytes, tuple[int, int]] = {}

@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from recstream.config import Settings
+from recstream.contracts.models import ITEM_ENCODER, RANKER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.models.co_visitation import CoVisitation
 from recstream.recommend.breaker import CircuitBreaker
 from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
@@ -24,11 +25,8 @@ from recstream.telemetry import TRITON_ERRORS, TRITON_LATENCY
 
 log = logging.getLogger(__name__)
 
-RANKER_MODEL = "ranker"
-SESSION_MODEL = "session_encoder"
 #: Candidates a ranker without a configured depth reorders (5x a typical k).
 RERANK_DEPTH = 50
-ITEM_MODEL = "item_encoder"
 #: Seconds between checks of which text_encoder version Triton serves (TritonTextEmbedder.follow_version).
 VERSION_CHECK_S = 30.0
 #: "Not read yet" (None means: read, and the version carries no search weights).
@@ -47,7 +45,7 @@ class TextEmbedder(Protocol):
 class TritonTextEmbedder:
     """text_encoder on Triton with a small LRU for repeated queries and a circuit breaker."""
 
-    def __init__(self, settings: Settings, cache_size: int = 4096, model: str = "text_encoder") -> None:
+    def __init__(self, settings: Settings, cache_size: int = 4096, model: str = TEXT_ENCODER) -> None:
         from recstream.serving.triton_client import TritonEncoderClient
 
         self.model = model
@@ -199,7 +197,7 @@ def matching_session_version(store_tag: str) -> str | None:
     """The session-encoder version that belongs to the store's item vectors: the same number as the
     item encoder that made them (`make train` writes both together). None when the vectors are not
     a trained item encoder's (zero-shot text vectors): the session encoder must not be used then."""
-    prefix = f"{ITEM_MODEL}-v"
+    prefix = f"{ITEM_ENCODER}-v"
     return store_tag[len(prefix) :] if store_tag.startswith(prefix) else None
 
 
@@ -207,7 +205,7 @@ class TritonSessionEncoder:
     """The trained session transformer on Triton (model 'session_encoder'): the item vectors of a
     batch of sessions in ONE call -> one unit vector per session (retrieval query, ranker context)."""
 
-    def __init__(self, settings: Settings, model: str = SESSION_MODEL) -> None:
+    def __init__(self, settings: Settings, model: str = SESSION_ENCODER) -> None:
         import tritonclient.grpc as grpcclient
 
         self._tc = grpcclient
@@ -286,7 +284,7 @@ class TritonRanker:
 
     version = "ranker"
 
-    def __init__(self, settings: Settings, model: str = RANKER_MODEL) -> None:
+    def __init__(self, settings: Settings, model: str = RANKER) -> None:
         import tritonclient.grpc as grpcclient
 
         from recstream.models.ranker import candidate_features
@@ -429,3 +427,11 @@ class TritonRanker:
         for j, i in enumerate(live):
             out[i] = scores[j, : sizes[i]].astype(np.float32)
         return out, self.version
+
+
+#: The ranker backends by the worker's `--ranker` name (`auto` = `triton` when Triton serves the
+#: ranker model, else `inprocess`). A new backend implements `Ranker` and is added here.
+RANKERS: dict[str, Callable[[Settings], Ranker]] = {
+    "inprocess": lambda settings: InProcessRanker(),
+    "triton": TritonRanker,
+}

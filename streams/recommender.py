@@ -37,8 +37,8 @@ from recstream.recommend.scoring import Candidate, RankContext
 from recstream.telemetry import DEGRADED, STAGE_LATENCY
 from streams.context import StreamContext
 from streams.inference import InProcessRanker, ModelUnavailable
-from streams.session_features import read_session
 from streams.session_vectors import session_history
+from streams.state import read_session
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -29,7 +30,6 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from recstream.contracts.topics import REQUESTS
 from recstream.telemetry import STAGE_LATENCY
 from streams.consumer_threads import ConsumerThread, consumer_config
-from streams.recommender import answer_batch
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,11 @@ class RequestLoop(ConsumerThread):
 
     thread_name = "requests"
 
-    def __init__(self, ctx: Any, group_id: str) -> None:
+    def __init__(self, ctx: Any, answer: Callable[[Any, list], Awaitable[None]], group_id: str) -> None:
+        """`answer(ctx, decoded)`: the request processor (streams.registry), awaited per batch."""
         super().__init__()
         self.ctx = ctx
+        self.answer = answer
         self.settings = ctx.settings
         self.group_id = group_id
         self.topic = REQUESTS.name(self.settings.topic_prefix)
@@ -174,7 +176,7 @@ class RequestLoop(ConsumerThread):
             events.append(_Event(msg))
         decoded = self.ctx.decode_events(REQUESTS, events)
         STAGE_LATENCY.labels(stage="decode").observe(time.perf_counter() - t0)
-        loop.run_until_complete(answer_batch(self.ctx, decoded))
+        loop.run_until_complete(self.answer(self.ctx, decoded))
         last: dict[int, int] = {}
         for ev in events:
             last[ev.message.partition] = ev.message.offset

@@ -18,121 +18,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.recommend.session import SessionState, apply_event
-from recstream.recommend.trending import day_of, trend_days
+from recstream.recommend.trending import day_of
 from recstream.telemetry import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
-from streams.changelog import ChangelogTable, changelog_topic
-from streams.naming import app_id
-
-if TYPE_CHECKING:  # the context imports processors' helpers lazily; a runtime import would circle
-    from streams.context import StreamContext
+from streams.context import StreamContext
+from streams.state import ItemLookup, declare_popularity, declare_table, popularity_key, trend_key
 
 log = logging.getLogger(__name__)
-
-TABLE = "sessions"
-POPULARITY_TABLE = "item-popularity"
-
-
-def declare_table(ctx: StreamContext) -> ChangelogTable:
-    if TABLE not in ctx.tables:
-        topic = changelog_topic(app_id(ctx.settings), TABLE)
-        ctx.tables[TABLE] = ChangelogTable(TABLE, topic, BEHAVIOUR.partitions)
-        ctx.tables["_session_cache"] = {}
-    return ctx.tables[TABLE]
-
-
-def declare_popularity(ctx: StreamContext) -> ChangelogTable:
-    """b"<partition>/<item_id>" -> interactions with the item in that partition (ascii int)."""
-    if POPULARITY_TABLE not in ctx.tables:
-        topic = changelog_topic(app_id(ctx.settings), POPULARITY_TABLE)
-        ctx.tables[POPULARITY_TABLE] = ChangelogTable(POPULARITY_TABLE, topic, BEHAVIOUR.partitions)
-    return ctx.tables[POPULARITY_TABLE]
-
-
-def _popularity_key(partition: int, item_id: str) -> bytes:
-    return f"{partition}/{item_id}".encode()
-
-
-def _trend_key(partition: int, day: int, item_id: str) -> bytes:
-    """Row of one item's interactions on one UTC day (event time), for the trending feature."""
-    return f"{partition}#{day}/{item_id}".encode()
-
-
-def read_session(ctx: StreamContext, user_id: str) -> SessionState | None:
-    """The current state of one user (decoded once per stored version, then cached)."""
-    table = ctx.tables[TABLE]
-    key = user_id.encode()
-    raw = table.data.get(key)
-    if raw is None:
-        return None
-    cache: dict[bytes, tuple[bytes, SessionState]] = ctx.tables["_session_cache"]
-    hit = cache.get(key)
-    if hit is not None and hit[0] is raw:
-        return hit[1]
-    state = SessionState.from_bytes(raw)
-    cache[key] = (raw, state)
-    return state
-
-
-class ItemLookup:
-    """item_id -> (vector, category) from the vector store, cached; refreshed on catalog changes."""
-
-    def __init__(self, ctx: StreamContext) -> None:
-        self.ctx = ctx
-        self.cache: dict[str, tuple[np.ndarray | None, str | None]] = {}
-        # Interactions per item in this process's partitions (a ranker feature), summed over the
-        # rows of the popularity table; rebuilt from it after every recovery.
-        self.popularity: dict[str, int] = {}
-        self.max_popularity = 1
-        # item_id -> {UTC day of the event: interactions}, for the trending feature.
-        self.trend: dict[str, dict[int, int]] = {}
-
-    def rebuild_popularity(self, table: ChangelogTable) -> None:
-        totals: dict[str, int] = {}
-        trend: dict[str, dict[int, int]] = {}
-        for key, value in table.data.items():
-            head, sep, item_id = key.decode().partition("/")
-            if not sep or not value.isdigit():  # anything else is not a row this version wrote
-                continue
-            _, hash_, day = head.partition("#")
-            if not hash_:
-                totals[item_id] = totals.get(item_id, 0) + int(value)
-            elif day.lstrip("-").isdigit():
-                days = trend.setdefault(item_id, {})
-                days[int(day)] = days.get(int(day), 0) + int(value)
-        # New dicts, swapped in whole: request threads only ever `.get` from whichever they hold.
-        self.popularity = totals
-        self.trend = trend
-        self.max_popularity = max(totals.values(), default=1)
-
-    def trending(self, item_ids: list[str], now_s: float) -> list[int]:
-        """Interactions per item on the days `trend_days(now_s)` (the ranker's trending feature)."""
-        days = trend_days(now_s)
-        out = []
-        for item_id in item_ids:
-            per_day = self.trend.get(item_id)
-            out.append(sum(per_day.get(d, 0) for d in days) if per_day else 0)
-        return out
-
-    def invalidate(self, item_ids: list[str]) -> None:
-        for i in item_ids:
-            self.cache.pop(i, None)
-
-    def get_many(self, item_ids: set[str]) -> dict[str, tuple[np.ndarray | None, str | None]]:
-        missing = [i for i in item_ids if i not in self.cache]
-        if missing:
-            hits = self.ctx.store.retrieve(missing)
-            for i in missing:
-                h = hits.get(i)
-                # Unknown items are not cached: the catalog may index them a moment later.
-                if h is not None:
-                    self.cache[i] = (h.vector, h.payload.get("category"))
-        return {i: self.cache.get(i, (None, None)) for i in item_ids}
 
 
 class SessionFeatures:
@@ -166,8 +60,8 @@ class SessionFeatures:
     def flush(self) -> None:
         """Write the popularity and trend rows counted since the last flush."""
         rows = self.popularity_table
-        counted = [(p, _popularity_key(p, item), n) for (p, item), n in self.unwritten.items()]
-        counted += [(p, _trend_key(p, day, item), n) for (p, day, item), n in self.unwritten_trend.items()]
+        counted = [(p, popularity_key(p, item), n) for (p, item), n in self.unwritten.items()]
+        counted += [(p, trend_key(p, day, item), n) for (p, day, item), n in self.unwritten_trend.items()]
         for partition, key, n in counted:
             rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         self.unwritten.clear()

@@ -106,7 +106,7 @@ class SessionVectors:
 
     def refresh(self) -> int:
         """Re-encode the changed sessions of active users; returns how many were encoded."""
-        from streams.session_features import read_session
+        from streams.state import read_session
 
         now = time.monotonic()
         for user in [u for u, t in list(self.active.items()) if now - t > ACTIVE_S]:

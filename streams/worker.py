@@ -19,7 +19,9 @@ import typer
 from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
 from recstream.telemetry import STAGE_LATENCY, serve_metrics
-from streams.app import ALL_AGENTS, create_app, uses_faust
+from streams.app import create_app, uses_faust
+from streams.inference import RANKERS
+from streams.registry import ALL_AGENTS, open_handles, specs_for
 
 log = logging.getLogger("streams.worker")
 READY_LINE = "recstream worker ready"
@@ -28,13 +30,16 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 
 def parse_agents(spec: str) -> tuple[str, ...]:
+    """`all` or a comma list of registered processors (streams.registry), in registry order."""
     if spec.strip() == "all":
         return ALL_AGENTS
-    agents = tuple(a.strip() for a in spec.split(",") if a.strip())
-    bad = set(agents) - set(ALL_AGENTS)
-    if bad or not agents:
-        raise typer.BadParameter(f"unknown agents {sorted(bad)}; choose from all or {','.join(ALL_AGENTS)}")
-    return agents
+    try:
+        specs = specs_for(a.strip() for a in spec.split(",") if a.strip())
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc} (or all)") from None
+    if not specs:
+        raise typer.BadParameter(f"no agents given; choose from all or {','.join(ALL_AGENTS)}")
+    return tuple(s.name for s in specs)
 
 
 def _quiet_gc() -> None:
@@ -86,10 +91,14 @@ def _one_blas_thread() -> None:
 def main(
     agents: str = typer.Option("all", help="all, or a comma list of " + ",".join(ALL_AGENTS)),
     metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default: settings.metrics_port)"),
-    feedback_window_s: float = typer.Option(30.0, help="How long an impression waits for a click"),
-    ranker: str = typer.Option("auto", help="auto (Triton 'ranker' if loaded), triton, or inprocess"),
+    feedback_window_s: float = typer.Option(None, help="Seconds an impression waits for a click (default: settings)"),
+    ranker: str = typer.Option("auto", help="auto (Triton's ranker if loaded), " + ", ".join(RANKERS)),
 ) -> None:
+    if ranker != "auto" and ranker not in RANKERS:
+        raise typer.BadParameter(f"unknown ranker {ranker!r}; choose auto or one of {', '.join(RANKERS)}")
     settings = get_settings()
+    if feedback_window_s is not None:
+        settings = settings.model_copy(update={"feedback_window_s": feedback_window_s})
     chosen = parse_agents(agents)
     _one_blas_thread()
     if settings.qdrant_url is None and chosen != ALL_AGENTS:
@@ -101,7 +110,7 @@ def main(
 
     import faust
 
-    app = create_app(settings, chosen, feedback_window_s=feedback_window_s, ranker=ranker)
+    app = create_app(settings, chosen, ranker=ranker)
     ctx = app.ctx
 
     @app.timer(1.0)
@@ -120,15 +129,7 @@ def main(
             ctx.tables["_ready"] = True
             # Open Qdrant, the Triton clients and the ranker now, not on the first request (the
             # ranker import and its metadata probe take seconds on a busy box).
-            if {"catalog", "recommender", "features"} & set(chosen):
-                ctx.store  # noqa: B018
-            if {"catalog", "recommender"} & set(chosen):
-                ctx.embedder  # noqa: B018
-            if "catalog" in chosen:
-                ctx.item_embedder  # noqa: B018
-            if "recommender" in chosen:
-                ctx.ranker  # noqa: B018
-                ctx.session_vectors  # noqa: B018
+            open_handles(ctx, specs_for(chosen), when_ready=True)
             _quiet_gc()
             log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
 

@@ -85,3 +85,16 @@ def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Setting
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
+
+
+@pytest.fixture(scope="session")
+def live_stack(kafka_bootstrap: str, triton_server, tmp_path_factory: pytest.TempPathFactory):
+    """One live stack (worker process + gateway) per session, for the gateway and Prometheus tests."""
+    from live_stack import start_live_stack
+
+    stack = start_live_stack(kafka_bootstrap, triton_server, tmp_path_factory.mktemp("live"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        print(stack.worker.tail(2000))

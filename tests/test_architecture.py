@@ -62,3 +62,20 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path) -> None:
     result = _lint(config)
     assert result.returncode != 0
     assert "streams" in result.stdout and "BROKEN" in result.stdout
+
+
+def test_every_stream_module_sits_in_a_streams_layer() -> None:
+    layered = {
+        name.strip()
+        for layer in _contracts()["streams-layers"]["layers"]
+        for name in layer.replace(":", "|").split("|")
+    }
+    modules = {f"streams.{p.stem}" for p in (REPO_ROOT / "streams").glob("*.py") if p.stem != "__init__"}
+    assert modules - layered == set(), f"add these to the streams-layers contract: {sorted(modules - layered)}"
+
+
+def test_the_readme_processor_table_is_the_registry() -> None:
+    """The README lists exactly the registered processors (regenerate: `python -m streams.registry`)."""
+    from streams.registry import processor_table
+
+    assert processor_table() in (REPO_ROOT / "README.md").read_text(), "README's processor table is stale"

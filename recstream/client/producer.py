@@ -22,6 +22,26 @@ from recstream.telemetry import EVENTS_OUT, PRODUCE_ERRORS
 log = logging.getLogger(__name__)
 
 
+def produce_or_wait(
+    producer: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: Any,
+    partition: int | None = None,
+) -> None:
+    """Enqueue one record; while librdkafka's local queue is full, serve delivery reports (which frees
+    it) and retry, so a burst slows the caller down instead of failing it. Every producer here (the
+    SDK, the worker's answers and dead letters, the behaviour consumer's outputs) enqueues this way."""
+    kwargs = {} if partition is None else {"partition": partition}
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.01)
+
+
 class DeliveryError(RuntimeError):
     """The broker did not acknowledge one or more messages."""
 
@@ -106,12 +126,7 @@ class EventProducer:
 
     def send_raw(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         """Enqueue bytes as they are (replays, dead letters, tests of bad input)."""
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-                break
-            except BufferError:  # local queue full: let the network catch up, then retry
-                self._producer.poll(0.05)
+        produce_or_wait(self._producer, topic, key, value, self._on_delivery)
         self._producer.poll(0)
 
     def flush(self, timeout_s: float = 30.0) -> None:

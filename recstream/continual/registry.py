@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from recstream.atomic import atomic_write_text
-from recstream.models.export import MODEL_PY, RANKER_MODEL_NAME, versions
+from recstream.contracts.models import RANKER
+from recstream.models.export import MODEL_PY, versions
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def set_version_policy(config_text: str, served: list[int]) -> str:
 class ModelRegistry:
     """Versions of one model in a Triton repository, with live/previous pointers."""
 
-    def __init__(self, model_repo: Path, name: str = RANKER_MODEL_NAME) -> None:
+    def __init__(self, model_repo: Path, name: str = RANKER) -> None:
         self.model_repo = Path(model_repo)
         self.name = name
         self.model_dir = self.model_repo / name
@@ -163,7 +164,7 @@ class ModelRegistry:
 class TritonModelControl:
     """Model-control calls for one model on a Triton started with --model-control-mode=explicit."""
 
-    def __init__(self, url: str, model: str = RANKER_MODEL_NAME, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, model: str = RANKER, timeout_s: float = 120.0) -> None:
         import tritonclient.http as httpclient
 
         self.url = url

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from recstream.config import REPO_ROOT
+from recstream.contracts.models import ITEM_ENCODER, RANKER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, Ranker
 
 log = logging.getLogger(__name__)
 
-RANKER_MODEL_NAME = "ranker"
 
 CONFIG_TEMPLATE = """\
 # Second-stage ranker (small MLP over precomputed vectors) on the Triton python backend (CPU).
@@ -175,7 +175,7 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def versions(model_repo: Path, name: str = RANKER_MODEL_NAME) -> list[int]:
+def versions(model_repo: Path, name: str = RANKER) -> list[int]:
     """Numeric version folders present for a model, ascending."""
     d = Path(model_repo) / name
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
@@ -193,7 +193,7 @@ def export_ranker(
     ranker: Ranker,
     model_repo: Path,
     version: int | None = None,
-    name: str = RANKER_MODEL_NAME,
+    name: str = RANKER,
     max_batch_size: int = 8,
     overwrite: bool = False,
     serve_versions: int = 1,
@@ -229,7 +229,7 @@ def export_ranker(
     return vdir
 
 
-def load_exported(model_repo: Path, name: str = RANKER_MODEL_NAME, version: int | None = None) -> Ranker:
+def load_exported(model_repo: Path, name: str = RANKER, version: int | None = None) -> Ranker:
     """The exported ranker (latest version by default), for in-process scoring or checks."""
     vs = versions(model_repo, name)
     if not vs:
@@ -243,7 +243,7 @@ def triton_score(
     context: np.ndarray,
     candidates: np.ndarray,
     cand_features: np.ndarray,
-    model_name: str = RANKER_MODEL_NAME,
+    model_name: str = RANKER,
     model_version: str = "",
     client: object | None = None,
     timeout_s: float | None = None,
@@ -452,7 +452,7 @@ def export_item_encoder(encoder: object, meta: object, model_repo: Path, version
         meta,
         model_repo,
         version,
-        name="item_encoder",
+        name=ITEM_ENCODER,
         cls="ItemEncoder",
         what="Item encoder (MiniLM text tower + learned ID residual of known items)",
         inputs=[("TEXT", "TYPE_STRING", "1"), ("ITEM_ID", "TYPE_STRING", "1")],
@@ -471,7 +471,7 @@ def export_session_encoder(encoder: object, meta: object, model_repo: Path, vers
         meta,
         model_repo,
         version,
-        name="session_encoder",
+        name=SESSION_ENCODER,
         cls="SessionEncoder",
         what="Session encoder (causal transformer over the session's item vectors)",
         inputs=[("ITEMS", "TYPE_FP32", f"-1, {ITEM_DIM}"), ("LENGTH", "TYPE_INT32", "1")],
@@ -487,9 +487,6 @@ def export_session_encoder(encoder: object, meta: object, model_repo: Path, vers
 def _params(params: dict[str, str]) -> str:
     """config.pbtxt `parameters` entries a client reads with get_model_config."""
     return "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params.items())
-
-
-TEXT_ENCODER = "text_encoder"
 
 
 def export_query_encoder(

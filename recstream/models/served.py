@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
 from recstream.models.training import CheckpointMeta
 
-ITEM_ENCODER = "item_encoder"
-SESSION_ENCODER = "session_encoder"
 DIM = 384
 
 

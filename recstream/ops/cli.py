@@ -17,6 +17,7 @@ import typer
 from tqdm import tqdm
 
 from recstream.config import Settings, get_settings
+from recstream.contracts.models import RANKER, SERVED_MODELS
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 
 app = typer.Typer(help="recstream: real-time search and recommendation on Kafka", no_args_is_help=True)
@@ -281,9 +282,6 @@ def _reload_triton(version: int) -> None:
         raise typer.Exit(1) from exc
 
 
-SERVED_MODELS = ("item_encoder", "session_encoder", "ranker")
-
-
 @models_app.command("list")
 def models_list(
     model: str = typer.Option("", help="one model name in MODEL_REPO (default: all served models)"),
@@ -378,7 +376,7 @@ def _validation_against_baselines(bundle: object) -> dict[str, float]:
 def models_promote(
     version: int = typer.Argument(..., help="a version newer than the live one"),
     reason: str = typer.Option("manual", help="recorded in the registry history"),
-    model: str = typer.Option("ranker"),
+    model: str = typer.Option(RANKER),
 ) -> None:
     """Make VERSION live (the current live version becomes the rollback target) and reload Triton."""
     from recstream.continual import ModelRegistry
@@ -390,7 +388,7 @@ def models_promote(
 @models_app.command("rollback")
 def models_rollback(
     reason: str = typer.Option("manual", help="recorded in the registry history"),
-    model: str = typer.Option("ranker"),
+    model: str = typer.Option(RANKER),
 ) -> None:
     """Serve the previous version again and reload Triton."""
     from recstream.continual import ModelRegistry
@@ -419,8 +417,16 @@ def gateway(
 ) -> None:
     """Run the HTTP gateway (API keys from GATEWAY_API_KEYS); same as `python -m services.gateway`."""
     from services.gateway.__main__ import main
+    from services.gateway.app import GatewayLimits
 
-    main(host=host, port=port, max_batch=500, max_body_bytes=1_048_576, request_timeout_s=5.0)
+    limits = GatewayLimits()
+    main(
+        host=host,
+        port=port,
+        max_batch=limits.max_batch,
+        max_body_bytes=limits.max_body_bytes,
+        request_timeout_s=limits.request_timeout_s,
+    )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ from typing import Any, Literal
 import numpy as np
 from tritonclient.utils import InferenceServerException
 
+from recstream.contracts.models import TEXT_ENCODER
+
 LOG = logging.getLogger(__name__)
 
-MODEL_NAME = "text_encoder"
-#: What a deployment serves from model_repo/: query text, item vectors, session vectors, the ranker.
-#: Without one of them answers still come, degraded (retrieval order, or zero-shot vectors).
-SERVED_MODELS = (MODEL_NAME, "item_encoder", "session_encoder", "ranker")
 INPUT_NAME = "TEXT"
 #: Second input of the ``item_encoder`` model (recstream.models.served.ItemEncoder).
 ITEM_ID_INPUT = "ITEM_ID"
@@ -81,7 +79,7 @@ class TritonEncoderClient:
         *,
         protocol: Protocol = "grpc",
         timeout_s: float | None = None,
-        model_name: str = MODEL_NAME,
+        model_name: str = TEXT_ENCODER,
         model_version: str = "",
         max_batch_size: int = MAX_BATCH_SIZE,
     ) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from recstream.contracts.models import ITEM_ENCODER, RANKER, SESSION_ENCODER
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, code_version, read_meta, split_fingerprint
 
 log = logging.getLogger(__name__)
@@ -181,15 +182,15 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     # The two encoders share a version number: the worker pins the session encoder to the number of
     # the item encoder whose vectors it holds (streams.inference.matching_session_version).
     if version is None:
-        version = max([0, *versions(model_repo, "item_encoder"), *versions(model_repo, "session_encoder")]) + 1
+        version = max([0, *versions(model_repo, ITEM_ENCODER), *versions(model_repo, SESSION_ENCODER)]) + 1
     out = {
-        "item_encoder": export_item_encoder(item, meta("item_encoder", cfg), model_repo, version),
-        "session_encoder": export_session_encoder(session, meta("session_encoder", cfg), model_repo, version),
+        ITEM_ENCODER: export_item_encoder(item, meta(ITEM_ENCODER, cfg), model_repo, version),
+        SESSION_ENCODER: export_session_encoder(session, meta(SESSION_ENCODER, cfg), model_repo, version),
     }
     bundle.ranker.meta.metrics.update(common)
     bundle.ranker.meta.extra.update(extra)
-    ranker_version = version if overwrite or version not in versions(model_repo, "ranker") else None
-    out["ranker"] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
+    ranker_version = version if overwrite or version not in versions(model_repo, RANKER) else None
+    out[RANKER] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
     return out
 
 

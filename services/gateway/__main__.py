@@ -7,7 +7,7 @@ import logging
 import typer
 import uvicorn
 
-from recstream.config import get_settings
+from recstream.config import get_settings, model_option
 from services.gateway.app import GatewayLimits, create_app
 from services.gateway.middleware import RedactKeysFilter
 
@@ -18,9 +18,9 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 def main(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 in a container)"),
     port: int = typer.Option(8080, help="HTTP port; /metrics is served on it too"),
-    max_batch: int = typer.Option(500, help="Most behaviour events per POST /v1/events"),
-    max_body_bytes: int = typer.Option(1_048_576, help="Largest request body"),
-    request_timeout_s: float = typer.Option(5.0, help="Wait for the stream worker before 504"),
+    max_batch: int = model_option(GatewayLimits, "max_batch"),
+    max_body_bytes: int = model_option(GatewayLimits, "max_body_bytes"),
+    request_timeout_s: float = model_option(GatewayLimits, "request_timeout_s"),
 ) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -45,8 +45,8 @@ from recstream.contracts.events import (
     RecommendationResult,
     SearchQuery,
 )
+from recstream.contracts.models import SERVED_MODELS
 from recstream.contracts.topics import REQUESTS
-from recstream.serving.triton_client import SERVED_MODELS
 from recstream.telemetry import CLICKS, IMPRESSIONS
 from services.gateway.background import CatalogView, OpsMonitor
 from services.gateway.middleware import (

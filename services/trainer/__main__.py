@@ -12,20 +12,21 @@ import logging
 
 import typer
 
-from recstream.config import get_settings
+from recstream.config import get_settings, model_option
 from recstream.continual import ModelRegistry, TritonModelControl
 from recstream.telemetry import serve_metrics
-from services.trainer.worker import TrainerConfig, TrainerService
+from services.trainer.config import TrainerConfig
+from services.trainer.worker import TrainerService
 
 app = typer.Typer(add_completion=False, help="Continual fine-tuning worker for the Triton ranker.")
 
 
 @app.command()
 def run(
-    train_every: int = typer.Option(2000, help="New training examples that trigger a round"),
-    train_every_s: float = typer.Option(300.0, help="Seconds after which a round runs anyway"),
-    min_examples: int = typer.Option(500, help="No round before the buffer holds this many"),
-    holdout: int = typer.Option(400, help="Newest examples held back for the promotion gate"),
+    train_every: int = model_option(TrainerConfig, "train_every_examples"),
+    train_every_s: float = model_option(TrainerConfig, "train_every_s"),
+    min_examples: int = model_option(TrainerConfig, "min_examples"),
+    holdout: int = model_option(TrainerConfig, "holdout"),
     max_seconds: float | None = typer.Option(None, help="Stop after this long (default: run until killed)"),
 ) -> None:
     settings = get_settings()

@@ -1,6 +1,6 @@
 """A minimal faust-streaming app for the platform test: read behaviour, write a tally per event.
 
-Run as a worker: python tests/faust_echo_app.py worker (env: KAFKA_BOOTSTRAP, TOPIC_PREFIX, FAUST_DATA_DIR).
+Run as a worker: python tests/support/faust_echo_app.py worker (env: KAFKA_BOOTSTRAP, TOPIC_PREFIX, FAUST_DATA_DIR).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gateway_live import LiveStack, live_stack  # noqa: F401 - the shared session fixture
+from live_stack import LiveStack
 
 from recstream.client import EventProducer
 from recstream.config import REPO_ROOT
@@ -185,7 +185,7 @@ class Trainer:
 
 
 @pytest.fixture
-def trainer(live_stack: LiveStack, tmp_path: Path) -> Iterator[Trainer]:  # noqa: F811
+def trainer(live_stack: LiveStack, tmp_path: Path) -> Iterator[Trainer]:
     proc = Trainer(live_stack, tmp_path)
     try:
         yield proc
@@ -194,7 +194,7 @@ def trainer(live_stack: LiveStack, tmp_path: Path) -> Iterator[Trainer]:  # noqa
 
 
 @pytest.fixture
-def prometheus(live_stack: LiveStack, trainer: Trainer, tmp_path: Path) -> Iterator[Prometheus]:  # noqa: F811
+def prometheus(live_stack: LiveStack, trainer: Trainer, tmp_path: Path) -> Iterator[Prometheus]:
     port = live_stack.base_url.rsplit(":", 1)[1]
     prom = Prometheus(
         tmp_path,
@@ -312,7 +312,7 @@ def _panels_by_title() -> dict[str, list[tuple[str, str]]]:
 
 
 def test_every_dashboard_panel_has_live_data(
-    live_stack: LiveStack,  # noqa: F811 - the shared fixture imported above
+    live_stack: LiveStack,
     prometheus: Prometheus,
     trainer: Trainer,
     triton_server,

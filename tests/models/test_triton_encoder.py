@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from infra.triton_server import TritonServer, TritonStartError
+from recstream.contracts.models import TEXT_ENCODER
 from recstream.models.encoder import (
     MODEL_SHA256,
     TextEncoder,
@@ -27,10 +28,10 @@ from recstream.models.encoder import (
     verify_weights,
     version_text_encoder,
 )
-from recstream.models.export import TEXT_ENCODER, latest_version_dir
+from recstream.models.export import latest_version_dir
 from recstream.serving.triton_client import TritonEncoderClient, TritonUnavailable
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPO = REPO_ROOT / "model_repo"
 TOLERANCE = 1e-4
 

@@ -1,6 +1,6 @@
 // A plain Java producer with Kafka's default partitioner: "key<TAB>value" lines from stdin to one
 // topic, one "key<TAB>partition" line per acknowledged record on stdout. What a JVM application
-// (or Kafka's console producer) writes, for tests/test_partitioning.py.
+// (or Kafka's console producer) writes, for tests/contracts/test_partitioning.py.
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
 import java.nio.charset.StandardCharsets;

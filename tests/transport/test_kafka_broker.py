@@ -23,7 +23,7 @@ from infra.kafka_broker import (
 )
 
 pytestmark = pytest.mark.kafka
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _roundtrip(bootstrap: str) -> bytes:

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from confluent_kafka import Consumer
-from test_gateway_live import KEY, LiveStack, live_stack  # noqa: F401 - the shared session fixture
+from live_stack import KEY, LiveStack
 
 from recstream.config import REPO_ROOT
 from recstream.contracts.topics import TOPICS
@@ -224,7 +224,7 @@ async def drive(stack: LiveStack, chromium: Chromium, user: str, session: str) -
             return out
 
 
-def test_playground_search_click_and_live_recommendations(live_stack: LiveStack, chromium: Chromium) -> None:  # noqa: F811
+def test_playground_search_click_and_live_recommendations(live_stack: LiveStack, chromium: Chromium) -> None:
     user, session = f"b{uuid.uuid4().hex[:8]}", f"s{uuid.uuid4().hex[:6]}"
     out = asyncio.run(drive(live_stack, chromium, user, session))
     ARTIFACTS.mkdir(exist_ok=True)

@@ -270,7 +270,7 @@ def _java_produce(settings: Settings, topic: str, records: list[tuple[str, str]]
 
     from infra.kafka_broker import install
 
-    source = Path(__file__).parent / "java" / "KeyedProducer.java"
+    source = Path(__file__).resolve().parents[1] / "support" / "java" / "KeyedProducer.java"
     out = subprocess.run(
         ["java", "-cp", f"{install()}/*", str(source), settings.kafka_bootstrap, topic],
         input="".join(f"{k}\t{v}\n" for k, v in records),

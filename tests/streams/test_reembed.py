@@ -19,9 +19,10 @@ import pytest
 from recstream.client import EventProducer, RecommendationClient
 from recstream.config import REPO_ROOT, Settings
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest
+from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
 from recstream.data.datasets import load_dataset
 from recstream.data.events import catalog_events
-from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ItemEncoder, SessionEncoder
+from recstream.models.served import ItemEncoder, SessionEncoder
 from recstream.models.training import CheckpointMeta
 from streams.process import WorkerProcess
 
@@ -35,9 +36,10 @@ def test_a_new_item_encoder_version_is_switched_in_without_a_failed_answer(
 ) -> None:
     from infra.triton_server import TritonServer
     from recstream.continual.registry import TritonModelControl
+    from recstream.contracts.models import TEXT_ENCODER
     from recstream.kafka.admin import ensure_topics
     from recstream.models.encoder import TextEncoder, version_text_encoder
-    from recstream.models.export import TEXT_ENCODER, export_item_encoder, export_session_encoder, latest_version_dir
+    from recstream.models.export import export_item_encoder, export_session_encoder, latest_version_dir
 
     repo = tmp_path / "model_repo"
     for name in ("text_encoder", ITEM_ENCODER, SESSION_ENCODER, "ranker"):

@@ -16,7 +16,8 @@ import torch
 
 from infra.triton_server import TritonServer
 from recstream.continual.registry import ModelRegistry, TritonModelControl
-from recstream.models.export import RANKER_MODEL_NAME, export_ranker
+from recstream.contracts.models import RANKER
+from recstream.models.export import export_ranker
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
 
 
@@ -39,7 +40,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonSer
         http_port=0,
         grpc_port=0,
         metrics_port=0,
-        models=[RANKER_MODEL_NAME],
+        models=[RANKER],
     )
     server.start(timeout_s=240)
     try:
@@ -62,7 +63,7 @@ def _infer(client, rng: np.random.Generator) -> tuple[str, np.ndarray]:
         inp = httpclient.InferInput(k, list(a.shape), "FP32")
         inp.set_data_from_numpy(a)
         inputs.append(inp)
-    res = client.infer(RANKER_MODEL_NAME, inputs)
+    res = client.infer(RANKER, inputs)
     return str(res.get_response()["model_version"]), res.as_numpy("SCORES")
 
 
@@ -128,4 +129,4 @@ def test_publish_is_atomic_folder(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path)
     v = reg.publish(_ranker(3))
     assert v == 1
-    assert sorted(p.name for p in (tmp_path / RANKER_MODEL_NAME).iterdir()) == ["1"]
+    assert sorted(p.name for p in (tmp_path / RANKER).iterdir()) == ["1"]

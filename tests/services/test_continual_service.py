@@ -208,7 +208,7 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
     from logged_answers import greedy_answer_log
     from prometheus_client import REGISTRY
 
-    from services.trainer.worker import ServedInputs
+    from services.trainer.examples import ServedInputs
 
     def count(kind: str) -> float:
         return REGISTRY.get_sample_value("recstream_training_examples_total", {"inputs": kind}) or 0.0
@@ -279,9 +279,9 @@ def test_search_clicks_train_the_served_query_encoder_into_a_new_version(tmp_pat
     import shutil
 
     from recstream.config import REPO_ROOT
+    from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
     from recstream.models.encoder import version_text_encoder
-    from recstream.models.export import TEXT_ENCODER, versions
-    from recstream.models.served import ITEM_ENCODER
+    from recstream.models.export import versions
     from recstream.models.training import read_meta
     from recstream.search.continual import QueryUpdateConfig
 

@@ -162,11 +162,12 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
     """An item upserted at runtime, which the trained item encoder never saw, is embedded from its
     text alone (no learned residual) and retrievable at once; catalogue items carry their residual."""
     from recstream.contracts.events import ItemUpsert
+    from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
     from recstream.models.encoder import TextEncoder, version_text_encoder
-    from recstream.models.export import TEXT_ENCODER, latest_version_dir, versions
-    from recstream.models.served import ITEM_ENCODER, ItemEncoder
+    from recstream.models.export import latest_version_dir, versions
+    from recstream.models.served import ItemEncoder
 
-    repo = Path(__file__).resolve().parents[1] / "model_repo"
+    repo = Path(__file__).resolve().parents[2] / "model_repo"
     max_len = ItemEncoder.load(repo / ITEM_ENCODER / str(versions(repo, ITEM_ENCODER)[-1])).max_text_len
     item = ItemUpsert(
         item_id=f"new-{uuid.uuid4().hex[:6]}", title="Zorblax the Quantum Llama Detective", category="Comedy"

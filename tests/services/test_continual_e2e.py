@@ -17,7 +17,8 @@ from infra.triton_server import TritonServer
 from recstream.config import Settings
 from recstream.continual import GateConfig, LearnerConfig
 from recstream.contracts.events import ItemUpsert, TrainingExample
-from recstream.models.export import RANKER_MODEL_NAME, export_ranker
+from recstream.contracts.models import RANKER
+from recstream.models.export import export_ranker
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
 from recstream.recommend.scoring import Candidate, RankContext
 from services.trainer import CatalogFeatures, TrainerConfig, TrainerService
@@ -42,9 +43,9 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
 
     repo = tmp_path / "model_repo"
     export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
-    server = TritonServer(
-        repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER_MODEL_NAME]
-    ).start(timeout_s=300)
+    server = TritonServer(repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER]).start(
+        timeout_s=300
+    )
     settings = make_settings(model_repo=repo, triton_url=server.url)
     cfg = TrainerConfig(
         train_every_examples=1200,
@@ -80,7 +81,7 @@ def test_click_burst_goes_live_in_triton_without_failed_requests(
                 inp.set_data_from_numpy(a)
                 inputs.append(inp)
             try:
-                res = client.infer(RANKER_MODEL_NAME, inputs)
+                res = client.infer(RANKER, inputs)
                 seen.append((time.monotonic(), str(res.get_response()["model_version"])))
             except Exception as exc:
                 errors.append(repr(exc))
@@ -177,7 +178,7 @@ def _ranking_logs(examples: list[TrainingExample], items: list[tuple[str, str]])
     what the catalog rebuild gives (so the round trains on the same signal)."""
     from logged_answers import greedy_answer_log
 
-    from services.trainer.worker import example_from_event
+    from services.trainer.examples import example_from_event
 
     features = CatalogFeatures()
     for n, (i, c) in enumerate(items):

@@ -32,6 +32,7 @@ def test_a_child_process_reads_back_every_setting(tmp_path: Path, monkeypatch: p
         "ranking_log": "off",
         "policy_feedback_slots": 5_000,
         "event_dedupe_ids": 10,
+        "feedback_window_s": 2.5,
         "api_keys": "k1,k2",
         "cors_origins": "https://shop.example",
     }
@@ -59,3 +60,12 @@ def test_the_readme_configuration_table_is_the_generated_one() -> None:
     from recstream.config import REPO_ROOT, configuration_table
 
     assert configuration_table() in (REPO_ROOT / "README.md").read_text(), "README's configuration table is stale"
+
+
+def test_every_setting_is_in_one_section_in_the_class_order() -> None:
+    """The sections list every field once, in the order the class declares them (so the class reads
+    section by section, as the README's table does)."""
+    from recstream.config import SECTIONS
+
+    listed = [name for names in SECTIONS.values() for name in names]
+    assert listed == list(Settings.model_fields)

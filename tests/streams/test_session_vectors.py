@@ -13,7 +13,7 @@ from streams.session_vectors import AFFINITY_WINDOW, SessionVectors, session_his
 
 
 class _Lookup:
-    """item id -> (vector, category), like streams.session_features.ItemLookup."""
+    """item id -> (vector, category), like streams.state.ItemLookup."""
 
     def __init__(self, n: int) -> None:
         rng = np.random.default_rng(0)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from recstream.config import REPO_ROOT
+from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
 from recstream.models.export import versions
-from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ItemEncoder, SessionEncoder
+from recstream.models.served import ItemEncoder, SessionEncoder
 
 pytestmark = pytest.mark.triton
 

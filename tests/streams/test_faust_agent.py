@@ -18,7 +18,7 @@ from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import TOPICS
 
 pytestmark = pytest.mark.kafka
-APP = Path(__file__).with_name("faust_echo_app.py")
+APP = Path(__file__).resolve().parents[1] / "support" / "faust_echo_app.py"
 
 
 def test_minimal_faust_agent_round_trip(settings: Settings, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """`make train` on a data set in the generic form: the three served models are trained, exported as
 Triton versions that score exactly like the trained models, and a second run adds a version.
 
-In-process (no broker, no Triton); the Triton side of the same classes is tests/test_served_models.py.
+In-process (no broker, no Triton); the Triton side of the same classes is tests/models/test_served_models.py.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
 from recstream.data.datasets import save_generic, tiny_synthetic
 from recstream.models.export import load_exported, versions
-from recstream.models.served import ITEM_ENCODER, SESSION_ENCODER, ServedRetrieval
+from recstream.models.served import ServedRetrieval
 from recstream.training.bundle import export_bundle, serving_item_texts, train_bundle
 
 

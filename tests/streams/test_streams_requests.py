@@ -54,6 +54,10 @@ def _send(settings: Settings, n: int) -> dict[int, int]:
     return per_partition
 
 
+async def _answer_nothing(ctx: object, decoded: list) -> None:
+    """The request processor is not under test here (seen.decode_events counts what was read)."""
+
+
 def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -67,7 +71,7 @@ def test_follows_the_given_partitions_and_commits_what_it_answered(settings: Set
         settings=settings, worker="test", store=None, ranker=None, tables={}, decode_events=seen.decode_events
     )
     group = f"{settings.topic_prefix}requests-test"
-    loop = RequestLoop(ctx, group).follow().start()
+    loop = RequestLoop(ctx, _answer_nothing, group).follow().start()
     try:
         ends = _send(settings, 200)
         time.sleep(1.0)

@@ -257,7 +257,7 @@ def test_an_untrained_ranker_orders_a_search_by_its_query(net_from: str) -> None
     if net_from == "init":
         net = new_ranker(RankerConfig(seed=0)).net.eval()
     else:
-        net = load_exported(Path(__file__).resolve().parents[1] / "model_repo").net.eval()
+        net = load_exported(Path(__file__).resolve().parents[2] / "model_repo").net.eval()
     rng = np.random.default_rng(3)
 
     def unit(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,15 @@
+"""The models of the Triton repository (model_repo/) by name: the contract between the repository,
+the exporters and trainers that write versions into it, and every client that calls it."""
+
+from __future__ import annotations
+
+#: MiniLM sentence encoder for queries and item text (v1 zero-shot; later versions fine-tuned).
+TEXT_ENCODER = "text_encoder"
+#: The trained two-tower model's item tower (item text -> vector in the retrieval space).
+ITEM_ENCODER = "item_encoder"
+#: The trained two-tower model's session tower (recent item vectors -> session vector).
+SESSION_ENCODER = "session_encoder"
+#: The second-stage ranker (candidates and features -> logits).
+RANKER = "ranker"
+#: Every model the stack serves.
+SERVED_MODELS = (TEXT_ENCODER, ITEM_ENCODER, SESSION_ENCODER, RANKER)
