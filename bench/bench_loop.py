@@ -427,7 +427,7 @@ def production_ope_check(
     from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
     from recstream.explore import greedy_order, make_policy
     from recstream.ope_logs import PoolRescorer, evaluate_logs
-    from streams.recommender import EXPLORE_POOL_FACTOR
+    from streams.recommend_ranking import EXPLORE_POOL_FACTOR
 
     candidates = candidates or {}
     candidate_truth = dict.fromkeys(candidates, 0.0)

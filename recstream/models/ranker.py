@@ -362,7 +362,7 @@ def candidate_slate(
     the best retrieval scores, the last `n_co` of them replaced by the unseen items most co-visited
     with the history that retrieval did not rank above them (retrieval's next items fill what the
     statistic cannot). Serving builds the same slate from the vector store and the ranker's
-    statistic (streams/recommender.py)."""
+    statistic (streams/recommend_retrieval.py)."""
     s = np.array(scores, dtype=np.float64, copy=True)
     history = np.asarray(history, dtype=np.int64)
     s[history] = -np.inf

@@ -27,12 +27,7 @@ from recstream.models.ranker import (
     candidate_slate,
     new_ranker,
 )
-from recstream.models.training import (
-    CheckpointMeta,
-    EarlyStopping,
-    peak_rss_mb,
-    set_seed,
-)
+from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recstream.models.training import (
-    CheckpointMeta,
-    EarlyStopping,
-    peak_rss_mb,
-    set_seed,
-)
+from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
 from recstream.models.two_tower import FineTune, TwoTowerConfig, TwoTowerModel, ensure_nonempty, pad_histories
 
 log = logging.getLogger(__name__)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from recstream.continual import (
-    GateConfig,
-    LearnerConfig,
-    ReplayConfig,
-)
+from recstream.continual import GateConfig, LearnerConfig, ReplayConfig
 from recstream.continual.monitor import MonitorConfig
 from recstream.contracts.models import RANKER
 from recstream.search.continual import QueryUpdateConfig

@@ -39,14 +39,7 @@ import numpy as np
 
 from recstream.client import EventConsumer
 from recstream.config import Settings
-from recstream.continual import (
-    Example,
-    ModelRegistry,
-    ReplayBuffer,
-    TritonModelControl,
-    decide,
-    fine_tune,
-)
+from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonModelControl, decide, fine_tune
 from recstream.continual.monitor import CtrMonitor
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
 from recstream.models.ranker import ITEM_DIM, Ranker

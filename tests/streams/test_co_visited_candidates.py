@@ -17,7 +17,8 @@ from recstream.models.ranker import candidate_slate
 from recstream.recommend.candidates import CandidateFilter
 from recstream.recommend.scoring import RankContext
 from recstream.vectorstore import VectorStore
-from streams.recommender import _co_visited_hits, _Pending
+from streams.recommend_context import Pending
+from streams.recommend_retrieval import co_visited_hits
 
 N_ITEMS, DEPTH, SLOTS = 80, 20, 6
 
@@ -53,13 +54,13 @@ def _setup(tmp_path: Path) -> tuple[VectorStore, np.ndarray, CoVisitation, list[
 
 def _served_slate(
     store: VectorStore, stat: CoVisitation, session: np.ndarray, recent: list[str], filt: CandidateFilter
-) -> _Pending:
+) -> Pending:
     """One recommendation's candidates as the worker gathers them: the vector search, then the
     co-visited slots."""
     req = RecommendationRequest(user_id="u", k=4)
-    p = _Pending(None, req, RankContext(session_vec=session, recent_items=recent), [], None, filt=filt)
+    p = Pending(None, req, RankContext(session_vec=session, recent_items=recent), [], None, filt=filt)
     p.hits = store.search(session, DEPTH, filt)
-    asyncio.run(_co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
+    asyncio.run(co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
     return p
 
 
