@@ -1,4 +1,4 @@
-"""Stream processors (faust agents): catalog indexing, session features, recommendations, feedback.
+"""Stream processors: catalog indexing, session features, recommendations, feedback.
 
 Build the app with `streams.app.create_app`; run it with `python -m streams.worker`.
 """

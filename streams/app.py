@@ -1,32 +1,58 @@
-"""The one faust App of the stream processors, built by a factory (no module-global app, faust #439).
+"""The stream app: the context, the chosen processors (streams.registry) and the consumer threads
+that feed them, built by a factory and run by streams.worker.
 
-faust runs the catalog indexer. The behaviour topic (session features and the feedback joiner) is
-consumed outside faust, in batches on its own thread (streams.behaviour), and so are requests
-(streams.requests, assigned the same partitions as behaviour, so a user's session is local).
+One runtime for every processor: a librdkafka consumer on its own thread per source topic
+(streams.catalog, streams.behaviour, streams.requests), batches handed to the processors, offsets
+committed only after what a batch produced is done. Requests are assigned the partitions the
+behaviour consumer holds, so a user's session is local.
 
 State contract: the app id names the consumer groups (`<app id>-behaviour`, `<app id>-requests`;
-faust's group, the catalog indexer's, see catalog_group) and every table's changelog topic
-(`<app id>-<table>-changelog`). Tables
-recover from those changelogs after a restart, so the id and APP_VERSION are part of the state
-contract: changing either starts from empty tables and re-consumes the source topics from the
-beginning; changing a table's value encoding without bumping APP_VERSION would make a restarted
-worker read old bytes with new code.
+the catalog's group, see streams.naming.catalog_group) and every table's changelog topic
+(`<app id>-<table>-changelog`). Tables recover from those changelogs after a restart, so the id and
+APP_VERSION are part of the state contract: changing either starts from empty tables and
+re-consumes the source topics from the beginning; changing a table's value encoding without
+bumping APP_VERSION would make a restarted worker read old bytes with new code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import faust
+from dataclasses import dataclass
 
 from recstream.config import Settings
 from recstream.contracts.topics import BEHAVIOUR, CATALOG, REQUESTS
 from streams import registry
 from streams.behaviour import BehaviourLoop
+from streams.catalog import CatalogLoop
 from streams.context import StreamContext
 from streams.naming import app_id, catalog_group
-from streams.registry import ALL_AGENTS
+from streams.registry import ALL_AGENTS, ProcessorSpec
 from streams.requests import RequestLoop
+
+
+@dataclass
+class StreamApp:
+    ctx: StreamContext
+    specs: list[ProcessorSpec]
+
+    @property
+    def loops(self) -> list:
+        return [loop for loop in (self.ctx.catalog, self.ctx.behaviour, self.ctx.requests) if loop is not None]
+
+    def start(self) -> StreamApp:
+        """Open the handles the processors need (here, on one thread, before any consumer thread
+        needs them), then start the consumers."""
+        registry.open_handles(self.ctx, self.specs)
+        for loop in self.loops:
+            loop.start()
+        return self
+
+    def ready(self) -> bool:
+        """Every consumer has its partitions (the behaviour consumer: and their tables recovered)."""
+        return all(loop.ready.is_set() for loop in self.loops)
+
+    def close(self) -> None:
+        self.ctx.close()
 
 
 def create_app(
@@ -35,54 +61,24 @@ def create_app(
     *,
     worker: str = "streams",
     ranker: str = "auto",
-) -> faust.App:
-    """Build the app and register the chosen agents on it. `app.ctx` is the StreamContext."""
+) -> StreamApp:
+    """Build the context and wire the chosen processors to their consumers (nothing runs yet)."""
     specs = registry.specs_for(agents)
-    agents = tuple(spec.name for spec in specs)
-    datadir = settings.run_dir / "faust" / catalog_group(settings)
-    datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        catalog_group(settings),
-        broker=f"kafka://{settings.kafka_bootstrap}",
-        store="memory://",  # rocksdb is not installed; tables recover from their changelog topics
-        # Every key and value is our own bytes. Tables must also say key_type/value_type=bytes:
-        # their changelog serializer comes from those, not from the schema, and with faust's json
-        # default user b"23" was recovered as int 23, so recovered state was never found after a
-        # restart (caught by the kill -9 test).
-        key_serializer="raw",
-        value_serializer="raw",
-        datadir=str(datadir),
-        topic_replication_factor=1,
-        topic_partitions=4,  # = behaviour/requests partitions: tables co-partition with them
-        table_standby_replicas=0,  # one worker on the embedded stack; standbys would double the work
-        consumer_auto_offset_reset="earliest",
-        web_enabled=False,
-        stream_wait_empty=False,
-        stream_buffer_maxsize=16384,
-        broker_commit_interval=1.0,
-        producer_linger=0.005,  # changelog writes: 5 ms lets many table updates share a request
-        producer_max_batch_size=1_000_000,
-        # A worker restarted after kill -9 must not wait for the dead member's session to expire
-        # for long; 10 s is faust's floor that still tolerates a busy 2-core box.
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
-    )
     ctx = StreamContext(
         settings=settings,
         worker=worker,
-        app=app,
-        agents=agents,
+        agents=tuple(spec.name for spec in specs),
         ranker_mode=ranker,
     )
-    app.ctx = ctx  # type: ignore[attr-defined]
-
     for table, declare in registry.SHARED_TABLES.items():
         if any(table in spec.writes + spec.reads for spec in specs):
             declare(ctx)
     behaviour = []
     for spec in specs:
         built = spec.build(ctx)
-        if spec.source == BEHAVIOUR.logical:
+        if spec.source == CATALOG.logical:
+            ctx.catalog = CatalogLoop(ctx, built, group_id=catalog_group(settings))
+        elif spec.source == BEHAVIOUR.logical:
             behaviour.append(built)
         elif spec.source == REQUESTS.logical:
             ctx.requests = RequestLoop(ctx, built, group_id=f"{app_id(settings)}-requests")
@@ -90,20 +86,4 @@ def create_app(
         ctx.behaviour = BehaviourLoop(ctx, behaviour, group_id=f"{app_id(settings)}-behaviour")
         if ctx.requests is not None:  # answer exactly the partitions whose tables are here
             ctx.behaviour.requests = ctx.requests.follow()
-
-    @app.task
-    async def _start_consumers() -> None:
-        # Handles are opened here, on one thread, before the consumer threads need them.
-        registry.open_handles(ctx, specs)
-        if ctx.requests is not None:
-            ctx.requests.start()
-        if ctx.behaviour is not None:
-            ctx.behaviour.start()
-
-    return app
-
-
-def uses_faust(agents: Iterable[str]) -> bool:
-    """Whether any of the agents runs on faust's consumer (the catalog's runtime; behaviour and
-    requests run on streams.behaviour and streams.requests)."""
-    return any(spec.source == CATALOG.logical for spec in registry.specs_for(agents))
+    return StreamApp(ctx, specs)

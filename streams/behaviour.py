@@ -1,10 +1,10 @@
-"""The behaviour topic, consumed in batches by librdkafka on its own thread, outside faust.
+"""The behaviour topic, consumed in batches by librdkafka on its own thread.
 
-faust's per-event stream machinery cost ~720 Python calls per behaviour event (two agents read the
-topic, each through its own stream), which capped the worker at ~5,000 events/s on 2 cores and
-shared the event loop with requests. Here one confluent-kafka consumer reads batches of up to
-BATCH_MAX messages, decodes each message once, and hands the batch to every processor (session
-features, feedback joiner), which fold it into their ChangelogTables.
+(The worker ran these processors as faust-streaming agents first: faust's per-event stream
+machinery cost ~720 Python calls per behaviour event, which capped the worker at ~5,000 events/s
+on 2 cores and shared the event loop with requests.) Here one confluent-kafka consumer reads
+batches of up to BATCH_MAX messages, decodes each message once, and hands the batch to every
+processor (session features, feedback joiner), which fold it into their ChangelogTables.
 
 Ordering: one user's events are on one partition and a batch keeps partition order, so each user
 is folded in offset order. Delivery: at least once, with the tables never behind the committed

@@ -18,16 +18,15 @@ import numpy as np
 
 from recstream.client.consumer import read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
-from recstream.contracts.topics import CATALOG
 from recstream.telemetry import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
-from streams.context import StreamContext, source_topic
+from streams.context import StreamContext
 from streams.inference import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
-#: 256 items per batch: 4 Triton requests of 64 (the model's max batch), ~1 s of encoding on 2 cores.
-BATCH_MAX = 256
-BATCH_WITHIN_S = 0.2
+#: Items per encoder call of a re-embed: 4 Triton requests of 64 (the model's max batch).
+ENCODE_CHUNK = 256
+
 #: Catalog batches are bulk work, not the online path: 30 s covers 256 texts on a contended CPU.
 ENCODE_TIMEOUT_S = 30.0
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -51,29 +50,36 @@ def payload_of(item: ItemUpsert) -> dict:
     }
 
 
-def register(ctx: StreamContext) -> None:
-    follow = EncoderFollower(ctx)
+class CatalogIndexer:
+    """The catalog processor: the catalog consumer (streams.catalog) hands it each batch, and calls
+    `idle` while the topic is quiet so that a newly served item encoder is still noticed."""
 
-    @ctx.app.agent(source_topic(ctx, "catalog"), name="catalog-indexer")
-    async def catalog_indexer(stream) -> None:
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            await follow.check()  # a new item-encoder version re-embeds the catalog before this batch
-            t0 = time.perf_counter()
-            latest = _last_per_item(model for _, model in ctx.decode_events(CATALOG, events))
-            upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
-            deletes = [m.item_id for m in latest.values() if isinstance(m, ItemDelete)]
-            if upserts:
-                vectors = await _encode_with_retry(ctx, upserts)
-                await ctx.in_thread(ctx.store.upsert, [payload_of(m) for m in upserts], vectors)
-            if deletes:
-                await ctx.in_thread(ctx.store.delete, deletes)
-            lookup = ctx.tables.get("_item_lookup")
-            if lookup is not None:
-                lookup.invalidate([m.item_id for m in upserts] + deletes)
-            STAGE_LATENCY.labels(stage="catalog_batch").observe(time.perf_counter() - t0)
-            count = ctx.store.count()
-            INDEXED_ITEMS.set(count)
-            log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.follow = EncoderFollower(ctx)
+
+    async def idle(self) -> None:
+        await self.follow.check()
+
+    async def process(self, decoded: list[tuple[Any, Any]]) -> None:
+        ctx = self.ctx
+        await self.follow.check()  # a new item-encoder version re-embeds the catalog before this batch
+        t0 = time.perf_counter()
+        latest = _last_per_item(model for _, model in decoded)
+        upserts = [m for m in latest.values() if isinstance(m, ItemUpsert)]
+        deletes = [m.item_id for m in latest.values() if isinstance(m, ItemDelete)]
+        if upserts:
+            vectors = await _encode_with_retry(ctx, upserts)
+            await ctx.in_thread(ctx.store.upsert, [payload_of(m) for m in upserts], vectors)
+        if deletes:
+            await ctx.in_thread(ctx.store.delete, deletes)
+        lookup = ctx.tables.get("_item_lookup")
+        if lookup is not None:
+            lookup.invalidate([m.item_id for m in upserts] + deletes)
+        STAGE_LATENCY.labels(stage="catalog_batch").observe(time.perf_counter() - t0)
+        count = ctx.store.count()
+        INDEXED_ITEMS.set(count)
+        log.info("catalog: %d upserts, %d deletes indexed (%d items in store)", len(upserts), len(deletes), count)
 
 
 def _last_per_item(operations: Iterable[Any]) -> dict[str, ItemUpsert | ItemDelete]:
@@ -94,10 +100,6 @@ class EncoderFollower:
         self.lock = asyncio.Lock()
         self.checked_at = -float("inf")
 
-        @ctx.app.timer(interval=REEMBED_CHECK_S)
-        async def encoder_check() -> None:
-            await self.check()
-
     async def check(self) -> None:
         if time.monotonic() - self.checked_at < REEMBED_CHECK_S:
             return
@@ -116,7 +118,8 @@ class EncoderFollower:
             events, invalid = await ctx.in_thread(read_to_end, ctx.settings, "catalog", REEMBED_READ_TIMEOUT_S)
             upserts = [m for m in _last_per_item(events).values() if isinstance(m, ItemUpsert)]
             chunks = [
-                await _encode_with_retry(ctx, upserts[lo : lo + BATCH_MAX]) for lo in range(0, len(upserts), BATCH_MAX)
+                await _encode_with_retry(ctx, upserts[lo : lo + ENCODE_CHUNK])
+                for lo in range(0, len(upserts), ENCODE_CHUNK)
             ]
             vectors = np.concatenate(chunks) if chunks else np.zeros((0, store.dim), np.float32)
             await ctx.in_thread(store.rebuild, tag, [payload_of(m) for m in upserts], vectors)

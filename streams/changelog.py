@@ -1,8 +1,8 @@
 """A changelog-backed table: an in-memory dict of bytes whose every write also goes to a compacted topic.
 
-Used by the behaviour consumer (streams.behaviour), which runs outside faust. The topic name is
-faust's (`<app id>-<table>-changelog`), so state written by earlier faust-table versions of the
-worker is recovered unchanged, and the key/value bytes are the same.
+Used by the behaviour consumer (streams.behaviour). The topic name (`<app id>-<table>-changelog`)
+is the one the worker's earlier faust tables used, so their state is recovered unchanged, and the
+key/value bytes are the same.
 
 Durability contract, kept by the caller: the records a batch wrote are acknowledged by the broker
 before the source offsets of that batch are committed, so after a kill -9 the table

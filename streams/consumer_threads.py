@@ -1,5 +1,6 @@
-"""What the worker's librdkafka consumer threads (behaviour, requests) share: their base consumer
-settings, their thread lifecycle, and the rule that a dead consumer thread stops the whole worker."""
+"""What the worker's librdkafka consumer threads (catalog, behaviour, requests) share: their base
+consumer settings, the consumed-message record the processors read, their thread lifecycle, and the
+rule that a dead consumer thread stops the whole worker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Self
+
+from confluent_kafka import Message
 
 from recstream.config import Settings
 
@@ -31,6 +34,29 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     }
     conf.update(overrides)
     return conf
+
+
+class ConsumedMessage:
+    """The fields of a consumed message that processors and the dead-letter sink read."""
+
+    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, msg: Message) -> None:
+        self.topic = msg.topic()
+        self.partition = msg.partition()
+        self.offset = msg.offset()
+        self.key = msg.key()
+        self.value = msg.value()
+        self.timestamp = msg.timestamp()[1] / 1000.0  # producer CreateTime, seconds
+
+
+class Consumed:
+    """One consumed message as a processor gets it, before or beside its decoded model."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, msg: Message) -> None:
+        self.message = ConsumedMessage(msg)
 
 
 def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:

@@ -1,5 +1,5 @@
-"""What every stream processor shares: settings, the faust app, store and model handles, the one
-produce and dead-letter path, and the app's naming rules (app id, consumer groups).
+"""What every stream processor shares: settings, store and model handles, the consumer threads, and
+the one produce and dead-letter path for outputs nobody checkpoints (answers, logs, dead letters).
 
 Processors import this module; streams.app builds the context and wires the processors to it, so
 imports run one way (app -> processors -> context).
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faust
 import numpy as np
 from confluent_kafka import Producer
 
@@ -27,6 +26,7 @@ from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.recommend.feedback import SearchQueries
 from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
+from streams.consumer_threads import Consumed
 from streams.naming import app_id
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ class StreamContext:
 
     settings: Settings
     worker: str
-    app: faust.App
     agents: tuple[str, ...]
     ranker_mode: str = "auto"
-    topics: dict[str, faust.TopicT] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
     _producer: Producer | None = None
     _bulk_producer: Producer | None = None
@@ -62,6 +60,7 @@ class StreamContext:
     _policy: Any = None
     _rng: Any = None
     _policy_feedback: Any = None
+    catalog: Any = None  # streams.catalog.CatalogLoop when the catalog indexer runs here
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
     # The queries of searches answered here, for the feedback joiner's training examples.
@@ -268,25 +267,20 @@ class StreamContext:
     def dead_letters(self) -> DeadLetterSink:
         return DeadLetterSink(lambda topic, key, value: self.produce(topic, key, value), self.worker)
 
-    def decode_events(
-        self, spec: TopicSpec, events: Iterable[faust.types.EventT], owner: bool = True
-    ) -> list[tuple[Any, Any]]:
+    def decode_events(self, spec: TopicSpec, events: Iterable[Consumed]) -> list[tuple[Any, Any]]:
         """(event, model) for valid messages; invalid ones go to the dead-letter topic, logged with
-        topic[partition]@offset, and never stop the stream. When two agents read one topic only
-        the `owner` dead-letters and counts, so a bad message is recorded once."""
+        topic[partition]@offset, and never stop the stream."""
         out = []
         for ev in events:
             msg = ev.message
-            if owner:
-                EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
+            EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
             try:
                 out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes, msg.key, msg.partition)))
             except InvalidEvent as exc:
-                if owner:
-                    self.dead_letter(ev, exc.detail, exc.reason)
+                self.dead_letter(ev, exc.detail, exc.reason)
         return out
 
-    def dead_letter(self, ev: faust.types.EventT, error: str, error_type: str) -> None:
+    def dead_letter(self, ev: Consumed, error: str, error_type: str) -> None:
         msg = ev.message
         source = RefusedMessage(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
         self.dead_letters.publish(source, error=error, error_type=error_type)
@@ -300,6 +294,8 @@ class StreamContext:
             self._session_vectors.stop()
         if self.requests is not None:
             self.requests.stop()
+        if self.catalog is not None:
+            self.catalog.stop()
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
         if self._policy_feedback is not None and self._policy_feedback.unsaved:
@@ -314,17 +310,3 @@ class StreamContext:
         if self._item_embedder is not None and self._item_embedder is not self._embedder:
             self._item_embedder.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def source_topic(ctx: StreamContext, logical: str) -> faust.TopicT:
-    """The registry topic as a faust topic of raw bytes: validation is ours (decode()), not faust's."""
-    if logical not in ctx.topics:
-        spec = TOPICS[logical]
-        ctx.topics[logical] = ctx.app.topic(
-            spec.name(ctx.settings.topic_prefix),
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=spec.partitions,
-            internal=False,  # created by ensure_topics from the registry, never by faust
-        )
-    return ctx.topics[logical]

@@ -24,11 +24,12 @@ def app_id(settings: Settings) -> str:
 
 
 def catalog_group(settings: Settings) -> str:
-    """The catalog indexer's consumer group (faust's app id). Workers sharing a Qdrant server share
-    one index, so they split the catalog in one group. In local mode every worker fills its own
-    index, which needs the whole catalog: the group is named after the index (host name and folder),
-    so N workers each read every catalog partition, and a restarted worker resumes where its index
-    stopped (a new folder, or a new host, reads the compacted topic from the beginning)."""
+    """The catalog indexer's consumer group (the id the worker's faust app had, so an index resumes).
+    Workers sharing a Qdrant server share one index, so they split the catalog in one group. In local
+    mode every worker fills its own index, which needs the whole catalog: the group is named after
+    the index (host name and folder), so N workers each read every catalog partition, and a restarted
+    worker resumes where its index stopped (a new folder, or a new host, reads the compacted topic
+    from the beginning)."""
     if settings.qdrant_url:
         return app_id(settings)
     where = f"{socket.gethostname()}:{Path(settings.qdrant_path).resolve()}"

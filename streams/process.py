@@ -1,6 +1,7 @@
 """Run `python -m streams.worker` as a child process: start, wait until ready, scrape, stop or kill.
 
-Used by the stream tests (which must kill -9 a real worker) and by bench/bench_stream.py.
+Used by the local stack (`stack up` / `stack down`, detached, found again through its PID file), the
+stream tests (which must kill -9 a real worker) and the benchmarks.
 """
 
 from __future__ import annotations
@@ -21,14 +22,43 @@ from streams.worker import READY_LINE
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, log_path: Path, args: Sequence[str] = ()) -> None:
+    """One stream worker process. With `pid_file` it is detached (its own session, its PID on disk),
+    so a later process finds and stops it; without, it is this process's child."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        args: Sequence[str] = (),
+        *,
+        metrics_port: int | None = None,
+        pid_file: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
-        self.metrics_port = free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.pid_file = pid_file
         self.args = ["--metrics-port", str(self.metrics_port), *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_timeout_s: float = 120.0) -> WorkerProcess:
+    def pid(self) -> int | None:
+        """The running worker's PID (a detached one's from its PID file), or None."""
+        if self.proc is not None:
+            return self.proc.pid if self.proc.poll() is None else None
+        if self.pid_file is None:
+            return None
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+
+    def start(self, ready_timeout_s: float | None = 120.0) -> WorkerProcess:
+        """Start it (a detached worker that is already running is left as it is) and wait for its
+        ready line; `ready_timeout_s=None` returns at once."""
+        if self.pid_file is not None and self.pid() is not None:
+            return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
@@ -38,8 +68,13 @@ class WorkerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
+            start_new_session=self.pid_file is not None,
         )
         log.close()
+        if self.pid_file is not None:
+            self.pid_file.write_text(str(self.proc.pid))
+        if ready_timeout_s is None:
+            return self
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -73,10 +108,20 @@ class WorkerProcess:
             self.proc.wait(10)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill9()
+        """SIGTERM (the worker commits what it processed), SIGKILL after `timeout_s`."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.kill9()
+        elif (pid := self.pid()) is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.pid() is not None:
+                time.sleep(0.2)
+            if self.pid() is not None:
+                os.kill(pid, signal.SIGKILL)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)

@@ -4,7 +4,8 @@ Adding a processor is one entry here plus its module and tests: the worker's `--
 app's wiring (streams.app) and the README's processor table all come from this list. Its source topic
 picks the runtime that feeds it:
 
-- `catalog`: a faust agent (`build` registers it on the app);
+- `catalog`: the catalog consumer (streams.catalog) awaits `process(decoded)` of the object `build`
+  returns on every batch, and its `idle()` while the topic is quiet;
 - `behaviour`: the behaviour consumer (streams.behaviour) calls the object `build` returns on every
   batch, in this list's order, and checkpoints only what all of them have written;
 - `requests`: the request consumer (streams.requests) awaits the coroutine function `build` returns
@@ -38,10 +39,6 @@ class ProcessorSpec:
     opens_when_ready: tuple[str, ...] = ()
 
 
-def _catalog(ctx: StreamContext) -> None:
-    catalog_indexer.register(ctx)
-
-
 def _recommender(ctx: StreamContext) -> Callable[..., Any]:
     return recommender.answer_batch
 
@@ -53,7 +50,7 @@ PROCESSORS: tuple[ProcessorSpec, ...] = (
         CATALOG.logical,
         (),
         (),
-        _catalog,
+        catalog_indexer.CatalogIndexer,
         "item upserts and deletes -> item vectors (Triton item_encoder) in the vector store",
         opens=("store",),
         opens_when_ready=("embedder", "item_embedder"),

@@ -1,6 +1,6 @@
 """The requests topic on its own thread: a librdkafka consumer and a private asyncio loop running
-streams.recommender.answer_batch, so requests never queue behind behaviour batches, faust's
-per-message machinery, or its consumer thread.
+the request processor (streams.recommender.answer_batch), so requests never queue behind behaviour
+or catalog batches.
 
 Co-partitioning: a request reads the sessions table of its user's partition, so this consumer is
 assigned exactly the partition numbers the behaviour consumer holds (`follow`: the behaviour
@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.contracts.topics import REQUESTS
 from recstream.telemetry import STAGE_LATENCY
-from streams.consumer_threads import ConsumerThread, consumer_config
+from streams.consumer_threads import Consumed, ConsumerThread, consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +39,6 @@ BATCH_MAX = 32
 POLL_S = 0.05
 #: Stored offsets are committed this often (librdkafka's auto-commit, after processing only).
 COMMIT_INTERVAL_MS = 1000
-
-
-class _Message:
-    """The fields of a consumed request the recommender and the dead-letter sink read (faust's names)."""
-
-    __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
-
-    def __init__(self, msg: Message) -> None:
-        self.topic = msg.topic()
-        self.partition = msg.partition()
-        self.offset = msg.offset()
-        self.key = msg.key()
-        self.value = msg.value()
-        self.timestamp = msg.timestamp()[1] / 1000.0  # producer CreateTime, seconds
-
-
-class _Event:
-    __slots__ = ("message",)
-
-    def __init__(self, msg: Message) -> None:
-        self.message = _Message(msg)
 
 
 class RequestLoop(ConsumerThread):
@@ -173,7 +152,7 @@ class RequestLoop(ConsumerThread):
                 continue
             if msg.partition() not in self.assigned:
                 continue  # fetched just before a revoke: another worker owns it now
-            events.append(_Event(msg))
+            events.append(Consumed(msg))
         decoded = self.ctx.decode_events(REQUESTS, events)
         STAGE_LATENCY.labels(stage="decode").observe(time.perf_counter() - t0)
         loop.run_until_complete(self.answer(self.ctx, decoded))

@@ -1,6 +1,6 @@
 """Behaviour events -> the `sessions` table (user_id -> SessionState bytes) and item popularity.
 
-Fed in batches by streams.behaviour (one librdkafka consumer outside faust): per batch each touched
+Fed in batches by streams.behaviour (one librdkafka consumer on its own thread): per batch each touched
 user is decoded once, folded over their events in offset order (recstream.recommend.session.apply_event,
 which skips offsets it has already applied, so at-least-once replays after a crash change nothing),
 and written once, with its changelog record sent to the partition the user's events came from.

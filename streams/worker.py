@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
+import threading
 import time
 from collections import deque
 
@@ -19,12 +21,14 @@ import typer
 from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
 from recstream.telemetry import STAGE_LATENCY, serve_metrics
-from streams.app import create_app, uses_faust
+from streams.app import create_app
 from streams.inference import RANKERS
 from streams.registry import ALL_AGENTS, open_handles, specs_for
 
 log = logging.getLogger("streams.worker")
 READY_LINE = "recstream worker ready"
+#: How often the main thread checks readiness and reports collection pauses.
+READY_CHECK_S = 0.5
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 
@@ -43,7 +47,7 @@ def parse_agents(spec: str) -> tuple[str, ...]:
 
 
 def _quiet_gc() -> None:
-    """Move everything loaded at start-up (faust, torch, qdrant, pydantic schemas: a big heap) out of
+    """Move everything loaded at start-up (torch, qdrant, pydantic schemas: a big heap) out of
     the cyclic collector's reach, and time every collection (stage gc_gen0/1/2).
 
     Measured in bench_stream (200 req/s + 500 events/s): a full (gen2) collection, triggered now and
@@ -97,6 +101,7 @@ def main(
     if ranker != "auto" and ranker not in RANKERS:
         raise typer.BadParameter(f"unknown ranker {ranker!r}; choose auto or one of {', '.join(RANKERS)}")
     settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if feedback_window_s is not None:
         settings = settings.model_copy(update={"feedback_window_s": feedback_window_s})
     chosen = parse_agents(agents)
@@ -108,36 +113,26 @@ def main(
         log.info("created %d topics", len(created))
     serve_metrics(metrics_port if metrics_port is not None else settings.metrics_port)
 
-    import faust
-
-    app = create_app(settings, chosen, ranker=ranker)
-    ctx = app.ctx
-
-    @app.timer(1.0)
-    async def _gc_metrics() -> None:
-        _report_gc()
-
-    @app.timer(0.5)
-    async def _announce_ready() -> None:
-        # Once: after table recovery finished and partitions are assigned (tests wait for this line).
-        if ctx.tables.get("_ready"):
-            return
-        faust_ready = not uses_faust(chosen) or (app.tables.recovery.completed.is_set() and app.consumer.assignment())
-        behaviour_ready = ctx.behaviour is None or ctx.behaviour.ready.is_set()
-        requests_ready = ctx.requests is None or ctx.requests.ready.is_set()
-        if faust_ready and behaviour_ready and requests_ready:
-            ctx.tables["_ready"] = True
-            # Open Qdrant, the Triton clients and the ranker now, not on the first request (the
-            # ranker import and its metadata probe take seconds on a busy box).
-            open_handles(ctx, specs_for(chosen), when_ready=True)
-            _quiet_gc()
-            log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
-
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    app = create_app(settings, chosen, ranker=ranker).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # a consumer thread that fails sends SIGTERM too (streams.consumer_threads.run_or_stop_worker)
+        signal.signal(sig, lambda signum, frame: stop.set())
+    announced = False
     try:
-        worker.execute_from_commandline()
+        while not stop.wait(READY_CHECK_S):
+            _report_gc()
+            if not announced and app.ready():
+                # Once: after table recovery finished and partitions are assigned (tests wait for
+                # this line). Open Qdrant, the Triton clients and the ranker now, not on the first
+                # request (the ranker import and its metadata probe take seconds on a busy box).
+                announced = True
+                open_handles(app.ctx, app.specs, when_ready=True)
+                _quiet_gc()
+                log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
     finally:
-        ctx.close()
+        log.info("stopping: committing what was processed")
+        app.close()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Create the registry's topics and check existing ones match it.
 
 A topic that exists with fewer partitions than the registry declares would silently break
-per-user ordering assumptions and faust table co-partitioning, so it is a named error.
+per-user ordering assumptions and the tables' co-partitioning, so it is a named error.
 """
 
 from __future__ import annotations

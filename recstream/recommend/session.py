@@ -1,7 +1,7 @@
 """Per-user session features and their update function.
 
 The update is a left fold over a user's events in offset order. Two properties make a worker's
-table equal to an uninterrupted run after a kill -9 and replay (faust is at-least-once):
+table equal to an uninterrupted run after a kill -9 and replay (delivery is at-least-once):
 
 * idempotent: the state remembers the last applied source offset and skips anything at or below
   it (one user's events all live in one partition, in order, so one offset suffices);

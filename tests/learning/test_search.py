@@ -241,7 +241,7 @@ def test_the_worker_follows_the_search_weights_of_a_new_text_encoder_version(tmp
     from streams.hybrid_search import LiveHybridSearch
     from streams.inference import UNKNOWN
 
-    ctx = StreamContext(settings=Settings(run_dir=tmp_path), worker="w", app=None, agents=())
+    ctx = StreamContext(settings=Settings(run_dir=tmp_path), worker="w", agents=())
     embedder = SimpleNamespace(weights_seen=UNKNOWN, version="text_encoder-v2", search_weights=lambda: None)
     ctx._embedder = embedder
     ctx._hybrid_search = LiveHybridSearch(ctx, SearchWeights(lexical=1.0), "text_encoder-v2")
