@@ -13,3 +13,5 @@ SESSION_ENCODER = "session_encoder"
 RANKER = "ranker"
 #: Every model the stack serves.
 SERVED_MODELS = (TEXT_ENCODER, ITEM_ENCODER, SESSION_ENCODER, RANKER)
+#: The models `make train` fits and the continual trainer derives versions of.
+TRAINED_MODELS = (ITEM_ENCODER, SESSION_ENCODER, RANKER)

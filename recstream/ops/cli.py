@@ -17,7 +17,7 @@ import typer
 from tqdm import tqdm
 
 from recstream.config import Settings, get_settings
-from recstream.contracts.models import RANKER, SERVED_MODELS
+from recstream.contracts.models import RANKER, TRAINED_MODELS
 from recstream.contracts.topics import TOPICS, dead_letter_topic
 
 app = typer.Typer(help="recstream: real-time search and recommendation on Kafka", no_args_is_help=True)
@@ -284,7 +284,7 @@ def _reload_triton(version: int) -> None:
 
 @models_app.command("list")
 def models_list(
-    model: str = typer.Option("", help="one model name in MODEL_REPO (default: all served models)"),
+    model: str = typer.Option("", help="one model name in MODEL_REPO (default: the trained models)"),
 ) -> None:
     """Per model: versions on disk with what each was trained on and scored on validation, which
     one is live, the rollback target, and the recent history."""
@@ -292,7 +292,7 @@ def models_list(
     from recstream.models.training import read_meta
 
     out = []
-    for name in [model] if model else SERVED_MODELS:
+    for name in [model] if model else TRAINED_MODELS:
         reg = ModelRegistry(get_settings().model_repo, name)
         state = reg.state()
         described = {}

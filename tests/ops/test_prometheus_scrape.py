@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from live_stack import LiveStack
 
@@ -252,6 +253,45 @@ class Traffic:
         self.thread.join(60)
 
 
+def exploring_answers(n: int = 60, seed: int = 0) -> list[tuple[str, object]]:
+    """(topic, event) of `n` answers an exploring policy (pl:4) drew from pools of the live catalog,
+    with the outcome of every shown slot: what the trainer's off-policy check evaluates. The live
+    stack's worker answers greedily with the in-process ranker, which logs nothing to evaluate."""
+    from live_stack import catalog_items
+
+    from recstream.contracts.events import PoolCandidate, RankingLog
+    from recstream.explore import make_policy
+    from recstream.models.ranker import CONTEXT_DIM, N_CAND_FEATURES
+
+    rng = np.random.default_rng(seed)
+    catalog = [item["item_id"] for item in catalog_items()]
+    policy = make_policy("pl:4")
+    run = uuid.uuid4().hex[:6]
+    out: list[tuple[str, object]] = []
+    for r in range(n):
+        ids = [str(i) for i in rng.choice(catalog, 8, replace=False)]
+        features = rng.random((8, N_CAND_FEATURES)).round(6)
+        pool = [
+            PoolCandidate(item_id=i, score=float(8 - j), features=f.tolist())
+            for j, (i, f) in enumerate(zip(ids, features, strict=True))
+        ]
+        log = RankingLog(
+            request_id=f"ope-{run}-{r}",
+            user_id=f"o{r % 10}",
+            model_version="1",
+            policy_spec="pl:4",
+            k=4,
+            pool=pool,
+            greedy=pool[:4],
+            context=rng.standard_normal(CONTEXT_DIM).round(6).tolist(),
+        )
+        out.append(("ranking-log", log))
+        for shown in policy.rank(ids, np.arange(8, 0, -1, dtype=np.float64), 4, rng):
+            clicked = bool(rng.random() < 0.3)
+            out.append(("training-examples", log.outcome(shown.item_id, shown.position, shown.propensity, clicked)))
+    return out
+
+
 def pause_triton(triton_server, seconds: float) -> None:
     """A real outage: the server process stops answering (SIGSTOP) and comes back (SIGCONT)."""
     pid = triton_server.read_pid()
@@ -330,6 +370,8 @@ def test_every_dashboard_panel_has_live_data(
             assert r.status_code == 202
         with EventProducer(live_stack.settings, worker="test") as producer:  # a malformed event: dead letter
             producer.send_raw(producer.topic_for("behaviour"), b"u1", b"{not json")
+            for topic, event in exploring_answers():  # for the trainer's off-policy check panel
+                producer.send(topic, event)
         time.sleep(15)  # a few scrapes of normal traffic first
         outage = (time.time(), time.time() + 4.0)
         pause_triton(triton_server, 4.0)  # traffic keeps flowing: calls time out, answers degrade
