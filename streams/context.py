@@ -24,7 +24,6 @@ from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.recommend.feedback import SearchQueries
 from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
 from streams.consumer_threads import Consumed
 from streams.naming import app_id
@@ -63,8 +62,6 @@ class StreamContext:
     catalog: Any = None  # streams.catalog.CatalogLoop when the catalog indexer runs here
     behaviour: Any = None  # streams.behaviour.BehaviourLoop when features or feedback run here
     requests: Any = None  # streams.requests.RequestLoop when the recommender runs here
-    # The queries of searches answered here, for the feedback joiner's training examples.
-    search_queries: SearchQueries = field(default_factory=SearchQueries)
     # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
     # encodes; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))

@@ -22,7 +22,7 @@ from recstream.telemetry import STAGE_LATENCY
 from streams.changelog import ChangelogTable, changelog_topic
 from streams.context import StreamContext
 from streams.naming import app_id
-from streams.state import read_session
+from streams.state import read_session, search_queries
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class FeedbackJoiner:
         ctx.tables[TABLE] = self.table
         self.tables = [self.table]
         self.window_ms = int(ctx.settings.feedback_window_s * 1000)
+        self.queries = search_queries(ctx)
         self.examples_topic = TOPICS["training-examples"].name(ctx.settings.topic_prefix)
         # key -> (deadline_ms, partition): lets the tick find due windows without decoding the table.
         self.deadlines: dict[bytes, tuple[int, int]] = {}
@@ -82,7 +83,7 @@ class FeedbackJoiner:
                     window_ms=self.window_ms,
                     partition=rec.partition,
                     context_items=session.recent if session is not None else [],
-                    query=self.ctx.search_queries.get(m.request_id),
+                    query=self.queries.get(m.request_id),
                 )
                 if pending is not None:
                     self._put(key, pending)

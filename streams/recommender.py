@@ -33,6 +33,7 @@ from streams.recommend_context import (
 )
 from streams.recommend_ranking import finish, rank
 from streams.recommend_retrieval import retrieve
+from streams.state import search_queries
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _publish(ctx: StreamContext, p: Pending) -> Callable[[], RankingLog] | None:
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
         if req.query:
-            ctx.search_queries.remember(req.request_id, req.query)
+            search_queries(ctx).remember(req.request_id, req.query)
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
         if answer.degraded_reason:
             DEGRADED.labels(reason=answer.degraded_reason).inc()

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class ProcessorSpec:
     name: str
     source: str  # logical topic (recstream.contracts.topics)
-    writes: tuple[str, ...]  # changelog-backed tables it owns
+    writes: tuple[str, ...]  # tables it owns (changelog-backed, except search-queries: memory)
     reads: tuple[str, ...]  # tables of other processors it reads (declared before any processor is built)
     build: Callable[[StreamContext], Any]
     does: str
@@ -59,7 +59,7 @@ PROCESSORS: tuple[ProcessorSpec, ...] = (
         "feedback",
         BEHAVIOUR.logical,
         (feedback_joiner.TABLE,),
-        (state.TABLE,),
+        (state.TABLE, state.SEARCH_QUERIES),
         feedback_joiner.FeedbackJoiner,
         "impressions joined with their clicks within the feedback window -> training-examples; "
         "outcomes of shown slots -> the exploration policy",
@@ -76,7 +76,7 @@ PROCESSORS: tuple[ProcessorSpec, ...] = (
     ProcessorSpec(
         "recommender",
         REQUESTS.logical,
-        (),
+        (state.SEARCH_QUERIES,),
         (state.TABLE,),
         _recommender,
         "requests -> retrieval, ranking and exploration -> recommendations (and ranking-log)",
@@ -87,9 +87,12 @@ PROCESSORS: tuple[ProcessorSpec, ...] = (
 )
 BY_NAME = {spec.name: spec for spec in PROCESSORS}
 ALL_AGENTS = tuple(BY_NAME)
-#: Tables another processor may read, declared up front (co-partitioned with behaviour and
-#: requests by user_id) whenever a processor that writes or reads them runs.
-SHARED_TABLES: dict[str, Callable[[StreamContext], Any]] = {state.TABLE: state.declare_table}
+#: Tables another processor reads, declared up front whenever a processor that writes or reads them
+#: runs (both are keyed by user or request, co-partitioned with behaviour and requests by user_id).
+SHARED_TABLES: dict[str, Callable[[StreamContext], Any]] = {
+    state.TABLE: state.declare_table,
+    state.SEARCH_QUERIES: state.declare_search_queries,
+}
 
 
 def specs_for(agents: Iterable[str]) -> list[ProcessorSpec]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recstream.contracts.topics import BEHAVIOUR
+from recstream.recommend.feedback import SearchQueries
 from recstream.recommend.session import SessionState
 from recstream.recommend.trending import trend_days
 from streams.changelog import ChangelogTable, changelog_topic
@@ -26,6 +27,22 @@ log = logging.getLogger(__name__)
 
 TABLE = "sessions"
 POPULARITY_TABLE = "item-popularity"
+
+
+#: In memory only: request id -> query of the searches this worker answered, until their impressions
+#: arrive (the recommender writes it, the feedback joiner reads it; see SearchQueries for why).
+SEARCH_QUERIES = "search-queries"
+
+
+def declare_search_queries(ctx: StreamContext) -> SearchQueries:
+    if SEARCH_QUERIES not in ctx.tables:
+        ctx.tables[SEARCH_QUERIES] = SearchQueries()
+    return ctx.tables[SEARCH_QUERIES]
+
+
+def search_queries(ctx: StreamContext) -> SearchQueries:
+    """The search-queries table (declared before any processor is built: streams.registry)."""
+    return ctx.tables[SEARCH_QUERIES]
 
 
 def declare_table(ctx: StreamContext) -> ChangelogTable:
