@@ -79,7 +79,7 @@ from recstream.continual import (
 )
 from recstream.explore import Greedy, LiftThompson, PlackettLuce, RankingPolicy
 from recstream.models.ranker import ITEM_DIM, RankerConfig, RankerNet, new_ranker
-from recstream.ope import LoggedData, doubly_robust, ips, snips
+from recstream.ope.estimators import LoggedData, doubly_robust, ips, snips
 
 log = logging.getLogger("bench.loop")
 
@@ -420,13 +420,13 @@ def production_ope_check(
     as the worker and the feedback joiner write them - a RankingLog per answer (the model's top
     EXPLORE_POOL_FACTOR * k candidates in score order, the greedy answer, the ranker's inputs) and a
     TrainingExample per shown slot (its logged propensity, conditional for Plackett-Luce, and the
-    simulated click) - are evaluated by recstream.ope_logs for the greedy target, on their own fresh
+    simulated click) - are evaluated by recstream.ope.logs for the greedy target, on their own fresh
     requests. Each of `candidates` (other model versions) is evaluated from the same logs as
     `ope --model-version` does: greedy over its order of each logged pool, and the paired difference
     with the live model's order; its truth is that policy's exact expected CTR on the same pools."""
     from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
     from recstream.explore import greedy_order, make_policy
-    from recstream.ope_logs import PoolRescorer, evaluate_logs
+    from recstream.ope.logs import PoolRescorer, evaluate_logs
     from streams.recommend_ranking import EXPLORE_POOL_FACTOR
 
     candidates = candidates or {}

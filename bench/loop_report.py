@@ -204,7 +204,7 @@ def checks_markdown(r: dict[str, Any]) -> list[str]:
         "",
         f"The operator's path (`recstream.ops.cli ope greedy`): {prod['requests']} other fresh requests logged as the "
         f"worker and the feedback joiner log them (ranking-log + training-examples, `{prod['logging_policy']}` over "
-        "the pool order, conditional propensities as logged), evaluated by `recstream.ope_logs` with exact "
+        "the pool order, conditional propensities as logged), evaluated by `recstream.ope.logs` with exact "
         f"marginals. Simulated online value of greedy on those requests **{prod['simulated_online_value']:.4f}**; "
         f"logged CTR {prod['logging_ctr']:.4f}; effective sample size {prod['effective_sample_size']:.0f}.",
         "",

@@ -144,7 +144,7 @@ def _pool_rescorer(settings: Settings, version: int, logs: list[Any], timeout_s:
     from recstream.contracts.events import ItemUpsert
     from recstream.models.export import load_exported, versions
     from recstream.models.served import item_vectors_as_indexed
-    from recstream.ope_logs import PoolRescorer
+    from recstream.ope.logs import PoolRescorer
 
     available = versions(settings.model_repo)
     if version not in available:
@@ -178,7 +178,7 @@ def ope(
     (ranking-log joined with training-examples; IPS, SNIPS and doubly robust, 95% CIs); with
     --model-version, the policy acting on another model version's order of the logged pools."""
     from recstream.client.consumer import read_to_end
-    from recstream.ope_logs import check_target, evaluate_logs
+    from recstream.ope.logs import check_target, evaluate_logs
 
     settings = get_settings()
     try:

@@ -13,7 +13,7 @@ back for the gate. A promoted candidate is published atomically, becomes live in
 
 Off-policy check: while a stochastic policy is live, the worker's ranking logs say what each answer
 was drawn from. The trainer keeps the newest `ope.window` of them joined with their outcomes, and a
-candidate the held-back window accepts is also reranked on those logged pools (recstream.ope_logs)
+candidate the held-back window accepts is also reranked on those logged pools (recstream.ope.logs)
 against the live version: a candidate whose doubly robust paired CTR difference lies entirely below
 0 is refused. Too few logged answers (effective sample size < `ope.min_ess`) skip the check, and
 the round says so.
@@ -43,7 +43,8 @@ from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonMode
 from recstream.continual.monitor import CtrMonitor
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
 from recstream.models.ranker import ITEM_DIM, Ranker
-from recstream.ope_logs import LogWindow, PoolRescorer, evaluate
+from recstream.ope.logs import PoolRescorer, evaluate
+from recstream.ope.window import LogWindow
 from recstream.search.continual import SearchClick, update_query_encoder
 from recstream.telemetry import (
     MODEL_VERSION_LIVE,

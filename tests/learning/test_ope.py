@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recstream.explore import EpsilonGreedy, Greedy, LiftThompson
-from recstream.ope import LoggedData, bootstrap_ci, doubly_robust, ips, snips
+from recstream.ope.estimators import LoggedData, bootstrap_ci, doubly_robust, ips, snips
 
 K = 3
 N_CAND = 8

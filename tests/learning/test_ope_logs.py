@@ -16,8 +16,8 @@ import pytest
 
 from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
 from recstream.explore import PlackettLuce, make_policy
-from recstream.ope import LoggedData, ips
-from recstream.ope_logs import UnusableLog, evaluate, evaluate_logs, join
+from recstream.ope.estimators import LoggedData, ips
+from recstream.ope.logs import UnusableLog, evaluate, evaluate_logs, join
 
 N_ITEMS = 300
 POOL = 12
@@ -268,7 +268,7 @@ def test_pool_rescorer_reproduces_the_served_logits() -> None:
     import torch
 
     from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
-    from recstream.ope_logs import LoggedRequest, PoolRescorer
+    from recstream.ope.logs import LoggedRequest, PoolRescorer
 
     net = new_ranker(RankerConfig(seed=3)).net.eval()
     rng = np.random.default_rng(3)
@@ -317,7 +317,7 @@ def test_pool_rescorer_reproduces_the_served_logits() -> None:
 def test_log_window_joins_out_of_order_and_keeps_the_newest() -> None:
     """Outcomes that arrive before their ranking log wait for it; past capacity the oldest logged
     answers leave with their outcomes."""
-    from recstream.ope_logs import LogWindow
+    from recstream.ope.window import LogWindow
 
     logs, examples, _ = _logs(30, "pl:1", seed=11)
     window = LogWindow(capacity=20)
@@ -339,7 +339,7 @@ def test_log_window_joins_out_of_order_and_keeps_the_newest() -> None:
 def test_log_window_keeps_ranker_inputs_as_arrays() -> None:
     """The window stores the logged context and features as arrays (not float lists) and hands them
     to the rescorer with each joined request."""
-    from recstream.ope_logs import LogWindow
+    from recstream.ope.window import LogWindow
 
     logs, examples, _ = _logs(3, "pl:1", seed=12)
     window = LogWindow(capacity=5)

@@ -125,7 +125,7 @@ def _logged_answers(service: TrainerService, n_req: int, seed: int) -> list:
     from recstream.contracts.events import PoolCandidate, RankingLog
     from recstream.explore import make_policy
     from recstream.models.export import load_exported
-    from recstream.ope_logs import LoggedRequest, PoolRescorer
+    from recstream.ope.logs import LoggedRequest, PoolRescorer
 
     rng = np.random.default_rng(seed)
     service.handle(_events(1, seed=seed)[:40])  # the catalog upserts
