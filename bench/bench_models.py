@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import print_table, write_result
     from recstream.contracts.models import SESSION_ENCODER
-    from recstream.models.export import latest_version_dir, load_exported
+    from recstream.models.repository import latest_version_dir, load_exported
     from recstream.models.served import SessionEncoder
 
     torch.set_num_threads(args.threads)

@@ -23,8 +23,8 @@ import numpy as np
 from bench.common import print_table, write_result
 from recstream.config import REPO_ROOT
 from recstream.contracts.models import RANKER
-from recstream.models.export import load_exported, triton_score, versions
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, candidate_features
+from recstream.models.repository import load_exported, triton_score, versions
 
 
 def _percentiles(ms: list[float]) -> dict[str, float]:

@@ -51,7 +51,7 @@ from recstream.data.split import Split, leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
 from recstream.models.encoder import TextEncoder
-from recstream.models.export import latest_version_dir
+from recstream.models.repository import latest_version_dir
 from recstream.models.served import ItemEncoder, ServedRetrieval
 from recstream.models.training import ARTIFACTS_DIR, split_fingerprint
 from recstream.search.protocol import SearchCases, category_cases, known_item_cases, training_pairs

@@ -195,8 +195,8 @@ def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
     (train + validation) and the top 10 chosen by the worker's diversity rule. The second says how
     much of a served-offline gap those two differences explain."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.export import load_exported
     from recstream.models.ranker import RankingContext
+    from recstream.models.repository import load_exported
     from recstream.models.served import ServedRetrieval
     from recstream.recommend.rerank import diversify
     from recstream.recommend.scoring import Candidate
@@ -242,7 +242,7 @@ def score_offline_search(split, model_repo: Path) -> tuple[dict[str, str], dict,
     from recstream.contracts.models import TEXT_ENCODER
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
     from recstream.models.encoder import version_text_encoder
-    from recstream.models.export import latest_version_dir
+    from recstream.models.repository import latest_version_dir
     from recstream.models.served import ServedRetrieval
     from recstream.models.training import read_meta
     from recstream.search.protocol import category_cases

@@ -32,7 +32,8 @@ from typing import Any
 
 from recstream.atomic import atomic_write_text
 from recstream.contracts.models import RANKER
-from recstream.models.export import MODEL_PY, versions
+from recstream.models.export import MODEL_PY
+from recstream.models.repository import versions
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,7 @@ def item_vectors_as_indexed(model_repo: Path | None, texts: Sequence[str], item_
     """Item vectors as the catalog indexer makes them: the newest `item_encoder` version in the
     repository (text + learned residual), or the text alone where the repository has none. For
     offline code that must see what serving saw (off-policy rescoring, the trainer's rebuilds)."""
-    from recstream.models.export import latest_version_dir, versions
+    from recstream.models.repository import latest_version_dir, versions
 
     if model_repo is not None and versions(model_repo, ITEM_ENCODER):
         return ItemEncoder.load(latest_version_dir(model_repo, ITEM_ENCODER)).encode(texts, item_ids)
@@ -197,7 +197,7 @@ class ServedRetrieval:
 
     @classmethod
     def from_repo(cls, model_repo: Path, texts: Sequence[str], item_ids: Sequence[str]) -> ServedRetrieval:
-        from recstream.models.export import latest_version_dir
+        from recstream.models.repository import latest_version_dir
 
         item = ItemEncoder.load(latest_version_dir(model_repo, ITEM_ENCODER))
         return cls(item, SessionEncoder.load(latest_version_dir(model_repo, SESSION_ENCODER)), texts, item_ids)

@@ -142,7 +142,7 @@ def _pool_rescorer(settings: Settings, version: int, logs: list[Any], timeout_s:
     catalog texts' embeddings (the encoder the catalog indexer uses), only for pooled items."""
     from recstream.client.consumer import read_to_end
     from recstream.contracts.events import ItemUpsert
-    from recstream.models.export import load_exported, versions
+    from recstream.models.repository import load_exported, versions
     from recstream.models.served import item_vectors_as_indexed
     from recstream.ope.logs import PoolRescorer
 

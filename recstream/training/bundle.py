@@ -165,7 +165,8 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     """Write item_encoder and session_encoder as version `version` (default: one past the newest of
     either) and the ranker as the same number, or the next free one when the continual trainer
     already holds that number. An explicit `version` overwrites what is there."""
-    from recstream.models.export import export_item_encoder, export_ranker, export_session_encoder, versions
+    from recstream.models.export import export_item_encoder, export_ranker, export_session_encoder
+    from recstream.models.repository import versions
     from recstream.models.served import ItemEncoder, SessionEncoder
 
     overwrite = version is not None

@@ -217,7 +217,7 @@ class TrainerService:
         """(version dir, its meta) of the served text_encoder when it is a hybrid-search query
         encoder (an adapter with search weights); None otherwise: then there is nothing to update."""
         from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
-        from recstream.models.export import latest_version_dir, versions
+        from recstream.models.repository import latest_version_dir, versions
         from recstream.models.training import read_meta
 
         # without a served item encoder the catalog is embedded by text_encoder itself: a query

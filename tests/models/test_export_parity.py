@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from recstream.config import REPO_ROOT
-from recstream.models.export import ROOT_PARAM, export_ranker, load_exported, triton_score, versions
+from recstream.models.export import ROOT_PARAM, export_ranker
 from recstream.models.ranker import (
     CONTEXT_DIM,
     ITEM_DIM,
@@ -21,6 +21,7 @@ from recstream.models.ranker import (
     feature_schema_hash,
     new_ranker,
 )
+from recstream.models.repository import load_exported, triton_score, versions
 
 pytestmark = pytest.mark.triton
 

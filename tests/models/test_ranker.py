@@ -251,8 +251,8 @@ def test_an_untrained_ranker_orders_a_search_by_its_query(net_from: str) -> None
     without a session keeps its retrieval order (query similarity); with a session, the query still
     leads. The committed (trained) ranker learned on recommendations, so only the last holds for it:
     a search is still about its query."""
-    from recstream.models.export import load_exported
     from recstream.models.ranker import RankerConfig, new_ranker
+    from recstream.models.repository import load_exported
 
     if net_from == "init":
         net = new_ranker(RankerConfig(seed=0)).net.eval()

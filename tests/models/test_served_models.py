@@ -13,7 +13,7 @@ import pytest
 
 from recstream.config import REPO_ROOT
 from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
-from recstream.models.export import versions
+from recstream.models.repository import versions
 from recstream.models.served import ItemEncoder, SessionEncoder
 
 pytestmark = pytest.mark.triton

@@ -28,7 +28,7 @@ from recstream.models.encoder import (
     verify_weights,
     version_text_encoder,
 )
-from recstream.models.export import latest_version_dir
+from recstream.models.repository import latest_version_dir
 from recstream.serving.triton_client import TritonEncoderClient, TritonUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -124,7 +124,7 @@ def _logged_answers(service: TrainerService, n_req: int, seed: int) -> list:
 
     from recstream.contracts.events import PoolCandidate, RankingLog
     from recstream.explore import make_policy
-    from recstream.models.export import load_exported
+    from recstream.models.repository import load_exported
     from recstream.ope.logs import LoggedRequest, PoolRescorer
 
     rng = np.random.default_rng(seed)
@@ -167,7 +167,7 @@ def test_off_policy_check_refuses_a_candidate_the_logs_show_worse(service: Train
     answers, or none, skip the check instead of deciding on noise."""
     import torch
 
-    from recstream.models.export import load_exported
+    from recstream.models.repository import load_exported
 
     live = load_exported(service.settings.model_repo, version=1).net
 
@@ -281,7 +281,7 @@ def test_search_clicks_train_the_served_query_encoder_into_a_new_version(tmp_pat
     from recstream.config import REPO_ROOT
     from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
     from recstream.models.encoder import version_text_encoder
-    from recstream.models.export import versions
+    from recstream.models.repository import versions
     from recstream.models.training import read_meta
     from recstream.search.continual import QueryUpdateConfig
 

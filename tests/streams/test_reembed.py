@@ -39,7 +39,8 @@ def test_a_new_item_encoder_version_is_switched_in_without_a_failed_answer(
     from recstream.contracts.models import TEXT_ENCODER
     from recstream.kafka.admin import ensure_topics
     from recstream.models.encoder import TextEncoder, version_text_encoder
-    from recstream.models.export import export_item_encoder, export_session_encoder, latest_version_dir
+    from recstream.models.export import export_item_encoder, export_session_encoder
+    from recstream.models.repository import latest_version_dir
 
     repo = tmp_path / "model_repo"
     for name in ("text_encoder", ITEM_ENCODER, SESSION_ENCODER, "ranker"):

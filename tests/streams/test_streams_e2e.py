@@ -164,7 +164,7 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
     from recstream.contracts.events import ItemUpsert
     from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
     from recstream.models.encoder import TextEncoder, version_text_encoder
-    from recstream.models.export import latest_version_dir, versions
+    from recstream.models.repository import latest_version_dir, versions
     from recstream.models.served import ItemEncoder
 
     repo = Path(__file__).resolve().parents[2] / "model_repo"
@@ -513,7 +513,7 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
     logged context and features plus the catalog's item vectors reproduce the served logits, and
     `recstream.ops.cli ope greedy --model-version V` rescores every logged pool with V. Evaluating the
     live version itself, its paired difference with the logging model is 0."""
-    from recstream.models.export import load_exported, versions
+    from recstream.models.repository import load_exported, versions
     from recstream.models.served import item_vectors_as_indexed
     from recstream.ope.logs import LoggedRequest, PoolRescorer
 

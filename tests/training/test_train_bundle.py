@@ -14,7 +14,7 @@ import pytest
 
 from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
 from recstream.data.datasets import save_generic, tiny_synthetic
-from recstream.models.export import load_exported, versions
+from recstream.models.repository import load_exported, versions
 from recstream.models.served import ServedRetrieval
 from recstream.training.bundle import export_bundle, serving_item_texts, train_bundle
 
