@@ -106,6 +106,18 @@ class Settings(BaseSettings):
         "headers, same-origin only",
     )
 
+    # --- trainer ----------------------------------------------------------------------------------------
+    trainer_train_every_examples: int = Field(
+        2000, ge=1, description="Continual trainer: new training examples that trigger a fine-tuning round"
+    )
+    trainer_train_every_s: float = Field(
+        300.0, gt=0, description="Continual trainer: seconds after which a round runs anyway (given enough examples)"
+    )
+    trainer_min_examples: int = Field(500, ge=1, description="Continual trainer: no round before it holds this many")
+    trainer_holdout: int = Field(
+        400, ge=1, description="Continual trainer: newest examples held back for the promotion gate"
+    )
+
     # --- operations --------------------------------------------------------------------------------------
     run_dir: Path = Field(REPO_ROOT / "run", description="Logs, PID files and local state of the stack")
     cache_dir: Path = Field(
@@ -150,6 +162,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "streams": ("session_refresh_s", "event_dedupe_ids", "feedback_window_s", "ranking_log", "metrics_port"),
     "explore": ("exploration_policy", "exploration_seed", "policy_feedback_slots"),
     "gateway": ("api_keys", "cors_origins"),
+    "trainer": ("trainer_train_every_examples", "trainer_train_every_s", "trainer_min_examples", "trainer_holdout"),
     "operations": ("run_dir", "cache_dir", "log_level"),
 }
 
@@ -158,6 +171,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def setting_default(field: str) -> Any:
+    """A setting's default, for a config model whose field the setting fills (one source for both)."""
+    return Settings.model_fields[field].get_default(call_default_factory=True)
 
 
 def model_option(model: type[BaseModel], field: str, **kwargs: Any) -> Any:

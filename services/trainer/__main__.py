@@ -12,7 +12,7 @@ import logging
 
 import typer
 
-from recstream.config import get_settings, model_option
+from recstream.config import get_settings
 from recstream.continual import ModelRegistry, TritonModelControl
 from recstream.telemetry import serve_metrics
 from services.trainer.config import TrainerConfig
@@ -23,17 +23,27 @@ app = typer.Typer(add_completion=False, help="Continual fine-tuning worker for t
 
 @app.command()
 def run(
-    train_every: int = model_option(TrainerConfig, "train_every_examples"),
-    train_every_s: float = model_option(TrainerConfig, "train_every_s"),
-    min_examples: int = model_option(TrainerConfig, "min_examples"),
-    holdout: int = model_option(TrainerConfig, "holdout"),
+    train_every: int = typer.Option(
+        None, help="New examples that trigger a round (default: TRAINER_TRAIN_EVERY_EXAMPLES)"
+    ),
+    train_every_s: float = typer.Option(
+        None, help="Seconds after which a round runs anyway (default: TRAINER_TRAIN_EVERY_S)"
+    ),
+    min_examples: int = typer.Option(
+        None, help="No round before the buffer holds this many (default: TRAINER_MIN_EXAMPLES)"
+    ),
+    holdout: int = typer.Option(None, help="Newest examples held back for the gate (default: TRAINER_HOLDOUT)"),
     max_seconds: float | None = typer.Option(None, help="Stop after this long (default: run until killed)"),
 ) -> None:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve_metrics(settings.metrics_port)
-    cfg = TrainerConfig(
-        train_every_examples=train_every, train_every_s=train_every_s, min_examples=min_examples, holdout=holdout
+    cfg = TrainerConfig.from_settings(
+        settings,
+        train_every_examples=train_every,
+        train_every_s=train_every_s,
+        min_examples=min_examples,
+        holdout=holdout,
     )
     TrainerService(settings, cfg).run(max_seconds=max_seconds)
 

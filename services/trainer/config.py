@@ -1,9 +1,11 @@
-"""The continual trainer's configuration (its CLI flags take their defaults from here)."""
+"""The continual trainer's configuration. Its cadence comes from the settings' trainer section
+(TRAINER_* environment variables, `from_settings`); the CLI flags override it."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from recstream.config import Settings, setting_default
 from recstream.continual import GateConfig, LearnerConfig, ReplayConfig
 from recstream.continual.monitor import MonitorConfig
 from recstream.contracts.models import RANKER
@@ -21,10 +23,16 @@ class OffPolicyGateConfig(BaseModel):
 class TrainerConfig(BaseModel):
     group_id: str = "continual-trainer"
     model_name: str = RANKER
-    train_every_examples: int = Field(2000, ge=1, description="New examples that trigger a round")
-    train_every_s: float = Field(300.0, gt=0, description="Seconds after which a round runs anyway")
-    min_examples: int = Field(500, ge=1, description="No round before the buffer holds this many")
-    holdout: int = Field(400, ge=1, description="Newest examples held back for the gate")
+    train_every_examples: int = Field(
+        setting_default("trainer_train_every_examples"), ge=1, description="New examples that trigger a round"
+    )
+    train_every_s: float = Field(
+        setting_default("trainer_train_every_s"), gt=0, description="Seconds after which a round runs anyway"
+    )
+    min_examples: int = Field(
+        setting_default("trainer_min_examples"), ge=1, description="No round before the buffer holds this many"
+    )
+    holdout: int = Field(setting_default("trainer_holdout"), ge=1, description="Newest examples held back for the gate")
     keep_versions: int = Field(5, ge=2, description="Version folders kept on disk (rollback targets)")
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
@@ -43,3 +51,17 @@ class TrainerConfig(BaseModel):
     search: QueryUpdateConfig = Field(default_factory=QueryUpdateConfig)
     search_every_clicks: int = Field(500, ge=1, description="New search clicks that trigger a query-encoder round")
     search_clicks_kept: int = Field(20_000, ge=1, description="Newest search clicks a round learns from")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: object) -> TrainerConfig:
+        """The trainer's cadence from the settings (TRAINER_*), with `overrides` (None = not given)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return cls(
+            **{
+                "train_every_examples": settings.trainer_train_every_examples,
+                "train_every_s": settings.trainer_train_every_s,
+                "min_examples": settings.trainer_min_examples,
+                "holdout": settings.trainer_holdout,
+                **given,
+            }
+        )

@@ -35,6 +35,10 @@ def test_a_child_process_reads_back_every_setting(tmp_path: Path, monkeypatch: p
         "feedback_window_s": 2.5,
         "api_keys": "k1,k2",
         "cors_origins": "https://shop.example",
+        "trainer_train_every_examples": 250,
+        "trainer_train_every_s": 5.0,
+        "trainer_min_examples": 100,
+        "trainer_holdout": 50,
     }
     assert set(changed) == set(Settings.model_fields), "give the new setting a non-default value here"
     defaults = Settings()
