@@ -4,6 +4,7 @@ rule that a dead consumer thread stops the whole worker."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Self
 
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.config import Settings
 
@@ -97,4 +98,80 @@ class ConsumerThread:
 
     def _run(self) -> None:
         """The consumer loop (subclasses); it returns once `self._stop` is set."""
+        raise NotImplementedError
+
+
+#: Offsets stored after a batch is handled are committed this often (librdkafka's auto-commit).
+COMMIT_INTERVAL_MS = 1000
+
+
+class AsyncBatchLoop(ConsumerThread):
+    """A consumer thread that hands batches to an async processor on a private asyncio loop.
+
+    The first message of a batch is taken with poll() (it returns on arrival), then whatever else is
+    fetched, up to `batch_max`, waiting at most `batch_wait_s`: under load batches grow on their own,
+    at low rates nothing waits for one to fill. Offsets are stored once a batch is handled and
+    committed every COMMIT_INTERVAL_MS (at least once), and at stop. Subclasses say how to join the
+    topic, which messages to keep, what to do per batch and, optionally, while the topic is quiet."""
+
+    batch_max = 32
+    batch_wait_s = 0.0
+    poll_s = 0.05
+
+    def __init__(self, settings: Settings, topic: str, group_id: str) -> None:
+        super().__init__()
+        self.settings = settings
+        self.topic = topic
+        self.group_id = group_id
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        consumer = Consumer(
+            consumer_config(
+                self.settings,
+                self.group_id,
+                **{"enable.auto.commit": True, "auto.commit.interval.ms": COMMIT_INTERVAL_MS},
+            )
+        )
+        self._join(consumer)
+        try:
+            while not self._stop.is_set():
+                self._before_poll(consumer)
+                first = consumer.poll(self.poll_s)
+                if first is None:
+                    loop.run_until_complete(self._idle())
+                    continue
+                msgs = [first, *consumer.consume(self.batch_max - 1, timeout=self.batch_wait_s)]
+                events = [Consumed(m) for m in msgs if self._keep(m)]
+                loop.run_until_complete(self._handle(events))
+                last: dict[int, int] = {}
+                for ev in events:
+                    last[ev.message.partition] = ev.message.offset
+                consumer.store_offsets(offsets=[TopicPartition(self.topic, p, off + 1) for p, off in last.items()])
+        finally:
+            try:
+                consumer.commit(asynchronous=False)
+            except Exception as exc:  # nothing stored yet, or the broker is gone
+                log.debug("%s: final commit: %s", self.thread_name, exc)
+            consumer.close()
+            loop.close()
+
+    def _join(self, consumer: Consumer) -> None:
+        """Subscribe to the topic, or take partitions some other way."""
+        raise NotImplementedError
+
+    def _before_poll(self, consumer: Consumer) -> None:
+        """Work between batches on this thread (assignment commands)."""
+
+    def _keep(self, msg: Message) -> bool:
+        if msg.error():
+            log.warning("%s consumer: %s", self.thread_name, msg.error())
+            return False
+        return True
+
+    async def _idle(self) -> None:
+        """While the topic is quiet (no message within `poll_s`)."""
+
+    async def _handle(self, events: list[Consumed]) -> None:
         raise NotImplementedError

@@ -17,7 +17,6 @@ share one encoder, store and ranker call; at low rates nothing waits for a batch
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
@@ -29,7 +28,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from recstream.contracts.topics import REQUESTS
 from recstream.telemetry import STAGE_LATENCY
-from streams.consumer_threads import Consumed, ConsumerThread, consumer_config
+from streams.consumer_threads import AsyncBatchLoop, Consumed
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +36,20 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 32
 #: How long poll() waits for a first request before the loop looks at its commands again.
 POLL_S = 0.05
-#: Stored offsets are committed this often (librdkafka's auto-commit, after processing only).
-COMMIT_INTERVAL_MS = 1000
 
 
-class RequestLoop(ConsumerThread):
+class RequestLoop(AsyncBatchLoop):
     """One thread: consume requests, answer them in batches, store offsets of what was answered."""
 
     thread_name = "requests"
+    batch_max = BATCH_MAX
+    poll_s = POLL_S
 
     def __init__(self, ctx: Any, answer: Callable[[Any, list], Awaitable[None]], group_id: str) -> None:
         """`answer(ctx, decoded)`: the request processor (streams.registry), awaited per batch."""
-        super().__init__()
+        super().__init__(ctx.settings, REQUESTS.name(ctx.settings.topic_prefix), group_id)
         self.ctx = ctx
         self.answer = answer
-        self.settings = ctx.settings
-        self.group_id = group_id
-        self.topic = REQUESTS.name(self.settings.topic_prefix)
         self._commands: queue.Queue[tuple[str, list[int], threading.Event | None]] = queue.Queue()
         self._following = False
         self.assigned: set[int] = set()
@@ -78,34 +74,12 @@ class RequestLoop(ConsumerThread):
         self._commands.put(("revoke", list(partitions), done))
         done.wait(30)
 
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        # offsets are stored only once answered, and committed every COMMIT_INTERVAL_MS
-        consumer = Consumer(
-            consumer_config(
-                self.settings,
-                self.group_id,
-                **{"enable.auto.commit": True, "auto.commit.interval.ms": COMMIT_INTERVAL_MS},
-            )
-        )
+    def _join(self, consumer: Consumer) -> None:
         if not self._following:
             consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        try:
-            while not self._stop.is_set():
-                self._apply_commands(consumer)
-                first = consumer.poll(POLL_S)
-                if first is None:
-                    continue
-                msgs = [first, *consumer.consume(BATCH_MAX - 1, timeout=0)]
-                self._answer(loop, consumer, msgs)
-        finally:
-            try:
-                consumer.commit(asynchronous=False)
-            except Exception as exc:  # nothing stored yet, or the broker is gone
-                log.debug("requests: final commit: %s", exc)
-            consumer.close()
-            loop.close()
+
+    def _before_poll(self, consumer: Consumer) -> None:
+        self._apply_commands(consumer)
 
     def _apply_commands(self, consumer: Consumer) -> None:
         while True:
@@ -143,20 +117,12 @@ class RequestLoop(ConsumerThread):
 
     # --- the batch ----------------------------------------------------------------------------
 
-    def _answer(self, loop: asyncio.AbstractEventLoop, consumer: Consumer, msgs: list[Message]) -> None:
+    def _keep(self, msg: Message) -> bool:
+        # fetched just before a revoke: another worker owns that partition now
+        return super()._keep(msg) and msg.partition() in self.assigned
+
+    async def _handle(self, events: list[Consumed]) -> None:
         t0 = time.perf_counter()
-        events = []
-        for msg in msgs:
-            if msg.error():
-                log.warning("requests consumer: %s", msg.error())
-                continue
-            if msg.partition() not in self.assigned:
-                continue  # fetched just before a revoke: another worker owns it now
-            events.append(Consumed(msg))
         decoded = self.ctx.decode_events(REQUESTS, events)
         STAGE_LATENCY.labels(stage="decode").observe(time.perf_counter() - t0)
-        loop.run_until_complete(self.answer(self.ctx, decoded))
-        last: dict[int, int] = {}
-        for ev in events:
-            last[ev.message.partition] = ev.message.offset
-        consumer.store_offsets(offsets=[TopicPartition(self.topic, p, off + 1) for p, off in last.items()])
+        await self.answer(self.ctx, decoded)
