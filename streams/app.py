@@ -82,6 +82,8 @@ def create_app(
             behaviour.append(built)
         elif spec.source == REQUESTS.logical:
             ctx.requests = RequestLoop(ctx, built, group_id=f"{app_id(settings)}-requests")
+        else:  # a processor nothing would feed must not pass silently
+            raise ValueError(f"no consumer feeds topic {spec.source!r} of processor {spec.name!r}: add one here")
     if behaviour:
         ctx.behaviour = BehaviourLoop(ctx, behaviour, group_id=f"{app_id(settings)}-behaviour")
         if ctx.requests is not None:  # answer exactly the partitions whose tables are here

@@ -100,3 +100,16 @@ def test_follows_the_given_partitions_and_commits_what_it_answered(settings: Set
     consumer.close()
     assert committed[2] == more[2] and committed[3] == more[3]
     assert committed[0] == ends[0] and committed[1] == ends[1]
+
+
+def test_a_processor_no_consumer_feeds_is_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered processor of a topic that no consumer reads would never run: the app says so."""
+    from dataclasses import replace
+
+    from streams import registry
+    from streams.app import create_app
+
+    orphan = replace(registry.BY_NAME["features"], name="orphan", source="ranking-log")
+    monkeypatch.setattr(registry, "specs_for", lambda agents: [orphan])
+    with pytest.raises(ValueError, match="no consumer feeds topic 'ranking-log'"):
+        create_app(Settings(run_dir=tmp_path, qdrant_path=tmp_path / "qdrant"), ["orphan"])
