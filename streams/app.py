@@ -42,10 +42,14 @@ class StreamApp:
     def start(self) -> StreamApp:
         """Open the handles the processors need (here, on one thread, before any consumer thread
         needs them), then start the consumers."""
-        registry.open_handles(self.ctx, self.specs)
+        registry.open_handles(self.ctx, (h for spec in self.specs for h in spec.opens))
         for loop in self.loops:
             loop.start()
         return self
+
+    def open_when_ready(self) -> None:
+        """The handles the processors open once the worker is ready (after table recovery)."""
+        registry.open_handles(self.ctx, (h for spec in self.specs for h in spec.opens_when_ready))
 
     def ready(self) -> bool:
         """Every consumer has its partitions (the behaviour consumer: and their tables recovered)."""

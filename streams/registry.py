@@ -104,9 +104,9 @@ def specs_for(agents: Iterable[str]) -> list[ProcessorSpec]:
     return [spec for spec in PROCESSORS if spec.name in names]
 
 
-def open_handles(ctx: StreamContext, specs: Iterable[ProcessorSpec], when_ready: bool = False) -> None:
-    """Open the handles the processors need (each once; StreamContext caches them)."""
-    for name in dict.fromkeys(h for s in specs for h in (s.opens + s.opens_when_ready if when_ready else s.opens)):
+def open_handles(ctx: StreamContext, names: Iterable[str]) -> None:
+    """Open these StreamContext handles (each once; the context caches them)."""
+    for name in dict.fromkeys(names):
         getattr(ctx, name)
 
 

@@ -23,7 +23,7 @@ from recstream.kafka.admin import ensure_topics
 from recstream.telemetry import STAGE_LATENCY, serve_metrics
 from streams.app import create_app
 from streams.inference import RANKERS
-from streams.registry import ALL_AGENTS, open_handles, specs_for
+from streams.registry import ALL_AGENTS, specs_for
 
 log = logging.getLogger("streams.worker")
 READY_LINE = "recstream worker ready"
@@ -127,7 +127,7 @@ def main(
                 # this line). Open Qdrant, the Triton clients and the ranker now, not on the first
                 # request (the ranker import and its metadata probe take seconds on a busy box).
                 announced = True
-                open_handles(app.ctx, app.specs, when_ready=True)
+                app.open_when_ready()
                 _quiet_gc()
                 log.warning("%s (pid %d, agents %s)", READY_LINE, os.getpid(), ",".join(chosen))
     finally:
