@@ -426,7 +426,8 @@ def production_ope_check(
     with the live model's order; its truth is that policy's exact expected CTR on the same pools."""
     from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
     from recstream.explore import greedy_order, make_policy
-    from recstream.ope.logs import PoolRescorer, evaluate_logs
+    from recstream.ope.logs import evaluate_logs
+    from recstream.ope.rescoring import PoolRescorer
     from streams.recommend_ranking import EXPLORE_POOL_FACTOR
 
     candidates = candidates or {}

@@ -230,7 +230,8 @@ class StreamContext:
 
     def _pick_ranker(self):
         from recstream.contracts.models import RANKER
-        from streams.inference import RANKERS, model_ready
+        from streams.inference import model_ready
+        from streams.rankers import RANKERS
 
         mode = self.ranker_mode
         if mode == "auto":

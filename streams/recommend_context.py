@@ -16,7 +16,8 @@ from recstream.recommend.candidates import build_filter
 from recstream.recommend.scoring import Candidate, RankContext
 from recstream.telemetry import STAGE_LATENCY
 from streams.context import StreamContext
-from streams.inference import InProcessRanker, ModelUnavailable
+from streams.inference import ModelUnavailable
+from streams.rankers import InProcessRanker
 from streams.session_vectors import session_history
 from streams.state import read_session
 

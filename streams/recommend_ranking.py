@@ -19,7 +19,8 @@ from recstream.recommend.rerank import keep_new_items_in_place
 from recstream.recommend.scoring import Candidate
 from recstream.telemetry import STAGE_LATENCY
 from streams.context import StreamContext
-from streams.inference import InProcessRanker, ModelUnavailable
+from streams.inference import ModelUnavailable
+from streams.rankers import InProcessRanker
 from streams.recommend_context import Pending, Timer
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
 from recstream.telemetry import STAGE_LATENCY, serve_metrics
 from streams.app import create_app
-from streams.inference import RANKERS
+from streams.rankers import RANKERS
 from streams.registry import ALL_AGENTS, specs_for
 
 log = logging.getLogger("streams.worker")

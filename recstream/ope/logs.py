@@ -36,7 +36,7 @@ out of reach - an estimate of a new model *within the pools the live one drew*.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -48,6 +48,8 @@ from recstream.explore.feedback import learns_online
 from recstream.explore.policies import PlackettLuce, RankingPolicy, greedy_order
 from recstream.explore.specs import make_policy
 from recstream.ope.estimators import LoggedData, doubly_robust, ips, snips
+from recstream.ope.logged import LoggedRequest, UnusableLog, join
+from recstream.ope.rescoring import Rescorer
 
 #: A cell the logging policy fills less often than this is treated as unsupported: a weight above
 #: a million is never observed in practice, so IPS effectively misses that mass.
@@ -92,114 +94,6 @@ class OpeReport(BaseModel):
         "same policy over the same pools (IPS and DR)",
     )
     warnings: list[str] = Field(default_factory=list)
-
-
-@dataclass
-class LoggedRequest:
-    """One logged answer: the pool it was drawn from and each shown slot's training example."""
-
-    log: RankingLog
-    slots: list[TrainingExample]  # by position 0..n-1
-    # The ranker's inputs as arrays (context [768], pool features [n, K]) when a long-lived holder
-    # (LogWindow) keeps them compact instead of in the log's float lists (~4x the memory).
-    inputs: tuple[np.ndarray, np.ndarray] | None = None
-
-    def ranker_inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(context [768], features [n, K]) as served; UnusableLog if the worker did not log them."""
-        if self.inputs is not None:
-            return self.inputs
-        rl = self.log
-        if rl.context is None or any(c.features is None for c in rl.pool):
-            raise UnusableLog("logged without the ranker's inputs (heuristic ranker or an older worker)")
-        return np.asarray(rl.context, np.float32), np.asarray([c.features for c in rl.pool], np.float32)
-
-
-class UnusableLog(ValueError):
-    """A logged request that cannot enter the estimate; the message is the reason it is counted under."""
-
-
-#: A candidate model's logits for a logged request's pool, in pool order (UnusableLog if it cannot).
-Rescorer = Callable[[LoggedRequest], np.ndarray]
-
-
-class PoolRescorer:
-    """Rescores logged pools with another model version, from the inputs the worker served with:
-    the logged CONTEXT vector and CAND_FEATURES rows, and each item's vector (`item_vectors`, the
-    catalog's text embeddings, as retrieval returned them).
-
-    `prepare` scores many pools in a few batched forward passes (the ranker scores each candidate
-    on its own, so padding changes nothing); `evaluate` calls it before asking pool by pool."""
-
-    BATCH = 256
-
-    def __init__(self, net: Callable[..., object], item_vectors: Mapping[str, np.ndarray]) -> None:
-        self.net = net
-        self.item_vectors = item_vectors
-        self._scores: dict[str, np.ndarray] = {}
-
-    def _inputs(self, lr: LoggedRequest) -> tuple[np.ndarray, np.ndarray]:
-        inputs = lr.ranker_inputs()
-        if any(c.item_id not in self.item_vectors for c in lr.log.pool):
-            raise UnusableLog("a pool item is not in the catalog")
-        return inputs
-
-    def _forward(self, batch: Sequence[tuple[LoggedRequest, tuple[np.ndarray, np.ndarray]]]) -> list[np.ndarray]:
-        import torch
-
-        sizes = [len(lr.log.pool) for lr, _ in batch]
-        width = max(sizes)
-        dim = len(next(iter(self.item_vectors.values())))
-        n_feat = batch[0][1][1].shape[1]
-        context = np.stack([ctx for _, (ctx, _) in batch]).astype(np.float32)
-        items = np.zeros((len(batch), width, dim), np.float32)
-        feats = np.zeros((len(batch), width, n_feat), np.float32)
-        for b, (lr, (_, f)) in enumerate(batch):
-            items[b, : sizes[b]] = [self.item_vectors[c.item_id] for c in lr.log.pool]
-            feats[b, : sizes[b]] = f
-        with torch.inference_mode():
-            out = self.net(torch.from_numpy(context), torch.from_numpy(items), torch.from_numpy(feats))
-        scores = np.asarray(out, dtype=np.float64).reshape(len(batch), width)
-        return [scores[b, :n] for b, n in enumerate(sizes)]
-
-    def prepare(self, requests: Sequence[LoggedRequest]) -> None:
-        """Score every usable pool now, in batches (unusable ones raise when asked for)."""
-        usable = []
-        for lr in requests:
-            try:
-                if lr.log.pool:
-                    usable.append((lr, self._inputs(lr)))
-            except UnusableLog:
-                continue
-        for start in range(0, len(usable), self.BATCH):
-            chunk = usable[start : start + self.BATCH]
-            self._scores.update(zip((lr.log.request_id for lr, _ in chunk), self._forward(chunk), strict=True))
-
-    def __call__(self, lr: LoggedRequest) -> np.ndarray:
-        cached = self._scores.get(lr.log.request_id)
-        if cached is not None:
-            return cached
-        return self._forward([(lr, self._inputs(lr))])[0]
-
-
-def join(logs: Iterable[RankingLog], examples: Iterable[TrainingExample]) -> tuple[list[LoggedRequest], int]:
-    """Complete logged requests (every shown slot has its outcome) and the number of incomplete ones.
-
-    Duplicates (at-least-once delivery) collapse to the last copy of each request / (request, slot)."""
-    by_request: dict[str, dict[int, TrainingExample]] = {}
-    for ex in examples:
-        by_request.setdefault(ex.request_id, {})[ex.position] = ex
-    complete: list[LoggedRequest] = []
-    incomplete = 0
-    for rl in {r.request_id: r for r in logs}.values():
-        shown = min(rl.k, len(rl.pool))
-        slots = by_request.get(rl.request_id, {})
-        if not slots:
-            continue  # nothing was logged for this answer (never displayed, or its window is still open)
-        if any(j not in slots for j in range(shown)):
-            incomplete += 1
-            continue
-        complete.append(LoggedRequest(rl, [slots[j] for j in range(shown)]))
-    return complete, incomplete
 
 
 @lru_cache(maxsize=64)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from recstream.contracts.events import RankingLog, TrainingExample
-from recstream.ope.logs import LoggedRequest, UnusableLog, explores, join
+from recstream.ope.logged import LoggedRequest, UnusableLog, join
+from recstream.ope.logs import explores
 
 
 class LogWindow:

@@ -8,8 +8,9 @@ import typer
 import uvicorn
 
 from recstream.config import get_settings, model_option
-from services.gateway.app import GatewayLimits, create_app
+from services.gateway.app import create_app
 from services.gateway.middleware import RedactKeysFilter
+from services.gateway.schemas import GatewayLimits
 
 cli = typer.Typer(add_completion=False, help=__doc__)
 

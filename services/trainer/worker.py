@@ -43,7 +43,8 @@ from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonMode
 from recstream.continual.monitor import CtrMonitor
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
 from recstream.models.ranker import ITEM_DIM, Ranker
-from recstream.ope.logs import PoolRescorer, evaluate
+from recstream.ope.logs import evaluate
+from recstream.ope.rescoring import PoolRescorer
 from recstream.ope.window import LogWindow
 from recstream.search.continual import SearchClick, update_query_encoder
 from recstream.telemetry import (

@@ -17,7 +17,8 @@ import pytest
 from recstream.contracts.events import PoolCandidate, RankingLog, TrainingExample
 from recstream.explore import PlackettLuce, make_policy
 from recstream.ope.estimators import LoggedData, ips
-from recstream.ope.logs import UnusableLog, evaluate, evaluate_logs, join
+from recstream.ope.logged import UnusableLog, join
+from recstream.ope.logs import evaluate, evaluate_logs
 
 N_ITEMS = 300
 POOL = 12
@@ -268,7 +269,8 @@ def test_pool_rescorer_reproduces_the_served_logits() -> None:
     import torch
 
     from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
-    from recstream.ope.logs import LoggedRequest, PoolRescorer
+    from recstream.ope.logged import LoggedRequest
+    from recstream.ope.rescoring import PoolRescorer
 
     net = new_ranker(RankerConfig(seed=3)).net.eval()
     rng = np.random.default_rng(3)

@@ -34,7 +34,7 @@ from live_stack import LiveStack
 
 from recstream.client import EventProducer
 from recstream.config import REPO_ROOT
-from services.gateway.app import GatewayResult
+from services.gateway.schemas import GatewayResult
 from streams.process import free_port
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]

@@ -22,7 +22,7 @@ from recstream.models.export import export_ranker
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, RankerConfig, new_ranker
 from recstream.recommend.scoring import Candidate, RankContext
 from services.trainer import CatalogFeatures, TrainerConfig, TrainerService
-from streams.inference import TritonRanker
+from streams.rankers import TritonRanker
 
 CATS = ["scifi", "romance", "horror", "comedy"]
 TITLES = {

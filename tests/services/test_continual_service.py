@@ -125,7 +125,8 @@ def _logged_answers(service: TrainerService, n_req: int, seed: int) -> list:
     from recstream.contracts.events import PoolCandidate, RankingLog
     from recstream.explore import make_policy
     from recstream.models.repository import load_exported
-    from recstream.ope.logs import LoggedRequest, PoolRescorer
+    from recstream.ope.logged import LoggedRequest
+    from recstream.ope.rescoring import PoolRescorer
 
     rng = np.random.default_rng(seed)
     service.handle(_events(1, seed=seed)[:40])  # the catalog upserts

@@ -515,7 +515,8 @@ def test_a_model_version_is_evaluated_on_the_workers_logged_pools(
     live version itself, its paired difference with the logging model is 0."""
     from recstream.models.repository import load_exported, versions
     from recstream.models.served import item_vectors_as_indexed
-    from recstream.ope.logs import LoggedRequest, PoolRescorer
+    from recstream.ope.logged import LoggedRequest
+    from recstream.ope.rescoring import PoolRescorer
 
     settings = _worker_settings(
         make_settings, triton_server, tmp_path, indexed_catalog, exploration_policy="pl:2", exploration_seed=3

@@ -1,4 +1,4 @@
-"""Several requests in one Triton ranker call (streams.inference.TritonRanker.score_many), through a real
+"""Several requests in one Triton ranker call (streams.rankers.TritonRanker.score_many), through a real
 tritonserver: the scores equal one call per request (padding to the longest candidate list changes
 nothing), empty candidate lists are fine, and a batch over the model's max_batch_size is refused."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from recstream.config import Settings
 from recstream.recommend.scoring import Candidate, RankContext
-from streams.inference import TritonRanker
+from streams.rankers import TritonRanker
 
 pytestmark = [pytest.mark.triton]
 

@@ -79,7 +79,7 @@ def test_an_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
 def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None:
     """`make train` serves only what beats item-knn and popularity on validation: the figure it
     judges the trained pair by is the ranker's own validation figure, recomputed the serving way."""
-    from recstream.ops.cli import _validation_against_baselines
+    from recstream.ops.models_cli import _validation_against_baselines
 
     trained, _ = bundle
     check = _validation_against_baselines(trained)

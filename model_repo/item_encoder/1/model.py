@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 def _import_recstream(params: dict, module: str):
     """`module` from PYTHONPATH, else from the first checkout found: the `recstream_root` parameter,
-    RECSTREAM_REPO_ROOT (set by infra/triton_server.py), the checkout this file sits in
+    RECSTREAM_REPO_ROOT (set by infra/triton_env.py), the checkout this file sits in
     (model_repo/<model>/<v>/model.py -> parents[3])."""
     import importlib
 

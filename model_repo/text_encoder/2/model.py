@@ -1,7 +1,7 @@
 """Triton python-backend model ``text_encoder``: TEXT (bytes) -> EMBEDDING (float32[384]).
 
 How the repository code is found: the python-backend stub runs an *isolated* interpreter, so
-PYTHONPATH is ignored (the environment itself is inherited). infra/triton_server.py therefore
+PYTHONPATH is ignored (the environment itself is inherited). infra/triton_env.py therefore
 exports RECSTREAM_REPO_ROOT and we put it on sys.path here; without it (another launcher) we use the
 repo root computed from this file (model_repo/text_encoder/<version>/model.py -> parents[3]), which
 is right whenever the model repository is the one inside the checkout. site-packages (torch,

@@ -1,37 +1,10 @@
-"""The item vector store: one Qdrant collection, embedded local mode or a server, same code path.
-
-Local mode (the default, `settings.qdrant_path`) lets only one process open the directory, which is
-why the embedded stack runs every stream agent in one worker; `settings.qdrant_url` switches to a
-server and the agents may then run as separate processes.
-
-Point ids are UUIDv5 of the item id, so an upsert replays idempotently and a delete needs no lookup;
-the item id itself stays in the payload.
-
-Reads in local mode: qdrant-client's local mode evaluates filters per point in Python and deep-copies
-every returned payload; measured here on the 1,682-item MovieLens catalog that is 5-15 ms for an
-unfiltered top-100 and 110-125 ms with the request filters, against a 50 ms end-to-end budget. Local
-mode is single-process by construction (it locks the directory), so this wrapper is the only writer
-and can keep an exact in-process read index (`_ReadIndex`: a numpy matrix plus payload columns)
-updated on every write and loaded from Qdrant at open. Qdrant stays the store of record (durable,
-restart-safe); `read_index=False` forces reads through Qdrant and a test checks both agree.
-Server mode always reads from the server (other processes may write).
-
-Versions of item vectors: vectors belong to the item encoder that made them (and to the session
-encoder trained with it), so each encoder version gets its own physical collection,
-`items__<model>-v<N>`, behind the alias `items` (`tag` says which). `rebuild` fills a new
-collection and swaps the alias and the read index in one step, so readers see the old vectors or
-the new ones, never a mix or an empty store (streams.catalog_indexer re-embeds the catalog when a
-new item-encoder version goes live).
-"""
+"""The VectorStore: writes go to Qdrant (the store of record) and, in local mode, to the read index;
+reads come from the read index in local mode and from the server otherwise (see the package doc)."""
 
 from __future__ import annotations
 
 import logging
-import re
-import threading
-import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,35 +12,19 @@ from qdrant_client import QdrantClient, models
 
 from recstream.config import Settings
 from recstream.recommend.candidates import CandidateFilter
+from recstream.vectorstore.qdrant import (
+    COLLECTION,
+    DIM,
+    INITIAL_TAG,
+    SERVER_TIMEOUT_S,
+    hit_from_point,
+    physical_name,
+    point_id,
+    to_qdrant_filter,
+)
+from recstream.vectorstore.read_index import Hit, ReadIndex, normalise
 
 log = logging.getLogger(__name__)
-
-COLLECTION = "items"
-DIM = 384
-#: The tag of a store created before any encoder wrote to it.
-INITIAL_TAG = "initial"
-_NAMESPACE = uuid.UUID("6f1c2b1e-4d7a-5c7e-9f3a-2b8d4e6a1c90")
-# Server mode only: a search on a few-thousand-item collection answers in a few ms; 5 s means the
-# server is gone, and the caller's degraded path takes over instead of hanging the stream.
-SERVER_TIMEOUT_S = 5
-
-
-def physical_name(alias: str, tag: str) -> str:
-    """The collection that holds the vectors of encoder `tag` behind `alias`."""
-    return f"{alias}__{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}"
-
-
-def point_id(item_id: str) -> str:
-    """Deterministic point id for an item id (stable across processes and restarts)."""
-    return str(uuid.uuid5(_NAMESPACE, item_id))
-
-
-@dataclass
-class Hit:
-    item_id: str
-    score: float
-    payload: dict[str, Any]
-    vector: np.ndarray | None = None
 
 
 class VectorStore:
@@ -95,7 +52,7 @@ class VectorStore:
         use_index = self.mode == "local" if read_index is None else read_index
         if use_index and self.mode != "local":
             raise ValueError("the in-process read index is only exact in local mode (single writer)")
-        self._index: _ReadIndex | None = _ReadIndex(dim) if use_index else None
+        self._index: ReadIndex | None = ReadIndex(dim) if use_index else None
         if self._index is not None:
             self._load_index()
 
@@ -120,9 +77,9 @@ class VectorStore:
                 self.collection, limit=1000, offset=offset, with_payload=True, with_vectors=True
             )
             for p in points:
-                hit = _hit(p, 0.0)
+                hit = hit_from_point(p, 0.0)
                 # Reopened local collections hand back the vectors as upserted; cosine wants units.
-                vec = None if hit.vector is None else _normalise(hit.vector)
+                vec = None if hit.vector is None else normalise(hit.vector)
                 self._index.put(hit.item_id, vec, hit.payload)
             if offset is None:
                 break
@@ -181,7 +138,7 @@ class VectorStore:
         if new == old:
             return
         self._create(new)
-        index = _ReadIndex(self.dim) if self._index is not None else None
+        index = ReadIndex(self.dim) if self._index is not None else None
         for lo in range(0, len(items), batch):
             self._write(new, index, items[lo : lo + batch], vectors[lo : lo + batch])
         if old == self.alias:  # a pre-alias store: its collection holds the alias's name
@@ -206,7 +163,7 @@ class VectorStore:
             self.revision += 1
 
     def _write(
-        self, collection: str, index: _ReadIndex | None, items: Sequence[dict[str, Any]], vectors: np.ndarray
+        self, collection: str, index: ReadIndex | None, items: Sequence[dict[str, Any]], vectors: np.ndarray
     ) -> None:
         points = [
             models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
@@ -216,7 +173,7 @@ class VectorStore:
         if index is not None:
             for it, p in zip(items, points, strict=True):
                 # Qdrant stores cosine vectors normalised; the index keeps exactly what Qdrant returns.
-                index.put(it["item_id"], _normalise(np.asarray(p.vector, np.float32)), dict(it))
+                index.put(it["item_id"], normalise(np.asarray(p.vector, np.float32)), dict(it))
 
     def delete(self, item_ids: Iterable[str]) -> None:
         ids = [point_id(i) for i in item_ids]
@@ -243,7 +200,7 @@ class VectorStore:
         points = self.client.retrieve(
             self.collection, ids=[point_id(i) for i in item_ids], with_payload=True, with_vectors=with_vectors
         )
-        return {p.payload["item_id"]: _hit(p, 1.0) for p in points}
+        return {p.payload["item_id"]: hit_from_point(p, 1.0) for p in points}
 
     def search(
         self, vector: np.ndarray, limit: int, filt: CandidateFilter | None = None, with_vectors: bool = True
@@ -259,7 +216,7 @@ class VectorStore:
             with_payload=True,
             with_vectors=with_vectors,
         )
-        return [_hit(p, p.score) for p in res.points]
+        return [hit_from_point(p, p.score) for p in res.points]
 
     def search_many(
         self, queries: Sequence[tuple[np.ndarray, int, CandidateFilter | None]], with_vectors: bool = True
@@ -284,7 +241,7 @@ class VectorStore:
                 for v, k, f in queries
             ],
         )
-        return [[_hit(p, p.score) for p in r.points] for r in res]
+        return [[hit_from_point(p, p.score) for p in r.points] for r in res]
 
     def snapshot(self) -> list[Hit]:
         """Every item with its vector and payload (catalogue-wide statistics; a full scan)."""
@@ -296,7 +253,7 @@ class VectorStore:
             points, offset = self.client.scroll(
                 self.collection, limit=1024, offset=offset, with_payload=True, with_vectors=True
             )
-            out += [_hit(p, 0.0) for p in points]
+            out += [hit_from_point(p, 0.0) for p in points]
             if offset is None:
                 return out
 
@@ -311,188 +268,7 @@ class VectorStore:
             with_payload=True,
             with_vectors=with_vectors,
         )
-        return [_hit(p, 0.0) for p in points]
+        return [hit_from_point(p, 0.0) for p in points]
 
     def close(self) -> None:
         self.client.close()
-
-
-def _normalise(vec: np.ndarray) -> np.ndarray:
-    norm = float(np.linalg.norm(vec))
-    return vec / norm if norm > 0 else vec
-
-
-class _ReadIndex:
-    """Exact brute-force index over the whole collection: a few thousand items x 384 is ~1 ms."""
-
-    def __init__(self, dim: int, capacity: int = 1024) -> None:
-        self.dim = dim
-        self.vectors = np.zeros((capacity, dim), np.float32)
-        self.live = np.zeros(capacity, bool)
-        self.in_stock = np.zeros(capacity, bool)
-        self.price = np.full(capacity, np.nan, np.float64)
-        self.category: list[str | None] = [None] * capacity
-        self.item_ids: list[str | None] = [None] * capacity
-        self.payloads: list[dict[str, Any] | None] = [None] * capacity
-        self.row_of: dict[str, int] = {}
-        self.free: list[int] = []
-        self.size = 0
-        # Writers (catalog batches, in a worker thread) and readers (requests) share the arrays.
-        self.lock = threading.RLock()
-
-    def _grow(self) -> None:
-        cap = len(self.live) * 2
-        self.vectors = np.resize(self.vectors, (cap, self.dim))
-        for name in ("live", "in_stock"):
-            arr = np.zeros(cap, bool)
-            arr[: len(getattr(self, name))] = getattr(self, name)
-            setattr(self, name, arr)
-        price = np.full(cap, np.nan)
-        price[: len(self.price)] = self.price
-        self.price = price
-        extra = cap - len(self.category)
-        self.category += [None] * extra
-        self.item_ids += [None] * extra
-        self.payloads += [None] * extra
-
-    def put(self, item_id: str, vector: np.ndarray | None, payload: dict[str, Any]) -> None:
-        with self.lock:
-            self._put(item_id, vector, payload)
-
-    def _put(self, item_id: str, vector: np.ndarray | None, payload: dict[str, Any]) -> None:
-        row = self.row_of.get(item_id)
-        if row is None:
-            if self.free:
-                row = self.free.pop()
-            else:
-                if self.size == len(self.live):
-                    self._grow()
-                row = self.size
-                self.size += 1
-            self.row_of[item_id] = row
-        self.vectors[row] = 0.0 if vector is None else vector
-        self.live[row] = True
-        self.in_stock[row] = bool(payload.get("in_stock", True))
-        price = payload.get("price")
-        self.price[row] = np.nan if price is None else float(price)
-        self.category[row] = payload.get("category")
-        self.item_ids[row] = item_id
-        self.payloads[row] = payload
-
-    def remove(self, item_id: str) -> None:
-        with self.lock:
-            self._remove(item_id)
-
-    def _remove(self, item_id: str) -> None:
-        row = self.row_of.pop(item_id, None)
-        if row is not None:
-            self.live[row] = False
-            self.item_ids[row] = self.payloads[row] = self.category[row] = None
-            self.free.append(row)
-
-    def get(self, item_ids: Sequence[str]) -> dict[str, Hit]:
-        with self.lock:
-            return self._get(item_ids)
-
-    def _get(self, item_ids: Sequence[str]) -> dict[str, Hit]:
-        out = {}
-        for i in item_ids:
-            row = self.row_of.get(i)
-            if row is not None:
-                out[i] = Hit(i, 1.0, dict(self.payloads[row] or {}), self.vectors[row].copy())
-        return out
-
-    def mask(self, f: CandidateFilter | None) -> np.ndarray:
-        n = self.size
-        m = self.live[:n].copy()
-        if f is None:
-            return m
-        if f.in_stock_only:
-            m &= self.in_stock[:n]
-        if f.max_price is not None:
-            with np.errstate(invalid="ignore"):
-                m &= self.price[:n] <= f.max_price  # NaN (no price) compares False, as in Qdrant
-        if f.categories is not None or f.exclude_categories:
-            allowed = set(f.categories) if f.categories is not None else None
-            banned = set(f.exclude_categories)
-            for row in np.flatnonzero(m):
-                c = self.category[row]
-                if (allowed is not None and c not in allowed) or c in banned:
-                    m[row] = False
-        for i in f.exclude_ids:
-            row = self.row_of.get(i)
-            if row is not None:
-                m[row] = False
-        return m
-
-    def search(self, query: np.ndarray | None, limit: int, f: CandidateFilter | None) -> list[Hit]:
-        with self.lock:
-            return self._search(query, limit, f)
-
-    def _search(self, query: np.ndarray | None, limit: int, f: CandidateFilter | None) -> list[Hit]:
-        if query is None:
-            mask = self.mask(f)
-            if limit <= 0:
-                return []
-            top = np.flatnonzero(mask)[:limit]
-            return self._hits(top, np.zeros(top.size, np.float32))
-        # One matrix-vector product over every row (no gather copy of the allowed rows), then
-        # excluded rows pushed to -inf: ~0.1-0.3 ms for the MovieLens catalog.
-        sims = self.vectors[: self.size] @ _normalise(query.astype(np.float32))
-        return self._top(sims, limit, f)
-
-    def search_many(self, queries: Sequence[tuple[np.ndarray, int, CandidateFilter | None]]) -> list[list[Hit]]:
-        with self.lock:
-            q = np.stack([_normalise(v.astype(np.float32)) for v, _, _ in queries], axis=1)
-            # [n_items, B] in one product: the catalogue is read once for the whole batch.
-            sims = self.vectors[: self.size] @ q
-            return [self._top(np.ascontiguousarray(sims[:, j]), k, f) for j, (_, k, f) in enumerate(queries)]
-
-    def _top(self, sims: np.ndarray, limit: int, f: CandidateFilter | None) -> list[Hit]:
-        """The best `limit` rows by `sims` that pass `f` (sims is consumed)."""
-        mask = self.mask(f)
-        n_ok = int(mask.sum())
-        if n_ok == 0 or limit <= 0:
-            return []
-        sims[~mask] = -np.inf
-        k = min(limit, n_ok)
-        part = np.argpartition(-sims, k - 1)[:k] if sims.size > k else np.arange(sims.size)
-        top = part[np.argsort(-sims[part], kind="stable")]
-        return self._hits(top, sims[top])
-
-    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        vectors = self.vectors[rows]  # one gather copy; each hit gets its own row of it
-        return [
-            Hit(self.item_ids[r], s, dict(self.payloads[r] or {}), vectors[j])  # type: ignore[arg-type]
-            for j, (r, s) in enumerate(zip(rows.tolist(), scores.tolist(), strict=True))
-        ]
-
-
-def _hit(point: Any, score: float) -> Hit:
-    vec = point.vector
-    if isinstance(vec, dict):  # named vectors; we use the default unnamed one
-        vec = next(iter(vec.values()), None)
-    return Hit(
-        item_id=point.payload["item_id"],
-        score=float(score),
-        payload=point.payload,
-        vector=None if vec is None else np.asarray(vec, dtype=np.float32),
-    )
-
-
-def to_qdrant_filter(f: CandidateFilter) -> models.Filter | None:
-    must: list[Any] = []
-    must_not: list[Any] = []
-    if f.in_stock_only:
-        must.append(models.FieldCondition(key="in_stock", match=models.MatchValue(value=True)))
-    if f.categories is not None:
-        must.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(f.categories))))
-    if f.max_price is not None:
-        must.append(models.FieldCondition(key="price", range=models.Range(lte=f.max_price)))
-    if f.exclude_categories:
-        must_not.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(f.exclude_categories))))
-    if f.exclude_ids:
-        must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in sorted(f.exclude_ids)]))
-    if not must and not must_not:
-        return None
-    return models.Filter(must=must or None, must_not=must_not or None)
