@@ -16,8 +16,9 @@ bumping APP_VERSION would make a restarted worker read old bytes with new code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from recstream.config import Settings
 from recstream.contracts.topics import BEHAVIOUR, CATALOG, REQUESTS
@@ -59,6 +60,32 @@ class StreamApp:
         self.ctx.close()
 
 
+def _catalog_consumer(ctx: StreamContext, processors: list[Any]) -> None:
+    (indexer,) = processors
+    ctx.catalog = CatalogLoop(ctx, indexer, group_id=catalog_group(ctx.settings))
+
+
+def _behaviour_consumer(ctx: StreamContext, processors: list[Any]) -> None:
+    ctx.behaviour = BehaviourLoop(ctx, processors, group_id=f"{app_id(ctx.settings)}-behaviour")
+
+
+def _request_consumer(ctx: StreamContext, processors: list[Any]) -> None:
+    (answer,) = processors
+    ctx.requests = RequestLoop(ctx, answer, group_id=f"{app_id(ctx.settings)}-requests")
+
+
+#: The consumer that feeds each source topic (logical name), given the processors built for it in
+#: registry order. The catalog and request consumers hand each batch to one processor; the
+#: behaviour consumer folds every batch through all of its processors.
+CONSUMERS: dict[str, Callable[[StreamContext, list[Any]], None]] = {
+    CATALOG.logical: _catalog_consumer,
+    BEHAVIOUR.logical: _behaviour_consumer,
+    REQUESTS.logical: _request_consumer,
+}
+#: Consumers that take exactly one processor.
+SINGLE_PROCESSOR = {CATALOG.logical, REQUESTS.logical}
+
+
 def create_app(
     settings: Settings,
     agents: Iterable[str] = ALL_AGENTS,
@@ -68,6 +95,15 @@ def create_app(
 ) -> StreamApp:
     """Build the context and wire the chosen processors to their consumers (nothing runs yet)."""
     specs = registry.specs_for(agents)
+    for spec in specs:  # a processor nothing would feed must not pass silently
+        if spec.source not in CONSUMERS:
+            raise ValueError(
+                f"no consumer feeds topic {spec.source!r} of processor {spec.name!r}: add one to streams.app.CONSUMERS"
+            )
+    for source in SINGLE_PROCESSOR:
+        names = [spec.name for spec in specs if spec.source == source]
+        if len(names) > 1:
+            raise ValueError(f"the {source} consumer feeds one processor, not {names}")
     ctx = StreamContext(
         settings=settings,
         worker=worker,
@@ -77,19 +113,11 @@ def create_app(
     for table, declare in registry.SHARED_TABLES.items():
         if any(table in spec.writes + spec.reads for spec in specs):
             declare(ctx)
-    behaviour = []
+    built: dict[str, list[Any]] = {}
     for spec in specs:
-        built = spec.build(ctx)
-        if spec.source == CATALOG.logical:
-            ctx.catalog = CatalogLoop(ctx, built, group_id=catalog_group(settings))
-        elif spec.source == BEHAVIOUR.logical:
-            behaviour.append(built)
-        elif spec.source == REQUESTS.logical:
-            ctx.requests = RequestLoop(ctx, built, group_id=f"{app_id(settings)}-requests")
-        else:  # a processor nothing would feed must not pass silently
-            raise ValueError(f"no consumer feeds topic {spec.source!r} of processor {spec.name!r}: add one here")
-    if behaviour:
-        ctx.behaviour = BehaviourLoop(ctx, behaviour, group_id=f"{app_id(settings)}-behaviour")
-        if ctx.requests is not None:  # answer exactly the partitions whose tables are here
-            ctx.behaviour.requests = ctx.requests.follow()
+        built.setdefault(spec.source, []).append(spec.build(ctx))
+    for source, processors in built.items():
+        CONSUMERS[source](ctx, processors)
+    if ctx.behaviour is not None and ctx.requests is not None:
+        ctx.behaviour.requests = ctx.requests.follow()  # answer exactly the partitions whose tables are here
     return StreamApp(ctx, specs)

@@ -2,7 +2,7 @@
 
 Adding a processor is one entry here plus its module and tests: the worker's `--agents` choices, the
 app's wiring (streams.app) and the README's processor table all come from this list. Its source topic
-picks the runtime that feeds it:
+picks the consumer that feeds it (streams.app.CONSUMERS):
 
 - `catalog`: the catalog consumer (streams.catalog) awaits `process(decoded)` of the object `build`
   returns on every batch, and its `idle()` while the topic is quiet;

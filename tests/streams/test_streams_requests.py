@@ -113,3 +113,16 @@ def test_a_processor_no_consumer_feeds_is_refused(tmp_path, monkeypatch: pytest.
     monkeypatch.setattr(registry, "specs_for", lambda agents: [orphan])
     with pytest.raises(ValueError, match="no consumer feeds topic 'ranking-log'"):
         create_app(Settings(run_dir=tmp_path, qdrant_path=tmp_path / "qdrant"), ["orphan"])
+
+
+def test_a_second_request_processor_is_refused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request consumer hands each batch to one processor; a second one would be dropped silently."""
+    from dataclasses import replace
+
+    from streams import registry
+    from streams.app import create_app
+
+    twin = replace(registry.BY_NAME["recommender"], name="twin")
+    monkeypatch.setattr(registry, "specs_for", lambda agents: [registry.BY_NAME["recommender"], twin])
+    with pytest.raises(ValueError, match=r"requests consumer feeds one processor, not \['recommender', 'twin'\]"):
+        create_app(Settings(run_dir=tmp_path, qdrant_path=tmp_path / "qdrant"), ["recommender", "twin"])
