@@ -37,7 +37,7 @@ browser:  ## headless Chromium for tests/services/test_playground_browser.py (sk
 	@command -v chromium >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver; }
 
 kafka-jars: venv
-	@$(PY) -m infra.kafka_broker install
+	@$(PY) -m infra.kafka_cli install
 
 up: setup
 	@$(PY) -m recstream.ops.cli stack up

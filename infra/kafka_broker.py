@@ -14,43 +14,35 @@ writes a KRaft ``server.properties`` into a run directory, formats the storage w
 id and starts ``java -cp libs/* kafka.Kafka server.properties`` detached, with a PID file so another
 process (the CLI, ``make down``) can stop it. Readiness means a Kafka client really got metadata back.
 
-CLI: ``python -m infra.kafka_broker install|start|stop|status [--run-dir run/kafka] [--port 9092]``.
+Installing the jars: infra.kafka_install; tests: infra.kafka_testing; CLI: ``python -m infra.kafka_cli``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import typer
-
+from infra import kafka_install
+from infra.kafka_install import KAFKA_VERSION, BrokerError, tail
 from infra.processes import free_port
 from infra.processes import pid_alive as _pid_alive
 
 log = logging.getLogger(__name__)
 
-KAFKA_VERSION = "4.4.0"
-SCALA_VERSION = "2.13"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 DEFAULT_RUN_DIR = REPO_ROOT / "run" / "kafka"
 HOST = "127.0.0.1"
-MARKER = ".complete"
 # The broker's own JVM, for two cores shared with many processes: a small heap, the serial collector
 # (no concurrent GC threads) and two JIT compiler threads. With one network and two I/O threads
 # (below) the broker cost 1.5 instead of 1.8 CPU-ms per request in bench-stream's first minute
@@ -62,87 +54,9 @@ TOOL_JVM_OPTS = ("-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1")
 RUN_DIR_PROPERTY = "recstream.kafka.run_dir"
 
 
-class BrokerError(RuntimeError):
-    """Kafka could not be installed, started or stopped; the message says why and shows the log tail."""
-
-
-def cache_dir() -> Path:
-    """Downloads live outside the clone so a fresh clone (and CI) re-uses them."""
-    return Path(os.environ.get("RECSTREAM_CACHE_DIR") or Path.home() / ".cache" / "recstream").expanduser()
-
-
-def kafka_home(version: str = KAFKA_VERSION) -> Path:
-    return cache_dir() / f"kafka-{version}"
-
-
-def libs_dir(version: str = KAFKA_VERSION) -> Path:
-    return kafka_home(version) / "libs"
-
-
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
-    """Fetch the broker jars once into the cache; later calls return at once (marker file).
-
-    A file lock serialises concurrent installers (parallel test workers, ``make -j``); jars are
-    resolved into a temporary folder and renamed, so a killed install never looks complete.
-    """
-    home = kafka_home(version)
-    libs = home / "libs"
-    marker = home / MARKER
-    if marker.exists() and not force:
-        return libs
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and not force:
-            return libs
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise BrokerError("Maven ('mvn') is needed once to fetch the Kafka jars; install maven and retry")
-        if shutil.which("java") is None:
-            raise BrokerError("Java 17+ ('java') is needed to run the Kafka broker")
-        tmp = home / f"libs.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        started = time.monotonic()
-        cmd = [
-            mvn,
-            "-q",
-            "-B",
-            "-f",
-            str(POM),
-            f"-Dkafka.version={version}",
-            "dependency:copy-dependencies",
-            f"-DoutputDirectory={tmp}",
-        ]
-        log.info("installing Kafka %s jars into %s", version, libs)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        main_jar = tmp / f"kafka_{SCALA_VERSION}-{version}.jar"
-        if proc.returncode != 0 or not main_jar.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise BrokerError(
-                f"fetching Kafka {version} jars failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                f"{_tail(proc.stdout + proc.stderr)}"
-            )
-        shutil.rmtree(libs, ignore_errors=True)
-        tmp.rename(libs)
-        seconds = time.monotonic() - started
-        size = _dir_size(libs)
-        info = {"version": version, "jars": len(list(libs.glob("*.jar"))), "bytes": size, "install_s": seconds}
-        marker.write_text(json.dumps(info) + "\n")
-        log.info("installed Kafka %s: %d jars, %.1f MB in %.1f s", version, info["jars"], size / 1e6, seconds)
-        return libs
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def _file_tail(path: Path, lines: int = 40) -> str:
     try:
-        return _tail(path.read_text(errors="replace"), lines)
+        return tail(path.read_text(errors="replace"), lines)
     except FileNotFoundError:
         return f"(no log at {path})"
 
@@ -279,7 +193,7 @@ class KafkaBroker:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def install(self) -> Path:
-        return install(self.version)
+        return kafka_install.install(self.version)
 
     @property
     def pid(self) -> int | None:
@@ -514,84 +428,8 @@ class KafkaBroker:
         if proc.returncode != 0:
             raise BrokerError(
                 f"formatting Kafka storage in {self.data_dir} failed (exit {proc.returncode}):\n"
-                f"{_tail(proc.stdout + proc.stderr)}"
+                f"{tail(proc.stdout + proc.stderr)}"
             )
-
-
-class KafkaCluster:
-    """A local KRaft cluster of `size` nodes on loopback, each broker and controller, for tests of
-    replication and broker failure: topics get `size` replicas (the brokers' default replication,
-    which topic creation uses) and acks=all writes need `min_insync` of them. A dead replica leaves
-    the in-sync set after 5 s (replica.lag.time.max.ms; Kafka's 30 s would stall such writes)."""
-
-    def __init__(self, run_dir: Path | str, size: int = 3, min_insync: int = 2, heap: str = "256m") -> None:
-        ports = []
-        while len(ports) < 2 * size:  # every node's two ports, all different, known before any starts
-            port = free_port()
-            if port not in ports:
-                ports.append(port)
-        voters = ",".join(f"{i + 1}@{HOST}:{ports[2 * i + 1]}" for i in range(size))
-        shared = {
-            "controller.quorum.voters": voters,
-            "default.replication.factor": str(size),
-            "min.insync.replicas": str(min_insync),
-            "offsets.topic.replication.factor": str(size),
-            "transaction.state.log.replication.factor": str(size),
-            "transaction.state.log.min.isr": str(min_insync),
-            "share.coordinator.state.topic.replication.factor": str(size),
-            "share.coordinator.state.topic.min.isr": str(min_insync),
-            "replica.lag.time.max.ms": "5000",
-            # a killed node is fenced, and its partitions led elsewhere, after 4 s (Kafka: 9 s)
-            "broker.session.timeout.ms": "4000",
-            "broker.heartbeat.interval.ms": "1000",
-        }
-        cluster_id = _random_cluster_id()
-        self._stopped = threading.Event()
-        self.nodes = [
-            KafkaBroker(
-                Path(run_dir) / f"node-{i + 1}",
-                port=ports[2 * i],
-                controller_port=ports[2 * i + 1],
-                heap=heap,
-                extra_config={**shared, "node.id": str(i + 1)},
-                die_with_parent=True,
-                cluster_id=cluster_id,
-            )
-            for i in range(size)
-        ]
-
-    @property
-    def bootstrap(self) -> str:
-        return ",".join(node.bootstrap for node in self.nodes)
-
-    def start(self, timeout_s: float = 120.0) -> str:
-        """Start every node at once (none answers before a quorum of controllers is up). Each node
-        is launched from a thread that lives until stop(): Linux's parent-death signal follows the
-        launching *thread*, so a thread that returned would take its JVM with it."""
-        errors: list[BaseException] = []
-        started = threading.Barrier(len(self.nodes) + 1)
-
-        def run(node: KafkaBroker) -> None:
-            try:
-                node.start(timeout_s=timeout_s)
-            except BaseException as exc:  # reported below, after every node was tried
-                errors.append(exc)
-            started.wait()
-            self._stopped.wait()
-
-        self._stopped.clear()
-        for node in self.nodes:
-            threading.Thread(target=run, args=(node,), name=f"kafka-node-{node.port}", daemon=True).start()
-        started.wait()
-        if errors:
-            self.stop()
-            raise BrokerError(f"Kafka cluster did not start: {errors[0]}")
-        return self.bootstrap
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop(grace_s=10)
-        self._stopped.set()
 
 
 def _parent_death_signal() -> None:
@@ -625,164 +463,3 @@ logger.cleaner.level = WARN
 logger.config.name = org.apache.kafka.common.config.AbstractConfig
 logger.config.level = WARN
 """
-
-
-# -- tests: Docker when present, else the local broker -------------------------------------------------
-def docker_available(timeout_s: float = 3.0) -> bool:
-    """A Docker engine answers a ping (socket or DOCKER_HOST)."""
-    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
-        return False
-    try:
-        import docker
-
-        client = docker.from_env(timeout=int(max(1, timeout_s)))
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception as exc:
-        log.debug("no Docker engine: %s", exc)
-        return False
-
-
-def _start_docker_broker(version: str, timeout_s: float) -> tuple[str, Callable[[], None]]:
-    """``apache/kafka:<version>`` via testcontainers, its listener on the same free port inside and out.
-
-    testcontainers' ``KafkaContainer`` only knows the confluentinc image layout, so the official image
-    is configured through its ``KAFKA_*`` environment variables on a generic container instead.
-    """
-    from testcontainers.core.container import DockerContainer
-
-    port = free_port()
-    container = (
-        DockerContainer(f"apache/kafka:{version}")
-        .with_bind_ports(port, port)
-        .with_env("CLUSTER_ID", _random_cluster_id())
-        .with_env("KAFKA_NODE_ID", "1")
-        .with_env("KAFKA_PROCESS_ROLES", "broker,controller")
-        .with_env("KAFKA_LISTENERS", f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://localhost:9093")
-        .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://{HOST}:{port}")
-        .with_env("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
-        .with_env("KAFKA_LISTENER_SECURITY_PROTOCOL_MAP", "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT")
-        .with_env("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
-        .with_env("KAFKA_AUTO_CREATE_TOPICS_ENABLE", "false")
-        .with_env("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1")
-        .with_env("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-        .with_env("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-        .with_env("KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR", "1")
-        .with_env("KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR", "1")
-        .with_env("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
-        .with_env("KAFKA_HEAP_OPTS", "-Xmx512m")
-    )
-    container.start()
-    bootstrap = f"{HOST}:{port}"
-    deadline = time.monotonic() + timeout_s
-    while not broker_answers(bootstrap):
-        if time.monotonic() > deadline:
-            logs = b"".join(container.get_logs()).decode(errors="replace")
-            container.stop()
-            raise BrokerError(f"apache/kafka:{version} not ready at {bootstrap} in {timeout_s:.0f} s:\n{_tail(logs)}")
-        time.sleep(0.5)
-    return bootstrap, container.stop
-
-
-def start_test_broker(
-    run_dir: Path | str,
-    *,
-    backend: str | None = None,
-    version: str = KAFKA_VERSION,
-    timeout_s: float = 30.0,
-) -> tuple[str, Callable[[], None]]:
-    """A broker for a pytest session: ``(bootstrap, stop)``. Raises ``BrokerError``; never skips.
-
-    ``backend`` (or ``RECSTREAM_KAFKA_BACKEND``): ``local`` (JVM from the jar cache, free ports),
-    ``docker`` (testcontainers), or ``auto`` (default: Docker when an engine answers, falling back to
-    the local broker if the container fails).
-    """
-    backend = (backend or os.environ.get("RECSTREAM_KAFKA_BACKEND") or "auto").lower()
-    if backend not in {"auto", "local", "docker"}:
-        raise ValueError(f"unknown Kafka backend {backend!r}: use auto, local or docker")
-    docker_error: Exception | None = None
-    if backend == "docker" or (backend == "auto" and docker_available()):
-        try:
-            return _start_docker_broker(version, max(timeout_s, 60.0))
-        except Exception as exc:
-            if backend == "docker":
-                raise BrokerError(f"Kafka in Docker (apache/kafka:{version}) did not start: {exc}") from exc
-            docker_error = exc
-            log.warning("Kafka in Docker failed (%s); using the local broker", exc)
-    broker = KafkaBroker(run_dir, port=0, controller_port=0, version=version, die_with_parent=True)
-    try:
-        bootstrap = broker.start(timeout_s=timeout_s)
-    except BrokerError as exc:
-        if docker_error is not None:
-            raise BrokerError(f"{exc}\n(Docker was tried first and failed: {docker_error})") from exc
-        raise
-    return bootstrap, broker.stop
-
-
-# -- CLI -----------------------------------------------------------------------------------------------
-cli = typer.Typer(add_completion=False, help="Local Apache Kafka broker (KRaft) for the recstream stack.")
-RunDirOpt = typer.Option(DEFAULT_RUN_DIR, "--run-dir", help="Config, data, log and PID file of the broker")
-
-
-@cli.command("install")
-def _cli_install(
-    version: str = typer.Option(KAFKA_VERSION, help="Kafka release"),
-    force: bool = typer.Option(False, help="Re-download even if the cache is complete"),
-) -> None:
-    """Fetch the broker jars into $RECSTREAM_CACHE_DIR (once)."""
-    started = time.monotonic()
-    libs = install(version, force=force)
-    size = _dir_size(libs)
-    print(f"Kafka {version} jars at {libs}: {size / 1e6:.1f} MB (checked in {time.monotonic() - started:.1f} s)")
-
-
-@cli.command("start")
-def _cli_start(
-    run_dir: Path = RunDirOpt,
-    port: int = typer.Option(9092, help="Client port; 0 = pick a free one"),
-    controller_port: int = typer.Option(9093, help="KRaft controller port; 0 = pick a free one"),
-    version: str = typer.Option(KAFKA_VERSION, help="Kafka release"),
-    timeout_s: float = typer.Option(30.0, help="Seconds to wait for the broker to answer"),
-) -> None:
-    """Start the broker detached and wait until clients can use it."""
-    started = time.monotonic()
-    broker = KafkaBroker(run_dir, port=port, controller_port=controller_port, version=version)
-    existing = KafkaBroker.from_run_dir(run_dir)
-    if existing.is_running():  # idempotent: report the broker this run dir already has
-        broker = existing
-    try:
-        bootstrap = broker.start(timeout_s=timeout_s)
-    except BrokerError as exc:
-        print(exc, file=sys.stderr)
-        raise typer.Exit(1) from None
-    print(f"Kafka {version} ready at {bootstrap} (pid {broker.pid}) in {time.monotonic() - started:.1f} s")
-
-
-@cli.command("stop")
-def _cli_stop(run_dir: Path = RunDirOpt, grace_s: float = typer.Option(20.0, help="SIGTERM grace period")) -> None:
-    """Stop the broker started from this run dir (by PID file)."""
-    stopped = KafkaBroker.from_run_dir(run_dir).stop(grace_s=grace_s)
-    print("Kafka stopped" if stopped else "Kafka was not running")
-
-
-@cli.command("status")
-def _cli_status(run_dir: Path = RunDirOpt) -> None:
-    """Exit 0 when the broker runs and answers, 1 otherwise."""
-    broker = KafkaBroker.from_run_dir(run_dir)
-    if not broker.is_running():
-        print(f"Kafka not running (run dir {broker.run_dir})")
-        raise typer.Exit(1)
-    ready = broker_answers(broker.bootstrap)
-    print(f"Kafka {broker.version} pid {broker.pid} at {broker.bootstrap}: {'ready' if ready else 'NOT answering'}")
-    raise typer.Exit(0 if ready else 1)
-
-
-def main() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
-    cli()
-
-
-if __name__ == "__main__":
-    main()

@@ -40,7 +40,7 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(run_root: Path) -> Iterator[str]:
-    from infra.kafka_broker import start_test_broker
+    from infra.kafka_testing import start_test_broker
 
     bootstrap, stop = start_test_broker(run_root / "kafka")
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from infra.kafka_broker import KAFKA_VERSION
+from infra.kafka_install import KAFKA_VERSION
 from recstream.config import REPO_ROOT
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"

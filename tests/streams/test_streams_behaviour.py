@@ -268,7 +268,7 @@ def _java_produce(settings: Settings, topic: str, records: list[tuple[str, str]]
     import subprocess
     from pathlib import Path
 
-    from infra.kafka_broker import install
+    from infra.kafka_install import install
 
     source = Path(__file__).resolve().parents[1] / "support" / "java" / "KeyedProducer.java"
     out = subprocess.run(

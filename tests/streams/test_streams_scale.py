@@ -76,7 +76,7 @@ def test_two_workers_split_the_stream_and_one_survives_a_kill_9(
 def test_on_a_3_broker_cluster_a_broker_and_a_worker_die_mid_stream(triton_server, tmp_path: Path) -> None:
     """Replication 3, min.insync.replicas 2, acks=all (the SDK's and the worker's producers): one
     broker is killed -9 together with a worker while behaviour flows; nothing is lost or doubled."""
-    from infra.kafka_broker import KafkaCluster
+    from infra.kafka_testing import KafkaCluster
     from recstream.kafka.admin import ensure_topics
 
     cluster = KafkaCluster(tmp_path / "kafka")

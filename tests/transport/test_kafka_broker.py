@@ -14,13 +14,8 @@ import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from infra.kafka_broker import (
-    BrokerError,
-    KafkaBroker,
-    _pid_alive,
-    broker_answers,
-    start_test_broker,
-)
+from infra.kafka_broker import BrokerError, KafkaBroker, _pid_alive, broker_answers
+from infra.kafka_testing import start_test_broker
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +103,7 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "infra.kafka_broker", *args, "--run-dir", str(run_dir)],
+            [sys.executable, "-m", "infra.kafka_cli", *args, "--run-dir", str(run_dir)],
             cwd=REPO,
             env=env,
             capture_output=True,
