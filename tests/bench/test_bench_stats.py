@@ -149,15 +149,16 @@ def test_click_to_live_rounds_keep_refused_bursts_and_time_the_round_that_goes_l
 
     import numpy as np
 
-    import bench.bench_loop as bl
+    import bench.loop_checks as checks
+    import bench.loop_sim as loop
     from bench.simulator import SimConfig, load_simulator
     from recstream.explore import Greedy
 
-    cfg = bl.LoopConfig(warmup_requests=100, pretrain_steps=5, seeds=[0], seed=0)
+    cfg = loop.LoopConfig(warmup_requests=100, pretrain_steps=5, seeds=[0], seed=0)
     sim = load_simulator(SimConfig(seed=0, n_random_candidates=0))
-    features = bl.SimFeatures(sim)
-    base, _, popularity = bl.pretrain(sim, cfg, features)
-    arm = bl.Arm("burst", base, Greedy(), learn=False, cfg=cfg, popularity=popularity)
+    features = loop.SimFeatures(sim)
+    base, _, popularity = loop.pretrain(sim, cfg, features)
+    arm = loop.Arm("burst", base, Greedy(), learn=False, cfg=cfg, popularity=popularity)
     rng = np.random.default_rng(1)
 
     def next_burst():
@@ -165,20 +166,20 @@ def test_click_to_live_rounds_keep_refused_bursts_and_time_the_round_that_goes_l
         arm.serve(sim, [sim.request(int(u), rng) for u in rng.integers(0, sim.n_users, 30)], rng)
         return arm.buffer.latest(arm.buffer.seen - seen)
 
-    real_decide, calls = bl.decide, []
+    real_decide, calls = checks.decide, []
 
     def refuse_first(cand, live, window, feats, gate):
         d = real_decide(cand, live, window, feats, gate)
         calls.append(len(window))
         return d if len(calls) > 1 else dataclasses.replace(d, accepted=False, reason="refused by the test")
 
-    monkeypatch.setattr(bl, "decide", lambda *a: refuse_first(*a))
+    monkeypatch.setattr(checks, "decide", lambda *a: refuse_first(*a))
     accept_all = cfg.model_copy(update={"gate": cfg.gate.model_copy(update={"tolerance": 1.0})})
-    out = bl.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=3)
+    out = checks.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=3)
     assert out["decision"].accepted and len(calls) == 2
     assert [r["reason"] for r in out["refused_rounds"]] == ["refused by the test"]
     assert out["burst_examples"] == 300 and out["buffer_examples"] == 600 and calls == [300, 600]
 
-    monkeypatch.setattr(bl, "decide", lambda *a: dataclasses.replace(real_decide(*a), accepted=False))
-    never = bl.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=2)
+    monkeypatch.setattr(checks, "decide", lambda *a: dataclasses.replace(real_decide(*a), accepted=False))
+    never = checks.rounds_until_promoted(accept_all, base, next_burst, features, max_bursts=2)
     assert never["decision"] is None and len(never["refused_rounds"]) == 2
