@@ -37,8 +37,9 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     return conf
 
 
-class ConsumedMessage:
-    """The fields of a consumed message that processors and the dead-letter sink read."""
+class Consumed:
+    """One consumed message as a processor gets it: the fields processors and the dead-letter sink
+    read, copied out of librdkafka's Message once."""
 
     __slots__ = ("key", "offset", "partition", "timestamp", "topic", "value")
 
@@ -49,15 +50,6 @@ class ConsumedMessage:
         self.key = msg.key()
         self.value = msg.value()
         self.timestamp = msg.timestamp()[1] / 1000.0  # producer CreateTime, seconds
-
-
-class Consumed:
-    """One consumed message as a processor gets it, before or beside its decoded model."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, msg: Message) -> None:
-        self.message = ConsumedMessage(msg)
 
 
 def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:
@@ -147,7 +139,7 @@ class AsyncBatchLoop(ConsumerThread):
                 loop.run_until_complete(self._handle(events))
                 last: dict[int, int] = {}
                 for ev in events:
-                    last[ev.message.partition] = ev.message.offset
+                    last[ev.partition] = ev.offset
                 consumer.store_offsets(offsets=[TopicPartition(self.topic, p, off + 1) for p, off in last.items()])
         finally:
             try:

@@ -270,17 +270,15 @@ class StreamContext:
         topic[partition]@offset, and never stop the stream."""
         out = []
         for ev in events:
-            msg = ev.message
-            EVENTS_IN.labels(topic=msg.topic, worker=self.worker).inc()
+            EVENTS_IN.labels(topic=ev.topic, worker=self.worker).inc()
             try:
-                out.append((ev, decode(spec, msg.value, self.settings.max_message_bytes, msg.key, msg.partition)))
+                out.append((ev, decode(spec, ev.value, self.settings.max_message_bytes, ev.key, ev.partition)))
             except InvalidEvent as exc:
                 self.dead_letter(ev, exc.detail, exc.reason)
         return out
 
     def dead_letter(self, ev: Consumed, error: str, error_type: str) -> None:
-        msg = ev.message
-        source = RefusedMessage(msg.topic, msg.partition, msg.offset, msg.key, msg.value)
+        source = RefusedMessage(ev.topic, ev.partition, ev.offset, ev.key, ev.value)
         self.dead_letters.publish(source, error=error, error_type=error_type)
 
     async def in_thread(self, fn, *args):

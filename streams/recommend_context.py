@@ -36,7 +36,7 @@ class Timer:
 
 def age_s(ev) -> float:
     """Seconds since the request was produced (Kafka CreateTime)."""
-    return max(0.0, time.time() - ev.message.timestamp)
+    return max(0.0, time.time() - ev.timestamp)
 
 
 def cached_queries(ctx: StreamContext, requests: list[RecommendationRequest]) -> dict[str, np.ndarray]:

@@ -75,8 +75,7 @@ async def answer_batch(ctx: StreamContext, decoded: list[tuple[Any, Recommendati
 
 
 def _failed(ctx: StreamContext, ev, exc: BaseException) -> None:
-    msg = ev.message
-    log.error("request failed at %s[%d]@%d", msg.topic, msg.partition, msg.offset, exc_info=exc)
+    log.error("request failed at %s[%d]@%d", ev.topic, ev.partition, ev.offset, exc_info=exc)
     ctx.dead_letter(ev, repr(exc), "processing")
 
 
@@ -87,7 +86,7 @@ def _publish(ctx: StreamContext, p: Pending) -> Callable[[], RankingLog] | None:
         if p.error is not None:
             raise p.error
         answer = finish(ctx, p)
-        result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.message.timestamp) * 1000, 3)})
+        result = answer.result.model_copy(update={"latency_ms": round((time.time() - ev.timestamp) * 1000, 3)})
         t0 = time.perf_counter()
         ctx.send("recommendations", req.user_id.encode(), encode(result))
         if req.query:
@@ -95,7 +94,7 @@ def _publish(ctx: StreamContext, p: Pending) -> Callable[[], RankingLog] | None:
         STAGE_LATENCY.labels(stage="publish").observe(time.perf_counter() - t0)
         if answer.degraded_reason:
             DEGRADED.labels(reason=answer.degraded_reason).inc()
-        STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(max(0.0, time.time() - ev.message.timestamp))
+        STAGE_LATENCY.labels(stage="request_e2e_at_publish").observe(max(0.0, time.time() - ev.timestamp))
         return answer.ranking_log
     except Exception as exc:  # one bad request must not stop the partition
         _failed(ctx, ev, exc)

@@ -30,7 +30,7 @@ class _Seen:
     def decode_events(self, spec, events) -> list:
         with self.lock:
             for ev in events:
-                p = ev.message.partition
+                p = ev.partition
                 self.by_partition[p] = self.by_partition.get(p, 0) + 1
         return []  # nothing to answer: the consumer mechanics are under test
 
