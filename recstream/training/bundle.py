@@ -195,12 +195,30 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     return out
 
 
+class AsServed:
+    """The retrieval model as the stream worker uses it: every item by the vector the vector store
+    holds (an item without training data: its bare text vector), scored by its cosine to the session
+    vector. The two-tower's offline rule for such items (`TwoTowerModel.cold_item_scores`) is not
+    served, so a row that claims to be the served model must not use it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.item_vectors = model.item_vectors
+
+    def session_vectors_from_index(self, histories: Any) -> Any:
+        return self.model.session_vectors_from_index(histories)
+
+    def score_index(self, histories: Any) -> np.ndarray:
+        return (self.session_vectors_from_index(histories) @ self.item_vectors.T).numpy()
+
+
 class BundleRecommender:
     """`make train`'s models as a quality-bench row (`fit(split)` / `score(users, histories)`).
 
     The same training code and configuration as the served versions, one checkpoint folder per
     split and seed (artifacts/quality/<split fingerprint>/seed<n>), so a seed's retrieval-only and
-    ranked rows share one training run. `ranked=False` scores with the retrieval stage alone.
+    ranked rows share one training run. `ranked=False` scores with the retrieval stage alone. Both
+    score as the worker serves (`AsServed`: no offline cold-item rule).
     """
 
     def __init__(self, seed: int = 0, ranked: bool = True, work_root: Path | None = None) -> None:
@@ -229,10 +247,11 @@ class BundleRecommender:
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         from recstream.training.ranker import request_times, rerank_scores
 
+        retrieval = AsServed(self.bundle.retrieval)
         if not self.ranked:
-            return self.bundle.retrieval.score_index(histories)
+            return retrieval.score_index(histories)
         times = request_times(self.split, users, histories)
-        return rerank_scores(self.bundle.ranker, self.bundle.retrieval, self.ctx, histories, self.depth, times)
+        return rerank_scores(self.bundle.ranker, retrieval, self.ctx, histories, self.depth, times)
 
 
 def served_model(seed: int = 0) -> BundleRecommender:

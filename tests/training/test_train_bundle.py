@@ -86,3 +86,25 @@ def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None
     assert set(check) == {"served (retrieval + ranker)", "item-knn", "popularity"}
     assert all(0.0 <= v <= 1.0 for v in check.values())
     assert check["served (retrieval + ranker)"] == pytest.approx(trained.stats["ranker_valid_ndcg10"], abs=1e-4)
+
+
+def test_served_rows_score_an_item_without_training_data_as_the_worker_does(bundle) -> None:
+    """The worker ranks an item without an ID residual by its bare text vector's cosine to the session
+    vector (that is the vector the store holds); the quality bench's served rows score it the same
+    way, not by the offline cold-item rule, which the worker does not apply."""
+    import copy
+    import dataclasses
+
+    from recstream.training.bundle import AsServed, BundleRecommender
+
+    trained, _ = bundle
+    model = copy.deepcopy(trained.retrieval)
+    model.has_id[0] = False  # item 0 as if it had no training data
+    model.refresh_item_vectors()
+    cases = trained.split.cases("valid")
+    served = AsServed(model).score_index(cases.histories)
+    session = model.session_vectors_from_index(cases.histories)
+    np.testing.assert_allclose(served[:, 0], (session @ model.text_vectors[0]).numpy(), atol=1e-5)
+    assert not np.allclose(model.score_index(cases.histories)[:, 0], served[:, 0])  # the offline rule
+    row = BundleRecommender(ranked=False).attach(dataclasses.replace(trained, retrieval=model))
+    np.testing.assert_allclose(row.score(cases.users, cases.histories), served)
