@@ -71,7 +71,7 @@ def _port_in_use(port: int, host: str = HOST) -> bool:
     return False
 
 
-def _random_cluster_id() -> str:
+def random_cluster_id() -> str:
     """Kafka's cluster-id format: a UUID's 16 bytes, URL-safe base64 without padding.
 
     Never one that starts with '-' (1 in 64 do): the storage tool would read it as an option and exit
@@ -418,7 +418,7 @@ class KafkaBroker:
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            self.cluster_id or _random_cluster_id(),
+            self.cluster_id or random_cluster_id(),
             "-c",
             str(self.properties_file),
         ]

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.kafka_broker import HOST, KafkaBroker, _random_cluster_id, broker_answers
+from infra.kafka_broker import HOST, KafkaBroker, broker_answers, random_cluster_id
 from infra.kafka_install import KAFKA_VERSION, BrokerError, tail
 from infra.processes import free_port
 
@@ -44,7 +44,7 @@ class KafkaCluster:
             "broker.session.timeout.ms": "4000",
             "broker.heartbeat.interval.ms": "1000",
         }
-        cluster_id = _random_cluster_id()
+        cluster_id = random_cluster_id()
         self._stopped = threading.Event()
         self.nodes = [
             KafkaBroker(
@@ -122,7 +122,7 @@ def _start_docker_broker(version: str, timeout_s: float) -> tuple[str, Callable[
     container = (
         DockerContainer(f"apache/kafka:{version}")
         .with_bind_ports(port, port)
-        .with_env("CLUSTER_ID", _random_cluster_id())
+        .with_env("CLUSTER_ID", random_cluster_id())
         .with_env("KAFKA_NODE_ID", "1")
         .with_env("KAFKA_PROCESS_ROLES", "broker,controller")
         .with_env("KAFKA_LISTENERS", f"PLAINTEXT://0.0.0.0:{port},CONTROLLER://localhost:9093")

@@ -137,4 +137,4 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch) -> None:
     assert base64.urlsafe_b64encode(dash.bytes).decode().startswith("-")
     draws = iter([dash, dash, plain])
     monkeypatch.setattr(kafka_broker.uuid, "uuid4", lambda: next(draws))
-    assert kafka_broker._random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert kafka_broker.random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
