@@ -1,6 +1,6 @@
 """Served-quality bench: what a user actually gets from the real stack, scored like the quality bench.
 
-    make bench-served      (python -m bench.bench_served [--rps 50] [--skip-before])
+    make bench-served      (python -m bench.bench_served [--rps 50] [--skip-before] [--kind search|cold])
 
 Starts a Kafka broker, tritonserver over a model repository and `python -m streams.worker` (all
 agents, Qdrant local mode) on this machine, then for MovieLens-100k's leave-last-out split:
@@ -56,6 +56,24 @@ def _history_rows(split) -> object:
     keep = [
         not ((u, i) in test and ts == test_ts.get(u))
         for u, i, ts in zip(idx["user_id"].astype(str), idx["item_id"].astype(str), idx["ts"], strict=True)
+    ]
+    return pd.DataFrame(idx[keep]).reset_index(drop=True)
+
+
+def _known_rows(split) -> object:
+    """The interactions a split's models may know (its training and validation rows), as the data
+    set has them: for the cold-start split, nothing with a cold item and no warm test item."""
+    import pandas as pd
+
+    idx = split.data.interactions
+    known = {
+        (split.user_ids[u], split.item_ids[i], int(t))
+        for frame in (split.train, split.valid)
+        for u, i, t in zip(frame["user_idx"], frame["item_idx"], frame["ts"], strict=True)
+    }
+    keep = [
+        (u, i, int(t)) in known
+        for u, i, t in zip(idx["user_id"].astype(str), idx["item_id"].astype(str), idx["ts"], strict=True)
     ]
     return pd.DataFrame(idx[keep]).reset_index(drop=True)
 
@@ -170,6 +188,18 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str, queries:
             worker.stop()
         triton.stop()
         broker.stop()
+
+
+def _gains(ranks: np.ndarray) -> np.ndarray:
+    """Per case NDCG@K gain of a rank (0-based; beyond the list = 0)."""
+    return np.where(ranks < K, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def _paired(diff: np.ndarray) -> dict:
+    """Mean per-case difference with its standard error and normal 95 % interval."""
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    mean = float(diff.mean())
+    return {"diff": round(mean, 4), "se": round(se, 4), "ci95": [round(mean + z * se, 4) for z in (-1.96, 1.96)]}
 
 
 def score_served(split, results) -> tuple[dict, np.ndarray]:
@@ -310,24 +340,13 @@ def main_search(args) -> int:
     by_user = dict(zip([r.user_id for r in results], served_ranks, strict=True))
     served_ranks = np.array([by_user[u] for u in queries])
 
-    def gains(r: np.ndarray) -> np.ndarray:
-        return np.where(r < K, 1.0 / np.log2(r + 2.0), 0.0)
-
-    def paired(diff: np.ndarray) -> dict:
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-        return {
-            "diff": round(float(diff.mean()), 4),
-            "se": round(se, 4),
-            "ci95": [round(float(diff.mean()) + z * se, 4) for z in (-1.96, 1.96)],
-        }
-
     result = {
         "served_ndcg10": round(served["NDCG@10"], 4),
         "served_hr10": round(served["HR@10"], 4),
         "offline_ndcg10": round(offline["NDCG@10"], 4),
         "offline_as_served_ndcg10": round(as_served["metrics"]["NDCG@10"], 4),
-        "served_minus_offline_as_served_ndcg10": paired(gains(served_ranks) - gains(as_served["ranks"])),
-        "served_minus_offline_ndcg10": paired(gains(served_ranks) - gains(offline_ranks)),
+        "served_minus_offline_as_served_ndcg10": _paired(_gains(served_ranks) - _gains(as_served["ranks"])),
+        "served_minus_offline_ndcg10": _paired(_gains(served_ranks) - _gains(offline_ranks)),
         "n_cases": len(served_ranks),
         "text_encoder_version": as_served["version"],
         "search_weights": as_served["weights"].model_dump(),
@@ -357,15 +376,94 @@ def main_search(args) -> int:
     return 0
 
 
+def main_cold(args) -> int:
+    """`--kind cold`: new items through the real stack (bench/results/served_cold.json).
+
+    The quality bench's cold-start split (10 % of the items held out of training entirely): the
+    served models are `make train`'s code trained on that split (the bench's cached seed-0 run) and
+    exported to a scratch repository; the whole catalogue goes through the catalog topic, so the
+    held-out items are new items that the served item encoder meets for the first time; the split's
+    training and validation interactions are replayed; each test user (whose held-out item is a new
+    one) asks for 10 recommendations. Zero-shot MiniLM on the same cases is the reference."""
+    from bench.common import print_table, write_result
+    from recstream.contracts.models import ITEM_ENCODER
+    from recstream.data import cold_start_split, load_dataset
+    from recstream.eval.baselines import ZeroShotText
+    from recstream.eval.metrics import metrics_from_ranks, rank_cases
+    from recstream.models.served import ItemEncoder
+    from recstream.training.bundle import export_bundle, served_model
+
+    split = cold_start_split(load_dataset("ml-100k"), frac=args.cold_frac, seed=0)
+    cases = split.cases("test")
+    bundle = served_model(args.seed).fit(split).bundle
+    zero_shot_ranks = rank_cases(ZeroShotText().fit(split).score, cases.users, cases.histories, cases.targets)
+    zero_shot = metrics_from_ranks(zero_shot_ranks, ks=(K,))
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "model_repo_cold"
+        shutil.copytree(args.model_repo / "text_encoder", repo / "text_encoder")
+        exported = export_bundle(bundle, repo, version=1)
+        cold_rule = ItemEncoder.load(exported[ITEM_ENCODER]).cold_rule.model_dump()
+        offline, offline_ranks, as_served = score_offline(split, repo)
+        run = run_stack(repo, split, _known_rows(split), args.rps, "cold")
+    results = run.pop("results")
+    if [r.user_id for r in results] != [split.user_ids[u] for u in cases.users]:
+        raise RuntimeError("served answers are not in the order of the test cases")
+    served, served_ranks = score_served(split, results)
+
+    result = {
+        "served_ndcg10": round(served["NDCG@10"], 4),
+        "served_hr10": round(served["HR@10"], 4),
+        "offline_ndcg10": round(offline["NDCG@10"], 4),
+        "offline_as_served_ndcg10": round(as_served["metrics"]["NDCG@10"], 4),
+        "zero_shot_ndcg10": round(zero_shot["NDCG@10"], 4),
+        "zero_shot_hr10": round(zero_shot["HR@10"], 4),
+        "served_minus_zero_shot_ndcg10": _paired(_gains(served_ranks) - _gains(zero_shot_ranks)),
+        "served_minus_offline_as_served_ndcg10": _paired(_gains(served_ranks) - _gains(as_served["ranks"])),
+        "served_minus_offline_ndcg10": _paired(_gains(served_ranks) - _gains(offline_ranks)),
+        "n_cases": len(served_ranks),
+        "cold_items": len(split.cold_items),
+        "seed": args.seed,
+        "cold_rule": cold_rule,
+        "latency_ms_p50": run["latency_ms_p50"],
+        "latency_ms_p99": run["latency_ms_p99"],
+        "run": run,
+        "served_metric": "rank of the held-out new item in the 10 items the worker published; not shown = miss",
+        "zero_shot_metric": "zero-shot MiniLM (mean of the history's text vectors), full ranking, history excluded",
+        "protocol": f"ml-100k cold-start split ({args.cold_frac:.0%} of the items held out of training, seed 0); "
+        "history = the split's train + validation interactions replayed through Kafka in time order; one "
+        "request per test user at the event time of their last history interaction",
+    }
+    rows = [
+        {"path": "served (real stack, new items)", "NDCG@10": result["served_ndcg10"], "HR@10": result["served_hr10"]},
+        {"path": "offline as served", "NDCG@10": result["offline_as_served_ndcg10"]},
+        {"path": "offline (same versions)", "NDCG@10": result["offline_ndcg10"]},
+        {
+            "path": "zero-shot MiniLM (offline)",
+            "NDCG@10": result["zero_shot_ndcg10"],
+            "HR@10": result["zero_shot_hr10"],
+        },
+    ]
+    title = f"served cold start, {len(served_ranks)} cases (bench/results/{args.name}.json)"
+    print_table(title, rows, ["path", "NDCG@10", "HR@10"])
+    print("cold run:", json.dumps(run, default=str))
+    write_result(args.name, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rps", type=float, default=50.0, help="recommend requests per second")
     ap.add_argument("--model-repo", type=Path, default=REPO_ROOT / "model_repo")
     ap.add_argument("--skip-before", action="store_true", help="only the served configuration")
     ap.add_argument("--name", default=None, help="result name (default: served, or served_search)")
-    ap.add_argument("--kind", choices=["recommend", "search"], default="recommend")
+    ap.add_argument("--kind", choices=["recommend", "search", "cold"], default="recommend")
+    ap.add_argument("--seed", type=int, default=0, help="--kind cold: the training seed of the served models")
+    ap.add_argument("--cold-frac", type=float, default=float(os.environ.get("COLD_FRAC", "0.1")))
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.kind == "cold":
+        args.name = args.name or "served_cold"
+        return main_cold(args)
     if args.kind == "search":
         args.name = args.name or "served_search"
         return main_search(args)
@@ -392,13 +490,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Where served and offline differ, case by case: hits lost or gained, and why a loss happened
     # (the target was shown by offline ranking at a slot the served list gave to something else).
-    def gains(r: np.ndarray) -> np.ndarray:
-        return np.where(r < K, 1.0 / np.log2(r + 2.0), 0.0)
-
-    def _paired(diff: np.ndarray) -> dict:
-        return {"diff": round(float(diff.mean()), 4), "se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 4)}
-
-    diff = gains(served_ranks) - gains(offline_ranks)
+    diff = _gains(served_ranks) - _gains(offline_ranks)
     n = len(diff)
     result = {
         "served_ndcg10": round(served["NDCG@10"], 4),
@@ -408,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "served_over_offline": round(served["NDCG@10"] / offline["NDCG@10"], 3),
         "served_minus_offline_ndcg10": _paired(diff),
         "offline_as_served_ndcg10": round(as_served["metrics"]["NDCG@10"], 4),
-        "served_minus_offline_as_served_ndcg10": _paired(gains(served_ranks) - gains(as_served["ranks"])),
+        "served_minus_offline_as_served_ndcg10": _paired(_gains(served_ranks) - _gains(as_served["ranks"])),
         "cases_hit_offline_only": int(((offline_ranks < K) & (served_ranks >= K)).sum()),
         "cases_hit_served_only": int(((served_ranks < K) & (offline_ranks >= K)).sum()),
         "n_cases": n,

@@ -131,9 +131,10 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
     if meta is not None and meta.extra.get("bundle_key") == rkey:
         ranker, k_stats = Ranker.load(rpath), dict(meta.metrics)
     else:
+        # the ranker learns from and is validated on lists as serving builds them (AsServed)
         ranker, k_stats = train_ranker(
             rcfg,
-            retrieval,
+            AsServed(retrieval),
             split.train_seqs,
             cats,
             valid.histories,
@@ -142,7 +143,7 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
             events=split_events(split),
             train_times=split_train_times(split),
             valid_times=request_times(split, valid.users, valid.histories),
-            example_retrieval=fold,
+            example_retrieval=AsServed(fold),
             item_ids=split.item_ids,
         )
         ranker.meta.extra["bundle_key"] = rkey
@@ -197,16 +198,23 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
 
 class AsServed:
     """The retrieval model as the stream worker uses it: every item by the vector the vector store
-    holds (an item without training data: its bare text vector), scored by its cosine to the session
-    vector. The two-tower's offline rule for such items (`TwoTowerModel.cold_item_scores`) is not
-    served, so a row that claims to be the served model must not use it."""
+    holds (`ItemEncoder.from_two_tower`, the exported item encoder: an item without training data
+    borrows its neighbours' residual), scored by its cosine to the session vector. The two-tower's
+    offline rule for such items (`TwoTowerModel.cold_item_scores`) is not served, so a row that
+    claims to be the served model must not use it."""
 
     def __init__(self, model: Any) -> None:
+        import torch
+
+        from recstream.models.served import ItemEncoder
+
         self.model = model
-        self.item_vectors = model.item_vectors
+        encoder = ItemEncoder.from_two_tower(model)
+        self.item_vectors = torch.from_numpy(encoder.combine(model.text_vectors.numpy(), model.item_ids))
 
     def session_vectors_from_index(self, histories: Any) -> Any:
-        return self.model.session_vectors_from_index(histories)
+        # the session tower reads the history's vectors as stored too
+        return self.model.session_vectors_from_index(histories, self.item_vectors)
 
     def score_index(self, histories: Any) -> np.ndarray:
         return (self.session_vectors_from_index(histories) @ self.item_vectors.T).numpy()

@@ -88,23 +88,39 @@ def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None
     assert check["served (retrieval + ranker)"] == pytest.approx(trained.stats["ranker_valid_ndcg10"], abs=1e-4)
 
 
-def test_served_rows_score_an_item_without_training_data_as_the_worker_does(bundle) -> None:
-    """The worker ranks an item without an ID residual by its bare text vector's cosine to the session
-    vector (that is the vector the store holds); the quality bench's served rows score it the same
-    way, not by the offline cold-item rule, which the worker does not apply."""
+def test_served_rows_score_an_item_without_training_data_as_the_worker_does(bundle, tmp_path) -> None:
+    """The worker ranks an item without an ID residual by the vector the exported item encoder gives
+    it (its text plus a residual borrowed from its text neighbours), and builds the session from the
+    stored vectors; the quality bench's served rows score it the same way, not by the offline
+    cold-item rule, which the worker does not apply."""
     import copy
     import dataclasses
 
+    from recstream.models.served import ItemEncoder
+    from recstream.models.training import CheckpointMeta
     from recstream.training.bundle import AsServed, BundleRecommender
 
     trained, _ = bundle
     model = copy.deepcopy(trained.retrieval)
     model.has_id[0] = False  # item 0 as if it had no training data
     model.refresh_item_vectors()
+    # the vector serving stores for it: the exported encoder, saved and loaded as Triton loads it
+    ItemEncoder.from_two_tower(model).save(tmp_path, CheckpointMeta(kind="item_encoder", config={}, data_hash="t"))
+    exported = ItemEncoder.load(tmp_path)
+    stored = exported.combine(model.text_vectors.numpy()[:1], [model.item_ids[0]])[0]
+    assert not exported.knows(model.item_ids[0])
+    assert not np.allclose(stored, model.text_vectors[0].numpy(), atol=1e-3)  # not the bare text vector
+
     cases = trained.split.cases("valid")
-    served = AsServed(model).score_index(cases.histories)
-    session = model.session_vectors_from_index(cases.histories)
-    np.testing.assert_allclose(served[:, 0], (session @ model.text_vectors[0]).numpy(), atol=1e-5)
+    as_served = AsServed(model)
+    np.testing.assert_allclose(as_served.item_vectors[0].numpy(), stored, atol=1e-6)
+    served = as_served.score_index(cases.histories)
+    session = as_served.session_vectors_from_index(cases.histories)
+    np.testing.assert_allclose(served[:, 0], session.numpy() @ stored, atol=1e-5)
+    with_item0 = [r for r, h in enumerate(cases.histories) if 0 in h]
+    if with_item0:  # sessions that hold item 0 read its stored vector, not the model's cache
+        plain = model.session_vectors_from_index([cases.histories[r] for r in with_item0])
+        assert not np.allclose(plain.numpy(), session.numpy()[with_item0], atol=1e-6)
     assert not np.allclose(model.score_index(cases.histories)[:, 0], served[:, 0])  # the offline rule
     row = BundleRecommender(ranked=False).attach(dataclasses.replace(trained, retrieval=model))
     np.testing.assert_allclose(row.score(cases.users, cases.histories), served)
