@@ -158,9 +158,10 @@ def test_search_returns_items_relevant_to_the_text(client: RecommendationClient,
     assert all(i.reasons["lexical"] > 0 for i in res.items[:3])  # "horror" is in their genres
 
 
-def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: RecommendationClient, movielens) -> None:
+def test_a_new_item_is_indexed_from_its_text_and_found(client: RecommendationClient, movielens) -> None:
     """An item upserted at runtime, which the trained item encoder never saw, is embedded from its
-    text alone (no learned residual) and retrievable at once; catalogue items carry their residual."""
+    text plus a residual borrowed from its text neighbours (it has none of its own) and retrievable
+    at once; catalogue items carry their own residual."""
     from recstream.contracts.events import ItemUpsert
     from recstream.contracts.models import ITEM_ENCODER, TEXT_ENCODER
     from recstream.models.encoder import TextEncoder, version_text_encoder
@@ -168,7 +169,8 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
     from recstream.models.served import ItemEncoder
 
     repo = Path(__file__).resolve().parents[2] / "model_repo"
-    max_len = ItemEncoder.load(repo / ITEM_ENCODER / str(versions(repo, ITEM_ENCODER)[-1])).max_text_len
+    served_encoder = ItemEncoder.load(repo / ITEM_ENCODER / str(versions(repo, ITEM_ENCODER)[-1]))
+    max_len = served_encoder.max_text_len
     item = ItemUpsert(
         item_id=f"new-{uuid.uuid4().hex[:6]}", title="Zorblax the Quantum Llama Detective", category="Comedy"
     )
@@ -192,7 +194,10 @@ def test_a_new_item_is_indexed_from_its_text_alone_and_found(client: Recommendat
     text_model = TextEncoder(max_seq_length=max_len)
     query_model = version_text_encoder(latest_version_dir(repo, TEXT_ENCODER))  # what Triton serves
     q = query_model.encode([query])[0]
-    assert found[0].retrieval_score == pytest.approx(float(q @ text_model.encode([item.text()])[0]), abs=2e-3)
+    text_vector = text_model.encode([item.text()])
+    stored = served_encoder.combine(text_vector, [item.item_id])[0]  # what the catalog indexer stored
+    assert not served_encoder.knows(item.item_id) and float(stored @ text_vector[0]) < 0.999
+    assert found[0].retrieval_score == pytest.approx(float(q @ stored), abs=2e-3)
     # a catalogue item the model was trained on is not its text alone
     star_wars = catalog_events(movielens.items[movielens.items.item_id == "50"])[0]
     res = client.request(RecommendationRequest(user_id=_user(), kind="search", query="Star Wars", k=20), timeout_s=10)
