@@ -80,18 +80,26 @@ def train(
     export_if_worse: bool = typer.Option(
         False, help="export even when a simple baseline beats the trained models on validation"
     ),
+    choose_cold_rule: bool = typer.Option(
+        True,
+        help="choose how new items are served on the cold-start split's validation cases (trains that "
+        "split's models too, or reuses the quality bench's); off: the default rule",
+    ),
 ) -> None:
     """Train the served models (item encoder, session encoder, ranker) on DATASET's leave-last-out
     training part and write them as Triton model versions; prints their validation figures beside
     item-knn's and popularity's, and refuses to export models that lose to either on validation."""
     from recstream.models.training import configure_threads
-    from recstream.training.bundle import export_bundle, train_bundle
+    from recstream.training.bundle import cold_rule_for, export_bundle, train_bundle
 
     setup_logging()
     configure_threads(threads or None)
     bundle = train_bundle(dataset, seed=seed)
+    if choose_cold_rule:
+        bundle.cold_rule_choice = cold_rule_for(bundle.split.data, seed)
     check = _validation_against_baselines(bundle)
-    typer.echo(json.dumps({"stats": bundle.stats, "validation_ndcg10": check}, indent=2))
+    cold = None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump()
+    typer.echo(json.dumps({"stats": bundle.stats, "validation_ndcg10": check, "cold_rule": cold}, indent=2))
     ours = check["served (retrieval + ranker)"]
     better = {name: v for name, v in check.items() if not name.startswith("served") and v > ours}
     if better and not export_if_worse:

@@ -12,8 +12,11 @@ second-to-last item, for early stopping; the test item is never seen):
 
 and exports `item_encoder`, `session_encoder` and `ranker` versions with a meta.json each (data
 hash, git commit, config, training time and peak memory, validation figures). Checkpoints are
-cached under artifacts/served/ keyed by data, texts, config and feature schema, so a rerun reuses
-what is unchanged.
+cached under artifacts/quality/<split>/seed<n>/ (the quality bench's folder for the same split and
+seed) keyed by data, texts, config, code and feature schema, so a rerun reuses what is unchanged.
+
+How a new item is served (the cold rule) is chosen on the same data's cold-start split
+(recstream.training.cold_rule), whose bundle is trained or reused the same way.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ class TrainedBundle:
     texts: list[str]
     stats: dict[str, float]
     data_hash: str
+    #: how a new item is served (recstream.training.cold_rule.ColdRuleChoice); None: the default rule
+    cold_rule_choice: Any = None
+
+    @property
+    def cold_rule(self) -> Any:
+        return None if self.cold_rule_choice is None else self.cold_rule_choice.rule
 
 
 def _two_tower(split: Any, texts: list[str], seqs: list[np.ndarray], valid: tuple, cfg: Any, path: Path, key: str):
@@ -81,12 +90,19 @@ def _two_tower(split: Any, texts: list[str], seqs: list[np.ndarray], valid: tupl
     return model, stats
 
 
+def bundle_work_dir(split: Any, seed: int, root: Path | None = None) -> Path:
+    """Where a split's bundle for a seed is cached: one folder per split and seed, shared by `make
+    train` and the quality bench (so the exported models are the bench's seed-n served row)."""
+    return Path(root or ARTIFACTS_DIR / "quality") / split_fingerprint(split)[:16] / f"seed{seed}"
+
+
 def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None = None) -> TrainedBundle:
     """Train (or reuse) the retrieval model, its out-of-fold twin and the ranker."""
     from recstream.data.datasets import load_dataset
     from recstream.data.split import leave_last_out
 
-    return train_bundle_on(leave_last_out(load_dataset(dataset)), seed, Path(work_dir or ARTIFACTS_DIR / "served"))
+    split = leave_last_out(load_dataset(dataset))
+    return train_bundle_on(split, seed, Path(work_dir) if work_dir else bundle_work_dir(split, seed))
 
 
 def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
@@ -173,9 +189,14 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     overwrite = version is not None
 
     common = dict(bundle.stats)
-    extra = {"dataset": bundle.split.data.name, "item_texts": "ItemUpsert.text() of the replayed catalog"}
+    extra: dict[str, Any] = {
+        "dataset": bundle.split.data.name,
+        "item_texts": "ItemUpsert.text() of the replayed catalog",
+    }
     cfg = bundle.retrieval.cfg.model_dump()
-    item = ItemEncoder.from_two_tower(bundle.retrieval)
+    item = ItemEncoder.from_two_tower(bundle.retrieval, bundle.cold_rule)
+    if bundle.cold_rule_choice is not None:
+        extra["cold_rule_choice"] = bundle.cold_rule_choice.model_dump()
     session = SessionEncoder(bundle.retrieval.session_tower, bundle.retrieval.cfg)
 
     def meta(kind: str, config: dict) -> CheckpointMeta:
@@ -199,17 +220,17 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
 class AsServed:
     """The retrieval model as the stream worker uses it: every item by the vector the vector store
     holds (`ItemEncoder.from_two_tower`, the exported item encoder: an item without training data
-    borrows its neighbours' residual), scored by its cosine to the session vector. The two-tower's
-    offline rule for such items (`TwoTowerModel.cold_item_scores`) is not served, so a row that
-    claims to be the served model must not use it."""
+    borrows its neighbours' residual by `cold_rule`), scored by its cosine to the session vector.
+    The two-tower's offline rule for such items (`TwoTowerModel.cold_item_scores`) is not served, so
+    a row that claims to be the served model must not use it."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, cold_rule: Any = None) -> None:
         import torch
 
         from recstream.models.served import ItemEncoder
 
         self.model = model
-        encoder = ItemEncoder.from_two_tower(model)
+        encoder = ItemEncoder.from_two_tower(model, cold_rule)
         self.item_vectors = torch.from_numpy(encoder.combine(model.text_vectors.numpy(), model.item_ids))
 
     def session_vectors_from_index(self, histories: Any) -> Any:
@@ -226,18 +247,28 @@ class BundleRecommender:
     The same training code and configuration as the served versions, one checkpoint folder per
     split and seed (artifacts/quality/<split fingerprint>/seed<n>), so a seed's retrieval-only and
     ranked rows share one training run. `ranked=False` scores with the retrieval stage alone. Both
-    score as the worker serves (`AsServed`: no offline cold-item rule).
+    score as the worker serves (`AsServed`: no offline cold-item rule), with the cold rule `make
+    train` would ship: chosen on the split's own cold validation cases (cold-start split) or on the
+    same data's cold-start split (`choose_cold_rule=False` keeps the default).
     """
 
-    def __init__(self, seed: int = 0, ranked: bool = True, work_root: Path | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, ranked: bool = True, work_root: Path | None = None, choose_cold_rule: bool = True
+    ) -> None:
         self.seed = seed
         self.ranked = ranked
         self.work_root = Path(work_root or ARTIFACTS_DIR / "quality")
+        self.choose_cold_rule = choose_cold_rule
+        self.cold_rule: Any = None
         self.info: dict[str, Any] = {}
 
     def fit(self, split: Any) -> BundleRecommender:
-        work = self.work_root / split_fingerprint(split)[:16] / f"seed{self.seed}"
-        return self.attach(train_bundle_on(split, self.seed, work))
+        bundle = train_bundle_on(split, self.seed, bundle_work_dir(split, self.seed, self.work_root))
+        if hasattr(split, "cold_valid"):
+            bundle.cold_rule_choice = choose_own_cold_rule(bundle)
+        elif self.choose_cold_rule:
+            bundle.cold_rule_choice = cold_rule_for(split.data, self.seed, self.work_root)
+        return self.attach(bundle)
 
     def attach(self, bundle: TrainedBundle) -> BundleRecommender:
         """Score with an already trained bundle (`make train` judges the one it is about to export)."""
@@ -250,16 +281,39 @@ class BundleRecommender:
         self.ctx = RankingContext(item_categories(split), split.train_seqs, split.n_items, split_events(split))
         self.depth = int(self.bundle.ranker.meta.config.get("rerank_depth", SERVED_DEPTH))
         self.info = {k: round(v, 4) for k, v in self.bundle.stats.items()}
+        self.cold_rule = bundle.cold_rule
+        if bundle.cold_rule_choice is not None:
+            self.info["cold_rule"] = bundle.cold_rule.model_dump()
         return self
 
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         from recstream.training.ranker import request_times, rerank_scores
 
-        retrieval = AsServed(self.bundle.retrieval)
+        retrieval = AsServed(self.bundle.retrieval, self.cold_rule)
         if not self.ranked:
             return retrieval.score_index(histories)
         times = request_times(self.split, users, histories)
         return rerank_scores(self.bundle.ranker, retrieval, self.ctx, histories, self.depth, times)
+
+
+def choose_own_cold_rule(bundle: TrainedBundle) -> Any:
+    """The cold rule chosen on the bundle's own cold validation cases (a cold-start split's bundle;
+    any other keeps the default), scored on the served path: vectors as exported, then the ranker."""
+    from recstream.training.cold_rule import choose_cold_rule
+
+    split = bundle.split
+    has_cases = hasattr(split, "cold_valid") and len(split.cold_valid) > 0
+    return choose_cold_rule(
+        BundleRecommender(ranked=True).attach(bundle), split.cases("cold_valid") if has_cases else None
+    )
+
+
+def cold_rule_for(data: Any, seed: int = 0, work_root: Path | None = None) -> Any:
+    """The rule for models trained on `data`: chosen on the default cold-start split of the same data,
+    whose bundle for `seed` is trained or reused (the quality bench's cache)."""
+    from recstream.data.split import cold_start_split
+
+    return BundleRecommender(seed, work_root=work_root).fit(cold_start_split(data)).bundle.cold_rule_choice
 
 
 def served_model(seed: int = 0) -> BundleRecommender:

@@ -55,10 +55,12 @@ class TwoTowerModel(nn.Module):
     def embed_items(
         self, texts: Sequence[str], item_ids: Sequence[str] | None = None, batch_size: int = 256
     ) -> np.ndarray:
-        """Item text -> float32 [n, 384] unit vectors (upsert these into Qdrant).
+        """Item text -> float32 [n, 384] unit vectors as the model trains on them.
 
-        With `item_ids`, items known from training get their ID residual added; unknown ids
-        (new catalogue items) get the pure text vector.
+        With `item_ids`, items known from training get their ID residual added; unknown ids get the
+        bare text vector. Not what the vector store holds: serving stores the exported item
+        encoder's vectors (`recstream.models.served.ItemEncoder.combine`), where an unknown item
+        borrows a residual from its text neighbours.
         """
         vecs = self.item_tower.encode(texts, batch_size)
         if item_ids is None or self.id_residual is None:
