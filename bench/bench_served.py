@@ -424,6 +424,8 @@ def main_cold(args) -> int:
         "cold_items": len(split.cold_items),
         "seed": args.seed,
         "cold_rule": cold_rule,
+        # how it was chosen: every candidate's served NDCG@10 on the split's cold validation cases
+        "cold_rule_choice": None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump(),
         "latency_ms_p50": run["latency_ms_p50"],
         "latency_ms_p99": run["latency_ms_p99"],
         "run": run,
