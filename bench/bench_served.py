@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recstream.config import REPO_ROOT, Settings
+from recstream.config import REPO_ROOT, Settings, setting_default
 
 RUN = REPO_ROOT / "run" / "bench-served"
 K = 10
@@ -89,7 +89,15 @@ def _before_repo(tmp: Path) -> Path:
     return repo
 
 
-def run_stack(model_repo: Path, split, history, rps: float, label: str, queries: dict[str, str] | None = None) -> dict:
+def run_stack(
+    model_repo: Path,
+    split,
+    history,
+    rps: float,
+    label: str,
+    queries: dict[str, str] | None = None,
+    new_item_slot_factor: float = 1.0,
+) -> dict:
     """One fresh stack over `model_repo`: catalog, history replay, one request per test user (a
     search with the user's query where `queries` is given, for those users only)."""
     from bench.bench_stream import _cpu_seconds, _tree_cpu_seconds
@@ -124,6 +132,7 @@ def run_stack(model_repo: Path, split, history, rps: float, label: str, queries:
             qdrant_path=run / "qdrant",
             run_dir=run / "worker",
             model_repo=model_repo,
+            new_item_slot_factor=new_item_slot_factor,
             log_level="WARNING",
         )
         ensure_topics(settings)
@@ -219,11 +228,12 @@ def score_served(split, results) -> tuple[dict, np.ndarray]:
     return metrics_from_ranks(ranks, ks=(K,)), ranks
 
 
-def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
+def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) -> tuple[dict, np.ndarray, dict]:
     """The same model versions in-process on the same cases (full ranking, whole history excluded),
     and the same again "as served": popularity and trend counted over everything the stack replayed
     (train + validation) and the top 10 chosen by the worker's diversity rule. The second says how
-    much of a served-offline gap those two differences explain."""
+    much of a served-offline gap those two differences explain. New items are placed as the stack
+    places them (`new_item_slot_factor`)."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
     from recstream.models.ranker import RankingContext
     from recstream.models.repository import load_exported
@@ -240,7 +250,7 @@ def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
     times = request_times(split, cases.users, cases.histories)
     depth = int(ranker.meta.config.get("rerank_depth", 100))
     ctx = RankingContext(cats, split.train_seqs, len(split.item_ids), split_events(split))
-    scores = rerank_scores(ranker, retrieval, ctx, cases.histories, depth, times)
+    scores = rerank_scores(ranker, retrieval, ctx, cases.histories, depth, times, new_item_slot_factor)
     ranks = target_ranks(scores, cases.targets, cases.histories)
 
     items, ts = split_events(split)
@@ -251,7 +261,7 @@ def score_offline(split, model_repo: Path) -> tuple[dict, np.ndarray, dict]:
         len(split.item_ids),
         (np.concatenate([items, valid_items]), np.concatenate([ts, split.valid["ts"].to_numpy(np.int64)])),
     )
-    as_served = rerank_scores(ranker, retrieval, replayed, cases.histories, depth, times)
+    as_served = rerank_scores(ranker, retrieval, replayed, cases.histories, depth, times, new_item_slot_factor)
     shown_ranks = []
     for r, h in enumerate(cases.histories):
         s = as_served[r].copy()
@@ -403,8 +413,9 @@ def main_cold(args) -> int:
         shutil.copytree(args.model_repo / "text_encoder", repo / "text_encoder")
         exported = export_bundle(bundle, repo, version=1)
         cold_rule = ItemEncoder.load(exported[ITEM_ENCODER]).cold_rule.model_dump()
-        offline, offline_ranks, as_served = score_offline(split, repo)
-        run = run_stack(repo, split, _known_rows(split), args.rps, "cold")
+        factor = args.new_item_slot_factor
+        offline, offline_ranks, as_served = score_offline(split, repo, factor)
+        run = run_stack(repo, split, _known_rows(split), args.rps, "cold", new_item_slot_factor=factor)
     results = run.pop("results")
     if [r.user_id for r in results] != [split.user_ids[u] for u in cases.users]:
         raise RuntimeError("served answers are not in the order of the test cases")
@@ -423,6 +434,7 @@ def main_cold(args) -> int:
         "n_cases": len(served_ranks),
         "cold_items": len(split.cold_items),
         "seed": args.seed,
+        "new_item_slot_factor": args.new_item_slot_factor,
         "cold_rule": cold_rule,
         # how it was chosen: every candidate's served NDCG@10 on the split's cold validation cases
         "cold_rule_choice": None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump(),
@@ -461,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", choices=["recommend", "search", "cold"], default="recommend")
     ap.add_argument("--seed", type=int, default=0, help="--kind cold: the training seed of the served models")
     ap.add_argument("--cold-frac", type=float, default=float(os.environ.get("COLD_FRAC", "0.1")))
+    ap.add_argument(
+        "--new-item-slot-factor",
+        type=float,
+        default=setting_default("new_item_slot_factor"),
+        help="--kind cold: the stack's NEW_ITEM_SLOT_FACTOR (and offline scoring's); see make bench-exposure",
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.kind == "cold":

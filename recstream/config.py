@@ -60,6 +60,15 @@ class Settings(BaseSettings):
         description="How long the feedback joiner waits for a click after an impression before the impression "
         "becomes a no-click training example (a learning policy forgets a shown slot 60 s after that)",
     )
+    new_item_slot_factor: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Where the learned ranker's list puts a candidate nobody has interacted with yet: its retrieval "
+        "slot times this factor (`1` = its retrieval slot, the default chosen on validation; `0` = ahead of every "
+        "known item). Lower values show new items more often at a measured cost to the rest of the list "
+        "(`make bench-exposure`)",
+    )
     ranking_log: Literal["all", "exploring", "off"] = Field(
         "all",
         description="What goes to `ranking-log`: `exploring` = the candidate pool of every answer a stochastic "
@@ -159,7 +168,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "kafka": ("kafka_bootstrap", "topic_prefix", "max_message_bytes"),
     "triton": ("triton_url", "triton_grpc_url", "triton_timeout_s", "model_repo"),
     "vector store": ("qdrant_url", "qdrant_path"),
-    "streams": ("session_refresh_s", "event_dedupe_ids", "feedback_window_s", "ranking_log", "metrics_port"),
+    "streams": (
+        "session_refresh_s",
+        "event_dedupe_ids",
+        "feedback_window_s",
+        "new_item_slot_factor",
+        "ranking_log",
+        "metrics_port",
+    ),
     "explore": ("exploration_policy", "exploration_seed", "policy_feedback_slots"),
     "gateway": ("api_keys", "cors_origins"),
     "trainer": ("trainer_train_every_examples", "trainer_train_every_s", "trainer_min_examples", "trainer_holdout"),

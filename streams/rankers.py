@@ -31,6 +31,7 @@ class Ranker(Protocol):
     version: str
     rerank_depth: int  # retrieved candidates it reorders
     co_visitation_candidates: int  # of those, slots filled from its co-visitation statistic
+    follows_candidates: int  # and slots filled from what followed the session's last items
 
     def score(self, ctx: RankContext, candidates: list[Candidate], timeout_s: float) -> np.ndarray: ...
 
@@ -40,6 +41,7 @@ class InProcessRanker:
 
     rerank_depth = RERANK_DEPTH
     co_visitation_candidates = 0
+    follows_candidates = 0
 
     def __init__(self) -> None:
         self.impl = HeuristicRanker()
@@ -69,7 +71,7 @@ class TritonRanker:
 
         self._features = candidate_features
         self._model_repo = settings.model_repo
-        self._version_cache: tuple[str, CoVisitation | None, int] = ("", None, 0)
+        self._version_cache: tuple[str, CoVisitation | None, int, int] = ("", None, 0, 0)
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -109,13 +111,19 @@ class TritonRanker:
             ctx.recent_categories,
             ctx.max_popularity,
             np.array([c.trending for c in candidates], np.float64),
-            self._co_visit_scores(ctx, candidates),
+            *self._co_occurrence(ctx, candidates),
         )
         return context, feats
 
-    def _co_visit_scores(self, ctx: RankContext, candidates: list[Candidate]) -> np.ndarray | None:
+    def _co_occurrence(
+        self, ctx: RankContext, candidates: list[Candidate]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The co_visitation and follows features' raw values, from the served version's statistic."""
         stat = self.co_visitation()
-        return stat.scores(ctx.recent_items, [c.item_id for c in candidates]) if stat is not None else None
+        if stat is None:
+            return None, None
+        ids = [c.item_id for c in candidates]
+        return stat.scores(ctx.recent_items, ids), stat.follow_scores(ctx.recent_items, ids)
 
     def co_visitation(self) -> CoVisitation | None:
         """The co-visitation statistic of the version last served (read once per version)."""
@@ -127,30 +135,44 @@ class TritonRanker:
         validation when it was trained; 0 = the vector search's candidates alone)."""
         return self._version_files()[1]
 
-    def _version_files(self) -> tuple[CoVisitation | None, int]:
+    @property
+    def follows_candidates(self) -> int:
+        """Slots of each list the served version fills with what followed the session's last items."""
+        return self._version_files()[2]
+
+    def _version_files(self) -> tuple[CoVisitation | None, int, int]:
         """What the served version's folder holds beside its weights, read once per version."""
         version = self.version
         if self._version_cache[0] != version:
-            from recstream.models.ranker import co_visited_slots
+            from recstream.models.ranker import co_visited_slots, follow_slots
             from recstream.models.training import read_meta
 
             number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
-            stat, slots = None, 0
+            stat, slots, follows = None, 0, 0
             if number.isdigit():
                 folder = self._model_repo / self.model / number
                 stat = CoVisitation.load(folder)
                 if stat is None:
-                    log.warning("%s: no %s in %s; its co_visitation feature is 0", version, CoVisitation.FILE, folder)
+                    log.warning(
+                        "%s: no %s in %s; its co_visitation and follows features are 0",
+                        version,
+                        CoVisitation.FILE,
+                        folder,
+                    )
                 else:
-                    slots = co_visited_slots(read_meta(folder), stat)
+                    meta = read_meta(folder)
+                    slots, follows = co_visited_slots(meta, stat), follow_slots(meta, stat)
                     log.info(
-                        "%s: co-visitation statistic of %d items loaded, %d co-visited candidates per list",
+                        "%s: co-visitation statistic of %d items loaded (follows: %s), %d co-visited and %d "
+                        "follows candidates per list",
                         version,
                         len(stat.item_ids),
+                        "yes" if stat.follows is not None else "no",
                         slots,
+                        follows,
                     )
-            self._version_cache = (version, stat, slots)
-        return self._version_cache[1], self._version_cache[2]
+            self._version_cache = (version, stat, slots, follows)
+        return self._version_cache[1], self._version_cache[2], self._version_cache[3]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""

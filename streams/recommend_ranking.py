@@ -15,7 +15,7 @@ import numpy as np
 
 from recstream.contracts.events import PoolCandidate, RankedItem, RankingLog, RecommendationResult
 from recstream.recommend.rerank import diversify as diversify_list
-from recstream.recommend.rerank import keep_new_items_in_place
+from recstream.recommend.rerank import place_new_items
 from recstream.recommend.scoring import Candidate
 from recstream.telemetry import STAGE_LATENCY
 from streams.context import StreamContext
@@ -105,9 +105,12 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                 scores, version = res
                 for p, sc in zip(chunk, scores, strict=True):
                     p.scores, p.version = sc, version
-                    # Candidates nobody has interacted with keep their retrieval slot (as offline):
-                    # that orders the list; the scores published and logged stay the ranker's logits.
-                    p.order = keep_new_items_in_place(sc, [c.popularity == 0 for c in p.candidates])
+                    # Candidates nobody has interacted with are placed by retrieval (as offline, at
+                    # their slot times NEW_ITEM_SLOT_FACTOR): that orders the list; the scores published
+                    # and logged stay the ranker's logits.
+                    p.order = place_new_items(
+                        sc, [c.popularity == 0 for c in p.candidates], ctx.settings.new_item_slot_factor
+                    )
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -92,30 +93,40 @@ async def retrieve(ctx: StreamContext, pending: list[Pending]) -> None:
 
 
 async def co_visited_hits(ctx: StreamContext, searched: list[tuple[Pending, np.ndarray]]) -> None:
-    """The ranker's second candidate source (`recstream.models.ranker.candidate_slate`): the last
-    `co_visitation_candidates` slots of a recommendation's list go to the items most co-visited with
-    the session that the vector search did not bring and the filter allows, each with its cosine to
-    the search vector as its retrieval score. One store read for the batch."""
-    slots = ctx.ranker.co_visitation_candidates
-    stat = ctx.ranker.co_visitation() if slots else None
+    """The ranker's other candidate sources (`recstream.models.ranker.candidate_slate`): the last
+    `co_visitation_candidates + follows_candidates` slots of a recommendation's list go to, first,
+    the items most co-visited with the session and, then, those that most followed its last items,
+    that the vector search did not bring and the filter allows, each with its cosine to the search
+    vector as its retrieval score. One store read for the batch."""
+    n_co, n_follow = ctx.ranker.co_visitation_candidates, ctx.ranker.follows_candidates
+    stat = ctx.ranker.co_visitation() if n_co + n_follow else None
     if stat is None:
         return
-    wanted: list[tuple[Pending, np.ndarray, int, list[str]]] = []
+    slots = n_co + n_follow
+    wanted: list[tuple[Pending, np.ndarray, int, list[str], list[str]]] = []
     for p, vec in searched:
         if not p.rctx.recent_items or not p.hits:
             continue
         keep = max(0, len(p.hits) - slots)
         exclude = [h.item_id for h in p.hits[:keep]] + list(p.filt.exclude_ids)
         # twice the slots: business filters (stock, category, price) are checked on the payloads below
-        wanted.append((p, vec, keep, stat.top(p.rctx.recent_items, 2 * slots, exclude)))
-    ids = sorted({i for *_, top in wanted for i in top})
+        co = stat.top(p.rctx.recent_items, 2 * n_co, exclude) if n_co else []
+        follows = stat.follow_top(p.rctx.recent_items, 2 * n_follow + n_co, exclude) if n_follow else []
+        wanted.append((p, vec, keep, co, follows))
+    ids = sorted({i for *_, co, follows in wanted for i in (*co, *follows)})
     found = await read_store(ctx, ctx.store.retrieve, ids) if ids else {}
-    for p, vec, keep, top in wanted:
-        extra = [found[i] for i in top if i in found and p.filt.allows(i, found[i].payload)][:slots]
+    for p, vec, keep, co, follows in wanted:
+        allowed = [i for i in co if i in found and p.filt.allows(i, found[i].payload)][:n_co]
+        allowed += [i for i in follows if i in found and i not in allowed and p.filt.allows(i, found[i].payload)][
+            :n_follow
+        ]
         unit = vec / max(float(np.linalg.norm(vec)), 1e-12)
-        for hit in extra:
-            hit.score = float(hit.vector @ unit / max(float(np.linalg.norm(hit.vector)), 1e-12))
-        chosen = {h.item_id for h in extra}
+        # a copy per request: requests of one batch share the hits read for them
+        extra = [
+            replace(found[i], score=float(found[i].vector @ unit / max(float(np.linalg.norm(found[i].vector)), 1e-12)))
+            for i in allowed
+        ]
+        chosen = set(allowed)
         fill = [h for h in p.hits[keep:] if h.item_id not in chosen][: slots - len(extra)]
         p.hits = p.hits[:keep] + fill + extra
 

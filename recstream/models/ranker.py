@@ -28,7 +28,14 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from recstream.models.co_visitation import CO_VISIT_WINDOW, CoVisitation
+from recstream.models.co_visitation import (
+    CO_VISIT_WINDOW,
+    FOLLOW_LAG_DECAY,
+    FOLLOW_LAGS,
+    FOLLOW_RECENCY_DECAY,
+    FOLLOW_WINDOW,
+    CoVisitation,
+)
 from recstream.models.training import (
     CheckpointMeta,
     load_checkpoint,
@@ -48,17 +55,22 @@ CAND_FEATURE_NAMES = (
     "same_category_as_last",
     "trending",
     "co_visitation",
+    "follows",
 )
 N_CAND_FEATURES = len(CAND_FEATURE_NAMES)
 AFFINITY_WINDOW = 20  # recent items that define the session's category affinity
 TREND_NORM = float(np.log1p(200.0))
+#: The follows feature is log1p(FOLLOW_SCALE * the summed share): shares of a few per cent map to ~1.
+FOLLOW_SCALE = 100.0
 VEC_SCALE = float(ITEM_DIM) ** 0.5
 PROD_SCALE = float(ITEM_DIM)
 FEATURE_SCHEMA = {
-    "version": 5,
+    "version": 6,
     "trend": "distinct-user interactions in the 7 UTC days before the request's day",
     "popularity": "distinct (user, item) interactions",
     "co_visitation": f"log1p of the summed item-knn similarity to the last {CO_VISIT_WINDOW} history items",
+    "follows": f"log1p({FOLLOW_SCALE:g} x how much the candidate followed the last {FOLLOW_WINDOW} history items "
+    f"(within {FOLLOW_LAGS} positions, lag decay {FOLLOW_LAG_DECAY}, recency decay {FOLLOW_RECENCY_DECAY}))",
     "scales": {"item": VEC_SCALE, "products": PROD_SCALE},
     "context": ["session[384]", "query[384]"],
     "item_dim": ITEM_DIM,
@@ -81,11 +93,22 @@ def feature_schema_hash(schema: dict | None = None) -> str:
 CO_VISITED_SLOTS = "co_visitation_candidates"
 
 
+#: The same for the slots filled with the items that most followed the session's last items.
+FOLLOW_SLOTS = "follows_candidates"
+
+
 def co_visited_slots(meta: CheckpointMeta | None, co_visitation: CoVisitation | None) -> int:
     """Slots a ranker version fills from its co-visitation statistic: none without the statistic."""
     if meta is None or co_visitation is None:
         return 0
     return int(meta.extra.get(CO_VISITED_SLOTS, 0))
+
+
+def follow_slots(meta: CheckpointMeta | None, co_visitation: CoVisitation | None) -> int:
+    """Slots a ranker version fills from its statistic's follows: none without them."""
+    if meta is None or co_visitation is None or co_visitation.follows is None:
+        return 0
+    return int(meta.extra.get(FOLLOW_SLOTS, 0))
 
 
 class FeatureSchemaMismatch(RuntimeError):
@@ -131,6 +154,7 @@ def candidate_features(
     max_count: float,
     candidate_recent_counts: np.ndarray | None = None,
     candidate_co_visitation: np.ndarray | None = None,
+    candidate_follows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw per-candidate features [n, N_CAND_FEATURES] (float32), in CAND_FEATURE_NAMES order.
 
@@ -138,7 +162,8 @@ def candidate_features(
     seen so far per candidate (0 for a new item); recent_categories: the session's item categories,
     oldest first (the last AFFINITY_WINDOW count); max_count: the largest count in the catalogue;
     candidate_recent_counts: interactions per candidate on the days `trend_days(request time)`;
-    candidate_co_visitation: `CoVisitation.scores` of the candidates for the session's history.
+    candidate_co_visitation: `CoVisitation.scores` of the candidates for the session's history;
+    candidate_follows: `CoVisitation.follow_scores` of the same.
     """
     n = len(candidate_categories)
     out = np.zeros((n, N_CAND_FEATURES), dtype=np.float32)
@@ -156,6 +181,8 @@ def candidate_features(
         out[:, 4] = np.log1p(np.asarray(candidate_recent_counts, dtype=np.float64)) / TREND_NORM
     if candidate_co_visitation is not None:
         out[:, 5] = np.log1p(np.asarray(candidate_co_visitation, dtype=np.float64))
+    if candidate_follows is not None:
+        out[:, 6] = np.log1p(FOLLOW_SCALE * np.asarray(candidate_follows, dtype=np.float64))
     return out
 
 
@@ -169,6 +196,15 @@ class RankerConfig(BaseModel):
     co_visitation_weights: list[float] = Field(
         default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0],
         description="Starting weights of the co-visitation feature tried on validation before training",
+    )
+    follows_weights: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
+        description="Starting weights of the follows feature tried on validation (after co-visitation's)",
+    )
+    follows_candidates: list[int] = Field(
+        default_factory=lambda: [0, 5, 10, 20],
+        description="Slots of the reranked list given to the items that most followed the history's last items "
+        "(after the co-visited ones), tried on validation",
     )
     co_visitation_candidates: list[int] = Field(
         default_factory=lambda: [0, 10, 25, 40],
@@ -238,6 +274,11 @@ class Ranker:
     def co_visitation_candidates(self) -> int:
         """Slots of each list filled from the co-visitation statistic (chosen on validation)."""
         return co_visited_slots(self.meta, self.co_visitation)
+
+    @property
+    def follows_candidates(self) -> int:
+        """Slots of each list filled from the statistic's follows (chosen on validation)."""
+        return follow_slots(self.meta, self.co_visitation)
 
     @property
     def version_tag(self) -> str:
@@ -344,6 +385,7 @@ class RankingContext:
     ) -> np.ndarray:
         """Features of `cand` (item indices) after `history`; `co_visitation`: the statistic to use
         instead of this context's own (a trained ranker's, which is what serving uses)."""
+        stat = co_visitation or self.co_visitation
         return candidate_features(
             retrieval_scores,
             self.counts[cand],
@@ -351,29 +393,43 @@ class RankingContext:
             self.categories[np.asarray(history, dtype=np.int64)].tolist(),
             self.max_count,
             self.recent_counts(cand, now),
-            (co_visitation or self.co_visitation).scores_idx(history, cand),
+            stat.scores_idx(history, cand),
+            stat.follow_scores_idx(history, cand),
         )
 
 
 def candidate_slate(
-    scores: np.ndarray, history: np.ndarray, depth: int, co_visitation: CoVisitation | None = None, n_co: int = 0
+    scores: np.ndarray,
+    history: np.ndarray,
+    depth: int,
+    co_visitation: CoVisitation | None = None,
+    n_co: int = 0,
+    n_follow: int = 0,
 ) -> np.ndarray:
     """The `depth` candidates a ranker reorders (item indices, in slate order): the unseen items with
-    the best retrieval scores, the last `n_co` of them replaced by the unseen items most co-visited
-    with the history that retrieval did not rank above them (retrieval's next items fill what the
-    statistic cannot). Serving builds the same slate from the vector store and the ranker's
-    statistic (streams/recommend_retrieval.py)."""
+    the best retrieval scores, the last `n_co + n_follow` of them replaced by, first, the unseen
+    items most co-visited with the history and, then, those that most followed its last items, none
+    of which retrieval ranked above them (retrieval's next items fill what the statistic cannot).
+    Serving builds the same slate from the vector store and the ranker's statistic
+    (streams/recommend_retrieval.py)."""
     s = np.array(scores, dtype=np.float64, copy=True)
     history = np.asarray(history, dtype=np.int64)
     s[history] = -np.inf
     depth = min(depth, len(s) - 1)
     top = np.argpartition(-s, depth)[:depth]
     top = top[np.argsort(-s[top], kind="stable")]
-    if co_visitation is None or n_co <= 0:
+    if co_visitation is None:
         return top
-    n_co = min(n_co, depth)
-    head = top[: depth - n_co]
-    extra = co_visitation.top_idx(history, n_co, np.concatenate([history, head]))
+    n_co = min(max(n_co, 0), depth)
+    n_follow = min(max(n_follow, 0), depth - n_co)
+    n_extra = n_co + n_follow
+    if not n_extra:
+        return top
+    head = top[: depth - n_extra]
+    taken = np.concatenate([history, head])
+    co = co_visitation.top_idx(history, n_co, taken)
+    follows = co_visitation.follow_top_idx(history, n_follow + len(co), taken)
+    extra = np.concatenate([co, follows[~np.isin(follows, co)][:n_follow]]).astype(np.int64)
     # slots the statistic could not fill go back to retrieval's next items
-    fill = top[depth - n_co :][~np.isin(top[depth - n_co :], extra)][: n_co - len(extra)]
+    fill = top[depth - n_extra :][~np.isin(top[depth - n_extra :], extra)][: n_extra - len(extra)]
     return np.concatenate([head, fill, extra])

@@ -36,8 +36,9 @@ class ColdItemRule(BaseModel):
     residuals of the known items whose text vectors are nearest, scaled by `strength`.
 
     A bare text vector is not competitive under a session tower trained on text + ID vectors (as
-    served: cold-start NDCG@10 0.0000 on ml-100k). The defaults were chosen on the cold-start
-    split's validation cases only (bench/README.md, "Cold start")."""
+    served: cold-start NDCG@10 0.0000 on ml-100k). The defaults are the first candidate of
+    `recstream.training.cold_rule.COLD_RULE_GRID`; `make train` ships the candidate that does best
+    on the cold-start split's validation cases (bench/README.md, "Cold start")."""
 
     neighbours: int = Field(5, ge=0, description="Known items the residual is borrowed from (0: text alone)")
     strength: float = Field(2.0, ge=0.0, description="Scale of the borrowed residual (a mean is shorter)")

@@ -302,10 +302,8 @@ def choose_own_cold_rule(bundle: TrainedBundle) -> Any:
     from recstream.training.cold_rule import choose_cold_rule
 
     split = bundle.split
-    has_cases = hasattr(split, "cold_valid") and len(split.cold_valid) > 0
-    return choose_cold_rule(
-        BundleRecommender(ranked=True).attach(bundle), split.cases("cold_valid") if has_cases else None
-    )
+    cases = split.cases("cold_valid") if hasattr(split, "cold_valid") else None
+    return choose_cold_rule(BundleRecommender(ranked=True).attach(bundle), cases)
 
 
 def cold_rule_for(data: Any, seed: int = 0, work_root: Path | None = None) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from recstream.models.ranker import (
     CAND_FEATURE_NAMES,
     CO_VISITED_SLOTS,
+    FOLLOW_SLOTS,
     ITEM_DIM,
     N_CAND_FEATURES,
     N_SCALAR_FEATURES,
@@ -28,6 +30,7 @@ from recstream.models.ranker import (
     new_ranker,
 )
 from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
+from recstream.recommend.rerank import new_item_order
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,11 @@ def _examples(
     depth: int,
     times: Sequence[float | None] | None = None,
     n_co: int = 0,
+    n_follow: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Training lists shaped exactly like serving lists: `candidate_slate` (the top retrieved unseen
-    items in retrieval order, `n_co` of them from `ctx`'s co-visitation), kept only when the positive
-    is among them (otherwise no reranking can reach it).
+    items in retrieval order, `n_co` of them from `ctx`'s co-visitation and `n_follow` from its
+    follows), kept only when the positive is among them (otherwise no reranking can reach it).
 
     Returns (context [N, 768], candidate indices [N, depth], features [N, depth, K], label column [N]).
     Sampling negatives differently from serving teaches the wrong thing: with "positive + the top
@@ -105,7 +109,7 @@ def _examples(
     sess, scores = _retrieval_scores(retrieval, histories)
     keep, cands, feats, labels = [], [], [], []
     for r, (h, pos) in enumerate(zip(histories, positives, strict=True)):
-        top = candidate_slate(scores[r], h, depth, ctx.co_visitation, n_co)
+        top = candidate_slate(scores[r], h, depth, ctx.co_visitation, n_co, n_follow)
         hit = np.flatnonzero(top == pos)
         if not len(hit):
             continue
@@ -123,6 +127,47 @@ def _examples(
     )
 
 
+@dataclass
+class RankedSlate:
+    """One request's served list before the new-item placement: the slate (candidate indices in
+    retrieval order), the ranker's scores and which candidates nobody has interacted with."""
+
+    candidates: np.ndarray
+    ranker_scores: np.ndarray
+    is_new: np.ndarray
+
+    def order(self, new_item_slot_factor: float = 1.0) -> np.ndarray:
+        """Candidate indices in list order, as the worker orders them (`new_item_order`)."""
+        return self.candidates[new_item_order(self.ranker_scores, self.is_new, new_item_slot_factor)]
+
+
+def ranked_slates(
+    ranker: Ranker,
+    retrieval: object,
+    ctx: RankingContext,
+    histories: Sequence[np.ndarray],
+    depth: int = 100,
+    times: Sequence[float | None] | None = None,
+) -> tuple[np.ndarray, list[RankedSlate]]:
+    """(full-catalogue retrieval scores [B, n_items], each request's ranked slate)."""
+    sess, scores = _retrieval_scores(retrieval, histories)
+    # the statistic the ranker ships with, as serving uses it (popularity and trend stay the context's:
+    # serving counts them live)
+    co_visitation = ranker.co_visitation
+    if co_visitation is not None and len(co_visitation.item_ids) != len(ctx.counts):
+        raise ValueError(f"ranker's co-visitation covers {len(co_visitation.item_ids)} items, not {len(ctx.counts)}")
+    vecs = retrieval.item_vectors.numpy()  # type: ignore[attr-defined]
+    n_co, n_follow = ranker.co_visitation_candidates, ranker.follows_candidates
+    slates = []
+    for r, h in enumerate(histories):
+        top = candidate_slate(scores[r], h, depth, co_visitation, n_co, n_follow)
+        feats = ctx.features(h, top, scores[r][top], None if times is None else times[r], co_visitation)
+        context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
+        rs = ranker.score(context, vecs[top], feats).astype(np.float64)
+        slates.append(RankedSlate(top, rs, ctx.counts[top] == 0))
+    return scores, slates
+
+
 def rerank_scores(
     ranker: Ranker,
     retrieval: object,
@@ -130,37 +175,21 @@ def rerank_scores(
     histories: Sequence[np.ndarray],
     depth: int = 100,
     times: Sequence[float | None] | None = None,
+    new_item_slot_factor: float = 1.0,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
     everything else keeps its retrieval order below them (so metrics stay full-ranking).
 
-    Items without any interaction data (`ctx.counts == 0`: new or cold items) keep their retrieval
-    slot in the list and the ranker orders the others around them: its popularity and trend
-    features say nothing about a new item except "unseen", and letting it act on that buries every
-    new item (measured offline, with the cold-item rule: cold-start NDCG@10 0.021 -> 0).
+    Items without any interaction data (`ctx.counts == 0`: new or cold items) are placed by
+    retrieval, at their slot times `new_item_slot_factor`, and the ranker orders the others around
+    them, as the worker does (`recstream.recommend.rerank.new_item_order`).
     """
-    sess, scores = _retrieval_scores(retrieval, histories)
-    scores = scores.astype(np.float64)
-    out = scores.copy()
-    # the statistic the ranker ships with, as serving uses it (popularity and trend stay the context's:
-    # serving counts them live)
-    co_visitation = ranker.co_visitation
-    if co_visitation is not None and len(co_visitation.item_ids) != len(ctx.counts):
-        raise ValueError(f"ranker's co-visitation covers {len(co_visitation.item_ids)} items, not {len(ctx.counts)}")
-    vecs = retrieval.item_vectors.numpy()  # type: ignore[attr-defined]
-    n_co = ranker.co_visitation_candidates
-    for r, h in enumerate(histories):
-        top = candidate_slate(scores[r], h, depth, co_visitation, n_co)  # slot i = i-th in slate order
-        depth = len(top)
-        feats = ctx.features(h, top, scores[r][top], None if times is None else times[r], co_visitation)
-        context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
-        rs = ranker.score(context, vecs[top], feats).astype(np.float64)
-        new = ctx.counts[top] == 0
-        order = np.arange(depth)
-        warm_slots = np.flatnonzero(~new)
-        order[warm_slots] = warm_slots[np.argsort(-rs[warm_slots], kind="stable")]
-        # slot i holds candidate order[i]; scores fall with the slot, above every non-candidate
-        out[r, top[order]] = 1e3 + np.arange(depth, 0, -1, dtype=np.float64)
+    scores, slates = ranked_slates(ranker, retrieval, ctx, histories, depth, times)
+    out = scores.astype(np.float64)
+    for r, slate in enumerate(slates):
+        ordered = slate.order(new_item_slot_factor)
+        # scores fall with the slot, above every non-candidate
+        out[r, ordered] = 1e3 + np.arange(len(ordered), 0, -1, dtype=np.float64)
     return out
 
 
@@ -261,12 +290,42 @@ def train_ranker(
     with torch.no_grad():
         net.wide.weight[0, co_col] = weight
     ranker.meta.extra[CO_VISITED_SLOTS] = n_co
+    # then the follows feature's weight (what followed the session's last items), on top of those
+    follows_col = N_SCALAR_FEATURES - N_CAND_FEATURES + CAND_FEATURE_NAMES.index("follows")
+
+    def _try_follows(w: float) -> float:
+        with torch.no_grad():
+            net.wide.weight[0, follows_col] = w
+        value = _valid(0)
+        log.info("ranker: follows weight %.2f: valid NDCG@10 %.4f", w, value)
+        return value
+
+    by_follows = {0.0: by_slots[n_co]} | {w: _try_follows(w) for w in cfg.follows_weights if validating and w != 0}
+    follows_weight = max(by_follows, key=lambda w: (by_follows[w], -w))
+    with torch.no_grad():
+        net.wide.weight[0, follows_col] = follows_weight
+
+    # and the slots given to the items that most followed the session's last items
+    def _try_follow_slots(n: int) -> float:
+        ranker.meta.extra[FOLLOW_SLOTS] = n
+        value = _valid(0)
+        log.info("ranker: %d follows candidates: valid NDCG@10 %.4f", n, value)
+        return value
+
+    by_follow_slots = {0: by_follows[follows_weight]}
+    by_follow_slots |= {n: _try_follow_slots(n) for n in (cfg.follows_candidates if validating else []) if n > 0}
+    n_follow = max(by_follow_slots, key=lambda n: (by_follow_slots[n], -n))
+    ranker.meta.extra[FOLLOW_SLOTS] = n_follow
     stats["co_visitation_weight"] = weight
     stats["co_visitation_candidates"] = float(n_co)
-    stats["valid_ndcg10_epoch0"] = by_slots[n_co]
+    stats["follows_weight"] = follows_weight
+    stats["follows_candidates"] = float(n_follow)
+    stats["valid_ndcg10_epoch0"] = by_follow_slots[n_follow]
     stopper.step(stats["valid_ndcg10_epoch0"], 0)
 
-    context, cands, feats, labels = _examples(source, source_ctx, hist, np.asarray(pos), cfg.rerank_depth, when, n_co)
+    context, cands, feats, labels = _examples(
+        source, source_ctx, hist, np.asarray(pos), cfg.rerank_depth, when, n_co, n_follow
+    )
     vecs = source.item_vectors  # type: ignore[attr-defined]
     log.info(
         "ranker: %d of %d positions have the positive in their list of %d", len(cands), len(hist), cfg.rerank_depth

@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RequestFilters
 from recstream.recommend.breaker import CircuitBreaker
@@ -202,13 +204,49 @@ def test_lexical_and_breaker() -> None:
 
 def test_items_nobody_interacted_with_keep_their_retrieval_slot():
     """The quality bench's cold-item rule at serving: the ranker reorders the others around them."""
-    from recstream.recommend.rerank import keep_new_items_in_place
+    from recstream.recommend.rerank import new_item_order, place_new_items
 
     # retrieval order a, b(new), c, d(new), e; the ranker prefers e > c > a
     scores = np.array([1.0, -5.0, 2.0, 9.0, 3.0])
     new = [False, True, False, True, False]
-    out = keep_new_items_in_place(scores, new)
+    out = place_new_items(scores, new)
     order = np.argsort(-out, kind="stable")
     assert order.tolist() == [4, 1, 2, 3, 0]  # slots 1 and 3 keep b and d
+    assert order.tolist() == new_item_order(scores, new).tolist()
     assert sorted(out.tolist()) == sorted(scores.tolist())
-    np.testing.assert_array_equal(keep_new_items_in_place(scores, [False] * 5), scores.astype(np.float32))
+    # no new item: the ranker's order; only new items: retrieval's
+    assert new_item_order(scores, [False] * 5).tolist() == [3, 4, 2, 0, 1]
+    assert new_item_order(scores, [True] * 5).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_slot_factor_below_one_moves_new_items_up():
+    """NEW_ITEM_SLOT_FACTOR: a new item at retrieval slot s goes to slot s * factor."""
+    from recstream.recommend.rerank import new_item_order
+
+    scores = np.arange(10, 0, -1, dtype=float)  # the ranker agrees with retrieval
+    new = [False] * 10
+    new[8] = True
+    assert new_item_order(scores, new, 0.5).tolist().index(8) == 4
+    assert new_item_order(scores, new, 0.0).tolist().index(8) == 0
+    assert new_item_order(scores, new, 1.0).tolist().index(8) == 8
+    with pytest.raises(ValueError, match="slot_factor"):
+        new_item_order(scores, new, 1.5)
+
+
+@given(
+    scores=st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=30),
+    data=st.data(),
+    factor=st.floats(0.0, 1.0),
+)
+def test_new_item_order_is_a_permutation_that_keeps_known_items_in_ranker_order(scores, data, factor):
+    from recstream.recommend.rerank import new_item_order
+
+    new = data.draw(st.lists(st.booleans(), min_size=len(scores), max_size=len(scores)))
+    order = new_item_order(scores, new, factor).tolist()
+    assert sorted(order) == list(range(len(scores)))
+    known = [i for i in order if not new[i]]
+    assert [scores[i] for i in known] == sorted((scores[i] for i in known), reverse=True)
+    fresh = [i for i in order if new[i]]
+    assert fresh == sorted(fresh)  # new items keep their retrieval order among themselves
+    for i in fresh:  # and never land below their retrieval slot
+        assert order.index(i) <= i

@@ -339,7 +339,14 @@ def test_ranker_chooses_the_co_visitation_weight_on_validation():
     retrieval = (toy.session_vectors_from_index(hist) @ toy.item_vectors.T).numpy()
     ndcg = {"retrieval": metrics_from_ranks(target_ranks(retrieval, tgt, hist))["NDCG@10"]}
     for name, weights in (("without", [0.0]), ("chosen", [0.0, 1.0, 3.0])):
-        cfg = RankerConfig(epochs=0, rerank_depth=30, co_visitation_weights=weights, co_visitation_candidates=[0])
+        cfg = RankerConfig(
+            epochs=0,
+            rerank_depth=30,
+            co_visitation_weights=weights,
+            co_visitation_candidates=[0],
+            follows_weights=[0.0],  # co-visitation alone (tests/models/test_follows.py has the other)
+            follows_candidates=[0],
+        )
         ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
         ndcg[name] = metrics_from_ranks(target_ranks(rerank_scores(ranker, toy, ctx, hist, 30), tgt, hist))["NDCG@10"]
         ndcg[f"{name}_weight"] = stats["co_visitation_weight"]
@@ -358,7 +365,9 @@ def test_co_visited_candidates_reach_what_retrieval_misses_when_validation_says_
     ndcg = {"item-knn": metrics_from_ranks(target_ranks(knn, tgt, hist))["NDCG@10"]}
     chosen = {}
     for name, slots in (("retrieval's candidates", [0]), ("with co-visited", [0, 5])):
-        cfg = RankerConfig(epochs=0, rerank_depth=10, co_visitation_candidates=slots)
+        cfg = RankerConfig(
+            epochs=0, rerank_depth=10, co_visitation_candidates=slots, follows_weights=[0.0], follows_candidates=[0]
+        )
         ranker, stats = train_ranker(cfg, toy, train, cats, hist, tgt, progress=False)
         ndcg[name] = metrics_from_ranks(target_ranks(rerank_scores(ranker, toy, ctx, hist, 10), tgt, hist))["NDCG@10"]
         chosen[name] = (stats["co_visitation_candidates"], ranker.co_visitation_candidates)

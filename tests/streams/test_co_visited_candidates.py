@@ -1,6 +1,7 @@
-"""The ranker's second candidate source as the worker builds it (streams.recommender) equals the slate
-offline training and evaluation use (recstream.models.ranker.candidate_slate), over a real Qdrant
-store in local mode; business filters apply to the co-visited items too."""
+"""The ranker's other candidate sources (co-visited items, then followers of the session's last items)
+as the worker builds them (streams.recommend_retrieval) equal the slate offline training and
+evaluation use (recstream.models.ranker.candidate_slate), over a real Qdrant store in local mode;
+business filters apply to those items too."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from recstream.config import Settings
 from recstream.contracts.events import RecommendationRequest
@@ -29,6 +31,7 @@ class _Ranker:
 
     stat: CoVisitation
     co_visitation_candidates: int = SLOTS
+    follows_candidates: int = 0
 
     def co_visitation(self) -> CoVisitation:
         return self.stat
@@ -53,32 +56,39 @@ def _setup(tmp_path: Path) -> tuple[VectorStore, np.ndarray, CoVisitation, list[
 
 
 def _served_slate(
-    store: VectorStore, stat: CoVisitation, session: np.ndarray, recent: list[str], filt: CandidateFilter
+    store: VectorStore,
+    stat: CoVisitation,
+    session: np.ndarray,
+    recent: list[str],
+    filt: CandidateFilter,
+    slots: tuple[int, int] = (SLOTS, 0),
 ) -> Pending:
     """One recommendation's candidates as the worker gathers them: the vector search, then the
-    co-visited slots."""
+    co-visited and follows slots."""
     req = RecommendationRequest(user_id="u", k=4)
     p = Pending(None, req, RankContext(session_vec=session, recent_items=recent), [], None, filt=filt)
     p.hits = store.search(session, DEPTH, filt)
-    asyncio.run(co_visited_hits(_Context(_Ranker(stat), store), [(p, session)]))
+    asyncio.run(co_visited_hits(_Context(_Ranker(stat, *slots), store), [(p, session)]))
     return p
 
 
-def test_the_worker_builds_the_offline_slate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slots", [(SLOTS, 0), (3, 4), (0, 5)], ids=["co-visited", "both", "follows"])
+def test_the_worker_builds_the_offline_slate(tmp_path: Path, slots: tuple[int, int]) -> None:
     store, vectors, stat, ids = _setup(tmp_path)
     try:
         session = np.asarray(vectors[:3].mean(0))
         for history in ([0, 21, 42], [5], [13, 33, 53, 2, 8]):
             recent = [ids[i] for i in history]
             filt = CandidateFilter(in_stock_only=False, exclude_ids=frozenset(recent))
-            p = _served_slate(store, stat, session, recent, filt)
+            p = _served_slate(store, stat, session, recent, filt, slots)
 
             scores = vectors @ (session / np.linalg.norm(session))
-            offline = [ids[i] for i in candidate_slate(scores, np.array(history), DEPTH, stat, SLOTS)]
+            offline = [ids[i] for i in candidate_slate(scores, np.array(history), DEPTH, stat, *slots)]
             assert [h.item_id for h in p.hits] == offline
             served = {h.item_id: h.score for h in p.hits}
             np.testing.assert_allclose([served[i] for i in offline], scores[[ids.index(i) for i in offline]], atol=1e-5)
-            assert len(set(offline[DEPTH - SLOTS :]) & {ids[g % 20 + k] for g in history for k in (0, 20, 40, 60)}) > 0
+            extra = offline[DEPTH - sum(slots) :]
+            assert len(set(extra) & {ids[g % 20 + k] for g in history for k in (0, 20, 40, 60)}) > 0
     finally:
         store.close()
 
@@ -89,11 +99,12 @@ def test_co_visited_items_pass_the_request_filter(tmp_path: Path) -> None:
         recent = ["m0", "m21"]
         filt = CandidateFilter(in_stock_only=True, exclude_ids=frozenset(recent))
         session = np.asarray(vectors[0])
-        p = _served_slate(store, stat, session, recent, filt)
-        assert len(p.hits) == DEPTH and len({h.item_id for h in p.hits}) == DEPTH
-        assert all(filt.allows(h.item_id, h.payload) for h in p.hits)
-        found = store.retrieve(stat.top(recent, N_ITEMS, recent))
-        allowed = {i for i, hit in found.items() if filt.allows(i, hit.payload)}
-        assert 0 < len(allowed) <= SLOTS and allowed <= {h.item_id for h in p.hits}
+        for slots, top in (((SLOTS, 0), stat.top), ((0, SLOTS), stat.follow_top)):
+            p = _served_slate(store, stat, session, recent, filt, slots)
+            assert len(p.hits) == DEPTH and len({h.item_id for h in p.hits}) == DEPTH
+            assert all(filt.allows(h.item_id, h.payload) for h in p.hits)
+            found = store.retrieve(top(recent, N_ITEMS, recent))
+            allowed = {i for i, hit in found.items() if filt.allows(i, hit.payload)}
+            assert 0 < len(allowed) <= SLOTS and allowed <= {h.item_id for h in p.hits}
     finally:
         store.close()

@@ -52,10 +52,10 @@ def test_one_call_for_many_requests_scores_like_one_call_each(triton_server) -> 
         ranker.score_many([jobs[0]] * (ranker.max_batch + 1), timeout_s=10.0)
 
 
-def test_the_served_versions_co_visitation_statistic_feeds_its_feature(triton_server) -> None:
+def test_the_served_versions_co_visitation_statistic_feeds_its_features(triton_server) -> None:
     """The worker reads the co-visitation statistic saved beside the served ranker version and
-    computes the feature with the function training uses (log1p of CoVisitation.scores)."""
-    from recstream.models.ranker import CAND_FEATURE_NAMES
+    computes the co_visitation and follows features with the function training uses."""
+    from recstream.models.ranker import CAND_FEATURE_NAMES, FOLLOW_SCALE
 
     ranker = TritonRanker(Settings(triton_url=triton_server.url, triton_grpc_url=triton_server.grpc_url))
     stat = ranker.co_visitation()
@@ -72,3 +72,8 @@ def test_the_served_versions_co_visitation_statistic_feeds_its_feature(triton_se
     expected = np.log1p(stat.scores(ctx.recent_items, [c.item_id for c in cands]))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert (got[:-1] > 0).sum() >= 10 and got[-1] == 0.0
+    assert stat.follows is not None, f"{ranker.version} was exported without the follows statistic"
+    follows = feats[:, CAND_FEATURE_NAMES.index("follows")]
+    expected = np.log1p(FOLLOW_SCALE * stat.follow_scores(ctx.recent_items, [c.item_id for c in cands]))
+    np.testing.assert_allclose(follows, expected, rtol=1e-5)
+    assert (follows[:-1] > 0).sum() >= 5 and follows[-1] == 0.0
