@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.dataset)
     splits = {"cold": cold_start_split(data), "main": leave_last_out(data)}
     stages = {"cold": ("valid", "cold_valid", "test"), "main": ("valid", "test")}
-    label = {("cold", "valid"): "cold_valid_all", ("cold", "test"): "cold_test"}
+    label = {("cold", "valid"): "cold_valid_all", ("cold", "cold_valid"): "cold_valid", ("cold", "test"): "cold_test"}
     # per (split, stage, factor): one rank array per seed
     ranks: dict[str, dict[float, list[np.ndarray]]] = {}
     shares: dict[str, dict[float, list[float]]] = {}
