@@ -99,10 +99,10 @@ async def co_visited_hits(ctx: StreamContext, searched: list[tuple[Pending, np.n
     that the vector search did not bring and the filter allows, each with its cosine to the search
     vector as its retrieval score. One store read for the batch."""
     n_co, n_follow = ctx.ranker.co_visitation_candidates, ctx.ranker.follows_candidates
-    stat = ctx.ranker.co_visitation() if n_co + n_follow else None
+    slots = n_co + n_follow
+    stat = ctx.ranker.co_visitation() if slots else None
     if stat is None:
         return
-    slots = n_co + n_follow
     wanted: list[tuple[Pending, np.ndarray, int, list[str], list[str]]] = []
     for p, vec in searched:
         if not p.rctx.recent_items or not p.hits:
@@ -116,15 +116,14 @@ async def co_visited_hits(ctx: StreamContext, searched: list[tuple[Pending, np.n
     ids = sorted({i for *_, co, follows in wanted for i in (*co, *follows)})
     found = await read_store(ctx, ctx.store.retrieve, ids) if ids else {}
     for p, vec, keep, co, follows in wanted:
-        allowed = [i for i in co if i in found and p.filt.allows(i, found[i].payload)][:n_co]
-        allowed += [i for i in follows if i in found and i not in allowed and p.filt.allows(i, found[i].payload)][
-            :n_follow
-        ]
+        ok = {i for i in (*co, *follows) if i in found and p.filt.allows(i, found[i].payload)}
+        allowed = [i for i in co if i in ok][:n_co]
+        allowed += [i for i in follows if i in ok and i not in allowed][:n_follow]
         unit = vec / max(float(np.linalg.norm(vec)), 1e-12)
         # a copy per request: requests of one batch share the hits read for them
         extra = [
-            replace(found[i], score=float(found[i].vector @ unit / max(float(np.linalg.norm(found[i].vector)), 1e-12)))
-            for i in allowed
+            replace(h, score=float(h.vector @ unit / max(float(np.linalg.norm(h.vector)), 1e-12)))
+            for h in (found[i] for i in allowed)
         ]
         chosen = set(allowed)
         fill = [h for h in p.hits[keep:] if h.item_id not in chosen][: slots - len(extra)]
