@@ -198,14 +198,14 @@ class BehaviourLoop(ConsumerThread):
         t0 = time.perf_counter()
         max_bytes = self.settings.max_message_bytes
         batch: list[Record] = []
-        positions = self._positions
+        consumed: dict[int, int] = {}
         duplicates = 0
         for msg in msgs:
             if msg.error():
                 log.warning("behaviour consumer: %s", msg.error())
                 continue
             partition, offset = msg.partition(), msg.offset()
-            positions[partition] = offset + 1
+            consumed[partition] = offset + 1
             try:
                 event = decode(BEHAVIOUR, msg.value(), max_bytes, msg.key(), partition)
             except InvalidEvent as exc:
@@ -221,6 +221,10 @@ class BehaviourLoop(ConsumerThread):
         STAGE_LATENCY.labels(stage="behaviour_decode").observe(time.perf_counter() - t0)
         for proc in self.processors:
             proc.process(batch)
+        # Only a batch every processor folded moves the positions: one a processor failed on (a
+        # store timeout, say) is never committed, neither by a checkpoint nor by the revoke that
+        # closing the consumer runs, so the restarted worker replays it instead of losing it.
+        self._positions.update(consumed)
 
     def _duplicate(self, partition: int, event_id: str) -> bool:
         """True for an event_id seen among the partition's last `event_dedupe_ids` events: a client's

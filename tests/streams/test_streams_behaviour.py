@@ -100,6 +100,12 @@ def _ends(settings: Settings) -> dict[int, int]:
         consumer.close()
 
 
+def _lag(settings: Settings, group: str) -> int:
+    """Messages of the behaviour topic the group has not committed (an empty partition has no commit)."""
+    committed = _committed(settings, group)
+    return sum(end - max(committed[p], 0) for p, end in _ends(settings).items())
+
+
 def test_changelog_table_recovers_puts_and_tombstones_per_partition(settings: Settings) -> None:
     topic = changelog_topic(f"{settings.topic_prefix}app", "t")
     ensure_changelog(settings, topic, 4)
@@ -166,18 +172,23 @@ def test_batches_keep_user_order_dead_letter_once_and_commit_what_the_changelog_
     assert sorted(x["error_type"] for x in letters) == ["malformed_json", "schema"]
 
 
-def test_restart_recovers_before_folding_and_continues_from_the_commit(settings: Settings) -> None:
-    group = f"{settings.topic_prefix}behaviour-test"
-    changelog = changelog_topic(f"{settings.topic_prefix}app", "counts")
+def _fold_first_run(settings: Settings, group: str, changelog: str) -> None:
+    """A first run of the group: 10 users x 30 events folded into the counts table, then stopped."""
     first = _events(users=10, per_user=30)
     with EventProducer(settings) as p:
         p.send_many("behaviour", first)
-    a = Recorder(changelog)
-    loop = _loop(settings, a, group)
+    recorder = Recorder(changelog)
+    loop = _loop(settings, recorder, group)
     try:
-        _wait(lambda: a.total() >= len(first), 60, "first run did not finish")
+        _wait(lambda: recorder.total() >= len(first), 60, "first run did not finish")
     finally:
         loop.stop()
+
+
+def test_restart_recovers_before_folding_and_continues_from_the_commit(settings: Settings) -> None:
+    group = f"{settings.topic_prefix}behaviour-test"
+    changelog = changelog_topic(f"{settings.topic_prefix}app", "counts")
+    _fold_first_run(settings, group, changelog)
 
     second = _events(users=10, per_user=20, start=1000)
     with EventProducer(settings) as p:
@@ -192,6 +203,54 @@ def test_restart_recovers_before_folding_and_continues_from_the_commit(settings:
     assert b.recovered_keys and b.recovered_keys[0] == 10, "the table was not recovered before folding"
     assert b.total() == len(second), "the restart re-read input the first run had committed"
     assert {k: int(v) for k, v in b.table.data.items()} == {f"u{u}".encode(): 50 for u in range(10)}
+
+
+class FailsOnPoison(Recorder):
+    """Folds like Recorder, but the first batch holding the `poison` item raises before any of it is
+    folded (what a vector-store timeout inside a processor does)."""
+
+    def __init__(self, topic: str, poison: str) -> None:
+        super().__init__(topic)
+        self.poison = poison
+        self.failed = False
+
+    def process(self, batch: list[Record]) -> None:
+        if not self.failed and any(rec.event.item_id == self.poison for rec in batch):
+            self.failed = True
+            raise RuntimeError("vector store timed out")
+        super().process(batch)
+
+
+def test_a_batch_a_processor_failed_on_is_replayed_not_committed(settings: Settings) -> None:
+    """The failed batch's offsets are not committed, not even by the revoke that closing the
+    consumer runs on the way out, so the restarted worker folds those events instead of losing them."""
+    group = f"{settings.topic_prefix}behaviour-test"
+    changelog = changelog_topic(f"{settings.topic_prefix}app", "counts")
+    _fold_first_run(settings, group, changelog)
+    assert _lag(settings, group) == 0
+
+    second = _events(users=10, per_user=20, start=1000)
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", second)
+    failing = FailsOnPoison(changelog, poison="1010")
+    crashed = BehaviourLoop(SimpleNamespace(settings=settings, worker="test"), [failing], group_id=group)
+    with pytest.raises(RuntimeError, match="timed out"):
+        crashed._run()  # in this thread: started, the failure would stop the whole process
+    assert failing.failed
+    assert _lag(settings, group) > 0, "the failed batch was committed"
+
+    after = Recorder(changelog)
+    loop = _loop(settings, after, group)
+    try:
+        _wait(lambda: len(after.table.data) == 10 and after.total() > 0, 60, "the restart folded nothing")
+        _wait(
+            lambda: {int(v) for v in after.table.data.values()} == {50},
+            60,
+            f"events lost or folded twice: {after.table.data}",
+        )
+    finally:
+        loop.stop()
+    assert failing.total() + after.total() == len(second)
 
 
 def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> None:
