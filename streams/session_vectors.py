@@ -36,13 +36,14 @@ AFFINITY_WINDOW = 20
 def session_history(ctx: Any, state: SessionState, depth: int) -> tuple[np.ndarray | None, list[str]]:
     """The session encoder's input, the vectors of the session's last `depth` items as stored
     (oldest first; items the store does not know are skipped), and the categories of its last
-    AFFINITY_WINDOW items (the ranker's affinity features)."""
+    AFFINITY_WINDOW items (the ranker's affinity features; "" where unknown)."""
     lookup = ctx.tables.get("_item_lookup")
     recent = state.recent[-max(depth, AFFINITY_WINDOW) :]
     if lookup is None or not recent:
         return None, []
     known = lookup.get_many(set(recent))
-    categories = [c for c in (known[i][1] for i in recent[-AFFINITY_WINDOW:]) if c]
+    # "" for an item without a known category: it keeps its place in the window, as in training
+    categories = [known[i][1] or "" for i in recent[-AFFINITY_WINDOW:]]
     if depth <= 0:
         return None, categories
     vectors = [known[i][0] for i in recent[-depth:] if known[i][0] is not None]

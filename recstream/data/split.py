@@ -5,12 +5,18 @@ sequences and the validation / test cases, so that every model and the evaluator
 same way. Ties between equal timestamps are broken by the original row order, so the split is
 deterministic.
 
-Targets are never masked out of the ranking even if the user saw the same item earlier (repeat
-consumption in generic click data); all *other* items of the user's history are excluded.
+A user's sequence holds each item once, at its first interaction: repeats (a view, then a click,
+then a purchase of one item; a second visit) are dropped before splitting. That is the task the
+served recommender solves, since it hides what a session has seen, and the statistics it keeps:
+the worker counts an item's popularity and trend at a user's first touch and appends to the
+session's recent items only on a first touch (`recstream.recommend.session`). Kept, a repeat would
+be a target no served answer can show and a history entry serving never sees. Every item of the
+history is excluded from the ranking.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +24,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recstream.data.datasets import InteractionData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,7 +147,16 @@ def _indexed(data: InteractionData) -> tuple[pd.DataFrame, list[str], list[str]]
         }
     )
     order = np.lexsort((np.arange(len(df)), df["ts"].to_numpy(), df["user_idx"].to_numpy()))
-    df = df.iloc[order].reset_index(drop=True)
+    df = df.iloc[order]
+    repeat = df.duplicated(["user_idx", "item_idx"], keep="first").to_numpy()
+    if repeat.any():
+        log.info(
+            "%s: %d of %d interactions repeat a (user, item) pair; each pair is kept at its first interaction",
+            data.name,
+            int(repeat.sum()),
+            len(df),
+        )
+    df = df[~repeat].reset_index(drop=True)
     return df, user_ids, item_ids
 
 

@@ -19,7 +19,7 @@ undirected similarity keeps. Summed over the session's last items with a recency
 (`CoVisitation.follow_scores_idx`), it is the ranker's `follows` feature and a third candidate
 source. Its window and decays were chosen on validation among 24 settings (fused with the served
 ranker's score, ml-100k seeds 0 and 1); with it the ranker's validation NDCG@10 rose 0.1336 ->
-0.1376, 0.1240 -> 0.1347 and 0.1295 -> 0.1337 (seeds 0, 1, 2; bench/README.md has the test figures).
+0.1376, 0.1240 -> 0.1347 and 0.1295 -> 0.1334 (seeds 0, 1, 2; bench/README.md has the test figures).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class CoVisitation:
         """Summed similarity [len(cand)] of each candidate to the distinct items among the last
         CO_VISIT_WINDOW of `history` (item indices, oldest first)."""
         cand = np.asarray(cand, dtype=np.int64)
-        recent = np.unique(np.asarray(history, dtype=np.int64)[-CO_VISIT_WINDOW:])
+        recent = _co_visit_window(history)
         if not len(recent) or not len(cand):
             return np.zeros(len(cand), np.float64)
         return np.asarray(self.sim[recent][:, cand].sum(axis=0), dtype=np.float64).ravel()
@@ -149,17 +149,16 @@ class CoVisitation:
         (item indices, oldest first) in training, the k-th most recent weighted
         FOLLOW_RECENCY_DECAY ** (k - 1)."""
         cand = np.asarray(cand, dtype=np.int64)
-        recent = np.asarray(history, dtype=np.int64)[-FOLLOW_WINDOW:][::-1]
+        recent, weights = _follow_window(history)
         if self.follows is None or not len(recent) or not len(cand):
             return np.zeros(len(cand), np.float64)
-        weights = FOLLOW_RECENCY_DECAY ** np.arange(len(recent), dtype=np.float64)
         return np.asarray(weights @ self.follows[recent][:, cand].toarray(), dtype=np.float64).ravel()
 
     def top_idx(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """The `n` items (indices, best first) most co-visited with the last CO_VISIT_WINDOW of
         `history`, none of `exclude`; fewer when fewer have any co-visitation. Touches only the
         history rows' neighbours (at most TOPK each), not the whole catalogue."""
-        recent = np.unique(np.asarray(history, dtype=np.int64)[-CO_VISIT_WINDOW:])
+        recent = _co_visit_window(history)
         if n <= 0 or not len(recent):
             return np.zeros(0, np.int64)
         return _best(self.sim[recent].tocoo(), np.ones(len(recent)), n, exclude)
@@ -167,10 +166,9 @@ class CoVisitation:
     def follow_top_idx(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """The `n` items (indices, best first) that most followed the last FOLLOW_WINDOW of
         `history` (the follows feature's value), none of `exclude`."""
-        recent = np.asarray(history, dtype=np.int64)[-FOLLOW_WINDOW:][::-1]
+        recent, weights = _follow_window(history)
         if n <= 0 or not len(recent) or self.follows is None:
             return np.zeros(0, np.int64)
-        weights = FOLLOW_RECENCY_DECAY ** np.arange(len(recent), dtype=np.float64)
         return _best(self.follows[recent].tocoo(), weights, n, exclude)
 
     def top(self, history: Sequence[str], n: int, exclude: Sequence[str] = ()) -> list[str]:
@@ -188,7 +186,7 @@ class CoVisitation:
         n: int,
         exclude: Sequence[str],
     ) -> list[str]:
-        hist = np.array([self.index[i] for i in history if i in self.index], dtype=np.int64)
+        hist = self._history_idx(history)
         skip = np.array([self.index[i] for i in exclude if i in self.index], dtype=np.int64)
         return [self.item_ids[i] for i in top_idx(hist, n, skip)]
 
@@ -206,13 +204,18 @@ class CoVisitation:
         history: Sequence[str],
         candidates: Sequence[str],
     ) -> np.ndarray:
-        hist = [self.index[i] for i in history if i in self.index]
+        hist = self._history_idx(history)
         known = np.array([self.index.get(c, -1) for c in candidates], dtype=np.int64)
         out = np.zeros(len(known), np.float64)
         mask = known >= 0
-        if mask.any() and hist:
-            out[mask] = score_idx(np.asarray(hist), known[mask])
+        if mask.any() and len(hist):
+            out[mask] = score_idx(hist, known[mask])
         return out
+
+    def _history_idx(self, history: Sequence[str]) -> np.ndarray:
+        """Item indices of `history`, UNKNOWN for an item this statistic has never seen: it keeps its
+        place in the windows (as an item without training data does offline) and adds nothing."""
+        return np.array([self.index.get(i, UNKNOWN) for i in history], dtype=np.int64)
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / self.FILE
@@ -236,6 +239,25 @@ class CoVisitation:
             if "follows_data" in z:
                 follows = sp.csr_matrix((z["follows_data"], z["follows_indices"], z["follows_indptr"]), shape=shape)
         return cls(ids, sim, follows)
+
+
+#: The index of an item the statistic has never seen (a history entry newer than its training).
+UNKNOWN = -1
+
+
+def _co_visit_window(history: np.ndarray) -> np.ndarray:
+    """The distinct known items among the last CO_VISIT_WINDOW of `history`."""
+    recent = np.unique(np.asarray(history, dtype=np.int64)[-CO_VISIT_WINDOW:])
+    return recent[recent != UNKNOWN]
+
+
+def _follow_window(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the known items among the last FOLLOW_WINDOW of `history`, most recent first; their weights,
+    the k-th most recent entry FOLLOW_RECENCY_DECAY ** (k - 1), unknown entries counting)."""
+    recent = np.asarray(history, dtype=np.int64)[-FOLLOW_WINDOW:][::-1]
+    weights = FOLLOW_RECENCY_DECAY ** np.arange(len(recent), dtype=np.float64)
+    known = recent != UNKNOWN
+    return recent[known], weights[known]
 
 
 def _best(rows: sp.coo_matrix, row_weights: np.ndarray, n: int, exclude: np.ndarray | None) -> np.ndarray:

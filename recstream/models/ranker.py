@@ -171,12 +171,15 @@ def candidate_features(
     out[:, 1] = popularity_feature(candidate_counts, max_count)
     recent = list(recent_categories)[-AFFINITY_WINDOW:]
     if recent:
+        # An item without a category ("") keeps its place in the window and matches nothing, so a
+        # catalogue without categories gives 0 here offline as it does served.
         share: dict[str, float] = {}
         for c in recent:
-            share[c] = share.get(c, 0.0) + 1.0 / len(recent)
+            if c:
+                share[c] = share.get(c, 0.0) + 1.0 / len(recent)
         last = recent[-1]
         out[:, 2] = [share.get(c, 0.0) for c in candidate_categories]
-        out[:, 3] = [1.0 if c == last else 0.0 for c in candidate_categories]
+        out[:, 3] = [1.0 if c and c == last else 0.0 for c in candidate_categories]
     if candidate_recent_counts is not None:
         out[:, 4] = np.log1p(np.asarray(candidate_recent_counts, dtype=np.float64)) / TREND_NORM
     if candidate_co_visitation is not None:

@@ -51,6 +51,8 @@ class SessionState:
 
     last_offset: int = -1
     last_ts_ms: int = 0
+    # The last MAX_RECENT items touched for the first time, in that order: a user's sequence as
+    # the offline split builds it (recstream.data.split), so the models see what they trained on.
     recent: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     affinity: dict[str, float] = field(default_factory=dict)
@@ -133,12 +135,8 @@ def _push_ordered_set(seq: dict[str, None], item: str, cap: int) -> None:
         del seq[next(iter(seq))]
 
 
-def _push_bounded(seq: list[str], item: str, cap: int) -> None:
-    """Move/append `item` to the end of an ordered set, dropping the oldest past `cap`."""
-    if seq and seq[-1] == item:
-        return
-    if item in seq:
-        seq.remove(item)
+def _push_first_touch(seq: list[str], item: str, cap: int) -> None:
+    """Append an item touched for the first time, dropping the oldest past `cap`."""
     seq.append(item)
     if len(seq) > cap:
         del seq[: len(seq) - cap]
@@ -166,7 +164,8 @@ def apply_event(
     state.last_ts_ms = ts_ms if first else max(state.last_ts_ms, ts_ms)
     if weight <= 0:
         return True  # an impression: counted, nothing learned about interest
-    _push_bounded(state.recent, item_id, MAX_RECENT)
+    if item_id not in state.seen:  # a revisit moves nothing: training sequences hold each item once
+        _push_first_touch(state.recent, item_id, MAX_RECENT)
     _push_ordered_set(state.seen, item_id, MAX_SEEN)
     if event_type == _PURCHASE:
         _push_ordered_set(state.purchased, item_id, MAX_PURCHASED)

@@ -44,8 +44,14 @@ def test_follow_scores_weigh_the_most_recent_items_most() -> None:
     got = stat.follow_scores_idx(np.array([0, 2]), np.arange(6))
     np.testing.assert_allclose(got, f[2] + FOLLOW_RECENCY_DECAY * f[0], rtol=1e-6)
     assert got[1] > 0 and got[3] > got[1]  # 3 follows the most recent item, 1 the one before
-    # by id, as serving asks: unknown ids score 0 and add nothing
-    np.testing.assert_allclose(stat.follow_scores(["i0", "nope", "i2"], ["i3", "nope", "i1"]), [got[3], 0, got[1]])
+    # by id, as serving asks: an unknown candidate scores 0; an unknown history item adds nothing but
+    # keeps its place in the window, as an item without training data (i5) does offline
+    by_id = stat.follow_scores(["i0", "nope", "i2"], ["i3", "nope", "i1"])
+    offline = stat.follow_scores_idx(np.array([0, 5, 2]), np.array([3, 1]))
+    np.testing.assert_allclose(by_id, [offline[0], 0, offline[1]])
+    assert by_id[2] < got[1]  # i0 now sits two places back
+    assert stat.follow_top(["i0", "nope", "i2"], 3) == [IDS[i] for i in stat.follow_top_idx(np.array([0, 5, 2]), 3)]
+    assert stat.scores(["i0", "nope"], ["i1"]) == stat.scores_idx(np.array([0, 5]), np.array([1]))
     # the best followers, none of the excluded, in the feature's order
     assert stat.follow_top_idx(np.array([0, 2]), 3).tolist() == [3, 1, 4]
     assert stat.follow_top(["i0", "i2"], 2, exclude=["i3"]) == ["i1", "i4"]

@@ -63,6 +63,10 @@ def test_candidate_features():
     np.testing.assert_allclose(f[:, 3], [1.0, 0.0, 0.0])
     empty = candidate_features(np.zeros(2), np.zeros(2), ["a", "b"], [], 1.0)
     assert not empty[:, 2:].any()
+    # an item without a category keeps its place in the window and matches nothing
+    blank = candidate_features(np.zeros(3), np.zeros(3), ["", "a", "b"], ["a", "", ""], 1.0)
+    np.testing.assert_allclose(blank[:, 2], [0.0, 1 / 3, 0.0], rtol=1e-6)
+    assert not blank[:, 3].any()
 
 
 def test_trending_counts_the_whole_days_before_the_request_day():
