@@ -20,7 +20,7 @@ import logging
 import time
 
 from recstream.contracts.topics import BEHAVIOUR
-from recstream.recommend.session import SessionState, apply_event
+from recstream.recommend.session import SessionState, apply_event, is_first_touch
 from recstream.recommend.trending import day_of
 from recstream.telemetry import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from streams.context import StreamContext
@@ -94,7 +94,7 @@ class SessionFeatures:
             event_type = m.type.value
             # Popularity counts users, not events: a rating replayed as view + click + purchase, or
             # a user clicking one item ten times, is one interaction (as in training data).
-            first_touch = m.item_id not in entry[1].seen
+            first_touch = is_first_touch(entry[1], m.item_id)
             try:
                 ok = apply_event(
                     entry[1],

@@ -135,6 +135,12 @@ def _push_ordered_set(seq: dict[str, None], item: str, cap: int) -> None:
         del seq[next(iter(seq))]
 
 
+def is_first_touch(state: SessionState, item_id: str) -> bool:
+    """Whether an interaction with `item_id` is the session's first: the one event per (user, item)
+    that the recent items, popularity and trend take, as the offline split keeps one."""
+    return item_id not in state.seen
+
+
 def _push_first_touch(seq: list[str], item: str, cap: int) -> None:
     """Append an item touched for the first time, dropping the oldest past `cap`."""
     seq.append(item)
@@ -164,7 +170,7 @@ def apply_event(
     state.last_ts_ms = ts_ms if first else max(state.last_ts_ms, ts_ms)
     if weight <= 0:
         return True  # an impression: counted, nothing learned about interest
-    if item_id not in state.seen:  # a revisit moves nothing: training sequences hold each item once
+    if is_first_touch(state, item_id):  # a revisit moves nothing: training sequences hold each item once
         _push_first_touch(state.recent, item_id, MAX_RECENT)
     _push_ordered_set(state.seen, item_id, MAX_SEEN)
     if event_type == _PURCHASE:
