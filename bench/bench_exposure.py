@@ -60,7 +60,8 @@ def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
     cases = split.cases(stage)
     retrieval = AsServed(rec.bundle.retrieval, rec.cold_rule)
     times = request_times(split, cases.users, cases.histories)
-    _, slates = ranked_slates(rec.bundle.ranker, retrieval, rec.ctx, cases.histories, rec.depth, times)
+    bundle = rec.bundle
+    _, slates = ranked_slates(bundle.ranker, retrieval, rec.ctx, cases.histories, rec.depth, times, bundle.sequence)
     return {f: (_ranks(slates, cases.targets, f), _new_share(slates, f)) for f in FACTORS}
 
 

@@ -66,7 +66,10 @@ PROTOCOL = (
     "is not served, so not used). How much it borrows (the cold rule) is chosen per seed on the "
     "cold-start split's cold_valid cases among a fixed grid, as make train does; the main table's "
     "served rows use their seed's choice, so their training time includes the cold-start split's "
-    "bundle. Selection of the compared rows "
+    "bundle. The served row also holds the ID sequence model (the sasrec-id baseline's SASRec, same "
+    "budget rule): its best unseen items join each list and its z-scored score is added to the "
+    "ranker's, both amounts chosen per seed on validation (recstream.training.sequence). "
+    "Selection of the compared rows "
     "by mean validation NDCG@10 only. Cold start: {frac:.0%} of interacted items (seed {cold_seed}) "
     "removed from training and histories entirely; rows evaluate only test cases whose target is "
     "such an item; validation cases with a cold target form cold_valid (the only place a cold rule "
@@ -229,7 +232,7 @@ def summarise(spec: ModelSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 #: training-time parts a model reports itself (a row that reuses another row's training run)
-_TRAIN_PARTS = ("retrieval_train_seconds", "fold_train_seconds", "ranker_train_seconds")
+_TRAIN_PARTS = ("retrieval_train_seconds", "fold_train_seconds", "ranker_train_seconds", "sequence_train_seconds")
 
 
 def _train_seconds(run: dict[str, Any]) -> float:

@@ -236,7 +236,7 @@ def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) ->
     places them (`new_item_slot_factor`)."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
     from recstream.models.ranker import RankingContext
-    from recstream.models.repository import load_exported
+    from recstream.models.repository import load_exported, load_sequence_scorer
     from recstream.models.served import ServedRetrieval
     from recstream.recommend.rerank import diversify
     from recstream.recommend.scoring import Candidate
@@ -245,12 +245,15 @@ def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) ->
 
     retrieval = ServedRetrieval.from_repo(model_repo, serving_item_texts(split), [str(i) for i in split.item_ids])
     ranker = load_exported(model_repo)
+    sequence = load_sequence_scorer(model_repo)
+    if sequence is not None and sequence.item_ids != [str(i) for i in split.item_ids]:
+        raise ValueError(f"{model_repo}'s sequence_scorer was trained on another catalogue than {split.data.name}'s")
     cats = item_categories(split)
     cases = split.cases("test")
     times = request_times(split, cases.users, cases.histories)
     depth = int(ranker.meta.config.get("rerank_depth", 100))
     ctx = RankingContext(cats, split.train_seqs, len(split.item_ids), split_events(split))
-    scores = rerank_scores(ranker, retrieval, ctx, cases.histories, depth, times, new_item_slot_factor)
+    scores = rerank_scores(ranker, retrieval, ctx, cases.histories, depth, times, new_item_slot_factor, sequence)
     ranks = target_ranks(scores, cases.targets, cases.histories)
 
     items, ts = split_events(split)
@@ -261,7 +264,9 @@ def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) ->
         len(split.item_ids),
         (np.concatenate([items, valid_items]), np.concatenate([ts, split.valid["ts"].to_numpy(np.int64)])),
     )
-    as_served = rerank_scores(ranker, retrieval, replayed, cases.histories, depth, times, new_item_slot_factor)
+    as_served = rerank_scores(
+        ranker, retrieval, replayed, cases.histories, depth, times, new_item_slot_factor, sequence
+    )
     shown_ranks = []
     for r, h in enumerate(cases.histories):
         s = as_served[r].copy()

@@ -169,8 +169,12 @@ def _start_stack(args: argparse.Namespace):
         shutil.rmtree(old, ignore_errors=True)
     broker = KafkaBroker(RUN / "kafka", port=0, controller_port=0)
     bootstrap = broker.start(timeout_s=90)
-    triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0, metrics_port=0)
-    ranker_note = "Triton 'ranker'"
+    repo = REPO_ROOT / "model_repo"
+    served = None
+    if args.without:  # the A/B arm without a model: the worker runs as on a repository that lacks it
+        served = [m for m in TritonServer(repo, RUN / "triton").repo_models() if m not in args.without.split(",")]
+    triton = TritonServer(repo, RUN / "triton", http_port=0, grpc_port=0, metrics_port=0, models=served)
+    ranker_note = "Triton 'ranker'" + (f" (without {args.without})" if args.without else "")
     try:
         triton.start()
     except Exception as exc:  # a broken ranker export must not hide the stream figures
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per capacity step")
     ap.add_argument("--name", default="stream", help="results file bench/results/NAME.json")
+    ap.add_argument("--without", default="", help="models Triton does not load (comma-separated), for an A/B")
     args = ap.parse_args(argv)
 
     from bench.common import print_table, write_result

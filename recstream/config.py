@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         "known item). Lower values show new items more often at a measured cost to the rest of the list "
         "(`make bench-exposure`)",
     )
+    sequence_model: bool = Field(
+        True,
+        description="Whether recommendations use Triton's `sequence_scorer` when it serves one (its candidates and "
+        "score join each list as its version's validation choice says). It costs about 2 CPU-ms per request "
+        "(worker + tritonserver, `make bench-stream`); `false` answers from the vector search, the ranker's "
+        "statistic and the ranker alone",
+    )
     ranking_log: Literal["all", "exploring", "off"] = Field(
         "all",
         description="What goes to `ranking-log`: `exploring` = the candidate pool of every answer a stochastic "
@@ -173,6 +180,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "event_dedupe_ids",
         "feedback_window_s",
         "new_item_slot_factor",
+        "sequence_model",
         "ranking_log",
         "metrics_port",
     ),

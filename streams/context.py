@@ -52,6 +52,7 @@ class StreamContext:
     _embedder: Any = None
     _item_embedder: Any = None
     _session_encoder: Any = None
+    _sequence_scorer: Any = None
     _session_vectors: Any = None
     _hybrid_search: Any = None
     _hybrid_retry_at: float = 0.0
@@ -132,6 +133,25 @@ class StreamContext:
                 log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_ENCODER)
                 self._session_encoder = False
         return self._session_encoder or None
+
+    @property
+    def sequence_scorer(self):
+        """The ID sequence model on Triton (streams.inference.TritonSequenceScorer), or None: lists
+        then come from the vector search and the ranker's statistic alone. Chosen once at start-up,
+        with the learned ranker only (its fusion was chosen against it), unless SEQUENCE_MODEL=false."""
+        if self._sequence_scorer is None:
+            from recstream.contracts.models import SEQUENCE_SCORER
+            from streams.inference import TritonSequenceScorer, model_ready
+
+            if not self.settings.sequence_model:
+                log.info("SEQUENCE_MODEL=false: lists go without the sequence model")
+                self._sequence_scorer = False
+            elif self.ranker_mode != "inprocess" and model_ready(self.settings, SEQUENCE_SCORER):
+                self._sequence_scorer = TritonSequenceScorer(self.settings)
+            else:
+                log.info("no '%s' model on Triton; lists go without the sequence model", SEQUENCE_SCORER)
+                self._sequence_scorer = False
+        return self._sequence_scorer or None
 
     @property
     def hybrid_search(self):

@@ -1,5 +1,5 @@
-"""Model calls the agents make on Triton: query/item text embedding and session encoding (the ranker
-backends: streams.rankers).
+"""Model calls the agents make on Triton: query/item text embedding, session encoding and the
+sequence model's scores (the ranker backends: streams.rankers).
 
 All calls here are blocking (tritonclient gRPC); agents run them in a thread pool so a slow model
 never blocks the event loop that also applies behaviour events. Every failure becomes
@@ -8,17 +8,19 @@ ModelUnavailable, which the agents turn into degraded answers.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import numpy as np
 
 from recstream.config import Settings
-from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER, TEXT_ENCODER
+from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.recommend.breaker import CircuitBreaker
 from recstream.telemetry import TRITON_ERRORS, TRITON_LATENCY
 
@@ -149,6 +151,23 @@ class TritonTextEmbedder:
         self._client.close()
 
 
+@contextmanager
+def guarded_call(model: str, breaker: CircuitBreaker) -> Iterator[None]:
+    """One model call behind its circuit breaker: a failure opens it, is counted in
+    triton_errors_total and raised as ModelUnavailable; a success is timed in triton_latency."""
+    if not breaker.allow():
+        raise ModelUnavailable(f"{model}: circuit open after a recent failure")
+    t0 = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        breaker.failure()
+        TRITON_ERRORS.labels(model=model, kind=type(exc).__name__).inc()
+        raise ModelUnavailable(f"{model}: {exc}") from exc
+    breaker.success()
+    TRITON_LATENCY.labels(model=model).observe(time.perf_counter() - t0)
+
+
 def model_ready(settings: Settings, model: str) -> bool:
     """One readiness probe at start-up (2 s: a loaded server answers in ~1 ms); False when unknown."""
     try:
@@ -220,11 +239,8 @@ class TritonSessionEncoder:
         `version` pins the session encoder trained with the item encoder whose vectors these are."""
         from recstream.models.served import pad_left
 
-        if not self.breaker.allow():
-            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
         out = []
-        t0 = time.perf_counter()
-        try:
+        with guarded_call(self.model, self.breaker):
             for lo in range(0, len(histories), self.max_batch):
                 items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
                 inputs = []
@@ -237,10 +253,99 @@ class TritonSessionEncoder:
                 served = res.get_response().model_version
                 if served:
                     self.version = f"{self.model}-v{served}"
-        except Exception as exc:
-            self.breaker.failure()
-            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
-            raise ModelUnavailable(f"{self.model}: {exc}") from exc
-        self.breaker.success()
-        TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+class SequenceScores:
+    """One batch's answer of the sequence model: a score per row of its catalogue (NaN: untrained),
+    the row of each item id, and how the version's lists use it."""
+
+    def __init__(self, scores: np.ndarray, ids: list[str], row_of: dict[str, int], fusion: object) -> None:
+        self.scores = scores
+        self.ids = ids
+        self.row_of = row_of
+        self.fusion = fusion  # recstream.models.sequence.SequenceFusion
+
+    def of(self, r: int, item_ids: Sequence[str]) -> np.ndarray:
+        """Request r's scores of `item_ids` (NaN for items the model does not know)."""
+        rows = np.array([self.row_of.get(i, -1) for i in item_ids], dtype=np.int64)
+        out = np.full(len(rows), np.nan, np.float32)
+        known = rows >= 0
+        out[known] = self.scores[r, rows[known]]
+        return out
+
+
+class TritonSequenceScorer:
+    """The ID sequence model on Triton (model 'sequence_scorer', recstream.models.sequence): the
+    recent item ids of a batch of sessions in ONE call -> a score per catalogue item each.
+
+    Its item ids and fusion (how many candidates it adds, how much its score weighs) are read from
+    the served version's folder in the model repository once per version, and calls pin that
+    version, so the rows sent and the scores returned are of one catalogue."""
+
+    def __init__(self, settings: Settings, model: str = SEQUENCE_SCORER) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._tc = grpcclient
+        self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
+        self._model_repo = settings.model_repo
+        self.model = model
+        self.breaker = CircuitBreaker()
+        cfg = model_config(self._client, model)
+        self.max_history = config_param(cfg, "max_history", 50)
+        self.max_batch = max(1, int(cfg.get("max_batch_size", 0) or 64))
+        self._checked = 0.0
+        self._files: tuple[str, list[str], dict[str, int], object] = ("", [], {}, None)
+        self.version = ""
+        self.follow_version()
+
+    def follow_version(self, every_s: float = VERSION_CHECK_S) -> None:
+        """Move to the newest version Triton serves (checked at most every `every_s`)."""
+        now = time.monotonic()
+        if self.version and now - self._checked < every_s:
+            return
+        self._checked = now
+        version = served_version(self._client, self.model)
+        if version == self.version:
+            return
+        from recstream.models.sequence_fusion import ITEM_IDS_FILE, SequenceFusion
+        from recstream.models.training import read_meta
+
+        number = version.rsplit("-v", 1)[-1]
+        folder = self._model_repo / self.model / number
+        try:
+            ids = json.loads((folder / ITEM_IDS_FILE).read_text())
+            meta = read_meta(folder)
+            fusion = SequenceFusion.model_validate((meta.config if meta else {}).get("fusion", {}))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot read %s (%s); lists go without the sequence model", version, folder, exc)
+            return
+        ids = [str(i) for i in ids]
+        self._files = (number, ids, {i: r for r, i in enumerate(ids)}, fusion)
+        self.version = version
+        log.info("%s: %d items, %s", version, len(ids), fusion)
+
+    @property
+    def fusion(self):
+        return self._files[3]
+
+    def score(self, recent: Sequence[Sequence[str]], timeout_s: float) -> SequenceScores:
+        """Scores [B, n_items] for each session's recent item ids (oldest first); ids the model does
+        not know are left out of the history. Raises ModelUnavailable."""
+        from recstream.models.sequence_fusion import left_pad
+
+        self.follow_version()
+        number, ids, row_of, fusion = self._files
+        if not number:
+            raise ModelUnavailable(f"{self.model}: no readable version")
+        rows = [np.array([row_of[i] for i in ids if i in row_of], dtype=np.int64) for ids in recent]
+        out = []
+        with guarded_call(self.model, self.breaker):
+            for lo in range(0, len(rows), self.max_batch):
+                history = left_pad(rows[lo : lo + self.max_batch], self.max_history)
+                inp = self._tc.InferInput("HISTORY", list(history.shape), "INT64")
+                inp.set_data_from_numpy(history)
+                res = self._client.infer(self.model, [inp], model_version=number, client_timeout=timeout_s)
+                out.append(res.as_numpy("SCORES").astype(np.float32))
+        scores = np.concatenate(out) if out else np.zeros((0, len(row_of)), np.float32)
+        return SequenceScores(scores, ids, row_of, fusion)

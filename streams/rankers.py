@@ -6,7 +6,6 @@ implements `Ranker` plus its entry in RANKERS.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -17,8 +16,7 @@ from recstream.contracts.models import RANKER
 from recstream.models.co_visitation import CoVisitation
 from recstream.recommend.breaker import CircuitBreaker
 from recstream.recommend.scoring import Candidate, HeuristicRanker, RankContext
-from recstream.telemetry import TRITON_ERRORS, TRITON_LATENCY
-from streams.inference import ModelUnavailable, config_param, model_config, served_version
+from streams.inference import ModelUnavailable, config_param, guarded_call, model_config, served_version
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +186,8 @@ class TritonRanker:
 
         On a busy 2-core box each call costs ~1-2 ms of gRPC and python-backend overhead, far more
         than the MLP itself; one call per batch of requests instead of one per request."""
-        if not self.breaker.allow():
-            raise ModelUnavailable("ranker: circuit open after a recent failure")
+        if not self.breaker.allow():  # before building the rows (guarded_call checks it again)
+            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
         if len(jobs) > self.max_batch:
             raise ValueError(f"{len(jobs)} requests in one ranker call; the model takes at most {self.max_batch}")
         sizes = [len(c) for _, c in jobs]
@@ -211,17 +209,10 @@ class TritonRanker:
             inp = self._tc.InferInput(name, list(arr.shape), "FP32")
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
-        t0 = time.perf_counter()
-        try:
+        with guarded_call(self.model, self.breaker):
             res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
             scores = res.as_numpy("SCORES").reshape(len(rows), width)
             served = res.get_response().model_version
-        except Exception as exc:
-            self.breaker.failure()
-            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
-            raise ModelUnavailable(f"ranker: {exc}") from exc
-        self.breaker.success()
-        TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
         if served:
             self.version = f"{self.model}-v{served}"
         for j, i in enumerate(live):

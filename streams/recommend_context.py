@@ -133,6 +133,9 @@ class Pending:
     session: Any = None  # the SessionState the request was answered from
     hybrid: Any = None  # recstream.search.served.HybridSearch a search is scored by (None: the ranker)
     lexical: np.ndarray | None = None  # the search's BM25 scores over the hybrid snapshot
+    # the sequence model's score of each hit / candidate (NaN: unknown to it) and its weight in the order
+    sequence_scores: np.ndarray | None = None
+    sequence_weight: float = 0.0
 
 
 def plan_request(

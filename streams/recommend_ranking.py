@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from recstream.contracts.events import PoolCandidate, RankedItem, RankingLog, RecommendationResult
+from recstream.models.sequence_fusion import fused_scores
 from recstream.recommend.rerank import diversify as diversify_list
 from recstream.recommend.rerank import place_new_items
 from recstream.recommend.scoring import Candidate
@@ -105,11 +106,12 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                 scores, version = res
                 for p, sc in zip(chunk, scores, strict=True):
                     p.scores, p.version = sc, version
-                    # Candidates nobody has interacted with are placed by retrieval (as offline, at
-                    # their slot times NEW_ITEM_SLOT_FACTOR): that orders the list; the scores published
-                    # and logged stay the ranker's logits.
+                    # The order fuses the sequence model's scores (as its version says), then places
+                    # candidates nobody has interacted with by retrieval (as offline, at their slot
+                    # times NEW_ITEM_SLOT_FACTOR); the scores published and logged stay the ranker's logits.
+                    by = sc if p.sequence_scores is None else fused_scores(sc, p.sequence_scores, p.sequence_weight)
                     p.order = place_new_items(
-                        sc, [c.popularity == 0 for c in p.candidates], ctx.settings.new_item_slot_factor
+                        by, [c.popularity == 0 for c in p.candidates], ctx.settings.new_item_slot_factor
                     )
     for p in prepared:
         if p.degraded is not None:

@@ -1,8 +1,10 @@
 """Recommender stage 2, candidates: the batch's vector searches in one store call, the co-visited
-items the ranker was trained with, BM25's best for a hybrid search, lexical and cold-start scans."""
+items the ranker was trained with, the sequence model's best, BM25's best for a hybrid search,
+lexical and cold-start scans."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import replace
@@ -15,6 +17,8 @@ from recstream.recommend.lexical import lexical_score
 from recstream.recommend.scoring import Candidate
 from recstream.telemetry import STAGE_LATENCY
 from streams.context import StreamContext
+from streams.inference import ModelUnavailable
+from streams.rankers import InProcessRanker
 from streams.recommend_context import Pending, read_store
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ async def retrieve(ctx: StreamContext, pending: list[Pending]) -> None:
     (VectorStore.search_many), lexical and cold-start scans one by one."""
     t0 = time.perf_counter()
     store = ctx.store
+    asked = ask_sequence_model(ctx, pending)
     searches: list[tuple[Pending, np.ndarray]] = []
     live = ctx.hybrid_search if any(p.req.query and p.rctx.query_vec is not None for p in pending) else None
     hybrid = live.current() if live is not None else None
@@ -60,6 +65,7 @@ async def retrieve(ctx: StreamContext, pending: list[Pending]) -> None:
                 searches.append((p, vec))
             else:  # a cold user with no session and no query: any eligible items
                 p.hits = await read_store(ctx, store.scroll, limit, p.filt)
+    recommended: list[tuple[Pending, np.ndarray]] = []
     if searches:
         found = await read_store(
             ctx, store.search_many, [(vec, candidate_limit(ctx, p.req), p.filt) for p, vec in searches]
@@ -68,7 +74,10 @@ async def retrieve(ctx: StreamContext, pending: list[Pending]) -> None:
             p.hits = hits
             if p.hybrid is not None:
                 p.hits += await lexical_hits(ctx, p, {h.item_id for h in hits})
-        await co_visited_hits(ctx, [(p, vec) for p, vec in searches if p.hybrid is None and not p.req.query])
+        recommended = [(p, vec) for p, vec in searches if p.hybrid is None and not p.req.query]
+        await co_visited_hits(ctx, recommended)
+    # awaited even when nothing was searched: the call was started for the batch
+    await sequence_hits(ctx, recommended, asked)
     lookup = ctx.tables.get("_item_lookup")
     popularity = lookup.popularity if lookup is not None else {}
     for p in pending:
@@ -119,15 +128,70 @@ async def co_visited_hits(ctx: StreamContext, searched: list[tuple[Pending, np.n
         ok = {i for i in (*co, *follows) if i in found and p.filt.allows(i, found[i].payload)}
         allowed = [i for i in co if i in ok][:n_co]
         allowed += [i for i in follows if i in ok and i not in allowed][:n_follow]
-        unit = vec / max(float(np.linalg.norm(vec)), 1e-12)
-        # a copy per request: requests of one batch share the hits read for them
-        extra = [
-            replace(h, score=float(h.vector @ unit / max(float(np.linalg.norm(h.vector)), 1e-12)))
-            for h in (found[i] for i in allowed)
-        ]
+        extra = _scored_by(vec, [found[i] for i in allowed])
         chosen = set(allowed)
         fill = [h for h in p.hits[keep:] if h.item_id not in chosen][: slots - len(extra)]
         p.hits = p.hits[:keep] + fill + extra
+
+
+def _scored_by(vec: np.ndarray, hits: list[Any]) -> list[Any]:
+    """Copies of hits another source brought, each with its cosine to the search vector as its
+    retrieval score (a copy per request: requests of one batch share the hits read for them)."""
+    unit = vec / max(float(np.linalg.norm(vec)), 1e-12)
+    return [replace(h, score=float(h.vector @ unit / max(float(np.linalg.norm(h.vector)), 1e-12))) for h in hits]
+
+
+def ask_sequence_model(ctx: StreamContext, pending: list[Pending]) -> tuple[list[Pending], Any] | None:
+    """Start the batch's sequence-model call (one Triton call) in the thread pool, so that its round
+    trip overlaps the vector search instead of following it; None when no request needs it."""
+    scorer = ctx.sequence_scorer
+    if scorer is None or isinstance(ctx.ranker, InProcessRanker):
+        return None
+    asked = [p for p in pending if not p.req.query and p.rctx.recent_items and p.degraded is None]
+    if not asked:
+        return None
+    recent = [p.rctx.recent_items for p in asked]
+    return asked, asyncio.ensure_future(ctx.in_thread(scorer.score, recent, ctx.settings.triton_timeout_s))
+
+
+async def sequence_hits(
+    ctx: StreamContext, searched: list[tuple[Pending, np.ndarray]], asked: tuple[list[Pending], Any] | None
+) -> None:
+    """The sequence model's part of a list (`recstream.training.ranker.ranked_slates` offline): its
+    best `fusion.candidates` items that the list does not hold and the filter allows join it, and
+    every hit gets its score for the fused order. One Triton call (`ask_sequence_model`) and one
+    store read for the batch; when the model is unavailable the lists go without it (counted in
+    triton_errors_total)."""
+    from recstream.models.sequence_fusion import sequence_candidates
+
+    if asked is None:
+        return
+    pendings, call = asked
+    try:
+        answer = await call
+    except ModelUnavailable as exc:
+        log.warning("sequence model unavailable, %d lists go without it: %s", len(pendings), exc)
+        return
+    row = {id(p): r for r, p in enumerate(pendings)}
+    todo = [(p, vec, row[id(p)]) for p, vec in searched if id(p) in row and p.hits]
+    fusion = answer.fusion
+    wanted: list[list[str]] = []
+    for p, _, r in todo:
+        if not fusion.candidates:
+            wanted.append([])
+            continue
+        taken = [*(h.item_id for h in p.hits), *p.filt.exclude_ids, *p.rctx.recent_items]
+        exclude = np.array([answer.row_of.get(i, -1) for i in taken], dtype=np.int64)
+        # twice the slots: business filters (stock, category, price) are checked on the payloads below
+        rows = sequence_candidates(answer.scores[r], exclude, 2 * fusion.candidates)
+        wanted.append([answer.ids[i] for i in rows])
+    ids = sorted({i for w in wanted for i in w})
+    found = await read_store(ctx, ctx.store.retrieve, ids) if ids else {}
+    for (p, vec, r), want in zip(todo, wanted, strict=True):
+        allowed = [i for i in want if i in found and p.filt.allows(i, found[i].payload)][: fusion.candidates]
+        p.hits = p.hits + _scored_by(vec, [found[i] for i in allowed])
+        p.sequence_scores = answer.of(r, [h.item_id for h in p.hits])
+        p.sequence_weight = fusion.weight
 
 
 async def lexical_hits(ctx: StreamContext, p: Pending, have: set[str]) -> list[Any]:

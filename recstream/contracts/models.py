@@ -11,7 +11,9 @@ ITEM_ENCODER = "item_encoder"
 SESSION_ENCODER = "session_encoder"
 #: The second-stage ranker (candidates and features -> logits).
 RANKER = "ranker"
+#: The ID sequence model (session item ids -> a score per catalogue item): the second candidate source.
+SEQUENCE_SCORER = "sequence_scorer"
 #: Every model the stack serves.
-SERVED_MODELS = (TEXT_ENCODER, ITEM_ENCODER, SESSION_ENCODER, RANKER)
-#: The models `make train` fits and the continual trainer derives versions of.
-TRAINED_MODELS = (ITEM_ENCODER, SESSION_ENCODER, RANKER)
+SERVED_MODELS = (TEXT_ENCODER, ITEM_ENCODER, SESSION_ENCODER, RANKER, SEQUENCE_SCORER)
+#: The models `make train` fits (the continual trainer derives new versions of the first three).
+TRAINED_MODELS = (ITEM_ENCODER, SESSION_ENCODER, RANKER, SEQUENCE_SCORER)

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from recstream.data.split import Split
 from recstream.eval.metrics import evaluate
 from recstream.models.co_visitation import binary_matrix, item_similarity
+from recstream.models.sequence import SASRecNet
+from recstream.models.sequence_fusion import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -210,64 +212,6 @@ class SASRecConfig(EarlyStopConfig):
     batch_size: int = 128
 
 
-class _SASRecNet(nn.Module):
-    """Causal transformer over item ids; item 0 is padding, real items are index + 1."""
-
-    def __init__(self, n_items: int, cfg: SASRecConfig, text_vectors: np.ndarray | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
-        self.text_proj: nn.Linear | None = None
-        if text_vectors is not None:
-            # row 0 (padding) is a zero text vector, so padding stays zero after the projection
-            padded = np.vstack([np.zeros((1, text_vectors.shape[1]), np.float32), text_vectors])
-            self.register_buffer("text", torch.as_tensor(padded, dtype=torch.float32))
-            self.text_proj = nn.Linear(text_vectors.shape[1], cfg.dim, bias=False)
-        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        layer = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, dim_feedforward=cfg.dim * 4, dropout=cfg.dropout, batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        nn.init.normal_(self.item.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)
-        with torch.no_grad():
-            self.item.weight[0].zero_()
-
-    def item_table(self) -> torch.Tensor:
-        """[n_items + 1, dim]: the ID embeddings, plus the projected text vectors in the text variant."""
-        if self.text_proj is None:
-            return self.item.weight
-        return self.item.weight + self.text_proj(self.text)
-
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """Hidden state per position [B, L, dim] for left-padded sequences [B, L]."""
-        length = seq.shape[1]
-        x = F.embedding(seq, self.item_table()) * (self.cfg.dim**0.5) + self.pos(
-            torch.arange(length, device=seq.device)
-        )
-        x = self.drop(x)
-        causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
-        key_ok = (seq != 0)[:, None, :] | torch.eye(length, dtype=torch.bool, device=seq.device)[None]
-        blocked = ~(causal[None] & key_ok)  # pads attend only to themselves, so no row is empty
-        blocked = blocked.repeat_interleave(self.cfg.heads, dim=0)
-        return self.norm(self.encoder(x, mask=blocked))
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.item_table()[1:].T
-
-
-def _left_pad(seqs: list[np.ndarray], length: int) -> np.ndarray:
-    """Last `length` items of each sequence, shifted by +1 (0 = padding), left-padded."""
-    out = np.zeros((len(seqs), length), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        s = np.asarray(s[-length:], dtype=np.int64)
-        if len(s):
-            out[r, length - len(s) :] = s + 1
-    return out
-
-
 class SASRecID:
     """ID-only SASRec-style next-item model trained with full softmax cross-entropy over all items."""
 
@@ -297,11 +241,11 @@ class SASRecID:
         cfg = self.config
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
-        self.net = _SASRecNet(split.n_items, cfg, self._text_vectors(split))
+        self.net = SASRecNet(split.n_items, cfg, self._text_vectors(split))
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         windows = self._windows(split.train_seqs)
-        seq_all = _left_pad([w[:-1] for w in windows], cfg.max_len)
-        tgt_all = _left_pad([w[1:] for w in windows], cfg.max_len)  # 0 where no target
+        seq_all = left_pad([w[:-1] for w in windows], cfg.max_len)
+        tgt_all = left_pad([w[1:] for w in windows], cfg.max_len)  # 0 where no target
         valid = split.cases("valid")
 
         def run_epoch(epoch: int) -> float:
@@ -329,7 +273,7 @@ class SASRecID:
     @torch.no_grad()
     def score(self, users: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
         self.net.eval()
-        seq = torch.as_tensor(_left_pad(histories, self.config.max_len))
+        seq = torch.as_tensor(left_pad(histories, self.config.max_len))
         h = self.net(seq)[:, -1]
         s = self.net.logits(h)
         empty = torch.as_tensor([len(x) == 0 for x in histories])

@@ -1,5 +1,5 @@
 """The Triton model repository as serving and tools read it: a model's version folders, the newest
-one, the exported ranker loaded back, and one ranker call over Triton HTTP. Writing versions is
+one, the exported ranker and sequence model loaded back, and one ranker call over Triton HTTP. Writing versions is
 recstream.models.export."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recstream.contracts.models import RANKER
+from recstream.contracts.models import RANKER, SEQUENCE_SCORER
 from recstream.models.ranker import Ranker
+from recstream.models.sequence import SequenceScorer
 
 
 def versions(model_repo: Path, name: str = RANKER) -> list[int]:
@@ -33,6 +34,13 @@ def load_exported(model_repo: Path, name: str = RANKER, version: int | None = No
         raise FileNotFoundError(f"no versions of {name} under {model_repo}")
     v = version if version is not None else vs[-1]
     return Ranker.load(Path(model_repo) / name / str(v))
+
+
+def load_sequence_scorer(model_repo: Path) -> SequenceScorer | None:
+    """The newest exported sequence model (None: the repository has none, lists go without it)."""
+    if not versions(model_repo, SEQUENCE_SCORER):
+        return None
+    return SequenceScorer.load(latest_version_dir(model_repo, SEQUENCE_SCORER))
 
 
 def triton_score(

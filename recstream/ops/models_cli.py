@@ -100,7 +100,7 @@ def train(
     check = _validation_against_baselines(bundle)
     cold = None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump()
     typer.echo(json.dumps({"stats": bundle.stats, "validation_ndcg10": check, "cold_rule": cold}, indent=2))
-    ours = check["served (retrieval + ranker)"]
+    ours = check["served (retrieval + sequence + ranker)"]
     better = {name: v for name, v in check.items() if not name.startswith("served") and v > ours}
     if better and not export_if_worse:
         typer.echo(
@@ -124,7 +124,7 @@ def _validation_against_baselines(bundle: object) -> dict[str, float]:
     split = bundle.split  # type: ignore[attr-defined]
     valid = split.cases("valid")
     models = {
-        "served (retrieval + ranker)": BundleRecommender().attach(bundle),  # type: ignore[arg-type]
+        "served (retrieval + sequence + ranker)": BundleRecommender().attach(bundle),  # type: ignore[arg-type]
         "item-knn": ItemKNN().fit(split),
         "popularity": Popularity().fit(split),
     }

@@ -8,9 +8,11 @@ second-to-last item, for early stopping; the test item is never seen):
    training and serving embed the same strings);
 2. its out-of-fold twin (without each user's last 5 training items), whose lists the ranker learns
    from;
-3. the ranker, on candidate features computed by the one function serving uses.
+3. the ranker, on candidate features computed by the one function serving uses;
+4. the ID sequence model (the `sasrec-id` baseline's SASRec), a second candidate source whose
+   candidates and score join the ranked list as far as validation says (recstream.training.sequence).
 
-and exports `item_encoder`, `session_encoder` and `ranker` versions with a meta.json each (data
+and exports `item_encoder`, `session_encoder`, `ranker` and `sequence_scorer` versions with a meta.json each (data
 hash, git commit, config, training time and peak memory, validation figures). Checkpoints are
 cached under artifacts/quality/<split>/seed<n>/ (the quality bench's folder for the same split and
 seed) keyed by data, texts, config, code and feature schema, so a rerun reuses what is unchanged.
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from recstream.contracts.models import ITEM_ENCODER, RANKER, SESSION_ENCODER
+from recstream.contracts.models import ITEM_ENCODER, RANKER, SEQUENCE_SCORER, SESSION_ENCODER
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, code_version, read_meta, split_fingerprint
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class TrainedBundle:
     data_hash: str
     #: how a new item is served (recstream.training.cold_rule.ColdRuleChoice); None: the default rule
     cold_rule_choice: Any = None
+    #: the sequence model with its fusion (recstream.models.sequence.SequenceScorer); None: not served
+    sequence: Any = None
 
     @property
     def cold_rule(self) -> Any:
@@ -164,6 +168,7 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
         )
         ranker.meta.extra["bundle_key"] = rkey
         ranker.save(rpath)
+    sequence, s_stats = _sequence(split, seed, ranker, retrieval, cats, work / "sequence", fp, rkey)
     stats = {
         "retrieval_valid_ndcg10": float(r_stats.get("valid_ndcg10", float("nan"))),
         "retrieval_train_seconds": float(r_stats.get("train_seconds", float("nan"))),
@@ -171,18 +176,65 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
         "ranker_valid_ndcg10": float(k_stats.get("valid_ndcg10", float("nan"))),
         "fold_train_seconds": float(f_stats.get("train_seconds", float("nan"))),
         "ranker_train_seconds": float(k_stats.get("train_seconds", float("nan"))),
+        **s_stats,
         "train_peak_rss_mb": max(float(r_stats.get("peak_rss_mb", 0)), float(k_stats.get("peak_rss_mb", 0))),
         # this invocation (short when every part came from the cache)
         "command_seconds": time.perf_counter() - t0,
     }
-    return TrainedBundle(split, retrieval, ranker, texts, stats, fp)
+    return TrainedBundle(split, retrieval, ranker, texts, stats, fp, sequence=sequence)
+
+
+def _sequence(
+    split: Any, seed: int, ranker: Any, retrieval: Any, cats: list[str], path: Path, fp: str, ranker_key: str
+) -> tuple[Any, dict[str, float]]:
+    """The sequence model (trained or reused) with its fusion chosen on validation against this
+    ranker (the choice is cached beside it, keyed by both)."""
+    from recstream.eval.baselines import SASRecConfig
+    from recstream.models.ranker import RankingContext
+    from recstream.models.sequence_fusion import SequenceFusion
+    from recstream.training.ranker import request_times, split_events
+    from recstream.training.sequence import choose_fusion, train_sequence_model
+
+    key = _key(fp, SASRecConfig(seed=seed).model_dump(), code_version())
+    sequence, s_stats = train_sequence_model(split, seed, path, key)
+    choice_file = path / "fusion.json"
+    choice_key = _key(key, ranker_key)
+    cached = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
+    if cached.get("key") == choice_key:
+        sequence.fusion = SequenceFusion.model_validate(cached["fusion"])
+        figures = cached["figures"]
+    else:
+        valid = split.cases("valid")
+        ctx = RankingContext(cats, split.train_seqs, split.n_items, split_events(split))
+        depth = int(ranker.meta.config.get("rerank_depth", SERVED_DEPTH))
+        times = request_times(split, valid.users, valid.histories)
+        as_served = AsServed(retrieval)
+        sequence.fusion, figures = choose_fusion(
+            ranker, as_served, ctx, sequence, valid.histories, valid.targets, depth, times
+        )
+        choice_file.write_text(
+            json.dumps({"key": choice_key, "fusion": sequence.fusion.model_dump(), "figures": figures})
+        )
+    chosen = f"{sequence.fusion.candidates},{sequence.fusion.weight:g}"
+    return sequence, {
+        "sequence_valid_ndcg10": float(s_stats.get("valid_ndcg10", float("nan"))),
+        "sequence_train_seconds": float(s_stats.get("train_seconds", float("nan"))),
+        "sequence_candidates": float(sequence.fusion.candidates),
+        "sequence_weight": float(sequence.fusion.weight),
+        "fused_valid_ndcg10": float(figures[chosen]),
+    }
 
 
 def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None = None) -> dict[str, Path]:
     """Write item_encoder and session_encoder as version `version` (default: one past the newest of
     either) and the ranker as the same number, or the next free one when the continual trainer
     already holds that number. An explicit `version` overwrites what is there."""
-    from recstream.models.export import export_item_encoder, export_ranker, export_session_encoder
+    from recstream.models.export import (
+        export_item_encoder,
+        export_ranker,
+        export_sequence_scorer,
+        export_session_encoder,
+    )
     from recstream.models.repository import versions
     from recstream.models.served import ItemEncoder, SessionEncoder
 
@@ -214,6 +266,11 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     bundle.ranker.meta.extra.update(extra)
     ranker_version = version if overwrite or version not in versions(model_repo, RANKER) else None
     out[RANKER] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
+    if bundle.sequence is not None:
+        sequence_cfg = {"fusion": bundle.sequence.fusion.model_dump()}
+        out[SEQUENCE_SCORER] = export_sequence_scorer(
+            bundle.sequence, meta(SEQUENCE_SCORER, sequence_cfg), model_repo, version
+        )
     return out
 
 
@@ -293,7 +350,8 @@ class BundleRecommender:
         if not self.ranked:
             return retrieval.score_index(histories)
         times = request_times(self.split, users, histories)
-        return rerank_scores(self.bundle.ranker, retrieval, self.ctx, histories, self.depth, times)
+        sequence = self.bundle.sequence
+        return rerank_scores(self.bundle.ranker, retrieval, self.ctx, histories, self.depth, times, sequence=sequence)
 
 
 def choose_own_cold_rule(bundle: TrainedBundle) -> Any:

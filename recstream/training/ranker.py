@@ -29,6 +29,8 @@ from recstream.models.ranker import (
     candidate_slate,
     new_ranker,
 )
+from recstream.models.sequence import SequenceScorer
+from recstream.models.sequence_fusion import SequenceFusion, fused_scores, sequence_candidates
 from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
 from recstream.recommend.rerank import new_item_order
 
@@ -130,15 +132,27 @@ def _examples(
 @dataclass
 class RankedSlate:
     """One request's served list before the new-item placement: the slate (candidate indices in
-    retrieval order), the ranker's scores and which candidates nobody has interacted with."""
+    retrieval order, then the sequence model's candidates), the ranker's scores, the sequence
+    model's scores of the same candidates (None: not served) and which candidates nobody has
+    interacted with."""
 
     candidates: np.ndarray
     ranker_scores: np.ndarray
     is_new: np.ndarray
+    sequence_scores: np.ndarray | None = None
+    weight: float = 0.0  # of the sequence model's score in the order
 
-    def order(self, new_item_slot_factor: float = 1.0) -> np.ndarray:
-        """Candidate indices in list order, as the worker orders them (`new_item_order`)."""
-        return self.candidates[new_item_order(self.ranker_scores, self.is_new, new_item_slot_factor)]
+    def order_scores(self, weight: float) -> np.ndarray:
+        """What the list is ordered by: the ranker's scores fused with the sequence model's."""
+        if self.sequence_scores is None:
+            return self.ranker_scores
+        return fused_scores(self.ranker_scores, self.sequence_scores, weight)
+
+    def order(self, new_item_slot_factor: float = 1.0, weight: float | None = None) -> np.ndarray:
+        """Candidate indices in list order, as the worker orders them (`new_item_order`); `weight`
+        overrides the sequence fusion's weight the slate was built with."""
+        scores = self.order_scores(self.weight if weight is None else weight)
+        return self.candidates[new_item_order(scores, self.is_new, new_item_slot_factor)]
 
 
 def ranked_slates(
@@ -148,23 +162,41 @@ def ranked_slates(
     histories: Sequence[np.ndarray],
     depth: int = 100,
     times: Sequence[float | None] | None = None,
+    sequence: SequenceScorer | None = None,
+    fusion: SequenceFusion | None = None,
 ) -> tuple[np.ndarray, list[RankedSlate]]:
-    """(full-catalogue retrieval scores [B, n_items], each request's ranked slate)."""
+    """(full-catalogue retrieval scores [B, n_items], each request's ranked slate).
+
+    With a `sequence` model (trained on the same catalogue), its best `fusion.candidates` items
+    outside the slate and the history join the slate, and the list is ordered by the ranker's
+    scores fused with its own (`fusion.weight`); `fusion` defaults to the one it ships with."""
     sess, scores = _retrieval_scores(retrieval, histories)
     # the statistic the ranker ships with, as serving uses it (popularity and trend stay the context's:
     # serving counts them live)
     co_visitation = ranker.co_visitation
     if co_visitation is not None and len(co_visitation.item_ids) != len(ctx.counts):
         raise ValueError(f"ranker's co-visitation covers {len(co_visitation.item_ids)} items, not {len(ctx.counts)}")
+    fusion = fusion or (sequence.fusion if sequence is not None else None)
+    sequence_scores = None
+    if sequence is not None and fusion is not None and fusion.active:
+        if len(sequence.item_ids) != len(ctx.counts):
+            raise ValueError(f"sequence model covers {len(sequence.item_ids)} items, not {len(ctx.counts)}")
+        sequence_scores = sequence.score_index(histories)
     vecs = retrieval.item_vectors.numpy()  # type: ignore[attr-defined]
     n_co, n_follow = ranker.co_visitation_candidates, ranker.follows_candidates
     slates = []
     for r, h in enumerate(histories):
         top = candidate_slate(scores[r], h, depth, co_visitation, n_co, n_follow)
+        seq = None
+        if sequence_scores is not None:
+            extra = sequence_candidates(sequence_scores[r], np.concatenate([h, top]), fusion.candidates)
+            top = np.concatenate([top, extra])
+            seq = sequence_scores[r][top]
         feats = ctx.features(h, top, scores[r][top], None if times is None else times[r], co_visitation)
         context = np.concatenate([sess[r].numpy(), np.zeros(ITEM_DIM, dtype=np.float32)])
         rs = ranker.score(context, vecs[top], feats).astype(np.float64)
-        slates.append(RankedSlate(top, rs, ctx.counts[top] == 0))
+        weight = fusion.weight if fusion is not None else 0.0
+        slates.append(RankedSlate(top, rs, ctx.counts[top] == 0, seq, weight))
     return scores, slates
 
 
@@ -176,18 +208,28 @@ def rerank_scores(
     depth: int = 100,
     times: Sequence[float | None] | None = None,
     new_item_slot_factor: float = 1.0,
+    sequence: SequenceScorer | None = None,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
     everything else keeps its retrieval order below them (so metrics stay full-ranking).
 
     Items without any interaction data (`ctx.counts == 0`: new or cold items) are placed by
     retrieval, at their slot times `new_item_slot_factor`, and the ranker orders the others around
-    them, as the worker does (`recstream.recommend.rerank.new_item_order`).
+    them, as the worker does (`recstream.recommend.rerank.new_item_order`). A `sequence` model adds its
+    candidates and its score as its fusion says (`ranked_slates`).
     """
-    scores, slates = ranked_slates(ranker, retrieval, ctx, histories, depth, times)
+    scores, slates = ranked_slates(ranker, retrieval, ctx, histories, depth, times, sequence)
+    return listed_scores(scores, slates, new_item_slot_factor)
+
+
+def listed_scores(
+    scores: np.ndarray, slates: Sequence[RankedSlate], new_item_slot_factor: float = 1.0, weight: float | None = None
+) -> np.ndarray:
+    """Full-catalogue scores [B, n_items] of ranked slates: each list in its order above every other
+    item, which keeps its retrieval score (`weight`: see `RankedSlate.order`)."""
     out = scores.astype(np.float64)
     for r, slate in enumerate(slates):
-        ordered = slate.order(new_item_slot_factor)
+        ordered = slate.order(new_item_slot_factor, weight)
         # scores fall with the slot, above every non-candidate
         out[r, ordered] = 1e3 + np.arange(len(ordered), 0, -1, dtype=np.float64)
     return out

@@ -34,6 +34,7 @@ def test_a_child_process_reads_back_every_setting(tmp_path: Path, monkeypatch: p
         "event_dedupe_ids": 10,
         "feedback_window_s": 2.5,
         "new_item_slot_factor": 0.3,
+        "sequence_model": False,
         "api_keys": "k1,k2",
         "cors_origins": "https://shop.example",
         "trainer_train_every_examples": 250,

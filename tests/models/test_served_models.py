@@ -1,4 +1,4 @@
-"""The trained models as served: Triton's item and session encoders equal the in-process classes,
+"""The trained models as served: Triton's item and session encoders and sequence model equal the in-process classes,
 and the committed versions carry what serving and operators need.
 
 Through the REAL tritonserver over the committed model_repo (session fixture); no skips.
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from recstream.config import REPO_ROOT
-from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
+from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TRAINED_MODELS
 from recstream.models.repository import versions
+from recstream.models.sequence import SequenceScorer
 from recstream.models.served import ItemEncoder, SessionEncoder
 
 pytestmark = pytest.mark.triton
@@ -28,7 +29,7 @@ def _latest(name: str):
 
 
 def test_committed_versions_describe_their_training():
-    for name in (ITEM_ENCODER, SESSION_ENCODER, "ranker"):
+    for name in TRAINED_MODELS:
         vdir = _latest(name)
         meta = json.loads((vdir / "meta.json").read_text())
         assert meta["data_hash"] and meta["git_sha"] and meta["config"]
@@ -87,6 +88,28 @@ def test_session_encoder_on_triton_equals_in_process(triton_server, make_setting
     assert not np.allclose(remote.encode([histories[2][::-1]], timeout_s=30)[0], got[2], atol=1e-3)
 
 
+def test_sequence_scorer_on_triton_equals_in_process(triton_server, make_settings):
+    from streams.inference import TritonSequenceScorer
+
+    local = SequenceScorer.load(_latest(SEQUENCE_SCORER))
+    remote = TritonSequenceScorer(make_settings(triton_grpc_url=triton_server.grpc_url, model_repo=REPO))
+    assert remote.version == f"{SEQUENCE_SCORER}-v{_latest(SEQUENCE_SCORER).name}"
+    assert remote.fusion == local.fusion and remote.max_history == local.max_len
+    ids = local.item_ids
+    recent = [ids[:3], [ids[7]], ["never-seen-item", ids[3], ids[5]], ids[100 : 100 + local.max_len + 9], ["nope"]]
+    got = remote.score(recent, timeout_s=30)
+    assert got.scores.shape == (len(recent), len(ids)) and got.ids == ids
+    # unknown ids are left out of the history; the longest is cut to the newest max_len
+    rows = [np.array([local.row_of[i] for i in r if i in local.row_of], dtype=np.int64) for r in recent]
+    np.testing.assert_allclose(got.scores, local.score_index(rows), atol=1e-4)
+    assert np.isnan(got.scores[-1]).all()  # nothing known to go on: no opinion
+    assert np.isfinite(got.scores[0]).sum() > 0.9 * len(ids)
+    # one session alone gives what it gave in the batch
+    np.testing.assert_allclose(remote.score(recent[1:2], timeout_s=30).scores[0], got.scores[1], atol=1e-4)
+    np.testing.assert_allclose(got.of(0, [ids[9], "nope"])[0], got.scores[0, 9])
+    assert np.isnan(got.of(0, [ids[9], "nope"])[1])
+
+
 def test_models_list_shows_every_served_model():
     from typer.testing import CliRunner
 
@@ -95,7 +118,7 @@ def test_models_list_shows_every_served_model():
     out = CliRunner().invoke(app, ["models", "list"])
     assert out.exit_code == 0, out.output
     listed = {m["model"]: m for m in json.loads(out.output)}
-    assert set(listed) == {ITEM_ENCODER, SESSION_ENCODER, "ranker"}
+    assert set(listed) == set(TRAINED_MODELS)
     for m in listed.values():
         described = next(iter(m["versions"].values()))
         assert described["dataset"] == "ml-100k" and described["retrieval_valid_ndcg10"] > 0.05

@@ -17,6 +17,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from fastapi.testclient import TestClient
 
 from recstream.config import Settings
+from recstream.contracts.models import SERVED_MODELS
 from recstream.contracts.topics import TOPICS
 from services.gateway import GatewayLimits, create_app
 
@@ -333,7 +334,7 @@ def test_health_readiness_metrics_and_openapi(
     with TestClient(create_app(ok, LIMITS, monitor=False, catalog_view=False)) as c:
         state = c.get("/readyz").json()
         assert state["ready"] is True and state["kafka"] == "ok" and state["triton"] == "ok"
-        assert set(state["models"]) == {"text_encoder", "item_encoder", "session_encoder", "ranker"}
+        assert set(state["models"]) == set(SERVED_MODELS)
         assert state["degraded"] is False and c.get("/modelz").status_code == 200  # every model loaded
         # a model unloaded: still ready (answers come, in retrieval order), and /modelz names it
         assert httpx.post(f"http://{triton_server.url}/v2/repository/models/ranker/unload", timeout=30).is_success

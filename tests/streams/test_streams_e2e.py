@@ -362,6 +362,8 @@ def test_triton_ranker_then_degraded_when_unreachable(
                 answers[res.request_id] = res
         # the session vector came from the trained session encoder on Triton, not the decayed sum
         assert worker.metric("recstream_triton_request_seconds_count", 'model="session_encoder"') >= 1
+        # and the sequence model on Triton was asked for its candidates and scores
+        assert worker.metric("recstream_triton_request_seconds_count", 'model="sequence_scorer"') >= 1
     finally:
         worker.stop()
     # RANKING_LOG=all (the default): each greedy answer of the ranker is logged with the inputs it was

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER
+from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TRAINED_MODELS
 from recstream.data.datasets import save_generic, tiny_synthetic
 from recstream.models.repository import load_exported, versions
+from recstream.models.sequence import SequenceScorer
 from recstream.models.served import ServedRetrieval
 from recstream.training.bundle import export_bundle, serving_item_texts, train_bundle
 
@@ -30,7 +31,7 @@ def test_exported_versions_score_like_the_trained_models(bundle) -> None:
     trained, root = bundle
     repo = root / "model_repo"
     written = export_bundle(trained, repo)
-    assert {k: p.name for k, p in written.items()} == {ITEM_ENCODER: "1", SESSION_ENCODER: "1", "ranker": "1"}
+    assert {k: p.name for k, p in written.items()} == {name: "1" for name in TRAINED_MODELS}
     split = trained.split
     served = ServedRetrieval.from_repo(repo, serving_item_texts(split), [str(i) for i in split.item_ids])
     np.testing.assert_allclose(served.item_vectors.numpy(), trained.retrieval.item_vectors.numpy(), atol=1e-5)
@@ -41,18 +42,25 @@ def test_exported_versions_score_like_the_trained_models(bundle) -> None:
     ranker = load_exported(repo)
     assert ranker.meta.config["rerank_depth"] == 29  # the whole catalogue of 30 but one
     assert ranker.meta.data_hash == trained.data_hash
+    # the sequence model as exported: the same scores, and the fusion chosen on validation
+    sequence = SequenceScorer.load(repo / SEQUENCE_SCORER / "1")
+    assert sequence.fusion == trained.sequence.fusion
+    np.testing.assert_allclose(
+        sequence.score_index(cases.histories), trained.sequence.score_index(cases.histories), atol=1e-5
+    )
+    assert trained.stats["fused_valid_ndcg10"] > 0 and trained.stats["sequence_valid_ndcg10"] > 0
     for name in (ITEM_ENCODER, SESSION_ENCODER):
         meta = json.loads((repo / name / "1" / "meta.json").read_text())
         assert meta["data_hash"] == trained.data_hash and meta["extra"]["dataset"] == "tiny"
         assert meta["metrics"]["retrieval_valid_ndcg10"] == pytest.approx(trained.stats["retrieval_valid_ndcg10"])
 
 
-def test_a_second_export_adds_one_version_number_to_all_three(bundle) -> None:
+def test_a_second_export_adds_one_version_number_to_all_four(bundle) -> None:
     trained, root = bundle
     repo = root / "repo2"
     export_bundle(trained, repo)
     export_bundle(trained, repo)
-    assert [versions(repo, n) for n in (ITEM_ENCODER, SESSION_ENCODER, "ranker")] == [[1, 2]] * 3
+    assert [versions(repo, n) for n in TRAINED_MODELS] == [[1, 2]] * 4
 
 
 def test_a_rerun_reuses_what_it_trained(bundle) -> None:
@@ -78,14 +86,15 @@ def test_an_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_make_train_compares_with_simple_baselines_on_validation(bundle) -> None:
     """`make train` serves only what beats item-knn and popularity on validation: the figure it
-    judges the trained pair by is the ranker's own validation figure, recomputed the serving way."""
+    judges the trained models by is the validation figure of the fusion it chose, recomputed the serving way."""
     from recstream.ops.models_cli import _validation_against_baselines
 
     trained, _ = bundle
     check = _validation_against_baselines(trained)
-    assert set(check) == {"served (retrieval + ranker)", "item-knn", "popularity"}
+    assert set(check) == {"served (retrieval + sequence + ranker)", "item-knn", "popularity"}
     assert all(0.0 <= v <= 1.0 for v in check.values())
-    assert check["served (retrieval + ranker)"] == pytest.approx(trained.stats["ranker_valid_ndcg10"], abs=1e-4)
+    served = check["served (retrieval + sequence + ranker)"]
+    assert served == pytest.approx(trained.stats["fused_valid_ndcg10"], abs=1e-4)
 
 
 def test_served_rows_score_an_item_without_training_data_as_the_worker_does(bundle, tmp_path) -> None:

@@ -15,7 +15,12 @@ The loader refuses weights whose feature-schema hash differs from the code's.
 """
 
 from recstream.models.export.common import ROOT_PARAM, set_config_param
-from recstream.models.export.encoders import export_item_encoder, export_query_encoder, export_session_encoder
+from recstream.models.export.encoders import (
+    export_item_encoder,
+    export_query_encoder,
+    export_sequence_scorer,
+    export_session_encoder,
+)
 from recstream.models.export.ranker import MODEL_PY, export_ranker
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "export_item_encoder",
     "export_query_encoder",
     "export_ranker",
+    "export_sequence_scorer",
     "export_session_encoder",
     "set_config_param",
 ]

@@ -1,5 +1,6 @@
-"""The retrieval model's servable parts (recstream.models.served: item and session encoders) and
-the fine-tuned query encoder as Triton python-backend versions."""
+"""The retrieval model's servable parts (recstream.models.served: item and session encoders), the
+sequence model (recstream.models.sequence) and the fine-tuned query encoder as Triton
+python-backend versions."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from recstream.contracts.models import ITEM_ENCODER, SESSION_ENCODER, TEXT_ENCODER
+from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.models.export.common import IMPORT_RECSTREAM, next_version_dir, repo_extras, set_config_param
 from recstream.models.ranker import ITEM_DIM
 from recstream.models.repository import versions
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_CONFIG = """\
 # {what} on the Triton python backend (CPU). Written by recstream.models.export; model.py loads
-# recstream.models.served.{cls}, the class the in-process parity checks use.
+# {module}.{cls}, the class the in-process parity checks use.
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -32,7 +33,7 @@ output [
   {{
     name: "{output}"
     data_type: TYPE_FP32
-    dims: [ {dim} ]
+    dims: [ {out_dims} ]
   }}
 ]
 
@@ -61,7 +62,7 @@ _INPUT = """  {{
   }}"""
 
 SERVED_MODEL_PY = '''\
-"""Triton python-backend model for recstream.models.served.{cls} (written by recstream.models.export)."""
+"""Triton python-backend model for {module}.{cls} (written by recstream.models.export)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class TritonPythonModel:
         torch.set_num_threads(int(params.get("torch_threads") or 1))
         torch.set_num_interop_threads(1)
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.model = _import_recstream(params, "recstream.models.served").{cls}.load(version_dir)
+        self.model = _import_recstream(params, "{module}").{cls}.load(version_dir)
         pb_utils.Logger.log_info(f"{name} v{{args['model_version']}} loaded from {{version_dir}}")
 
     def execute(self, requests: list) -> list:
@@ -153,6 +154,8 @@ def _export_served(
     delay_us: int,
     threads: int,
     params: dict[str, str] | None = None,
+    module: str = "recstream.models.served",
+    out_dims: str = str(ITEM_DIM),
 ) -> Path:
     vdir, v = next_version_dir(model_repo, name, version)
     model_dir = vdir.parent
@@ -161,17 +164,18 @@ def _export_served(
     meta.extra["version"] = v  # type: ignore[attr-defined]
     part.save(vdir, meta)  # type: ignore[attr-defined]
     (vdir / "model.py").write_text(
-        SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute, helper=IMPORT_RECSTREAM.rstrip("\n"))
+        SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute, helper=IMPORT_RECSTREAM.rstrip("\n"), module=module)
     )
     (model_dir / "config.pbtxt").write_text(
         ENCODER_CONFIG.format(
             what=what,
             cls=cls,
+            module=module,
             name=name,
             max_batch_size=max_batch_size,
             inputs=",\n".join(_INPUT.format(name=n, dtype=t, dims=d) for n, t, d in inputs),
             output=output,
-            dim=ITEM_DIM,
+            out_dims=out_dims,
             delay_us=delay_us,
             threads=threads,
             extra=repo_extras(model_dir, params or {}),
@@ -218,6 +222,41 @@ def export_session_encoder(encoder: object, meta: object, model_repo: Path, vers
         delay_us=500,
         threads=1,
         params={"max_history": str(encoder.max_history)},  # type: ignore[attr-defined]
+    )
+
+
+SEQUENCE_EXECUTE = """\
+        out = []
+        for request in requests:  # one request = one batch of sessions, already padded alike
+            try:
+                history = pb_utils.get_input_tensor_by_name(request, "HISTORY").as_numpy()
+                scores = self.model.score_padded(history)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("SCORES", scores)]))
+            except Exception as exc:  # one bad request must not fail the others
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+        return out"""
+
+
+def export_sequence_scorer(scorer: object, meta: object, model_repo: Path, version: int | None = None) -> Path:
+    """HISTORY [L] (catalogue rows + 1, left-padded with 0) -> SCORES [n_items] (NaN: no training
+    data); the rows are those of the version's item_ids.json. One call per request batch."""
+    return _export_served(
+        scorer,
+        meta,
+        model_repo,
+        version,
+        name=SEQUENCE_SCORER,
+        cls="SequenceScorer",
+        what="ID sequence model (SASRec over the session's item ids, the second candidate source)",
+        inputs=[("HISTORY", "TYPE_INT64", "-1")],
+        output="SCORES",
+        execute=SEQUENCE_EXECUTE,
+        max_batch_size=64,
+        delay_us=500,
+        threads=1,
+        params={"max_history": str(scorer.max_len)},  # type: ignore[attr-defined]
+        module="recstream.models.sequence",
+        out_dims="-1",
     )
 
 
