@@ -169,11 +169,9 @@ def _start_stack(args: argparse.Namespace):
         shutil.rmtree(old, ignore_errors=True)
     broker = KafkaBroker(RUN / "kafka", port=0, controller_port=0)
     bootstrap = broker.start(timeout_s=90)
-    repo = REPO_ROOT / "model_repo"
-    served = None
+    triton = TritonServer(REPO_ROOT / "model_repo", RUN / "triton", http_port=0, grpc_port=0, metrics_port=0)
     if args.without:  # the A/B arm without a model: the worker runs as on a repository that lacks it
-        served = [m for m in TritonServer(repo, RUN / "triton").repo_models() if m not in args.without.split(",")]
-    triton = TritonServer(repo, RUN / "triton", http_port=0, grpc_port=0, metrics_port=0, models=served)
+        triton.models = [m for m in triton.repo_models() if m not in args.without.split(",")]
     ranker_note = "Triton 'ranker'" + (f" (without {args.without})" if args.without else "")
     try:
         triton.start()

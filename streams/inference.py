@@ -327,18 +327,19 @@ class TritonSequenceScorer:
 
     @property
     def fusion(self):
+        """The served version's SequenceFusion (None: no version could be read)."""
         return self._files[3]
 
     def score(self, recent: Sequence[Sequence[str]], timeout_s: float) -> SequenceScores:
-        """Scores [B, n_items] for each session's recent item ids (oldest first); ids the model does
-        not know are left out of the history. Raises ModelUnavailable."""
+        """Scores [B, n_items] for each session's recent item ids (oldest first) from the version
+        last followed; ids the model does not know are left out of the history. Raises
+        ModelUnavailable."""
         from recstream.models.sequence_fusion import left_pad
 
-        self.follow_version()
         number, ids, row_of, fusion = self._files
         if not number:
             raise ModelUnavailable(f"{self.model}: no readable version")
-        rows = [np.array([row_of[i] for i in ids if i in row_of], dtype=np.int64) for ids in recent]
+        rows = [np.array([row_of[i] for i in session if i in row_of], dtype=np.int64) for session in recent]
         out = []
         with guarded_call(self.model, self.breaker):
             for lo in range(0, len(rows), self.max_batch):

@@ -143,9 +143,13 @@ def _scored_by(vec: np.ndarray, hits: list[Any]) -> list[Any]:
 
 def ask_sequence_model(ctx: StreamContext, pending: list[Pending]) -> tuple[list[Pending], Any] | None:
     """Start the batch's sequence-model call (one Triton call) in the thread pool, so that its round
-    trip overlaps the vector search instead of following it; None when no request needs it."""
+    trip overlaps the vector search instead of following it; None when no request needs it, or when
+    the served version neither adds candidates nor weighs in (its fusion chose the ranker alone)."""
     scorer = ctx.sequence_scorer
     if scorer is None or isinstance(ctx.ranker, InProcessRanker):
+        return None
+    scorer.follow_version()  # a time check; reads the repository at most every VERSION_CHECK_S
+    if scorer.fusion is None or not scorer.fusion.active:
         return None
     asked = [p for p in pending if not p.req.query and p.rctx.recent_items and p.degraded is None]
     if not asked:

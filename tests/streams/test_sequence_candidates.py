@@ -41,8 +41,17 @@ class _Scorer:
 
     def __init__(self, model: SequenceScorer, down: bool = False) -> None:
         self.model, self.down = model, down
+        self.calls = 0
+
+    @property
+    def fusion(self) -> SequenceFusion:
+        return self.model.fusion
+
+    def follow_version(self) -> None:
+        """One version here."""
 
     def score(self, recent: list[list[str]], timeout_s: float) -> SequenceScores:
+        self.calls += 1
         if self.down:
             raise ModelUnavailable("sequence_scorer: down")
         rows = [np.array([self.model.row_of[i] for i in r if i in self.model.row_of]) for r in recent]
@@ -76,10 +85,14 @@ def _setup(tmp_path: Path) -> tuple[VectorStore, np.ndarray, SequenceScorer, lis
 
 
 def _served(tmp_path: Path, store, scorer, session, recent, filt, down: bool = False) -> Pending:
+    return _served_by(_Scorer(scorer, down), tmp_path, store, session, recent, filt)
+
+
+def _served_by(scorer: _Scorer, tmp_path: Path, store, session, recent, filt) -> Pending:
     req = RecommendationRequest(user_id="u", k=4)
     p = Pending(None, req, RankContext(session_vec=session, recent_items=recent), [], None, filt=filt)
     p.hits = store.search(session, DEPTH, filt)
-    ctx = _Context(_Scorer(scorer, down), store, Settings(qdrant_path=tmp_path / "q2"), _Ranker())
+    ctx = _Context(scorer, store, Settings(qdrant_path=tmp_path / "q2"), _Ranker())
 
     async def gather() -> None:
         asked = ask_sequence_model(ctx, [p])  # started before the vector search, as in retrieve
@@ -133,6 +146,23 @@ def test_without_the_model_the_list_is_the_slate(tmp_path: Path) -> None:
         session = np.asarray(vectors[[0, 21]].mean(0))
         p = _served(tmp_path, store, scorer, session, recent, CandidateFilter(exclude_ids=frozenset(recent)), down=True)
         assert len(p.hits) == DEPTH and p.sequence_scores is None
+    finally:
+        store.close()
+
+
+def test_a_version_that_chose_the_ranker_alone_is_not_called(tmp_path: Path) -> None:
+    """Fusion (0, 0): no candidates and no weight, so the worker spends no Triton call on it."""
+    store, vectors, scorer, ids = _setup(tmp_path)
+    try:
+        scorer.fusion = SequenceFusion(candidates=0, weight=0.0)
+        asked = _Scorer(scorer)
+        recent = [ids[0], ids[21]]
+        filt = CandidateFilter(exclude_ids=frozenset(recent))
+        p = _served_by(asked, tmp_path, store, np.asarray(vectors[[0, 21]].mean(0)), recent, filt)
+        assert asked.calls == 0 and len(p.hits) == DEPTH and p.sequence_scores is None
+        scorer.fusion = SequenceFusion(candidates=0, weight=1.0)  # a weight alone is worth the call
+        p = _served_by(asked, tmp_path, store, np.asarray(vectors[[0, 21]].mean(0)), recent, filt)
+        assert asked.calls == 1 and len(p.hits) == DEPTH and p.sequence_scores is not None
     finally:
         store.close()
 
