@@ -6,6 +6,8 @@ Run ``python -m bench.bench_quality`` (or ``make bench-quality``; options after 
     --seeds 0,1,2            training seeds per learned model (env SEEDS)
     --models a,b             subset of the registered rows (env MODELS; EXTRA_MODELS adds rows)
     --splits main,cold       which tables to run (cold: items held out of training entirely)
+    --cold-seeds 0,1,2       which items are held out, one draw per training seed (default: the
+                             training seeds; one value: the same draw for every seed)
     --no-cache               retrain every run instead of reusing cached ones
 
 Every learned model trains under one budget rule (epochs until validation NDCG@10 stops rising,
@@ -49,7 +51,7 @@ from recstream.data import cold_start_split, data_hash, leave_last_out, load_dat
 from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
 from recstream.eval.metrics import metrics_from_ranks, rank_cases
-from recstream.eval.stats import mean_ci95, paired_difference
+from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
 from recstream.models.training import ARTIFACTS_DIR, code_version, split_fingerprint
 
 METRICS = ("HR@10", "NDCG@10", "MRR", "Recall@50", "HR@50", "NDCG@50")
@@ -70,10 +72,12 @@ PROTOCOL = (
     "budget rule): its best unseen items join each list and its z-scored score is added to the "
     "ranker's, both amounts chosen per seed on validation (recstream.training.sequence). "
     "Selection of the compared rows "
-    "by mean validation NDCG@10 only. Cold start: {frac:.0%} of interacted items (seed {cold_seed}) "
-    "removed from training and histories entirely; rows evaluate only test cases whose target is "
-    "such an item; validation cases with a cold target form cold_valid (the only place a cold rule "
-    "may be tuned)."
+    "by mean validation NDCG@10 only. Cold start: {frac:.0%} of interacted items removed from "
+    "training and histories entirely, a separate random draw of items per training seed (draws "
+    "{cold_seeds}, paired with seeds {seeds}; a deterministic row runs once per draw); rows evaluate "
+    "only test cases whose target is such an item, pooled over the draws; validation cases with a "
+    "cold target form cold_valid (the only place a cold rule may be tuned). Paired intervals are over "
+    "(draw, case): per draw the seeds on that draw are averaged, then every case of every draw counts once."
 )
 
 Kind = Literal["baseline", "ours"]
@@ -116,6 +120,16 @@ MODELS: list[ModelSpec] = [
     ModelSpec("two-tower-lora", "recstream.training.two_tower:two_tower_lora", "ours", optional=True, default=False),
     ModelSpec("two-tower-full", "recstream.training.two_tower:two_tower_full", "ours", optional=True, default=False),
 ]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (seed, split) of a table. On the cold-start table every seed has its own draw of held-out
+    items, so that the rows' intervals cover which items happen to be new, not only training noise."""
+
+    seed: int
+    split: Split
+    draw: int | None = None  # the cold-start draw (which items are held out); None on the main split
 
 
 def register(name: str, factory: Callable[..., Recommender] | str, kind: Kind = "ours", seeded: bool = True) -> None:
@@ -203,16 +217,19 @@ def cached_run(spec: ModelSpec, split: Split, seed: int, label: str, use_cache: 
 
 
 def summarise(spec: ModelSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of every metric, a 95 % interval over seeds, and the per-seed values."""
+    """Mean over runs (seeds, and on the cold-start table their draws) of every metric, a 95 % interval
+    over runs, and the per-run values. A deterministic row on one split has no interval."""
     per_seed = [metrics_from_ranks(np.asarray(r["ranks"]["test"]), ks=(10, 50)) for r in runs]
     valid = [metrics_from_ranks(np.asarray(r["ranks"]["valid"]), ks=(10,))["NDCG@10"] for r in runs]
     row: dict[str, Any] = {"model": spec.name, "kind": spec.kind, "seeds": [r["seed"] for r in runs]}
     row["deterministic"] = not spec.seeded
+    if runs[0].get("draw") is not None:
+        row["cold_seeds"] = [r["draw"] for r in runs]
     ci: dict[str, list[float]] = {}
     for m in METRICS:
         mean, lo, hi = mean_ci95([p[m] for p in per_seed])
         row[m] = mean
-        ci[m] = [lo, hi] if spec.seeded else [mean, mean]
+        ci[m] = [mean, mean] if len(runs) == 1 and not spec.seeded else [lo, hi]
     row["ci95"] = ci
     row["per_seed"] = {"NDCG@10": [p["NDCG@10"] for p in per_seed], "valid_NDCG@10": valid}
     row["valid_NDCG@10"] = float(np.mean(valid))
@@ -222,7 +239,7 @@ def summarise(spec: ModelSpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
     rules = [r["train_info"].get("cold_rule") for r in runs]
     if any(rules):
         row["per_seed"]["cold_rule"] = rules
-    row["n_cases"] = len(runs[0]["ranks"]["test"])
+    row["n_cases"] = sum(len(group[0]["ranks"]["test"]) for group in _by_split(runs).values())
     row["train_s"] = float(np.mean([_train_seconds(r) for r in runs]))
     row["eval_s"] = float(np.mean([r["eval_s"] for r in runs]))
     row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
@@ -244,14 +261,29 @@ def _train_seconds(run: dict[str, Any]) -> float:
     return max(float(run["train_s"]), parts)
 
 
+def _planned_for(spec: ModelSpec, plan: list[PlannedRun]) -> list[PlannedRun]:
+    """Every planned run for a seeded row; one per distinct split (its first seed) for a deterministic one."""
+    if spec.seeded:
+        return plan
+    first: dict[str, PlannedRun] = {}
+    for p in plan:
+        first.setdefault(split_fingerprint(p.split), p)
+    return list(first.values())
+
+
+def _run(spec: ModelSpec, p: PlannedRun, label: str, use_cache: bool, code: str) -> dict[str, Any]:
+    run = cached_run(spec, p.split, p.seed, label, use_cache, code)
+    return {**run, "split": split_fingerprint(p.split)[:16], "draw": p.draw}
+
+
 def run_table(
-    specs: list[ModelSpec], split: Split, seeds: list[int], label: str, use_cache: bool
+    specs: list[ModelSpec], plan: list[PlannedRun], label: str, use_cache: bool
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     code = code_version()
     rows, runs_by_model = [], {}
     for spec in specs:
         try:
-            runs = [cached_run(spec, split, s, label, use_cache, code) for s in (seeds if spec.seeded else seeds[:1])]
+            runs = [_run(spec, p, label, use_cache, code) for p in _planned_for(spec, plan)]
         except Exception as exc:
             if not spec.optional:
                 raise
@@ -271,15 +303,53 @@ def best_by_validation(rows: list[dict[str, Any]], kind: Kind) -> dict[str, Any]
     return max(candidates, key=lambda r: r["valid_NDCG@10"], default=None)
 
 
+def _by_split(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r.get("split", ""), []).append(r)
+    return groups
+
+
 def paired_block(
     rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], model: str, baseline: str
 ) -> dict[str, Any]:
-    ours = [np.asarray(r["ranks"]["test"]) for r in runs[model]]
-    base = [np.asarray(r["ranks"]["test"]) for r in runs[baseline]]
-    if len(base) == 1 and len(ours) > 1:  # a deterministic baseline: the same ranks for every seed
-        base = base * len(ours)
-    p = paired_difference(ours, base, k=10)
-    return {"model": model, "baseline": baseline, "metric": "NDCG@10", **p}
+    """`model` minus `baseline` NDCG@10 paired over cases (recstream.eval.stats.paired_difference).
+    With several splits (cold-start draws) each split's cases are paired on that split, and the
+    interval is over every (split, case): the draws' cases are different users' cases."""
+    ours_by, base_by = _by_split(runs[model]), _by_split(runs[baseline])
+    per_split, case_diffs = [], []
+    for key, ours_runs in ours_by.items():
+        ours = [np.asarray(r["ranks"]["test"]) for r in ours_runs]
+        base = [np.asarray(r["ranks"]["test"]) for r in base_by[key]]
+        if len(base) == 1 and len(ours) > 1:  # a deterministic baseline: the same ranks for every seed
+            base = base * len(ours)
+        per_split.append(paired_difference(ours, base, k=10))
+        case_diffs.append(
+            np.mean([ndcg_gains(r) for r in ours], axis=0) - np.mean([ndcg_gains(r) for r in base], axis=0)
+        )
+    if len(per_split) == 1:
+        return {"model": model, "baseline": baseline, "metric": "NDCG@10", **per_split[0]}
+    diff, lo, hi = mean_ci95(np.concatenate(case_diffs))
+    return {
+        "model": model,
+        "baseline": baseline,
+        "metric": "NDCG@10",
+        "diff": diff,
+        "ci95": [lo, hi],
+        "seeds_won": sum(int(p["seeds_won"]) for p in per_split),
+        "seeds_compared": sum(int(p["seeds_compared"]) for p in per_split),
+        "per_seed_diff": [d for p in per_split for d in p["per_seed_diff"]],
+        "per_draw": [
+            {"draw": ours_by[key][0]["draw"], "diff": p["diff"], "ci95": p["ci95"], "n_cases": p["n_cases"]}
+            for key, p in zip(ours_by, per_split, strict=True)
+        ],
+        "n_cases": int(sum(len(d) for d in case_diffs)),
+    }
+
+
+def _runs_on(runs: dict[str, list[dict[str, Any]]], split: Split) -> dict[str, list[dict[str, Any]]]:
+    key = split_fingerprint(split)[:16]
+    return {name: [r for r in rs if r["split"] == key] for name, rs in runs.items()}
 
 
 def _rank_dump(split: Split, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -306,7 +376,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=os.environ.get("MODELS", ""), help="comma-separated rows (default: all)")
     p.add_argument("--splits", default="main,cold", help="main, cold or both")
     p.add_argument("--cold-frac", type=float, default=float(os.environ.get("COLD_FRAC", "0.1")))
-    p.add_argument("--cold-seed", type=int, default=0, help="which items are held out (not a training seed)")
+    p.add_argument(
+        "--cold-seeds",
+        default=os.environ.get("COLD_SEEDS", ""),
+        help="which items are held out, one draw per training seed (default: the training seeds; one value: one draw)",
+    )
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "1")))
     p.add_argument("--out", default="quality", help="result name under bench/results/")
@@ -321,6 +395,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = {s.strip() for s in args.splits.split(",") if s.strip()}
     if not splits <= {"main", "cold"}:
         raise SystemExit(f"--splits takes main and/or cold, got {args.splits!r}")
+    draws = [int(s) for s in args.cold_seeds.split(",") if s.strip()] or seeds
+    if len(draws) == 1:
+        draws = draws * len(seeds)
+    if len(draws) != len(seeds):
+        raise SystemExit(f"--cold-seeds needs one draw or one per training seed ({seeds}), got {args.cold_seeds!r}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = load_dataset(args.dataset)
@@ -328,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     use_cache = not args.no_cache
     result: dict[str, Any] = {
         "dataset": data.name,
-        "protocol": PROTOCOL.format(frac=args.cold_frac, cold_seed=args.cold_seed),
+        "protocol": PROTOCOL.format(frac=args.cold_frac, cold_seeds=draws, seeds=seeds),
     }
     ranks: dict[str, Any] = {"dataset": data.name}
     rows: list[dict[str, Any]] = []
@@ -336,22 +415,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "main" in splits:
         split = leave_last_out(data)
         print(f"{data}: {len(split.test)} test cases, {split.n_items} items ranked per case", flush=True)
-        rows, runs = run_table(specs, split, seeds, "leave-last-out", use_cache)
+        rows, runs = run_table(specs, [PlannedRun(s, split) for s in seeds], "leave-last-out", use_cache)
         ranks["leave_last_out"] = _rank_dump(split, runs)
         ours, base = best_by_validation(rows, "ours"), best_by_validation(rows, "baseline")
         if ours and base:
             result["paired_vs_best_baseline"] = paired_block(rows, runs, ours["model"], base["model"])
     if "cold" in splits:
-        cold = cold_start_split(data, frac=args.cold_frac, seed=args.cold_seed)
+        colds = {d: cold_start_split(data, frac=args.cold_frac, seed=d) for d in dict.fromkeys(draws)}
+        per_draw = [
+            {
+                "draw": d,
+                "cold_items": len(c.cold_items),
+                "cold_test_cases": len(c.test),
+                "cold_valid_cases": len(c.cold_valid),
+            }
+            for d, c in colds.items()
+        ]
         result["cold_start"] = {
-            "cold_items": len(cold.cold_items),
-            "cold_test_cases": len(cold.test),
-            "cold_valid_cases": len(cold.cold_valid),
-            "all_test_cases": cold.n_test_all,
+            "draws": list(colds),
+            "cold_items": per_draw[0]["cold_items"],
+            "cold_test_cases": sum(p["cold_test_cases"] for p in per_draw),
+            "cold_valid_cases": sum(p["cold_valid_cases"] for p in per_draw),
+            "all_test_cases": next(iter(colds.values())).n_test_all,
+            "per_draw": per_draw,
         }
         print(f"cold start: {result['cold_start']}", flush=True)
-        cold_rows, cold_runs = run_table(specs, cold, seeds, "cold-start", use_cache)
-        ranks["cold_start"] = _rank_dump(cold, cold_runs)
+        plan = [PlannedRun(s, colds[d], d) for s, d in zip(seeds, draws, strict=True)]
+        cold_rows, cold_runs = run_table(specs, plan, "cold-start", use_cache)
+        ranks["cold_start"] = {
+            "draws": {str(d): _rank_dump(c, _runs_on(cold_runs, c)) for d, c in colds.items()},
+        }
         ours = best_by_validation(rows or cold_rows, "ours")
         if ours and ours["model"] in cold_runs and "zero-shot-minilm" in cold_runs:
             result["cold_start_vs_zero_shot"] = paired_block(cold_rows, cold_runs, ours["model"], "zero-shot-minilm")
@@ -380,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cold_rows:
         cols = [*TABLE_COLUMNS[:-2], "cold_valid_NDCG@10"]
         title = (
-            f"{data.name}: cold-start items ({result['cold_start']['cold_test_cases']} test cases with a cold target)"
+            f"{data.name}: cold-start items ({result['cold_start']['cold_test_cases']} test cases with a cold "
+            f"target, over draws {result['cold_start']['draws']})"
         )
         print_table(title, [_fmt(r) for r in cold_rows], cols)
     for block in ("paired_vs_best_baseline", "cold_start_vs_zero_shot"):

@@ -142,6 +142,15 @@ def test_bench_quality_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert len(paired["ci95"]) == 2 and 0 <= paired["seeds_won"] <= 2
     assert len(saved["cold_start_rows"]) == 4 and "cold_valid_NDCG@10" in saved["cold_start_rows"][0]
+    # the cold-start table draws its held-out items once per training seed: seed s is scored on draw s
+    cold = saved["cold_start"]
+    assert cold["draws"] == [0, 1] and len(cold["per_draw"]) == 2
+    assert cold["cold_test_cases"] == sum(d["cold_test_cases"] for d in cold["per_draw"])
+    cold_pop, _, cold_bpr, _ = saved["cold_start_rows"]
+    assert cold_pop["cold_seeds"] == [0, 1] and cold_bpr["cold_seeds"] == [0, 1] == cold_bpr["seeds"]
+    assert cold_pop["n_cases"] == cold_bpr["n_cases"] == cold["cold_test_cases"]
+    cold_ranks = json.loads((tmp_path / "quality_ranks.json").read_text())["cold_start"]["draws"]
+    assert set(cold_ranks) == {"0", "1"} and set(cold_ranks["1"]["ranks"]["bpr-small"]) == {"1"}
     ranks = json.loads((tmp_path / "quality_ranks.json").read_text())["leave_last_out"]
     assert set(ranks["ranks"]["bpr-small"]) == {"0", "1"}
     assert len(ranks["ranks"]["bpr-small"]["0"]) == len(ranks["users"]) == bpr["n_cases"]
@@ -153,3 +162,31 @@ def test_bench_quality_smoke(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _small_bpr(seed: int = 0) -> BPRMF:
     return BPRMF(BPRConfig(max_epochs=3, batch_size=128), seed=seed)
+
+
+def test_paired_block_pools_cold_start_draws() -> None:
+    """Runs on different splits (cold-start draws) are paired within their split, and the interval
+    covers every (split, case); one split gives exactly the plain paired difference."""
+    from bench.bench_quality import paired_block
+    from recstream.eval.stats import ndcg_gains, paired_difference
+
+    def run(seed: int, split: str, ranks: list[int]) -> dict:  # type: ignore[type-arg]
+        return {"seed": seed, "split": split, "draw": seed, "ranks": {"test": ranks}}
+
+    ours = [run(0, "a", [0, 3, 20]), run(1, "b", [1, 0])]
+    base = [run(0, "a", [2, 3, 0]), run(1, "b", [5, 40])]
+    block = paired_block([], {"ours": ours, "base": base}, "ours", "base")
+    per_case = np.concatenate(
+        [
+            ndcg_gains(np.array(o["ranks"]["test"])) - ndcg_gains(np.array(b["ranks"]["test"]))
+            for o, b in zip(ours, base, strict=True)
+        ]
+    )
+    assert block["n_cases"] == 5 and block["diff"] == pytest.approx(per_case.mean())
+    assert block["seeds_compared"] == 2 and block["seeds_won"] == 1
+    assert [d["draw"] for d in block["per_draw"]] == [0, 1]
+    lo, hi = block["ci95"]
+    assert lo < block["diff"] < hi
+    one = paired_block([], {"ours": ours[:1], "base": base[:1]}, "ours", "base")
+    plain = paired_difference([np.array(ours[0]["ranks"]["test"])], [np.array(base[0]["ranks"]["test"])])
+    assert one["diff"] == pytest.approx(plain["diff"]) and "per_draw" not in one
