@@ -7,10 +7,11 @@ every list as the worker does: the ranker orders the known candidates, and a can
 interacted with goes to its retrieval slot times the factor (`recstream.recommend.rerank.
 new_item_order`, the function the worker calls). One ranker pass per case, then every factor.
 
-- cold-start split (10 % of the items held out of training; they are new to the models): the
+- cold-start split (10 % of the items held out of training, one draw of items per seed as in the
+  quality bench's cold table; they are new to the models): the
   cost on all its validation cases (``valid``: what a factor would be chosen on), the gain on its
   cold validation cases (``cold_valid``) and on its cold test cases (``cold_test``, the quality
-  bench's cold table), paired against zero-shot MiniLM on the same test cases;
+  bench's cold table), paired against zero-shot MiniLM on the same test cases (pooled over draws);
 - the main split (leave-last-out, where few items are new): ``valid`` and ``test``, to show what
   the factor does where new items are rare.
 
@@ -68,31 +69,38 @@ def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench.common import print_table, write_result
+    from bench.common import paired_over_splits, print_table, write_result
     from recstream.data import cold_start_split, leave_last_out, load_dataset
     from recstream.eval.baselines import ZeroShotText
     from recstream.eval.metrics import rank_cases
-    from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
+    from recstream.eval.stats import mean_ci95, ndcg_gains
     from recstream.training.bundle import served_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (the quality bench's cached bundles)")
+    ap.add_argument(
+        "--cold-seeds", default="", help="held-out item draw per training seed (default: the seeds, as bench-quality)"
+    )
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    draws = [int(s) for s in args.cold_seeds.split(",") if s.strip()] or seeds
+    if len(draws) != len(seeds):
+        raise SystemExit(f"--cold-seeds needs one draw per training seed ({seeds}), got {args.cold_seeds!r}")
     t0 = time.perf_counter()
 
     data = load_dataset(args.dataset)
-    splits = {"cold": cold_start_split(data), "main": leave_last_out(data)}
+    main_split = leave_last_out(data)
+    colds = {d: cold_start_split(data, seed=d) for d in dict.fromkeys(draws)}
     stages = {"cold": ("valid", "cold_valid", "test"), "main": ("valid", "test")}
     label = {("cold", "valid"): "cold_valid_all", ("cold", "cold_valid"): "cold_valid", ("cold", "test"): "cold_test"}
     # per (split, stage, factor): one rank array per seed
     ranks: dict[str, dict[float, list[np.ndarray]]] = {}
     shares: dict[str, dict[float, list[float]]] = {}
-    for seed in seeds:
-        for name, split in splits.items():
+    for seed, draw in zip(seeds, draws, strict=True):
+        for name, split in (("cold", colds[draw]), ("main", main_split)):
             rec = served_model(seed).fit(split)
             for stage in stages[name]:
                 key = label.get((name, stage), f"{name}_{stage}")
@@ -101,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                     shares.setdefault(key, {}).setdefault(f, []).append(share)
             print(f"seed {seed} {name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    cold = splits["cold"]
-    test = cold.cases("test")
-    zero_shot = rank_cases(ZeroShotText().fit(cold).score, test.users, test.histories, test.targets)
+    zero_shot = {}
+    for draw, cold in colds.items():
+        test = cold.cases("test")
+        zero_shot[draw] = rank_cases(ZeroShotText().fit(cold).score, test.users, test.histories, test.targets)
 
     table: dict[str, dict[str, Any]] = {}
     for key, by_factor in ranks.items():
@@ -123,15 +132,20 @@ def main(argv: list[str] | None = None) -> int:
         max(FACTORS, key=lambda f, i=i: (float(ndcg_gains(ranks["cold_valid_all"][f][i], K).mean()), f))
         for i in range(len(seeds))
     ]
-    vs_zero_shot = {str(f): paired_difference(ranks["cold_test"][f], [zero_shot]) for f in FACTORS}
+    seeds_on = {d: [i for i, di in enumerate(draws) if di == d] for d in colds}
+    vs_zero_shot = {
+        str(f): paired_over_splits([([ranks["cold_test"][f][i] for i in seeds_on[d]], [zero_shot[d]]) for d in colds])
+        for f in FACTORS
+    }
     result = {
         "dataset": args.dataset,
         "seeds": seeds,
+        "cold_seeds": draws,
         "factors": list(FACTORS),
         "served_default": 1.0,
         "chosen_on_validation": chosen,
         "ndcg10": table,
-        "zero_shot_cold_test_ndcg10": float(ndcg_gains(zero_shot, K).mean()),
+        "zero_shot_cold_test_ndcg10": float(np.mean([ndcg_gains(zero_shot[d], K).mean() for d in draws])),
         "cold_test_vs_zero_shot": vs_zero_shot,
         "stages": {
             "cold_valid_all": "cold-start split, every validation case (what a factor is chosen on)",

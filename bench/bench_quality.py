@@ -46,12 +46,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bench.common import RESULTS_DIR, measure, print_table, write_result
+from bench.common import RESULTS_DIR, measure, paired_over_splits, print_table, write_result
 from recstream.data import cold_start_split, data_hash, leave_last_out, load_dataset
 from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
 from recstream.eval.metrics import metrics_from_ranks, rank_cases
-from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
+from recstream.eval.stats import mean_ci95
 from recstream.models.training import ARTIFACTS_DIR, code_version, split_fingerprint
 
 METRICS = ("HR@10", "NDCG@10", "MRR", "Recall@50", "HR@50", "NDCG@50")
@@ -313,38 +313,19 @@ def _by_split(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def paired_block(
     rows: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]], model: str, baseline: str
 ) -> dict[str, Any]:
-    """`model` minus `baseline` NDCG@10 paired over cases (recstream.eval.stats.paired_difference).
-    With several splits (cold-start draws) each split's cases are paired on that split, and the
-    interval is over every (split, case): the draws' cases are different users' cases."""
+    """`model` minus `baseline` NDCG@10 paired over cases; with several splits (cold-start draws) each
+    split's cases are paired on that split and the interval covers every (split, case)."""
     ours_by, base_by = _by_split(runs[model]), _by_split(runs[baseline])
-    per_split, case_diffs = [], []
-    for key, ours_runs in ours_by.items():
-        ours = [np.asarray(r["ranks"]["test"]) for r in ours_runs]
-        base = [np.asarray(r["ranks"]["test"]) for r in base_by[key]]
-        if len(base) == 1 and len(ours) > 1:  # a deterministic baseline: the same ranks for every seed
-            base = base * len(ours)
-        per_split.append(paired_difference(ours, base, k=10))
-        case_diffs.append(
-            np.mean([ndcg_gains(r) for r in ours], axis=0) - np.mean([ndcg_gains(r) for r in base], axis=0)
-        )
-    if len(per_split) == 1:
-        return {"model": model, "baseline": baseline, "metric": "NDCG@10", **per_split[0]}
-    diff, lo, hi = mean_ci95(np.concatenate(case_diffs))
-    return {
-        "model": model,
-        "baseline": baseline,
-        "metric": "NDCG@10",
-        "diff": diff,
-        "ci95": [lo, hi],
-        "seeds_won": sum(int(p["seeds_won"]) for p in per_split),
-        "seeds_compared": sum(int(p["seeds_compared"]) for p in per_split),
-        "per_seed_diff": [d for p in per_split for d in p["per_seed_diff"]],
-        "per_draw": [
-            {"draw": ours_by[key][0]["draw"], "diff": p["diff"], "ci95": p["ci95"], "n_cases": p["n_cases"]}
-            for key, p in zip(ours_by, per_split, strict=True)
-        ],
-        "n_cases": int(sum(len(d) for d in case_diffs)),
-    }
+    groups = [
+        ([np.asarray(r["ranks"]["test"]) for r in ours], [np.asarray(r["ranks"]["test"]) for r in base_by[key]])
+        for key, ours in ours_by.items()
+    ]
+    block = {"model": model, "baseline": baseline, "metric": "NDCG@10", **paired_over_splits(groups)}
+    if "per_split" in block:
+        block["per_draw"] = [
+            {"draw": ours[0]["draw"], **p} for ours, p in zip(ours_by.values(), block.pop("per_split"), strict=True)
+        ]
+    return block
 
 
 def _runs_on(runs: dict[str, list[dict[str, Any]]], split: Split) -> dict[str, list[dict[str, Any]]]:

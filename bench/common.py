@@ -99,3 +99,36 @@ def index_catalog(settings: Any, worker: Any, items: Sequence[Any], timeout_s: f
         if time.time() - t0 > timeout_s:
             raise TimeoutError(f"catalog not indexed in {timeout_s:.0f} s")
     return time.time() - t0
+
+
+def paired_over_splits(groups: Sequence[tuple[Sequence[Any], Sequence[Any]]], k: int = 10) -> dict[str, Any]:
+    """NDCG@k of a model minus a baseline, paired over the cases of several splits at once.
+
+    `groups`: per split (e.g. one cold-start draw of held-out items), the model's and the baseline's
+    rank arrays on that split's cases, one per seed (a single baseline array stands for every seed).
+    Within a split the seeds are averaged per case (recstream.eval.stats.paired_difference); the
+    interval is then over every (split, case), since different draws hold different users' cases.
+    One split gives exactly paired_difference.
+    """
+    import numpy as np
+
+    from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
+
+    per_split, case_diffs = [], []
+    for model_ranks, baseline_ranks in groups:
+        base = list(baseline_ranks) * len(model_ranks) if len(baseline_ranks) == 1 else list(baseline_ranks)
+        per_split.append(paired_difference(list(model_ranks), base, k=k))
+        gains = [np.mean([ndcg_gains(r, k) for r in side], axis=0) for side in (model_ranks, base)]
+        case_diffs.append(gains[0] - gains[1])
+    if len(per_split) == 1:
+        return per_split[0]
+    diff, lo, hi = mean_ci95(np.concatenate(case_diffs))
+    return {
+        "diff": diff,
+        "ci95": [lo, hi],
+        "seeds_won": sum(int(p["seeds_won"]) for p in per_split),
+        "seeds_compared": sum(int(p["seeds_compared"]) for p in per_split),
+        "per_seed_diff": [d for p in per_split for d in p["per_seed_diff"]],
+        "per_split": [{"diff": p["diff"], "ci95": p["ci95"], "n_cases": p["n_cases"]} for p in per_split],
+        "n_cases": int(sum(len(d) for d in case_diffs)),
+    }
