@@ -222,6 +222,8 @@ def _sequence(
         "sequence_candidates": float(sequence.fusion.candidates),
         "sequence_weight": float(sequence.fusion.weight),
         "fused_valid_ndcg10": float(figures[chosen]),
+        "fusion_best_gain": float(figures.get("gain_over_ranker_alone", float("nan"))),
+        "fusion_best_gain_se": float(figures.get("gain_se", float("nan"))),
     }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,3 +81,19 @@ def test_the_fused_order_ignores_the_scales(ranker: np.ndarray, scale: float, sh
     np.testing.assert_array_equal(fused_scores(ranker, seq, 0.0), ranker)
     seq[0] = np.nan
     assert standardised(seq)[0] == 0.0
+
+
+def test_the_sequence_model_is_served_only_for_a_gain_beyond_the_noise() -> None:
+    """`make train` keeps the ranker alone unless the best fusion beats it on validation by more than
+    one standard error of the paired per-case difference (the model costs a call per request)."""
+    from recstream.training.sequence import worth_serving
+
+    alone = np.random.default_rng(0).random(900)
+    serve, gain, se = worth_serving(alone + 0.05, alone)
+    assert serve and gain == pytest.approx(0.05) and se == pytest.approx(0.0, abs=1e-12)
+    swings = np.where(np.arange(900) % 2 == 0, 0.3, -0.3)  # a mean gain of 0.001, SE 0.01
+    serve, gain, se = worth_serving(alone + swings + 0.001, alone)
+    assert not serve and gain == pytest.approx(0.001) and se == pytest.approx(0.01, rel=0.01)
+    assert worth_serving(alone + swings + 0.02, alone)[0]  # two standard errors
+    assert worth_serving(alone + swings + 0.001, alone, min_se=0.05)[0]  # a looser rule would serve it
+    assert not worth_serving(alone, alone)[0] and not worth_serving(alone - 0.01, alone)[0]

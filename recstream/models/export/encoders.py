@@ -22,8 +22,7 @@ ENCODER_CONFIG = """\
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
-# Two versions stay loaded: the worker pins the one its item vectors came from while it re-embeds
-# the catalog with a new one (streams.catalog_indexer.EncoderFollower).
+# Two versions stay loaded: {two_versions}
 version_policy: {{ latest {{ num_versions: 2 }} }}
 
 input [
@@ -54,6 +53,12 @@ parameters: {{
   value: {{ string_value: "{threads}" }}
 }}
 {extra}"""
+
+#: Why a model keeps two versions loaded (the config comment; the worker moves between them).
+ENCODER_PINNING = """the worker pins the one its item vectors came from while it re-embeds
+# the catalog with a new one (streams.catalog_indexer.EncoderFollower)."""
+SEQUENCE_PINNING = """the worker keeps calling the one whose item rows it read until it has
+# read the next one's (streams.inference.TritonSequenceScorer.follow_version)."""
 
 _INPUT = """  {{
     name: "{name}"
@@ -156,6 +161,7 @@ def _export_served(
     params: dict[str, str] | None = None,
     module: str = "recstream.models.served",
     out_dims: str = str(ITEM_DIM),
+    two_versions: str = ENCODER_PINNING,
 ) -> Path:
     vdir, v = next_version_dir(model_repo, name, version)
     model_dir = vdir.parent
@@ -179,6 +185,7 @@ def _export_served(
             delay_us=delay_us,
             threads=threads,
             extra=repo_extras(model_dir, params or {}),
+            two_versions=two_versions,
         )
     )
     size = sum(p.stat().st_size for p in vdir.iterdir())
@@ -257,6 +264,7 @@ def export_sequence_scorer(scorer: object, meta: object, model_repo: Path, versi
         params={"max_history": str(scorer.max_len)},  # type: ignore[attr-defined]
         module="recstream.models.sequence",
         out_dims="-1",
+        two_versions=SEQUENCE_PINNING,
     )
 
 
