@@ -96,6 +96,19 @@ def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("streams")
 
 
+def _with_sequence_fusion(repo: Path, candidates: int) -> Path:
+    """A copy of the committed model repository whose newest sequence_scorer version adds
+    `candidates` of its items to each list (the worker reads the fusion from the version's meta)."""
+    from recstream.models.repository import versions
+
+    shutil.copytree(Path(__file__).resolve().parents[2] / "model_repo", repo)
+    meta_path = repo / "sequence_scorer" / str(versions(repo, "sequence_scorer")[-1]) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["fusion"] = {"candidates": candidates, "weight": 0.0}
+    meta_path.write_text(json.dumps(meta))
+    return repo
+
+
 @pytest.fixture(scope="module")
 def stack(kafka_bootstrap: str, triton_server, indexed_catalog: Path, module_tmp: Path) -> Iterator[Settings]:
     """One worker with every agent, shared by the functional tests (each uses its own users)."""
@@ -341,8 +354,11 @@ def test_triton_ranker_then_degraded_when_unreachable(
 ) -> None:
     from streams.process import free_port
 
-    # Live Triton: the 'ranker' model scores the candidates.
-    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog)
+    # Live Triton: the 'ranker' model scores the candidates. The committed sequence_scorer version
+    # chose the ranker alone on validation (its gain was under one standard error), so a worker would
+    # not call it; this one reads a copy of the repository whose served version adds 10 candidates.
+    repo = _with_sequence_fusion(tmp_path / "model_repo", candidates=10)
+    settings = _worker_settings(make_settings, triton_server, tmp_path, indexed_catalog, model_repo=repo)
     worker = WorkerProcess(settings, tmp_path / "live.log", ["--ranker", "triton"]).start()
     try:
         with RecommendationClient(settings) as c:
