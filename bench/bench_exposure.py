@@ -69,7 +69,7 @@ def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench.common import paired_over_splits, print_table, write_result
+    from bench.common import cold_draws, paired_over_splits, print_table, write_result
     from recstream.data import cold_start_split, leave_last_out, load_dataset
     from recstream.eval.baselines import ZeroShotText
     from recstream.eval.metrics import rank_cases
@@ -79,16 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (the quality bench's cached bundles)")
     ap.add_argument(
-        "--cold-seeds", default="", help="held-out item draw per training seed (default: the seeds, as bench-quality)"
+        "--cold-seeds",
+        default="",
+        help="held-out item draw per training seed (default: the seeds, as bench-quality; one value: every seed)",
     )
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    draws = [int(s) for s in args.cold_seeds.split(",") if s.strip()] or seeds
-    if len(draws) != len(seeds):
-        raise SystemExit(f"--cold-seeds needs one draw per training seed ({seeds}), got {args.cold_seeds!r}")
+    draws = cold_draws(args.cold_seeds, seeds)
     t0 = time.perf_counter()
 
     data = load_dataset(args.dataset)

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bench.common import RESULTS_DIR, measure, paired_over_splits, print_table, write_result
+from bench.common import RESULTS_DIR, cold_draws, measure, paired_over_splits, print_table, write_result
 from recstream.data import cold_start_split, data_hash, leave_last_out, load_dataset
 from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
@@ -376,11 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = {s.strip() for s in args.splits.split(",") if s.strip()}
     if not splits <= {"main", "cold"}:
         raise SystemExit(f"--splits takes main and/or cold, got {args.splits!r}")
-    draws = [int(s) for s in args.cold_seeds.split(",") if s.strip()] or seeds
-    if len(draws) == 1:
-        draws = draws * len(seeds)
-    if len(draws) != len(seeds):
-        raise SystemExit(f"--cold-seeds needs one draw or one per training seed ({seeds}), got {args.cold_seeds!r}")
+    draws = cold_draws(args.cold_seeds, seeds)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = load_dataset(args.dataset)

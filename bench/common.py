@@ -101,6 +101,18 @@ def index_catalog(settings: Any, worker: Any, items: Sequence[Any], timeout_s: f
     return time.time() - t0
 
 
+def cold_draws(option: str, seeds: Sequence[int]) -> list[int]:
+    """The cold-start draw (which items are held out) of each training seed, from a `--cold-seeds`
+    value: empty = the seeds themselves (seed s on draw s), one value = that draw for every seed, or
+    one draw per seed."""
+    draws = [int(s) for s in option.split(",") if s.strip()] or list(seeds)
+    if len(draws) == 1:
+        draws = draws * len(seeds)
+    if len(draws) != len(seeds):
+        raise SystemExit(f"--cold-seeds needs one draw or one per training seed ({list(seeds)}), got {option!r}")
+    return draws
+
+
 def paired_over_splits(groups: Sequence[tuple[Sequence[Any], Sequence[Any]]], k: int = 10) -> dict[str, Any]:
     """NDCG@k of a model minus a baseline, paired over the cases of several splits at once.
 

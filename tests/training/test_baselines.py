@@ -190,3 +190,13 @@ def test_paired_block_pools_cold_start_draws() -> None:
     one = paired_block([], {"ours": ours[:1], "base": base[:1]}, "ours", "base")
     plain = paired_difference([np.array(ours[0]["ranks"]["test"])], [np.array(base[0]["ranks"]["test"])])
     assert one["diff"] == pytest.approx(plain["diff"]) and "per_draw" not in one
+
+
+def test_cold_draws_give_each_training_seed_its_held_out_items() -> None:
+    from bench.common import cold_draws
+
+    assert cold_draws("", [0, 1, 2]) == [0, 1, 2]  # seed s on draw s
+    assert cold_draws("0", [0, 1, 2]) == [0, 0, 0]  # the one-draw protocol
+    assert cold_draws("5,6", [0, 1]) == [5, 6]
+    with pytest.raises(SystemExit, match="one per training seed"):
+        cold_draws("1,2", [0, 1, 2])
