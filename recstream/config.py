@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     sequence_model: bool = Field(
         True,
         description="Whether recommendations use Triton's `sequence_scorer` when it serves one (its candidates and "
-        "score join each list as its version's validation choice says). It costs about 2 CPU-ms per request "
+        "score join each list as its version's validation choice says; a version that chose the ranker alone, as the "
+        "committed v1 did, is never called). It costs about 2 CPU-ms per request "
         "(worker + tritonserver, `make bench-stream`); `false` answers from the vector search, the ranker's "
         "statistic and the ranker alone",
     )
