@@ -1,6 +1,6 @@
 """Served-quality bench: what a user actually gets from the real stack, scored like the quality bench.
 
-    make bench-served      (python -m bench.bench_served [--rps 50] [--skip-before] [--kind search|cold])
+    make bench-served  (python -m bench.bench_served [--rps 50] [--skip-before] [--kind search|cold [--seeds 0,1,2]])
 
 Starts a Kafka broker, tritonserver over a model repository and `python -m streams.worker` (all
 agents, Qdrant local mode) on this machine, then for MovieLens-100k's leave-last-out split:
@@ -391,16 +391,9 @@ def main_search(args) -> int:
     return 0
 
 
-def main_cold(args) -> int:
-    """`--kind cold`: new items through the real stack (bench/results/served_cold.json).
-
-    The quality bench's cold-start split (10 % of the items held out of training entirely): the
-    served models are `make train`'s code trained on that split (the bench's cached seed-0 run) and
-    exported to a scratch repository; the whole catalogue goes through the catalog topic, so the
-    held-out items are new items that the served item encoder meets for the first time; the split's
-    training and validation interactions are replayed; each test user (whose held-out item is a new
-    one) asks for 10 recommendations. Zero-shot MiniLM on the same cases is the reference."""
-    from bench.common import print_table, write_result
+def _cold_draw(args, seed: int, draw: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """One cold-start draw through the stack: the seed's served models trained on the draw (the quality
+    bench's cached run), exported to a scratch repository and served; its figures and per-case ranks."""
     from recstream.contracts.models import ITEM_ENCODER
     from recstream.data import cold_start_split, load_dataset
     from recstream.eval.baselines import ZeroShotText
@@ -408,49 +401,109 @@ def main_cold(args) -> int:
     from recstream.models.served import ItemEncoder
     from recstream.training.bundle import export_bundle, served_model
 
-    split = cold_start_split(load_dataset("ml-100k"), frac=args.cold_frac, seed=0)
+    split = cold_start_split(load_dataset("ml-100k"), frac=args.cold_frac, seed=draw)
     cases = split.cases("test")
-    bundle = served_model(args.seed).fit(split).bundle
+    bundle = served_model(seed).fit(split).bundle
     zero_shot_ranks = rank_cases(ZeroShotText().fit(split).score, cases.users, cases.histories, cases.targets)
-    zero_shot = metrics_from_ranks(zero_shot_ranks, ks=(K,))
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "model_repo_cold"
         shutil.copytree(args.model_repo / "text_encoder", repo / "text_encoder")
         exported = export_bundle(bundle, repo, version=1)
         cold_rule = ItemEncoder.load(exported[ITEM_ENCODER]).cold_rule.model_dump()
-        factor = args.new_item_slot_factor
-        offline, offline_ranks, as_served = score_offline(split, repo, factor)
-        run = run_stack(repo, split, _known_rows(split), args.rps, "cold", new_item_slot_factor=factor)
+        offline, offline_ranks, as_served = score_offline(split, repo, args.new_item_slot_factor)
+        run = run_stack(
+            repo, split, _known_rows(split), args.rps, f"cold{draw}", new_item_slot_factor=args.new_item_slot_factor
+        )
     results = run.pop("results")
     if [r.user_id for r in results] != [split.user_ids[u] for u in cases.users]:
         raise RuntimeError("served answers are not in the order of the test cases")
     served, served_ranks = score_served(split, results)
-
-    result = {
+    zero_shot = metrics_from_ranks(zero_shot_ranks, ks=(K,))
+    figures = {
+        "seed": seed,
+        "draw": draw,
+        "n_cases": len(served_ranks),
+        "cold_items": len(split.cold_items),
         "served_ndcg10": round(served["NDCG@10"], 4),
         "served_hr10": round(served["HR@10"], 4),
         "offline_ndcg10": round(offline["NDCG@10"], 4),
         "offline_as_served_ndcg10": round(as_served["metrics"]["NDCG@10"], 4),
         "zero_shot_ndcg10": round(zero_shot["NDCG@10"], 4),
-        "zero_shot_hr10": round(zero_shot["HR@10"], 4),
         "served_minus_zero_shot_ndcg10": _paired(_gains(served_ranks) - _gains(zero_shot_ranks)),
-        "served_minus_offline_as_served_ndcg10": _paired(_gains(served_ranks) - _gains(as_served["ranks"])),
-        "served_minus_offline_ndcg10": _paired(_gains(served_ranks) - _gains(offline_ranks)),
-        "n_cases": len(served_ranks),
-        "cold_items": len(split.cold_items),
-        "seed": args.seed,
-        "new_item_slot_factor": args.new_item_slot_factor,
         "cold_rule": cold_rule,
         # how it was chosen: every candidate's served NDCG@10 on the split's cold validation cases
         "cold_rule_choice": None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump(),
-        "latency_ms_p50": run["latency_ms_p50"],
-        "latency_ms_p99": run["latency_ms_p99"],
+        "sequence_fusion": None if bundle.sequence is None else bundle.sequence.fusion.model_dump(),
         "run": run,
+    }
+    ranks = {
+        "served": served_ranks,
+        "offline": offline_ranks,
+        "offline_as_served": as_served["ranks"],
+        "zero_shot": zero_shot_ranks,
+        "latency_ms": np.array([r.latency_ms for r in results if r.latency_ms is not None], dtype=np.float64),
+        "degraded_at": np.flatnonzero([r.degraded for r in results]),
+    }
+    return figures, ranks
+
+
+def main_cold(args) -> int:
+    """`--kind cold`: new items through the real stack (bench/results/served_cold.json).
+
+    The quality bench's cold-start split (10 % of the items held out of training entirely), over the
+    same draws as its cold table (seed s on draw s): for each, the served models are `make train`'s
+    code trained on that draw (the bench's cached run) and exported to a scratch repository; the
+    whole catalogue goes through the catalog topic, so the held-out items are new items that the
+    served item encoder meets for the first time; the split's training and validation interactions
+    are replayed; each test user (whose held-out item is a new one) asks for 10 recommendations.
+    Zero-shot MiniLM on the same cases is the reference; differences are paired over every
+    (draw, case), as the quality bench's cold table."""
+    from bench.common import cold_draws, paired_over_splits, print_table, write_result
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    draws = cold_draws(args.cold_seeds, seeds)
+    per_draw, ranks = [], []
+    for seed, draw in zip(seeds, draws, strict=True):
+        figures, draw_ranks = _cold_draw(args, seed, draw)
+        print(f"draw {draw} (seed {seed}): served NDCG@10 {figures['served_ndcg10']:.4f}", flush=True)
+        per_draw.append(figures)
+        ranks.append(draw_ranks)
+
+    def pooled(path: str, metric: str = "ndcg") -> float:
+        gains = np.concatenate([_gains(r[path]) if metric == "ndcg" else r[path] < K for r in ranks])
+        return round(float(np.mean(gains)), 4)
+
+    def versus(path: str, reference: str) -> dict:
+        return paired_over_splits([([r[path]], [r[reference]]) for r in ranks], k=K)
+
+    latency = np.concatenate([r["latency_ms"] for r in ranks])
+    result = {
+        "served_ndcg10": pooled("served"),
+        "served_hr10": pooled("served", "hr"),
+        "offline_ndcg10": pooled("offline"),
+        "offline_as_served_ndcg10": pooled("offline_as_served"),
+        "zero_shot_ndcg10": pooled("zero_shot"),
+        "zero_shot_hr10": pooled("zero_shot", "hr"),
+        "served_minus_zero_shot_ndcg10": versus("served", "zero_shot"),
+        "served_minus_offline_as_served_ndcg10": versus("served", "offline_as_served"),
+        "served_minus_offline_ndcg10": versus("served", "offline"),
+        "n_cases": int(sum(len(r["served"]) for r in ranks)),
+        "seeds": seeds,
+        "draws": draws,
+        "new_item_slot_factor": args.new_item_slot_factor,
+        "latency_ms_p50": round(float(np.percentile(latency, 50)), 1),
+        "latency_ms_p99": round(float(np.percentile(latency, 99)), 1),
+        "degraded": int(sum(len(r["degraded_at"]) for r in ranks)),
+        # which requests fell back to retrieval (index in each draw's request order): a cluster at
+        # the start is a stack still warming up, a spread is a box too slow for the rate
+        "degraded_at": [r["degraded_at"].tolist() for r in ranks],
+        "per_draw": per_draw,
         "served_metric": "rank of the held-out new item in the 10 items the worker published; not shown = miss",
         "zero_shot_metric": "zero-shot MiniLM (mean of the history's text vectors), full ranking, history excluded",
-        "protocol": f"ml-100k cold-start split ({args.cold_frac:.0%} of the items held out of training, seed 0); "
-        "history = the split's train + validation interactions replayed through Kafka in time order; one "
-        "request per test user at the event time of their last history interaction",
+        "protocol": f"ml-100k cold-start split ({args.cold_frac:.0%} of the items held out of training), draws "
+        f"{draws} with training seeds {seeds}, each on a fresh stack; history = the split's train + validation "
+        "interactions replayed through Kafka in time order; one request per test user at the event time of "
+        "their last history interaction; differences paired over every (draw, case)",
     }
     rows = [
         {"path": "served (real stack, new items)", "NDCG@10": result["served_ndcg10"], "HR@10": result["served_hr10"]},
@@ -462,9 +515,9 @@ def main_cold(args) -> int:
             "HR@10": result["zero_shot_hr10"],
         },
     ]
-    title = f"served cold start, {len(served_ranks)} cases (bench/results/{args.name}.json)"
+    title = f"served cold start, {result['n_cases']} cases over draws {draws} (bench/results/{args.name}.json)"
     print_table(title, rows, ["path", "NDCG@10", "HR@10"])
-    print("cold run:", json.dumps(run, default=str))
+    print("served - zero-shot:", json.dumps(result["served_minus_zero_shot_ndcg10"]))
     write_result(args.name, result)
     return 0
 
@@ -476,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-before", action="store_true", help="only the served configuration")
     ap.add_argument("--name", default=None, help="result name (default: served, or served_search)")
     ap.add_argument("--kind", choices=["recommend", "search", "cold"], default="recommend")
-    ap.add_argument("--seed", type=int, default=0, help="--kind cold: the training seed of the served models")
+    ap.add_argument("--seeds", default="0,1,2", help="--kind cold: the training seeds of the served models")
+    ap.add_argument(
+        "--cold-seeds", default="", help="--kind cold: each seed's draw (default: seed s on draw s, as bench-quality)"
+    )
     ap.add_argument("--cold-frac", type=float, default=float(os.environ.get("COLD_FRAC", "0.1")))
     ap.add_argument(
         "--new-item-slot-factor",
