@@ -17,8 +17,9 @@ validation only: the best baseline and our best model are the rows with the high
 interval (recstream.eval.stats). Deterministic rows (popularity, item-knn, zero-shot) run once.
 
 A finished (model, seed, split) run is cached under artifacts/quality_runs/, keyed by the data's
-fingerprint, the row's factory and seed, and the training code's hash (code_version), so a rerun
-only trains what changed. Writes ``bench/results/quality.json`` (rows with ``ci95`` and ``seeds``,
+fingerprint, the row's factory and seed, and the hash of the training code the row runs (its
+factory's module and every training module that imports, recstream.models.code_hash), so a rerun
+only trains what changed: a change to the ranker reruns the served rows, not the baselines. Writes ``bench/results/quality.json`` (rows with ``ci95`` and ``seeds``,
 ``cold_start_rows``, ``paired_vs_best_baseline``) and the per-user ranks behind every figure in
 ``bench/results/quality_ranks.json`` (test cases by user id, per model and seed), so any two rows
 can be compared paired later.
@@ -52,7 +53,8 @@ from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
 from recstream.eval.metrics import metrics_from_ranks, rank_cases
 from recstream.eval.stats import mean_ci95
-from recstream.models.training import ARTIFACTS_DIR, code_version, split_fingerprint
+from recstream.models.code_hash import code_version
+from recstream.models.training import ARTIFACTS_DIR, split_fingerprint
 
 METRICS = ("HR@10", "NDCG@10", "MRR", "Recall@50", "HR@50", "NDCG@50")
 TABLE_COLUMNS = ["model", "kind", "seeds", "NDCG@10", "ci95", "HR@10", "MRR", "valid_NDCG@10", "train_s", "peak_rss_mb"]
@@ -83,6 +85,10 @@ PROTOCOL = (
 Kind = Literal["baseline", "ours"]
 
 
+#: The code every row's cases are built and ranked by (part of each row's cache key).
+RANKING_CODE = ("recstream.eval.metrics", "recstream.data.split")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One benchmark row: a name, how to build an unfitted model, and whether a seed changes it."""
@@ -97,6 +103,11 @@ class ModelSpec:
     def target(self) -> str:
         f = self.factory
         return f if isinstance(f, str) else f"{f.__module__}:{f.__qualname__}"
+
+    def code_version(self) -> str:
+        """Hash of the code that decides this row's ranks: its factory's module with every training
+        module it imports, and the code that builds and ranks the cases."""
+        return code_version(self.target().partition(":")[0], *RANKING_CODE)
 
     def build(self, seed: int) -> Recommender:
         factory = self.factory
@@ -271,19 +282,18 @@ def _planned_for(spec: ModelSpec, plan: list[PlannedRun]) -> list[PlannedRun]:
     return list(first.values())
 
 
-def _run(spec: ModelSpec, p: PlannedRun, label: str, use_cache: bool, code: str) -> dict[str, Any]:
-    run = cached_run(spec, p.split, p.seed, label, use_cache, code)
+def _run(spec: ModelSpec, p: PlannedRun, label: str, use_cache: bool) -> dict[str, Any]:
+    run = cached_run(spec, p.split, p.seed, label, use_cache, spec.code_version())
     return {**run, "split": split_fingerprint(p.split)[:16], "draw": p.draw}
 
 
 def run_table(
     specs: list[ModelSpec], plan: list[PlannedRun], label: str, use_cache: bool
 ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    code = code_version()
     rows, runs_by_model = [], {}
     for spec in specs:
         try:
-            runs = [_run(spec, p, label, use_cache, code) for p in _planned_for(spec, plan)]
+            runs = [_run(spec, p, label, use_cache) for p in _planned_for(spec, plan)]
         except Exception as exc:
             if not spec.optional:
                 raise

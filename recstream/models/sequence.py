@@ -111,10 +111,6 @@ class SequenceScorer:
     def max_len(self) -> int:
         return int(self.net.cfg.max_len)
 
-    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Row of each id (-1: not in the model's catalogue)."""
-        return np.array([self.row_of.get(str(i), -1) for i in item_ids], dtype=np.int64)
-
     @torch.inference_mode()
     def score_padded(self, padded: np.ndarray) -> np.ndarray:
         """[B, L] left-padded rows + 1 (0 = padding) -> [B, n_items] float32, NaN where untrained.

@@ -94,30 +94,6 @@ def data_hash(*frames: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-#: The code that decides what a training run produces: data, splits, models, metrics, and the
-#: trending feature the ranker learns from.
-TRAINING_CODE = (
-    "recstream/data",
-    "recstream/models",
-    "recstream/eval",
-    "recstream/training",
-    "recstream/recommend/trending.py",
-)
-
-
-def code_version() -> str:
-    """Hash of the training code's sources: part of every reuse key, so that a changed model,
-    split or metric retrains instead of silently reusing old weights (a commit that touches only
-    the streams or the services keeps the caches)."""
-    h = hashlib.sha256()
-    for part in TRAINING_CODE:
-        root = REPO_ROOT / part
-        for path in [root] if root.is_file() else sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def split_fingerprint(split: Any) -> str:
     """Hash of what a model trains on (train interactions + catalogue size) for a data split.
 

@@ -415,11 +415,13 @@ def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, pat
     """The retrieval model the ranker learns from: the serving model's config, trained without each
     user's last `n_last` training items, validated on the first of them. Cached at `path` (reused
     when it was trained on exactly this split, config and training code)."""
-    from recstream.models.training import code_version, read_meta, split_fingerprint
+    from recstream.models.code_hash import code_version
+    from recstream.models.training import read_meta, split_fingerprint
     from recstream.models.two_tower import TwoTowerConfig, TwoTowerModel
     from recstream.training.two_tower import train_two_tower
 
-    fp = f"{split_fingerprint(split)}:fold{n_last}:{code_version()}"
+    # this module's code too: it cuts the sequences the model is fitted on (truncate_sequences)
+    fp = f"{split_fingerprint(split)}:fold{n_last}:{code_version('recstream.training.ranker', 'recstream.data.split')}"
     cfg = TwoTowerConfig.model_validate(retrieval_cfg.model_dump())  # type: ignore[attr-defined]
     meta = read_meta(path)
     if meta is not None and meta.data_hash == fp and meta.config == cfg.model_dump():

@@ -11,16 +11,13 @@ ties. The best other setting must also beat it by more than the noise of the cho
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from recstream.models.sequence import SequenceScorer
 from recstream.models.sequence_fusion import SequenceFusion
-from recstream.models.training import CheckpointMeta, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +38,6 @@ def worth_serving(best: np.ndarray, alone: np.ndarray, min_se: float = MIN_GAIN_
     gain = float(diff.mean()) if len(diff) else 0.0
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
     return gain > 0.0 and gain >= min_se * se, gain, se
-
-
-def train_sequence_model(split: Any, seed: int, path: Path, key: str) -> tuple[SequenceScorer, dict[str, float]]:
-    """The `sasrec-id` baseline's model for `seed` on `split`, as a servable scorer (cached at `path`
-    under `key`)."""
-    from recstream.eval.baselines import SASRecID
-
-    meta = read_meta(path)
-    if meta is not None and meta.data_hash == key:
-        log.info("reusing %s", path)
-        return SequenceScorer.load(path), dict(meta.metrics)
-    t0 = time.perf_counter()
-    model = SASRecID(seed=seed).fit(split)
-    trained = np.bincount(split.train["item_idx"].to_numpy(np.int64), minlength=split.n_items) > 0
-    scorer = SequenceScorer(model.net, split.item_ids, trained)
-    stats = {
-        "valid_ndcg10": float(model.info["best_val_ndcg10"]),
-        "best_epoch": float(model.info["best_epoch"]),
-        "train_seconds": time.perf_counter() - t0,
-    }
-    scorer.save(path, CheckpointMeta(kind="sequence", config=model.config.model_dump(), data_hash=key, metrics=stats))
-    return scorer, stats
 
 
 def choose_fusion(

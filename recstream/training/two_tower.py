@@ -25,6 +25,10 @@ from recstream.models.two_tower import FineTune, TwoTowerConfig, TwoTowerModel, 
 
 log = logging.getLogger(__name__)
 
+#: The code a trained two-tower follows in its cache key (recstream.models.code_hash): this module
+#: and what it imports, plus the split that builds its sequences and validation cases.
+TWO_TOWER_CODE = ("recstream.training.two_tower", "recstream.data.split")
+
 
 # --- training ----------------------------------------------------------------------------------
 
@@ -253,9 +257,10 @@ class TwoTowerRecommender:
         return ARTIFACTS_DIR / f"two_tower_{self.finetune}{'_cold' if cold else ''}" / f"seed{self.cfg.seed}"
 
     def fit(self, split: object) -> TwoTowerRecommender:
-        from recstream.models.training import code_version, read_meta, split_fingerprint
+        from recstream.models.code_hash import code_version
+        from recstream.models.training import read_meta, split_fingerprint
 
-        key = f"{split_fingerprint(split)}:{code_version()}"
+        key = f"{split_fingerprint(split)}:{code_version(*TWO_TOWER_CODE)}"
         path = self.checkpoint or self.default_checkpoint(split)
         meta = read_meta(path)
         if meta is not None and meta.data_hash == key and meta.config == self.cfg.model_dump():
