@@ -16,11 +16,12 @@ validation only: the best baseline and our best model are the rows with the high
 *validation* NDCG@10, and their *test* difference is then reported paired over users with a 95 %
 interval (recstream.eval.stats). Deterministic rows (popularity, item-knn, zero-shot) run once.
 
-A finished (model, seed, split) run is cached under artifacts/quality_runs/, keyed by the data's
-fingerprint, the row's factory and seed, and the hash of the training code the row runs (its
-factory's module and every training module that imports, recstream.models.code_hash), so a rerun
-only trains what changed: a change to the ranker reruns the served rows, not the baselines. Writes ``bench/results/quality.json`` (rows with ``ci95`` and ``seeds``,
-``cold_start_rows``, ``paired_vs_best_baseline``) and the per-user ranks behind every figure in
+A finished (model, seed, split) run is cached under artifacts/quality_runs/, keyed by the data, the
+row's factory and seed, the code the row runs (its factory's module and every module of the package
+that imports, recstream.models.code_hash) and this bench's fit-and-rank step, so a rerun only
+trains what changed: a change to the ranker reruns the served rows, not the baselines. Writes
+``bench/results/quality.json`` (rows with ``ci95`` and ``seeds``, ``cold_start_rows``,
+``paired_vs_best_baseline``) and the per-user ranks behind every figure in
 ``bench/results/quality_ranks.json`` (test cases by user id, per model and seed), so any two rows
 can be compared paired later.
 
@@ -53,7 +54,7 @@ from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
 from recstream.eval.metrics import metrics_from_ranks, rank_cases
 from recstream.eval.stats import mean_ci95
-from recstream.models.code_hash import code_version
+from recstream.models.code_hash import code_version, function_version
 from recstream.models.training import ARTIFACTS_DIR, split_fingerprint
 
 METRICS = ("HR@10", "NDCG@10", "MRR", "Recall@50", "HR@50", "NDCG@50")
@@ -166,8 +167,20 @@ def selected(names: str) -> list[ModelSpec]:
 # --- one run: fit one model with one seed, rank every case ----------------------------------------
 
 
+_DATA_HASHES: dict[int, tuple[object, str]] = {}  # id -> (the data, kept alive so the id stays its own; hash)
+
+
+def _data_key(split: Split) -> str:
+    """The split's training data and the whole data set it was cut from (cases, texts, categories)."""
+    data = split.data
+    if id(data) not in _DATA_HASHES:
+        _DATA_HASHES[id(data)] = (data, data_hash(data))
+    return f"{split_fingerprint(split)}:{_DATA_HASHES[id(data)][1]}"
+
+
 def _run_key(spec: ModelSpec, split: Split, seed: int, code: str) -> str:
-    blob = json.dumps([spec.name, spec.target(), spec.seeded, seed, split_fingerprint(split), code])
+    harness = function_version(fit_and_rank, _stages)
+    blob = json.dumps([spec.name, spec.target(), spec.seeded, seed, _data_key(split), code, harness])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -282,8 +295,8 @@ def _planned_for(spec: ModelSpec, plan: list[PlannedRun]) -> list[PlannedRun]:
     return list(first.values())
 
 
-def _run(spec: ModelSpec, p: PlannedRun, label: str, use_cache: bool) -> dict[str, Any]:
-    run = cached_run(spec, p.split, p.seed, label, use_cache, spec.code_version())
+def _run(spec: ModelSpec, p: PlannedRun, label: str, use_cache: bool, code: str) -> dict[str, Any]:
+    run = cached_run(spec, p.split, p.seed, label, use_cache, code)
     return {**run, "split": split_fingerprint(p.split)[:16], "draw": p.draw}
 
 
@@ -293,7 +306,8 @@ def run_table(
     rows, runs_by_model = [], {}
     for spec in specs:
         try:
-            runs = [_run(spec, p, label, use_cache) for p in _planned_for(spec, plan)]
+            code = spec.code_version()
+            runs = [_run(spec, p, label, use_cache, code) for p in _planned_for(spec, plan)]
         except Exception as exc:
             if not spec.optional:
                 raise

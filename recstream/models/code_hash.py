@@ -1,9 +1,9 @@
-"""Which training code an artifact depends on, as a hash: part of every cache key.
+"""Which code an artifact depends on, as a hash: part of every cache key.
 
 A cached checkpoint or bench run is reused only when the code that decides it is unchanged. "The
-code" is the artifact's entry modules and every module of the training code they import,
-transitively, found statically (import statements, plus dotted module names written as strings:
-lazy exports and factory paths). So a change to the ranker retrains rankers but reuses the
+code" is the artifact's entry modules and every module of this package they import, transitively,
+found statically (import statements, also inside functions, plus dotted module names written as
+strings: lazy exports and factory paths). So a change to the ranker retrains rankers but reuses the
 baselines and the two-towers, whose modules never import it. Comments, docstrings and formatting
 do not count (the hash is of each file's syntax tree without docstrings); anything else does.
 """
@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from collections.abc import Iterable
+import inspect
+import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from recstream.config import REPO_ROOT
 
-#: The code whose changes change what a training run produces: data, splits, models, metrics, and
-#: the trending feature the ranker learns from. Imports outside it (settings, contracts, the Kafka
-#: and serving layers) are followed but not hashed.
+#: The training code as a whole (data, splits, models, metrics, the trending feature): what the
+#: summary hash a bench records covers (`code_version()` without entries).
 TRAINING_CODE = (
     "recstream/data",
     "recstream/models",
@@ -28,7 +30,10 @@ TRAINING_CODE = (
     "recstream/recommend/trending.py",
 )
 PACKAGE = "recstream"
-HASHER = "recstream/models/code_hash.py"
+#: Followed but never hashed: the settings (read at run time by the services; training code takes
+#: only REPO_ROOT from it, and its field descriptions change with every README edit) and this module,
+#: which keys the caches and decides nothing a model learns.
+NOT_HASHED = ("recstream/config.py", "recstream/models/code_hash.py")
 
 
 def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:
@@ -59,30 +64,47 @@ def _named_modules(tree: ast.Module, module: str, is_package: bool) -> set[str]:
     return {n for n in names if n == PACKAGE or n.startswith(f"{PACKAGE}.")}
 
 
+def _imported_file(module: str) -> Path | None:
+    """The file of a module imported under a name that is not its path (a test module, a script)."""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return Path(file) if file and Path(file).is_file() else None
+
+
+def _label(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+
+
+def _imports_of(path: Path, module: str, root: Path) -> set[str]:
+    if _label(path, root) in NOT_HASHED:  # a leaf: what the settings import is not what training runs
+        return set()
+    return _named_modules(ast.parse(path.read_text(), filename=str(path)), module, path.name == "__init__.py")
+
+
 def module_closure(entries: Iterable[str], root: Path = REPO_ROOT) -> list[Path]:
     """Source files of `entries` and of every module of this package they import, transitively
     (each parent package's `__init__.py` included, as Python runs it)."""
     seen: dict[str, Path] = {}
-    todo = list(entries)
+    todo: list[str] = []
+    for entry in entries:
+        path = module_file(entry, root) or _imported_file(entry)
+        if path is None:
+            raise ValueError(f"no source file for module {entry!r}: cannot key a cache on its code")
+        seen[entry] = path
+        todo.extend(_imports_of(path, entry, root))
     while todo:
-        name = todo.pop()
-        parts = name.split(".")
+        parts = todo.pop().split(".")
         for i in range(1, len(parts) + 1):
             module = ".".join(parts[:i])
             path = module_file(module, root)
             if path is None or module in seen:
                 continue
             seen[module] = path
-            todo.extend(
-                _named_modules(ast.parse(path.read_text(), filename=str(path)), module, path.name == "__init__.py")
-            )
+            todo.extend(_imports_of(path, module, root))
     return sorted(set(seen.values()))
 
 
-def _is_training_code(path: Path, root: Path) -> bool:
-    rel = path.relative_to(root).as_posix()
-    # this module keys the caches; it decides nothing a model learns
-    return rel != HASHER and any(rel == part or rel.startswith(f"{part}/") for part in TRAINING_CODE)
+def _hashed(path: Path, root: Path) -> bool:
+    return _label(path, root) not in NOT_HASHED
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
@@ -107,18 +129,24 @@ def training_files(root: Path = REPO_ROOT) -> list[Path]:
     for part in TRAINING_CODE:
         path = root / part
         files.update([path] if path.is_file() else path.rglob("*.py"))
-    return sorted(p for p in files if _is_training_code(p, root))
+    return sorted(p for p in files if _hashed(p, root))
 
 
 def code_version(*entries: str, root: Path = REPO_ROOT) -> str:
-    """Hash of the training code that `entries` (dotted module names) run: theirs and every training
-    module they import. Without entries: all of the training code (the summary a bench records)."""
-    if entries:
-        files = [p for p in module_closure(entries, root) if _is_training_code(p, root)]
-    else:
-        files = training_files(root)
+    """Hash of the code that `entries` (dotted module names) run: theirs and every module of this
+    package they import. Without entries: all of the training code (the summary a bench records)."""
+    files = [p for p in module_closure(entries, root) if _hashed(p, root)] if entries else training_files(root)
     h = hashlib.sha256()
     for path in files:
-        h.update(path.relative_to(root).as_posix().encode())
+        h.update(_label(path, root).encode())
         h.update(_without_docstrings(ast.parse(path.read_text(), filename=str(path))).encode())
+    return h.hexdigest()[:16]
+
+
+def function_version(*functions: Callable[..., object]) -> str:
+    """Hash of some functions' own code (not their modules'), for code outside the package that
+    decides a cached result, such as a bench's fit-and-rank step."""
+    h = hashlib.sha256()
+    for fn in functions:
+        h.update(_without_docstrings(ast.parse(textwrap.dedent(inspect.getsource(fn)))).encode())
     return h.hexdigest()[:16]

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from recstream.contracts.models import ITEM_ENCODER, RANKER, SEQUENCE_SCORER, SESSION_ENCODER
+from recstream.data.datasets import data_hash
 from recstream.models.code_hash import code_version
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, read_meta, split_fingerprint
 
@@ -59,22 +59,12 @@ def item_categories(split: Any) -> list[str]:
 
 #: The code the bundle's ranker (and so the sequence model's fusion, chosen against it) follows in its
 #: cache key: everything the bundle runs. The two-towers and the sequence model follow only their own
-#: (recstream.training.two_tower.TWO_TOWER_CODE, recstream.training.sequence_model.SEQUENCE_MODEL_CODE).
+#: (recstream.training.two_tower.two_tower_key, recstream.training.sequence_model.SEQUENCE_MODEL_CODE).
 BUNDLE_CODE = ("recstream.training.bundle",)
 
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _sequences_key(*sequences: Sequence[np.ndarray]) -> str:
-    """Content hash of lists of item sequences (what a two-tower is fitted and validated on)."""
-    h = hashlib.sha256()
-    for seqs in sequences:
-        arrays = [np.asarray(s, dtype=np.int64) for s in seqs]
-        h.update(np.array([len(a) for a in arrays], dtype=np.int64).tobytes())
-        h.update(np.concatenate(arrays).tobytes() if arrays else b"")
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -95,21 +85,6 @@ class TrainedBundle:
     @property
     def cold_rule(self) -> Any:
         return None if self.cold_rule_choice is None else self.cold_rule_choice.rule
-
-
-def _two_tower(split: Any, texts: list[str], seqs: list[np.ndarray], valid: tuple, cfg: Any, path: Path, key: str):
-    from recstream.models.two_tower import TwoTowerModel
-    from recstream.training.two_tower import train_two_tower
-
-    meta = read_meta(path)
-    if meta is not None and meta.data_hash == key:
-        log.info("reusing %s", path)
-        return TwoTowerModel.load(path)[0], meta.metrics
-    model, stats = train_two_tower(
-        cfg, seqs, texts, valid[0], valid[1], item_categories(split), item_ids=split.item_ids
-    )
-    model.save(path, CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=key, metrics=stats))
-    return model, stats
 
 
 def bundle_work_dir(split: Any, seed: int, root: Path | None = None) -> Path:
@@ -138,36 +113,24 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
         train_ranker,
         truncate_sequences,
     )
-    from recstream.training.two_tower import TWO_TOWER_CODE
+    from recstream.training.two_tower import TwoTowerData, cached_two_tower
 
     t0 = time.perf_counter()
     texts = serving_item_texts(split)
     fp = split_fingerprint(split)
     cfg = TwoTowerConfig(finetune="frozen", seed=seed)
     cats = item_categories(split)
-    # a two-tower is keyed by what it is fitted on (sequences, validation cases, texts, categories),
-    # its config and its own code: a change to the ranker or the split's bookkeeping reuses it
-    two_tower_code = code_version(*TWO_TOWER_CODE)
+    # each two-tower is keyed by what it is fitted on, its config and its own code
+    # (recstream.training.two_tower.two_tower_key): a change to the ranker reuses both
     valid = split.cases("valid")
-    key = _key(
-        fp,
-        _sequences_key(split.train_seqs, valid.histories, [valid.targets]),
-        texts,
-        cats,
-        cfg.model_dump(),
-        two_tower_code,
-    )
-    retrieval, r_stats = _two_tower(
-        split, texts, split.train_seqs, (valid.histories, valid.targets), cfg, work / "two_tower", key
-    )
+    data = TwoTowerData(split.train_seqs, texts, valid.histories, valid.targets, cats, split.item_ids)
+    retrieval, r_stats, key = cached_two_tower(cfg, data, work / "two_tower")
     full = split.train_seqs
     fold_seqs = truncate_sequences(full, OOF_LAST)
     users = [u for u, s in enumerate(full) if len(s) > OOF_LAST]
     fold_valid = ([fold_seqs[u] for u in users], np.array([full[u][len(fold_seqs[u])] for u in users]))
-    fold_key = _key(
-        _sequences_key(fold_seqs, fold_valid[0], [fold_valid[1]]), texts, cats, cfg.model_dump(), two_tower_code
-    )
-    fold, f_stats = _two_tower(split, texts, fold_seqs, fold_valid, cfg, work / "two_tower_fold", fold_key)
+    fold_data = TwoTowerData(fold_seqs, texts, fold_valid[0], fold_valid[1], cats, split.item_ids)
+    fold, f_stats, fold_key = cached_two_tower(cfg, fold_data, work / "two_tower_fold")
 
     # Depth 50, not the quality bench's 100: serving reorders what it retrieves, and on 2 cores at
     # 200 requests/s 100 candidates a request tipped the stack into saturation (p50 18.9 -> 276 ms,
@@ -175,7 +138,7 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
     # (a catalogue smaller than that is reordered whole, less one: the lists need an item to leave out)
     depth = min(SERVED_DEPTH, len(split.item_ids) - 1)
     rcfg = RankerConfig(init_retrieval_weight=1.0 / cfg.temperature, dropout=0.3, seed=seed, rerank_depth=depth)
-    rkey = _key(key, fold_key, rcfg.model_dump(), FEATURE_SCHEMA, code_version(*BUNDLE_CODE))
+    rkey = _key(fp, data_hash(split.data), key, fold_key, rcfg.model_dump(), FEATURE_SCHEMA, code_version(*BUNDLE_CODE))
     rpath = work / "ranker"
     meta = read_meta(rpath)
     if meta is not None and meta.extra.get("bundle_key") == rkey:
@@ -226,7 +189,8 @@ def _sequence(
     from recstream.training.sequence import choose_fusion
     from recstream.training.sequence_model import SEQUENCE_MODEL_CODE, train_sequence_model
 
-    key = _key(fp, SASRecConfig(seed=seed).model_dump(), code_version(*SEQUENCE_MODEL_CODE))
+    # its training data, early-stopping cases (the whole data set's hash), config and own code
+    key = _key(fp, data_hash(split.data), SASRecConfig(seed=seed).model_dump(), code_version(*SEQUENCE_MODEL_CODE))
     sequence, s_stats = train_sequence_model(split, seed, path, key)
     choice_file = path / "fusion.json"
     choice_key = _key(key, ranker_key)

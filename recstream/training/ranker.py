@@ -31,7 +31,7 @@ from recstream.models.ranker import (
 )
 from recstream.models.sequence import SequenceScorer
 from recstream.models.sequence_fusion import SequenceFusion, fused_scores, sequence_candidates
-from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
+from recstream.models.training import EarlyStopping, peak_rss_mb, set_seed
 from recstream.recommend.rerank import new_item_order
 
 log = logging.getLogger(__name__)
@@ -414,31 +414,15 @@ def train_ranker(
 def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, path: Path) -> object:
     """The retrieval model the ranker learns from: the serving model's config, trained without each
     user's last `n_last` training items, validated on the first of them. Cached at `path` (reused
-    when it was trained on exactly this split, config and training code)."""
-    from recstream.models.code_hash import code_version
-    from recstream.models.training import read_meta, split_fingerprint
-    from recstream.models.two_tower import TwoTowerConfig, TwoTowerModel
-    from recstream.training.two_tower import train_two_tower
+    when it was trained on exactly these sequences, config and code)."""
+    from recstream.models.two_tower import TwoTowerConfig
+    from recstream.training.two_tower import TwoTowerData, cached_two_tower
 
-    # this module's code too: it cuts the sequences the model is fitted on (truncate_sequences)
-    fp = f"{split_fingerprint(split)}:fold{n_last}:{code_version('recstream.training.ranker', 'recstream.data.split')}"
     cfg = TwoTowerConfig.model_validate(retrieval_cfg.model_dump())  # type: ignore[attr-defined]
-    meta = read_meta(path)
-    if meta is not None and meta.data_hash == fp and meta.config == cfg.model_dump():
-        return TwoTowerModel.load(path)[0]
     full = split.train_seqs  # type: ignore[attr-defined]
     seqs = truncate_sequences(full, n_last)
     users = [u for u, s in enumerate(full) if len(s) > n_last]
     targets = np.array([full[u][len(seqs[u])] for u in users], dtype=np.int64)
     cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
-    model, stats = train_two_tower(
-        cfg,
-        seqs,
-        split.item_texts,
-        [seqs[u] for u in users],
-        targets,
-        cats,
-        item_ids=split.item_ids,  # type: ignore[attr-defined]
-    )
-    model.save(path, CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=fp, metrics=stats))
-    return model
+    data = TwoTowerData(seqs, split.item_texts, [seqs[u] for u in users], targets, cats, split.item_ids)  # type: ignore[attr-defined]
+    return cached_two_tower(cfg, data, path)[0]

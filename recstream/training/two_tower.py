@@ -10,9 +10,12 @@ catalogue; item text is pre-tokenised once and truncated to `max_text_len` token
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, set_seed
+from recstream.models.training import CheckpointMeta, EarlyStopping, peak_rss_mb, read_meta, set_seed
 from recstream.models.two_tower import FineTune, TwoTowerConfig, TwoTowerModel, ensure_nonempty, pad_histories
 
 log = logging.getLogger(__name__)
@@ -229,6 +232,55 @@ def _restore(model: TwoTowerModel, state: dict[str, dict[str, torch.Tensor]]) ->
         model.item_tower.encoder.load_state_dict(state["item_encoder"])
 
 
+def sequences_key(*sequences: Sequence[np.ndarray]) -> str:
+    """Content hash of lists of item sequences."""
+    h = hashlib.sha256()
+    for seqs in sequences:
+        arrays = [np.asarray(s, dtype=np.int64) for s in seqs]
+        h.update(np.array([len(a) for a in arrays], dtype=np.int64).tobytes())
+        h.update(np.concatenate(arrays).tobytes() if arrays else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TwoTowerData:
+    """What a two-tower is fitted on: sequences, the catalogue's texts and categories, and the
+    validation cases early stopping reads."""
+
+    seqs: Sequence[np.ndarray]
+    texts: Sequence[str]
+    valid_histories: Sequence[np.ndarray]
+    valid_targets: np.ndarray
+    cats: Sequence[str]
+    item_ids: Sequence[object]
+
+    def key(self, cfg: TwoTowerConfig) -> str:
+        """What decides the trained model: these inputs, its config and its code."""
+        from recstream.models.code_hash import code_version
+
+        parts = [cfg.model_dump(), list(self.texts), list(self.cats), [str(i) for i in self.item_ids]]
+        blob = json.dumps([*parts, code_version(*TWO_TOWER_CODE)], default=str)
+        blob += sequences_key(self.seqs, self.valid_histories, [np.asarray(self.valid_targets)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_two_tower(
+    cfg: TwoTowerConfig, data: TwoTowerData, path: Path
+) -> tuple[TwoTowerModel, dict[str, float], str]:
+    """`train_two_tower`, or the checkpoint at `path` when it was trained on exactly these inputs with
+    this config and code; with its stats and that key."""
+    key = data.key(cfg)
+    meta = read_meta(path)
+    if meta is not None and meta.data_hash == key:
+        log.info("reusing %s", path)
+        return TwoTowerModel.load(path)[0], dict(meta.metrics), key
+    model, stats = train_two_tower(
+        cfg, data.seqs, data.texts, data.valid_histories, data.valid_targets, data.cats, item_ids=data.item_ids
+    )
+    model.save(path, CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=key, metrics=stats))
+    return model, stats, key
+
+
 # --- quality-bench adapter ---------------------------------------------------------------------
 
 
@@ -257,31 +309,13 @@ class TwoTowerRecommender:
         return ARTIFACTS_DIR / f"two_tower_{self.finetune}{'_cold' if cold else ''}" / f"seed{self.cfg.seed}"
 
     def fit(self, split: object) -> TwoTowerRecommender:
-        from recstream.models.code_hash import code_version
-        from recstream.models.training import read_meta, split_fingerprint
-
-        key = f"{split_fingerprint(split)}:{code_version(*TWO_TOWER_CODE)}"
         path = self.checkpoint or self.default_checkpoint(split)
-        meta = read_meta(path)
-        if meta is not None and meta.data_hash == key and meta.config == self.cfg.model_dump():
-            self.model, meta = TwoTowerModel.load(path)
-            self.info = {"checkpoint": str(path), "reused": True, **meta.metrics}
-        else:
-            cfg = self.cfg
-            valid = split.cases("valid")  # type: ignore[attr-defined]
-            cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
-            self.model, stats = train_two_tower(
-                cfg,
-                split.train_seqs,
-                split.item_texts,
-                valid.histories,
-                valid.targets,
-                cats,
-                item_ids=split.item_ids,  # type: ignore[attr-defined]
-            )
-            meta = CheckpointMeta(kind="two_tower", config=cfg.model_dump(), data_hash=key, metrics=stats)
-            self.model.save(path, meta)
-            self.info = {"checkpoint": str(path), "reused": False, **stats}
+        valid = split.cases("valid")  # type: ignore[attr-defined]
+        cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
+        data = TwoTowerData(split.train_seqs, split.item_texts, valid.histories, valid.targets, cats, split.item_ids)  # type: ignore[attr-defined]
+        reused = (meta := read_meta(path)) is not None and meta.data_hash == data.key(self.cfg)
+        self.model, stats, _ = cached_two_tower(self.cfg, data, path)
+        self.info = {"checkpoint": str(path), "reused": reused, **stats}
         if self.model.item_ids != [str(i) for i in split.item_ids]:  # type: ignore[attr-defined]
             raise ValueError(f"{path}: item index differs from the split's; delete it to retrain")
         return self

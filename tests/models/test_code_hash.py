@@ -13,8 +13,9 @@ from recstream.models.code_hash import code_version, module_closure
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
-    """A small `recstream` tree: entry imports helper (inside a function), helper names a lazy
-    module by string, config is outside the training code, unrelated is imported by nobody."""
+    """A small `recstream` tree: entry imports helper (inside a function) and the settings, helper
+    names a lazy module by string and imports a module outside the training folders, unrelated is
+    imported by nobody."""
     files = {
         "recstream/__init__.py": "",
         "recstream/config.py": "LIMIT = 3\n",
@@ -23,7 +24,12 @@ def package(tmp_path: Path) -> Path:
             '"""Entry."""\nfrom recstream.config import LIMIT\n\n\ndef fit():\n'
             "    from recstream.models import helper\n    return helper.scale() * LIMIT\n"
         ),
-        "recstream/models/helper.py": 'LAZY = {"thing": "recstream.models.lazy"}\n\n\ndef scale():\n    return 2\n',
+        "recstream/models/helper.py": (
+            'from recstream.contracts.text import title\n\nLAZY = {"thing": "recstream.models.lazy"}\n\n\n'
+            "def scale():\n    return 2\n"
+        ),
+        "recstream/contracts/__init__.py": "",
+        "recstream/contracts/text.py": "def title(t):\n    return t.title()\n",
         "recstream/models/lazy.py": "def thing():\n    return 1\n",
         "recstream/models/unrelated.py": "def other():\n    return 0\n",
     }
@@ -43,8 +49,14 @@ def test_the_closure_follows_nested_imports_and_module_names_written_as_strings(
     names = {p.relative_to(package).as_posix() for p in module_closure(["recstream.models.entry"], package)}
     assert "recstream/models/helper.py" in names  # imported inside a function
     assert "recstream/models/lazy.py" in names  # named by a string (lazy export, factory path)
+    assert "recstream/contracts/text.py" in names  # outside the training folders, still code it runs
     assert "recstream/config.py" in names  # followed ...
     assert "recstream/models/unrelated.py" not in names
+
+
+def test_a_module_that_is_not_there_is_refused(package: Path) -> None:
+    with pytest.raises(ValueError, match=r"recstream\.models\.entyr"):
+        code_version("recstream.models.entyr", root=package)
 
 
 def test_the_key_changes_with_the_code_an_entry_runs_and_only_with_it(package: Path) -> None:
@@ -53,11 +65,15 @@ def test_the_key_changes_with_the_code_an_entry_runs_and_only_with_it(package: P
     _edit(models / "unrelated.py", "return 0", "return 5")
     _edit(package / "recstream" / "config.py", "3", "4")  # ... but settings are not training code
     assert code_version("recstream.models.entry", root=package) == before
-    _edit(models / "lazy.py", "return 1", "return 7")
-    changed = code_version("recstream.models.entry", root=package)
-    assert changed != before
-    _edit(models / "helper.py", "return 2", "return 2.5")
-    assert code_version("recstream.models.entry", root=package) != changed
+    changed = before
+    for path, old, new in (
+        (models / "lazy.py", "return 1", "return 7"),
+        (models / "helper.py", "return 2", "return 2.5"),
+        (package / "recstream" / "contracts" / "text.py", "t.title()", "t.upper()"),
+    ):
+        _edit(path, old, new)
+        assert code_version("recstream.models.entry", root=package) != changed, path.name
+        changed = code_version("recstream.models.entry", root=package)
 
 
 def test_comments_docstrings_and_formatting_leave_the_key_alone(package: Path) -> None:
