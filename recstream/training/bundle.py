@@ -59,7 +59,7 @@ def item_categories(split: Any) -> list[str]:
 
 #: The code the bundle's ranker (and so the sequence model's fusion, chosen against it) follows in its
 #: cache key: everything the bundle runs. The two-towers and the sequence model follow only their own
-#: (recstream.training.two_tower.two_tower_key, recstream.training.sequence_model.SEQUENCE_MODEL_CODE).
+#: (recstream.training.two_tower.TwoTowerData.key, recstream.training.sequence_model.SEQUENCE_MODEL_CODE).
 BUNDLE_CODE = ("recstream.training.bundle",)
 
 
@@ -121,7 +121,7 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
     cfg = TwoTowerConfig(finetune="frozen", seed=seed)
     cats = item_categories(split)
     # each two-tower is keyed by what it is fitted on, its config and its own code
-    # (recstream.training.two_tower.two_tower_key): a change to the ranker reuses both
+    # (recstream.training.two_tower.TwoTowerData.key): a change to the ranker reuses both
     valid = split.cases("valid")
     data = TwoTowerData(split.train_seqs, texts, valid.histories, valid.targets, cats, split.item_ids)
     retrieval, r_stats, key = cached_two_tower(cfg, data, work / "two_tower")
