@@ -144,15 +144,18 @@ def finish(ctx: StreamContext, p: Pending) -> Answer:
         # search is not a ranker's answer to explore around, so these answers are greedy.
         slots = [(c, logit_of[c.item_id], GREEDY_PROPENSITY) for c, _ in diversify(candidates, scores, req.k)]
     elif feedback is not None:
-        # A policy that learns click lifts needs the ranker's logits (its base click probability) and
-        # the slots it showed, so the feedback joiner can report each outcome back (ctx.policy_feedback).
-        # It chooses k of a diversified pool: the category cap bounds the pool, and the lifts it
-        # learned may concentrate the k shown on fewer categories.
+        # A policy that learns click lifts needs a base click probability on the ranker's logit scale
+        # and the slots it showed, so the feedback joiner can report each outcome back
+        # (ctx.policy_feedback). The base follows the served order (`served_order_logits`), so with no
+        # evidence the policy shows what the greedy list would. It chooses k of a diversified pool:
+        # the category cap bounds the pool, and the lifts it learned may concentrate the k shown on
+        # fewer categories.
         pool = _with_logits(diversify(candidates, scores, min(len(candidates), EXPLORE_POOL_FACTOR * req.k)), logit_of)
         by_id = {c.item_id: (c, s) for c, s in pool}
-        logits = np.array([s for _, s in pool], dtype=np.float64)
+        base_of = dict(zip([c.item_id for c in candidates], served_order_logits(scores, logits), strict=True))
+        base = np.array([base_of[c.item_id] for c, _ in pool], dtype=np.float64)
         ids, groups = [c.item_id for c, _ in pool], [c.category for c, _ in pool]
-        shown = feedback.rank(req.request_id, ids, logits, req.k, ctx.rng, groups) if pool else []
+        shown = feedback.rank(req.request_id, ids, base, req.k, ctx.rng, groups) if pool else []
         slots = [(*by_id[sh.item_id], sh.propensity) for sh in shown]
     else:
         # The policy perturbs the diversified order (logits = -rank) of a pool the category cap has
@@ -197,6 +200,17 @@ def finish(ctx: StreamContext, p: Pending) -> Answer:
         policy=policy.name,
     )
     return Answer(result, p.degraded, ranking_log)
+
+
+def served_order_logits(order: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The ranker's logits handed out along the served order: the n-th item of the order (fused with
+    the sequence model, new items placed) gets the n-th largest logit. A policy that learns lifts on
+    top of a base click probability then starts from the order the greedy list serves, on the
+    ranker's scale; by the items' own logits it would undo the fusion and the new-item placement."""
+    order = np.asarray(order, dtype=np.float64)
+    out = np.empty(len(order), dtype=np.float64)
+    out[np.argsort(-order, kind="stable")] = np.sort(np.asarray(logits, dtype=np.float64))[::-1]
+    return out
 
 
 def _with_logits(picked: list[tuple[Candidate, float]], logit_of: dict[str, float]) -> list[tuple[Candidate, float]]:
