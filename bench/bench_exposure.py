@@ -42,20 +42,10 @@ def _ranks(slates: list[Any], targets: np.ndarray, factor: float) -> np.ndarray:
     return out
 
 
-def _new_share(slates: list[Any], factor: float) -> float:
-    """Share of the top-K slots that hold a new item."""
-    shown = new = 0
-    for slate in slates:
-        top = slate.order(factor)[:K]
-        new_items = set(slate.candidates[slate.is_new].tolist())
-        shown += len(top)
-        new += sum(int(i) in new_items for i in top)
-    return new / max(1, shown)
-
-
 def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
     """Per factor: (ranks, share of new items shown) for one split's stage, one ranker pass."""
     from recstream.training.bundle import AsServed
+    from recstream.training.new_items import new_item_share
     from recstream.training.ranker import ranked_slates, request_times
 
     cases = split.cases(stage)
@@ -63,7 +53,7 @@ def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
     times = request_times(split, cases.users, cases.histories)
     bundle = rec.bundle
     _, slates = ranked_slates(bundle.ranker, retrieval, rec.ctx, cases.histories, rec.depth, times, bundle.sequence)
-    return {f: (_ranks(slates, cases.targets, f), _new_share(slates, f)) for f in FACTORS}
+    return {f: (_ranks(slates, cases.targets, f), new_item_share(slates, f)) for f in FACTORS}
 
 
 def main(argv: list[str] | None = None) -> int:

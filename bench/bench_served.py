@@ -96,7 +96,7 @@ def run_stack(
     rps: float,
     label: str,
     queries: dict[str, str] | None = None,
-    new_item_slot_factor: float = 1.0,
+    new_item_slot_factor: float | None = None,
 ) -> dict:
     """One fresh stack over `model_repo`: catalog, history replay, one request per test user (a
     search with the user's query where `queries` is given, for those users only)."""
@@ -228,14 +228,14 @@ def score_served(split, results) -> tuple[dict, np.ndarray]:
     return metrics_from_ranks(ranks, ks=(K,)), ranks
 
 
-def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) -> tuple[dict, np.ndarray, dict]:
+def score_offline(split, model_repo: Path, new_item_slot_factor: float | None = None) -> tuple[dict, np.ndarray, dict]:
     """The same model versions in-process on the same cases (full ranking, whole history excluded),
     and the same again "as served": popularity and trend counted over everything the stack replayed
     (train + validation) and the top 10 chosen by the worker's diversity rule. The second says how
     much of a served-offline gap those two differences explain. New items are placed as the stack
-    places them (`new_item_slot_factor`)."""
+    places them (`new_item_slot_factor`; None: as the ranker version says, as the worker does)."""
     from recstream.eval.metrics import metrics_from_ranks, target_ranks
-    from recstream.models.ranker import RankingContext
+    from recstream.models.ranker import RankingContext, places_new_items
     from recstream.models.repository import load_exported, load_sequence_scorer
     from recstream.models.served import ServedRetrieval
     from recstream.recommend.rerank import diversify
@@ -245,6 +245,8 @@ def score_offline(split, model_repo: Path, new_item_slot_factor: float = 1.0) ->
 
     retrieval = ServedRetrieval.from_repo(model_repo, serving_item_texts(split), [str(i) for i in split.item_ids])
     ranker = load_exported(model_repo)
+    if new_item_slot_factor is None:
+        new_item_slot_factor = 1.0 if places_new_items(ranker.meta) else None
     sequence = load_sequence_scorer(model_repo)
     if sequence is not None and sequence.item_ids != [str(i) for i in split.item_ids]:
         raise ValueError(f"{model_repo}'s sequence_scorer was trained on another catalogue than {split.data.name}'s")
@@ -538,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         "--new-item-slot-factor",
         type=float,
         default=setting_default("new_item_slot_factor"),
-        help="--kind cold: the stack's NEW_ITEM_SLOT_FACTOR (and offline scoring's); see make bench-exposure",
+        help="--kind cold: the stack's NEW_ITEM_SLOT_FACTOR and offline scoring's (unset: as the ranker version "
+        "says); see make bench-exposure",
     )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -60,13 +60,15 @@ class Settings(BaseSettings):
         description="How long the feedback joiner waits for a click after an impression before the impression "
         "becomes a no-click training example (a learning policy forgets a shown slot 60 s after that)",
     )
-    new_item_slot_factor: float = Field(
-        1.0,
+    new_item_slot_factor: float | None = Field(
+        None,
         ge=0,
         le=1,
         description="Where the learned ranker's list puts a candidate nobody has interacted with yet: its retrieval "
-        "slot times this factor (`1` = its retrieval slot, the default chosen on validation; `0` = ahead of every "
-        "known item). Lower values show new items more often at a measured cost to the rest of the list "
+        "slot times this factor (`1` = its retrieval slot; `0` = ahead of every known item). Unset: as the served "
+        "ranker version says, which is `1` unless its data set's validation found the placement too costly "
+        "(a sparse catalogue whose never-interacted items are long tail, not new: then the ranker orders them "
+        "like the rest). Lower values show new items more often at a measured cost to the rest of the list "
         "(`make bench-exposure`)",
     )
     sequence_model: bool = Field(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -69,7 +70,7 @@ class TritonRanker:
 
         self._features = candidate_features
         self._model_repo = settings.model_repo
-        self._version_cache: tuple[str, CoVisitation | None, int, int] = ("", None, 0, 0)
+        self._version_cache: tuple[str, CoVisitation | None, int, int, bool] = ("", None, 0, 0, True)
         self._tc = grpcclient
         self._client = grpcclient.InferenceServerClient(settings.triton_grpc_url)
         self.model = model
@@ -138,39 +139,20 @@ class TritonRanker:
         """Slots of each list the served version fills with what followed the session's last items."""
         return self._version_files()[2]
 
-    def _version_files(self) -> tuple[CoVisitation | None, int, int]:
+    @property
+    def places_new_items(self) -> bool:
+        """Whether the served version's lists place items nobody has interacted with by retrieval
+        (recstream.training.new_items; a version that does not say, places them)."""
+        return self._version_files()[3]
+
+    def _version_files(self) -> tuple[CoVisitation | None, int, int, bool]:
         """What the served version's folder holds beside its weights, read once per version."""
         version = self.version
         if self._version_cache[0] != version:
-            from recstream.models.ranker import co_visited_slots, follow_slots
-            from recstream.models.training import read_meta
-
             number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
-            stat, slots, follows = None, 0, 0
-            if number.isdigit():
-                folder = self._model_repo / self.model / number
-                stat = CoVisitation.load(folder)
-                if stat is None:
-                    log.warning(
-                        "%s: no %s in %s; its co_visitation and follows features are 0",
-                        version,
-                        CoVisitation.FILE,
-                        folder,
-                    )
-                else:
-                    meta = read_meta(folder)
-                    slots, follows = co_visited_slots(meta, stat), follow_slots(meta, stat)
-                    log.info(
-                        "%s: co-visitation statistic of %d items loaded (follows: %s), %d co-visited and %d "
-                        "follows candidates per list",
-                        version,
-                        len(stat.item_ids),
-                        "yes" if stat.follows is not None else "no",
-                        slots,
-                        follows,
-                    )
-            self._version_cache = (version, stat, slots, follows)
-        return self._version_cache[1], self._version_cache[2], self._version_cache[3]
+            files = version_files(self._model_repo / self.model / number, version) if number.isdigit() else None
+            self._version_cache = (version, *(files or (None, 0, 0, True)))
+        return self._version_cache[1:]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One request's CONTEXT [768], CANDIDATES [n, 384], CAND_FEATURES [n, K]."""
@@ -226,3 +208,30 @@ RANKERS: dict[str, Callable[[Settings], Ranker]] = {
     "inprocess": lambda settings: InProcessRanker(),
     "triton": TritonRanker,
 }
+
+
+def version_files(folder: Path, version: str) -> tuple[CoVisitation | None, int, int, bool]:
+    """A ranker version folder's statistic, its co-visited and follows slots per list and whether its
+    lists place new items (`recstream.models.ranker.places_new_items`)."""
+    from recstream.models.ranker import co_visited_slots, follow_slots, places_new_items
+    from recstream.models.training import read_meta
+
+    meta = read_meta(folder)
+    places = places_new_items(meta)
+    if not places:
+        log.info("%s: its lists let the ranker order items nobody has interacted with", version)
+    stat = CoVisitation.load(folder)
+    if stat is None:
+        log.warning("%s: no %s in %s; its co_visitation and follows features are 0", version, CoVisitation.FILE, folder)
+        return None, 0, 0, places
+    slots, follows = co_visited_slots(meta, stat), follow_slots(meta, stat)
+    log.info(
+        "%s: co-visitation statistic of %d items loaded (follows: %s), %d co-visited and %d follows candidates "
+        "per list",
+        version,
+        len(stat.item_ids),
+        "yes" if stat.follows is not None else "no",
+        slots,
+        follows,
+    )
+    return stat, slots, follows, places

@@ -104,15 +104,16 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                     p.error = res
             else:
                 scores, version = res
+                factor = new_item_factor(ctx.settings.new_item_slot_factor, ranker)
                 for p, sc in zip(chunk, scores, strict=True):
                     p.scores, p.version = sc, version
                     # The order fuses the sequence model's scores (as its version says), then places
                     # candidates nobody has interacted with by retrieval (as offline, at their slot
-                    # times NEW_ITEM_SLOT_FACTOR); the scores published and logged stay the ranker's logits.
+                    # times `new_item_factor`, or not at all where the version chose so); the scores
+                    # published and logged stay the ranker's logits.
                     by = sc if p.sequence_scores is None else fused_scores(sc, p.sequence_scores, p.sequence_weight)
-                    p.order = place_new_items(
-                        by, [c.popularity == 0 for c in p.candidates], ctx.settings.new_item_slot_factor
-                    )
+                    new = [c.popularity == 0 for c in p.candidates]
+                    p.order = by if factor is None else place_new_items(by, new, factor)
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)
@@ -121,6 +122,15 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
     elapsed = time.perf_counter() - t0
     for _ in prepared:
         STAGE_LATENCY.labels(stage="rank").observe(elapsed)
+
+
+def new_item_factor(setting: float | None, ranker: object) -> float | None:
+    """Where a list puts the candidates nobody has interacted with: at their retrieval slot times the
+    operator's NEW_ITEM_SLOT_FACTOR when set, else as the served ranker version says (its retrieval
+    slot, or None: the ranker orders them like the rest, for a version whose validation chose so)."""
+    if setting is not None:
+        return setting
+    return 1.0 if getattr(ranker, "places_new_items", True) else None
 
 
 def finish(ctx: StreamContext, p: Pending) -> Answer:

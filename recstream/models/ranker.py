@@ -97,6 +97,18 @@ CO_VISITED_SLOTS = "co_visitation_candidates"
 FOLLOW_SLOTS = "follows_candidates"
 
 
+#: Whether the version's lists place the candidates nobody has interacted with by retrieval (the
+#: cold-start rule, `recstream.recommend.rerank.new_item_order`) or let the ranker order them like the
+#: rest: chosen on the data set's validation by `make train` (recstream.training.new_items). A
+#: version without the key places them.
+PLACES_NEW_ITEMS = "places_new_items"
+
+
+def places_new_items(meta: CheckpointMeta | None) -> bool:
+    """Whether a ranker version's lists place new items by retrieval (`PLACES_NEW_ITEMS`)."""
+    return meta is None or bool(meta.extra.get(PLACES_NEW_ITEMS, True))
+
+
 def co_visited_slots(meta: CheckpointMeta | None, co_visitation: CoVisitation | None) -> int:
     """Slots a ranker version fills from its co-visitation statistic: none without the statistic."""
     if meta is None or co_visitation is None:

@@ -81,6 +81,13 @@ class TrainedBundle:
     cold_rule_choice: Any = None
     #: the sequence model with its fusion (recstream.models.sequence.SequenceScorer); None: not served
     sequence: Any = None
+    #: whether its lists place items nobody has interacted with by retrieval (recstream.training.new_items)
+    places_new_items: bool = True
+
+    @property
+    def new_item_slot_factor(self) -> float | None:
+        """How offline scoring places new items for this bundle: at their retrieval slot, or not at all."""
+        return 1.0 if self.places_new_items else None
 
     @property
     def cold_rule(self) -> Any:
@@ -102,8 +109,11 @@ def train_bundle(dataset: str = "ml-100k", seed: int = 0, work_dir: Path | None 
     return train_bundle_on(split, seed, Path(work_dir) if work_dir else bundle_work_dir(split, seed))
 
 
-def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
-    """`train_bundle` on a given split (the quality bench passes its cold-start split too)."""
+def train_bundle_on(split: Any, seed: int, work: Path, places_new_items: bool | None = None) -> TrainedBundle:
+    """`train_bundle` on a given split (the quality bench passes its cold-start split too).
+
+    Whether the lists place new items is chosen on the split's validation cases unless
+    `places_new_items` gives it (a cold-start split takes its data set's choice: `BundleRecommender`)."""
     from recstream.models.ranker import FEATURE_SCHEMA, Ranker, RankerConfig
     from recstream.models.two_tower import TwoTowerConfig
     from recstream.training.ranker import (
@@ -161,7 +171,9 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
         )
         ranker.meta.extra["bundle_key"] = rkey
         ranker.save(rpath)
-    sequence, s_stats = _sequence(split, seed, ranker, retrieval, cats, work / "sequence", fp, rkey)
+    places, p_stats = _placement(split, ranker, retrieval, cats, work / "placement.json", rkey, places_new_items)
+    factor = 1.0 if places else None
+    sequence, s_stats = _sequence(split, seed, ranker, retrieval, cats, work / "sequence", fp, rkey, factor)
     stats = {
         "retrieval_valid_ndcg10": float(r_stats.get("valid_ndcg10", float("nan"))),
         "retrieval_train_seconds": float(r_stats.get("train_seconds", float("nan"))),
@@ -170,18 +182,54 @@ def train_bundle_on(split: Any, seed: int, work: Path) -> TrainedBundle:
         "fold_train_seconds": float(f_stats.get("train_seconds", float("nan"))),
         "ranker_train_seconds": float(k_stats.get("train_seconds", float("nan"))),
         **s_stats,
+        **p_stats,
         "train_peak_rss_mb": max(float(r_stats.get("peak_rss_mb", 0)), float(k_stats.get("peak_rss_mb", 0))),
         # this invocation (short when every part came from the cache)
         "command_seconds": time.perf_counter() - t0,
     }
-    return TrainedBundle(split, retrieval, ranker, texts, stats, fp, sequence=sequence)
+    return TrainedBundle(split, retrieval, ranker, texts, stats, fp, sequence=sequence, places_new_items=places)
+
+
+def _placement(
+    split: Any, ranker: Any, retrieval: Any, cats: list[str], path: Path, ranker_key: str, given: bool | None
+) -> tuple[bool, dict[str, float]]:
+    """Whether the lists place new items (`given`, or chosen on the split's validation against this
+    ranker and cached beside it, keyed by it), with the figures behind the choice."""
+    from recstream.models.ranker import RankingContext
+    from recstream.training.new_items import choose_placement
+    from recstream.training.ranker import request_times, split_events
+
+    if given is not None:
+        return given, {"places_new_items": float(given)}
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if cached.get("key") == ranker_key:
+        places, figures = bool(cached["places_new_items"]), cached["figures"]
+    else:
+        valid = split.cases("valid")
+        ctx = RankingContext(cats, split.train_seqs, split.n_items, split_events(split))
+        depth = int(ranker.meta.config.get("rerank_depth", SERVED_DEPTH))
+        times = request_times(split, valid.users, valid.histories)
+        places, figures = choose_placement(
+            ranker, AsServed(retrieval), ctx, valid.histories, valid.targets, depth, times
+        )
+        path.write_text(json.dumps({"key": ranker_key, "places_new_items": places, "figures": figures}))
+    return places, {"places_new_items": float(places), **{k: float(v) for k, v in figures.items()}}
 
 
 def _sequence(
-    split: Any, seed: int, ranker: Any, retrieval: Any, cats: list[str], path: Path, fp: str, ranker_key: str
+    split: Any,
+    seed: int,
+    ranker: Any,
+    retrieval: Any,
+    cats: list[str],
+    path: Path,
+    fp: str,
+    ranker_key: str,
+    new_item_slot_factor: float | None = 1.0,
 ) -> tuple[Any, dict[str, float]]:
     """The sequence model (trained or reused) with its fusion chosen on validation against this
-    ranker (the choice is cached beside it, keyed by both)."""
+    ranker, new items placed as the lists will place them (the choice is cached beside it, keyed by
+    all three)."""
     from recstream.eval.baselines import SASRecConfig
     from recstream.models.ranker import RankingContext
     from recstream.models.sequence_fusion import SequenceFusion
@@ -193,7 +241,7 @@ def _sequence(
     key = _key(fp, data_hash(split.data), SASRecConfig(seed=seed).model_dump(), code_version(*SEQUENCE_MODEL_CODE))
     sequence, s_stats = train_sequence_model(split, seed, path, key)
     choice_file = path / "fusion.json"
-    choice_key = _key(key, ranker_key)
+    choice_key = _key(key, ranker_key, new_item_slot_factor)
     cached = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
     if cached.get("key") == choice_key:
         sequence.fusion = SequenceFusion.model_validate(cached["fusion"])
@@ -205,7 +253,7 @@ def _sequence(
         times = request_times(split, valid.users, valid.histories)
         as_served = AsServed(retrieval)
         sequence.fusion, figures = choose_fusion(
-            ranker, as_served, ctx, sequence, valid.histories, valid.targets, depth, times
+            ranker, as_served, ctx, sequence, valid.histories, valid.targets, depth, times, new_item_slot_factor
         )
         choice_file.write_text(
             json.dumps({"key": choice_key, "fusion": sequence.fusion.model_dump(), "figures": figures})
@@ -232,6 +280,7 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
         export_sequence_scorer,
         export_session_encoder,
     )
+    from recstream.models.ranker import PLACES_NEW_ITEMS
     from recstream.models.repository import versions
     from recstream.models.served import ItemEncoder, SessionEncoder
 
@@ -261,6 +310,7 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     }
     bundle.ranker.meta.metrics.update(common)
     bundle.ranker.meta.extra.update(extra)
+    bundle.ranker.meta.extra[PLACES_NEW_ITEMS] = bundle.places_new_items
     ranker_version = version if overwrite or version not in versions(model_repo, RANKER) else None
     out[RANKER] = export_ranker(bundle.ranker, model_repo, ranker_version, overwrite=overwrite)
     if bundle.sequence is not None:
@@ -317,7 +367,9 @@ class BundleRecommender:
         self.info: dict[str, Any] = {}
 
     def fit(self, split: Any) -> BundleRecommender:
-        bundle = train_bundle_on(split, self.seed, bundle_work_dir(split, self.seed, self.work_root))
+        # a cold-start split's lists place new items as its data set's served model does
+        places = placement_for(split.data, self.seed, self.work_root) if hasattr(split, "cold_valid") else None
+        bundle = train_bundle_on(split, self.seed, bundle_work_dir(split, self.seed, self.work_root), places)
         if hasattr(split, "cold_valid"):
             bundle.cold_rule_choice = choose_own_cold_rule(bundle)
         elif self.choose_cold_rule:
@@ -347,8 +399,9 @@ class BundleRecommender:
         if not self.ranked:
             return retrieval.score_index(histories)
         times = request_times(self.split, users, histories)
-        sequence = self.bundle.sequence
-        return rerank_scores(self.bundle.ranker, retrieval, self.ctx, histories, self.depth, times, sequence=sequence)
+        bundle = self.bundle
+        factor = bundle.new_item_slot_factor
+        return rerank_scores(bundle.ranker, retrieval, self.ctx, histories, self.depth, times, factor, bundle.sequence)
 
 
 def choose_own_cold_rule(bundle: TrainedBundle) -> Any:
@@ -367,6 +420,15 @@ def cold_rule_for(data: Any, seed: int = 0, work_root: Path | None = None) -> An
     from recstream.data.split import cold_start_split
 
     return BundleRecommender(seed, work_root=work_root).fit(cold_start_split(data)).bundle.cold_rule_choice
+
+
+def placement_for(data: Any, seed: int = 0, work_root: Path | None = None) -> bool:
+    """Whether the served model for `data` places new items: chosen on the leave-last-out split's
+    validation, whose bundle for `seed` is trained or reused (the quality bench's cache)."""
+    from recstream.data.split import leave_last_out
+
+    split = leave_last_out(data)
+    return train_bundle_on(split, seed, bundle_work_dir(split, seed, work_root)).places_new_items
 
 
 def served_model(seed: int = 0) -> BundleRecommender:

@@ -148,10 +148,13 @@ class RankedSlate:
             return self.ranker_scores
         return fused_scores(self.ranker_scores, self.sequence_scores, weight)
 
-    def order(self, new_item_slot_factor: float = 1.0, weight: float | None = None) -> np.ndarray:
-        """Candidate indices in list order, as the worker orders them (`new_item_order`); `weight`
-        overrides the sequence fusion's weight the slate was built with."""
+    def order(self, new_item_slot_factor: float | None = 1.0, weight: float | None = None) -> np.ndarray:
+        """Candidate indices in list order, as the worker orders them (`new_item_order`; a factor of
+        None places nothing: the ranker orders new items too); `weight` overrides the sequence
+        fusion's weight the slate was built with."""
         scores = self.order_scores(self.weight if weight is None else weight)
+        if new_item_slot_factor is None:
+            return self.candidates[np.argsort(-scores, kind="stable")]
         return self.candidates[new_item_order(scores, self.is_new, new_item_slot_factor)]
 
 
@@ -207,7 +210,7 @@ def rerank_scores(
     histories: Sequence[np.ndarray],
     depth: int = 100,
     times: Sequence[float | None] | None = None,
-    new_item_slot_factor: float = 1.0,
+    new_item_slot_factor: float | None = 1.0,
     sequence: SequenceScorer | None = None,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items]: the ranker orders the top-`depth` retrieved (unseen) items,
@@ -215,7 +218,8 @@ def rerank_scores(
 
     Items without any interaction data (`ctx.counts == 0`: new or cold items) are placed by
     retrieval, at their slot times `new_item_slot_factor`, and the ranker orders the others around
-    them, as the worker does (`recstream.recommend.rerank.new_item_order`). A `sequence` model adds its
+    them, as the worker does (`recstream.recommend.rerank.new_item_order`; None: the ranker orders
+    them too, for a version whose validation turned the placement off). A `sequence` model adds its
     candidates and its score as its fusion says (`ranked_slates`).
     """
     scores, slates = ranked_slates(ranker, retrieval, ctx, histories, depth, times, sequence)
@@ -223,7 +227,10 @@ def rerank_scores(
 
 
 def listed_scores(
-    scores: np.ndarray, slates: Sequence[RankedSlate], new_item_slot_factor: float = 1.0, weight: float | None = None
+    scores: np.ndarray,
+    slates: Sequence[RankedSlate],
+    new_item_slot_factor: float | None = 1.0,
+    weight: float | None = None,
 ) -> np.ndarray:
     """Full-catalogue scores [B, n_items] of ranked slates: each list in its order above every other
     item, which keeps its retrieval score (`weight`: see `RankedSlate.order`)."""

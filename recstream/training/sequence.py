@@ -49,9 +49,11 @@ def choose_fusion(
     targets: np.ndarray,
     depth: int,
     times: Sequence[float | None],
+    new_item_slot_factor: float | None = 1.0,
 ) -> tuple[SequenceFusion, dict[str, float]]:
     """The (candidates, weight) of the grid with the best validation NDCG@10 of the served list
-    (ranked slates, new items placed, full ranking as the quality bench scores it); ties go to
+    (ranked slates, new items placed as the version will serve them: `new_item_slot_factor`, None
+    for not at all; full ranking as the quality bench scores it); ties go to
     fewer candidates, then to a lower weight, and a gain over the ranker alone (0, 0) smaller than
     `MIN_GAIN_SE` standard errors keeps the ranker alone. Returns it and every setting's figure,
     with the best setting's gain over the ranker alone and its standard error."""
@@ -67,7 +69,8 @@ def choose_fusion(
         fusion = SequenceFusion(candidates=n, weight=max(FUSION_WEIGHTS))
         scores, slates = ranked_slates(ranker, retrieval, ctx, histories, depth, times, sequence, fusion)
         for w in FUSION_WEIGHTS:
-            per_case = ndcg_gains(target_ranks(listed_scores(scores, slates, weight=w), targets, histories))
+            listed = listed_scores(scores, slates, new_item_slot_factor, weight=w)
+            per_case = ndcg_gains(target_ranks(listed, targets, histories))
             figures[f"{n},{w:g}"] = round(float(per_case.mean()), 4)
             if n == 0 and w == 0:
                 alone_gains = per_case

@@ -16,9 +16,11 @@ from recstream.eval.metrics import evaluate
 from recstream.models.served import ColdItemRule, ItemEncoder
 from recstream.training.bundle import (
     BundleRecommender,
+    bundle_work_dir,
     choose_own_cold_rule,
     cold_rule_for,
     export_bundle,
+    placement_for,
     train_bundle_on,
 )
 from recstream.training.cold_rule import COLD_RULE_GRID
@@ -71,9 +73,20 @@ def test_models_trained_on_all_items_take_the_rule_of_the_same_datas_cold_split(
 ) -> None:
     """`make train`'s path: the leave-last-out bundle has no cold validation cases of its own."""
     main = leave_last_out(DATA)
-    own = choose_own_cold_rule(train_bundle_on(main, 0, work / "main"))
+    own = choose_own_cold_rule(train_bundle_on(main, 0, bundle_work_dir(main, 0, work)))
     assert own.rule == COLD_RULE_GRID[0] and own.candidates == [] and "no cold-start validation" in own.reason
     # the cold split's bundle is the one already trained (same folder), so the choice is the same
     assert cold_rule_for(DATA, 0, work) == cold_row.bundle.cold_rule_choice
     row = BundleRecommender(work_root=work).fit(main)
     assert row.cold_rule == cold_row.bundle.cold_rule_choice.rule
+
+
+def test_a_cold_start_split_places_new_items_as_its_data_sets_served_model(
+    cold_row: BundleRecommender, work: Path
+) -> None:
+    """The cold table scores new items as the data set's served lists would place them: the choice
+    made on the leave-last-out split's validation (recstream.training.new_items), not on the cold
+    split's own validation, whose targets are all known items."""
+    main = train_bundle_on(leave_last_out(DATA), 0, bundle_work_dir(leave_last_out(DATA), 0, work))
+    assert cold_row.bundle.places_new_items is main.places_new_items is placement_for(DATA, 0, work)
+    assert "placement_cost" in main.stats and "placement_cost" not in cold_row.bundle.stats

@@ -133,3 +133,27 @@ def test_served_rows_score_an_item_without_training_data_as_the_worker_does(bund
     assert not np.allclose(model.score_index(cases.histories)[:, 0], served[:, 0])  # the offline rule
     row = BundleRecommender(ranked=False).attach(dataclasses.replace(trained, retrieval=model))
     np.testing.assert_allclose(row.score(cases.users, cases.histories), served)
+
+
+def test_the_export_ships_whether_the_lists_place_new_items(bundle) -> None:
+    """Chosen on validation by `make train` (recstream.training.new_items), kept in the ranker
+    version's meta, read back by the worker (streams.rankers.version_files); offline scoring of a
+    bundle that chose not to place them orders new items by the ranker, as the worker then does."""
+    import copy
+    import dataclasses
+
+    from recstream.contracts.models import RANKER
+    from recstream.models.ranker import PLACES_NEW_ITEMS
+    from streams.rankers import version_files
+
+    trained, root = bundle
+    assert isinstance(trained.places_new_items, bool)
+    assert trained.stats["places_new_items"] == float(trained.places_new_items)
+    assert {"placement_cost", "placement_cost_se", "new_item_share_top10"} <= set(trained.stats)
+    written = export_bundle(trained, root / "placement_repo")
+    assert version_files(written[RANKER], "ranker-v1")[3] is trained.places_new_items
+
+    off = dataclasses.replace(trained, places_new_items=False, ranker=copy.deepcopy(trained.ranker))
+    written = export_bundle(off, root / "placement_off_repo")
+    assert load_exported(root / "placement_off_repo").meta.extra[PLACES_NEW_ITEMS] is False
+    assert version_files(written[RANKER], "ranker-v1")[3] is False
