@@ -77,3 +77,49 @@ def test_the_served_versions_co_visitation_statistic_feeds_its_features(triton_s
     expected = np.log1p(FOLLOW_SCALE * stat.follow_scores(ctx.recent_items, [c.item_id for c in cands]))
     np.testing.assert_allclose(follows, expected, rtol=1e-5)
     assert (follows[:-1] > 0).sum() >= 5 and follows[-1] == 0.0
+
+
+def test_lists_place_new_items_as_the_served_version_says(triton_server, tmp_path) -> None:
+    """The list stage (streams.recommend_ranking.rank) through real Triton scores: a version that
+    says nothing places the candidates nobody has interacted with at their retrieval slots; one whose
+    validation turned that off (`places_new_items` false in its meta) lets the ranker order them;
+    NEW_ITEM_SLOT_FACTOR, when set, overrides the version."""
+    import asyncio
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    from recstream.config import REPO_ROOT
+    from recstream.contracts.events import RecommendationRequest
+    from recstream.contracts.models import RANKER
+    from recstream.models.ranker import PLACES_NEW_ITEMS
+    from recstream.recommend.rerank import new_item_order
+    from streams.recommend_context import Pending
+    from streams.recommend_ranking import rank
+
+    repo = tmp_path / "model_repo"  # the worker's copy of the repository (Triton serves the same versions)
+    shutil.copytree(REPO_ROOT / "model_repo" / RANKER, repo / RANKER)
+    urls = {"triton_url": triton_server.url, "triton_grpc_url": triton_server.grpc_url, "model_repo": repo}
+
+    def ordered(**settings: object) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        s = Settings(**urls, **settings)
+        ctx, cands = _job(np.random.default_rng(3), 30, False)  # popularity i % 7: every 7th is new
+        p = Pending(ev=None, req=RecommendationRequest(user_id="u1"), rctx=ctx, candidates=cands, degraded=None)
+        asyncio.run(rank(SimpleNamespace(ranker=TritonRanker(s), settings=s), [p]))
+        assert p.scores is not None and p.order is not None and p.degraded is None
+        return np.argsort(-p.order, kind="stable"), p.scores, [c.popularity == 0 for c in cands]
+
+    order, logits, new = ordered()
+    assert sum(new) == 5
+    np.testing.assert_array_equal(order, new_item_order(logits, new, 1.0))
+    assert not np.array_equal(order, np.argsort(-logits, kind="stable"))  # the placement moved something
+
+    version = TritonRanker(Settings(**urls)).version.rsplit("-v", 1)[-1]
+    meta_file = repo / RANKER / version / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["extra"][PLACES_NEW_ITEMS] = False
+    meta_file.write_text(json.dumps(meta))
+    order, logits, new = ordered()
+    np.testing.assert_array_equal(order, np.argsort(-logits, kind="stable"))
+    order, logits, new = ordered(new_item_slot_factor=0.5)
+    np.testing.assert_array_equal(order, new_item_order(logits, new, 0.5))
