@@ -239,14 +239,14 @@ def score_offline(split, model_repo: Path, new_item_slot_factor: float | None = 
     from recstream.models.repository import load_exported, load_sequence_scorer
     from recstream.models.served import ServedRetrieval
     from recstream.recommend.rerank import diversify
+    from recstream.recommend.rerank import new_item_slot_factor as version_slot_factor
     from recstream.recommend.scoring import Candidate
     from recstream.training.bundle import item_categories, serving_item_texts
     from recstream.training.ranker import request_times, rerank_scores, split_events
 
     retrieval = ServedRetrieval.from_repo(model_repo, serving_item_texts(split), [str(i) for i in split.item_ids])
     ranker = load_exported(model_repo)
-    if new_item_slot_factor is None:
-        new_item_slot_factor = 1.0 if places_new_items(ranker.meta) else None
+    new_item_slot_factor = version_slot_factor(places_new_items(ranker.meta), new_item_slot_factor)
     sequence = load_sequence_scorer(model_repo)
     if sequence is not None and sequence.item_ids != [str(i) for i in split.item_ids]:
         raise ValueError(f"{model_repo}'s sequence_scorer was trained on another catalogue than {split.data.name}'s")

@@ -16,7 +16,7 @@ import numpy as np
 from recstream.contracts.events import PoolCandidate, RankedItem, RankingLog, RecommendationResult
 from recstream.models.sequence_fusion import fused_scores
 from recstream.recommend.rerank import diversify as diversify_list
-from recstream.recommend.rerank import place_new_items
+from recstream.recommend.rerank import new_item_slot_factor, place_new_items
 from recstream.recommend.scoring import Candidate
 from recstream.telemetry import STAGE_LATENCY
 from streams.context import StreamContext
@@ -112,8 +112,10 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                     # times `new_item_factor`, or not at all where the version chose so); the scores
                     # published and logged stay the ranker's logits.
                     by = sc if p.sequence_scores is None else fused_scores(sc, p.sequence_scores, p.sequence_weight)
-                    new = [c.popularity == 0 for c in p.candidates]
-                    p.order = by if factor is None else place_new_items(by, new, factor)
+                    if factor is None:
+                        p.order = by
+                    else:
+                        p.order = place_new_items(by, [c.popularity == 0 for c in p.candidates], factor)
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)
@@ -125,12 +127,9 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
 
 
 def new_item_factor(setting: float | None, ranker: object) -> float | None:
-    """Where a list puts the candidates nobody has interacted with: at their retrieval slot times the
-    operator's NEW_ITEM_SLOT_FACTOR when set, else as the served ranker version says (its retrieval
-    slot, or None: the ranker orders them like the rest, for a version whose validation chose so)."""
-    if setting is not None:
-        return setting
-    return 1.0 if getattr(ranker, "places_new_items", True) else None
+    """`recstream.recommend.rerank.new_item_slot_factor` for the served ranker (the heuristic one has no
+    version to say: it places new items)."""
+    return new_item_slot_factor(getattr(ranker, "places_new_items", True), setting)
 
 
 def finish(ctx: StreamContext, p: Pending) -> Answer:

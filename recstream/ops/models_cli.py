@@ -96,7 +96,7 @@ def train(
     configure_threads(threads or None)
     bundle = train_bundle(dataset, seed=seed)
     if choose_cold_rule:
-        bundle.cold_rule_choice = cold_rule_for(bundle.split.data, seed)
+        bundle.cold_rule_choice = cold_rule_for(bundle.split.data, seed, places_new_items=bundle.places_new_items)
     check = _validation_against_baselines(bundle)
     cold = None if bundle.cold_rule_choice is None else bundle.cold_rule_choice.model_dump()
     typer.echo(json.dumps({"stats": bundle.stats, "validation_ndcg10": check, "cold_rule": cold}, indent=2))

@@ -38,6 +38,15 @@ def new_item_order(scores: Sequence[float], is_new: Sequence[bool], slot_factor:
     return np.argsort(slot, kind="stable")
 
 
+def new_item_slot_factor(places: bool, setting: float | None = None) -> float | None:
+    """Where a list puts the candidates nobody has interacted with: at their retrieval slot times the
+    operator's NEW_ITEM_SLOT_FACTOR when set, else as the version chose (its retrieval slot, or None:
+    the ranker orders them like the rest). Offline scoring and the worker both ask this."""
+    if setting is not None:
+        return setting
+    return 1.0 if places else None
+
+
 def place_new_items(scores: Sequence[float], is_new: Sequence[bool], slot_factor: float = 1.0) -> np.ndarray:
     """`new_item_order` as ordering scores: the same multiset of ranker scores, reassigned so that
     sorting by score gives that order (what the worker diversifies by)."""

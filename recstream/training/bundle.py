@@ -87,7 +87,9 @@ class TrainedBundle:
     @property
     def new_item_slot_factor(self) -> float | None:
         """How offline scoring places new items for this bundle: at their retrieval slot, or not at all."""
-        return 1.0 if self.places_new_items else None
+        from recstream.recommend.rerank import new_item_slot_factor
+
+        return new_item_slot_factor(self.places_new_items)
 
     @property
     def cold_rule(self) -> Any:
@@ -116,6 +118,7 @@ def train_bundle_on(split: Any, seed: int, work: Path, places_new_items: bool | 
     `places_new_items` gives it (a cold-start split takes its data set's choice: `BundleRecommender`)."""
     from recstream.models.ranker import FEATURE_SCHEMA, Ranker, RankerConfig
     from recstream.models.two_tower import TwoTowerConfig
+    from recstream.recommend.rerank import new_item_slot_factor
     from recstream.training.ranker import (
         request_times,
         split_events,
@@ -172,7 +175,7 @@ def train_bundle_on(split: Any, seed: int, work: Path, places_new_items: bool | 
         ranker.meta.extra["bundle_key"] = rkey
         ranker.save(rpath)
     places, p_stats = _placement(split, ranker, retrieval, cats, work / "placement.json", rkey, places_new_items)
-    factor = 1.0 if places else None
+    factor = new_item_slot_factor(places)
     sequence, s_stats = _sequence(split, seed, ranker, retrieval, cats, work / "sequence", fp, rkey, factor)
     stats = {
         "retrieval_valid_ndcg10": float(r_stats.get("valid_ndcg10", float("nan"))),
@@ -366,14 +369,19 @@ class BundleRecommender:
         self.cold_rule: Any = None
         self.info: dict[str, Any] = {}
 
-    def fit(self, split: Any) -> BundleRecommender:
-        # a cold-start split's lists place new items as its data set's served model does
-        places = placement_for(split.data, self.seed, self.work_root) if hasattr(split, "cold_valid") else None
-        bundle = train_bundle_on(split, self.seed, bundle_work_dir(split, self.seed, self.work_root), places)
-        if hasattr(split, "cold_valid"):
+    def fit(self, split: Any, places_new_items: bool | None = None) -> BundleRecommender:
+        """Train or reuse the split's bundle. A cold-start split's lists place new items as its data
+        set's served model does: `places_new_items` when the caller has that model, else looked up
+        (`placement_for`)."""
+        cold = hasattr(split, "cold_valid")
+        if cold and places_new_items is None:
+            places_new_items = placement_for(split.data, self.seed, self.work_root)
+        work = bundle_work_dir(split, self.seed, self.work_root)
+        bundle = train_bundle_on(split, self.seed, work, places_new_items if cold else None)
+        if cold:
             bundle.cold_rule_choice = choose_own_cold_rule(bundle)
         elif self.choose_cold_rule:
-            bundle.cold_rule_choice = cold_rule_for(split.data, self.seed, self.work_root)
+            bundle.cold_rule_choice = cold_rule_for(split.data, self.seed, self.work_root, bundle.places_new_items)
         return self.attach(bundle)
 
     def attach(self, bundle: TrainedBundle) -> BundleRecommender:
@@ -414,12 +422,14 @@ def choose_own_cold_rule(bundle: TrainedBundle) -> Any:
     return choose_cold_rule(BundleRecommender(ranked=True).attach(bundle), cases)
 
 
-def cold_rule_for(data: Any, seed: int = 0, work_root: Path | None = None) -> Any:
+def cold_rule_for(data: Any, seed: int = 0, work_root: Path | None = None, places_new_items: bool | None = None) -> Any:
     """The rule for models trained on `data`: chosen on the default cold-start split of the same data,
-    whose bundle for `seed` is trained or reused (the quality bench's cache)."""
+    whose bundle for `seed` is trained or reused (the quality bench's cache), its lists placing new
+    items as the models' do (`places_new_items`; None: looked up, `placement_for`)."""
     from recstream.data.split import cold_start_split
 
-    return BundleRecommender(seed, work_root=work_root).fit(cold_start_split(data)).bundle.cold_rule_choice
+    row = BundleRecommender(seed, work_root=work_root).fit(cold_start_split(data), places_new_items)
+    return row.bundle.cold_rule_choice
 
 
 def placement_for(data: Any, seed: int = 0, work_root: Path | None = None) -> bool:
