@@ -142,7 +142,11 @@ class CoVisitation:
         recent = _co_visit_window(history)
         if not len(recent) or not len(cand):
             return np.zeros(len(cand), np.float64)
-        return np.asarray(self.sim[recent][:, cand].sum(axis=0), dtype=np.float64).ravel()
+        columns, inverse = np.unique(cand, return_inverse=True)
+        _, at, values = _entries_in(self.sim, recent, columns)
+        summed = np.zeros(len(columns), np.float32)
+        np.add.at(summed, at, values)  # float32, row by row: the sum a scipy sub-matrix gives, to the bit
+        return summed[inverse].astype(np.float64)
 
     def follow_scores_idx(self, history: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """How much each candidate [len(cand)] followed the last FOLLOW_WINDOW items of `history`
@@ -152,7 +156,11 @@ class CoVisitation:
         recent, weights = _follow_window(history)
         if self.follows is None or not len(recent) or not len(cand):
             return np.zeros(len(cand), np.float64)
-        return np.asarray(weights @ self.follows[recent][:, cand].toarray(), dtype=np.float64).ravel()
+        columns, inverse = np.unique(cand, return_inverse=True)
+        row, at, values = _entries_in(self.follows, recent, columns)
+        dense = np.zeros((len(recent), len(columns)), np.float32)
+        dense[row, at] = values
+        return np.asarray(weights @ dense[:, inverse], dtype=np.float64)
 
     def top_idx(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """The `n` items (indices, best first) most co-visited with the last CO_VISIT_WINDOW of
@@ -161,7 +169,7 @@ class CoVisitation:
         recent = _co_visit_window(history)
         if n <= 0 or not len(recent):
             return np.zeros(0, np.int64)
-        return _best(self.sim[recent].tocoo(), np.ones(len(recent)), n, exclude)
+        return _best(*_row_entries(self.sim, recent), np.ones(len(recent)), n, exclude, len(self.item_ids))
 
     def follow_top_idx(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
         """The `n` items (indices, best first) that most followed the last FOLLOW_WINDOW of
@@ -169,7 +177,7 @@ class CoVisitation:
         recent, weights = _follow_window(history)
         if n <= 0 or not len(recent) or self.follows is None:
             return np.zeros(0, np.int64)
-        return _best(self.follows[recent].tocoo(), weights, n, exclude)
+        return _best(*_row_entries(self.follows, recent), weights, n, exclude, len(self.item_ids))
 
     def top(self, history: Sequence[str], n: int, exclude: Sequence[str] = ()) -> list[str]:
         """`top_idx` by item id (serving: the session's recent ids, the ids already retrieved)."""
@@ -260,16 +268,53 @@ def _follow_window(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return recent[known], weights[known]
 
 
-def _best(rows: sp.coo_matrix, row_weights: np.ndarray, n: int, exclude: np.ndarray | None) -> np.ndarray:
-    """The `n` columns (best first) of the weighted sum of `rows`, none of `exclude`. A full sort
-    of the touched columns, ties by index: the first n are the same whatever n is asked, which
+def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position in `rows`, column, value) of every stored entry of those rows, row by row in CSR
+    order. Read off the CSR arrays: scipy's fancy indexing builds a sub-matrix per call, and those
+    calls were most of a request's co-visitation time."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = m.indptr[rows].astype(np.int64)
+    lengths = m.indptr[rows + 1] - starts
+    row = np.repeat(np.arange(len(rows)), lengths)
+    offsets = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return row, m.indices[offsets].astype(np.int64), m.data[offsets]
+
+
+def _entries_in(m: sp.csr_matrix, rows: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(position in `rows`, position in `columns`, value) of the stored entries of those rows that
+    fall in `columns` (distinct), row by row."""
+    row, col, values = _row_entries(m, rows)
+    position = np.full(m.shape[1], -1, dtype=np.int64)  # a catalogue-sized lookup beats a search
+    position[columns] = np.arange(len(columns))
+    at = position[col]
+    hit = at >= 0
+    return row[hit], at[hit], values[hit]
+
+
+def _best(
+    row: np.ndarray,
+    col: np.ndarray,
+    values: np.ndarray,
+    row_weights: np.ndarray,
+    n: int,
+    exclude: np.ndarray | None,
+    n_items: int,
+) -> np.ndarray:
+    """The `n` columns (best first) of the weighted sum of the entries (`_row_entries`), none of
+    `exclude`. Ordered by score, ties by index: the first n are the same whatever n is asked, which
     serving (over-fetching for its filters) relies on."""
-    items, inverse = np.unique(rows.col, return_inverse=True)
-    summed = np.bincount(inverse, weights=rows.data * row_weights[rows.row], minlength=len(items))
+    summed = np.bincount(col, weights=values * row_weights[row], minlength=n_items)
+    touched = np.zeros(n_items, dtype=bool)
+    touched[col] = True
     if exclude is not None and len(exclude):
-        keep = ~np.isin(items, np.asarray(exclude, dtype=np.int64))
-        items, summed = items[keep], summed[keep]
-    return items[np.lexsort((items, -summed))][:n].astype(np.int64)
+        exclude = np.asarray(exclude, dtype=np.int64)
+        touched[exclude[(exclude >= 0) & (exclude < n_items)]] = False
+    items = np.flatnonzero(touched)
+    scores = summed[items]
+    if n < len(items):  # only what can reach the first n (every tie at the n-th score) is sorted
+        kept = scores >= np.partition(scores, len(scores) - n)[len(scores) - n]
+        items, scores = items[kept], scores[kept]
+    return items[np.lexsort((items, -scores))][:n].astype(np.int64)
 
 
 def _csr_arrays(m: sp.csr_matrix, prefix: str) -> dict[str, np.ndarray]:
