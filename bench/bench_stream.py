@@ -15,8 +15,8 @@ next to this load generator, on the same cores. Phases:
    --events-rps, for --duration-s. Latency is query -> recommendation as the client SDK sees it
    (RecommendationClient: produce to consume);
    freshness is event produce -> session features updated, from the worker's histogram;
-4. capacity: the same mixed load at each of --capacity-steps (default 50, 100, 200, 400
-   requests/s, --step-s each, stopping at the first that fails): `capacity_req_per_s` is the
+4. capacity: the same mixed load at each of --capacity-steps (default 50, 100, 150, 200, 300,
+   400 requests/s, --step-s each, stopping at the first that fails): `capacity_req_per_s` is the
    highest rate whose p99 stays <= 50 ms with no degraded or unanswered request.
 
 CPU is reported as what a planner needs on any machine: `cpu_ms_per_request` (mixed phase, per
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranker", default="auto", help="worker --ranker: auto, triton or inprocess")
     ap.add_argument(
         "--capacity-steps",
-        default="50,100,200,400",
+        default="50,100,150,200,300,400",
         help="offered rates of the capacity search (stops at the first over p99 50 ms or degraded); '' = none",
     )
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per capacity step")
