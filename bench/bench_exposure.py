@@ -59,8 +59,8 @@ def stage_ranks(rec: Any, split: Any, stage: str) -> dict[float, Any]:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench.common import cold_draws, paired_over_splits, print_table, write_result
-    from recstream.data import cold_start_split, leave_last_out, load_dataset
+    from bench.common import cold_draws, load_dataset_arg, paired_over_splits, print_table, write_result
+    from recstream.data import cold_start_split, leave_last_out
     from recstream.eval.baselines import ZeroShotText
     from recstream.eval.metrics import rank_cases
     from recstream.eval.stats import mean_ci95, ndcg_gains
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     draws = cold_draws(args.cold_seeds, seeds)
     t0 = time.perf_counter()
 
-    data = load_dataset(args.dataset)
+    data = load_dataset_arg(args.dataset)
     main_split = leave_last_out(data)
     colds = {d: cold_start_split(data, seed=d) for d in dict.fromkeys(draws)}
     stages = {"cold": ("valid", "cold_valid", "test"), "main": ("valid", "test")}

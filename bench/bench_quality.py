@@ -48,8 +48,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bench.common import RESULTS_DIR, cold_draws, measure, paired_over_splits, print_table, write_result
-from recstream.data import cold_start_split, data_hash, leave_last_out, load_dataset
+from bench.common import (
+    RESULTS_DIR,
+    cold_draws,
+    load_dataset_arg,
+    measure,
+    paired_over_splits,
+    print_table,
+    write_result,
+)
+from recstream.data import cold_start_split, data_hash, leave_last_out
 from recstream.data.split import Split
 from recstream.eval.baselines import BPRMF, ItemKNN, Popularity, Recommender, SASRecID, SASRecText, ZeroShotText
 from recstream.eval.metrics import metrics_from_ranks, rank_cases
@@ -403,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draws = cold_draws(args.cold_seeds, seeds)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = load_dataset(args.dataset)
+    data = load_dataset_arg(args.dataset)
     specs = selected(args.models)
     use_cache = not args.no_cache
     result: dict[str, Any] = {

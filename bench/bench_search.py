@@ -43,10 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import load_dataset_arg, print_table, write_result
 from recstream.config import REPO_ROOT
 from recstream.contracts.models import ITEM_ENCODER
-from recstream.data.datasets import load_dataset
 from recstream.data.split import Split, leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
@@ -283,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--seeds needs at least one seed")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    data = load_dataset(args.dataset)
+    data = load_dataset_arg(args.dataset)
     split = leave_last_out(data)
     texts = serving_item_texts(split)
     model_repo = Path(args.model_repo)

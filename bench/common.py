@@ -15,6 +15,16 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def load_dataset_arg(name: str) -> Any:
+    """`--dataset` for a bench: a wrong file ends the run with the loader's message, not a traceback."""
+    from recstream.data.datasets import DataFormatError, load_dataset
+
+    try:
+        return load_dataset(name)
+    except DataFormatError as exc:
+        raise SystemExit(f"--dataset {name}: {exc}") from exc
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write `bench/results/NAME.json` (pretty, stable key order) and return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ tables, each either a UTF-8 CSV file with a header row (``interactions.csv``) or
 (``interactions.parquet``; one of the two per table, and they may differ: Parquet interactions beside
 a CSV items file is fine). In Parquet, ids may be integer columns (read as their decimal strings) and
 ``ts`` may be a timestamp column (read as UTC seconds). Errors name the file, the column and the
-1-based data rows.
+data rows (counted from 1 after the header; blank lines are skipped and not counted).
 
 ``interactions.csv``
     ``user_id`` (str, required), ``item_id`` (str, required), ``ts`` (int seconds, required),
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +34,9 @@ INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "event", "rating"]
 ITEM_COLUMNS = ["item_id", "title", "category", "text"]
 _REQUIRED_INTERACTIONS = ["user_id", "item_id", "ts"]
 _REQUIRED_ITEMS = ["item_id", "title"]
+_MILLISECONDS = 1e11  # a median ts above this (year 5138 in seconds) is almost surely in milliseconds
+
+log = logging.getLogger(__name__)
 
 
 class DataFormatError(ValueError):
@@ -46,15 +50,18 @@ class InteractionData:
     interactions: pd.DataFrame
     items: pd.DataFrame
     name: str = "unnamed"
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+    """Where each table was read from ("interactions", "items" -> a file path), for error messages."""
 
     def __post_init__(self) -> None:
-        self.interactions = _normalise_interactions(self.interactions, self.name)
-        self.items = _normalise_items(self.items, self.name)
+        inter_src = self.sources.get("interactions", self.name)
+        self.interactions = _normalise_interactions(self.interactions, inter_src)
+        self.items = _normalise_items(self.items, self.sources.get("items", self.name))
         unknown = ~self.interactions["item_id"].isin(set(self.items["item_id"]))
         if unknown.any():
             missing = sorted(set(self.interactions.loc[unknown, "item_id"]))
             raise DataFormatError(
-                f"{self.name}: {len(missing)} item_id(s) in interactions are not in items, e.g. {missing[:5]}, "
+                f"{inter_src}: {len(missing)} item_id(s) in interactions are not in items, e.g. {missing[:5]}, "
                 f"at interactions {_rows(unknown)}"
             )
 
@@ -74,33 +81,76 @@ class InteractionData:
 
 
 def _rows(mask: pd.Series | np.ndarray, limit: int = 5) -> str:
-    """Where a problem is, as a user finds it in the file: 1-based data rows (line = row + 1 in a CSV
-    with its header), the first `limit` of them and how many in all."""
+    """Where a problem is, as a user finds it in the file: data rows counted from 1 after the header
+    (line = row + 1 in a CSV without blank lines), the first `limit` of them and how many in all."""
     idx = np.flatnonzero(np.asarray(mask))
     shown = ", ".join(str(i + 1) for i in idx[:limit])
     return f"row {shown}" if len(idx) == 1 else f"rows {shown}{', ...' if len(idx) > limit else ''} ({len(idx)} rows)"
 
 
-def _check_columns(df: pd.DataFrame, required: list[str], what: str, name: str) -> None:
-    missing = [c for c in required if c not in df.columns]
-    if missing:
+def _check_columns(df: pd.DataFrame, required: list[str], known: list[str], what: str, name: str) -> None:
+    """Required columns present, none of the known ones twice; the message says what was found instead."""
+    columns = [str(c) for c in df.columns]
+    twice = [c for c in known if f"{c}.1" in columns and c in columns]  # pandas renames a repeated header
+    if twice:
+        raise DataFormatError(f"{name}: {what} has column(s) {twice} more than once; keep one of each")
+    missing = [c for c in required if c not in columns]
+    if not missing:
+        return
+    hints = []
+    if len(columns) == 1 and (sep := next((s for s in (";", "\t", "|") if s in columns[0]), None)):
+        hints.append(f"the header holds {sep!r}: the file must be comma-separated")
+    near = {c: m for c in columns for m in missing if c != m and c.strip().lower() == m}
+    if near:
+        hints.append("rename " + ", ".join(f"{c!r} to {m!r}" for c, m in near.items()) + " (names are exact)")
+    raise DataFormatError(
+        f"{name}: {what} lacks required column(s) {missing}; has {columns}; required: {required}"
+        + "".join(f"; {h}" for h in hints)
+    )
+
+
+def _is_id_or_missing(value: object) -> bool:
+    return value is None or isinstance(value, str | int | np.integer) or (isinstance(value, float) and value != value)
+
+
+def _check_ids(out: pd.DataFrame, col: str, what: str, name: str) -> None:
+    """Ids are strings or integers, never empty and never padded: 1.0 and 1, or 'a ' and 'a', would
+    silently be two different ids."""
+    values = out[col]
+    if pd.api.types.is_float_dtype(values) or pd.api.types.is_bool_dtype(values):
         raise DataFormatError(
-            f"{name}: {what} lacks required column(s) {missing}; has {list(df.columns)}; required: {required}"
+            f"{name}: {what}.{col} is a {values.dtype} column; ids must be strings or integers "
+            "(a float id such as 1.0 would not match the id 1)"
         )
+    if values.dtype == object:
+        odd = ~values.map(_is_id_or_missing).astype(bool)
+        if odd.any():
+            kinds = sorted({type(v).__name__ for v in values[odd]})
+            raise DataFormatError(f"{name}: {what}.{col} must hold strings or integers, got {kinds} at {_rows(odd)}")
+    empty = values.isna() | (values.astype(str).str.strip() == "")
+    if empty.any():
+        raise DataFormatError(f"{name}: {what}.{col} is empty at {_rows(empty)}")
+    text = values.astype(str)
+    padded = text != text.str.strip()
+    if padded.any():
+        raise DataFormatError(
+            f"{name}: {what}.{col} has leading or trailing spaces, e.g. {text[padded].head(3).tolist()} at "
+            f"{_rows(padded)}; remove them ('a ' and 'a' would be two different ids)"
+        )
+    out[col] = text
 
 
 def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    _check_columns(df, _REQUIRED_INTERACTIONS, "interactions", name)
+    _check_columns(df, _REQUIRED_INTERACTIONS, INTERACTION_COLUMNS, "interactions", name)
     out = df.copy().reset_index(drop=True)
     if "event" not in out.columns:
         out["event"] = "interaction"
     if "rating" not in out.columns:
         out["rating"] = np.nan
     for col in ("user_id", "item_id"):
-        empty = out[col].isna() | (out[col].astype(str).str.strip() == "")
-        if empty.any():
-            raise DataFormatError(f"{name}: interactions.{col} is empty at {_rows(empty)}")
-        out[col] = out[col].astype(str)
+        _check_ids(out, col, "interactions", name)
+    if pd.api.types.is_bool_dtype(out["ts"]):
+        raise DataFormatError(f"{name}: interactions.ts is a bool column; it must be integer seconds")
     if pd.api.types.is_datetime64_any_dtype(out["ts"]):
         # a Parquet timestamp column: UTC seconds (naive times are taken as UTC)
         stamps = out["ts"].dt.tz_localize("UTC") if out["ts"].dt.tz is None else out["ts"].dt.tz_convert("UTC")
@@ -115,13 +165,20 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
             "(a data set without real times may number each user's events 0, 1, 2, ...)"
         )
     out["ts"] = ts.astype(np.int64)
+    if out["ts"].median() > _MILLISECONDS:
+        log.warning(
+            "%s: interactions.ts looks like milliseconds (median %d); it is read as seconds",
+            name,
+            int(out["ts"].median()),
+        )
     out["event"] = out["event"].fillna("interaction").astype(str)
     rating = pd.to_numeric(out["rating"], errors="coerce")
     bad_rating = rating.isna() & out["rating"].notna() & (out["rating"].astype(str).str.strip() != "")
+    bad_rating |= rating.notna() & ~np.isfinite(rating.fillna(0.0))
     if bad_rating.any():
         bad = out.loc[bad_rating, "rating"].head(3).tolist()
         raise DataFormatError(
-            f"{name}: interactions.rating must be numeric or empty, got e.g. {bad} at {_rows(bad_rating)}"
+            f"{name}: interactions.rating must be a finite number or empty, got e.g. {bad} at {_rows(bad_rating)}"
         )
     out["rating"] = rating.astype(np.float64)
     extra = [c for c in out.columns if c not in INTERACTION_COLUMNS]
@@ -129,12 +186,9 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    _check_columns(df, _REQUIRED_ITEMS, "items", name)
+    _check_columns(df, _REQUIRED_ITEMS, ITEM_COLUMNS, "items", name)
     out = df.copy().reset_index(drop=True)
-    empty = out["item_id"].isna() | (out["item_id"].astype(str).str.strip() == "")
-    if empty.any():
-        raise DataFormatError(f"{name}: items.item_id is empty at {_rows(empty)}")
-    out["item_id"] = out["item_id"].astype(str)
+    _check_ids(out, "item_id", "items", name)
     dup_mask = out["item_id"].duplicated()
     if dup_mask.any():
         dup = out["item_id"][dup_mask]
@@ -148,6 +202,12 @@ def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if "text" not in out.columns:
         out["text"] = np.where(out["category"] != "", out["title"] + " | " + out["category"], out["title"])
     out["text"] = out["text"].fillna("").astype(str)
+    wordless = out["text"].str.strip() == ""
+    if wordless.any():
+        raise DataFormatError(
+            f"{name}: items have no text at {_rows(wordless)} (title, category and text all empty); "
+            "text models need a title for every item"
+        )
     extra = [c for c in out.columns if c not in ITEM_COLUMNS]
     return out[ITEM_COLUMNS + extra]
 
@@ -205,12 +265,15 @@ def load_movielens_100k() -> InteractionData:
 _CSV_DTYPES = {"user_id": str, "item_id": str, "event": str, "title": str, "category": str, "text": str}
 
 
-def _read_table(folder: Path, table: str) -> pd.DataFrame:
-    """`table`.csv or `table`.parquet from `folder` (exactly one of them), never empty."""
+def _read_table(folder: Path, table: str) -> tuple[pd.DataFrame, Path]:
+    """`table`.csv or `table`.parquet from `folder` (exactly one of them, never empty), and its path."""
     found = [folder / f"{table}{ext}" for ext in (".csv", ".parquet") if (folder / f"{table}{ext}").is_file()]
     if not found:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
         raise DataFormatError(
-            f"{folder}: missing {table}.csv (or {table}.parquet); the generic form needs interactions and items"
+            f"{folder}: missing {table}.csv (or {table}.parquet); the generic form needs interactions and items "
+            f"(names are exact, lower case, uncompressed); the folder holds {held[:10] or 'nothing'}"
+            + (f" and {len(held) - 10} more" if len(held) > 10 else "")
         )
     if len(found) > 1:
         raise DataFormatError(f"{folder}: both {found[0].name} and {found[1].name}; keep one of them")
@@ -218,11 +281,17 @@ def _read_table(folder: Path, table: str) -> pd.DataFrame:
     if fpath.suffix == ".csv":
         try:
             df = pd.read_csv(fpath, dtype=_CSV_DTYPES, keep_default_na=False, na_values={"rating": [""]})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
             raise DataFormatError(f"{fpath}: not a readable UTF-8 CSV with a header row: {exc}") from exc
         if df.empty:
             raise DataFormatError(f"{fpath}: has a header but no rows")
-        return df
+        if not isinstance(df.index, pd.RangeIndex):
+            # pandas takes the extra leading fields as an index and shifts every column: say so
+            raise DataFormatError(
+                f"{fpath}: data row 1 has more fields than the header (a trailing comma, or an unquoted "
+                "comma inside a value?); quote values that hold commas"
+            )
+        return df, fpath
     import pyarrow as pa
 
     try:
@@ -231,7 +300,7 @@ def _read_table(folder: Path, table: str) -> pd.DataFrame:
         raise DataFormatError(f"{fpath}: not a readable Parquet file: {exc}") from exc
     if df.empty:
         raise DataFormatError(f"{fpath}: has no rows")
-    return df
+    return df, fpath
 
 
 def load_generic(path: Path) -> InteractionData:
@@ -239,9 +308,10 @@ def load_generic(path: Path) -> InteractionData:
     path = Path(path)
     if not path.is_dir():
         raise DataFormatError(f"{path}: expected a directory holding interactions and items (.csv or .parquet)")
-    interactions = _read_table(path, "interactions")
-    items = _read_table(path, "items")
-    return InteractionData(interactions=interactions, items=items, name=path.name)
+    interactions, inter_file = _read_table(path, "interactions")
+    items, items_file = _read_table(path, "items")
+    sources = {"interactions": str(inter_file), "items": str(items_file)}
+    return InteractionData(interactions=interactions, items=items, name=path.resolve().name, sources=sources)
 
 
 def save_generic(data: InteractionData, path: Path, fmt: Literal["csv", "parquet"] = "csv") -> Path:
@@ -269,6 +339,8 @@ def load_dataset(name_or_path: str) -> InteractionData:
     path = Path(key).expanduser()
     if path.exists():
         return load_generic(path)
+    if "/" in key or key.startswith("."):
+        raise DataFormatError(f"{key}: no such directory (a data set in the generic form is a directory)")
     raise DataFormatError(
         f"unknown data set {name_or_path!r}: use one of {sorted(_BUILTIN)} or a directory with "
         "interactions and items (.csv or .parquet)"

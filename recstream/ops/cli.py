@@ -113,9 +113,12 @@ def replay(
     if path.suffix == ".jsonl":
         stream = read_jsonl(path)
     else:
-        from recstream.data.datasets import load_dataset
+        from recstream.data.datasets import DataFormatError, load_dataset
 
-        data = load_dataset(source)
+        try:
+            data = load_dataset(source)
+        except DataFormatError as exc:
+            raise typer.BadParameter(str(exc), param_hint="SOURCE") from exc
         items = [("catalog", e) for e in catalog_events(data.items)] if catalog else []
         events = (("behaviour", e) for e in behaviour_events(data.interactions))
         stream = iter(items + list(islice(events, limit or None)))

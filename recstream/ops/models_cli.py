@@ -89,12 +89,16 @@ def train(
     """Train the served models (item encoder, session encoder, ranker) on DATASET's leave-last-out
     training part and write them as Triton model versions; prints their validation figures beside
     item-knn's and popularity's, and refuses to export models that lose to either on validation."""
+    from recstream.data.datasets import DataFormatError
     from recstream.models.training import configure_threads
     from recstream.training.bundle import cold_rule_for, export_bundle, train_bundle
 
     setup_logging()
     configure_threads(threads or None)
-    bundle = train_bundle(dataset, seed=seed)
+    try:
+        bundle = train_bundle(dataset, seed=seed)
+    except DataFormatError as exc:  # raised while reading the files, before any training
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from exc
     if choose_cold_rule:
         bundle.cold_rule_choice = cold_rule_for(bundle.split.data, seed, places_new_items=bundle.places_new_items)
     check = _validation_against_baselines(bundle)

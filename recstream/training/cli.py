@@ -35,10 +35,13 @@ def _setup(threads: int) -> None:
 
 def load_split(dataset: str, split: str = "leave-last-out", cold_frac: float = 0.1, seed: int = 0) -> Any:
     """The evaluation split every step agrees on (same item indexing as the quality bench)."""
-    from recstream.data.datasets import load_dataset
+    from recstream.data.datasets import DataFormatError, load_dataset
     from recstream.data.split import cold_start_split, leave_last_out
 
-    data = load_dataset(dataset)
+    try:
+        data = load_dataset(dataset)
+    except DataFormatError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from exc
     if split == "cold":
         return cold_start_split(data, frac=cold_frac, seed=seed)
     if split != "leave-last-out":

@@ -85,6 +85,15 @@ def test_generic_optional_columns_defaulted(tmp_path: Path) -> None:
         ),
         ("user_id,item_id,ts\n", "item_id,title\na,A\n", "interactions.csv: has a header but no rows"),
         ("user_id,item_id,ts\n1,a,1\n", 'item_id,title\na,"A\n', "not a readable UTF-8 CSV"),
+        # the mistakes a spreadsheet export makes, each named where it is
+        ("user_id;item_id;ts\n1;a;1\n", "item_id,title\na,A\n", "the header holds ';': the file must be comma"),
+        ("User_ID,item_id,ts\n1,a,1\n", "item_id,title\na,A\n", "rename 'User_ID' to 'user_id'"),
+        ("user_id,item_id,ts\n1,a,1,\n", "item_id,title\na,A\n", "interactions.csv: data row 1 has more fields"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,Alpha, the\n", "items.csv: data row 1 has more fields"),
+        ("user_id,item_id,ts,ts\n1,a,1,2\n", "item_id,title\na,A\n", "has column(s) ['ts'] more than once"),
+        ("user_id,item_id,ts\n1,a ,1\n", "item_id,title\na,A\n", "item_id has leading or trailing spaces, e.g. ['a ']"),
+        ("user_id,item_id,ts,rating\n1,a,1,inf\n", "item_id,title\na,A\n", "finite number or empty, got e.g. [inf]"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,A\nb,\n", "items have no text at row 2"),
     ],
 )
 def test_generic_clear_errors(tmp_path: Path, inter: str, items: str, message: str) -> None:
@@ -94,11 +103,36 @@ def test_generic_clear_errors(tmp_path: Path, inter: str, items: str, message: s
         load_generic(tmp_path)
 
 
+def test_generic_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,ts\n1,a,soon\n")
+    (tmp_path / "items.csv").write_text("item_id,title\na,A\n")
+    with pytest.raises(DataFormatError, match=re.escape(f"{tmp_path / 'interactions.csv'}: interactions.ts")):
+        load_generic(tmp_path)
+
+
 def test_generic_missing_file_and_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(DataFormatError, match=r"missing interactions\.csv"):
+    with pytest.raises(DataFormatError, match=r"missing interactions\.csv.*the folder holds nothing"):
+        load_generic(tmp_path)
+    (tmp_path / "interactions.csv.gz").write_bytes(b"")
+    with pytest.raises(DataFormatError, match=re.escape("the folder holds ['interactions.csv.gz']")):
         load_generic(tmp_path)
     with pytest.raises(DataFormatError, match="unknown data set"):
         load_dataset("no-such-data-set")
+    with pytest.raises(DataFormatError, match="no such directory"):
+        load_dataset(str(tmp_path / "missing"))
+
+
+def test_commands_refuse_a_wrong_file_without_a_traceback(tmp_path: Path) -> None:
+    """`train` says what is wrong with the file (usage error, exit 2) before anything is trained."""
+    from typer.testing import CliRunner
+
+    from recstream.ops.cli import app
+
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\n1,a\n")
+    (tmp_path / "items.csv").write_text("item_id,title\na,A\n")
+    result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "lacks required column(s) ['ts']" in " ".join(result.output.split())
 
 
 def test_generic_parquet_round_trip_and_mixed_forms(tmp_path: Path) -> None:
@@ -143,6 +177,15 @@ def test_generic_parquet_errors(tmp_path: Path) -> None:
     pd.DataFrame({"user_id": ["1"], "ts": [1]}).to_parquet(tmp_path / "interactions.parquet")
     with pytest.raises(DataFormatError, match=re.escape("interactions lacks required column(s) ['item_id']")):
         load_generic(tmp_path)
+    for column, wrong, message in (
+        ("item_id", [1.0, 2.0], "interactions.item_id is a float64 column"),
+        ("user_id", [["u1"], ["u2"]], "interactions.user_id must hold strings or integers, got ['ndarray']"),
+        ("ts", [True, False], "interactions.ts is a bool column"),
+    ):
+        frame = {"user_id": ["1", "1"], "item_id": ["a", "a"], "ts": [1, 2]} | {column: wrong}
+        pd.DataFrame(frame).to_parquet(tmp_path / "interactions.parquet")
+        with pytest.raises(DataFormatError, match=re.escape(message)):
+            load_generic(tmp_path)
     (tmp_path / "interactions.parquet").write_bytes(b"user_id,item_id,ts\n1,a,1\n")
     with pytest.raises(DataFormatError, match=r"interactions\.parquet: not a readable Parquet file"):
         load_generic(tmp_path)
