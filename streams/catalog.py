@@ -41,6 +41,9 @@ class CatalogLoop(AsyncBatchLoop):
         self.ctx = ctx
         self.indexer = indexer
 
+    def outputs(self) -> Any:
+        return self.ctx.producer  # dead letters of refused catalog operations
+
     def _join(self, consumer: Consumer) -> None:
         consumer.subscribe([self.topic], on_assign=self._on_assign)
 

@@ -5,14 +5,16 @@ rule that a dead consumer thread stops the whole worker."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Self
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from recstream.config import Settings
 
@@ -93,8 +95,49 @@ class ConsumerThread:
         raise NotImplementedError
 
 
-#: Offsets stored after a batch is handled are committed this often (librdkafka's auto-commit).
+#: Offsets stored after a batch's outputs are acknowledged are committed this often (auto-commit).
 COMMIT_INTERVAL_MS = 1000
+#: On revoke and stop: how long to wait for the broker to acknowledge the outputs still in flight.
+SETTLE_TIMEOUT_S = 10.0
+
+DeliveryCallback = Callable[[Any, Any], None]
+
+
+class BatchOutputs:
+    """What one handled batch produced (answers, dead letters) and the consumed positions that
+    its acknowledgement releases. Delivery reports may be served on another thread that polls the
+    same producer, hence the lock."""
+
+    __slots__ = ("_lock", "delivered", "failed", "positions", "produced")
+
+    def __init__(self, positions: dict[int, int]) -> None:
+        self.positions = positions
+        self.produced = 0
+        self.delivered = 0
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def track(self, on_delivery: DeliveryCallback) -> DeliveryCallback:
+        """`on_delivery`, also counting this output as acknowledged (or failed) when it reports."""
+        with self._lock:
+            self.produced += 1
+
+        def reported(err: Any, msg: Any) -> None:
+            with self._lock:
+                self.delivered += 1
+                self.failed |= err is not None
+            on_delivery(err, msg)
+
+        return reported
+
+    def settled(self) -> bool:
+        with self._lock:
+            return self.delivered == self.produced
+
+
+#: The batch being handled on this thread (its task copies the value): `StreamContext.produce`
+#: registers the outputs of that batch here, so that their consumed offsets wait for the broker.
+CURRENT_BATCH: contextvars.ContextVar[BatchOutputs | None] = contextvars.ContextVar("current_batch", default=None)
 
 
 class AsyncBatchLoop(ConsumerThread):
@@ -103,8 +146,12 @@ class AsyncBatchLoop(ConsumerThread):
     The first message of a batch is taken with poll() (it returns on arrival), then whatever else is
     fetched, up to `batch_max`, waiting at most `batch_wait_s`: under load batches grow on their own,
     at low rates nothing waits for one to fill. Offsets are stored once a batch is handled and
-    committed every COMMIT_INTERVAL_MS (at least once), and at stop. Subclasses say how to join the
-    topic, which messages to keep, what to do per batch and, optionally, while the topic is quiet."""
+    committed every COMMIT_INTERVAL_MS, and at stop. At least once: a batch's offsets are stored
+    only after the broker acknowledged every answer and dead letter it produced (`outputs()`), so a
+    crash, a stop or a delivery that fails never commits past a request whose answer was lost; after
+    a failed delivery nothing more is committed, and a restart answers from there again. Subclasses
+    say how to join the topic, which messages to keep, what to do per batch and, optionally, while
+    the topic is quiet."""
 
     batch_max = 32
     batch_wait_s = 0.0
@@ -115,6 +162,12 @@ class AsyncBatchLoop(ConsumerThread):
         self.settings = settings
         self.topic = topic
         self.group_id = group_id
+        self._unsettled: deque[BatchOutputs] = deque()
+        self._stalled = False
+
+    def outputs(self) -> Producer | None:
+        """The producer whose acknowledgements release consumed offsets (None: stored when handled)."""
+        return None
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -129,6 +182,7 @@ class AsyncBatchLoop(ConsumerThread):
         self._join(consumer)
         try:
             while not self._stop.is_set():
+                self._store_settled(consumer)
                 self._before_poll(consumer)
                 first = consumer.poll(self.poll_s)
                 if first is None:
@@ -136,18 +190,51 @@ class AsyncBatchLoop(ConsumerThread):
                     continue
                 msgs = [first, *consumer.consume(self.batch_max - 1, timeout=self.batch_wait_s)]
                 events = [Consumed(m) for m in msgs if self._keep(m)]
-                loop.run_until_complete(self._handle(events))
-                last: dict[int, int] = {}
-                for ev in events:
-                    last[ev.partition] = ev.offset
-                consumer.store_offsets(offsets=[TopicPartition(self.topic, p, off + 1) for p, off in last.items()])
+                batch = BatchOutputs({ev.partition: ev.offset + 1 for ev in events})
+                token = CURRENT_BATCH.set(batch)
+                try:
+                    loop.run_until_complete(self._handle(events))
+                finally:
+                    CURRENT_BATCH.reset(token)
+                self._unsettled.append(batch)
         finally:
             try:
+                self.settle(consumer)
                 consumer.commit(asynchronous=False)
             except Exception as exc:  # nothing stored yet, or the broker is gone
                 log.debug("%s: final commit: %s", self.thread_name, exc)
             consumer.close()
             loop.close()
+
+    def _store_settled(self, consumer: Consumer) -> None:
+        """Store the offsets of the oldest batches whose outputs are all acknowledged, in order."""
+        producer = self.outputs()
+        if producer is not None:
+            producer.poll(0)  # serve delivery reports
+        while self._unsettled and not self._stalled and self._unsettled[0].settled():
+            batch = self._unsettled.popleft()
+            if batch.failed:
+                self._stalled = True
+                log.error(
+                    "%s: an answer or dead letter was never delivered; no offset is committed past %s, so a "
+                    "restart answers from there again",
+                    self.thread_name,
+                    batch.positions,
+                )
+                return
+            positions = [TopicPartition(self.topic, p, off) for p, off in batch.positions.items()]
+            if positions:
+                try:
+                    consumer.store_offsets(offsets=positions)
+                except KafkaException as exc:  # a partition revoked meanwhile: its new owner answers
+                    log.debug("%s: offsets not stored: %s", self.thread_name, exc)
+
+    def settle(self, consumer: Consumer, timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+        """Wait for the outputs in flight (revoke, stop), then store what they release."""
+        producer = self.outputs()
+        if producer is not None and self._unsettled:
+            producer.flush(timeout_s)
+        self._store_settled(consumer)
 
     def _join(self, consumer: Consumer) -> None:
         """Subscribe to the topic, or take partitions some other way."""

@@ -25,7 +25,7 @@ from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
 from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
-from streams.consumer_threads import Consumed
+from streams.consumer_threads import CURRENT_BATCH, Consumed
 from streams.naming import app_id
 
 log = logging.getLogger(__name__)
@@ -269,9 +269,13 @@ class StreamContext:
         self.produce(topic, key, value, self.bulk_producer if bulk else self.producer)
 
     def produce(self, topic: str, key: bytes | None, value: bytes, producer: Producer | None = None) -> None:
+        """Answers and dead letters produced while a request or catalog batch is handled join that
+        batch's outputs: its offsets are committed only once the broker has them (at least once)."""
         if producer is None:
             producer = self.producer
-        produce_or_wait(producer, topic, key, value, self._on_delivery)
+        batch = CURRENT_BATCH.get()
+        on_delivery = batch.track(self._on_delivery) if batch is not None and producer is self._producer else None
+        produce_or_wait(producer, topic, key, value, on_delivery or self._on_delivery)
         producer.poll(0)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:

@@ -6,6 +6,7 @@ implements `Ranker` plus its entry in RANKERS.
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -151,7 +152,7 @@ class TritonRanker:
         if self._version_cache[0] != version:
             number = version.rsplit("-v", 1)[-1] if "-v" in version else ""
             files = version_files(self._model_repo / self.model / number, version) if number.isdigit() else None
-            self._version_cache = (version, *(files or (None, 0, 0, True)))
+            self._version_cache = (version, *(files or NO_VERSION_FILES))
         return self._version_cache[1:]
 
     def _rows(self, ctx: RankContext, candidates: list[Candidate]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,11 +196,13 @@ class TritonRanker:
             res = self._client.infer(self.model, inputs, client_timeout=timeout_s)
             scores = res.as_numpy("SCORES").reshape(len(rows), width)
             served = res.get_response().model_version
-        if served:
-            self.version = f"{self.model}-v{served}"
+        # chunks of a batch run at once in the thread pool: answer with the version that scored
+        # these rows, not whatever another chunk has stored in self.version meanwhile
+        label = f"{self.model}-v{served}" if served else self.version
+        self.version = label
         for j, i in enumerate(live):
             out[i] = scores[j, : sizes[i]].astype(np.float32)
-        return out, self.version
+        return out, label
 
 
 #: The ranker backends by the worker's `--ranker` name (`auto` = `triton` when Triton serves the
@@ -210,17 +213,30 @@ RANKERS: dict[str, Callable[[Settings], Ranker]] = {
 }
 
 
+#: What a served ranker version falls back to when its files cannot be read: no co-visitation
+#: statistic (those features are 0), no co-visited or follows slots, new items placed apart.
+NO_VERSION_FILES: tuple[CoVisitation | None, int, int, bool] = (None, 0, 0, True)
+
+
 def version_files(folder: Path, version: str) -> tuple[CoVisitation | None, int, int, bool]:
     """A ranker version folder's statistic, its co-visited and follows slots per list and whether its
-    lists place new items (`recstream.models.ranker.places_new_items`)."""
+    lists place new items (`recstream.models.ranker.places_new_items`). A version whose files are
+    broken (truncated, invalid meta.json, a corrupt .npz) is still served, without them: every
+    request reads these, so an exception here would fail every answer until the version changed."""
     from recstream.models.ranker import co_visited_slots, follow_slots, places_new_items
     from recstream.models.training import read_meta
 
-    meta = read_meta(folder)
+    try:
+        meta = read_meta(folder)
+        stat = CoVisitation.load(folder)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        log.error(
+            "%s: cannot read its files in %s (%s); served without co-visitation and follows", version, folder, exc
+        )
+        return NO_VERSION_FILES
     places = places_new_items(meta)
     if not places:
         log.info("%s: its lists let the ranker order items nobody has interacted with", version)
-    stat = CoVisitation.load(folder)
     if stat is None:
         log.warning("%s: no %s in %s; its co_visitation and follows features are 0", version, CoVisitation.FILE, folder)
         return None, 0, 0, places

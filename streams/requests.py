@@ -6,9 +6,9 @@ Co-partitioning: a request reads the sessions table of its user's partition, so 
 assigned exactly the partition numbers the behaviour consumer holds (`follow`: the behaviour
 consumer's rebalance callbacks assign and revoke them here, after its tables are recovered). Only
 without a behaviour consumer in the process does it join a group itself. Offsets live in the group
-`<app id>-requests`, stored after a request's answer is published and committed every second (at
-least once: a crash re-answers at most the last second of requests; they are over budget by then
-and answered from retrieval).
+`<app id>-requests`, stored once the broker acknowledged the batch's answers and dead letters and
+committed every second (at least once: a crash re-answers at most the last second of requests;
+they are over budget by then and answered from retrieval).
 
 Latency: the first message of a batch is taken with poll() (returns on arrival), then whatever else
 is already fetched, up to BATCH_MAX, without waiting: under load batches grow on their own and
@@ -53,6 +53,9 @@ class RequestLoop(AsyncBatchLoop):
         self._commands: queue.Queue[tuple[str, list[int], threading.Event | None]] = queue.Queue()
         self._following = False
         self.assigned: set[int] = set()
+
+    def outputs(self) -> Any:
+        return self.ctx.producer
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class RequestLoop(AsyncBatchLoop):
                 gone = [p for p in parts if p in self.assigned]
                 if gone:
                     try:
+                        self.settle(consumer)
                         consumer.commit(asynchronous=False)
                     except Exception as exc:
                         log.debug("requests: commit before revoke: %s", exc)

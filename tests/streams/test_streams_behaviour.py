@@ -23,6 +23,7 @@ from recstream.contracts.events import BehaviourEvent
 from recstream.contracts.topics import BEHAVIOUR, dead_letter_topic
 from streams.behaviour import BehaviourLoop, Record
 from streams.changelog import ChangelogTable, changelog_topic, ensure_changelog
+from tests.support.worker_stack import committed_positions
 
 pytestmark = [pytest.mark.kafka]
 
@@ -78,16 +79,6 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _committed(settings: Settings, group: str) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    topic = BEHAVIOUR.name(settings.topic_prefix)
-    try:
-        parts = [TopicPartition(topic, p) for p in range(BEHAVIOUR.partitions)]
-        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
-    finally:
-        consumer.close()
-
-
 def _ends(settings: Settings) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "ends"})
     topic = BEHAVIOUR.name(settings.topic_prefix)
@@ -102,7 +93,7 @@ def _ends(settings: Settings) -> dict[int, int]:
 
 def _lag(settings: Settings, group: str) -> int:
     """Messages of the behaviour topic the group has not committed (an empty partition has no commit)."""
-    committed = _committed(settings, group)
+    committed = committed_positions(settings, BEHAVIOUR, group)
     return sum(end - max(committed[p], 0) for p, end in _ends(settings).items())
 
 
@@ -142,7 +133,11 @@ def test_batches_keep_user_order_dead_letter_once_and_commit_what_the_changelog_
     try:
         _wait(lambda: recorder.total() >= len(events), 60, "not every event reached the processor")
         # While running, commits follow the acknowledgements of the outputs (no stop needed).
-        _wait(lambda: _committed(settings, group) == _ends(settings), 30, "acknowledged positions not committed")
+        _wait(
+            lambda: committed_positions(settings, BEHAVIOUR, group) == _ends(settings),
+            30,
+            "acknowledged positions not committed",
+        )
         running = ChangelogTable("counts", recorder.table.topic, 4)
         running.recover(settings, range(4))
         assert running.data == recorder.table.data
@@ -155,7 +150,7 @@ def test_batches_keep_user_order_dead_letter_once_and_commit_what_the_changelog_
     assert recorder.batches < len(events) / 10, "events were not batched"
 
     # Stopping committed everything it folded, and the changelog holds the state those offsets mean.
-    assert _committed(settings, group) == _ends(settings)
+    assert committed_positions(settings, BEHAVIOUR, group) == _ends(settings)
     recovered = ChangelogTable("counts", recorder.table.topic, 4)
     recovered.recover(settings, range(4))
     assert recovered.data == recorder.table.data

@@ -1,7 +1,8 @@
 """The request consumer (streams.requests) against a real broker: in follow mode it reads exactly the
 partitions it is given (the behaviour consumer's, so sessions are local), stops reading revoked ones
-before revoke() returns, and commits what it answered. The answering itself (answer_batch) is covered
-through the real worker in test_streams_e2e.py; here decode_events records and answers nothing."""
+before revoke() returns, and commits what it answered, and only once the broker has the answers.
+The answering itself (answer_batch) is covered through the real worker in test_streams_e2e.py; here
+the processor answers nothing, or a placeholder per request."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from recstream.client import EventProducer
+from recstream.client.producer import producer_config
 from recstream.config import Settings
 from recstream.contracts.events import RecommendationRequest
 from recstream.contracts.topics import REQUESTS
+from streams.consumer_threads import COMMIT_INTERVAL_MS
+from streams.context import StreamContext
 from streams.requests import RequestLoop
+from tests.support.worker_stack import committed_positions
 
 pytestmark = [pytest.mark.kafka]
 
@@ -68,7 +73,13 @@ def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
 def test_follows_the_given_partitions_and_commits_what_it_answered(settings: Settings) -> None:
     seen = _Seen()
     ctx = SimpleNamespace(
-        settings=settings, worker="test", store=None, ranker=None, tables={}, decode_events=seen.decode_events
+        settings=settings,
+        worker="test",
+        store=None,
+        ranker=None,
+        tables={},
+        decode_events=seen.decode_events,
+        producer=None,  # answers nothing: offsets are stored as batches are handled
     )
     group = f"{settings.topic_prefix}requests-test"
     loop = RequestLoop(ctx, _answer_nothing, group).follow().start()
@@ -126,3 +137,36 @@ def test_a_second_request_processor_is_refused(tmp_path, monkeypatch: pytest.Mon
     monkeypatch.setattr(registry, "specs_for", lambda agents: [registry.BY_NAME["recommender"], twin])
     with pytest.raises(ValueError, match=r"requests consumer feeds one processor, not \['recommender', 'twin'\]"):
         create_app(Settings(run_dir=tmp_path, qdrant_path=tmp_path / "qdrant"), ["recommender", "twin"])
+
+
+def test_commits_only_past_answers_the_broker_acknowledged(settings: Settings) -> None:
+    """At least once: while answers are delivered the commits follow them; once an answer is lost
+    (here the broker refuses it as too large), nothing is committed past it, through the stop, so
+    a restarted worker answers those requests again."""
+    ctx = StreamContext(settings=settings, worker="test", agents=("recommender",))
+    # the producer may send what the broker refuses (its limit is 1 MiB): a delivery that fails
+    ctx._producer = Producer(producer_config(settings, **{"message.max.bytes": 4_000_000, "linger.ms": 1}))
+    lose_answers = threading.Event()
+    handled = [0]
+
+    async def answer(ctx: StreamContext, decoded: list) -> None:
+        for _ev, req in decoded:
+            body = b"x" * (2_000_000 if lose_answers.is_set() else 16)
+            ctx.send("recommendations", req.user_id.encode(), body)
+            handled[0] += 1
+
+    group = f"{settings.topic_prefix}requests-acks"
+    loop = RequestLoop(ctx, answer, group).start()
+    try:
+        _wait(loop.ready.is_set, 30, "no partitions assigned")
+        ends = _send(settings, 60)
+        _wait(lambda: committed_positions(settings, REQUESTS, group) == ends, 30, "answered requests not committed")
+        lose_answers.set()
+        more = _send(settings, 20)
+        _wait(lambda: handled[0] >= sum(more.values()), 30, "requests not answered")
+        time.sleep(3 * COMMIT_INTERVAL_MS / 1000)
+        assert committed_positions(settings, REQUESTS, group) == ends, "committed past an answer the broker refused"
+    finally:
+        loop.stop()
+        ctx.close()
+    assert committed_positions(settings, REQUESTS, group) == ends, "the stop committed past a lost answer"

@@ -1,19 +1,31 @@
-"""What the stream tests that run real workers share: Triton's budget under test load, and reading
-a topic to its end without a consumer group."""
+"""What the stream tests that run real workers share: Triton's budget under test load, reading a
+topic to its end without a consumer group, and a group's committed positions."""
 
 from __future__ import annotations
 
 import time
 import uuid
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 
 from recstream.config import Settings
+from recstream.contracts.topics import TopicSpec
 
 #: The production budget is settings.triton_timeout_s = 250 ms. On the shared 2-core test box one
 #: query encode alone measured 100-300 ms under load, so the behaviour tests give Triton 2 s and
 #: the degraded path is tested by making Triton unreachable, not by racing the deadline.
 TEST_TRITON_TIMEOUT_S = 2.0
+
+
+def committed_positions(settings: Settings, spec: TopicSpec, group: str) -> dict[int, int]:
+    """The positions `group` has committed on each partition of `spec`'s topic (-1001: none yet)."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    topic = spec.name(settings.topic_prefix)
+    try:
+        parts = [TopicPartition(topic, p) for p in range(spec.partitions)]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
 
 
 def read_all(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:

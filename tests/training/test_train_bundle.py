@@ -157,3 +157,25 @@ def test_the_export_ships_whether_the_lists_place_new_items(bundle) -> None:
     written = export_bundle(off, root / "placement_off_repo")
     assert load_exported(root / "placement_off_repo").meta.extra[PLACES_NEW_ITEMS] is False
     assert version_files(written[RANKER], "ranker-v1")[3] is False
+
+
+def test_a_ranker_version_with_broken_files_is_served_without_them(bundle, tmp_path: Path) -> None:
+    """A corrupt statistic or meta.json must not fail every answer of the worker (it reads these per
+    request): the version is served without co-visitation, as a ranker trained without it would be."""
+    import shutil
+
+    from recstream.contracts.models import RANKER
+    from recstream.models.co_visitation import CoVisitation
+    from streams.rankers import NO_VERSION_FILES, version_files
+
+    trained, root = bundle
+    written = export_bundle(trained, root / "broken_files_repo")
+    folder = tmp_path / "1"
+    shutil.copytree(written[RANKER], folder)
+    assert version_files(folder, "ranker-v1")[0] is not None
+    intact = (folder / CoVisitation.FILE).read_bytes()
+    (folder / CoVisitation.FILE).write_bytes(intact[: len(intact) // 2])
+    assert version_files(folder, "ranker-v1") == NO_VERSION_FILES
+    (folder / CoVisitation.FILE).write_bytes(intact)
+    (folder / "meta.json").write_text('{"model": ')
+    assert version_files(folder, "ranker-v1") == NO_VERSION_FILES
