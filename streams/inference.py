@@ -134,10 +134,12 @@ class TritonTextEmbedder:
             ids = None if item_ids is None else list(item_ids)
             out = self._client.encode_texts(list(texts), timeout_s=timeout_s, item_ids=ids)
         except TritonError as exc:
-            self.breaker.failure()
+            if use_breaker:  # a slow bulk batch must not open (or close) the breaker online queries use
+                self.breaker.failure()
             TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
             raise ModelUnavailable(f"{self.model}: {exc}") from exc
-        self.breaker.success()
+        if use_breaker:
+            self.breaker.success()
         TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)
         if item_ids is None and len(texts) <= 8:  # queries, not catalog batches, are worth caching
             with self._lock:
