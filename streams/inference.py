@@ -296,17 +296,27 @@ class TritonSequenceScorer:
         cfg = model_config(self._client, model)
         self.max_history = config_param(cfg, "max_history", 50)
         self.max_batch = max(1, int(cfg.get("max_batch_size", 0) or 64))
-        self._checked = 0.0
+        self._checked: float | None = None
         self._files: tuple[str, list[str], dict[str, int], object] = ("", [], {}, None)
         self.version = ""
         self.follow_version()
 
     def follow_version(self, every_s: float = VERSION_CHECK_S) -> None:
-        """Move to the newest version Triton serves (checked at most every `every_s`)."""
+        """Move to the newest version Triton serves, checked at most every `every_s`: the first time
+        before the worker answers, later in a background thread (each check asks Triton and may read
+        the repository; a slow server must not hold a request batch). Calls keep the version last
+        read until the new one is complete."""
         now = time.monotonic()
-        if self.version and now - self._checked < every_s:
+        first = self._checked is None
+        if not first and now - self._checked < every_s:
             return
         self._checked = now
+        if first:
+            self._follow()
+        else:
+            threading.Thread(target=self._follow, name=f"{self.model}-version", daemon=True).start()
+
+    def _follow(self) -> None:
         version = served_version(self._client, self.model)
         if version == self.version:
             return
