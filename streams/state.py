@@ -92,6 +92,9 @@ class ItemLookup:
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
         self.cache: dict[str, tuple[np.ndarray | None, str | None]] = {}
+        # Bumped by every invalidation (the catalog thread): a store read that began before one
+        # may hold the old vector, so it answers its caller but is not cached.
+        self.generation = 0
         # Interactions per item in this process's partitions (a ranker feature), summed over the
         # rows of the popularity table; rebuilt from it after every recovery.
         self.popularity: dict[str, int] = {}
@@ -127,16 +130,18 @@ class ItemLookup:
         return out
 
     def invalidate(self, item_ids: list[str]) -> None:
+        self.generation += 1  # before the pops: a read racing them must not cache what it read
         for i in item_ids:
             self.cache.pop(i, None)
 
     def get_many(self, item_ids: set[str]) -> dict[str, tuple[np.ndarray | None, str | None]]:
         missing = [i for i in item_ids if i not in self.cache]
+        read: dict[str, tuple[np.ndarray | None, str | None]] = {}
         if missing:
+            generation = self.generation
             hits = self.ctx.store.retrieve(missing)
-            for i in missing:
-                h = hits.get(i)
-                # Unknown items are not cached: the catalog may index them a moment later.
-                if h is not None:
-                    self.cache[i] = (h.vector, h.payload.get("category"))
-        return {i: self.cache.get(i, (None, None)) for i in item_ids}
+            # Unknown items are not cached: the catalog may index them a moment later.
+            read = {i: (h.vector, h.payload.get("category")) for i in missing if (h := hits.get(i)) is not None}
+            if generation == self.generation:
+                self.cache.update(read)
+        return {i: read.get(i) or self.cache.get(i, (None, None)) for i in item_ids}
