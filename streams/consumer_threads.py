@@ -145,9 +145,9 @@ class AsyncBatchLoop(ConsumerThread):
 
     The first message of a batch is taken with poll() (it returns on arrival), then whatever else is
     fetched, up to `batch_max`, waiting at most `batch_wait_s`: under load batches grow on their own,
-    at low rates nothing waits for one to fill. Offsets are stored once a batch is handled and
-    committed every COMMIT_INTERVAL_MS, and at stop. At least once: a batch's offsets are stored
-    only after the broker acknowledged every answer and dead letter it produced (`outputs()`), so a
+    at low rates nothing waits for one to fill. Offsets are committed every COMMIT_INTERVAL_MS and at
+    stop. At least once: a batch's offsets are stored only once it is handled and the broker has
+    acknowledged every answer and dead letter it produced (`outputs()`), so a
     crash, a stop or a delivery that fails never commits past a request whose answer was lost; after
     a failed delivery nothing more is committed, and a restart answers from there again. Subclasses
     say how to join the topic, which messages to keep, what to do per batch and, optionally, while
@@ -196,7 +196,8 @@ class AsyncBatchLoop(ConsumerThread):
                     loop.run_until_complete(self._handle(events))
                 finally:
                     CURRENT_BATCH.reset(token)
-                self._unsettled.append(batch)
+                if not self._stalled:  # once stalled nothing is stored again: keep nothing to store
+                    self._unsettled.append(batch)
         finally:
             try:
                 self.settle(consumer)

@@ -273,9 +273,11 @@ class StreamContext:
         batch's outputs: its offsets are committed only once the broker has them (at least once)."""
         if producer is None:
             producer = self.producer
+        on_delivery = self._on_delivery
         batch = CURRENT_BATCH.get()
-        on_delivery = batch.track(self._on_delivery) if batch is not None and producer is self._producer else None
-        produce_or_wait(producer, topic, key, value, on_delivery or self._on_delivery)
+        if batch is not None and producer is self._producer:  # ranking logs (bulk) hold no offsets back
+            on_delivery = batch.track(on_delivery)
+        produce_or_wait(producer, topic, key, value, on_delivery)
         producer.poll(0)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:

@@ -114,8 +114,8 @@ def _is_id_or_missing(value: object) -> bool:
 
 
 def _check_ids(out: pd.DataFrame, col: str, what: str, name: str) -> None:
-    """Ids are strings or integers, never empty and never padded: 1.0 and 1, or 'a ' and 'a', would
-    silently be two different ids."""
+    """Check `out[col]` and store it as text. Ids are strings or integers, never empty and never
+    padded: 1.0 and 1, or 'a ' and 'a', would silently be two different ids."""
     values = out[col]
     if pd.api.types.is_float_dtype(values) or pd.api.types.is_bool_dtype(values):
         raise DataFormatError(
