@@ -34,6 +34,8 @@ class CatalogLoop(AsyncBatchLoop):
     batch_max = BATCH_MAX
     batch_wait_s = BATCH_WITHIN_S
     poll_s = POLL_S
+    #: Indexing waits for Triton without bound (streams.catalog_indexer) and is idempotent by item id.
+    abandon_on_stop = True
 
     def __init__(self, ctx: Any, indexer: Any, group_id: str) -> None:
         """`indexer`: the catalog processor (`await process(decoded)`, `await idle()`)."""

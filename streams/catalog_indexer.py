@@ -2,8 +2,10 @@
 
 Within a batch only the last operation per item counts (the catalog is keyed and ordered by
 item_id), so a replay after a crash re-applies the same final state. Embedding needs Triton: if
-it is unreachable the batch is retried with backoff rather than skipped, because an item indexed
-without a vector would be invisible forever; recommendations keep flowing meanwhile.
+it is unreachable (or refuses the batch) the batch is retried with backoff rather than skipped,
+because an item indexed without a vector would be invisible forever; recommendations keep flowing
+meanwhile, and a stop does not wait for Triton (streams.catalog abandons the batch; a restart
+indexes it again).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from recstream.client.consumer import read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
 from recstream.telemetry import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
 from streams.context import StreamContext
-from streams.inference import ModelUnavailable
+from streams.inference import ModelRefused, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,15 @@ async def _encode_with_retry(ctx: StreamContext, upserts: list[ItemUpsert]):
             return await ctx.in_thread(embedder.encode, texts, ENCODE_TIMEOUT_S, False, ids)
         except ModelUnavailable as exc:
             delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-            log.warning("catalog: encoder unavailable (%s); retrying %d texts in %.1f s", exc, len(texts), delay)
+            if isinstance(exc, ModelRefused):  # nothing is skipped: an operator fixes the model or worker
+                log.error(
+                    "catalog: Triton refuses to encode (%s): do the worker and the served model agree on the inputs? "
+                    "Retrying %d texts in %.1f s",
+                    exc,
+                    len(texts),
+                    delay,
+                )
+            else:
+                log.warning("catalog: encoder unavailable (%s); retrying %d texts in %.1f s", exc, len(texts), delay)
             attempt += 1
             await asyncio.sleep(delay)

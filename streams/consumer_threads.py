@@ -5,6 +5,7 @@ rule that a dead consumer thread stops the whole worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -156,6 +157,11 @@ class AsyncBatchLoop(ConsumerThread):
     batch_max = 32
     batch_wait_s = 0.0
     poll_s = 0.05
+    #: Stop abandons the batch (or idle work) in progress instead of waiting for it: for processors
+    #: that may wait without bound on a model (catalog indexing retries until Triton answers) and
+    #: whose work is idempotent; the abandoned batch's offsets are never stored, so a restart
+    #: replays it. Off for requests: a stop lets the answers in progress go out.
+    abandon_on_stop = False
 
     def __init__(self, settings: Settings, topic: str, group_id: str) -> None:
         super().__init__()
@@ -164,6 +170,37 @@ class AsyncBatchLoop(ConsumerThread):
         self.group_id = group_id
         self._unsettled: deque[BatchOutputs] = deque()
         self._stalled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work: asyncio.Task | None = None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self.abandon_on_stop:
+            self._abandon()
+        super().stop(timeout_s)
+
+    def _abandon(self) -> None:
+        """Cancel the work in progress (from the stopping thread)."""
+        loop, work = self._loop, self._work
+        if loop is None or work is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+            loop.call_soon_threadsafe(work.cancel)
+
+    def _complete(self, loop: asyncio.AbstractEventLoop, coro: Any) -> bool:
+        """Run `coro` to its end on this thread's loop; False when a stop abandoned it."""
+        work = loop.create_task(coro)
+        self._work = work
+        if self.abandon_on_stop and self._stop.is_set():  # stop() ran before `work` was visible to it
+            work.cancel()
+        try:
+            loop.run_until_complete(work)
+            return True
+        except asyncio.CancelledError:
+            log.warning("%s: stop abandoned the work in progress; a restart does it again", self.thread_name)
+            return False
+        finally:
+            self._work = None
 
     def outputs(self) -> Producer | None:
         """The producer whose acknowledgements release consumed offsets (None: stored when handled)."""
@@ -172,6 +209,7 @@ class AsyncBatchLoop(ConsumerThread):
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        self._loop = loop
         consumer = Consumer(
             consumer_config(
                 self.settings,
@@ -186,14 +224,16 @@ class AsyncBatchLoop(ConsumerThread):
                 self._before_poll(consumer)
                 first = consumer.poll(self.poll_s)
                 if first is None:
-                    loop.run_until_complete(self._idle())
+                    if not self._complete(loop, self._idle()):
+                        break
                     continue
                 msgs = [first, *consumer.consume(self.batch_max - 1, timeout=self.batch_wait_s)]
                 events = [Consumed(m) for m in msgs if self._keep(m)]
                 batch = BatchOutputs({ev.partition: ev.offset + 1 for ev in events})
-                token = CURRENT_BATCH.set(batch)
+                token = CURRENT_BATCH.set(batch)  # the task copies this context when created
                 try:
-                    loop.run_until_complete(self._handle(events))
+                    if not self._complete(loop, self._handle(events)):
+                        break
                 finally:
                     CURRENT_BATCH.reset(token)
                 if not self._stalled:  # once stalled nothing is stored again: keep nothing to store
@@ -205,6 +245,7 @@ class AsyncBatchLoop(ConsumerThread):
             except Exception as exc:  # nothing stored yet, or the broker is gone
                 log.debug("%s: final commit: %s", self.thread_name, exc)
             consumer.close()
+            self._loop = None
             loop.close()
 
     def _store_settled(self, consumer: Consumer) -> None:

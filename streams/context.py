@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,92 +67,106 @@ class StreamContext:
     # 8 threads: the concurrent ranker calls of a request batch (32 / max_batch_size) and catalog
     # encodes; the calls release the GIL.
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="infer"))
+    _open_locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+    _open_locks_guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- lazily opened handles (opened in the worker process, never at import/app-build time) --
 
+    def _opened(self, attr: str, build: Callable[[], Any]) -> Any:
+        """The handle kept in `attr`, built once. Start-up (streams.registry.open_handles) and the
+        consumer threads may ask for a handle at the same moment; a second build would open a second
+        Qdrant local client on the same folder (refused), leak a producer whose messages are never
+        flushed, or start a second session-vector thread. One lock per handle: a slow model probe
+        holds up only the callers of that handle."""
+        value = getattr(self, attr)
+        if value is not None:
+            return value
+        with self._open_locks_guard:
+            lock = self._open_locks.setdefault(attr, threading.Lock())
+        with lock:
+            value = getattr(self, attr)
+            if value is None:
+                value = build()
+                setattr(self, attr, value)
+            return value
+
     @property
     def producer(self) -> Producer:
-        if self._producer is None:
-            # Outputs (recommendations, examples, dead letters) go through librdkafka: produce() is
-            # a non-blocking C call, far cheaper per message than aiokafka on 2 cores; 1 ms linger
-            # batches bursts without visible latency.
-            self._producer = Producer(producer_config(self.settings, **{"linger.ms": 1}))
-        return self._producer
+        # Outputs (recommendations, examples, dead letters) go through librdkafka: produce() is a
+        # non-blocking C call, far cheaper per message than aiokafka on 2 cores; 1 ms linger batches
+        # bursts without visible latency.
+        return self._opened("_producer", lambda: Producer(producer_config(self.settings, **{"linger.ms": 1})))
 
     @property
     def bulk_producer(self) -> Producer:
-        if self._bulk_producer is None:
-            # Records nobody waits for (ranking logs): 50 ms linger puts a second's worth into ~20
-            # broker requests. On the answer producer each log cost the broker one produce request
-            # (built after its answer's 1 ms linger had closed): measured 0.9 per answer.
-            self._bulk_producer = Producer(producer_config(self.settings, **{"linger.ms": BULK_LINGER_MS}))
-        return self._bulk_producer
+        # Records nobody waits for (ranking logs): 50 ms linger puts a second's worth into ~20 broker
+        # requests. On the answer producer each log cost the broker one produce request (built
+        # after its answer's 1 ms linger had closed): measured 0.9 per answer.
+        return self._opened(
+            "_bulk_producer", lambda: Producer(producer_config(self.settings, **{"linger.ms": BULK_LINGER_MS}))
+        )
 
     @property
     def store(self):
-        if self._store is None:
-            from recstream.vectorstore import VectorStore
+        from recstream.vectorstore import VectorStore
 
-            self._store = VectorStore(self.settings)
-        return self._store
+        return self._opened("_store", lambda: VectorStore(self.settings))
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from streams.inference import TritonTextEmbedder
+        from streams.inference import TritonTextEmbedder
 
-            self._embedder = TritonTextEmbedder(self.settings)
-        return self._embedder
+        return self._opened("_embedder", lambda: TritonTextEmbedder(self.settings))
 
     @property
     def item_embedder(self):
         """What the catalog indexer embeds items with: the trained `item_encoder` (text + learned ID
         residual) when Triton serves one, else the plain `text_encoder` (a repository without
         trained models). Chosen once at start-up."""
-        if self._item_embedder is None:
-            from recstream.contracts.models import ITEM_ENCODER
-            from streams.inference import TritonTextEmbedder, model_ready
+        return self._opened("_item_embedder", self._pick_item_embedder)
 
-            if model_ready(self.settings, ITEM_ENCODER):
-                self._item_embedder = TritonTextEmbedder(self.settings, model=ITEM_ENCODER)
-            else:
-                log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_ENCODER)
-                self._item_embedder = self.embedder
-        return self._item_embedder
+    def _pick_item_embedder(self):
+        from recstream.contracts.models import ITEM_ENCODER
+        from streams.inference import TritonTextEmbedder, model_ready
+
+        if model_ready(self.settings, ITEM_ENCODER):
+            return TritonTextEmbedder(self.settings, model=ITEM_ENCODER)
+        log.info("no '%s' model on Triton; items are embedded by their text alone", ITEM_ENCODER)
+        return self.embedder
 
     @property
     def session_encoder(self):
         """The trained session transformer on Triton, or None (sessions are then the decayed sum
         of their item vectors, as before a model was trained). Chosen once at start-up."""
-        if self._session_encoder is None:
-            from recstream.contracts.models import SESSION_ENCODER
-            from streams.inference import TritonSessionEncoder, model_ready
+        return self._opened("_session_encoder", self._pick_session_encoder) or None
 
-            if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_ENCODER):
-                self._session_encoder = TritonSessionEncoder(self.settings)
-            else:
-                log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_ENCODER)
-                self._session_encoder = False
-        return self._session_encoder or None
+    def _pick_session_encoder(self):
+        from recstream.contracts.models import SESSION_ENCODER
+        from streams.inference import TritonSessionEncoder, model_ready
+
+        if self.ranker_mode != "inprocess" and model_ready(self.settings, SESSION_ENCODER):
+            return TritonSessionEncoder(self.settings)
+        log.info("no '%s' model on Triton; session vectors are decayed sums", SESSION_ENCODER)
+        return False
 
     @property
     def sequence_scorer(self):
         """The ID sequence model on Triton (streams.inference.TritonSequenceScorer), or None: lists
         then come from the vector search and the ranker's statistic alone. Chosen once at start-up,
         with the learned ranker only (its fusion was chosen against it), unless SEQUENCE_MODEL=false."""
-        if self._sequence_scorer is None:
-            from recstream.contracts.models import SEQUENCE_SCORER
-            from streams.inference import TritonSequenceScorer, model_ready
+        return self._opened("_sequence_scorer", self._pick_sequence_scorer) or None
 
-            if not self.settings.sequence_model:
-                log.info("SEQUENCE_MODEL=false: lists go without the sequence model")
-                self._sequence_scorer = False
-            elif self.ranker_mode != "inprocess" and model_ready(self.settings, SEQUENCE_SCORER):
-                self._sequence_scorer = TritonSequenceScorer(self.settings)
-            else:
-                log.info("no '%s' model on Triton; lists go without the sequence model", SEQUENCE_SCORER)
-                self._sequence_scorer = False
-        return self._sequence_scorer or None
+    def _pick_sequence_scorer(self):
+        from recstream.contracts.models import SEQUENCE_SCORER
+        from streams.inference import TritonSequenceScorer, model_ready
+
+        if not self.settings.sequence_model:
+            log.info("SEQUENCE_MODEL=false: lists go without the sequence model")
+            return False
+        if self.ranker_mode != "inprocess" and model_ready(self.settings, SEQUENCE_SCORER):
+            return TritonSequenceScorer(self.settings)
+        log.info("no '%s' model on Triton; lists go without the sequence model", SEQUENCE_SCORER)
+        return False
 
     @property
     def hybrid_search(self):
@@ -191,22 +206,25 @@ class StreamContext:
 
     @property
     def session_vectors(self):
-        """Session vectors of active users, refreshed in the background (streams.session_vectors)."""
-        if self._session_vectors is None and self.session_encoder is not None:
-            from streams.session_vectors import SessionVectors
+        """Session vectors of active users, refreshed in the background (streams.session_vectors);
+        None without a session encoder."""
+        encoder = self.session_encoder
+        if encoder is None:
+            return None
+        from streams.session_vectors import SessionVectors
 
-            self._session_vectors = SessionVectors(self, self.session_encoder).start()
-        return self._session_vectors
+        return self._opened("_session_vectors", lambda: SessionVectors(self, encoder).start())
 
     @property
     def policy(self):
         """The exploration policy that orders each answer (settings.exploration_policy), with its rng."""
-        if self._policy is None:
-            from recstream.explore import make_policy
+        return self._opened("_policy", self._make_policy)
 
-            self._policy = make_policy(self.settings.exploration_policy)
-            self._rng = np.random.default_rng(self.settings.exploration_seed)
-        return self._policy
+    def _make_policy(self):
+        from recstream.explore import make_policy
+
+        self._rng = np.random.default_rng(self.settings.exploration_seed)  # before the policy shows
+        return make_policy(self.settings.exploration_policy)
 
     @property
     def rng(self):
@@ -217,17 +235,22 @@ class StreamContext:
     def policy_feedback(self):
         """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
         The recommender ranks through it and the feedback joiner reports closed windows to it."""
-        if self._policy_feedback is None:
-            from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback, learns_online
+        from recstream.explore.feedback import learns_online
 
-            if learns_online(self.policy):
-                self._policy_feedback = PolicyFeedback(
-                    self.policy,
-                    self.settings.policy_feedback_slots,
-                    max_age_s=self.settings.feedback_window_s + CLIENT_DELAY_GRACE_S,
-                )
-                self._policy_feedback.load(self.policy_state_path)
-        return self._policy_feedback
+        if not learns_online(self.policy):
+            return None
+        return self._opened("_policy_feedback", self._make_policy_feedback)
+
+    def _make_policy_feedback(self):
+        from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback
+
+        feedback = PolicyFeedback(
+            self.policy,
+            self.settings.policy_feedback_slots,
+            max_age_s=self.settings.feedback_window_s + CLIENT_DELAY_GRACE_S,
+        )
+        feedback.load(self.policy_state_path)
+        return feedback
 
     def save_policy_state(self) -> None:
         """Snapshot the policy's evidence; a failed write is logged and retried at the next snapshot
@@ -244,9 +267,7 @@ class StreamContext:
 
     @property
     def ranker(self):
-        if self._ranker is None:
-            self._ranker = self._pick_ranker()
-        return self._ranker
+        return self._opened("_ranker", self._pick_ranker)
 
     def _pick_ranker(self):
         from recstream.contracts.models import RANKER

@@ -37,6 +37,11 @@ class ModelUnavailable(RuntimeError):
     """A model call failed or missed its deadline; the caller answers degraded."""
 
 
+class ModelRefused(ModelUnavailable):
+    """Triton rejected the request itself (malformed input, or a worker and model that disagree on
+    the inputs): asking again gets the same answer until one of them changes."""
+
+
 class TextEmbedder(Protocol):
     def encode(self, texts: Sequence[str], timeout_s: float, use_breaker: bool = True) -> np.ndarray: ...
 
@@ -123,7 +128,7 @@ class TritonTextEmbedder:
         Bulk callers (catalog indexing) pass use_breaker=False: they retry on their own schedule
         and must not be refused because online requests recently failed. `item_ids` is for the
         item_encoder model (known items get their learned residual)."""
-        from recstream.serving.triton_client import TritonError
+        from recstream.serving.triton_client import TritonError, TritonUnavailable
 
         if not texts:
             return np.zeros((0, 384), np.float32)
@@ -137,7 +142,8 @@ class TritonTextEmbedder:
             if use_breaker:  # a slow bulk batch must not open (or close) the breaker online queries use
                 self.breaker.failure()
             TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
-            raise ModelUnavailable(f"{self.model}: {exc}") from exc
+            kind = ModelUnavailable if isinstance(exc, TritonUnavailable) else ModelRefused
+            raise kind(f"{self.model}: {exc}") from exc
         if use_breaker:
             self.breaker.success()
         TRITON_LATENCY.labels(model=self.model).observe(time.perf_counter() - t0)

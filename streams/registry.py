@@ -82,7 +82,7 @@ PROCESSORS: tuple[ProcessorSpec, ...] = (
         "requests -> retrieval, ranking and exploration -> recommendations (and ranking-log)",
         # the ranker import and its metadata probe take seconds on a busy box: not on a request
         opens=("store", "embedder", "ranker", "policy", "producer"),
-        opens_when_ready=("session_vectors",),
+        opens_when_ready=("session_vectors", "sequence_scorer"),
     ),
 )
 BY_NAME = {spec.name: spec for spec in PROCESSORS}

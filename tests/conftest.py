@@ -8,6 +8,7 @@ never see each other's messages.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in _NEEDS.items():
             if fixture in getattr(item, "fixturenames", ()) and marker not in item.keywords:
                 item.add_marker(marker)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released): for a server to take, or the
+    address of a component that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ operator CLI's `bench NAME` runs `python -m bench.bench_NAME`."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ from typer.testing import CliRunner
 
 from recstream.config import REPO_ROOT
 from recstream.ops import cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gateway(port: int, keys: str) -> subprocess.Popen[bytes]:
@@ -41,8 +34,8 @@ def _gateway(port: int, keys: str) -> subprocess.Popen[bytes]:
     )
 
 
-def test_python_m_services_gateway_serves_health_and_playground() -> None:
-    port = _free_port()
+def test_python_m_services_gateway_serves_health_and_playground(free_port: int) -> None:
+    port = free_port
     proc = _gateway(port, "k1")
     try:
         deadline = time.monotonic() + 60
@@ -66,8 +59,8 @@ def test_python_m_services_gateway_serves_health_and_playground() -> None:
         proc.wait(20)
 
 
-def test_gateway_refuses_to_start_without_keys() -> None:
-    proc = _gateway(_free_port(), "")
+def test_gateway_refuses_to_start_without_keys(free_port: int) -> None:
+    proc = _gateway(free_port, "")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and b"GATEWAY_API_KEYS" in out
 
