@@ -196,7 +196,9 @@ class AsyncBatchLoop(ConsumerThread):
         try:
             loop.run_until_complete(work)
             return True
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if not (self.abandon_on_stop and self._stop.is_set()):  # not ours: a dead thread stops the worker
+                raise RuntimeError(f"{self.thread_name}: work cancelled without a stop") from exc
             log.warning("%s: stop abandoned the work in progress; a restart does it again", self.thread_name)
             return False
         finally:

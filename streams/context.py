@@ -108,15 +108,21 @@ class StreamContext:
 
     @property
     def store(self):
+        return self._opened("_store", self._open_store)
+
+    def _open_store(self):
         from recstream.vectorstore import VectorStore
 
-        return self._opened("_store", lambda: VectorStore(self.settings))
+        return VectorStore(self.settings)
 
     @property
     def embedder(self):
+        return self._opened("_embedder", self._open_embedder)
+
+    def _open_embedder(self):
         from streams.inference import TritonTextEmbedder
 
-        return self._opened("_embedder", lambda: TritonTextEmbedder(self.settings))
+        return TritonTextEmbedder(self.settings)
 
     @property
     def item_embedder(self):
@@ -208,12 +214,14 @@ class StreamContext:
     def session_vectors(self):
         """Session vectors of active users, refreshed in the background (streams.session_vectors);
         None without a session encoder."""
-        encoder = self.session_encoder
-        if encoder is None:
+        if self.session_encoder is None:
             return None
+        return self._opened("_session_vectors", self._start_session_vectors)
+
+    def _start_session_vectors(self):
         from streams.session_vectors import SessionVectors
 
-        return self._opened("_session_vectors", lambda: SessionVectors(self, encoder).start())
+        return SessionVectors(self, self.session_encoder).start()
 
     @property
     def policy(self):
@@ -329,8 +337,15 @@ class StreamContext:
         self.dead_letters.publish(source, error=error, error_type=error_type)
 
     async def in_thread(self, fn, *args):
-        """Run a blocking model/store call off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run a blocking model/store call off the event loop. A caller cancelled meanwhile (a stop
+        abandoning a catalog batch) still waits for the call to end: the thread cannot be
+        interrupted, and closing the store under a write (or a collection swap) could lose the index."""
+        call = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            raise
 
     def close(self) -> None:
         if self._session_vectors is not None:
