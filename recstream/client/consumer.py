@@ -35,6 +35,7 @@ class ConsumedEvent:
     key: bytes | None
     event: BaseModel
     timestamp_ms: int
+    value: bytes | None = None  # the message as consumed, for a dead letter if its handling fails
 
 
 class EventConsumer:
@@ -85,7 +86,9 @@ class EventConsumer:
             except InvalidEvent as exc:
                 self.dead_letters.publish(RefusedMessage.from_confluent(msg), error=exc.detail, error_type=exc.reason)
                 continue
-            out.append(ConsumedEvent(topic, msg.partition(), msg.offset(), msg.key(), event, msg.timestamp()[1]))
+            out.append(
+                ConsumedEvent(topic, msg.partition(), msg.offset(), msg.key(), event, msg.timestamp()[1], msg.value())
+            )
         if messages:
             self._dlq_producer.flush(10)
         return out
@@ -94,8 +97,19 @@ class EventConsumer:
         while True:
             yield from self.poll()
 
+    def refuse(self, consumed: ConsumedEvent, error: str, error_type: str) -> None:
+        """Dead-letter an event its handler could not use (valid by schema, unusable all the same)."""
+        source = RefusedMessage(consumed.topic, consumed.partition, consumed.offset, consumed.key, consumed.value)
+        self.dead_letters.publish(source, error=error, error_type=error_type)
+
     def commit(self) -> None:
-        """Commit what has been polled so far (synchronously, so a crash right after loses nothing)."""
+        """Commit what has been polled so far (synchronously, so a crash right after loses nothing).
+        Not while a dead letter is undelivered: the refused messages would be lost; the next commit
+        tries again."""
+        undelivered = self._dlq_producer.flush(10)
+        if undelivered:
+            log.error("%d dead letters undelivered; offsets not committed yet", undelivered)
+            return
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:

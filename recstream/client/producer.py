@@ -7,7 +7,9 @@ is the caller's exception rather than a dead letter somebody finds later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -53,6 +55,27 @@ class MessageTooLarge(ValueError):
         super().__init__(f"{size} bytes as a message; the worker takes at most {limit} (MAX_MESSAGE_BYTES)")
         self.size = size
         self.limit = limit
+
+
+class _Acks:
+    """Delivery reports of one batch of messages. Whichever thread polls the shared producer serves
+    them, so the counts are locked."""
+
+    def __init__(self, n: int, worker: str) -> None:
+        self.waiting = n
+        self.errors: list[str] = []
+        self.worker = worker
+        self._lock = threading.Lock()
+
+    def report(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
+        else:
+            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
+        with self._lock:
+            self.waiting -= 1
+            if err is not None:
+                self.errors.append(f"{msg.topic()}: {err}")
 
 
 class Outgoing(NamedTuple):
@@ -128,6 +151,24 @@ class EventProducer:
         """Enqueue bytes as they are (replays, dead letters, tests of bad input)."""
         produce_or_wait(self._producer, topic, key, value, self._on_delivery)
         self._producer.poll(0)
+
+    def deliver(self, outgoing: Sequence[Outgoing], timeout_s: float) -> None:
+        """Send these messages and wait for the broker's acknowledgement of each of them (not of
+        what other threads sent meanwhile); raise DeliveryError when one failed or `timeout_s`
+        passed. On a timeout what is still queued is dropped (`drop_unsent`): other callers' queued
+        messages too, and their own reports then fail them, so no caller is told "written" for a
+        message that was dropped."""
+        acks = _Acks(len(outgoing), self.worker)
+        for out in outgoing:
+            produce_or_wait(self._producer, out.topic, out.key, out.value, acks.report)
+        deadline = time.monotonic() + timeout_s
+        while acks.waiting > 0 and (left := deadline - time.monotonic()) > 0:
+            self._producer.poll(min(left, 0.01))  # short: another thread's poll may serve our reports
+        if acks.waiting > 0:
+            self.drop_unsent()
+            raise DeliveryError(f"{acks.waiting} of {len(outgoing)} messages unacknowledged after {timeout_s}s")
+        if acks.errors:
+            raise DeliveryError(f"{len(acks.errors)} of {len(outgoing)} messages failed: {acks.errors[:3]}")
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait for every enqueued message; raise DeliveryError if any failed."""

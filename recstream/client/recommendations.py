@@ -88,16 +88,24 @@ class RecommendationClient:
                     continue
                 with self._lock:
                     fut = self._pending.pop(result.request_id, None)
-                if fut is not None and not fut.done():
+                # A caller's deadline cancels its future from another thread at any moment: claiming
+                # it first (False once cancelled) keeps set_result from raising on this thread,
+                # which would end it, and with it every later answer.
+                if fut is not None and fut.set_running_or_notify_cancel():
                     fut.set_result(result)
 
     def submit(self, request: RecommendationRequest) -> Future[RecommendationResult]:
-        """Send a request; the future resolves when its result appears on the topic."""
+        """Send a request; the future resolves when its result appears on the topic. Raises
+        MessageTooLarge (nothing sent, nothing left waiting) for a request the worker would refuse."""
+        out = self.producer.prepare("requests", request)
         fut: Future[RecommendationResult] = Future()
         with self._lock:
             self._pending[request.request_id] = fut
-        self.producer.send("requests", request)
-        self.producer._producer.poll(0)
+        try:
+            self.producer.send_raw(out.topic, out.key, out.value)
+        except BaseException:
+            self.forget(request.request_id)
+            raise
         return fut
 
     def forget(self, request_id: str) -> None:

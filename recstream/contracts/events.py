@@ -342,6 +342,15 @@ class RankingLog(Event):
         "so another model version can rescore the pool offline; None when the ranker is not the learned one",
     )
 
+    @model_validator(mode="after")
+    def _one_features_width(self) -> RankingLog:
+        """One ranker scored the whole pool: rows of different widths cannot be its inputs (they
+        made every consumer that stacks them fail on this message)."""
+        widths = {len(c.features) for c in (*self.pool, *self.greedy) if c.features is not None}
+        if len(widths) > 1:
+            raise ValueError(f"candidate features rows of different widths {sorted(widths)}; one ranker scores a pool")
+        return self
+
     def outcome(self, item_id: str, position: int, propensity: float, clicked: bool) -> TrainingExample:
         """The training example the feedback joiner writes for one shown slot of this answer: what a
         simulator replays to produce logs in production's shape for off-policy evaluation."""

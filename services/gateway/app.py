@@ -138,15 +138,13 @@ class Gateway:
             except MessageTooLarge as exc:
                 where = f"event {i}" if len(events) > 1 else "the item" if topic == "catalog" else "the event"
                 raise HTTPException(413, f"{where} is {exc}") from exc
-        for out in outgoing:
-            producer.send_raw(out.topic, out.key, out.value)
         try:
-            producer.flush(self.limits.publish_timeout_s)
+            # acknowledged one by one for this request: concurrent requests share the producer
+            producer.deliver(outgoing, self.limits.publish_timeout_s)
         except DeliveryError as exc:
             # what was never sent is dropped, so it is not written after this 503; what was in
             # flight may still land, which is why behaviour events carry an event_id the worker
             # deduplicates: a client's retry with the same body never doubles an event
-            producer.drop_unsent()
             log.error("publish to %s failed: %s", topic, exc)
             raise HTTPException(
                 503, f"the broker did not acknowledge the write: {exc}; retry with the same event_id(s)"
@@ -188,6 +186,8 @@ class Gateway:
         timeout = self.limits.request_timeout_s
         try:
             result = await client.ask(request, deadline=arrival + timeout)
+        except MessageTooLarge as exc:  # e.g. thousands of exclude_items: the worker would refuse it
+            raise HTTPException(413, f"the request is {exc}") from exc
         except TimeoutError as exc:
             log.warning("no result for %s within %ss of its arrival", request.request_id, timeout)
             raise HTTPException(

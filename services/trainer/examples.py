@@ -3,6 +3,7 @@ ranker inputs they were served with (from the ranking log) or rebuilt from the c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -13,6 +14,8 @@ import numpy as np
 from recstream.continual import Example
 from recstream.contracts.events import ItemUpsert, RankingLog, TrainingExample
 from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, candidate_features
+
+log = logging.getLogger(__name__)
 
 
 def example_from_event(ev: TrainingExample) -> Example:
@@ -153,8 +156,21 @@ class ServedInputs:
     def add(self, rl: RankingLog, now: float | None = None) -> None:
         if rl.context is None:
             return
-        now = time.monotonic() if now is None else now
         rows = {c.item_id: np.asarray(c.features, np.float16) for c in [*rl.pool, *rl.greedy] if c.features is not None}
+        widths = {len(row) for row in rows.values()}
+        if len(rl.context) != 2 * ITEM_DIM or widths - {N_CAND_FEATURES}:
+            # another ranker's inputs (an older worker, another feature schema): learning from them
+            # would fail every round that samples one; the examples are rebuilt from the catalog
+            log.warning(
+                "ranking log %s: inputs of another shape (context %d, features %s; expected %d, %d): not used",
+                rl.request_id,
+                len(rl.context),
+                sorted(widths),
+                2 * ITEM_DIM,
+                N_CAND_FEATURES,
+            )
+            return
+        now = time.monotonic() if now is None else now
         self._by_request[rl.request_id] = (now, np.asarray(rl.context, np.float16), rows)
         self._by_request.move_to_end(rl.request_id)
         while self._by_request and (

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from recstream.client import EventConsumer
+from recstream.client import ConsumedEvent, EventConsumer
 from recstream.config import Settings
 from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonModelControl, decide, fine_tune
 from recstream.continual.monitor import CtrMonitor
@@ -374,6 +374,19 @@ class TrainerService:
         bad, why = self.monitor.should_rollback(live, prev)
         return self.rollback(f"automatic: {why}") if bad else None
 
+    def fold(self, consumed: Sequence[ConsumedEvent], source: EventConsumer) -> int:
+        """`handle` one event at a time: one it cannot use goes to the dead-letter topic with the
+        reason. Raised out of the loop it would stop the trainer, which would restart at the same
+        offset and stop again."""
+        added = 0
+        for c in consumed:
+            try:
+                added += self.handle([c.event])
+            except Exception as exc:
+                log.exception("%s[%d]@%d could not be used; dead-lettered", c.topic, c.partition, c.offset)
+                source.refuse(c, f"{type(exc).__name__}: {exc}", "unusable")
+        return added
+
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, max_seconds: float | None = None) -> None:
         """Consume until stopped (stop_event or max_seconds)."""
@@ -387,10 +400,10 @@ class TrainerService:
         t_end = None if max_seconds is None else time.monotonic() + max_seconds
         try:
             while not self.stop_event.is_set() and (t_end is None or time.monotonic() < t_end):
-                self.handle([c.event for c in catalog.poll(500, 0.05)])
+                self.fold(catalog.poll(500, 0.05), catalog)
                 batch = examples.poll(1000, 0.5)
                 if batch:
-                    self.handle([c.event for c in batch])
+                    self.fold(batch, examples)
                     examples.commit()
                 if self.due():
                     self.train_round()

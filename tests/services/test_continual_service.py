@@ -4,6 +4,7 @@ promote a gated candidate into the registry, refuse a corrupted stream, roll bac
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -251,6 +252,9 @@ def test_examples_learn_from_the_inputs_they_were_served_with(service: TrainerSe
     store.add(log.model_copy(update={"request_id": "b"}), now=5.0)
     store.add(log.model_copy(update={"request_id": "c"}), now=12.0)  # evicts the first (age), capacity holds
     assert len(store) == 2 and not store.attach(service.buffer.recent[0])
+    # another ranker's inputs (context of another width) would fail every round that samples them
+    store.add(log.model_copy(update={"request_id": "d", "context": [0.0] * 10}), now=12.0)
+    assert len(store) == 2 and "d" not in store._by_request
 
 
 def test_a_search_example_without_served_inputs_is_rebuilt_with_its_query(service: TrainerService) -> None:
@@ -332,3 +336,137 @@ def test_search_clicks_train_the_served_query_encoder_into_a_new_version(tmp_pat
     best = (encoder.encode(list(answers)) @ items.T).argmax(axis=1)
     assert [f"s{b}" for b in best] == list(answers.values())
     assert not service.query_round_due()  # the clicks were used; the next round waits for new ones
+
+
+@pytest.mark.kafka
+def test_a_malformed_ranking_log_is_dead_lettered_and_learning_goes_on(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """A ranking log whose candidates carry features rows of different widths (valid JSON, a
+    schema-valid list each) used to raise out of the trainer's loop before its offsets were
+    committed: the trainer stopped, restarted on the same message and stopped again. Real Kafka:
+    the log goes to its dead-letter topic with the reason, the examples after it are learned from,
+    and the committed offsets move past it."""
+    import base64
+    import json
+    import threading
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+    from logged_answers import greedy_answer_log
+
+    from recstream.client import EventProducer
+    from recstream.contracts.topics import dead_letter_topic
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    settings = make_settings(model_repo=repo)
+    cfg = TrainerConfig(train_every_examples=10**6, train_every_s=10**6, group_id="trainer-malformed")
+    service = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    events = _events(2, seed=9)
+    upserts = [ev for ev in events if isinstance(ev, ItemUpsert)]
+    examples = [ev for ev in events if isinstance(ev, TrainingExample)]
+    rng = np.random.default_rng(9)
+    good = greedy_answer_log("r-ok", "u1", ["i1", "i2"], rng.random((2, N_CAND_FEATURES)), np.zeros(2 * ITEM_DIM))
+    ragged = good.model_dump(mode="json")
+    ragged["request_id"] = "r-ragged"
+    ragged["policy_spec"] = "pl:0.5"  # an exploring answer's log: the off-policy window stacks its rows
+    ragged["pool"][1]["features"] = ragged["pool"][1]["features"][:3]
+    with EventProducer(settings) as producer:
+        producer.send_many("catalog", upserts)
+        producer.send_raw(producer.topic_for("ranking-log"), b"u1", json.dumps(ragged).encode())
+        producer.send_many("ranking-log", [good])
+        producer.send_many("training-examples", examples)
+
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run(max_seconds=120)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    read_from_start = {"bootstrap.servers": settings.kafka_bootstrap, "auto.offset.reset": "earliest"}
+    letters = Consumer({**read_from_start, "group.id": "dlq-read"})
+    letters.subscribe([dead_letter_topic(producer.topic_for("ranking-log"))])
+    got: list[dict] = []
+    try:
+        deadline = time.monotonic() + 90
+        while len(service.buffer) < len(examples) or not got:
+            assert not failures, f"the trainer stopped: {failures[0]!r}"
+            assert time.monotonic() < deadline, f"{len(service.buffer)} of {len(examples)} learned, {len(got)} letters"
+            msg = letters.poll(0.2)
+            if msg is not None and not msg.error():
+                got.append(json.loads(msg.value()))
+    finally:
+        service.stop_event.set()
+        runner.join(30)
+        letters.close()
+    assert not runner.is_alive() and not failures, failures
+    assert len(got) == 1 and "different widths" in got[0]["error"], got
+    assert json.loads(base64.b64decode(got[0]["value_b64"]))["request_id"] == "r-ragged"
+
+    topic = producer.topic_for("ranking-log")
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": cfg.group_id})
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = reader.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    finally:
+        reader.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == 2, committed  # past both logs
+
+
+@pytest.mark.kafka
+def test_an_event_the_trainer_cannot_fold_is_dead_lettered_not_fatal(
+    service: TrainerService, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails while one event is folded in (here the feature store, on one item) costs that
+    event alone: it goes to its dead-letter topic with the reason, the events beside it are learned."""
+    import base64
+    import json
+    import time
+
+    from confluent_kafka import Consumer
+
+    from recstream.client import ConsumedEvent, EventConsumer
+    from recstream.contracts.topics import dead_letter_topic
+    from recstream.kafka.serde import encode
+
+    settings = make_settings()
+    examples = [ev for ev in _events(1, seed=11) if isinstance(ev, TrainingExample)][:2]
+    bad, good = examples
+    observe = service.features.observe
+
+    def failing_observe(ex):
+        if ex.item == bad.item_id:
+            raise RuntimeError("feature store refused the item")
+        observe(ex)
+
+    monkeypatch.setattr(service.features, "observe", failing_observe)
+    source = EventConsumer(settings, ["training-examples"], "fold-test", worker="trainer")
+    topic = source.settings.topic_prefix + "training-examples"
+    consumed = [ConsumedEvent(topic, 0, n, None, ev, 0, encode(ev)) for n, ev in enumerate(examples)]
+    try:
+        assert service.fold(consumed, source) == 1
+        source.commit()  # delivers the dead letter first
+    finally:
+        source.close()
+    assert [ex.item for ex in service.buffer.recent] == [good.item_id]
+
+    letters = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "r", "auto.offset.reset": "earliest"}
+    )
+    letters.subscribe([dead_letter_topic(topic)])
+    try:
+        deadline, msg = time.monotonic() + 20, None
+        while msg is None and time.monotonic() < deadline:
+            msg = letters.poll(0.5)
+    finally:
+        letters.close()
+    assert msg is not None and not msg.error()
+    letter = json.loads(msg.value())
+    assert letter["error"] == "RuntimeError: feature store refused the item" and letter["error_type"] == "unusable"
+    assert json.loads(base64.b64decode(letter["value_b64"]))["item_id"] == bad.item_id

@@ -8,6 +8,7 @@ No stream worker runs here, so search/recommend must answer 504 with a clear mes
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -238,6 +239,13 @@ def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Se
         assert published(small, "catalog") == 0
         events = {"events": [click(0), click(1, model_version="m" * 100), click(2, session_id="s" * 100)]}
         assert c.post("/v1/events", json=events, headers=HEADERS).status_code == 202  # each fits
+        # a search whose filters outgrow a message: 413 (was a 500), nothing sent, nothing left waiting
+        excluded = [f"item-{i:015d}" for i in range(60)]
+        search = {"user_id": "u1", "query": "space", "filters": {"exclude_items": excluded}}
+        r = c.post("/v1/search", json=search, headers=HEADERS)
+        assert r.status_code == 413 and "the request is" in r.json()["detail"], r.text
+        assert published(small, "requests") == 0
+        assert c.app.state.gateway.client._pending == {}
     assert published(small, "behaviour") == 5 + 3  # same topics as above
 
 
@@ -408,3 +416,39 @@ def test_feedback_labels_are_bounded_to_versions_the_worker_served(gw_settings: 
         "recstream_clicks_total", {"model_version": "ranker-v7-labeltest", "arm": "greedy"}
     )
     assert clicks is not None and clicks >= 1
+
+
+def test_a_write_dropped_by_another_requests_timeout_is_not_202(free_port: int, tmp_path) -> None:
+    """Two requests share the gateway's producer while the broker does not answer. The first one's
+    timeout drops everything still queued (so a late write cannot prove its 503 wrong), the second
+    request's event included; the second must then hear 503 too, not 202 for an event never
+    written (its own wait used to see an empty queue and no error, the purge reports cleared)."""
+    from fastapi import HTTPException
+
+    from recstream.contracts.events import BehaviourEvent
+    from services.gateway.app import Gateway
+
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path)
+    gateway = Gateway(settings, GatewayLimits(publish_timeout_s=1.5))
+    outcomes: dict[str, int] = {}
+
+    def write(user: str, after_s: float) -> None:
+        time.sleep(after_s)
+        try:
+            gateway.publish("behaviour", [BehaviourEvent(type="click", user_id=user, item_id="i1")])
+            outcomes[user] = 202
+        except HTTPException as exc:
+            outcomes[user] = exc.status_code
+
+    threads = [
+        threading.Thread(target=write, args=("first", 0.0)),
+        threading.Thread(target=write, args=("second", 0.5)),
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert outcomes == {"first": 503, "second": 503}
+    finally:
+        gateway.close()
