@@ -78,7 +78,12 @@ def evaluate(net: nn.Module, window: Sequence[Example], features: FeatureSource,
         cfg.policy_weighting,
     )
     z = predict(net, window, features)
-    return {"auc": weighted_auc(z, y, w), "logloss": weighted_logloss(z, y, w), "n": float(len(window))}
+    return {
+        "auc": weighted_auc(z, y, w),
+        "logloss": weighted_logloss(z, y, w),
+        "n": float(len(window)),
+        "non_finite": float((~np.isfinite(z)).sum()),
+    }
 
 
 def decide(
@@ -89,6 +94,8 @@ def decide(
         return GateDecision(False, f"window too small ({len(window)} < {cfg.min_examples})")
     cand = evaluate(candidate, window, features, cfg)
     cur = evaluate(live, window, features, cfg)
+    if cand["non_finite"]:  # NaN scores tie with each other: their AUC is 0.5, which can pass
+        return GateDecision(False, f"{int(cand['non_finite'])} scores not finite", cand, cur)
     if not np.isfinite(cand["auc"]) or not np.isfinite(cur["auc"]):
         return GateDecision(False, "window has no clicks or no skips", cand, cur)
     if cand["auc"] < cur["auc"] - cfg.tolerance:

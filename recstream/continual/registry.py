@@ -135,6 +135,12 @@ class ModelRegistry:
             raise ValueError(f"promote needs a version newer than live v{cur}; use rollback for older ones")
         self._apply(version, cur if cur != version else self.previous, "promote", reason)
 
+    def revert(self, live: int | None, previous: int | None, reason: str) -> None:
+        """Back to a live/previous pair read before a promotion that did not take (Triton could not
+        load the new version); nothing, when there was no live version yet."""
+        if live is not None:
+            self._apply(live, previous, "revert", reason)
+
     def rollback(self, reason: str = "manual") -> int:
         """Serve the previous version only (the bad one is unloaded); returns the version now live."""
         st = self.state()

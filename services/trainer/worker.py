@@ -121,6 +121,18 @@ class TrainerService:
             log.error("Triton load_model(%s) failed: %s", self.cfg.model_name, exc)
             return False
 
+    def triton_refused(self, version: int) -> bool:
+        """True when Triton answers and `version` is not ready after a reload; False when it is, or
+        when Triton cannot be asked (unreachable: the version loads at its next start)."""
+        control = self._control()
+        if control is None:
+            return False
+        try:
+            return not control.client.is_model_ready(self.cfg.model_name, str(version))
+        except Exception as exc:
+            log.warning("cannot ask Triton whether %s v%d is ready: %s", self.cfg.model_name, version, exc)
+            return False
+
     def _set_live_gauge(self) -> None:
         MODEL_VERSION_LIVE.clear()
         live = self.registry.live
@@ -201,8 +213,22 @@ class TrainerService:
         new = Ranker(cand, live.meta.model_copy(deep=True), live.co_visitation)
         new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
         v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
+        before = (self.registry.live, self.registry.previous)
         self.registry.promote(v, d.reason)
         loaded = self.reload_triton()
+        if self.triton_refused(v):
+            # Triton answered but did not load it (a corrupt or unloadable folder): the registry
+            # goes back to what Triton serves, so the next round, the rollback target and the CTR
+            # monitor all follow the versions users actually get
+            why = f"v{v} did not load in Triton"
+            self.registry.revert(before[0], before[1], why)
+            self.reload_triton()
+            TRAINING_RUNS.labels(model=self.cfg.model_name, result="load_failed").inc()
+            self._set_live_gauge()
+            log.error("%s %s; live stays v%s", self.cfg.model_name, why, before[0])
+            res = RoundResult(False, why, None, time.monotonic() - t0, stats)
+            self.rounds.append(res)
+            return res
         self.live_since[v] = time.monotonic()
         self.registry.prune(self.cfg.keep_versions)
         TRAINING_RUNS.labels(model=self.cfg.model_name, result="promoted").inc()

@@ -136,6 +136,20 @@ def test_gate_refuses_a_shuffled_labels_candidate(trained) -> None:
     assert d.candidate["auc"] < d.live["auc"]
 
 
+def test_gate_refuses_a_candidate_that_scores_nan(trained) -> None:
+    """A diverged fine-tune scores NaN everywhere: all ties, AUC exactly 0.5, which passes any gate
+    whose live AUC is near chance (a tolerance of 1 stands in for that here)."""
+    import copy
+
+    src, live, _, window = trained
+    diverged = copy.deepcopy(live)
+    with torch.no_grad():
+        for p in diverged.parameters():
+            p.fill_(float("nan"))
+    d = decide(diverged, live, window, src, GateConfig(tolerance=1.0))
+    assert not d.accepted and "not finite" in d.reason, d
+
+
 def test_gate_refuses_a_too_small_window(trained) -> None:
     src, live, _, window = trained
     assert not decide(live, live, window[:50], src, GateConfig(min_examples=200)).accepted

@@ -470,3 +470,54 @@ def test_an_event_the_trainer_cannot_fold_is_dead_lettered_not_fatal(
     letter = json.loads(msg.value())
     assert letter["error"] == "RuntimeError: feature store refused the item" and letter["error_type"] == "unusable"
     assert json.loads(base64.b64decode(letter["value_b64"]))["item_id"] == bad.item_id
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(600)
+def test_a_version_triton_cannot_load_is_not_recorded_live(tmp_path: Path) -> None:
+    """The gate passes a candidate, but its folder is corrupt (truncated weights) and the REAL
+    tritonserver refuses to load it. The registry used to say it was live anyway (and the gauge,
+    the next round's parent and the rollback target followed); now it stays on what Triton serves."""
+    from prometheus_client import REGISTRY
+
+    from infra.triton_server import TritonServer
+    from recstream.contracts.models import RANKER
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    server = TritonServer(repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER])
+    server.start(timeout_s=300)
+    try:
+        settings = Settings(model_repo=repo, run_dir=tmp_path / "run", triton_url=server.url)
+        cfg = TrainerConfig(
+            train_every_examples=1000,
+            train_every_s=3600,
+            min_examples=600,
+            holdout=400,
+            learner=LearnerConfig(steps=80),
+            gate=GateConfig(min_examples=200),
+        )
+        service = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url=server.url)
+        publish = service.registry.publish
+
+        def publish_corrupt(ranker: object, metrics: dict | None = None) -> int:
+            v = publish(ranker, metrics)
+            weights = service.registry.model_dir / str(v) / "ranker.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+            return v
+
+        service.registry.publish = publish_corrupt  # type: ignore[method-assign]
+        failed_before = REGISTRY.get_sample_value(
+            "recstream_training_runs_total", {"model": RANKER, "result": "load_failed"}
+        )
+        service.handle(_events(150, seed=1))
+        res = service.train_round()
+        assert not res.accepted and "did not load in Triton" in res.reason, res
+        assert service.registry.live == 1 and service.registry.served() == [1]
+        assert service.control is not None and service.control.client.is_model_ready(RANKER, "1")
+        failed_after = REGISTRY.get_sample_value(
+            "recstream_training_runs_total", {"model": RANKER, "result": "load_failed"}
+        )
+        assert (failed_after or 0) == (failed_before or 0) + 1
+    finally:
+        server.stop()
