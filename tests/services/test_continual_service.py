@@ -68,9 +68,16 @@ def _events(n_req: int, seed: int, shuffle_labels: bool = False, version: str = 
 
 @pytest.fixture
 def service(tmp_path: Path) -> TrainerService:
+    return _service(tmp_path, triton_url="")
+
+
+def _service(tmp_path: Path, triton_url: str) -> TrainerService:
+    """A trainer over a fresh repository holding an untrained ranker v1: a round every 1,000 examples."""
     repo = tmp_path / "model_repo"
-    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
-    settings = Settings(model_repo=repo, run_dir=tmp_path / "run")
+    if not repo.exists():
+        export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    served_by = {"triton_url": triton_url} if triton_url else {}
+    settings = Settings(model_repo=repo, run_dir=tmp_path / "run", **served_by)
     cfg = TrainerConfig(
         train_every_examples=1000,
         train_every_s=3600,
@@ -79,7 +86,7 @@ def service(tmp_path: Path) -> TrainerService:
         learner=LearnerConfig(steps=80),
         gate=GateConfig(min_examples=200),
     )
-    return TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    return TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url=triton_url)
 
 
 def test_round_promotes_a_trained_candidate(service: TrainerService) -> None:
@@ -488,16 +495,7 @@ def test_a_version_triton_cannot_load_is_not_recorded_live(tmp_path: Path) -> No
     server = TritonServer(repo, tmp_path / "triton", http_port=0, grpc_port=0, metrics_port=0, models=[RANKER])
     server.start(timeout_s=300)
     try:
-        settings = Settings(model_repo=repo, run_dir=tmp_path / "run", triton_url=server.url)
-        cfg = TrainerConfig(
-            train_every_examples=1000,
-            train_every_s=3600,
-            min_examples=600,
-            holdout=400,
-            learner=LearnerConfig(steps=80),
-            gate=GateConfig(min_examples=200),
-        )
-        service = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url=server.url)
+        service = _service(tmp_path, triton_url=server.url)
         publish = service.registry.publish
 
         def publish_corrupt(ranker: object, metrics: dict | None = None) -> int:
