@@ -9,11 +9,18 @@ two-proportion z-test compares its CTR with the previous version's: a significan
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, Field
+
+from recstream.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"(\d+)$")
 
@@ -54,6 +61,24 @@ class CtrMonitor:
         c = self.counts.setdefault(v, Counts())
         c.impressions += 1
         c.clicks += int(clicked)
+
+    def save(self, path: Path, keep: set[int] | None = None) -> None:
+        """The counts of the versions in `keep` (all when None), so that a restarted trainer still
+        judges the live version against the previous one: the previous version gets no traffic
+        after a promotion, so its counts could never be gathered again."""
+        counts = {str(v): asdict(c) for v, c in self.counts.items() if keep is None or v in keep}
+        atomic_write_text(path, json.dumps(counts, sort_keys=True))
+
+    def load(self, path: Path) -> None:
+        """Counts saved by `save`; an unreadable file is logged and counting starts over."""
+        if not path.is_file():
+            return
+        try:
+            saved = {int(v): Counts(**c) for v, c in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("CTR counts in %s unreadable (%s); counting starts over", path, exc)
+            return
+        self.counts.update(saved)
 
     def should_rollback(self, live: int, previous: int | None) -> tuple[bool, str]:
         """(rollback?, why) for `live` against `previous`."""

@@ -60,6 +60,9 @@ from services.trainer.examples import CatalogFeatures, ServedInputs, example_fro
 
 log = logging.getLogger(__name__)
 
+#: The CTR monitor's counts per served version, in the model's folder beside registry.json.
+CTR_FILE = "ctr.json"
+
 
 @dataclass
 class RoundResult:
@@ -86,6 +89,7 @@ class TrainerService:
         self.registry = ModelRegistry(settings.model_repo, self.cfg.model_name)
         self.buffer: ReplayBuffer[Example] = ReplayBuffer(self.cfg.replay)
         self.monitor = CtrMonitor(self.cfg.monitor)
+        self.monitor.load(self.ctr_path)
         self.triton_url = triton_url if triton_url is not None else settings.triton_url
         self.control: TritonModelControl | None = None
         self.new_since_round = 0
@@ -120,6 +124,18 @@ class TrainerService:
         except Exception as exc:
             log.error("Triton load_model(%s) failed: %s", self.cfg.model_name, exc)
             return False
+
+    @property
+    def ctr_path(self) -> Path:
+        """Impressions and clicks per served version, beside the registry's state."""
+        return self.registry.model_dir / CTR_FILE
+
+    def save_ctr(self) -> None:
+        """Keep the served versions' CTR counts across restarts (before offsets are committed)."""
+        try:
+            self.monitor.save(self.ctr_path, keep=set(self.registry.served()))
+        except OSError as exc:  # losing a snapshot delays a rollback decision, never the trainer
+            log.error("could not save CTR counts to %s: %s", self.ctr_path, exc)
 
     def triton_refused(self, version: int) -> bool:
         """True when Triton answers and `version` is not ready after a reload; False when it is, or
@@ -430,6 +446,7 @@ class TrainerService:
                 batch = examples.poll(1000, 0.5)
                 if batch:
                     self.fold(batch, examples)
+                    self.save_ctr()
                     examples.commit()
                 if self.due():
                     self.train_round()

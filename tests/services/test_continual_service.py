@@ -125,6 +125,26 @@ def test_ctr_drop_triggers_automatic_rollback(service: TrainerService) -> None:
     assert service.registry.state()["history"][-1]["event"] == "rollback"
 
 
+def test_a_restarted_trainer_still_rolls_back_a_bad_promotion(tmp_path: Path) -> None:
+    """After a promotion the previous version gets no traffic, so its CTR counts exist only from
+    before. They used to live in memory alone: after any restart of the trainer the rollback rule
+    waited for v1 impressions that could never come. Now they are kept beside the registry."""
+    service = _service(tmp_path, triton_url="")
+    service.handle(_events(150, seed=1))
+    assert service.train_round().accepted and service.registry.live == 2
+    rng = np.random.default_rng(3)
+    for _ in range(1500):
+        service.monitor.observe("ranker-v1", bool(rng.random() < 0.2))
+    service.save_ctr()  # what the run loop does before it commits a batch's offsets
+
+    restarted = _service(tmp_path, triton_url="")
+    assert restarted.monitor.counts[1] == service.monitor.counts[1]
+    for _ in range(1500):
+        restarted.monitor.observe("ranker-v2", bool(rng.random() < 0.08))
+    assert restarted.check_rollback() == 1
+    assert restarted.registry.live == 1
+
+
 def _logged_answers(service: TrainerService, n_req: int, seed: int) -> list:
     """pl:4 answers of the live v1 over pools of 8 catalog items, as the worker logs them (ranker
     inputs included), and their outcomes: users click by the live model's rank (it is right)."""
