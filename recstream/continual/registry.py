@@ -20,6 +20,8 @@ the new set while the old versions keep answering, then swaps, so no request fai
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,15 @@ from recstream.models.repository import versions
 log = logging.getLogger(__name__)
 
 STATE_FILE = "registry.json"
+#: Held while the live pointer is read and rewritten: the trainer and `models promote|rollback`
+#: (another process) change it.
+LOCK_FILE = ".registry.lock"
+
+
+class LiveChanged(RuntimeError):
+    """The live version is no longer the one a candidate was trained from and gated against."""
+
+
 #: A version_policy block (one nesting level, as Triton writes it) and the comment lines right above it.
 _POLICY_RE = re.compile(
     r"^(?:[ \t]*#[^\n]*\n)*[ \t]*version_policy\s*:?\s*\{(?:[^{}]|\{[^{}]*\})*\}[ \t]*\n?", re.MULTILINE
@@ -126,28 +138,45 @@ class ModelRegistry:
             atomic_write_text(config, set_version_policy(config.read_text(), served))
         self._save_state(st)
 
-    def promote(self, version: int, reason: str = "") -> None:
-        """Make `version` live; the current live becomes the rollback target."""
-        if version not in self.versions():
-            raise FileNotFoundError(f"{self.name} v{version} does not exist")
-        cur = self.live
-        if cur is not None and version <= cur and cur in self.versions() and version != cur:
-            raise ValueError(f"promote needs a version newer than live v{cur}; use rollback for older ones")
-        self._apply(version, cur if cur != version else self.previous, "promote", reason)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        with (self.model_dir / LOCK_FILE).open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def promote(self, version: int, reason: str = "", parent: int | None = None) -> None:
+        """Make `version` live; the current live becomes the rollback target. `parent`: the live
+        version the candidate was trained from; LiveChanged when live is another one by now (a
+        rollback during the round must not be undone by its promotion)."""
+        with self._locked():
+            if version not in self.versions():
+                raise FileNotFoundError(f"{self.name} v{version} does not exist")
+            cur = self.live
+            if parent is not None and cur != parent:
+                raise LiveChanged(f"{self.name} live is v{cur}, not v{parent} the candidate was trained from")
+            if cur is not None and version <= cur and cur in self.versions() and version != cur:
+                raise ValueError(f"promote needs a version newer than live v{cur}; use rollback for older ones")
+            self._apply(version, cur if cur != version else self.previous, "promote", reason)
 
     def revert(self, live: int | None, previous: int | None, reason: str) -> None:
         """Back to a live/previous pair read before a promotion that did not take (Triton could not
         load the new version); nothing, when there was no live version yet."""
         if live is not None:
-            self._apply(live, previous, "revert", reason)
+            with self._locked():
+                self._apply(live, previous, "revert", reason)
 
     def rollback(self, reason: str = "manual") -> int:
         """Serve the previous version only (the bad one is unloaded); returns the version now live."""
-        st = self.state()
-        if st["previous"] is None:
-            raise RuntimeError(f"{self.name}: no previous version to roll back to")
-        self._apply(st["previous"], None, "rollback", reason)
-        return int(st["previous"])
+        with self._locked():
+            st = self.state()
+            if st["previous"] is None:
+                raise RuntimeError(f"{self.name}: no previous version to roll back to")
+            self._apply(st["previous"], None, "rollback", reason)
+            return int(st["previous"])
 
     def init_live(self) -> int:
         """Adopt the newest existing version as live (first start of the service)."""

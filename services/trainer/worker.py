@@ -41,6 +41,7 @@ from recstream.client import ConsumedEvent, EventConsumer
 from recstream.config import Settings
 from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonModelControl, decide, fine_tune
 from recstream.continual.monitor import CtrMonitor
+from recstream.continual.registry import LiveChanged
 from recstream.contracts.events import ItemDelete, ItemUpsert, RankingLog, TrainingExample
 from recstream.models.ranker import ITEM_DIM, Ranker
 from recstream.ope.logs import evaluate
@@ -230,7 +231,14 @@ class TrainerService:
         new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
         v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
         before = (self.registry.live, self.registry.previous)
-        self.registry.promote(v, d.reason)
+        try:
+            self.registry.promote(v, d.reason, parent=live_v)
+        except LiveChanged as exc:  # e.g. `models rollback` while this round trained: it stands
+            TRAINING_RUNS.labels(model=self.cfg.model_name, result="live_changed").inc()
+            log.warning("candidate v%d not promoted: %s", v, exc)
+            res = RoundResult(False, f"not promoted: {exc}", None, time.monotonic() - t0, stats)
+            self.rounds.append(res)
+            return res
         loaded = self.reload_triton()
         if self.triton_refused(v):
             # Triton answered but did not load it (a corrupt or unloadable folder): the registry

@@ -125,6 +125,29 @@ def test_ctr_drop_triggers_automatic_rollback(service: TrainerService) -> None:
     assert service.registry.state()["history"][-1]["event"] == "rollback"
 
 
+def test_a_rollback_during_a_round_is_not_undone_by_its_promotion(tmp_path: Path) -> None:
+    """An operator rolls v2 back (`models rollback`, another process: here another registry object
+    on the same folder) while a round trains from v2. The round used to promote its candidate over
+    the rollback, serving a child of the version just rolled back; now the rollback stands."""
+    from recstream.continual import ModelRegistry
+
+    service = _service(tmp_path, triton_url="")
+    service.handle(_events(150, seed=1))
+    assert service.train_round().accepted and service.registry.live == 2
+    operator = ModelRegistry(service.settings.model_repo, service.cfg.model_name)
+    publish = service.registry.publish
+
+    def publish_after_a_rollback(ranker: object, metrics: dict | None = None) -> int:
+        operator.rollback("manual: v2 misbehaves")
+        return publish(ranker, metrics)
+
+    service.registry.publish = publish_after_a_rollback  # type: ignore[method-assign]
+    service.handle(_events(150, seed=4))
+    res = service.train_round()
+    assert not res.accepted and "not promoted" in res.reason and "live is v1" in res.reason, res
+    assert service.registry.live == 1 and service.registry.served() == [1]
+
+
 def test_a_restarted_trainer_still_rolls_back_a_bad_promotion(tmp_path: Path) -> None:
     """After a promotion the previous version gets no traffic, so its CTR counts exist only from
     before. They used to live in memory alone: after any restart of the trainer the rollback rule
