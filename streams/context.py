@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from recstream.client.producer import produce_or_wait, producer_config
+from recstream.client.producer import count_delivery, produce_or_wait, producer_config
 from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.telemetry import EVENTS_IN, EVENTS_OUT, PRODUCE_ERRORS
+from recstream.telemetry import EVENTS_IN
 from streams.consumer_threads import CURRENT_BATCH, Consumed
 from streams.naming import app_id
 
@@ -243,15 +243,13 @@ class StreamContext:
     def policy_feedback(self):
         """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
         The recommender ranks through it and the feedback joiner reports closed windows to it."""
-        from recstream.explore.feedback import learns_online
-
-        if not learns_online(self.policy):
-            return None
-        return self._opened("_policy_feedback", self._make_policy_feedback)
+        return self._opened("_policy_feedback", self._make_policy_feedback) or None
 
     def _make_policy_feedback(self):
-        from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback
+        from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback, learns_online
 
+        if not learns_online(self.policy):
+            return False
         feedback = PolicyFeedback(
             self.policy,
             self.settings.policy_feedback_slots,
@@ -310,11 +308,9 @@ class StreamContext:
         producer.poll(0)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
+        count_delivery(err, msg, self.worker)
         if err is not None:
-            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
             log.error("delivery to %s failed: %s", msg.topic(), err)
-        else:
-            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
 
     @property
     def dead_letters(self) -> DeadLetterSink:
@@ -356,7 +352,7 @@ class StreamContext:
             self.catalog.stop()
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
-        if self._policy_feedback is not None and self._policy_feedback.unsaved:
+        if self._policy_feedback and self._policy_feedback.unsaved:
             self.save_policy_state()
         for producer in (self._producer, self._bulk_producer):
             if producer is not None:

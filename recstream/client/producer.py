@@ -57,6 +57,14 @@ class MessageTooLarge(ValueError):
         self.limit = limit
 
 
+def count_delivery(err: KafkaError | None, msg: Message, worker: str) -> None:
+    """One delivery report in the produce metrics."""
+    if err is not None:
+        PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
+    else:
+        EVENTS_OUT.labels(topic=msg.topic(), worker=worker).inc()
+
+
 class _Acks:
     """Delivery reports of one batch of messages. Whichever thread polls the shared producer serves
     them, so the counts are locked."""
@@ -68,10 +76,7 @@ class _Acks:
         self._lock = threading.Lock()
 
     def report(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
-        else:
-            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
+        count_delivery(err, msg, self.worker)
         with self._lock:
             self.waiting -= 1
             if err is not None:
@@ -115,11 +120,9 @@ class EventProducer:
         self._closed = False
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        count_delivery(err, msg, self.worker)
         if err is not None:
-            PRODUCE_ERRORS.labels(topic=msg.topic()).inc()
             self._errors.append(f"{msg.topic()}: {err}")
-        else:
-            EVENTS_OUT.labels(topic=msg.topic(), worker=self.worker).inc()
 
     def topic_for(self, logical: str) -> str:
         return TOPICS[logical].name(self.settings.topic_prefix)

@@ -13,7 +13,7 @@ import numpy as np
 
 from recstream.continual import Example
 from recstream.contracts.events import ItemUpsert, RankingLog, TrainingExample
-from recstream.models.ranker import AFFINITY_WINDOW, ITEM_DIM, N_CAND_FEATURES, candidate_features
+from recstream.models.ranker import AFFINITY_WINDOW, CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, candidate_features
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class ServedInputs:
             return
         rows = {c.item_id: np.asarray(c.features, np.float16) for c in [*rl.pool, *rl.greedy] if c.features is not None}
         widths = {len(row) for row in rows.values()}
-        if len(rl.context) != 2 * ITEM_DIM or widths - {N_CAND_FEATURES}:
+        if len(rl.context) != CONTEXT_DIM or widths - {N_CAND_FEATURES}:
             # another ranker's inputs (an older worker, another feature schema): learning from them
             # would fail every round that samples one; the examples are rebuilt from the catalog
             log.warning(
@@ -166,7 +166,7 @@ class ServedInputs:
                 rl.request_id,
                 len(rl.context),
                 sorted(widths),
-                2 * ITEM_DIM,
+                CONTEXT_DIM,
                 N_CAND_FEATURES,
             )
             return

@@ -213,19 +213,13 @@ class TrainerService:
                 if refused:
                     d = replace(d, accepted=False, reason=why)
         except Exception as exc:
-            TRAINING_RUNS.labels(model=self.cfg.model_name, result="failed").inc()
             log.exception("training round failed")
-            res = RoundResult(False, f"failed: {exc}", None, time.monotonic() - t0, {})
-            self.rounds.append(res)
-            return res
+            return self._not_promoted(f"failed: {exc}", "failed", t0, {})
         stats.update({f"cand_{k}": v for k, v in d.candidate.items()})
         stats.update({f"live_{k}": v for k, v in d.live.items()})
         if not d.accepted:
-            TRAINING_RUNS.labels(model=self.cfg.model_name, result="rejected").inc()
             log.info("candidate refused: %s", d.reason)
-            res = RoundResult(False, d.reason, None, time.monotonic() - t0, stats)
-            self.rounds.append(res)
-            return res
+            return self._not_promoted(d.reason, "rejected", t0, stats)
         # the derived version keeps its parent's co-visitation statistic (the feature it was tuned on)
         new = Ranker(cand, live.meta.model_copy(deep=True), live.co_visitation)
         new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
@@ -234,11 +228,8 @@ class TrainerService:
         try:
             self.registry.promote(v, d.reason, parent=live_v)
         except LiveChanged as exc:  # e.g. `models rollback` while this round trained: it stands
-            TRAINING_RUNS.labels(model=self.cfg.model_name, result="live_changed").inc()
             log.warning("candidate v%d not promoted: %s", v, exc)
-            res = RoundResult(False, f"not promoted: {exc}", None, time.monotonic() - t0, stats)
-            self.rounds.append(res)
-            return res
+            return self._not_promoted(f"not promoted: {exc}", "live_changed", t0, stats)
         loaded = self.reload_triton()
         if self.triton_refused(v):
             # Triton answered but did not load it (a corrupt or unloadable folder): the registry
@@ -247,12 +238,9 @@ class TrainerService:
             why = f"v{v} did not load in Triton"
             self.registry.revert(before[0], before[1], why)
             self.reload_triton()
-            TRAINING_RUNS.labels(model=self.cfg.model_name, result="load_failed").inc()
             self._set_live_gauge()
             log.error("%s %s; live stays v%s", self.cfg.model_name, why, before[0])
-            res = RoundResult(False, why, None, time.monotonic() - t0, stats)
-            self.rounds.append(res)
-            return res
+            return self._not_promoted(why, "load_failed", t0, stats)
         self.live_since[v] = time.monotonic()
         self.registry.prune(self.cfg.keep_versions)
         TRAINING_RUNS.labels(model=self.cfg.model_name, result="promoted").inc()
@@ -260,6 +248,13 @@ class TrainerService:
         self._set_live_gauge()
         log.info("promoted %s v%d (%s); triton reloaded=%s", self.cfg.model_name, v, d.reason, loaded)
         res = RoundResult(True, d.reason, v, time.monotonic() - t0, {**stats, "triton_loaded": loaded})
+        self.rounds.append(res)
+        return res
+
+    def _not_promoted(self, reason: str, result: str, t0: float, stats: dict[str, float]) -> RoundResult:
+        """A ranker round that ends without a new live version, counted under `result`."""
+        TRAINING_RUNS.labels(model=self.cfg.model_name, result=result).inc()
+        res = RoundResult(False, reason, None, time.monotonic() - t0, stats)
         self.rounds.append(res)
         return res
 
