@@ -243,7 +243,8 @@ class StreamContext:
     def policy_feedback(self):
         """Shown-slot memory of a policy that learns online (ts:/lift:), None for fixed policies.
         The recommender ranks through it and the feedback joiner reports closed windows to it."""
-        return self._opened("_policy_feedback", self._make_policy_feedback) or None
+        feedback = self._opened("_policy_feedback", self._make_policy_feedback)
+        return None if feedback is False else feedback  # not `or`: an empty memory has len 0
 
     def _make_policy_feedback(self):
         from recstream.explore.feedback import CLIENT_DELAY_GRACE_S, PolicyFeedback, learns_online
@@ -352,7 +353,7 @@ class StreamContext:
             self.catalog.stop()
         if self.behaviour is not None:
             self.behaviour.stop()  # commits what it folded (after flushing the changelog)
-        if self._policy_feedback and self._policy_feedback.unsaved:
+        if self._policy_feedback not in (None, False) and self._policy_feedback.unsaved:
             self.save_policy_state()
         for producer in (self._producer, self._bulk_producer):
             if producer is not None:
