@@ -23,6 +23,11 @@ from recstream.contracts.topics import RECOMMENDATIONS
 from recstream.kafka.serde import InvalidEvent, decode
 
 
+class TopicUnavailable(RuntimeError):
+    """The recommendations topic cannot be read (missing, or no partitions yet): a client built now
+    would listen to nothing and time out on every request, so none is built."""
+
+
 class RecommendationClient:
     def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
         self.settings = settings
@@ -44,7 +49,13 @@ class RecommendationClient:
                 "fetch.min.bytes": 1,
             }
         )
-        self._consumer.assign(self._current_ends(RECOMMENDATIONS.name(settings.topic_prefix)))
+        try:
+            self._consumer.assign(self._current_ends(RECOMMENDATIONS.name(settings.topic_prefix)))
+        except BaseException:
+            self._consumer.close()
+            if self._owns_producer:
+                self.producer.close(0)
+            raise
         self._thread = threading.Thread(target=self._run, name="rec-client", daemon=True)
         self._thread.start()
         self._ready.wait(10)
@@ -58,6 +69,11 @@ class RecommendationClient:
         for 2 minutes on a 3-broker cluster after one broker was killed).
         """
         meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None or not meta.partitions:
+            raise TopicUnavailable(
+                f"topic {topic} cannot be read ({meta.error or 'no partitions'}): start the stream worker "
+                "or run `python -m recstream.ops.cli topics`, which create it"
+            )
         ends = []
         for p in sorted(meta.partitions):
             for attempt in Retrying(

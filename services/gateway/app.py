@@ -9,11 +9,14 @@ No `from __future__ import annotations` here: FastAPI must resolve the batch mod
 `create_app` from the live annotation.
 """
 
+import asyncio
 import logging
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path as FsPath
 from typing import Annotated, Any
@@ -30,9 +33,8 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model
-from starlette.concurrency import run_in_threadpool
 
-from recstream.client import DeliveryError, EventProducer, RecommendationClient
+from recstream.client import DeliveryError, EventProducer, RecommendationClient, TopicUnavailable
 from recstream.client.producer import MessageTooLarge
 from recstream.config import Settings
 from recstream.contracts.events import (
@@ -96,6 +98,11 @@ class Gateway:
         self._lock = threading.Lock()
         self._producer: EventProducer | None = None
         self._client: RecommendationClient | None = None
+        # The client connects in a thread of its own (seconds when Kafka is slow, up to a minute
+        # when it is down), once for all requests waiting on it, and never under self._lock:
+        # feedback counting takes that lock on the event loop.
+        self._connecting: Future[RecommendationClient] | None = None
+        self._closes = 0  # a connection that outlives a close() is closed, not kept
         self._admin: AdminClient | None = None
         # request_id -> (model_version, arm) of results served here, so clicks get the arm label.
         self._served: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -111,12 +118,38 @@ class Gateway:
                 self._producer = EventProducer(self.settings, worker="gateway")
             return self._producer
 
-    @property
-    def client(self) -> RecommendationClient:
+    def _connect(self) -> Future[RecommendationClient]:
+        """The client's construction, started by the first request that needs it; a failed one
+        (Kafka down, topic missing) is retried by the next request, never cached."""
         with self._lock:
-            if self._client is None:
-                self._client = RecommendationClient(self.settings)
-            return self._client
+            failed = self._connecting is not None and self._connecting.done() and self._connecting.exception()
+            if self._connecting is None or failed:
+                self._connecting = Future()
+                # a daemon thread: a connection hanging on a dead broker must not hold up exit
+                threading.Thread(
+                    target=self._build_client,
+                    args=(self._connecting, self._closes),
+                    name="rec-client-connect",
+                    daemon=True,
+                ).start()
+            return self._connecting
+
+    def _build_client(self, done: Future[RecommendationClient], closes: int) -> None:
+        done.set_running_or_notify_cancel()
+        try:
+            client = RecommendationClient(self.settings)
+        except BaseException as exc:
+            done.set_exception(exc)
+            return
+        with self._lock:
+            current = closes == self._closes
+            if current:
+                self._client = client
+        if current:
+            done.set_result(client)
+        else:  # the gateway closed while this one connected: nobody else would close it
+            client.close()
+            done.set_exception(RuntimeError("the gateway closed while connecting"))
 
     @property
     def admin(self) -> AdminClient:
@@ -178,12 +211,8 @@ class Gateway:
     async def ask(self, request: RecommendationRequest, arrival: float) -> GatewayResult:
         """Publish the request and await its answer on the event loop (no thread waits on Kafka),
         until request_timeout_s after the request *arrived*: time spent queued counts."""
-        try:
-            # the first call connects (blocking, up to seconds): off the loop; later calls are instant
-            client = self._client or await run_in_threadpool(lambda: self.client)
-        except KafkaException as exc:
-            raise HTTPException(503, f"Kafka is unreachable: {exc}") from exc
         timeout = self.limits.request_timeout_s
+        client = self._client or await self._connected_client(arrival + timeout)
         try:
             result = await client.ask(request, deadline=arrival + timeout)
         except MessageTooLarge as exc:  # e.g. thousands of exclude_items: the worker would refuse it
@@ -200,6 +229,22 @@ class Gateway:
         if self.catalog is not None:
             titles = {i.item_id: meta["title"] for i in result.items if (meta := self.catalog.get(i.item_id))}
         return GatewayResult(**result.model_dump(), titles=titles)
+
+    async def _connected_client(self, deadline: float) -> RecommendationClient:
+        """Wait for the client's connection, at most until the request's deadline (the connection
+        goes on for the requests after this one)."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(self._connect())), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError as exc:
+            raise HTTPException(
+                503, f"not connected to Kafka within {self.limits.request_timeout_s}s of the request's arrival"
+            ) from exc
+        except TopicUnavailable as exc:
+            raise HTTPException(503, str(exc)) from exc
+        except KafkaException as exc:
+            raise HTTPException(503, f"Kafka is unreachable: {exc}") from exc
 
     def readiness(self) -> Readiness:
         kafka = triton = "ok"
@@ -234,12 +279,14 @@ class Gateway:
         for part in (self.monitor, self.catalog):
             if part is not None:
                 part.stop()
-        if self._client is not None:
+        with self._lock:
+            self._closes += 1
+            client, self._client, self._connecting = self._client, None, None
+        if client is not None:
             try:
-                self._client.close()
+                client.close()
             except DeliveryError as exc:  # the gateway's own producer below still gets closed
                 log.error("undelivered requests at shutdown: %s", exc)
-            self._client = None
         if self._producer is not None:
             try:
                 self._producer.close(self.limits.publish_timeout_s)

@@ -85,4 +85,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body over max_body_bytes, batch over max_batch, or a message over MAX_MESSAGE_BYTES"},
     503: {"description": "The broker did not acknowledge in time"},
 }
-WAIT_ERRORS = {**ERRORS, 504: {"description": "No stream worker answered within request_timeout_s"}}
+WAIT_ERRORS = {
+    **ERRORS,
+    503: {"description": "The broker did not acknowledge in time, or the results topic cannot be read yet"},
+    504: {"description": "No stream worker answered within request_timeout_s"},
+}

@@ -245,7 +245,7 @@ def test_oversize_batches_and_bodies_are_413(client: TestClient, gw_settings: Se
         r = c.post("/v1/search", json=search, headers=HEADERS)
         assert r.status_code == 413 and "the request is" in r.json()["detail"], r.text
         assert published(small, "requests") == 0
-        assert c.app.state.gateway.client._pending == {}
+        assert c.app.state.gateway._client._pending == {}
     assert published(small, "behaviour") == 5 + 3  # same topics as above
 
 
@@ -450,5 +450,115 @@ def test_a_write_dropped_by_another_requests_timeout_is_not_202(free_port: int, 
         for t in threads:
             t.join(30)
         assert outcomes == {"first": 503, "second": 503}
+    finally:
+        gateway.close()
+
+
+def answer_requests(settings: Settings, stop: threading.Event) -> None:
+    """Stands in for the stream worker's reply path (tested on its own elsewhere): every request on
+    the requests topic gets a one-item result on the recommendations topic."""
+    from recstream.client import EventProducer
+    from recstream.contracts.events import RankedItem, RecommendationResult
+
+    topic = TOPICS["requests"].name(settings.topic_prefix)
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"answer-{topic}", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([topic])
+    producer = EventProducer(settings, worker="test-answers")
+    try:
+        while not stop.is_set():
+            for msg in consumer.consume(num_messages=10, timeout=0.2):
+                if msg.error():
+                    continue
+                request = json.loads(msg.value())
+                item = RankedItem(item_id="i1", score=1.0, position=0, propensity=1.0)
+                result = RecommendationResult(
+                    request_id=request["request_id"], user_id=request["user_id"], items=[item], model_version="v1"
+                )
+                producer.send("recommendations", result)
+            producer.flush(5)
+    finally:
+        consumer.close()
+        producer.close(5)
+
+
+def test_recommend_before_the_results_topic_exists_is_503_and_answers_once_it_does(
+    kafka_bootstrap: str, tmp_path
+) -> None:
+    """Asked before anything created the topics (the broker does not auto-create them), the
+    gateway says so at once (503) and keeps no client that listens to nothing: once the topics
+    exist, the next request gets its answer (a client cached with zero partitions answered 504
+    to every request for the life of the process)."""
+    import uuid
+
+    from recstream.kafka.admin import ensure_topics
+
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}.", run_dir=tmp_path)
+    app = create_app(settings.model_copy(update={"api_keys": KEY}), LIMITS, monitor=False, catalog_view=False)
+    body = {"user_id": "u1", "session_id": "s1", "k": 3}
+    with TestClient(app) as c:
+        r = c.post("/v1/recommend", json=body, headers=HEADERS)
+        assert r.status_code == 503, r.text
+        assert "cannot be read" in r.json()["detail"] and "stream worker" in r.json()["detail"]
+
+        ensure_topics(settings)
+        stop = threading.Event()
+        responder = threading.Thread(target=answer_requests, args=(settings, stop), daemon=True)
+        responder.start()
+        try:
+            codes = []
+            for _ in range(10):  # the responder's group may still be joining: a 504 or two first
+                r = c.post("/v1/recommend", json=body, headers=HEADERS)
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    break
+            assert codes[-1] == 200, codes
+            assert [i["item_id"] for i in r.json()["items"]] == ["i1"]
+        finally:
+            stop.set()
+            responder.join(10)
+
+
+def test_connecting_to_a_dead_broker_keeps_the_deadline_and_blocks_nothing(free_port: int, tmp_path) -> None:
+    """The results client connects once, in its own thread: a request waits for it only until its
+    own deadline (the connection attempt runs ~10 s against a dead broker), and feedback counting,
+    which takes the gateway's lock on the event loop, is not held up meanwhile."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from recstream.contracts.events import RankedItem, RecommendationRequest, RecommendationResult
+    from services.gateway.app import Gateway
+
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path)
+    gateway = Gateway(settings, LIMITS)
+    outcome: dict[str, object] = {}
+
+    def ask() -> None:
+        t0 = time.monotonic()
+        try:
+            asyncio.run(gateway.ask(RecommendationRequest(user_id="u1", k=3), arrival=t0))
+        except HTTPException as exc:
+            outcome["status"], outcome["detail"] = exc.status_code, exc.detail
+        outcome["seconds"] = time.monotonic() - t0
+
+    asker = threading.Thread(target=ask)
+    try:
+        asker.start()
+        time.sleep(0.3)  # the connection is under way
+        t0 = time.monotonic()
+        served = RecommendationResult(
+            request_id="r1",
+            user_id="u1",
+            items=[RankedItem(item_id="i1", score=1.0, position=0, propensity=1.0)],
+            model_version="v1",
+        )
+        gateway.remember(served)
+        assert time.monotonic() - t0 < 0.5, "remember waited for the connection"
+        asker.join(30)
+        assert outcome["status"] == 503, outcome
+        assert "within 1.0s" in str(outcome["detail"]), outcome
+        assert outcome["seconds"] < LIMITS.request_timeout_s + 1.0, outcome
     finally:
         gateway.close()
