@@ -17,6 +17,9 @@ DEAD_LETTERS = Counter(
     "recstream_dead_letters_total", "Messages sent to a dead-letter topic", ["topic", "reason", "worker"]
 )
 PRODUCE_ERRORS = Counter("recstream_produce_errors_total", "Delivery failures", ["topic"])
+CONSUMER_ERRORS = Counter(
+    "recstream_consumer_errors_total", "Errors a consumer reported in place of a message", ["worker", "error"]
+)
 CONSUMER_LAG = Gauge("recstream_consumer_lag", "Messages behind the log end", ["topic", "partition", "group"])
 STAGE_LATENCY = Histogram(
     "recstream_stage_latency_seconds", "Time spent per processing stage", ["stage"], buckets=LATENCY_BUCKETS

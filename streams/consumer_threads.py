@@ -18,6 +18,7 @@ from typing import Any, Self
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from recstream.config import Settings
+from recstream.telemetry import CONSUMER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,9 @@ class AsyncBatchLoop(ConsumerThread):
         """Work between batches on this thread (assignment commands)."""
 
     def _keep(self, msg: Message) -> bool:
-        if msg.error():
-            log.warning("%s consumer: %s", self.thread_name, msg.error())
+        if err := msg.error():
+            CONSUMER_ERRORS.labels(worker=self.thread_name, error=err.name()).inc()
+            log.warning("%s consumer: %s", self.thread_name, err)
             return False
         return True
 

@@ -22,7 +22,7 @@ from recstream.config import Settings
 from recstream.contracts.topics import TOPICS, TopicSpec
 from recstream.kafka.dead_letters import DeadLetterSink, RefusedMessage
 from recstream.kafka.serde import InvalidEvent, decode
-from recstream.telemetry import EVENTS_IN
+from recstream.telemetry import CONSUMER_ERRORS, EVENTS_IN
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,16 @@ class EventConsumer:
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                raise KafkaException(err)
+                # Only a fatal error ends the consumer (nothing after it can be committed, so nothing
+                # is lost). Any other (a subscribed topic deleted, a partition without a leader) is
+                # librdkafka's news while it retries: raising here dropped the events decoded
+                # before it, though the position had moved past them.
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    CONSUMER_ERRORS.labels(worker=self.worker, error=err.name()).inc()
+                    log.warning("%s consumer: %s (consuming goes on)", self.worker, err)
+                continue
             topic = msg.topic()
             EVENTS_IN.labels(topic=topic, worker=self.worker).inc()
             try:

@@ -230,3 +230,32 @@ def test_topics_are_created_with_their_retention(settings: Settings) -> None:
     for (logical, (ms, size)), fut in zip(wanted.items(), admin.describe_configs(resources).values(), strict=True):
         config = fut.result(timeout=30)
         assert (config["retention.ms"].value, config["retention.bytes"].value) == (ms, size), logical
+
+
+def test_a_partition_error_neither_kills_the_consumer_nor_drops_the_batch(settings: Settings) -> None:
+    """One subscribed topic is gone (deleted by an operator) while the other holds events: the
+    broker's error for the missing one arrives among the messages. Every event is still returned,
+    once, and committed (raising mid-batch dropped the events decoded before the error, though
+    the consumer's position had moved past them: the next commit skipped them)."""
+    from confluent_kafka.admin import AdminClient
+
+    catalog = TOPICS["catalog"].name(settings.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.delete_topics([catalog], operation_timeout=30)[catalog].result(30)
+    n = 300
+    with EventProducer(settings) as producer:
+        for i in range(n):
+            producer.send("behaviour", BehaviourEvent(event_id=f"e{i}", type="view", user_id="u1", item_id=f"i{i}"))
+    consumer = EventConsumer(settings, ["behaviour", "catalog"], group_id="missing-topic", worker="test")
+    try:
+        got = drain(consumer, n)
+        consumer.commit()
+    finally:
+        consumer.close()
+    assert sorted(c.event.event_id for c in got) == sorted(f"e{i}" for i in range(n))
+    assert counter_value("recstream_consumer_errors_total", worker="test", error="UNKNOWN_TOPIC_OR_PART") >= 1
+    again = EventConsumer(settings, ["behaviour"], group_id="missing-topic")
+    try:
+        assert again.poll(max_messages=1000, timeout_s=3.0) == []  # all of it was committed
+    finally:
+        again.close()
