@@ -116,13 +116,25 @@ class EventProducer:
         self.settings = settings
         self.worker = worker
         self._producer = Producer(producer_config(settings, **config))
-        self._errors: list[str] = []
+        # Failures since the last flush: how many and the first few. A count, not a list: a
+        # producer that sends through a long outage and never flushes must not grow without bound.
+        self._failed = 0
+        self._first_failures: list[str] = []
         self._closed = False
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         count_delivery(err, msg, self.worker)
         if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+            if self._failed == 0:
+                log.error(
+                    "%s: delivery to %s failed: %s (flush() raises; further failures counted)",
+                    self.worker,
+                    msg.topic(),
+                    err,
+                )
+            self._failed += 1
+            if len(self._first_failures) < 3:
+                self._first_failures.append(f"{msg.topic()}: {err}")
 
     def topic_for(self, logical: str) -> str:
         return TOPICS[logical].name(self.settings.topic_prefix)
@@ -178,16 +190,17 @@ class EventProducer:
         remaining = self._producer.flush(timeout_s)
         if remaining:
             raise DeliveryError(f"{remaining} messages still undelivered after {timeout_s}s")
-        if self._errors:
-            errors, self._errors = self._errors, []
-            raise DeliveryError(f"{len(errors)} messages failed: {errors[:3]}")
+        if self._failed:
+            failed, first = self._failed, self._first_failures
+            self._failed, self._first_failures = 0, []
+            raise DeliveryError(f"{failed} messages failed: {first}")
 
     def drop_unsent(self) -> None:
         """Drop what still waits in the local queue (not what is in flight: that may land), so that
         a caller told "not written" is not proven wrong by a late write once the broker is back."""
         self._producer.purge(in_queue=True, in_flight=False, blocking=False)
         self._producer.poll(0)
-        self._errors.clear()
+        self._failed, self._first_failures = 0, []
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush, then release the librdkafka handle: left to the garbage collector, its threads keep

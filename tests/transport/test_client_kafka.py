@@ -259,3 +259,34 @@ def test_a_partition_error_neither_kills_the_consumer_nor_drops_the_batch(settin
         assert again.poll(max_messages=1000, timeout_s=3.0) == []  # all of it was committed
     finally:
         again.close()
+
+
+def test_failed_deliveries_are_logged_when_they_happen_and_counted_until_flush(
+    free_port: int, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer that keeps sending through an outage hears of it at the first failure (one log
+    line, not one per message), and flush() reports how many failed with a few examples."""
+    import logging
+    import time
+
+    from recstream.client import DeliveryError
+
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path)
+    producer = EventProducer(settings, worker="outage-test", **{"message.timeout.ms": 300})
+    caplog.set_level(logging.ERROR, logger="recstream.client.producer")
+    try:
+        for i in range(200):
+            producer.send("behaviour", BehaviourEvent(event_id=f"e{i}", type="view", user_id="u1", item_id="i1"))
+        deadline = time.monotonic() + 10
+        while not caplog.records and time.monotonic() < deadline:
+            producer.send_raw(producer.topic_for("behaviour"), None, b"{}")  # polls the reports
+            time.sleep(0.05)
+        failures = [r for r in caplog.records if "delivery to" in r.getMessage()]
+        assert len(failures) == 1 and "outage-test" in failures[0].getMessage(), caplog.text
+        with pytest.raises(DeliveryError, match=r"^(2\d\d) messages failed") as raised:
+            producer.flush(10)
+        assert int(str(raised.value).split()[0]) >= 200
+        assert str(raised.value).count("Local: Message timed out") <= 3
+        producer.flush(1)  # reported once: the next flush has nothing to say
+    finally:
+        producer.close(1)
