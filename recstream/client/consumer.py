@@ -151,49 +151,86 @@ def read_to_end(
     retained message to its end at the time of the call, and how many invalid messages were skipped.
     Reads without a consumer group's offsets (nothing is committed), for operators' one-off reports.
     TimeoutError if the end is not reached in `timeout_s`."""
-    spec = TOPICS[logical]
-    name = spec.name(settings.topic_prefix)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"recstream-read-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",  # retention deleted the start: read what is left
-        }
-    )
-    try:
-        meta = consumer.list_topics(name, timeout=10).topics.get(name)
+    with _Reader(settings, logical) as reader:
+        ranges = {p: (low, high) for p, (low, high) in reader.watermarks().items() if high > low}
+        return reader.read(ranges, timeout_s, keep)
+
+
+def read_committed_tail(
+    settings: Settings, logical: str, group_id: str, last_n: int, timeout_s: float = 60.0
+) -> list[BaseModel]:
+    """The newest `last_n` valid events of each partition before `group_id`'s committed offsets:
+    what the group has already handled, read again without joining it (nothing is committed), for
+    a worker that rebuilds in-memory state after a restart. Partitions without a committed offset
+    give nothing; retention may have deleted part of the range."""
+    with _Reader(settings, logical, group_id) as reader:
+        ranges = {}
+        for p, (low, _) in reader.watermarks().items():
+            (tp,) = reader.consumer.committed([TopicPartition(reader.name, p)], timeout=10)
+            if tp.offset > low:
+                ranges[p] = (max(low, tp.offset - last_n), tp.offset)
+        return reader.read(ranges, timeout_s)[0]
+
+
+class _Reader:
+    """One topic read over offset ranges, assigned (it joins no group and commits nothing; with
+    `group_id` it can look up that group's committed offsets)."""
+
+    def __init__(self, settings: Settings, logical: str, group_id: str | None = None) -> None:
+        self.settings = settings
+        self.spec = TOPICS[logical]
+        self.name = self.spec.name(settings.topic_prefix)
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": group_id or f"recstream-read-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",  # retention deleted the start: read what is left
+            }
+        )
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.close()
+
+    def watermarks(self) -> dict[int, tuple[int, int]]:
+        meta = self.consumer.list_topics(self.name, timeout=10).topics.get(self.name)
         if meta is None or meta.error is not None:
-            raise ValueError(f"topic {name} does not exist (run `python -m recstream.ops.cli topics`)")
-        ends: dict[int, int] = {}
-        starts: list[TopicPartition] = []
-        for p in sorted(meta.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                starts.append(TopicPartition(name, p, low))
-        consumer.assign(starts)
+            raise ValueError(f"topic {self.name} does not exist (run `python -m recstream.ops.cli topics`)")
+        return {
+            p: self.consumer.get_watermark_offsets(TopicPartition(self.name, p), timeout=10)
+            for p in sorted(meta.partitions)
+        }
+
+    def read(
+        self, ranges: dict[int, tuple[int, int]], timeout_s: float, keep: Callable[[Any], bool] | None = None
+    ) -> tuple[list[BaseModel], int]:
+        """Valid events at offsets [start, end) of each partition, and how many invalid ones were skipped."""
+        ends = {p: end for p, (_, end) in ranges.items()}
+        self.consumer.assign([TopicPartition(self.name, p, start) for p, (start, _) in ranges.items()])
         events: list[BaseModel] = []
         invalid = 0
         deadline = time.monotonic() + timeout_s
         pending = set(ends)
         while pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: partitions {sorted(pending)} not read to their end in {timeout_s:g} s")
-            for msg in consumer.consume(num_messages=5000, timeout=0.5):
+                raise TimeoutError(
+                    f"{self.name}: partitions {sorted(pending)} not read to their end in {timeout_s:g} s"
+                )
+            for msg in self.consumer.consume(num_messages=5000, timeout=0.5):
                 if msg.error() is not None or msg.offset() >= ends[msg.partition()]:
-                    continue  # an error event, or produced after the call
+                    continue  # an error event, or past the range
                 try:
-                    event = decode(spec, msg.value(), settings.max_message_bytes)
+                    event = decode(self.spec, msg.value(), self.settings.max_message_bytes)
                 except InvalidEvent:
                     invalid += 1
                     continue
                 if keep is None or keep(event):
                     events.append(event)
             # Position, not the last offset seen: control records and gaps never arrive as messages.
-            for tp in consumer.position([TopicPartition(name, p) for p in pending]):
+            for tp in self.consumer.position([TopicPartition(self.name, p) for p in pending]):
                 if tp.offset >= ends[tp.partition]:
                     pending.discard(tp.partition)
         return events, invalid
-    finally:
-        consumer.close()

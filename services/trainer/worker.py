@@ -19,8 +19,10 @@ against the live version: a candidate whose doubly robust paired CTR difference 
 the round says so.
 
 Offsets of the training-examples topic are committed after the examples are in the buffer
-(at-least-once). The buffer is memory only: after a restart it refills from new traffic, and the
-live model (on disk) already holds everything learnt before.
+(at-least-once). The buffer is memory only: on start it is refilled from the topic with the newest
+examples already committed (up to the buffer's capacity, as retention allows), so a restart does
+not empty the recent window or the reservoir that keeps rounds from forgetting older traffic. The
+refill does not count as new examples (no round is due because of it) nor towards online CTR.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from recstream.client import ConsumedEvent, EventConsumer
+from recstream.client.consumer import read_committed_tail
 from recstream.config import Settings
 from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonModelControl, decide, fine_tune
 from recstream.continual.monitor import CtrMonitor
@@ -432,9 +435,27 @@ class TrainerService:
                 source.refuse(c, f"{type(exc).__name__}: {exc}", "unusable")
         return added
 
+    def refill(self) -> int:
+        """Put the newest committed examples back into the replay buffer (see the module's doc)."""
+        capacity = self.cfg.replay.recent_capacity + self.cfg.replay.reservoir_capacity
+        events = read_committed_tail(self.settings, "training-examples", self.cfg.group_id, capacity)
+        examples = sorted(
+            (example_from_event(ev) for ev in events if isinstance(ev, TrainingExample)), key=lambda ex: ex.ts_ms
+        )[-capacity:]
+        for ex in examples:
+            self.features.observe(ex)
+            self.buffer.add(ex)
+        if examples:
+            log.info("replay buffer refilled with %d committed examples", len(examples))
+        return len(examples)
+
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, max_seconds: float | None = None) -> None:
         """Consume until stopped (stop_event or max_seconds)."""
+        try:
+            self.refill()
+        except Exception as exc:  # Kafka not up yet: learn from new traffic, as without a refill
+            log.warning("replay buffer not refilled: %s: %s", type(exc).__name__, exc)
         examples = EventConsumer(
             self.settings, ["training-examples", "ranking-log"], self.cfg.group_id, worker="trainer"
         )

@@ -562,3 +562,56 @@ def test_a_version_triton_cannot_load_is_not_recorded_live(tmp_path: Path) -> No
         assert (failed_after or 0) == (failed_before or 0) + 1
     finally:
         server.stop()
+
+
+@pytest.mark.kafka
+def test_a_restarted_trainer_refills_its_replay_buffer_from_committed_examples(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Real Kafka. A trainer commits examples once they are in its buffer, which lives in memory:
+    restarted, it used to start empty (no recent window, no reservoir) and wait for new traffic.
+    Now it reads the newest committed examples back, in time order, up to the buffer's capacity,
+    without counting them as new (no round falls due) or as clicks for the CTR monitor."""
+    import time
+
+    from recstream.client import EventProducer
+    from recstream.continual.replay import ReplayConfig
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    settings = make_settings(model_repo=repo)
+    cfg = TrainerConfig(
+        train_every_examples=150,
+        train_every_s=10**6,
+        min_examples=100,
+        holdout=40,
+        group_id="trainer-refill",
+        replay=ReplayConfig(recent_capacity=60, reservoir_capacity=90),
+    )
+    events = _events(25, seed=3)  # 200 examples
+    upserts = [ev for ev in events if isinstance(ev, ItemUpsert)]
+    t0 = int(time.time() * 1000) - 10**6
+    examples = [
+        ev.model_copy(update={"ts_ms": t0 + 10 * n})
+        for n, ev in enumerate(ev for ev in events if isinstance(ev, TrainingExample))
+    ]
+    first = TrainerService(settings, cfg.model_copy(update={"train_every_examples": 10**6}), triton_url="")
+    first.features = CatalogFeatures(encode=_fake_encode)
+    with EventProducer(settings) as producer:
+        producer.send_many("catalog", upserts)
+        producer.send_many("training-examples", examples)
+    deadline = time.monotonic() + 60
+    while first.buffer.seen < len(examples):
+        assert time.monotonic() < deadline, f"{first.buffer.seen} of {len(examples)} consumed"
+        first.run(max_seconds=2)  # each run ends after committing what it folded
+    clicked = sum(e.clicked for e in examples)
+    assert first.monitor.counts[1].clicks == clicked  # "ranker-v1": every example counted once
+
+    restarted = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    restarted.run(max_seconds=3)
+    newest = [(e.request_id, e.item_id) for e in examples[-60:]]
+    assert [(ex.request_id, ex.item) for ex in restarted.buffer.recent] == newest
+    assert restarted.buffer.seen == 150  # the capacity, newest first; nothing consumed twice
+    assert restarted.new_since_round == 0 and not restarted.rounds  # 150 refilled, none due
+    assert restarted.monitor.counts[1].clicks == clicked  # the saved counts, not counted again
+    assert sum(restarted.features.counts.values()) == sum(e.clicked for e in examples[-150:])
