@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -39,3 +41,22 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def atomic_publish_dir(final: Path, fill: Callable[[Path], object]) -> Path:
+    """Create folder `final` complete or not at all: `fill` writes into a hidden staging folder
+    beside it (`.staging-*`: Triton ignores what is not a version number), whose files are fsynced
+    and which is then renamed to `final` in one step. Fails if `final` exists (a racing writer
+    took the name); the staging folder is removed on any failure."""
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=final.parent))
+    try:
+        fill(staging)
+        for p in staging.rglob("*"):
+            if p.is_file():
+                with p.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        os.rename(staging, final)  # atomic on one file system
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final

@@ -24,16 +24,14 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recstream.atomic import atomic_write_text
+from recstream.atomic import atomic_publish_dir, atomic_write_text
 from recstream.contracts.models import RANKER
 from recstream.models.export import MODEL_PY
 from recstream.models.repository import versions
@@ -108,20 +106,15 @@ class ModelRegistry:
         """Write a new version folder atomically; returns its number. Does not make it live."""
         self.model_dir.mkdir(parents=True, exist_ok=True)
         v = max(self.versions(), default=0) + 1
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.model_dir))
-        try:
-            ranker.meta.extra["version"] = v
-            if metrics:
-                ranker.meta.metrics.update({k: float(x) for k, x in metrics.items()})
+        ranker.meta.extra["version"] = v
+        if metrics:
+            ranker.meta.metrics.update({k: float(x) for k, x in metrics.items()})
+
+        def fill(staging: Path) -> None:
             ranker.save(staging)
             (staging / "model.py").write_text(MODEL_PY)
-            for p in staging.iterdir():
-                with p.open("rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(staging, self.model_dir / str(v))  # atomic on one file system; fails if v exists
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        atomic_publish_dir(self.model_dir / str(v), fill)  # fails if v exists
         log.info("published %s v%d", self.name, v)
         return v
 

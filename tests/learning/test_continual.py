@@ -232,3 +232,27 @@ def test_monitor_rolls_back_only_on_a_significant_ctr_drop() -> None:
         same.observe("v1", bool(rng.random() < 0.2))
         same.observe("v2", bool(rng.random() < 0.2))
     assert not same.should_rollback(2, 1)[0]
+
+
+def test_a_query_encoder_version_that_fails_mid_write_leaves_nothing(tmp_path: Path) -> None:
+    """The trainer writes text_encoder versions into the folder Triton serves: one that fails
+    half-way (here its adapter cannot be copied) must leave no numbered folder for Triton's next
+    start to load as the newest version, and no staging folder behind."""
+    import shutil
+
+    from recstream.config import REPO_ROOT
+    from recstream.contracts.models import TEXT_ENCODER
+    from recstream.models.export import export_query_encoder
+    from recstream.models.repository import versions
+    from recstream.models.training import read_meta
+    from recstream.search.served import SearchWeights
+
+    repo = tmp_path / "model_repo"
+    shutil.copytree(REPO_ROOT / "model_repo" / TEXT_ENCODER, repo / TEXT_ENCODER)
+    before = versions(repo, TEXT_ENCODER)
+    meta = read_meta(repo / TEXT_ENCODER / str(max(before)))
+    weights = SearchWeights.from_bench(meta.extra["search_weights"])
+    with pytest.raises(FileNotFoundError):
+        export_query_encoder(tmp_path / "no-adapter", meta, repo, weights)
+    assert versions(repo, TEXT_ENCODER) == before
+    assert not [p.name for p in (repo / TEXT_ENCODER).iterdir() if p.name.startswith(".staging")]

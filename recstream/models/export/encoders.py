@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from recstream.atomic import atomic_publish_dir
 from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.models.export.common import IMPORT_RECSTREAM, next_version_dir, repo_extras, set_config_param
 from recstream.models.ranker import ITEM_DIM
@@ -286,12 +287,17 @@ def export_query_encoder(
     vdir = model_dir / str(v)
     if vdir.exists():
         shutil.rmtree(vdir)
-    vdir.mkdir(parents=True)
-    shutil.copy(model_dir / str(max(existing)) / "model.py", vdir / "model.py")
-    # the adapter without peft's blank model card
-    shutil.copytree(adapter_dir, vdir / "adapter", ignore=shutil.ignore_patterns("README.md"))
     meta.extra["version"] = v  # type: ignore[attr-defined]
-    (vdir / "meta.json").write_text(meta.model_dump_json(indent=2))  # type: ignore[attr-defined]
+
+    def fill(staging: Path) -> None:
+        shutil.copy(model_dir / str(max(existing)) / "model.py", staging / "model.py")
+        # the adapter without peft's blank model card
+        shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("README.md"))
+        (staging / "meta.json").write_text(meta.model_dump_json(indent=2))  # type: ignore[attr-defined]
+
+    # staged and renamed: the trainer writes versions while Triton serves this folder, and a crash
+    # mid-write must not leave a half-written highest version for Triton's next start to load
+    atomic_publish_dir(vdir, fill)
     set_config_param(model_dir / "config.pbtxt", "search_weights", weights.model_dump_json())  # type: ignore[attr-defined]
     log.info("exported %s v%d (LoRA adapter) to %s", TEXT_ENCODER, v, vdir)
     return vdir
