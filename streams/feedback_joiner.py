@@ -47,10 +47,14 @@ class FeedbackJoiner:
         self.next_policy_save = time.monotonic() + POLICY_SAVE_S
 
     def recovered(self) -> None:
-        # After recovery the table holds windows opened before a restart: index them.
+        """Index the windows opened before a restart. Each gets at least a full window from now:
+        their outcomes may wait unread in the backlog behind the committed offset, and the first
+        tick runs before that backlog is read, so a window that closed while the worker was down
+        would be emitted unclicked and its click then dropped as unknown."""
+        reopen_ms = int(time.time() * 1000) + self.window_ms
         for key, raw in list(self.table.data.items()):
             p = PendingImpression.from_bytes(raw)
-            self.deadlines[key] = (p.deadline_ms, p.partition)
+            self.deadlines[key] = (max(p.deadline_ms, reopen_ms), p.partition)
 
     def revoked(self, partitions: list[int]) -> None:
         """Windows of partitions another worker now owns are closed there, not here."""
@@ -61,7 +65,8 @@ class FeedbackJoiner:
 
     def _put(self, key: bytes, pending: PendingImpression) -> None:
         self.table.put(pending.partition, key, pending.to_bytes())
-        self.deadlines[key] = (pending.deadline_ms, pending.partition)
+        indexed = self.deadlines.get(key, (0, 0))[0]  # a recovered window's reopened deadline holds
+        self.deadlines[key] = (max(pending.deadline_ms, indexed), pending.partition)
 
     def process(self, batch) -> None:
         t0 = time.perf_counter()

@@ -414,3 +414,57 @@ def test_a_retried_event_is_applied_once(settings: Settings) -> None:
         loop.stop()
     assert recorder.total() == len(events)
     assert {k: int(v) for k, v in recorder.table.data.items()} == {f"u{u}".encode(): 4 for u in range(5)}
+
+
+def test_a_click_read_after_a_restart_still_labels_its_impression(make_settings: Callable[..., Settings]) -> None:
+    """An impression's window is open when the worker stops; the user clicks while it is down, after
+    the window would have closed, behind a backlog of other events. The restarted joiner recovers
+    the window from its changelog and must wait for the backlog: it used to close the window at its
+    first tick, before the click was read, emitting a label-0 example and dropping the click."""
+    from recstream.contracts.events import TrainingExample
+    from recstream.contracts.topics import TOPICS
+    from recstream.kafka.serde import decode
+    from streams.feedback_joiner import FeedbackJoiner
+    from streams.state import declare_search_queries
+
+    settings = make_settings(feedback_window_s=1.0)
+    group = f"{settings.topic_prefix}feedback-test"
+
+    def joiner_loop() -> tuple[FeedbackJoiner, BehaviourLoop]:
+        ctx = SimpleNamespace(settings=settings, worker="test", tables={}, agents=["features"])
+        declare_search_queries(ctx)
+        joiner = FeedbackJoiner(ctx)
+        ctx.behaviour = BehaviourLoop(ctx, [joiner], group_id=group)
+        return joiner, ctx.behaviour.start()
+
+    shown = dict(user_id="u1", item_id="i1", request_id="r1", position=0, propensity=1.0)
+    joiner, loop = joiner_loop()
+    try:
+        with EventProducer(settings) as p:
+            p.send("behaviour", BehaviourEvent(type="impression", **shown))
+        _wait(lambda: len(joiner.table.data) == 1, 60, "the impression's window did not open")
+    finally:
+        loop.stop()  # commits the impression and its window's changelog record
+    time.sleep(1.5)  # past the window's deadline while the worker is down
+    with EventProducer(settings) as p:
+        p.send_many("behaviour", _events(users=2, per_user=10_000))  # u1 among them: its partition too
+        p.send("behaviour", BehaviourEvent(type="click", **shown))
+
+    examples_topic = TOPICS["training-examples"].name(settings.topic_prefix)
+    reader = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "examples", "auto.offset.reset": "earliest"}
+    )
+    reader.subscribe([examples_topic])
+    joiner, loop = joiner_loop()
+    got: list[TrainingExample] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not got:
+            assert time.monotonic() < deadline, "no training example"
+            msg = reader.poll(0.2)
+            if msg is not None and not msg.error():
+                got.append(decode(TOPICS["training-examples"], msg.value(), settings.max_message_bytes))
+    finally:
+        loop.stop()
+        reader.close()
+    assert [(e.request_id, e.item_id, e.clicked) for e in got] == [("r1", "i1", True)]
