@@ -21,7 +21,7 @@ import time
 
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.recommend.session import SessionState, apply_event, is_first_touch
-from recstream.recommend.trending import day_of
+from recstream.recommend.trending import TREND_DAYS, day_of
 from recstream.telemetry import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from streams.context import StreamContext
 from streams.state import ItemLookup, declare_popularity, declare_table, popularity_key, trend_key
@@ -42,11 +42,19 @@ class SessionFeatures:
         ctx.tables["_item_lookup"] = self.items
         self.unwritten: dict[tuple[int, str], int] = {}  # (partition, item) -> counts not yet in the table
         self.unwritten_trend: dict[tuple[int, int, str], int] = {}  # (partition, day, item) -> counts
+        # Event-time UTC day of the newest event folded, and the day before which trend rows are
+        # gone: a request near the newest events reads only the TREND_DAYS days before its own.
+        self.newest_day: int | None = None
+        self.trend_cutoff: int | None = None
 
     def recovered(self) -> None:
         self.cache.clear()
         self.flush()
         self.items.rebuild_popularity(self.popularity_table)
+        days = [d for per_day in self.items.trend.values() for d in per_day]
+        if days and (self.newest_day is None or max(days) > self.newest_day):
+            self.newest_day = max(days)
+        self.prune_trend()
 
     def revoked(self, partitions: list[int]) -> None:
         """Counts of partitions another worker now owns are that worker's (it recovers them); the
@@ -66,6 +74,31 @@ class SessionFeatures:
             rows.put(partition, key, str(int(rows.data.get(key, b"0")) + n).encode())
         self.unwritten.clear()
         self.unwritten_trend.clear()
+        self.prune_trend()
+
+    def prune_trend(self) -> None:
+        """Delete the trend rows of days more than TREND_DAYS + 1 before the newest event's day,
+        which no request near the newest events reads: a row per item and day was kept forever,
+        and recovery (which reads every row at each start and rebalance) grew with the worker's
+        age. Runs when the newest day moves on (event time, so a replay of old data prunes too)."""
+        if self.newest_day is None:
+            return
+        cutoff = self.newest_day - TREND_DAYS - 1
+        if self.trend_cutoff is not None and cutoff <= self.trend_cutoff:
+            return
+        self.trend_cutoff = cutoff
+        rows = self.popularity_table
+        for key in [k for k in rows.data if b"#" in k]:
+            head, _, _ = key.decode().partition("/")
+            partition, _, day = head.partition("#")
+            if partition.isdigit() and day.lstrip("-").isdigit() and int(day) < cutoff:
+                rows.delete(int(partition), key)
+        trend = self.items.trend  # request threads only .get from it
+        for item_id, per_day in list(trend.items()):
+            for day in [d for d in per_day if d < cutoff]:
+                del per_day[day]
+            if not per_day:
+                del trend[item_id]
 
     def tick(self) -> None:
         pass
@@ -124,10 +157,13 @@ class SessionFeatures:
                     slot = (rec.partition, m.item_id)
                     unwritten[slot] = unwritten.get(slot, 0) + 1
                     day = day_of(m.ts_ms / 1000)
-                    per_day = trend.setdefault(m.item_id, {})
-                    per_day[day] = per_day.get(day, 0) + 1
-                    tslot = (rec.partition, day, m.item_id)
-                    unwritten_trend[tslot] = unwritten_trend.get(tslot, 0) + 1
+                    if self.newest_day is None or day > self.newest_day:
+                        self.newest_day = day
+                    if self.trend_cutoff is None or day >= self.trend_cutoff:  # else: too late to trend
+                        per_day = trend.setdefault(m.item_id, {})
+                        per_day[day] = per_day.get(day, 0) + 1
+                        tslot = (rec.partition, day, m.item_id)
+                        unwritten_trend[tslot] = unwritten_trend.get(tslot, 0) + 1
             else:
                 skipped += 1
         for key, (partition, state) in touched.items():

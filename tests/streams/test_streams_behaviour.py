@@ -312,6 +312,53 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
     store.close()
 
 
+def test_trend_rows_older_than_the_trending_window_are_deleted(settings: Settings, tmp_path) -> None:
+    """The trending feature reads the TREND_DAYS days before a request; per-day rows older than
+    that (by event time, behind the newest event) are tombstoned in the changelog and dropped from
+    memory, so they neither come back at recovery nor grow the table for the worker's life."""
+    from recstream.recommend.trending import DAY_S, TREND_DAYS
+    from recstream.vectorstore import VectorStore
+    from streams.session_features import SessionFeatures
+
+    group = f"{settings.topic_prefix}trend-test"
+    settings = settings.model_copy(update={"qdrant_path": tmp_path / "qdrant"})
+    store = VectorStore(settings)
+
+    def start() -> tuple[SessionFeatures, BehaviourLoop]:
+        ctx = SimpleNamespace(settings=settings, worker="test", tables={}, store=store)
+        features = SessionFeatures(ctx)
+        ctx.behaviour = BehaviourLoop(ctx, [features], group_id=group).start()
+        return features, ctx.behaviour
+
+    old_day, new_day = 100, 100 + TREND_DAYS + 5
+    old = [BehaviourEvent(type="click", user_id=f"u{u}", item_id="old", ts_ms=old_day * DAY_S * 1000) for u in range(6)]
+    new = [BehaviourEvent(type="click", user_id=f"u{u}", item_id="new", ts_ms=new_day * DAY_S * 1000) for u in range(6)]
+    features, loop = start()
+    try:
+        with EventProducer(settings) as p:
+            p.send_many("behaviour", old)
+        _wait(lambda: features.items.popularity.get("old") == 6, 60, "old events not counted")
+        assert features.items.trending(["old"], (old_day + 1) * DAY_S) == [6]
+        with EventProducer(settings) as p:
+            p.send_many("behaviour", new)
+        _wait(lambda: features.items.popularity.get("new") == 6, 60, "new events not counted")
+        _wait(lambda: "old" not in features.items.trend, 30, "the old day stayed in memory")
+        assert features.items.trending(["new"], (new_day + 1) * DAY_S) == [6]
+    finally:
+        loop.stop()
+
+    features, loop = start()
+    try:
+        _wait(loop.ready.is_set, 60, "no assignment")
+        days = {k.split(b"/")[0].split(b"#")[1] for k in features.popularity_table.data if b"#" in k}
+        assert days == {str(new_day).encode()}, days  # the old day's rows were tombstoned
+        assert features.items.popularity == {"old": 6, "new": 6}  # totals are not trend rows
+        assert features.items.trending(["old"], (old_day + 1) * DAY_S) == [0]
+    finally:
+        loop.stop()
+        store.close()
+
+
 def _java_produce(settings: Settings, topic: str, records: list[tuple[str, str]]) -> dict[str, set[int]]:
     """Send (key, value) records with a plain Java KafkaProducer (Kafka's default partitioner, the
     jars the broker runs from); the partitions it reports, per key."""
