@@ -63,6 +63,7 @@ class SessionVectors:
         self._dirty_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._next_expiry = 0.0  # when request-time encoding (no refresh thread) next forgets idle users
 
     def version(self) -> str | None:
         """The session-encoder version for the store's current item vectors (None: do not encode)."""
@@ -85,6 +86,17 @@ class SessionVectors:
 
     def store(self, user_id: str, state: SessionState, version: str, vector: np.ndarray) -> None:
         self.vectors[user_id] = (state.last_offset, version, vector)
+        if self._thread is None:  # no refresh thread forgets idle users: do it here, now and then
+            now = time.monotonic()
+            if now >= self._next_expiry:
+                self._next_expiry = now + ACTIVE_S / 10
+                self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        """Forget users who have not asked for ACTIVE_S: one vector per user ever seen otherwise."""
+        for user in [u for u, t in list(self.active.items()) if now - t > ACTIVE_S]:
+            self.active.pop(user, None)
+            self.vectors.pop(user, None)
 
     def start(self) -> SessionVectors:
         if self.ctx.settings.session_refresh_s <= 0:
@@ -109,10 +121,7 @@ class SessionVectors:
         """Re-encode the changed sessions of active users; returns how many were encoded."""
         from streams.state import read_session
 
-        now = time.monotonic()
-        for user in [u for u, t in list(self.active.items()) if now - t > ACTIVE_S]:
-            self.active.pop(user, None)
-            self.vectors.pop(user, None)
+        self._expire(time.monotonic())
         version = self.version()
         if version is None:
             return 0

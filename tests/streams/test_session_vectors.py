@@ -80,3 +80,27 @@ def test_refresh_encodes_changed_sessions_of_active_users_in_one_call():
     ctx.store.tag = "text_encoder-v1"  # zero-shot vectors: the session encoder must not be used
     vectors.changed(["a"])
     assert vectors.version() is None and vectors.refresh() == 0
+
+
+def test_without_the_refresh_thread_idle_users_are_still_forgotten(monkeypatch):
+    """SESSION_REFRESH_S=0 (request-time encoding only) starts no refresh thread, which is what
+    forgot users idle for ACTIVE_S: every user who ever asked kept a vector for the worker's life."""
+    import time
+
+    import streams.session_vectors as sv
+
+    monkeypatch.setattr(sv, "ACTIVE_S", 0.2)
+    ctx = _ctx({})
+    ctx.settings = Settings(session_refresh_s=0)
+    vectors = SessionVectors(ctx, _Encoder()).start()
+    vec = np.ones(384, np.float32)
+    for n in range(50):
+        state = SessionState(last_offset=n, recent=["1"])
+        vectors.lookup(f"u{n}", state, "v1")
+        vectors.store(f"u{n}", state, "v1", vec)
+    time.sleep(0.3)
+    late = SessionState(last_offset=99, recent=["1"])
+    vectors.lookup("late", late, "v1")
+    vectors.store("late", late, "v1", vec)
+    assert set(vectors.vectors) == {"late"} and set(vectors.active) == {"late"}
+    assert vectors.lookup("late", late, "v1") is vec
