@@ -16,6 +16,7 @@ session writes of the same second can lose or double that second's counts, never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -27,6 +28,10 @@ from streams.context import StreamContext
 from streams.state import ItemLookup, declare_popularity, declare_table, popularity_key, trend_key
 
 log = logging.getLogger(__name__)
+
+#: Decoded sessions kept beside the table's bytes (a decode costs more than a fold). Past this, the
+#: oldest-cached entries go down to half of it: without a bound every user ever seen stayed decoded.
+SESSION_CACHE_MAX = 100_000
 
 
 class SessionFeatures:
@@ -171,6 +176,10 @@ class SessionFeatures:
             # Cache first: a reader that finds the new bytes also finds their decoded state.
             cache[key] = (raw, state)
             table.put(partition, key, raw)
+        if len(cache) > SESSION_CACHE_MAX:  # a dropped entry is decoded again when next read
+            with contextlib.suppress(RuntimeError):  # a request thread cached one meanwhile: next batch
+                for key in list(cache)[: len(cache) - SESSION_CACHE_MAX // 2]:
+                    cache.pop(key, None)
         vectors = getattr(self.ctx, "_session_vectors", None)
         if vectors is not None:  # their session vectors are now stale: re-encode those of active users
             vectors.changed([k.decode() for k in touched])

@@ -359,6 +359,30 @@ def test_trend_rows_older_than_the_trending_window_are_deleted(settings: Setting
         store.close()
 
 
+def test_the_decoded_session_cache_is_bounded(settings: Settings, tmp_path, monkeypatch) -> None:
+    """Decoded sessions are a cache beside the table's bytes: past its bound the oldest half goes
+    (it held every user ever folded), while the table keeps every session and reads still work."""
+    import streams.session_features as sf
+    from recstream.vectorstore import VectorStore
+    from streams.state import read_session
+
+    monkeypatch.setattr(sf, "SESSION_CACHE_MAX", 20)
+    settings = settings.model_copy(update={"qdrant_path": tmp_path / "qdrant"})
+    store = VectorStore(settings)
+    ctx = SimpleNamespace(settings=settings, worker="test", tables={}, store=store)
+    features = sf.SessionFeatures(ctx)
+    ctx.behaviour = BehaviourLoop(ctx, [features], group_id=f"{settings.topic_prefix}cache-test").start()
+    try:
+        with EventProducer(settings) as p:
+            p.send_many("behaviour", _events(users=60, per_user=2))
+        _wait(lambda: len(features.table.data) == 60, 60, "sessions not folded")
+        assert len(features.cache) <= 20
+        assert all(read_session(ctx, f"u{u}").recent == ["0", "1"] for u in range(60))
+    finally:
+        ctx.behaviour.stop()
+        store.close()
+
+
 def _java_produce(settings: Settings, topic: str, records: list[tuple[str, str]]) -> dict[str, set[int]]:
     """Send (key, value) records with a plain Java KafkaProducer (Kafka's default partitioner, the
     jars the broker runs from); the partitions it reports, per key."""
