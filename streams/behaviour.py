@@ -187,6 +187,7 @@ class BehaviourLoop(ConsumerThread):
         self._checkpoints.clear()  # never commit positions of partitions another member may own now
         for p in parts:
             self._positions.pop(p, None)
+            self._event_ids.pop(p, None)  # its new owner remembers its own
         for proc in self.processors:
             revoked = getattr(proc, "revoked", None)
             if revoked is not None:
@@ -211,7 +212,7 @@ class BehaviourLoop(ConsumerThread):
             except InvalidEvent as exc:
                 self.dead_letter(msg, exc.detail, exc.reason)
                 continue
-            if self._duplicate(partition, event.event_id):
+            if self._duplicate(partition, event.user_id, event.event_id):
                 duplicates += 1
                 continue
             batch.append(Record(msg, partition, offset, msg.timestamp()[1] / 1000.0, event))
@@ -226,16 +227,18 @@ class BehaviourLoop(ConsumerThread):
         # closing the consumer runs, so the restarted worker replays it instead of losing it.
         self._positions.update(consumed)
 
-    def _duplicate(self, partition: int, event_id: str) -> bool:
-        """True for an event_id seen among the partition's last `event_dedupe_ids` events: a client's
-        retry (after a 503 or a timeout whose write did land) is applied once. (A restart forgets
-        the window; replays after one are the offsets' business.)"""
+    def _duplicate(self, partition: int, user_id: str, event_id: str) -> bool:
+        """True for a user's event_id seen among the partition's last `event_dedupe_ids` events: a
+        client's retry (after a 503 or a timeout whose write did land) is applied once. Per user: an
+        application's own ids ("evt-1" for each user) must not make one user's event another's
+        repeat. (A restart forgets the window; replays after one are the offsets' business.)"""
         seen = self._event_ids.get(partition)
         if seen is None:
             seen = self._event_ids[partition] = OrderedDict()
-        if event_id in seen:
+        key = f"{user_id}\x00{event_id}"
+        if key in seen:
             return True
-        seen[event_id] = None
+        seen[key] = None
         if len(seen) > self.settings.event_dedupe_ids:
             seen.popitem(last=False)
         return False
