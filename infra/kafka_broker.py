@@ -35,7 +35,7 @@ from pathlib import Path
 
 from infra import kafka_install
 from infra.kafka_install import KAFKA_VERSION, BrokerError, tail
-from infra.processes import free_port
+from infra.processes import command_line, free_port
 from infra.processes import pid_alive as _pid_alive
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ def random_cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         if not cluster_id.startswith("-"):
             return cluster_id
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
@@ -212,7 +205,7 @@ class KafkaBroker:
         if pid is None or not _pid_alive(pid):
             return False
         # Guard against PID reuse: only a JVM launched for this run dir counts.
-        return f"-D{RUN_DIR_PROPERTY}={self.run_dir}" in _cmdline(pid)
+        return f"-D{RUN_DIR_PROPERTY}={self.run_dir}" in command_line(pid)
 
     def start(self, timeout_s: float = 30.0) -> str:
         """Start the broker (idempotent) and return its bootstrap once a client gets metadata back.

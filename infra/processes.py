@@ -23,6 +23,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def command_line(pid: int) -> list[str]:
+    """A process's arguments ([] when it is gone or unreadable): a PID read from a file may have
+    been reused by an unrelated process, so launchers check what it runs before signalling it."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free right now (a small race remains until the server binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

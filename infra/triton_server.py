@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.processes import free_port
+from infra.processes import command_line, free_port
 from infra.processes import pid_alive as _pid_alive
 from infra.triton_env import (
     REPO_ROOT,
@@ -58,11 +58,8 @@ FATAL_LOG_MARKERS = (
 
 def _is_tritonserver(pid: int) -> bool:
     """Guard against PID reuse: only signal a process whose command line is a tritonserver."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(cmdline) and cmdline[0].endswith(b"tritonserver")
+    args = command_line(pid)
+    return bool(args) and args[0].endswith("tritonserver")
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:

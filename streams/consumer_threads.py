@@ -56,6 +56,11 @@ class Consumed:
         self.timestamp = msg.timestamp()[1] / 1000.0  # producer CreateTime, seconds
 
 
+#: Set when a consumer thread failed: the worker then exits non-zero (a supervisor's
+#: restart-on-failure must see a failure, not a clean stop).
+THREAD_FAILED = threading.Event()
+
+
 def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:
     """Run a consumer thread's loop; if it raises, stop the worker (SIGTERM) instead of living on
     with a dead thread (answering from frozen features, or not answering), so that its supervisor
@@ -64,6 +69,7 @@ def run_or_stop_worker(name: str, run: Callable[[], None]) -> None:
         run()
     except Exception:
         log.critical("%s failed; stopping the worker", name, exc_info=True)
+        THREAD_FAILED.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
 

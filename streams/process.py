@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from infra.processes import free_port
+from infra.processes import command_line, free_port, pid_alive
 from recstream.config import REPO_ROOT, Settings, settings_env
 from streams.worker import READY_LINE
 
@@ -49,10 +49,10 @@ class WorkerProcess:
             return None
         try:
             pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-            return pid
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+        except (FileNotFoundError, ValueError):
             return None
+        # a stale file's PID may belong to an unrelated process by now: never take (or signal) that
+        return pid if pid_alive(pid) and "streams.worker" in command_line(pid) else None
 
     def start(self, ready_timeout_s: float | None = 120.0) -> WorkerProcess:
         """Start it (a detached worker that is already running is left as it is) and wait for its

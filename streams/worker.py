@@ -22,6 +22,7 @@ from recstream.config import get_settings
 from recstream.kafka.admin import ensure_topics
 from recstream.telemetry import STAGE_LATENCY, serve_metrics
 from streams.app import create_app
+from streams.consumer_threads import THREAD_FAILED
 from streams.rankers import RANKERS
 from streams.registry import ALL_AGENTS, specs_for
 
@@ -133,6 +134,9 @@ def main(
     finally:
         log.info("stopping: committing what was processed")
         app.close()
+    if THREAD_FAILED.is_set():
+        log.critical("stopped because a consumer thread failed (see above): exit status 1")
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -39,16 +39,26 @@ def produce(
     """Validate and send events to a topic."""
     from recstream.client import EventProducer
 
-    if topic not in TOPICS:
-        raise typer.BadParameter(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}")
+    _known_topic(topic)
     lines = sys.stdin if event == "-" else [event]
     with EventProducer(get_settings(), worker="cli") as producer:
         n = 0
-        for line in lines:
-            if line.strip():
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
                 producer.send(topic, json.loads(line))
-                n += 1
+            except ValueError as exc:  # not JSON, or not a valid event (pydantic's error is a ValueError)
+                where = f"line {number}" if event == "-" else "EVENT"
+                typer.echo(f"error: {where} is not a valid {topic} event ({n} sent before it):\n{exc}", err=True)
+                raise typer.Exit(2) from exc
+            n += 1
     typer.echo(f"sent {n} events to {topic}", err=True)
+
+
+def _known_topic(topic: str) -> None:
+    if topic not in TOPICS:
+        raise typer.BadParameter(f"unknown topic {topic!r}; known: {', '.join(TOPICS)}", param_hint="TOPIC")
 
 
 @app.command()
@@ -59,7 +69,7 @@ def tail(
     timeout_s: float = typer.Option(0, help="stop after this many idle seconds (0 = never)"),
 ) -> None:
     """Print a topic's messages as JSON lines (raw, so dead letters and bad input show as they are)."""
-    from confluent_kafka import Consumer
+    from confluent_kafka import Consumer, KafkaError
 
     settings = get_settings()
     name = TOPICS[topic].name(settings.topic_prefix) if topic in TOPICS else topic
@@ -76,6 +86,12 @@ def tail(
     try:
         while not limit or seen < limit:
             msg = consumer.poll(0.5)
+            if msg is not None and (err := msg.error()) is not None:
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise typer.BadParameter(f"no topic {name} on {settings.kafka_bootstrap}", param_hint="TOPIC")
+                typer.echo(f"{name}: {err}", err=True)  # the broker's news (down, a leader moving)
+                if err.fatal():
+                    raise typer.Exit(1)
             if msg is None or msg.error():
                 if timeout_s and time.monotonic() - idle_since > timeout_s:
                     break
@@ -111,6 +127,8 @@ def replay(
     settings = get_settings()
     path = Path(source)
     if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise typer.BadParameter(f"no file {path}", param_hint="SOURCE")
         stream = read_jsonl(path)
     else:
         from recstream.data.datasets import DataFormatError, load_dataset
@@ -122,15 +140,22 @@ def replay(
         items = [("catalog", e) for e in catalog_events(data.items)] if catalog else []
         events = (("behaviour", e) for e in behaviour_events(data.interactions))
         stream = iter(items + list(islice(events, limit or None)))
+    sent = 0
     with EventProducer(settings, worker="replay") as producer:
-        for topic, event in tqdm(paced(stream, rate), desc="replay", unit="ev"):
-            producer.send(topic, event)
+        try:
+            for topic, event in tqdm(paced(stream, rate), desc="replay", unit="ev"):
+                producer.send(topic, event)
+                sent += 1
+        except ValueError as exc:  # a bad line of the file, or an invalid event in it
+            typer.echo(f"error: {exc}\n({sent} events sent before it)", err=True)
+            raise typer.Exit(2) from exc
     typer.echo("replay done", err=True)
 
 
 @app.command("dead-letters")
 def dead_letters(topic: str = typer.Argument("behaviour")) -> None:
     """Show the dead-letter topic of a logical topic from the beginning (stops when idle)."""
+    _known_topic(topic)
     name = TOPICS[topic].name(get_settings().topic_prefix)
     tail(dead_letter_topic(name), from_beginning=True, limit=0, timeout_s=3)
 

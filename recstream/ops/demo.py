@@ -21,6 +21,7 @@ from recstream.contracts.events import BehaviourEvent, RecommendationRequest, Re
 from recstream.data.datasets import load_dataset
 from recstream.data.events import behaviour_events, catalog_events
 from recstream.ops.stack import LocalStack
+from streams.process import WorkerProcess
 
 log = logging.getLogger("demo")
 
@@ -50,17 +51,20 @@ def worker_metric(metrics_port: int, family_name: str) -> float:
     return 0.0
 
 
-def wait_for_worker(metrics_port: int, family_name: str, want: int, desc: str, timeout_s: float = 600.0) -> None:
-    """Asking before the worker caught up would only show the degraded path; wait for it."""
+def wait_for_worker(worker: WorkerProcess, family_name: str, want: int, desc: str, timeout_s: float = 600.0) -> None:
+    """Asking before the worker caught up would only show the degraded path; wait for it, and stop
+    waiting the moment it exits (a port in use, a locked Qdrant folder: its log says why)."""
     deadline = time.monotonic() + timeout_s
     with tqdm(total=want, desc=desc, unit="ev") as bar:
         while time.monotonic() < deadline:
-            bar.n = min(want, int(worker_metric(metrics_port, family_name)))
+            if worker.pid() is None:
+                raise RuntimeError(f"the stream worker exited; the end of {worker.log_path}:\n{worker.tail(2000)}")
+            bar.n = min(want, int(worker_metric(worker.metrics_port, family_name)))
             bar.refresh()
             if bar.n >= want:
                 return
             time.sleep(1.0)
-    raise TimeoutError(f"{desc}: worker not caught up within {timeout_s:.0f}s; see run/worker/worker.log")
+    raise TimeoutError(f"{desc}: worker not caught up within {timeout_s:.0f}s; see {worker.log_path}")
 
 
 def run(settings: Settings, events: int = 20_000, keep_running: bool = False) -> None:
@@ -71,8 +75,24 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
         print("a stream worker is already running (`make up`): the demo uses it with the settings it was started with")
     print("starting Kafka, Triton and the stream worker ...")
     t0 = time.perf_counter()
-    stack.up()
+    started = stack.up()
     print(f"stack up in {time.perf_counter() - t0:.1f}s: {stack.status()}")
+    finished = False
+    try:
+        play(settings, stack, events)
+        finished = True
+    finally:
+        # Only what this run started: a stack brought up by `make up` before it stays up. A demo
+        # that failed or was interrupted leaves nothing behind, --keep-running or not.
+        if finished and keep_running:
+            print("\nstack keeps running; `make down` stops it")
+        elif started:
+            print(f"stopping what the demo started: {', '.join(started)}")
+            stack.down(started)
+
+
+def play(settings: Settings, stack: LocalStack, events: int) -> None:
+    """Replay the data set into the running stack, then search, click and recommend as an app would."""
     data = load_dataset("ml-100k")
     titles = dict(zip(data.items.item_id, data.items.title, strict=True))
     with EventProducer(settings, worker="demo") as producer:
@@ -82,9 +102,8 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
         for event in tqdm(islice(behaviour_events(data.interactions), events), desc="behaviour", unit="ev"):
             producer.send("behaviour", event)
             sent += 1
-    port = stack.worker.metrics_port
-    wait_for_worker(port, "recstream_indexed_items", len(catalog), "items embedded (Triton) into Qdrant")
-    wait_for_worker(port, "recstream_feature_events", sent, "behaviour folded into session features")
+    wait_for_worker(stack.worker, "recstream_indexed_items", len(catalog), "items embedded (Triton) into Qdrant")
+    wait_for_worker(stack.worker, "recstream_feature_events", sent, "behaviour folded into session features")
     with RecommendationClient(settings) as client:
         # The worker's first request opens its model and store clients (seconds): not the one shown.
         client.request(RecommendationRequest(kind="search", user_id="warm-up", query="warm up"), timeout_s=60)
@@ -104,7 +123,3 @@ def run(settings: Settings, events: int = 20_000, keep_running: bool = False) ->
         time.sleep(1)
         rec = client.request(RecommendationRequest(user_id="demo", session_id="demo-1"), timeout_s=30)
         show("recommendations for the session after the clicks", rec, titles)
-    if keep_running:
-        print("\nstack keeps running; `make down` stops it")
-    else:
-        stack.down()

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from recstream.config import get_settings
 from recstream.contracts.models import RANKER, TRAINED_MODELS
+
+if TYPE_CHECKING:
+    from recstream.continual import ModelRegistry
 
 
 def setup_logging() -> None:
@@ -142,9 +146,10 @@ def models_promote(
     model: str = typer.Option(RANKER),
 ) -> None:
     """Make VERSION live (the current live version becomes the rollback target) and reload Triton."""
-    from recstream.continual import ModelRegistry
-
-    ModelRegistry(get_settings().model_repo, model).promote(version, reason)
+    try:
+        _registry(model).promote(version, reason)
+    except (FileNotFoundError, ValueError) as exc:  # no such version; not newer than live
+        raise typer.BadParameter(str(exc), param_hint="VERSION") from exc
     _reload_triton(version)
 
 
@@ -154,6 +159,21 @@ def models_rollback(
     model: str = typer.Option(RANKER),
 ) -> None:
     """Serve the previous version again and reload Triton."""
+    try:
+        version = _registry(model).rollback(reason)
+    except (FileNotFoundError, RuntimeError) as exc:  # no versions; nothing to roll back to
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _reload_triton(version)
+
+
+def _registry(model: str) -> ModelRegistry:
+    """The registry of a model the repository serves; a typo is refused before anything is written
+    (the registry's lock would create the folder, and Triton would try to load it at its next start)."""
     from recstream.continual import ModelRegistry
 
-    _reload_triton(ModelRegistry(get_settings().model_repo, model).rollback(reason))
+    repo = get_settings().model_repo
+    if not (repo / model / "config.pbtxt").is_file():
+        served = sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+        raise typer.BadParameter(f"{repo} serves no {model!r}; it serves {', '.join(served)}", param_hint="--model")
+    return ModelRegistry(repo, model)

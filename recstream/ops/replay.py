@@ -19,7 +19,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{path}:{n}: not a JSON line: {exc}") from exc
+            if not isinstance(rec, dict) or not isinstance(rec.get("event"), dict):
+                raise ValueError(f'{path}:{n}: expected {{"topic": ..., "event": {{...}}}}')
             if rec.get("topic") not in TOPICS:
                 raise ValueError(f"{path}:{n}: unknown topic {rec.get('topic')!r}; known: {sorted(TOPICS)}")
             yield rec["topic"], rec["event"]

@@ -7,6 +7,7 @@ exactly what `stack up` started. Ports come from the settings (KAFKA_BOOTSTRAP, 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from infra.kafka_broker import KafkaBroker
 from infra.triton_server import TritonServer
@@ -17,8 +18,10 @@ from streams.process import WorkerProcess
 log = logging.getLogger(__name__)
 
 
-#: The local stack worker's /metrics port (the demo reads its progress there).
+#: The local stack worker's /metrics port unless METRICS_PORT is set (the demo reads its progress there).
 WORKER_METRICS_PORT = 9100
+#: The parts of the stack, in the order they start.
+PARTS = ("kafka", "triton", "worker")
 
 
 def _port(hostport: str) -> int:
@@ -29,7 +32,10 @@ class LocalStack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         run = settings.run_dir
-        self.kafka = KafkaBroker(run / "kafka", port=_port(settings.kafka_bootstrap))
+        kafka_port = _port(settings.kafka_bootstrap)
+        # the KRaft controller listens on the next port (9093 beside the default 9092), so a second
+        # stack on other ports does not collide with the first one's controller
+        self.kafka = KafkaBroker(run / "kafka", port=kafka_port, controller_port=kafka_port + 1)
         self.triton = TritonServer(
             settings.model_repo,
             run / "triton",
@@ -40,24 +46,37 @@ class LocalStack:
         self.worker = WorkerProcess(
             settings,
             run / "worker" / "worker.log",
-            metrics_port=WORKER_METRICS_PORT,
+            metrics_port=settings.metrics_port or WORKER_METRICS_PORT,
             pid_file=run / "worker" / "worker.pid",
         )
 
-    def up(self, with_worker: bool = True) -> None:
-        if not self.kafka.is_running():
-            self.kafka.start()
-        ensure_topics(self.settings)
-        if not self.triton.is_running():
-            self.triton.start()
-        if with_worker:
-            self.worker.start(ready_timeout_s=None)
+    def up(self, with_worker: bool = True) -> list[str]:
+        """Start what is not running yet; returns the parts this call started. A start that fails
+        stops what it started on the way, so no half-started stack holds the ports."""
+        started: list[str] = []
+        try:
+            if not self.kafka.is_running():
+                self.kafka.start()
+                started.append("kafka")
+            ensure_topics(self.settings)
+            if not self.triton.is_running():
+                self.triton.start()
+                started.append("triton")
+            if with_worker and self.worker.pid() is None:
+                self.worker.start(ready_timeout_s=None)
+                started.append("worker")
+        except BaseException:
+            self.down(started)
+            raise
+        return started
 
-    def down(self) -> None:
-        self.worker.stop()
-        if self.triton.state_file.exists():
+    def down(self, parts: Collection[str] = PARTS) -> None:
+        """Stop these parts (all by default), the worker first, so it commits while Kafka is up."""
+        if "worker" in parts:
+            self.worker.stop()
+        if "triton" in parts and self.triton.state_file.exists():
             TritonServer.from_run_dir(self.triton.run_dir).stop()
-        if self.kafka.state_file.exists():
+        if "kafka" in parts and self.kafka.state_file.exists():
             KafkaBroker.from_run_dir(self.kafka.run_dir).stop()
 
     def status(self) -> dict[str, object]:

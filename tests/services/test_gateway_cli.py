@@ -104,5 +104,13 @@ def test_cli_models_list_promote_rollback(tmp_path, monkeypatch: pytest.MonkeyPa
         listed = json.loads(runner.invoke(cli.app, ["models", "list", "--model", "ranker"]).output)
         assert (listed["live"], listed["previous"]) == (1, None)
         assert [h["event"] for h in listed["history"]][-2:] == ["promote", "rollback"]
+        # mistakes get a message, not a traceback, and leave the repository as it was
+        result = runner.invoke(cli.app, ["models", "promote", "999"])
+        assert result.exit_code == 2 and "v999 does not exist" in result.output, result.output
+        result = runner.invoke(cli.app, ["models", "rollback"])
+        assert result.exit_code == 1 and "no previous version" in result.output, result.output
+        result = runner.invoke(cli.app, ["models", "rollback", "--model", "rankr"])
+        assert result.exit_code == 2 and "serves no 'rankr'" in result.output, result.output
+        assert sorted(p.name for p in repo.iterdir()) == ["ranker"]  # no folder for the typo
     finally:
         get_settings.cache_clear()

@@ -49,3 +49,29 @@ def test_a_worker_whose_broker_died_exits_on_sigterm(tmp_path: Path) -> None:
         if worker is not None:
             worker.kill9()
         broker.stop()
+
+
+def test_a_failed_consumer_thread_stops_the_worker_with_a_failure_status() -> None:
+    """A consumer thread that raises stops the worker through SIGTERM, like an operator's stop;
+    the worker must then exit non-zero (it exited 0, so a restart-on-failure supervisor left it
+    down). Checked on the signal path the worker's main loop uses."""
+    import threading
+
+    from streams import consumer_threads
+
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
+    consumer_threads.THREAD_FAILED.clear()
+    try:
+
+        def broken() -> None:
+            raise RuntimeError("a processor bug")
+
+        thread = threading.Thread(target=consumer_threads.run_or_stop_worker, args=("test consumer", broken))
+        thread.start()
+        thread.join(10)
+        assert stopped.wait(5), "no SIGTERM"
+        assert consumer_threads.THREAD_FAILED.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        consumer_threads.THREAD_FAILED.clear()
