@@ -183,6 +183,10 @@ def apply_event(
         state.affinity[item_category] = round(state.affinity.get(item_category, 0.0) + weight, AFFINITY_DECIMALS)
     if item_vec is not None:
         vec = np.asarray(item_vec, dtype=np.float32)
-        prev = np.zeros_like(vec) if state.emb is None else state.emb.astype(np.float32) * np.float32(decay)
+        # A vector of another width (the catalogue re-embedded by an encoder of another size) starts
+        # the session vector over: the old one lives in another space, and adding them raised
+        # after the state above had changed, for every event of every such user.
+        same_space = state.emb is not None and state.emb.shape == vec.shape
+        prev = state.emb.astype(np.float32) * np.float32(decay) if same_space else np.zeros_like(vec)
         state.emb = (prev + np.float32(weight) * vec).astype(np.float16)
     return True

@@ -250,3 +250,16 @@ def test_new_item_order_is_a_permutation_that_keeps_known_items_in_ranker_order(
     assert fresh == sorted(fresh)  # new items keep their retrieval order among themselves
     for i in fresh:  # and never land below their retrieval slot
         assert order.index(i) <= i
+
+
+def test_an_item_vector_of_another_width_starts_the_session_vector_over() -> None:
+    """After the catalogue is re-embedded by an encoder of another width, a user's next event must
+    fold (the session vector restarts in the new space), not raise with the state half-changed."""
+    from recstream.recommend.session import SessionState, apply_event
+
+    state = SessionState()
+    assert apply_event(state, offset=1, event_type="click", item_id="a", ts_ms=1_000, item_vec=np.ones(384))
+    assert apply_event(state, offset=2, event_type="click", item_id="b", ts_ms=2_000, item_vec=np.full(256, 2.0))
+    assert state.emb is not None and state.emb.shape == (256,) and state.last_offset == 2
+    assert state.recent == ["a", "b"]
+    np.testing.assert_allclose(state.emb.astype(np.float32) / state.emb[0], np.ones(256))
