@@ -95,6 +95,10 @@ class ItemLookup:
         # Bumped by every invalidation (the catalog thread): a store read that began before one
         # may hold the old vector, so it answers its caller but is not cached.
         self.generation = 0
+        # The store's tag (which encoder made its vectors) the cache was filled under: a re-embed
+        # changes it, and a session encoded from old-space vectors under the new tag would be
+        # served as the new version's until the user acted again.
+        self._tag: str | None = None
         # Interactions per item in this process's partitions (a ranker feature), summed over the
         # rows of the popularity table; rebuilt from it after every recovery.
         self.popularity: dict[str, int] = {}
@@ -135,6 +139,11 @@ class ItemLookup:
             self.cache.pop(i, None)
 
     def get_many(self, item_ids: set[str]) -> dict[str, tuple[np.ndarray | None, str | None]]:
+        tag = getattr(self.ctx.store, "tag", None)
+        if tag != self._tag:  # the catalogue was re-embedded: every cached vector is of the old space
+            self.generation += 1
+            self.cache.clear()
+            self._tag = tag
         missing = [i for i in item_ids if i not in self.cache]
         read: dict[str, tuple[np.ndarray | None, str | None]] = {}
         if missing:

@@ -144,14 +144,16 @@ class VectorStore:
         if old == self.alias:  # a pre-alias store: its collection holds the alias's name
             self.client.delete_collection(old)
         self._point_alias(new)
-        self.collection = new
         if index is not None:
             self._index = index  # one reference swap: a search in flight finishes on the old index
+        self.revision += 1
+        # The tag (this name) last: a reader that sees the new tag must find the new vectors too,
+        # or it encodes a session from old-space vectors and files it under the new version.
+        self.collection = new
         if self.mode == "local":
             self._tune_local_storage()
         if old != self.alias and self.client.collection_exists(old):
             self.client.delete_collection(old)
-        self.revision += 1
         log.info("item vectors switched from %s to %s (%d items)", old, new, len(items))
 
     # --- writes -------------------------------------------------------------------------------

@@ -44,3 +44,19 @@ def test_a_read_overtaken_by_a_catalog_update_is_not_cached(tmp_path: Path) -> N
     assert category == "new" and np.allclose(vector, new, atol=1e-6)
     assert lookup.cache["i1"][1] == "new"  # an undisturbed read is cached
     store.close()
+
+
+def test_a_re_embedded_catalogue_is_read_anew_without_an_invalidation(tmp_path: Path) -> None:
+    """A re-embed switches the store's tag (the encoder of its vectors) and its vectors at once;
+    the item cache must not hand out the old space's vectors under the new tag until the catalog
+    thread gets round to invalidating (a request in between encoded the session from them and
+    filed it under the new session-encoder version)."""
+    store = VectorStore(Settings(run_dir=tmp_path, qdrant_path=tmp_path / "qdrant"))
+    old, new = _unit(0), _unit(1)
+    store.upsert([{"item_id": "i1", "category": "c"}], old[None])
+    lookup = ItemLookup(SimpleNamespace(store=store))
+    assert np.allclose(lookup.get_many({"i1"})["i1"][0], old, atol=1e-6)
+    store.rebuild("item_encoder-v2", [{"item_id": "i1", "category": "c"}], new[None])
+    assert store.tag == "item_encoder-v2"
+    assert np.allclose(lookup.get_many({"i1"})["i1"][0], new, atol=1e-6)
+    store.close()
