@@ -58,7 +58,8 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="How long the feedback joiner waits for a click after an impression before the impression "
-        "becomes a no-click training example (a learning policy forgets a shown slot 60 s after that)",
+        "becomes a no-click training example (a learning policy forgets a shown slot 60 s after that). Windows "
+        "open at a restart get a full window again, so the backlog with their clicks is read first",
     )
     new_item_slot_factor: float | None = Field(
         None,
@@ -87,7 +88,12 @@ class Settings(BaseSettings):
         "per answer, built after the batch's answers are published: about +0.05 worker cores at 200 requests/s, "
         "latency unchanged within noise); `off`. `true`/`false` mean `exploring`/`off`",
     )
-    metrics_port: int = Field(0, description="Prometheus metrics port for a worker; 0 = no HTTP server")
+    metrics_port: int = Field(
+        0,
+        description="Prometheus metrics port for a worker; 0 = no HTTP server (the local stack's worker: 9100 "
+        "unless set). A worker stopped by a failed consumer thread exits with status 1, so a restart-on-failure "
+        "supervisor restarts it",
+    )
 
     # --- explore -----------------------------------------------------------------------------------------
     exploration_policy: str = Field(
