@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 
+from recstream.contracts.partitioning import partition_for
 from recstream.contracts.topics import BEHAVIOUR
 from recstream.recommend.session import SessionState, apply_event, is_first_touch
 from recstream.recommend.trending import TREND_DAYS, day_of
@@ -62,13 +63,20 @@ class SessionFeatures:
         self.prune_trend()
 
     def revoked(self, partitions: list[int]) -> None:
-        """Counts of partitions another worker now owns are that worker's (it recovers them); the
-        rows were flushed by the commit that precedes this call."""
+        """Counts and sessions of partitions another worker now owns are that worker's (it recovers
+        them; so does this one if they come back); the rows were flushed by the commit that precedes
+        this call. Sessions were kept before: a worker that once held every partition kept every
+        user's session in memory for good."""
         prefixes = tuple(f"{p}{sep}".encode() for p in partitions for sep in "/#")
         data = self.popularity_table.data
         for key in [k for k in data if k.startswith(prefixes)]:
             del data[key]
         self.items.rebuild_popularity(self.popularity_table)
+        gone = set(partitions)
+        sessions = self.table.data  # keyed by user id, partitioned by it (the topic's own rule)
+        for key in [k for k in sessions if partition_for(k, BEHAVIOUR.partitions) in gone]:
+            del sessions[key]
+            self.cache.pop(key, None)
 
     def flush(self) -> None:
         """Write the popularity and trend rows counted since the last flush."""

@@ -309,6 +309,15 @@ def test_item_popularity_survives_a_restart(settings: Settings, tmp_path) -> Non
             kept[item] = kept.get(item, 0) + int(value)
     assert features.items.popularity == kept and sum(kept.values()) < 13
     assert sum(features.items.trending(["a", "b"], 86_400)) == sum(kept.values()), "day rows left with it"
+    # ... and the sessions of its users (recovered again if the partition comes back)
+    features.table.recover(settings, range(BEHAVIOUR.partitions))
+    users = {k.decode() for k in features.table.data}
+    assert len(users) == 7  # u0..u5 and u9
+    features.revoked([gone])
+    from recstream.contracts.partitioning import partition_for
+
+    left = {k.decode() for k in features.table.data}
+    assert left == {u for u in users if partition_for(u.encode(), BEHAVIOUR.partitions) != gone} != users
     store.close()
 
 
