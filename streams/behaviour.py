@@ -186,8 +186,9 @@ class BehaviourLoop(ConsumerThread):
         self._commit()
         self._checkpoints.clear()  # never commit positions of partitions another member may own now
         for p in parts:
+            # _event_ids[p] stays: an eager rebalance revokes every partition and hands most back,
+            # and an id remembered from an earlier tenure is still a real event (bounded per partition)
             self._positions.pop(p, None)
-            self._event_ids.pop(p, None)  # its new owner remembers its own
         for proc in self.processors:
             revoked = getattr(proc, "revoked", None)
             if revoked is not None:

@@ -57,7 +57,8 @@ class SessionFeatures:
         self.cache.clear()
         self.flush()
         self.items.rebuild_popularity(self.popularity_table)
-        days = [d for per_day in self.items.trend.values() for d in per_day]
+        latest_day = day_of(time.time()) + 1
+        days = [d for per_day in self.items.trend.values() for d in per_day if d <= latest_day]
         if days and (self.newest_day is None or max(days) > self.newest_day):
             self.newest_day = max(days)
         self.prune_trend()
@@ -124,6 +125,7 @@ class SessionFeatures:
         popularity = items.popularity
         touched: dict[bytes, tuple[int, SessionState]] = {}
         unwritten, unwritten_trend, trend = self.unwritten, self.unwritten_trend, items.trend
+        latest_day = day_of(time.time()) + 1  # what a client's clock may run ahead by, at most
         applied = skipped = 0
         for rec in batch:
             m = rec.event
@@ -170,8 +172,8 @@ class SessionFeatures:
                     slot = (rec.partition, m.item_id)
                     unwritten[slot] = unwritten.get(slot, 0) + 1
                     day = day_of(m.ts_ms / 1000)
-                    if self.newest_day is None or day > self.newest_day:
-                        self.newest_day = day
+                    if (self.newest_day is None or day > self.newest_day) and day <= latest_day:
+                        self.newest_day = day  # never from a future-dated event: it would prune real days
                     if self.trend_cutoff is None or day >= self.trend_cutoff:  # else: too late to trend
                         per_day = trend.setdefault(m.item_id, {})
                         per_day[day] = per_day.get(day, 0) + 1

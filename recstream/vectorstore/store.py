@@ -146,10 +146,12 @@ class VectorStore:
         self._point_alias(new)
         if index is not None:
             self._index = index  # one reference swap: a search in flight finishes on the old index
-        self.revision += 1
-        # The tag (this name) last: a reader that sees the new tag must find the new vectors too,
-        # or it encodes a session from old-space vectors and files it under the new version.
+        # The tag (this name) after the index: a reader that sees the new tag must find the new
+        # vectors too, or it encodes a session from old-space vectors and files it under the new
+        # version. The revision after the name: a snapshot taken for the new revision reads the
+        # new collection (server mode reads by name).
         self.collection = new
+        self.revision += 1
         if self.mode == "local":
             self._tune_local_storage()
         if old != self.alias and self.client.collection_exists(old):

@@ -89,6 +89,10 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+class GatewayClosing(RuntimeError):
+    """A connection finished after close(): the request waiting on it is answered 503."""
+
+
 class Gateway:
     """Process-wide Kafka handles, created lazily so the app starts (and /readyz reports) without Kafka."""
 
@@ -149,7 +153,7 @@ class Gateway:
             done.set_result(client)
         else:  # the gateway closed while this one connected: nobody else would close it
             client.close()
-            done.set_exception(RuntimeError("the gateway closed while connecting"))
+            done.set_exception(GatewayClosing("the gateway is shutting down"))
 
     @property
     def admin(self) -> AdminClient:
@@ -233,10 +237,12 @@ class Gateway:
     async def _connected_client(self, deadline: float) -> RecommendationClient:
         """Wait for the client's connection, at most until the request's deadline (the connection
         goes on for the requests after this one)."""
+        connecting = asyncio.wrap_future(self._connect())
+        # a request that stopped waiting never reads the outcome: read it here, or asyncio logs
+        # "exception was never retrieved" for every such request while Kafka is down
+        connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(self._connect())), max(0.0, deadline - time.monotonic())
-            )
+            return await asyncio.wait_for(asyncio.shield(connecting), max(0.0, deadline - time.monotonic()))
         except TimeoutError as exc:
             raise HTTPException(
                 503, f"not connected to Kafka within {self.limits.request_timeout_s}s of the request's arrival"
@@ -245,6 +251,8 @@ class Gateway:
             raise HTTPException(503, str(exc)) from exc
         except KafkaException as exc:
             raise HTTPException(503, f"Kafka is unreachable: {exc}") from exc
+        except GatewayClosing as exc:
+            raise HTTPException(503, str(exc)) from exc
 
     def readiness(self) -> Readiness:
         kafka = triton = "ok"

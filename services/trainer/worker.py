@@ -452,10 +452,11 @@ class TrainerService:
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self, max_seconds: float | None = None) -> None:
         """Consume until stopped (stop_event or max_seconds)."""
-        try:
-            self.refill()
-        except Exception as exc:  # Kafka not up yet: learn from new traffic, as without a refill
-            log.warning("replay buffer not refilled: %s: %s", type(exc).__name__, exc)
+        if self.buffer.seen == 0:  # once: a second run() in this process has them in its buffer
+            try:
+                self.refill()
+            except Exception as exc:  # Kafka not up yet: learn from new traffic, as without a refill
+                log.warning("replay buffer not refilled: %s: %s", type(exc).__name__, exc)
         examples = EventConsumer(
             self.settings, ["training-examples", "ranking-log"], self.cfg.group_id, worker="trainer"
         )

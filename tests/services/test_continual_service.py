@@ -604,6 +604,7 @@ def test_a_restarted_trainer_refills_its_replay_buffer_from_committed_examples(
     while first.buffer.seen < len(examples):
         assert time.monotonic() < deadline, f"{first.buffer.seen} of {len(examples)} consumed"
         first.run(max_seconds=2)  # each run ends after committing what it folded
+    assert first.buffer.seen == len(examples)  # a second run() does not refill what it holds
     clicked = sum(e.clicked for e in examples)
     assert first.monitor.counts[1].clicks == clicked  # "ranker-v1": every example counted once
 

@@ -353,6 +353,13 @@ def test_trend_rows_older_than_the_trending_window_are_deleted(settings: Setting
         _wait(lambda: features.items.popularity.get("new") == 6, 60, "new events not counted")
         _wait(lambda: "old" not in features.items.trend, 30, "the old day stayed in memory")
         assert features.items.trending(["new"], (new_day + 1) * DAY_S) == [6]
+        # a client whose clock is decades ahead moves nothing: the real days keep their rows
+        future = BehaviourEvent(type="click", user_id="u1", item_id="future", ts_ms=4_000_000_000_000)
+        with EventProducer(settings) as p:
+            p.send("behaviour", future)
+        _wait(lambda: features.items.popularity.get("future") == 1, 60, "the future-dated event not counted")
+        time.sleep(1.5)  # a flush, which would prune
+        assert features.items.trending(["new"], (new_day + 1) * DAY_S) == [6]
     finally:
         loop.stop()
 
@@ -360,8 +367,10 @@ def test_trend_rows_older_than_the_trending_window_are_deleted(settings: Setting
     try:
         _wait(loop.ready.is_set, 60, "no assignment")
         days = {k.split(b"/")[0].split(b"#")[1] for k in features.popularity_table.data if b"#" in k}
-        assert days == {str(new_day).encode()}, days  # the old day's rows were tombstoned
-        assert features.items.popularity == {"old": 6, "new": 6}  # totals are not trend rows
+        future_day = 4_000_000_000_000 // (DAY_S * 1000)
+        assert days == {str(new_day).encode(), str(future_day).encode()}, days  # the old day's rows were tombstoned
+        assert features.items.popularity == {"old": 6, "new": 6, "future": 1}  # totals are not trend rows
+        assert features.items.trending(["new"], (new_day + 1) * DAY_S) == [6]  # recovery pruned nothing real
         assert features.items.trending(["old"], (old_day + 1) * DAY_S) == [0]
     finally:
         loop.stop()
