@@ -92,7 +92,9 @@ class PolicyFeedback:
             row = {iid: n for n, iid in enumerate(item_ids)}
             for s in shown:
                 j = row[s.item_id]
-                self._shown[(request_id, s.item_id)] = (float(logits[j]), groups_list[j], now)
+                key = (request_id, s.item_id)
+                self._shown.pop(key, None)  # a re-answered request goes to the end: expiry runs oldest first
+                self._shown[key] = (float(logits[j]), groups_list[j], now)
             while len(self._shown) > self.capacity:
                 self._shown.popitem(last=False)
                 POLICY_FEEDBACK.labels(outcome="evicted").inc()

@@ -20,6 +20,7 @@ Interface shared by every policy (what the stream recommender calls):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,8 +99,8 @@ class PlackettLuce:
     """
 
     def __init__(self, temperature: float = 1.0, greedy_slots: int = 0) -> None:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        if not (math.isfinite(temperature) and temperature > 0) or greedy_slots < 0:
+            raise ValueError("temperature must be a finite number > 0 and greedy_slots >= 0")
         self.temperature = float(temperature)
         self.greedy_slots = int(greedy_slots)
         self.stochastic = True
@@ -245,8 +246,8 @@ class EpsilonGreedy:
     """
 
     def __init__(self, epsilon: float = 0.1, explore_slots: int = 3) -> None:
-        if not 0 <= epsilon <= 1:
-            raise ValueError("epsilon must be in [0, 1]")
+        if not 0 <= epsilon <= 1 or explore_slots < 0:  # NaN fails the first test too
+            raise ValueError("epsilon must be in [0, 1] and explore_slots >= 0")
         self.epsilon = float(epsilon)
         self.explore_slots = int(explore_slots)
         self.stochastic = self.epsilon > 0 and self.explore_slots > 0

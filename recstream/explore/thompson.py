@@ -33,6 +33,7 @@ randomisation of the ranker's order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -56,8 +57,9 @@ class LiftThompson:
         group_prior: float = 0.0,
         sample: bool = True,
     ) -> None:
-        if prior <= 0 or half_life <= 0 or mc_samples < 1 or group_prior < 0:
-            raise ValueError("prior, half_life and mc_samples must be > 0, group_prior >= 0")
+        finite = all(math.isfinite(x) for x in (prior, half_life, exam_eta, group_prior))
+        if not finite or prior <= 0 or half_life <= 0 or mc_samples < 1 or group_prior < 0:
+            raise ValueError("prior, half_life and mc_samples must be finite and > 0, group_prior >= 0")
         self.group_prior = float(group_prior)
         self._groups: LiftThompson | None = (
             LiftThompson(group_prior, half_life, exam_eta, mc_samples, sample=sample) if group_prior > 0 else None

@@ -75,3 +75,15 @@ def test_every_setting_is_in_one_section_in_the_class_order() -> None:
 
     listed = [name for names in SECTIONS.values() for name in names]
     assert listed == list(Settings.model_fields)
+
+
+@pytest.mark.parametrize("spec", ["pl:nan", "pl:inf", "pl:1:-2", "eps:nan", "eps:0.1:-1", "ts:nan", "lift:5:inf"])
+def test_an_exploration_policy_that_would_fail_every_request_is_refused_at_start(spec: str) -> None:
+    """Such specs passed the settings' check (NaN <= 0 is False; negative slots slice the list from
+    its end), and then every request batch failed in the policy and went to the dead-letter topic."""
+    from pydantic import ValidationError
+
+    from recstream.config import Settings
+
+    with pytest.raises(ValidationError, match="exploration_policy"):
+        Settings(exploration_policy=spec)

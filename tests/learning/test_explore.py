@@ -419,3 +419,21 @@ def test_ranking_log_setting_accepts_its_boolean_form(monkeypatch) -> None:
     assert settings_env(Settings(ranking_log="off"))["RANKING_LOG"] == "off"
     with pytest.raises(ValidationError):
         Settings(ranking_log="sometimes")
+
+
+def test_a_re_answered_request_does_not_hold_up_the_expiry_of_older_slots() -> None:
+    """Slots expire oldest first; a request answered again (a replay) got a new time but kept its
+    old place, so expiry stopped at it and older slots behind it stayed until the capacity evicted them."""
+    from recstream.explore.feedback import PolicyFeedback
+    from recstream.explore.specs import make_policy
+
+    now = [0.0]
+    fb = PolicyFeedback(make_policy("lift:1"), max_age_s=10, clock=lambda: now[0])
+    rng = np.random.default_rng(0)
+    fb.rank("r1", ["a"], np.zeros(1), 1, rng)
+    fb.rank("r2", ["b"], np.zeros(1), 1, rng)
+    now[0] = 5.0
+    fb.rank("r1", ["a"], np.zeros(1), 1, rng)  # r1 again: now the newest
+    now[0] = 12.0
+    fb.rank("r3", ["c"], np.zeros(1), 1, rng)  # r2 (t=0) is past 10 s; r1 (t=5) is not
+    assert len(fb) == 2  # r1 and r3
