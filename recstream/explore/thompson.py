@@ -45,6 +45,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30.0, 30.0)))
 
 
+#: An item whose decayed evidence (clicks or expected clicks) is below this share of the prior is
+#: forgotten: its posterior is the prior's to within this share.
+FORGET_SHARE = 1e-3
+#: Faded items are looked for once the policy holds this many (then twice what it kept).
+FORGET_CHECK_ITEMS = 4096
+
+
 class LiftThompson:
     """Thompson sampling of per-item click lifts over the ranker's scores (see the module doc)."""
 
@@ -76,6 +83,7 @@ class LiftThompson:
         self._expected = np.zeros(64)
         self._t_last = np.zeros(64)
         self.t = 0.0  # impressions observed so far (the decay clock)
+        self._forget_at = FORGET_CHECK_ITEMS  # items held when faded ones are next forgotten
 
     # ---- posterior ----------------------------------------------------------------------------
     def _rows(self, item_ids: Sequence[str], create: bool) -> np.ndarray:
@@ -131,6 +139,20 @@ class LiftThompson:
         self._clicks[r] = self._clicks[r] * f + float(clicked)
         self._expected[r] = self._expected[r] * f + exam * float(_sigmoid(np.array([score]))[0])
         self._t_last[r] = self.t
+        if len(self._index) >= self._forget_at:
+            self._forget_faded()
+
+    def _forget_faded(self) -> None:
+        """Drop the items whose decayed evidence no longer moves their posterior (below FORGET_SHARE
+        of the prior: they rank as unseen items do). With catalogue churn every item ever shown kept
+        its row, in memory and in the saved state, for good."""
+        n = len(self._index)
+        f = 0.5 ** ((self.t - self._t_last[:n]) / self.half_life)
+        floor = FORGET_SHARE * self.prior
+        keep = np.flatnonzero((self._clicks[:n] * f >= floor) | (self._expected[:n] * f >= floor))
+        ids = sorted(self._index, key=self._index.__getitem__)
+        self._assign([ids[r] for r in keep], self._clicks[keep], self._expected[keep], self._t_last[keep], self.t)
+        self._forget_at = max(FORGET_CHECK_ITEMS, 2 * len(keep))
 
     # ---- persistence --------------------------------------------------------------------------
     def evidence(self) -> dict[str, np.ndarray]:

@@ -437,3 +437,24 @@ def test_a_re_answered_request_does_not_hold_up_the_expiry_of_older_slots() -> N
     now[0] = 12.0
     fb.rank("r3", ["c"], np.zeros(1), 1, rng)  # r2 (t=0) is past 10 s; r1 (t=5) is not
     assert len(fb) == 2  # r1 and r3
+
+
+def test_items_whose_evidence_has_faded_are_forgotten() -> None:
+    """With catalogue churn every item ever shown kept its row (memory and the saved state grew for
+    good). Items whose decayed evidence no longer moves their posterior are dropped; recent ones
+    keep exactly the posterior they had."""
+    from recstream.explore import thompson
+
+    policy = thompson.LiftThompson(prior=2.0, half_life=50.0)
+    for n in range(3 * thompson.FORGET_CHECK_ITEMS):
+        policy.observe(f"i{n}", position=0, score=0.0, clicked=float(n % 7 == 0))
+    recent = [f"i{n}" for n in range(3 * thompson.FORGET_CHECK_ITEMS - 20, 3 * thompson.FORGET_CHECK_ITEMS)]
+    before = policy.posterior(recent)
+    policy._forget_faded()
+    held = len(policy.evidence()["items"])
+    assert held < thompson.FORGET_CHECK_ITEMS, held  # was every item ever observed
+    after = policy.posterior(recent)
+    np.testing.assert_allclose(after[0], before[0])
+    np.testing.assert_allclose(after[1], before[1])
+    a, b = policy.posterior(["i0"])  # long faded: as an unseen item
+    assert (a[0], b[0]) == (policy.prior, policy.prior)
