@@ -26,7 +26,7 @@ from recstream.recommend.session import SessionState, apply_event, is_first_touc
 from recstream.recommend.trending import TREND_DAYS, day_of
 from recstream.telemetry import FEATURE_EVENTS, FEATURE_FRESHNESS, STAGE_LATENCY
 from streams.context import StreamContext
-from streams.state import ItemLookup, declare_popularity, declare_table, popularity_key, trend_key
+from streams.state import ItemLookup, declare_popularity, declare_table, popularity_key, trend_key, trend_row
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,10 @@ class SessionFeatures:
             return
         self.trend_cutoff = cutoff
         rows = self.popularity_table
-        for key in [k for k in rows.data if b"#" in k]:
-            head, _, _ = key.decode().partition("/")
-            partition, _, day = head.partition("#")
-            if partition.isdigit() and day.lstrip("-").isdigit() and int(day) < cutoff:
-                rows.delete(int(partition), key)
+        for key in list(rows.data):
+            row = trend_row(key)
+            if row is not None and row[1] < cutoff:
+                rows.delete(row[0], key)
         trend = self.items.trend  # request threads only .get from it
         for item_id, per_day in list(trend.items()):
             for day in [d for d in per_day if d < cutoff]:

@@ -70,6 +70,15 @@ def trend_key(partition: int, day: int, item_id: str) -> bytes:
     return f"{partition}#{day}/{item_id}".encode()
 
 
+def trend_row(key: bytes) -> tuple[int, int, str] | None:
+    """(partition, day, item) of a `trend_key` row; None for any other key."""
+    head, sep, item_id = key.decode().partition("/")
+    partition, hash_, day = head.partition("#")
+    if not (sep and hash_ and partition.isdigit() and day.lstrip("-").isdigit()):
+        return None
+    return int(partition), int(day), item_id
+
+
 def read_session(ctx: StreamContext, user_id: str) -> SessionState | None:
     """The current state of one user (decoded once per stored version, then cached)."""
     table = ctx.tables[TABLE]
@@ -113,12 +122,11 @@ class ItemLookup:
             head, sep, item_id = key.decode().partition("/")
             if not sep or not value.isdigit():  # anything else is not a row this version wrote
                 continue
-            _, hash_, day = head.partition("#")
-            if not hash_:
+            if "#" not in head:
                 totals[item_id] = totals.get(item_id, 0) + int(value)
-            elif day.lstrip("-").isdigit():
+            elif (row := trend_row(key)) is not None:
                 days = trend.setdefault(item_id, {})
-                days[int(day)] = days.get(int(day), 0) + int(value)
+                days[row[1]] = days.get(row[1], 0) + int(value)
         # New dicts, swapped in whole: request threads only ever `.get` from whichever they hold.
         self.popularity = totals
         self.trend = trend

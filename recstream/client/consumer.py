@@ -164,11 +164,13 @@ def read_committed_tail(
     a worker that rebuilds in-memory state after a restart. Partitions without a committed offset
     give nothing; retention may have deleted part of the range."""
     with _Reader(settings, logical, group_id) as reader:
-        ranges = {}
-        for p, (low, _) in reader.watermarks().items():
-            (tp,) = reader.consumer.committed([TopicPartition(reader.name, p)], timeout=10)
-            if tp.offset > low:
-                ranges[p] = (max(low, tp.offset - last_n), tp.offset)
+        marks = reader.watermarks()
+        committed = reader.consumer.committed([TopicPartition(reader.name, p) for p in marks], timeout=10)
+        ranges = {
+            tp.partition: (max(marks[tp.partition][0], tp.offset - last_n), tp.offset)
+            for tp in committed
+            if tp.offset > marks[tp.partition][0]  # none committed (negative), or retention took it all
+        }
         return reader.read(ranges, timeout_s)[0]
 
 
