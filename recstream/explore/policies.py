@@ -113,7 +113,6 @@ class PlackettLuce:
     def rank(self, item_ids: Sequence[str], scores: np.ndarray, k: int, rng: np.random.Generator) -> list[Shown]:
         s, k = _check(item_ids, scores, k)
         z = self._logits(s)
-        w = np.exp(z)
         alive = np.ones(len(s), dtype=bool)
         out: list[Shown] = []
         g = min(self.greedy_slots, k)
@@ -121,12 +120,11 @@ class PlackettLuce:
             out.append(Shown(item_ids[int(i)], j, 1.0))
             alive[i] = False
         for j in range(g, k):
-            p = np.where(alive, w, 0.0)
-            total = p.sum()
-            if total <= 0:  # every remaining weight underflowed: fall back to uniform over the rest
-                p = alive.astype(np.float64)
-                total = p.sum()
-            p = p / total
+            # Renormalised in log space over what is left: with a low temperature the remaining
+            # weights would all underflow against the global maximum.
+            live = np.where(alive, z, -np.inf)
+            p = np.exp(live - live.max())
+            p /= p.sum()
             i = int(rng.choice(len(s), p=p))
             out.append(Shown(item_ids[i], j, _clip(p[i])))
             alive[i] = False
@@ -135,9 +133,10 @@ class PlackettLuce:
     def first_sampled_slot_probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Exact P(item at slot greedy_slots) = softmax(scores / T) over the items not shown greedily."""
         s = np.asarray(scores, dtype=np.float64)
-        w = np.exp(self._logits(s))
-        w[greedy_order(s)[: self.greedy_slots]] = 0.0
-        return w / w.sum()
+        rest = greedy_order(s)[self.greedy_slots :]
+        p = np.zeros(len(s))
+        p[rest] = np.exp(self._logits(s[rest]))
+        return p / p.sum()
 
     def slot0_probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Exact P(item at slot 0)."""
@@ -173,7 +172,7 @@ class PlackettLuce:
         m[order[:g], np.arange(g)] = 1.0
         rest = order[g:]
         if k > g:
-            m[np.ix_(rest, np.arange(g, k))] = sampling_marginals(np.exp(self._logits(s[rest])), k - g)
+            m[np.ix_(rest, np.arange(g, k))] = sampling_marginals(self._logits(s[rest]), k - g)
         return m
 
     def marginals(
@@ -194,9 +193,10 @@ class PlackettLuce:
         return m
 
 
-def sampling_marginals(weights: np.ndarray, k: int, points_per_unit: int = 80) -> np.ndarray:
+def sampling_marginals(log_weights: np.ndarray, k: int, points_per_unit: int = 80) -> np.ndarray:
     """[n, k] P(item i is the j-th draw) when k items are drawn without replacement, each draw with
-    probability proportional to `weights` (the Plackett-Luce law), exact up to quadrature error.
+    probability proportional to exp(log_weights) (the Plackett-Luce law), exact up to quadrature
+    error. Log weights, because a low temperature spreads them over more than floating point holds.
 
     Exponential clocks: the draw order is the order in which independent E_i ~ Exp(w_i) ring, so
     item i is drawn j-th when exactly j of the others rang before it:
@@ -204,33 +204,48 @@ def sampling_marginals(weights: np.ndarray, k: int, points_per_unit: int = 80) -
         P(i at j) = integral over t of  w_i exp(-w_i t) * PoissonBinomial_{l != i}(j; 1 - exp(-w_l t)) dt
 
     integrated over log t by the trapezoid rule (the integrand is smooth there, whatever the spread
-    of the weights), the Poisson-binomial law by its O(n k) recursion. Items of weight 0 are never
-    drawn. Why not Monte Carlo: one pool shape's estimate is shared by every logged request of
-    that shape, so its error would be a bias; and cells with tiny probabilities need their value,
-    not a floor.
+    of the weights), the Poisson-binomial law by its O(n k) recursion. Each item gets its own window
+    of log t: from where the heaviest item's clock starts to ring (or 30 units below its own clock,
+    if that is later; the exponential tail below is added in closed form) to where its own clock or
+    the k-th other clock has surely rung. So the cost does not grow with the spread of the weights.
+    Items of log weight -inf are never drawn. Why not Monte Carlo: one pool shape's estimate is
+    shared by every logged request of that shape, so its error would be a bias; and cells with tiny
+    probabilities need their value, not a floor.
     """
-    w = np.asarray(weights, dtype=np.float64)
-    n = len(w)
+    lw = np.asarray(log_weights, dtype=np.float64)
+    n = len(lw)
     k = min(int(k), n)
     m = np.zeros((n, k))
-    live = np.flatnonzero(w > 0)
+    live = np.flatnonzero(lw > -np.inf)
     if k == 0 or len(live) == 0:
         return m
-    w_live = w[live] / w[live].max()
-    lo, hi = np.log(1e-7), np.log(60.0 / w_live.min())
-    y = np.linspace(lo, hi, max(400, int(points_per_unit * (hi - lo))))
-    t = np.exp(y)
-    ring = -np.expm1(-np.outer(w_live, t))  # [n_live, points] P(E_l < t)
+    lw_live = lw[live] - lw[live].max()
+    ranked = np.sort(lw_live)[::-1]
+    rang_surely, quiet = np.log(60.0), np.log(1e-7)
     for a, i in enumerate(live):
-        dist = np.zeros((len(t), k))  # P(exactly j others rang by t), j < k
+        own = lw_live[a]
+        top = rang_surely - own
+        others = len(live) - 1
+        if others >= k:  # once k others have rung, item a cannot be among the first k
+            kth_other = ranked[k] if own >= ranked[k - 1] else ranked[k - 1]
+            top = min(top, rang_surely - kth_other)
+        bottom = max(quiet, -30.0 - own)
+        if top <= bottom:
+            continue
+        y = np.linspace(bottom, top, max(400, int(points_per_unit * (top - bottom))))
+        rest = np.delete(lw_live, a)
+        with np.errstate(over="ignore"):  # a clock far past its time rings with probability 1
+            ring = -np.expm1(-np.exp(rest[:, None] + y[None, :]))  # [others, points] P(E_l < t)
+        dist = np.zeros((len(y), k))  # P(exactly j others rang by t), j < k
         dist[:, 0] = 1.0
-        for b in range(len(live)):
-            if b != a:
-                p = ring[b][:, None]
-                dist[:, 1:] = dist[:, 1:] * (1.0 - p) + dist[:, :-1] * p
-                dist[:, 0] *= 1.0 - ring[b]
-        density = w_live[a] * t * np.exp(-w_live[a] * t)  # d/dy P(E_i < e^y)
-        m[i] = np.trapz(density[:, None] * dist, y, axis=0)
+        for p in ring:
+            dist[:, 1:] = dist[:, 1:] * (1.0 - p[:, None]) + dist[:, :-1] * p[:, None]
+            dist[:, 0] *= 1.0 - p
+        u = np.exp(own + y)
+        integrand = (u * np.exp(-u))[:, None] * dist  # d/dy P(E_i < e^y), times the others' law
+        # Below the window the integrand grows like e^y, so its tail is about its value there (at
+        # most e^-30 off where the window starts after the heaviest clock's).
+        m[i] = np.trapz(integrand, y, axis=0) + integrand[0]
     return m
 
 

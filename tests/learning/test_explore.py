@@ -458,3 +458,24 @@ def test_items_whose_evidence_has_faded_are_forgotten() -> None:
     np.testing.assert_allclose(after[1], before[1])
     a, b = policy.posterior(["i0"])  # long faded: as an unseen item
     assert (a[0], b[0]) == (policy.prior, policy.prior)
+
+
+def test_plackett_luce_at_a_low_temperature_keeps_its_law_past_the_first_slots() -> None:
+    """Two pairs 0.001 apart, the pairs 5 apart, at temperature 0.001: logits 0, -1, -5000, -5001.
+    After the first pair is shown every remaining weight underflows against the global maximum;
+    the law still says the second pair is drawn 73/27 (sigmoid(1)), not uniformly, and the exact
+    marginals (what off-policy evaluation divides by) must not give it probability 0."""
+    scores = np.array([10.0, 10.0 - 0.001, 5.0, 5.0 - 0.001])
+    hi = 1.0 / (1.0 + np.exp(-1.0))
+    want = np.array([[hi, 1 - hi, 0, 0], [1 - hi, hi, 0, 0], [0, 0, hi, 1 - hi], [0, 0, 1 - hi, hi]])
+    policy = PlackettLuce(0.001)
+    np.testing.assert_allclose(policy.exact_marginals(scores, 4), want, atol=1e-9)
+    rng = np.random.default_rng(0)
+    ids = ["a", "b", "c", "d"]
+    draws = 4000
+    third = Counter(policy.rank(ids, scores, 4, rng)[2].item_id for _ in range(draws))
+    assert abs(third["c"] / draws - hi) < 0.03  # uniform fallback gave 0.5
+    shown = policy.rank(ids, scores, 3, rng)
+    assert shown[2].propensity == pytest.approx(hi if shown[2].item_id == "c" else 1 - hi)
+    first_sampled = PlackettLuce(0.001, greedy_slots=2).first_sampled_slot_probabilities(scores)
+    np.testing.assert_allclose(first_sampled, [0, 0, hi, 1 - hi])  # NaN before: 0 / 0
