@@ -225,7 +225,9 @@ class _Reader:
                 if msg.error() is not None or msg.offset() >= ends[msg.partition()]:
                     continue  # an error event, or past the range
                 try:
-                    event = decode(self.spec, msg.value(), self.settings.max_message_bytes)
+                    # The key too: a catalog delete is a tombstone, known by its key alone; and the
+                    # partition, so a misplaced keyed event is refused here as the live consumer does.
+                    event = decode(self.spec, msg.value(), self.settings.max_message_bytes, msg.key(), msg.partition())
                 except InvalidEvent:
                     invalid += 1
                     continue

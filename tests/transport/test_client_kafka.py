@@ -290,3 +290,24 @@ def test_failed_deliveries_are_logged_when_they_happen_and_counted_until_flush(
         producer.flush(1)  # reported once: the next flush has nothing to say
     finally:
         producer.close(1)
+
+
+def test_a_read_to_the_end_keeps_catalog_deletes(settings: Settings) -> None:
+    """The catalog re-embed reads the topic to its end and keeps each item's last operation: a
+    tombstone must come back as the delete it is (it was skipped as invalid for want of its key,
+    so a deleted item returned with the next item-encoder version)."""
+    from recstream.client.consumer import read_to_end
+
+    with EventProducer(settings) as producer:
+        producer.send("catalog", ItemUpsert(item_id="gone", title="Deleted later"))
+        producer.send("catalog", ItemUpsert(item_id="kept", title="Still here"))
+        producer.send("catalog", ItemUpsert(item_id="also-gone", title="Deleted by event"))
+        producer.send("catalog", ItemDelete(item_id="also-gone"))
+        catalog = TOPICS["catalog"]
+        producer.send_raw(catalog.name(settings.topic_prefix), b"gone", None)  # Kafka's own delete
+    events, invalid = read_to_end(settings, "catalog", timeout_s=30)
+    assert invalid == 0
+    last = {e.item_id: e for e in events}
+    assert isinstance(last["gone"], ItemDelete)
+    assert isinstance(last["also-gone"], ItemDelete)
+    assert isinstance(last["kept"], ItemUpsert)
