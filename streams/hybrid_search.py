@@ -84,5 +84,6 @@ class LiveHybridSearch:
             [payload_text(h.payload) for h in hits],
             np.array([float(popularity.get(h.item_id, 0)) for h in hits]),
             self.weights,
+            [h.payload for h in hits],
         )
         log.info("hybrid search over %d items rebuilt in %.0f ms", len(hits), (time.perf_counter() - t0) * 1000)

@@ -200,7 +200,7 @@ async def sequence_hits(
 
 async def lexical_hits(ctx: StreamContext, p: Pending, have: set[str]) -> list[Any]:
     """BM25's best items a vector search did not return, that the request's filter allows."""
-    ids = [i for i in p.hybrid.lexical_top(p.lexical, candidate_limit(ctx, p.req)) if i not in have]
+    ids = [i for i in p.hybrid.lexical_top(p.lexical, candidate_limit(ctx, p.req), p.filt) if i not in have]
     if not ids:
         return []
     found = await read_store(ctx, ctx.store.retrieve, ids)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, Field
 
+from recstream.recommend.candidates import CandidateFilter, FilterColumns
 from recstream.search.scoring import BM25Index
 
 #: The text_encoder config parameter that carries the weights (written by export_query_encoder).
@@ -76,11 +77,14 @@ class HybridSearch:
         texts: Sequence[str],
         popularity: np.ndarray,
         weights: SearchWeights,
+        payloads: Sequence[dict] | None = None,
     ) -> None:
         if not (len(item_ids) == len(vectors) == len(texts) == len(popularity)):
             raise ValueError("item_ids, vectors, texts and popularity must cover the same items")
         self.item_ids = list(item_ids)
         self.row_of = {i: n for n, i in enumerate(self.item_ids)}
+        # The payloads' filterable fields, so that the lexical half honours a request's filter.
+        self.columns = FilterColumns.of(self.item_ids, payloads) if payloads is not None else None
         self.weights = weights
         v = np.asarray(vectors, np.float64)
         self.mean = v.mean(axis=0) if len(v) else np.zeros(v.shape[1])
@@ -111,11 +115,18 @@ class HybridSearch:
         """BM25 over the snapshot's items (None without a lexical weight)."""
         return None if self.bm25 is None else self.bm25.scores([query])[0]
 
-    def lexical_top(self, lexical: np.ndarray | None, n: int) -> list[str]:
-        """The item ids of the n best BM25 scores above 0 (the lexical half of the candidates)."""
+    def lexical_top(self, lexical: np.ndarray | None, n: int, filt: CandidateFilter | None = None) -> list[str]:
+        """The item ids of the n best BM25 scores above 0 among the items `filt` allows (the lexical
+        half of the candidates). The filter is applied before the cut: a filtered search's exact
+        title match may rank below n items the filter refuses. Needs the snapshot's payloads."""
         if lexical is None or n <= 0:
             return []
-        hits = np.flatnonzero(lexical > 0)
+        keep = lexical > 0
+        if filt is not None:
+            if self.columns is None:
+                raise ValueError("a filtered lexical_top needs the snapshot's payloads")
+            keep &= filt.allows_rows(self.columns)
+        hits = np.flatnonzero(keep)
         best = hits[np.argsort(-lexical[hits], kind="stable")[:n]]
         return [self.item_ids[i] for i in best]
 

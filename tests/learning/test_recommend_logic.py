@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from recstream.contracts.events import BehaviourEvent, RecommendationRequest, RequestFilters
 from recstream.recommend.breaker import CircuitBreaker
-from recstream.recommend.candidates import CandidateFilter, build_filter
+from recstream.recommend.candidates import CandidateFilter, FilterColumns, build_filter
 from recstream.recommend.feedback import PendingImpression
 from recstream.recommend.lexical import lexical_score
 from recstream.recommend.rerank import diversify
@@ -118,6 +118,45 @@ def test_build_filter_excludes_purchases_always_and_seen_for_recommend() -> None
     assert not f.allows("x", {"category": "Drama", "price": 50.0, "in_stock": True})
     assert not f.allows("x", {"category": "Drama", "price": 5.0, "in_stock": False})
     assert not f.allows("x", {"category": "Comedy", "price": 5.0, "in_stock": True})
+
+
+_CATEGORIES = st.sampled_from(["Drama", "Comedy", "Horror", None])
+
+
+@given(
+    payloads=st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "category": _CATEGORIES,
+                "price": st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
+                "in_stock": st.booleans(),
+            },
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    in_stock_only=st.booleans(),
+    categories=st.one_of(st.none(), st.lists(_CATEGORIES.filter(bool), max_size=2).map(tuple)),
+    exclude_categories=st.lists(_CATEGORIES.filter(bool), max_size=2).map(tuple),
+    max_price=st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
+    exclude=st.sets(st.integers(0, 14), max_size=4),
+)
+def test_the_filter_over_a_snapshot_is_the_filter_item_by_item(
+    payloads, in_stock_only, categories, exclude_categories, max_price, exclude
+) -> None:
+    """The vectorised form (BM25's cut over a whole snapshot) and `allows` (the re-check of what
+    the store returns) are one rule: they agree on every payload, missing fields included."""
+    ids = [f"i{n}" for n in range(len(payloads))]
+    f = CandidateFilter(
+        in_stock_only=in_stock_only,
+        exclude_ids=frozenset(f"i{n}" for n in exclude),  # some beyond the snapshot
+        categories=categories,
+        exclude_categories=exclude_categories,
+        max_price=max_price,
+    )
+    got = f.allows_rows(FilterColumns.of(ids, payloads))
+    assert got.tolist() == [f.allows(i, p) for i, p in zip(ids, payloads, strict=True)]
 
 
 def test_diversify_caps_a_category_dedups_and_fills_when_short() -> None:

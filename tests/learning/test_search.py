@@ -187,6 +187,29 @@ def test_served_hybrid_search_computes_the_offline_fused_score_from_catalogue_mo
     )
 
 
+def test_the_lexical_half_takes_bm25s_best_among_the_items_the_filter_allows():
+    """60 romances say "love" and one horror film does, ranked 61st by BM25: a search for "love"
+    in Horror must still get it from the lexical half (it was cut before the filter ran)."""
+    from recstream.recommend.candidates import CandidateFilter
+    from recstream.search.served import HybridSearch, SearchWeights
+
+    texts = [f"Love Love story number {n}" for n in range(60)] + ["Love at First Bite, a long tale of night"]
+    payloads = [{"category": "Romance", "price": 5.0, "in_stock": True}] * 60
+    payloads = [*payloads, {"category": "Horror", "price": 5.0, "in_stock": True}]
+    ids = [f"i{n}" for n in range(len(texts))]
+    vectors = np.eye(len(texts), 8, dtype=np.float32) + 0.01
+    search = HybridSearch(ids, vectors, texts, np.zeros(len(texts)), SearchWeights(lexical=1.0), payloads)
+    lexical = search.lexical("love")
+    assert "i60" not in search.lexical_top(lexical, 50)  # the cut without the filter
+    assert search.lexical_top(lexical, 50, CandidateFilter(categories=("Horror",))) == ["i60"]
+    romances = search.lexical_top(lexical, 5, CandidateFilter(exclude_ids=frozenset({"i0", "i1"})))
+    assert len(romances) == 5 and not {"i0", "i1"} & set(romances)
+    with pytest.raises(ValueError, match="payloads"):
+        HybridSearch(ids, vectors, texts, np.zeros(len(texts)), SearchWeights(lexical=1.0)).lexical_top(
+            lexical, 5, CandidateFilter()
+        )
+
+
 def test_search_weights_travel_in_the_text_encoder_config(tmp_path):
     from recstream.models.export import set_config_param
     from recstream.search.served import SearchWeights
