@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,6 +31,20 @@ MAX_TS_MS = 253_402_300_799_999
 MAX_POSITION = 1_000_000
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+
+
+def _has_text(query: str) -> str:
+    if not query.strip():
+        raise ValueError("a search query needs some text, not only whitespace")
+    return query
+
+
+#: A search's text: whitespace alone is no query (BM25 scores nothing, the dense half ranks by the
+#: embedding of an empty string), so it is refused like an empty one, at the gateway too.
+QUERY_HAS_TEXT = r"\S"  # the JSON Schema's form of the rule, for non-Python producers
+QueryText = Annotated[
+    str, Field(min_length=1, max_length=1024, json_schema_extra={"pattern": QUERY_HAS_TEXT}), AfterValidator(_has_text)
+]
 
 
 def _unencodable(value: Any, path: str = "") -> str | None:
@@ -188,7 +203,8 @@ def _request_wire_rules(schema: dict[str, Any]) -> None:
     non-Python client's validator agrees with it: a request_id, and a query for a search."""
     schema["required"] = sorted({*schema.get("required", []), "request_id"})
     schema["if"] = {"properties": {"kind": {"const": "search"}}, "required": ["kind"]}
-    schema["then"] = {"required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}}}
+    query = {"type": "string", "minLength": 1, "pattern": QUERY_HAS_TEXT}
+    schema["then"] = {"required": ["query"], "properties": {"query": query}}
 
 
 class RecommendationRequest(Event, Inbound):
@@ -202,7 +218,7 @@ class RecommendationRequest(Event, Inbound):
     request_id: Id = Field(default_factory=new_id)
     user_id: Id
     session_id: Id | None = None
-    query: str | None = Field(None, min_length=1, max_length=1024)
+    query: QueryText | None = None
     k: json_number(int, ge=1, le=100) = 10  # type: ignore[valid-type]
     filters: RequestFilters = Field(default_factory=RequestFilters)
 
@@ -226,7 +242,7 @@ class SearchQuery(RecommendationRequest):
     """A text search; same wire form as a request with kind='search'."""
 
     kind: Literal["search"] = "search"
-    query: str = Field(min_length=1, max_length=1024)
+    query: QueryText
 
 
 # --- behaviour -------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ REQUEST_FIELDS = {
     "kind": st.sampled_from(["recommend", "search", "browse"]),
     "user_id": IDS,
     "request_id": IDS,
-    "query": st.one_of(st.just("star wars"), st.just(""), st.just("q" * 1025)),
+    "query": st.sampled_from(["star wars", "", " \t\n ", " é ", "q" * 1025]),
     "k": st.one_of(st.integers(-1, 102), st.just("10"), st.just(10.0), st.just(True)),
     "filters": st.one_of(
         st.just({}),

@@ -142,6 +142,7 @@ def test_invalid_payloads_are_422_naming_the_field(client: TestClient, gw_settin
     assert _locs(client.post("/v1/events", content=b"{not json", headers=HEADERS))[0][0] == "body"
     assert ["body", "query"] in _locs(post("/v1/search", {"user_id": "u1"}))
     assert ["body", "query"] in _locs(post("/v1/search", {"user_id": "u1", "query": ""}))
+    assert ["body", "query"] in _locs(post("/v1/search", {"user_id": "u1", "query": " \t\n "}))  # blank is empty
     assert ["body", "k"] in _locs(post("/v1/recommend", {"user_id": "u1", "k": 0}))
     bad_filter = {"user_id": "u1", "filters": {"max_price": -1}}
     assert ["body", "filters", "max_price"] in _locs(post("/v1/recommend", bad_filter))
