@@ -72,13 +72,13 @@ class LiveHybridSearch:
         t0 = time.perf_counter()
         revision = store.revision
         hits = [h for h in store.snapshot() if h.vector is not None]
-        self._revision, self._built = revision, now
         if not hits:
             self._search = None
+            self._revision, self._built = revision, now
             return
         lookup = self.ctx.tables.get("_item_lookup")
         popularity = lookup.popularity if lookup is not None else {}
-        self._search = HybridSearch(
+        search = HybridSearch(
             [h.item_id for h in hits],
             np.stack([h.vector for h in hits]),
             [payload_text(h.payload) for h in hits],
@@ -86,4 +86,6 @@ class LiveHybridSearch:
             self.weights,
             [h.payload for h in hits],
         )
+        # Marked built only once it is: a failed build is retried after RETRY_S, not REFRESH_S.
+        self._search, self._revision, self._built = search, revision, now
         log.info("hybrid search over %d items rebuilt in %.0f ms", len(hits), (time.perf_counter() - t0) * 1000)

@@ -276,3 +276,29 @@ def test_the_worker_follows_the_search_weights_of_a_new_text_encoder_version(tmp
     assert ctx._hybrid_search.version == "text_encoder-v3"
     embedder.weights_seen, embedder.version = None, "text_encoder-v1"
     assert ctx.hybrid_search is None  # rolled back to an encoder without weights: searches use the ranker
+
+
+def test_a_failed_snapshot_build_is_retried_after_the_retry_delay(monkeypatch):
+    """A build that raises keeps the previous snapshot and is tried again RETRY_S later; it must
+    not count as built (it was then left for REFRESH_S, serving deleted items' text meanwhile)."""
+    from types import SimpleNamespace
+
+    import streams.hybrid_search as hs
+    from recstream.search.served import SearchWeights
+
+    item = lambda i: SimpleNamespace(item_id=i, vector=np.ones(4, np.float32), payload={"title": i})  # noqa: E731
+    store = SimpleNamespace(revision=1, items=[item("a"), item("b")])
+    store.snapshot = lambda: store.items
+    clock = [1000.0]
+    monkeypatch.setattr(hs.time, "monotonic", lambda: clock[0])
+    live = hs.LiveHybridSearch(SimpleNamespace(store=store, tables={}), SearchWeights(lexical=1.0), "v")
+    first = live.current()
+    assert first is not None and first.item_ids == ["a", "b"]
+    real = hs.HybridSearch
+    monkeypatch.setattr(hs, "HybridSearch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    store.revision, store.items = 2, [item("a")]  # "b" deleted
+    clock[0] += hs.MIN_REBUILD_GAP_S + 1
+    assert live.current() is first  # the failed build keeps the previous snapshot
+    monkeypatch.setattr(hs, "HybridSearch", real)
+    clock[0] += hs.RETRY_S + 1  # well before REFRESH_S
+    assert live.current().item_ids == ["a"]
