@@ -51,6 +51,9 @@ class Example:
     request_id: str = ""
     context: np.ndarray | None = None  # [768] CONTEXT the ranker was served with, when logged
     query: str | None = None  # a search's query (its vector is the CONTEXT's second half)
+    # (the item's click count, the largest count) just before this example's own click was counted:
+    # what a rebuild of its features may know; the counts at round time include its label.
+    counts_before: tuple[float, float] | None = None
 
 
 class FeatureSource(Protocol):
