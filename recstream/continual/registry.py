@@ -24,7 +24,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -32,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from recstream.atomic import atomic_publish_dir, atomic_write_text
-from recstream.contracts.models import RANKER
+from recstream.contracts.models import RANKER, REGISTRY_STATE_FILE
 from recstream.models.export import MODEL_PY
+from recstream.models.export.common import set_version_policy
 from recstream.models.repository import versions
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "registry.json"
+STATE_FILE = REGISTRY_STATE_FILE
 #: Held while the live pointer is read and rewritten: the trainer and `models promote|rollback`
 #: (another process) change it.
 LOCK_FILE = ".registry.lock"
@@ -46,22 +46,6 @@ LOCK_FILE = ".registry.lock"
 
 class LiveChanged(RuntimeError):
     """The live version is no longer the one a candidate was trained from and gated against."""
-
-
-#: A version_policy block (one nesting level, as Triton writes it) and the comment lines right above it.
-_POLICY_RE = re.compile(
-    r"^(?:[ \t]*#[^\n]*\n)*[ \t]*version_policy\s*:?\s*\{(?:[^{}]|\{[^{}]*\})*\}[ \t]*\n?", re.MULTILINE
-)
-
-
-def set_version_policy(config_text: str, served: list[int]) -> str:
-    """config.pbtxt text with exactly one `version_policy: { specific { versions: [...] } }`."""
-    body = _POLICY_RE.sub("", config_text).rstrip("\n")
-    vs = ", ".join(str(v) for v in sorted(served))
-    return (
-        f"{body}\n\n# Managed by recstream.continual.registry: live + previous version stay loaded.\n"
-        f"version_policy: {{ specific {{ versions: [ {vs} ] }} }}\n"
-    )
 
 
 class ModelRegistry:

@@ -17,3 +17,6 @@ SEQUENCE_SCORER = "sequence_scorer"
 SERVED_MODELS = (TEXT_ENCODER, ITEM_ENCODER, SESSION_ENCODER, RANKER, SEQUENCE_SCORER)
 #: The models `make train` fits (the continual trainer derives new versions of the first three).
 TRAINED_MODELS = (ITEM_ENCODER, SESSION_ENCODER, RANKER, SEQUENCE_SCORER)
+#: Beside a model's config.pbtxt, the continual trainer's registry of its live and previous versions
+#: (recstream.continual.registry). Where it exists, the registry decides what Triton serves.
+REGISTRY_STATE_FILE = "registry.json"

@@ -195,6 +195,40 @@ def test_registry_publish_promote_rollback(tmp_path: Path) -> None:
     assert [h["event"] for h in reg.state()["history"]] == ["init", "promote", "rollback"]
 
 
+def test_an_export_into_a_registry_managed_model_publishes_without_serving(tmp_path: Path) -> None:
+    """`make train` exports a bundle's ranker into a repository whose ranker the continual trainer
+    manages: the new version is published, and what Triton serves stays the registry's choice
+    (the export reset it to `latest 1`, so a restart served the ungated version and unloaded the
+    rollback target). A failed export leaves no version folder."""
+    export_ranker(new_ranker(RankerConfig(seed=0)), tmp_path, version=1)
+    reg = ModelRegistry(tmp_path)
+    reg.init_live()
+    reg.promote(reg.publish(new_ranker(RankerConfig(seed=1))), "gate passed")
+    assert reg.served() == [1, 2]
+    vdir = export_ranker(new_ranker(RankerConfig(seed=2)), tmp_path)
+    assert vdir.name == "3" and (vdir / "model.py").is_file()
+    config = (reg.model_dir / "config.pbtxt").read_text()
+    assert "version_policy: { specific { versions: [ 1, 2 ] } }" in config and "latest" not in config
+    assert config.count("version_policy") == 1 and 'name: "ranker"' in config
+    assert reg.served() == [1, 2] and reg.live == 2
+    reg.promote(3, "operator")
+    assert "versions: [ 2, 3 ]" in (reg.model_dir / "config.pbtxt").read_text()
+
+    class Broken:
+        meta = new_ranker().meta
+
+        def save(self, path: Path) -> None:
+            (Path(path) / "half").write_text("x")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        export_ranker(Broken(), tmp_path)  # type: ignore[arg-type]
+    assert reg.versions() == [1, 2, 3] and not list(reg.model_dir.glob(".staging-*"))
+    fresh = tmp_path / "fresh"
+    export_ranker(new_ranker(RankerConfig(seed=0)), fresh, version=1)
+    assert "latest { num_versions: 1 }" in (fresh / "ranker" / "config.pbtxt").read_text()  # no registry
+
+
 def test_failed_publish_leaves_no_version(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path)
 

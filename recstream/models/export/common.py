@@ -80,3 +80,29 @@ def next_version_dir(model_repo: Path, name: str, version: int | None) -> tuple[
     model_dir.mkdir(parents=True, exist_ok=True)
     v = version if version is not None else (max(versions(model_repo, name), default=0) + 1)
     return model_dir / str(v), v
+
+
+#: A version_policy block (one nesting level, as Triton writes it) and the comment lines right above it.
+_POLICY_RE = re.compile(
+    r"^(?:[ \t]*#[^\n]*\n)*[ \t]*version_policy\s*:?\s*\{(?:[^{}]|\{[^{}]*\})*\}[ \t]*\n?", re.MULTILINE
+)
+
+
+def set_version_policy(config_text: str, served: list[int]) -> str:
+    """config.pbtxt text with exactly one `version_policy: { specific { versions: [...] } }`."""
+    body = _POLICY_RE.sub("", config_text).rstrip("\n")
+    vs = ", ".join(str(v) for v in sorted(served))
+    return (
+        f"{body}\n\n# Managed by recstream.continual.registry: live + previous version stay loaded.\n"
+        f"version_policy: {{ specific {{ versions: [ {vs} ] }} }}\n"
+    )
+
+
+def keep_version_policy(new_config: str, old_config: str) -> str:
+    """`new_config` with `old_config`'s version_policy block (and its comment), if it has one."""
+    old = _POLICY_RE.search(old_config)
+    if old is None:
+        return new_config
+    body = _POLICY_RE.sub("", new_config).rstrip("\n")
+    policy = old.group(0).strip("\n")
+    return f"{body}\n\n{policy}\n"

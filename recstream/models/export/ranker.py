@@ -4,10 +4,12 @@ recstream.models.ranker.Ranker, and the weights."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
-from recstream.contracts.models import RANKER
-from recstream.models.export.common import IMPORT_RECSTREAM, next_version_dir, repo_extras
+from recstream.atomic import atomic_publish_dir, atomic_write_text
+from recstream.contracts.models import RANKER, REGISTRY_STATE_FILE
+from recstream.models.export.common import IMPORT_RECSTREAM, keep_version_policy, next_version_dir, repo_extras
 from recstream.models.ranker import CONTEXT_DIM, ITEM_DIM, N_CAND_FEATURES, Ranker
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,12 @@ def export_ranker(
     overwrite: bool = False,
     serve_versions: int = 1,
 ) -> Path:
-    """Write config.pbtxt and a version folder; returns the version folder.
+    """Write a version folder (complete or not at all) and config.pbtxt; returns the version folder.
 
     version None = one past the newest existing version (Triton serves the latest by default).
+    Where the continual trainer's registry manages the model, its version_policy is kept: the new
+    version is published, not served, until `models promote` (an export used to reset the policy,
+    so Triton's next start served the ungated version and unloaded the rollback target).
     A repository outside this checkout gets a `recstream_root` parameter so model.py finds the code.
     """
     vdir, v = next_version_dir(model_repo, name, version)
@@ -141,19 +146,27 @@ def export_ranker(
     if vdir.exists() and any(vdir.iterdir()) and not overwrite:
         raise FileExistsError(f"{vdir} exists; pass overwrite=True or another version")
     ranker.meta.extra["version"] = v
-    ranker.save(vdir)
-    (vdir / "model.py").write_text(MODEL_PY)
-    (model_dir / "config.pbtxt").write_text(
-        CONFIG_TEMPLATE.format(
-            name=name,
-            ctx=CONTEXT_DIM,
-            item=ITEM_DIM,
-            k=N_CAND_FEATURES,
-            max_batch_size=max_batch_size,
-            serve_versions=serve_versions,
-            extra=repo_extras(model_dir, {"rerank_depth": str(int(ranker.meta.config.get("rerank_depth", 100)))}),
-        )
+
+    def fill(staging: Path) -> None:
+        ranker.save(staging)
+        (staging / "model.py").write_text(MODEL_PY)
+
+    if vdir.exists():  # empty, or overwrite asked for
+        shutil.rmtree(vdir)
+    atomic_publish_dir(vdir, fill)
+    config = model_dir / "config.pbtxt"
+    text = CONFIG_TEMPLATE.format(
+        name=name,
+        ctx=CONTEXT_DIM,
+        item=ITEM_DIM,
+        k=N_CAND_FEATURES,
+        max_batch_size=max_batch_size,
+        serve_versions=serve_versions,
+        extra=repo_extras(model_dir, {"rerank_depth": str(int(ranker.meta.config.get("rerank_depth", 100)))}),
     )
+    if (model_dir / REGISTRY_STATE_FILE).is_file() and config.is_file():
+        text = keep_version_policy(text, config.read_text())
+    atomic_write_text(config, text)
     size = sum(p.stat().st_size for p in vdir.iterdir())
     log.info("exported ranker v%d to %s (%.1f kB)", v, vdir, size / 1024)
     return vdir
