@@ -169,7 +169,7 @@ class TritonRanker:
 
         On a busy 2-core box each call costs ~1-2 ms of gRPC and python-backend overhead, far more
         than the MLP itself; one call per batch of requests instead of one per request."""
-        if not self.breaker.allow():  # before building the rows (guarded_call checks it again)
+        if self.breaker.refusing():  # before building the rows (guarded_call asks it for the call)
             raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
         if len(jobs) > self.max_batch:
             raise ValueError(f"{len(jobs)} requests in one ranker call; the model takes at most {self.max_batch}")

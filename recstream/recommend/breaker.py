@@ -23,8 +23,19 @@ class CircuitBreaker:
     failures: int = field(default=0, init=False)
 
     def allow(self) -> bool:
-        """True if a call may be attempted now (closed, or a probe after the cooldown)."""
-        return self.clock() >= self.open_until
+        """True if a call may be attempted now: closed, or the one probe after the cooldown. The
+        probe holds the breaker open for another cooldown, so the callers that arrive while it is
+        out are refused (they all went through, each waiting out a hung server's deadline)."""
+        now = self.clock()
+        if now < self.open_until:
+            return False
+        if self.open_until:
+            self.open_until = now + self.cooldown_s
+        return True
+
+    def refusing(self) -> bool:
+        """Whether `allow()` would refuse now, without taking the probe (a cheap early exit)."""
+        return self.clock() < self.open_until
 
     def success(self) -> None:
         self.failures = 0

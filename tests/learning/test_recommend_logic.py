@@ -236,9 +236,16 @@ def test_lexical_and_breaker() -> None:
     b.failure()
     assert not b.allow()
     now[0] = 1.5
+    assert not b.refusing()
+    assert b.allow()  # the probe
+    assert b.refusing() and not b.allow()  # one probe per cooldown, not everyone at once
+    b.failure()  # the probe failed: open for another cooldown
+    now[0] = 2.0
+    assert not b.allow()
+    now[0] = 2.6
     assert b.allow()
     b.success()
-    assert b.failures == 0
+    assert b.failures == 0 and b.allow() and b.allow()
 
 
 def test_items_nobody_interacted_with_keep_their_retrieval_slot():
