@@ -241,26 +241,43 @@ class TritonSessionEncoder:
         self.max_history = config_param(cfg, "max_history", 50)
         self.max_batch = max(1, int(cfg.get("max_batch_size", 0) or 64))
 
-    def encode(self, histories: Sequence[np.ndarray], timeout_s: float, version: str = "") -> np.ndarray:
+    def encode(
+        self, histories: Sequence[np.ndarray], timeout_s: float, version: str = "", background: bool = False
+    ) -> np.ndarray:
         """[B, 384] for per-session item vectors [L_i, 384] (oldest first); raises ModelUnavailable.
 
-        `version` pins the session encoder trained with the item encoder whose vectors these are."""
+        `version` pins the session encoder trained with the item encoder whose vectors these are.
+        `background` (the session-vector refresh: up to 128 sessions a call, every 50 ms) backs off
+        while the breaker is open but does not report to it: its large batches missing the
+        request deadline on a busy box opened the breaker for live requests, which then answered
+        degraded although their own small calls would have fit."""
+        if not background:
+            with guarded_call(self.model, self.breaker):
+                return self._encode(histories, timeout_s, version)
+        if self.breaker.refusing():
+            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
+        try:
+            return self._encode(histories, timeout_s, version)
+        except Exception as exc:
+            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
+            raise ModelUnavailable(f"{self.model}: {exc}") from exc
+
+    def _encode(self, histories: Sequence[np.ndarray], timeout_s: float, version: str) -> np.ndarray:
         from recstream.models.served import pad_left
 
         out = []
-        with guarded_call(self.model, self.breaker):
-            for lo in range(0, len(histories), self.max_batch):
-                items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
-                inputs = []
-                for name, arr, dtype in (("ITEMS", items, "FP32"), ("LENGTH", lengths[:, None], "INT32")):
-                    inp = self._tc.InferInput(name, list(arr.shape), dtype)
-                    inp.set_data_from_numpy(arr)
-                    inputs.append(inp)
-                res = self._client.infer(self.model, inputs, model_version=version, client_timeout=timeout_s)
-                out.append(res.as_numpy("SESSION").astype(np.float32))
-                served = res.get_response().model_version
-                if served:
-                    self.version = f"{self.model}-v{served}"
+        for lo in range(0, len(histories), self.max_batch):
+            items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
+            inputs = []
+            for name, arr, dtype in (("ITEMS", items, "FP32"), ("LENGTH", lengths[:, None], "INT32")):
+                inp = self._tc.InferInput(name, list(arr.shape), dtype)
+                inp.set_data_from_numpy(arr)
+                inputs.append(inp)
+            res = self._client.infer(self.model, inputs, model_version=version, client_timeout=timeout_s)
+            out.append(res.as_numpy("SESSION").astype(np.float32))
+            served = res.get_response().model_version
+            if served:
+                self.version = f"{self.model}-v{served}"
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 
 

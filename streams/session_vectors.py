@@ -144,7 +144,13 @@ class SessionVectors:
                 todo.append((user, state, history))
         if not todo:
             return 0
-        vectors = self.encoder.encode([h for _, _, h in todo], self.ctx.settings.triton_timeout_s, version)
+        try:
+            vectors = self.encoder.encode(
+                [h for _, _, h in todo], self.ctx.settings.triton_timeout_s, version, background=True
+            )
+        except Exception:
+            self.changed([user for user, _, _ in todo])  # tried again at the next refresh
+            raise
         for (user, state, _), vec in zip(todo, vectors, strict=True):
             self.store(user, state, version, vec)
         return len(todo)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from recstream.config import Settings
+from recstream.recommend.breaker import CircuitBreaker
 from recstream.recommend.session import SessionState
 from streams.session_vectors import AFFINITY_WINDOW, SessionVectors, session_history
 
@@ -26,11 +28,17 @@ class _Lookup:
 class _Encoder:
     max_history = 5
 
-    def __init__(self) -> None:
+    def __init__(self, fail: int = 0) -> None:
         self.calls: list[tuple[int, str]] = []
+        self.fail = fail
+        self.background: list[bool] = []
 
-    def encode(self, histories, timeout_s: float, version: str = "") -> np.ndarray:
+    def encode(self, histories, timeout_s: float, version: str = "", background: bool = False) -> np.ndarray:
         self.calls.append((len(histories), version))
+        self.background.append(background)
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("Triton busy")
         return np.stack([np.asarray(h).sum(0) for h in histories])
 
 
@@ -104,3 +112,50 @@ def test_without_the_refresh_thread_idle_users_are_still_forgotten(monkeypatch):
     vectors.store("late", late, "v1", vec)
     assert set(vectors.vectors) == {"late"} and set(vectors.active) == {"late"}
     assert vectors.lookup("late", late, "v1") is vec
+
+
+def test_a_failed_refresh_is_tried_again_and_keeps_off_the_live_breaker():
+    """The refresh's batch failed (Triton busy): its users stay due for the next refresh (they
+    were dropped until their sessions changed again), and the call was a background one, which
+    the session encoder does not count against live requests' breaker."""
+    states = {u: SessionState(last_offset=1, recent=["1", "2"]) for u in "ab"}
+    encoder = _Encoder(fail=1)
+    vectors = SessionVectors(_ctx(states), encoder)
+    vectors._thread = object()
+    for u in "ab":
+        vectors.lookup(u, states[u], "3")
+    vectors.changed(["a", "b"])
+    with pytest.raises(RuntimeError):
+        vectors.refresh()
+    assert vectors.refresh() == 2 and encoder.background == [True, True]
+
+
+def test_background_session_encodes_do_not_open_the_breaker_but_respect_it():
+    import tritonclient.grpc as grpcclient
+
+    from recstream.serving.triton_client import TritonUnavailable
+    from streams.inference import ModelUnavailable, TritonSessionEncoder
+
+    class Client:
+        calls = 0
+
+        def infer(self, *args, **kwargs):
+            Client.calls += 1
+            raise TritonUnavailable("deadline exceeded")
+
+    enc = object.__new__(TritonSessionEncoder)
+    enc._tc, enc._client, enc.model = grpcclient, Client(), "session_encoder"  # no server: calls fail
+    enc.breaker, enc.max_history, enc.max_batch, enc.version = CircuitBreaker(), 5, 64, ""
+    history = [np.ones((2, 384), np.float32)]
+    for _ in range(5):
+        with pytest.raises(ModelUnavailable):
+            enc.encode(history, 0.25, "3", background=True)
+    assert enc.breaker.failures == 0 and not enc.breaker.refusing()  # live requests unaffected
+    for _ in range(3):
+        with pytest.raises(ModelUnavailable):
+            enc.encode(history, 0.25, "3")
+    assert enc.breaker.refusing()  # live calls failing: the breaker opens
+    calls = Client.calls
+    with pytest.raises(ModelUnavailable):
+        enc.encode(history, 0.25, "3", background=True)
+    assert Client.calls == calls  # and the background refresh backs off without calling
