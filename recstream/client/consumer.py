@@ -109,19 +109,29 @@ class EventConsumer:
         source = RefusedMessage(consumed.topic, consumed.partition, consumed.offset, consumed.key, consumed.value)
         self.dead_letters.publish(source, error=error, error_type=error_type)
 
-    def commit(self) -> None:
-        """Commit what has been polled so far (synchronously, so a crash right after loses nothing).
-        Not while a dead letter is undelivered: the refused messages would be lost; the next commit
-        tries again."""
+    def commit(self) -> bool:
+        """Commit what has been polled so far (synchronously, so a crash right after loses nothing);
+        True when committed (or nothing to commit). Not while a dead letter is undelivered: the
+        refused messages would be lost. A commit the group refuses (a rebalance in progress, a lost
+        coordinator, a member evicted after a long pause) is logged and counted, and the next
+        commit tries again: raising stopped the caller's loop over an error the group recovers
+        from. Only a fatal error raises."""
         undelivered = self._dlq_producer.flush(10)
         if undelivered:
             log.error("%d dead letters undelivered; offsets not committed yet", undelivered)
-            return
+            return False
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError._NO_OFFSET:
+            err = exc.args[0]
+            if err.code() == KafkaError._NO_OFFSET:
+                return True
+            if err.fatal():
                 raise
+            CONSUMER_ERRORS.labels(worker=self.worker, error=err.name()).inc()
+            log.warning("offsets not committed (%s: %s); the next commit tries again", err.name(), err.str())
+            return False
+        return True
 
     def assignment(self) -> list[TopicPartition]:
         return self._consumer.assignment()

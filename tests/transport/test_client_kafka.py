@@ -311,3 +311,46 @@ def test_a_read_to_the_end_keeps_catalog_deletes(settings: Settings) -> None:
     assert isinstance(last["gone"], ItemDelete)
     assert isinstance(last["also-gone"], ItemDelete)
     assert isinstance(last["kept"], ItemUpsert)
+
+
+def test_a_commit_the_group_refuses_is_retried_not_raised(settings: Settings) -> None:
+    """A commit refused during a rebalance (or after the member was evicted by a long pause) used
+    to raise out of the trainer's loop and stop it; now it is counted, the next commit carries
+    the same offsets, and nothing is read twice. A fatal error still raises."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    with EventProducer(settings) as producer:
+        for i in range(20):
+            producer.send("behaviour", BehaviourEvent(event_id=f"e{i}", type="view", user_id="u1", item_id=f"i{i}"))
+    consumer = EventConsumer(settings, ["behaviour"], group_id="refused-commit", worker="commit-test")
+
+    class Refusing:
+        """The real consumer, whose next commit the group refuses with `code`."""
+
+        def __init__(self, real, code: int, fatal: bool = False) -> None:
+            self.real, self.code, self.fatal = real, code, fatal
+
+        def commit(self, **kwargs):
+            consumer._consumer = self.real
+            raise KafkaException(KafkaError(self.code, "refused", fatal=self.fatal))
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    try:
+        assert len(drain(consumer, 20)) == 20
+        consumer._consumer = Refusing(consumer._consumer, KafkaError.REBALANCE_IN_PROGRESS)
+        assert consumer.commit() is False
+        refused = counter_value("recstream_consumer_errors_total", worker="commit-test", error="REBALANCE_IN_PROGRESS")
+        assert refused == 1
+        assert consumer.commit() is True  # the same offsets, committed by the next call
+        consumer._consumer = Refusing(consumer._consumer, KafkaError.FENCED_INSTANCE_ID, fatal=True)
+        with pytest.raises(KafkaException):
+            consumer.commit()
+    finally:
+        consumer.close()
+    again = EventConsumer(settings, ["behaviour"], group_id="refused-commit")
+    try:
+        assert again.poll(max_messages=100, timeout_s=3.0) == []
+    finally:
+        again.close()
