@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: The CTR monitor's counts per served version, in the model's folder beside registry.json.
 CTR_FILE = "ctr.json"
+#: How often a Triton reload that failed (Triton busy, restarting) is tried again.
+RELOAD_RETRY_S = 10.0
 
 
 @dataclass
@@ -96,6 +98,7 @@ class TrainerService:
         self.monitor.load(self.ctr_path)
         self.triton_url = triton_url if triton_url is not None else settings.triton_url
         self.control: TritonModelControl | None = None
+        self.reload_due_at: float | None = None  # a failed Triton reload, tried again from then on
         self.new_since_round = 0
         self.last_round = time.monotonic()
         self.rounds: list[RoundResult] = []
@@ -119,15 +122,28 @@ class TrainerService:
         return self.control
 
     def reload_triton(self) -> bool:
+        """Ask Triton to load the registry's served set. One that fails is tried again every
+        RELOAD_RETRY_S (`retry_reload`): after a rollback, the bad version kept answering until
+        Triton's next start, while the registry and the live gauge said it was gone."""
         control = self._control()
         if control is None:
+            self.reload_due_at = time.monotonic() + RELOAD_RETRY_S if self.triton_url else None
             return False
         try:
             control.reload()
-            return True
         except Exception as exc:
-            log.error("Triton load_model(%s) failed: %s", self.cfg.model_name, exc)
+            log.error("Triton load_model(%s) failed: %s; retrying in %g s", self.cfg.model_name, exc, RELOAD_RETRY_S)
+            self.reload_due_at = time.monotonic() + RELOAD_RETRY_S
             return False
+        self.reload_due_at = None
+        return True
+
+    def retry_reload(self, now: float | None = None) -> bool:
+        """Retry a failed reload once it is due; True when one was retried and succeeded."""
+        now = time.monotonic() if now is None else now
+        if self.reload_due_at is None or now < self.reload_due_at:
+            return False
+        return self.reload_triton()
 
     @property
     def ctr_path(self) -> Path:
@@ -478,6 +494,7 @@ class TrainerService:
                 if self.query_round_due():
                     self.query_round()
                 self.check_rollback()
+                self.retry_reload()
         finally:
             examples.close()
             catalog.close()

@@ -616,3 +616,31 @@ def test_a_restarted_trainer_refills_its_replay_buffer_from_committed_examples(
     assert restarted.new_since_round == 0 and not restarted.rounds  # 150 refilled, none due
     assert restarted.monitor.counts[1].clicks == clicked  # the saved counts, not counted again
     assert sum(restarted.features.counts.values()) == sum(e.clicked for e in examples[-150:])
+
+
+def test_a_rollback_whose_triton_reload_failed_is_reloaded_later(service: TrainerService) -> None:
+    """The automatic rollback rewrote the registry, but Triton's load_model failed (busy, or
+    restarting): the bad version kept answering until Triton's next start. The reload is now
+    retried until it succeeds, and not after."""
+    service.handle(_events(150, seed=1))
+    assert service.train_round().accepted and service.registry.served() == [1, 2]
+
+    class Control:
+        def __init__(self) -> None:
+            self.calls, self.fail = 0, True
+
+        def reload(self) -> None:
+            self.calls += 1
+            if self.fail:
+                raise ConnectionError("Triton busy")
+
+    control = Control()
+    service.control, service.triton_url = control, "http://triton:8000"  # type: ignore[assignment]
+    assert service.rollback("ctr dropped") == 1 and control.calls == 1
+    assert service.reload_due_at is not None
+    assert not service.retry_reload(now=service.reload_due_at - 1) and control.calls == 1  # not yet due
+    assert not service.retry_reload(now=service.reload_due_at + 1) and control.calls == 2  # still failing
+    control.fail = False
+    assert service.retry_reload(now=service.reload_due_at + 1) and control.calls == 3
+    assert service.reload_due_at is None
+    assert not service.retry_reload(now=1e12) and control.calls == 3  # loaded: nothing more to do
