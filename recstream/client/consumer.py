@@ -136,6 +136,19 @@ class EventConsumer:
     def assignment(self) -> list[TopicPartition]:
         return self._consumer.assignment()
 
+    def reached(self, logical: str, ends: dict[int, int]) -> bool:
+        """Whether this consumer's position is at or past `ends` (partition -> offset, e.g. the
+        topic's end when it started) on every partition of `logical`: it has read what was
+        there. False while the group has not assigned it the partitions yet."""
+        name = TOPICS[logical].name(self.settings.topic_prefix)
+        wanted = [TopicPartition(name, p) for p, end in ends.items() if end > 0]
+        if not wanted:
+            return True
+        mine = {tp.partition for tp in self._consumer.assignment() if tp.topic == name}
+        if not {tp.partition for tp in wanted} <= mine:
+            return False
+        return all(tp.offset >= ends[tp.partition] for tp in self._consumer.position(wanted))
+
     def close(self) -> None:
         """Flush the dead letters, then release both librdkafka handles (idempotent)."""
         if self._closed:
@@ -164,6 +177,12 @@ def read_to_end(
     with _Reader(settings, logical) as reader:
         ranges = {p: (low, high) for p, (low, high) in reader.watermarks().items() if high > low}
         return reader.read(ranges, timeout_s, keep)
+
+
+def end_offsets(settings: Settings, logical: str) -> dict[int, int]:
+    """Each partition's end (the offset the next message will get) of a registry topic, now."""
+    with _Reader(settings, logical) as reader:
+        return {p: high for p, (_, high) in reader.watermarks().items()}
 
 
 def read_committed_tail(

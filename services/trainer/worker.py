@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from recstream.client import ConsumedEvent, EventConsumer
-from recstream.client.consumer import read_committed_tail
+from recstream.client.consumer import end_offsets, read_committed_tail
 from recstream.config import Settings
 from recstream.continual import Example, ModelRegistry, ReplayBuffer, TritonModelControl, decide, fine_tune
 from recstream.continual.monitor import CtrMonitor
@@ -99,6 +99,9 @@ class TrainerService:
         self.triton_url = triton_url if triton_url is not None else settings.triton_url
         self.control: TritonModelControl | None = None
         self.reload_due_at: float | None = None  # a failed Triton reload, tried again from then on
+        # Rounds wait until the catalog read at start has reached the topic's end: before it, most
+        # items had no vector yet, and both the candidate and the gate saw zero vectors for them.
+        self.catalog_ready = True
         self.new_since_round = 0
         self.last_round = time.monotonic()
         self.rounds: list[RoundResult] = []
@@ -203,6 +206,8 @@ class TrainerService:
 
     def due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
+        if not self.catalog_ready:
+            return False
         if len(self.buffer.recent) < max(self.cfg.min_examples, self.cfg.holdout + 1):
             return False
         return self.new_since_round >= self.cfg.train_every_examples or (
@@ -297,7 +302,8 @@ class TrainerService:
 
     def query_round_due(self) -> bool:
         return (
-            self.new_search_clicks >= self.cfg.search_every_clicks
+            self.catalog_ready
+            and self.new_search_clicks >= self.cfg.search_every_clicks
             and len(self.search_clicks) >= self.cfg.search.min_clicks
             and self._served_query_encoder() is not None
         )
@@ -480,10 +486,19 @@ class TrainerService:
         catalog = EventConsumer(
             self.settings, ["catalog"], f"{self.cfg.group_id}-catalog-{uuid.uuid4().hex[:8]}", worker="trainer"
         )
+        try:
+            catalog_ends = end_offsets(self.settings, "catalog")
+        except Exception as exc:  # Kafka not up yet: nothing to wait for that can be known
+            log.warning("catalog end offsets unknown (%s); rounds do not wait for the catalog", exc)
+            catalog_ends = {}
+        self.catalog_ready = False
         t_end = None if max_seconds is None else time.monotonic() + max_seconds
         try:
             while not self.stop_event.is_set() and (t_end is None or time.monotonic() < t_end):
                 self.fold(catalog.poll(500, 0.05), catalog)
+                if not self.catalog_ready and catalog.reached("catalog", catalog_ends):
+                    self.catalog_ready = True
+                    log.info("catalog read to where it ended at start; training rounds may run")
                 batch = examples.poll(1000, 0.5)
                 if batch:
                     self.fold(batch, examples)

@@ -644,3 +644,46 @@ def test_a_rollback_whose_triton_reload_failed_is_reloaded_later(service: Traine
     assert service.retry_reload(now=service.reload_due_at + 1) and control.calls == 3
     assert service.reload_due_at is None
     assert not service.retry_reload(now=1e12) and control.calls == 3  # loaded: nothing more to do
+
+
+@pytest.mark.kafka
+def test_a_restarted_trainer_waits_for_the_catalog_before_its_first_round(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Real Kafka. A backlog of examples and a larger catalogue: the examples consumer takes
+    1,000 a loop, the catalog consumer 500, so a round fell due after two loops, with most items
+    still without a vector (the candidate trained on zeros for them, and the gate scored both
+    models on the same broken inputs). The first round now runs with the whole catalogue read."""
+    from recstream.client import EventProducer
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    settings = make_settings(model_repo=repo)
+    cfg = TrainerConfig(
+        train_every_examples=1000,
+        train_every_s=10**6,
+        min_examples=600,
+        holdout=400,
+        group_id="trainer-catalog-first",
+        learner=LearnerConfig(steps=10),
+        gate=GateConfig(min_examples=200),
+    )
+    events = _events(150, seed=1)
+    fillers = [
+        ItemUpsert(item_id=f"f{n}", title=f"{CATS[n % 4]} filler {n}", category=CATS[n % 4]) for n in range(4000)
+    ]
+    with EventProducer(settings) as producer:
+        producer.send_many("catalog", fillers + [ev for ev in events if isinstance(ev, ItemUpsert)])
+        producer.send_many("training-examples", [ev for ev in events if isinstance(ev, TrainingExample)])
+    service = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    known_at_round: list[int] = []
+    train_round = service.train_round
+
+    def recording_round():
+        known_at_round.append(len(service.features.categories))
+        service.stop_event.set()
+        return train_round()
+
+    service.train_round = recording_round  # type: ignore[method-assign]
+    service.run(max_seconds=60)
+    assert known_at_round == [len(fillers) + 40], known_at_round
