@@ -53,6 +53,8 @@ class CatalogFeatures:
         self._encode = encode
         self._model_repo = model_repo
         self.vectors: dict[str, np.ndarray] = {}
+        self.texts: dict[str, str] = {}  # every known item's text: re-encoded when the encoder changes
+        self.encoded_with: int | None = None  # the item_encoder version the vectors come from
         self.categories: dict[str, str] = {}
         self.counts: dict[str, float] = {}
         self.max_count = 1.0  # counts only grow; 1 until any, as `candidate_features` expects
@@ -68,15 +70,29 @@ class CatalogFeatures:
         return self._encode
 
     def upsert(self, item: ItemUpsert) -> None:
-        self._pending[item.item_id] = item.text()
+        self._pending[item.item_id] = self.texts[item.item_id] = item.text()
         self.categories[item.item_id] = item.category
 
     def delete(self, item_id: str) -> None:
         self._pending.pop(item_id, None)
         self.vectors.pop(item_id, None)
+        self.texts.pop(item_id, None)
 
     def flush(self) -> int:
-        """Encode pending item texts (batched); returns how many."""
+        """Encode pending item texts (batched); returns how many. When a newer item_encoder version
+        is in the repository, every known item is encoded again: the stream workers re-embed the
+        catalogue with it, and vectors of two versions would mix two spaces in one round (the
+        candidate, the gate and the off-policy rescoring all read them)."""
+        if self._model_repo is not None:
+            from recstream.contracts.models import ITEM_ENCODER
+            from recstream.models.repository import versions
+
+            newest = max(versions(self._model_repo, ITEM_ENCODER), default=None)
+            if newest != self.encoded_with:
+                if self.vectors:
+                    log.info("item_encoder v%s is newer: re-encoding %d items", newest, len(self.texts))
+                    self._pending.update(self.texts)
+                self.encoded_with = newest
         if not self._pending:
             return 0
         ids, texts = list(self._pending), list(self._pending.values())

@@ -45,3 +45,34 @@ def test_rebuilt_popularity_holds_no_label() -> None:
     _, _, rows = features.build([first, second])
     assert first.counts_before[0] == before and second.counts_before[0] == before + 1
     assert rows[1, 1] > rows[0, 1]  # the later example saw one click more
+
+
+def test_item_vectors_follow_a_new_item_encoder_version(tmp_path) -> None:
+    """`make train` adds item_encoder v2 while the trainer runs: the workers re-embed the catalogue
+    with it, so the trainer's vectors must move too, all of them (it kept v1's for every item it had
+    already seen and gave only new upserts v2's, mixing two spaces in one round)."""
+    from recstream.contracts.models import ITEM_ENCODER
+    from recstream.models.export import export_item_encoder
+    from recstream.models.served import ItemEncoder
+    from recstream.models.training import CheckpointMeta
+
+    ids = ["a", "b", "c"]
+    meta = CheckpointMeta(kind=ITEM_ENCODER, config={}, data_hash="test")
+    rng = np.random.default_rng(0)
+    v1 = ItemEncoder(rng.normal(size=(3, ITEM_DIM)).astype(np.float32), ids, max_text_len=32)
+    export_item_encoder(v1, meta, tmp_path, version=1)
+    features = CatalogFeatures(model_repo=tmp_path)
+    upserts = {i: ItemUpsert(item_id=i, title=f"film {i}", category="c") for i in [*ids, "d"]}
+    for i in ids:
+        features.upsert(upserts[i])
+    features.build([])
+    texts = [upserts[i].text() for i in ids]
+    np.testing.assert_allclose(np.stack([features.vectors[i] for i in ids]), v1.encode(texts, ids), atol=1e-5)
+    v2 = ItemEncoder(np.zeros((3, ITEM_DIM), np.float32), ids, max_text_len=32)
+    export_item_encoder(v2, meta, tmp_path, version=2)
+    features.upsert(upserts["d"])
+    features.build([])
+    every = [*ids, "d"]
+    want = v2.encode([upserts[i].text() for i in every], every)
+    np.testing.assert_allclose(np.stack([features.vectors[i] for i in every]), want, atol=1e-5)
+    assert features.encoded_with == 2
