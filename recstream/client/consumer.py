@@ -186,12 +186,17 @@ def end_offsets(settings: Settings, logical: str) -> dict[int, int]:
 
 
 def read_committed_tail(
-    settings: Settings, logical: str, group_id: str, last_n: int, timeout_s: float = 60.0
+    settings: Settings,
+    logical: str,
+    group_id: str,
+    last_n: int,
+    timeout_s: float = 60.0,
+    keep: Callable[[Any], bool] | None = None,
 ) -> list[BaseModel]:
-    """The newest `last_n` valid events of each partition before `group_id`'s committed offsets:
-    what the group has already handled, read again without joining it (nothing is committed), for
-    a worker that rebuilds in-memory state after a restart. Partitions without a committed offset
-    give nothing; retention may have deleted part of the range."""
+    """The newest `last_n` valid events of each partition before `group_id`'s committed offsets
+    (those `keep` accepts, if given): what the group has already handled, read again without
+    joining it (nothing is committed), for a worker that rebuilds in-memory state after a restart.
+    Partitions without a committed offset give nothing; retention may have deleted part of the range."""
     with _Reader(settings, logical, group_id) as reader:
         marks = reader.watermarks()
         committed = reader.consumer.committed([TopicPartition(reader.name, p) for p in marks], timeout=10)
@@ -200,7 +205,7 @@ def read_committed_tail(
             for tp in committed
             if tp.offset > marks[tp.partition][0]  # none committed (negative), or retention took it all
         }
-        return reader.read(ranges, timeout_s)[0]
+        return reader.read(ranges, timeout_s, keep)[0]
 
 
 class _Reader:

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 CTR_FILE = "ctr.json"
 #: How often a Triton reload that failed (Triton busy, restarting) is tried again.
 RELOAD_RETRY_S = 10.0
+#: Ranking logs read back per partition at a restart beyond one per refilled answer (answers
+#: without examples yet, logged within the feedback window before the restart).
+LOG_REFILL_MARGIN = 1000
 
 
 @dataclass
@@ -458,17 +461,37 @@ class TrainerService:
         return added
 
     def refill(self) -> int:
-        """Put the newest committed examples back into the replay buffer (see the module's doc)."""
+        """Put the newest committed examples back into the replay buffer (see the module's doc),
+        with the ranker inputs they were served with: the committed tail of the ranking log is
+        read back too. Without it every refilled example was rebuilt from the catalogue, and so
+        were the examples of answers logged just before the restart whose feedback window closed
+        after it."""
         capacity = self.cfg.replay.recent_capacity + self.cfg.replay.reservoir_capacity
         events = read_committed_tail(self.settings, "training-examples", self.cfg.group_id, capacity)
         examples = sorted(
             (example_from_event(ev) for ev in events if isinstance(ev, TrainingExample)), key=lambda ex: ex.ts_ms
         )[-capacity:]
+        if examples:
+            # Only the answers refilled examples came from, and those logged in the last feedback
+            # window (their examples are still to come); each partition's tail is bounded by them.
+            requests = {ex.request_id for ex in examples}
+            recent_ms = examples[-1].ts_ms - int(self.cfg.served_inputs_ttl_s * 1000)
+            logs = read_committed_tail(
+                self.settings,
+                "ranking-log",
+                self.cfg.group_id,
+                len(requests) + LOG_REFILL_MARGIN,
+                keep=lambda rl: rl.request_id in requests or rl.ts_ms >= recent_ms,
+            )
+            for rl in sorted((rl for rl in logs if isinstance(rl, RankingLog)), key=lambda rl: rl.ts_ms):
+                self.served.add(rl)
+        served = 0
         for ex in examples:
+            served += self.served.attach(ex)
             self.features.observe(ex)
             self.buffer.add(ex)
         if examples:
-            log.info("replay buffer refilled with %d committed examples", len(examples))
+            log.info("replay buffer refilled with %d committed examples (%d with served inputs)", len(examples), served)
         return len(examples)
 
     # ---- the loop ----------------------------------------------------------------------------------

@@ -687,3 +687,66 @@ def test_a_restarted_trainer_waits_for_the_catalog_before_its_first_round(
     service.train_round = recording_round  # type: ignore[method-assign]
     service.run(max_seconds=60)
     assert known_at_round == [len(fillers) + 40], known_at_round
+
+
+@pytest.mark.kafka
+def test_a_restarted_trainer_gets_back_the_inputs_its_examples_were_served_with(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    """Real Kafka. The refill read only the examples back, so every refilled example was rebuilt
+    from the catalogue; so was every example of an answer logged just before the restart whose
+    feedback window closed after it. Now the committed tail of the ranking log comes back too."""
+    import time
+
+    from logged_answers import greedy_answer_log
+
+    from recstream.client import EventProducer
+
+    repo = tmp_path / "model_repo"
+    export_ranker(new_ranker(RankerConfig(seed=0)), repo, version=1)
+    settings = make_settings(model_repo=repo)
+    cfg = TrainerConfig(train_every_examples=10**6, train_every_s=10**6, group_id="trainer-refill-inputs")
+    events = _events(12, seed=4)
+    upserts = [ev for ev in events if isinstance(ev, ItemUpsert)]
+    t0 = int(time.time() * 1000) - 60_000
+    examples = [
+        ev.model_copy(update={"ts_ms": t0 + 10 * n})
+        for n, ev in enumerate(ev for ev in events if isinstance(ev, TrainingExample))
+    ]
+    rng = np.random.default_rng(4)
+    by_request: dict[str, list[TrainingExample]] = {}
+    for ex in examples:
+        by_request.setdefault(ex.request_id, []).append(ex)
+    logs = {
+        rid: greedy_answer_log(
+            rid,
+            exs[0].user_id,
+            [ex.item_id for ex in exs],
+            rng.random((len(exs), N_CAND_FEATURES)),
+            np.concatenate([rng.normal(size=ITEM_DIM) / 20, np.zeros(ITEM_DIM)]),
+        ).model_copy(update={"ts_ms": exs[0].ts_ms})
+        for rid, exs in by_request.items()
+    }
+    pending = sorted(by_request)[-2:]  # answered before the restart, their examples come after it
+    with EventProducer(settings) as producer:
+        producer.send_many("catalog", upserts)
+        producer.send_many("ranking-log", list(logs.values()))
+        producer.send_many("training-examples", [ex for ex in examples if ex.request_id not in pending])
+    first = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    want = len(examples) - sum(len(by_request[r]) for r in pending)
+    deadline = time.monotonic() + 60
+    while first.buffer.seen < want or len(first.served) < len(logs):
+        assert time.monotonic() < deadline, f"{first.buffer.seen} of {want} examples consumed"
+        first.run(max_seconds=2)
+
+    restarted = TrainerService(settings, cfg, CatalogFeatures(encode=_fake_encode), triton_url="")
+    assert restarted.refill() == want
+    assert all(ex.context is not None for ex in restarted.buffer.recent)  # all rebuilt before
+    with EventProducer(settings) as producer:
+        producer.send_many("training-examples", [ex for ex in examples if ex.request_id in pending])
+    deadline = time.monotonic() + 60
+    while restarted.buffer.seen < len(examples):
+        assert time.monotonic() < deadline
+        restarted.run(max_seconds=2)
+    late = [ex for ex in restarted.buffer.recent if ex.request_id in pending]
+    assert late and all(ex.context is not None for ex in late)
