@@ -57,6 +57,7 @@ class StreamContext:
     _session_vectors: Any = None
     _hybrid_search: Any = None
     _hybrid_retry_at: float = 0.0
+    _lexical_search: Any = None
     _ranker: Any = None
     _policy: Any = None
     _rng: Any = None
@@ -193,6 +194,21 @@ class StreamContext:
             if weights:
                 log.info("searches are answered by the hybrid search (%s, %s)", self._hybrid_search.version, weights)
         return self._hybrid_search or None
+
+    @property
+    def lexical_search(self):
+        """BM25 over a catalogue snapshot, for searches without a query vector (the text encoder
+        cannot be reached): the hybrid search's own snapshot where it has a lexical weight, else
+        one built for this alone on the first such search. It never asks the encoder."""
+        live = self._hybrid_search
+        if live and live.weights.lexical:
+            return live
+        if self._lexical_search is None:
+            from recstream.search.served import SearchWeights
+            from streams.hybrid_search import LiveHybridSearch
+
+            self._lexical_search = LiveHybridSearch(self, SearchWeights(lexical=1.0), "bm25")
+        return self._lexical_search
 
     def _follow_search_weights(self) -> None:
         """A new text_encoder version may bring other weights, or none (a rollback to the zero-shot

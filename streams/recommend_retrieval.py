@@ -55,10 +55,7 @@ async def retrieve(ctx: StreamContext, pending: list[Pending]) -> None:
             p.hybrid, p.lexical, p.version = hybrid, hybrid.lexical(req.query), f"{version}+hybrid"
             searches.append((p, hybrid.retrieval_vector(rctx.query_vec, rctx.session_vec)))
         elif req.query and rctx.query_vec is None:  # degraded search: no query vector
-            hits = await read_store(ctx, store.scroll, LEXICAL_SCAN, p.filt)
-            for h in hits:
-                h.score = lexical_score(req.query, h.payload)
-            p.hits = sorted(hits, key=lambda h: -h.score)[:limit]
+            p.hits = await degraded_search(ctx, p, limit)
         else:
             vec = rctx.query_vec if rctx.query_vec is not None else rctx.session_vec
             if vec is not None:
@@ -196,6 +193,26 @@ async def sequence_hits(
         p.hits = p.hits + _scored_by(vec, [found[i] for i in allowed])
         p.sequence_scores = answer.of(r, [h.item_id for h in p.hits])
         p.sequence_weight = fusion.weight
+
+
+async def degraded_search(ctx: StreamContext, p: Pending, limit: int) -> list[Any]:
+    """A search without a query vector: BM25's best items the filter allows over the whole
+    catalogue snapshot, or, before a snapshot exists, token overlap over the first LEXICAL_SCAN
+    filtered items. Items that match no query word are not results (a query matching nothing
+    answered k arbitrary items)."""
+    snapshot = ctx.lexical_search.current()
+    if snapshot is not None and snapshot.bm25 is not None:
+        scores = snapshot.lexical(p.req.query)
+        ids = snapshot.lexical_top(scores, limit, p.filt)
+        found = await read_store(ctx, ctx.store.retrieve, ids) if ids else {}
+        hits = [found[i] for i in ids if i in found and p.filt.allows(i, found[i].payload)]
+        for h in hits:
+            h.score = float(scores[snapshot.row_of[h.item_id]])
+        return hits
+    hits = await read_store(ctx, ctx.store.scroll, LEXICAL_SCAN, p.filt)
+    for h in hits:
+        h.score = lexical_score(p.req.query, h.payload)
+    return sorted((h for h in hits if h.score > 0), key=lambda h: -h.score)[:limit]
 
 
 async def lexical_hits(ctx: StreamContext, p: Pending, have: set[str]) -> list[Any]:
