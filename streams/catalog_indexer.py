@@ -20,9 +20,10 @@ import numpy as np
 
 from recstream.client.consumer import read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
+from recstream.contracts.models import SESSION_ENCODER
 from recstream.telemetry import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
 from streams.context import StreamContext
-from streams.inference import ModelRefused, ModelUnavailable
+from streams.inference import ModelRefused, ModelUnavailable, matching_session_version
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class EncoderFollower:
         self.ctx = ctx
         self.lock = asyncio.Lock()
         self.checked_at = -float("inf")
+        self.waiting_for: str | None = None  # a served item encoder whose session encoder is not loaded
 
     async def check(self) -> None:
         if time.monotonic() - self.checked_at < REEMBED_CHECK_S:
@@ -112,6 +114,15 @@ class EncoderFollower:
             store = ctx.store
             if not tag or tag == store.tag:
                 return
+            session, wanted = ctx.session_encoder, matching_session_version(tag)
+            if session is not None and wanted is not None and not await ctx.in_thread(session.ready, wanted):
+                # Requests pin the session encoder to the item vectors' version: switching before
+                # it is loaded would fail every session encode (all answers degraded) until it is.
+                if self.waiting_for != tag:
+                    log.warning("catalog: %s served, %s v%s not yet: re-embedding waits", tag, SESSION_ENCODER, wanted)
+                    self.waiting_for = tag
+                return
+            self.waiting_for = None
             t0 = time.perf_counter()
             if store.count() == 0:
                 await ctx.in_thread(store.rebuild, tag, [], np.zeros((0, store.dim), np.float32))

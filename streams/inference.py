@@ -241,6 +241,14 @@ class TritonSessionEncoder:
         self.max_history = config_param(cfg, "max_history", 50)
         self.max_batch = max(1, int(cfg.get("max_batch_size", 0) or 64))
 
+    def ready(self, version: str) -> bool:
+        """Whether Triton has `version` loaded (False when it cannot be asked)."""
+        try:
+            return bool(self._client.is_model_ready(self.model, version, client_timeout=2.0))
+        except Exception as exc:
+            log.info("%s v%s readiness unknown: %s", self.model, version, exc)
+            return False
+
     def encode(
         self, histories: Sequence[np.ndarray], timeout_s: float, version: str = "", background: bool = False
     ) -> np.ndarray:
