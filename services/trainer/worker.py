@@ -223,9 +223,11 @@ class TrainerService:
         self.last_round = t0
         self.new_since_round = 0
         live_v = self.registry.live
-        live = Ranker.load(self.registry.model_dir / str(live_v))
         window = self.buffer.latest(self.cfg.holdout)
         try:
+            # inside: a live folder that cannot be read (deleted, truncated) fails this round, it
+            # does not stop the trainer (which would restart into the same failure)
+            live = Ranker.load(self.registry.model_dir / str(live_v))
             cand, stats = fine_tune(
                 live.net,
                 [],
@@ -250,7 +252,11 @@ class TrainerService:
         # the derived version keeps its parent's co-visitation statistic (the feature it was tuned on)
         new = Ranker(cand, live.meta.model_copy(deep=True), live.co_visitation)
         new.meta.extra.update(parent_version=live_v, trained_on=len(self.buffer), learner=self.cfg.learner.mode)
-        v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
+        try:
+            v = self.registry.publish(new, {"gate_auc": d.candidate["auc"], "gate_live_auc": d.live["auc"]})
+        except OSError as exc:  # e.g. a `make train` export took the version number meanwhile
+            log.error("candidate not published: %s", exc)
+            return self._not_promoted(f"not published: {exc}", "failed", t0, stats)
         before = (self.registry.live, self.registry.previous)
         try:
             self.registry.promote(v, d.reason, parent=live_v)

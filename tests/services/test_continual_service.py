@@ -750,3 +750,30 @@ def test_a_restarted_trainer_gets_back_the_inputs_its_examples_were_served_with(
         restarted.run(max_seconds=2)
     late = [ex for ex in restarted.buffer.recent if ex.request_id in pending]
     assert late and all(ex.context is not None for ex in late)
+
+
+def test_a_round_that_cannot_read_the_live_version_or_publish_fails_without_stopping(
+    service: TrainerService,
+) -> None:
+    """A live version folder that cannot be read, and a publish that loses its version number to a
+    concurrent export, raised out of the round and stopped the trainer (which restarted into the
+    same failure). Each now ends the round as failed; the next one can succeed."""
+    service.handle(_events(150, seed=1))
+    weights = service.registry.model_dir / "1" / "ranker.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])
+    res = service.train_round()
+    assert not res.accepted and res.reason.startswith("failed"), res
+    weights.write_bytes(intact)
+    publish = service.registry.publish
+
+    def taken(*args, **kwargs):
+        raise FileExistsError("model_repo/ranker/2 exists")
+
+    service.registry.publish = taken  # type: ignore[method-assign]
+    service.handle(_events(150, seed=2))
+    res = service.train_round()
+    assert not res.accepted and "not published" in res.reason and service.registry.live == 1
+    service.registry.publish = publish  # type: ignore[method-assign]
+    service.handle(_events(150, seed=3))
+    assert service.train_round().accepted and service.registry.live == 2
