@@ -6,7 +6,10 @@ reason, model_version, arm) so dashboards can aggregate across workers.
 
 from __future__ import annotations
 
+import sys
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 # Latency buckets in seconds, dense under 50 ms: the request budget the system is built for.
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -16,11 +19,17 @@ EVENTS_OUT = Counter("recstream_events_out_total", "Messages produced", ["topic"
 DEAD_LETTERS = Counter(
     "recstream_dead_letters_total", "Messages sent to a dead-letter topic", ["topic", "reason", "worker"]
 )
-PRODUCE_ERRORS = Counter("recstream_produce_errors_total", "Delivery failures", ["topic"])
+PRODUCE_ERRORS = Counter("recstream_produce_errors_total", "Messages the broker did not acknowledge", ["topic"])
 CONSUMER_ERRORS = Counter(
-    "recstream_consumer_errors_total", "Errors a consumer reported in place of a message", ["worker", "error"]
+    "recstream_consumer_errors_total",
+    "Errors a consumer reported in place of a message (e.g. a subscribed topic deleted); consuming goes on",
+    ["worker", "error"],
 )
-CONSUMER_LAG = Gauge("recstream_consumer_lag", "Messages behind the log end", ["topic", "partition", "group"])
+CONSUMER_LAG = Gauge(
+    "recstream_consumer_lag",
+    "Messages behind the log end: committed offsets of the consumer groups with members, from the broker",
+    ["topic", "partition", "group"],
+)
 STAGE_LATENCY = Histogram(
     "recstream_stage_latency_seconds", "Time spent per processing stage", ["stage"], buckets=LATENCY_BUCKETS
 )
@@ -29,7 +38,18 @@ TRITON_LATENCY = Histogram(
 )
 TRITON_ERRORS = Counter("recstream_triton_errors_total", "Failed or timed-out Triton calls", ["model", "kind"])
 DEGRADED = Counter("recstream_degraded_answers_total", "Answers served from retrieval scores alone", ["reason"])
-MODEL_VERSION_LIVE = Gauge("recstream_model_version_live", "1 for the live version of each model", ["model", "version"])
+MODEL_VERSION_LIVE = Gauge(
+    "recstream_model_version_live",
+    "1 for the highest READY version of each model, as Triton reports it",
+    ["model", "version"],
+)
+# The continual trainer's view, kept apart: when the trainer exported Triton's gauge too, an alert on
+# "no model live in Triton" could never fire while the trainer ran.
+REGISTRY_LIVE_VERSION = Gauge(
+    "recstream_registry_live_version",
+    "1 for the version the continual trainer's registry has made live, per model",
+    ["model", "version"],
+)
 
 
 def serve_metrics(port: int) -> None:
@@ -46,7 +66,11 @@ FEATURE_FRESHNESS = Histogram(
 )
 FEATURE_EVENTS = Counter("recstream_feature_events_total", "Behaviour events folded into session features", ["result"])
 # Online quality: CTR = rate(clicks) / rate(impressions) in PromQL, per model version and exploration arm.
-IMPRESSIONS = Counter("recstream_impressions_total", "Items shown to users", ["model_version", "arm"])
+IMPRESSIONS = Counter(
+    "recstream_impressions_total",
+    "Items shown to users (CTR = rate of clicks / rate of these)",
+    ["model_version", "arm"],
+)
 CLICKS = Counter("recstream_clicks_total", "Clicks on shown items", ["model_version", "arm"])
 POLICY_FEEDBACK = Counter(
     "recstream_policy_feedback_total",
@@ -78,7 +102,11 @@ OFF_POLICY_DIFF = Gauge(
     ["model", "bound"],
 )
 # HTTP gateway: route is the path template (low cardinality), status the response code.
-HTTP_REQUESTS = Counter("recstream_http_requests_total", "Gateway HTTP requests", ["route", "method", "status"])
+HTTP_REQUESTS = Counter(
+    "recstream_http_requests_total",
+    "Gateway HTTP requests (route: the path template; method: a standard one, else other)",
+    ["route", "method", "status"],
+)
 HTTP_LATENCY = Histogram(
     "recstream_http_request_seconds", "Gateway HTTP request latency", ["route"], buckets=LATENCY_BUCKETS
 )
@@ -86,3 +114,19 @@ INDEXED_ITEMS = Gauge("recstream_indexed_items", "Items in the vector store, as 
 REEMBEDS = Counter(
     "recstream_catalog_reembeds_total", "Catalog re-embeddings after a new item-encoder version went live"
 )
+
+
+def metrics_table() -> str:
+    """README's metrics table, made from the metrics themselves (tests/ops/test_metrics_doc.py keeps
+    the README equal to it): `python -m recstream.telemetry` prints it."""
+    rows = ["| metric | type | labels | what it measures |", "| --- | --- | --- | --- |"]
+    for metric in vars(sys.modules[__name__]).values():
+        if isinstance(metric, MetricWrapperBase):
+            name = metric._name + ("_total" if metric._type == "counter" else "")
+            labels = ", ".join(metric._labelnames) or "-"
+            rows.append(f"| `{name}` | {metric._type} | {labels} | {metric._documentation} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(metrics_table(), end="")

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from recstream.config import Settings
@@ -100,10 +100,14 @@ class CatalogView:
 
 
 def consumer_lag(admin: AdminClient, prefix: str) -> dict[tuple[str, str, int], int]:
-    """(group, topic, partition) -> messages behind the log end, for registry topics under `prefix`."""
+    """(group, topic, partition) -> messages behind the log end, for registry topics under `prefix`,
+    of the groups with members. A group without any (EMPTY: an APP_VERSION bump's old groups, a
+    trainer run's catalog reader) keeps its committed offsets until retention, and its lag grows
+    with traffic forever; a stopped process is the `up` alert's to report."""
     topics = {spec.name(prefix) for spec in TOPICS.values()}
     listing = admin.list_consumer_groups(request_timeout=ADMIN_TIMEOUT_S).result(timeout=ADMIN_TIMEOUT_S)
-    groups = [g.group_id for g in listing.valid if g.group_id.startswith(prefix)]
+    idle = {ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD}
+    groups = [g.group_id for g in listing.valid if g.group_id.startswith(prefix) and g.state not in idle]
     committed: dict[tuple[str, str, int], int] = {}
     for group in groups:
         futures = admin.list_consumer_group_offsets(
@@ -155,18 +159,24 @@ class OpsMonitor:
         admin = self._admin
         if admin is None:  # stopped
             return
+        # Both gauges are replaced as a whole, and emptied when they cannot be read: a stale value
+        # (the lag of a group that is gone, a version Triton no longer serves) would read as current.
         try:
-            for (group, topic, partition), lag in consumer_lag(admin, self.settings.topic_prefix).items():
-                CONSUMER_LAG.labels(topic=topic, partition=str(partition), group=group).set(lag)
+            lags = consumer_lag(admin, self.settings.topic_prefix)
         except Exception as exc:  # monitoring must never take the gateway down
+            lags = {}
             log.warning("consumer lag refresh failed: %s", exc)
+        CONSUMER_LAG.clear()
+        for (group, topic, partition), lag in lags.items():
+            CONSUMER_LAG.labels(topic=topic, partition=str(partition), group=group).set(lag)
         try:
             live = live_model_versions(self.settings.triton_url)
-            MODEL_VERSION_LIVE.clear()
-            for model, version in live.items():
-                MODEL_VERSION_LIVE.labels(model=model, version=version).set(1)
         except Exception as exc:
+            live = {}
             log.info("model version refresh failed: %s", exc)
+        MODEL_VERSION_LIVE.clear()
+        for model, version in live.items():
+            MODEL_VERSION_LIVE.labels(model=model, version=version).set(1)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -179,5 +189,6 @@ class OpsMonitor:
         handle keeps reconnecting to it. (AdminClient has no close(); dropping the last reference
         destroys it.)"""
         self._stop.set()
-        self._thread.join(timeout=ADMIN_TIMEOUT_S * 2)
+        if self._thread.is_alive():  # never started: refreshed by hand, or start() failed
+            self._thread.join(timeout=ADMIN_TIMEOUT_S * 2)
         self._admin = None

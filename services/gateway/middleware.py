@@ -21,6 +21,10 @@ from recstream.telemetry import HTTP_LATENCY, HTTP_REQUESTS
 
 log = logging.getLogger(__name__)
 
+#: Methods counted by name; any other (a client may send "M0", "M1", ... before authentication)
+#: is counted as "other", so the metric's label set cannot grow without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 API_KEY_HEADER = "x-api-key"
 # ?apiKey=... (the playground's deep link), ?api_key=, ?x-api-key=: redacted wherever a URL is logged
 _KEY_IN_QUERY = re.compile(r"(?i)([?&](?:x[-_]?)?api[-_]?key=)[^&#\s]*")
@@ -113,7 +117,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            HTTP_REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()
             HTTP_LATENCY.labels(route=route).observe(time.perf_counter() - t0)
 
 

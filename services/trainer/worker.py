@@ -52,10 +52,10 @@ from recstream.ope.rescoring import PoolRescorer
 from recstream.ope.window import LogWindow
 from recstream.search.continual import SearchClick, update_query_encoder
 from recstream.telemetry import (
-    MODEL_VERSION_LIVE,
     OFF_POLICY_CHECKS,
     OFF_POLICY_DIFF,
     PROMOTIONS,
+    REGISTRY_LIVE_VERSION,
     TRAINING_INPUTS,
     TRAINING_RUNS,
 )
@@ -176,10 +176,10 @@ class TrainerService:
             return False
 
     def _set_live_gauge(self) -> None:
-        MODEL_VERSION_LIVE.clear()
+        REGISTRY_LIVE_VERSION.clear()
         live = self.registry.live
         if live is not None:
-            MODEL_VERSION_LIVE.labels(model=self.cfg.model_name, version=str(live)).set(1)
+            REGISTRY_LIVE_VERSION.labels(model=self.cfg.model_name, version=str(live)).set(1)
 
     # ---- steps -------------------------------------------------------------------------------------
     def handle(self, events: Sequence[Any]) -> int:

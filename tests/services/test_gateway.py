@@ -363,6 +363,10 @@ def test_health_readiness_metrics_and_openapi(
     client.post("/v1/events", json={"events": [click()]})  # a 401, counted
     text = client.get("/metrics").text
     assert 'recstream_http_requests_total{method="POST",route="/v1/events",status="401"}' in text
+    for n in range(3):  # made-up methods, unauthenticated: counted as one "other", not one series each
+        client.request(f"M{n}", "/v1/events")
+    text = client.get("/metrics").text
+    assert 'method="M0"' not in text and 'method="other"' in text
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
         "type": "apiKey",

@@ -140,3 +140,47 @@ def test_ops_monitor_releases_its_admin_client_when_stopped(kafka_bootstrap: str
     monitor.stop()
     assert monitor._admin is None and not monitor._thread.is_alive()
     monitor.refresh()  # after stop: a no-op, not an error
+
+
+def test_ops_monitor_reports_live_groups_and_forgets_what_it_cannot_read(make_settings) -> None:
+    """Real Kafka. The lag gauge covers groups with members: a group whose consumer left (an old
+    APP_VERSION's, a trainer run's catalog reader) kept its lag, growing with traffic, and fired
+    the lag alert for days. Gauges that cannot be refreshed are emptied, not left at their last
+    value (a Triton that cannot be asked showed its last live version, so "no live model" never fired)."""
+    from prometheus_client import REGISTRY
+
+    from recstream.client import EventConsumer, EventProducer
+    from recstream.contracts.events import BehaviourEvent
+    from recstream.contracts.topics import TOPICS
+    from recstream.telemetry import MODEL_VERSION_LIVE
+    from services.gateway.background import OpsMonitor
+
+    settings = make_settings(triton_url="127.0.0.1:9")
+    with EventProducer(settings) as producer:
+        for i in range(10):
+            producer.send("behaviour", BehaviourEvent(type="view", user_id="u1", item_id=f"i{i}"))
+    gone = EventConsumer(settings, ["behaviour"], group_id=f"{settings.topic_prefix}gone")
+    while len(gone.poll(1, 0.5)) == 0:
+        pass
+    gone.commit()
+    gone.close()  # committed 1 of 10, then left: lag 9, forever
+    live = EventConsumer(settings, ["behaviour"], group_id=f"{settings.topic_prefix}live")
+    while len(live.poll(1, 0.5)) == 0:
+        pass
+    live.commit()
+    MODEL_VERSION_LIVE.labels(model="ranker", version="3").set(1)  # from an earlier refresh
+    monitor = OpsMonitor(settings, interval_s=3600)
+    topic = TOPICS["behaviour"].name(settings.topic_prefix)
+
+    def lag(group: str) -> list[float | None]:
+        labels = ({"topic": topic, "partition": str(p), "group": group} for p in range(TOPICS["behaviour"].partitions))
+        return [REGISTRY.get_sample_value("recstream_consumer_lag", x) for x in labels]
+
+    try:
+        monitor.refresh()
+        assert sum(x or 0.0 for x in lag(f"{settings.topic_prefix}live")) == 9
+        assert lag(f"{settings.topic_prefix}gone") == [None] * TOPICS["behaviour"].partitions
+        assert REGISTRY.get_sample_value("recstream_model_version_live", {"model": "ranker", "version": "3"}) is None
+    finally:
+        monitor.stop()
+        live.close()
