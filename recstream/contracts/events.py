@@ -30,7 +30,10 @@ MAX_TS_MS = 253_402_300_799_999
 #: Deepest slot a shown item can have (endless scrolling included)
 MAX_POSITION = 1_000_000
 
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+#: What an id (user, item, session, request, event) may be: the key of a Kafka message and a path segment.
+ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
+ID_MAX_LENGTH = 128
+Id = Annotated[str, Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
 
 
 def _has_text(query: str) -> str:

@@ -13,7 +13,9 @@ data rows (counted from 1 after the header; blank lines are skipped and not coun
     ``rating`` (float, optional, empty = none). Row order breaks ties between equal timestamps.
 ``items.csv``
     ``item_id`` (str, required), ``title`` (str, required), ``category`` (str, optional, default ``""``),
-    ``text`` (str, optional, default ``"title | category"``: what a text encoder sees).
+    ``text`` (str, optional, default (also for an empty cell) ``"title | category"``: what a text
+    encoder sees), ``price`` (float >= 0, optional). Ids must be what the serving contracts take
+    (letters, digits and ``_.:@-``, at most 128).
     Extra columns are kept. Every item of interactions.csv must be listed here; items never
     interacted with are allowed and take part in full ranking.
 """
@@ -30,6 +32,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from recstream.contracts.events import ID_MAX_LENGTH, ID_PATTERN, ItemUpsert
+
 INTERACTION_COLUMNS = ["user_id", "item_id", "ts", "event", "rating"]
 ITEM_COLUMNS = ["item_id", "title", "category", "text"]
 _REQUIRED_INTERACTIONS = ["user_id", "item_id", "ts"]
@@ -37,6 +41,11 @@ _REQUIRED_ITEMS = ["item_id", "title"]
 _MILLISECONDS = 1e11  # a median ts above this (year 5138 in seconds) is almost surely in milliseconds
 
 log = logging.getLogger(__name__)
+# What a catalog upsert takes (recstream.contracts.events.ItemUpsert): checked here, where the row is known.
+TITLE_MAX_LENGTH, CATEGORY_MAX_LENGTH = (
+    next(m.max_length for m in ItemUpsert.model_fields[f].metadata if hasattr(m, "max_length"))
+    for f in ("title", "category")
+)
 
 
 class DataFormatError(ValueError):
@@ -109,6 +118,14 @@ def _check_columns(df: pd.DataFrame, required: list[str], known: list[str], what
     )
 
 
+def _check_lengths(out: pd.DataFrame, col: str, limit: int, name: str) -> None:
+    long = out[col].str.len() > limit
+    if long.any():
+        raise DataFormatError(
+            f"{name}: items.{col} is longer than the catalog takes ({limit} characters) at {_rows(long)}"
+        )
+
+
 def _is_id_or_missing(value: object) -> bool:
     return value is None or isinstance(value, str | int | np.integer) or (isinstance(value, float) and value != value)
 
@@ -140,15 +157,39 @@ def _check_ids(out: pd.DataFrame, col: str, what: str, name: str) -> None:
     out[col] = text
 
 
+def _plain(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with categorical columns (common in Parquet) as plain objects: filling a missing
+    value of a categorical with a default raises, as the default is not one of its categories."""
+    out = df.copy().reset_index(drop=True)
+    for col in out.columns:
+        if isinstance(out[col].dtype, pd.CategoricalDtype):
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
+    return out
+
+
+def _check_servable_ids(out: pd.DataFrame, col: str, what: str, name: str) -> None:
+    """Ids the serving contracts accept (recstream.contracts.events.ID_PATTERN): they become Kafka
+    keys and URL path segments, so 'café' or 'item 2' would load here and fail at `make train`'s
+    export or the demo's replay, with a traceback."""
+    text = out[col]
+    bad = ~text.str.fullmatch(ID_PATTERN[1:-1]) | (text.str.len() > ID_MAX_LENGTH)
+    if bad.any():
+        raise DataFormatError(
+            f"{name}: {what}.{col} must be at most {ID_MAX_LENGTH} letters, digits or _.:@- "
+            f"(no spaces or accents), got e.g. {text[bad].head(3).tolist()} at {_rows(bad)}"
+        )
+
+
 def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
     _check_columns(df, _REQUIRED_INTERACTIONS, INTERACTION_COLUMNS, "interactions", name)
-    out = df.copy().reset_index(drop=True)
+    out = _plain(df)
     if "event" not in out.columns:
         out["event"] = "interaction"
     if "rating" not in out.columns:
         out["rating"] = np.nan
     for col in ("user_id", "item_id"):
         _check_ids(out, col, "interactions", name)
+        _check_servable_ids(out, col, "interactions", name)
     if pd.api.types.is_bool_dtype(out["ts"]):
         raise DataFormatError(f"{name}: interactions.ts is a bool column; it must be integer seconds")
     if pd.api.types.is_datetime64_any_dtype(out["ts"]):
@@ -166,10 +207,11 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
         )
     out["ts"] = ts.astype(np.int64)
     if out["ts"].median() > _MILLISECONDS:
-        log.warning(
-            "%s: interactions.ts looks like milliseconds (median %d); it is read as seconds",
-            name,
-            int(out["ts"].median()),
+        # Read as seconds they would put every event tens of millennia ahead: sessions (a calendar
+        # day) and trend days would be wrong, and a replay would send times the worker ignores.
+        raise DataFormatError(
+            f"{name}: interactions.ts looks like milliseconds (median {int(out['ts'].median())}, "
+            "the year 5138 as seconds); it must be integer seconds: divide it by 1000"
         )
     out["event"] = out["event"].fillna("interaction").astype(str)
     rating = pd.to_numeric(out["rating"], errors="coerce")
@@ -187,8 +229,9 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
 
 def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
     _check_columns(df, _REQUIRED_ITEMS, ITEM_COLUMNS, "items", name)
-    out = df.copy().reset_index(drop=True)
+    out = _plain(df)
     _check_ids(out, "item_id", "items", name)
+    _check_servable_ids(out, "item_id", "items", name)
     dup_mask = out["item_id"].duplicated()
     if dup_mask.any():
         dup = out["item_id"][dup_mask]
@@ -196,18 +239,34 @@ def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
             f"{name}: items.item_id must be unique, duplicates e.g. {dup.head(5).tolist()} at {_rows(dup_mask)}"
         )
     out["title"] = out["title"].fillna("").astype(str)
+    untitled = out["title"].str.strip() == ""
+    if untitled.any():
+        raise DataFormatError(
+            f"{name}: items have no title at {_rows(untitled)}; every item needs one (it is what a "
+            "catalog upsert, the text models and search results show)"
+        )
+    _check_lengths(out, "title", TITLE_MAX_LENGTH, name)
     if "category" not in out.columns:
         out["category"] = ""
     out["category"] = out["category"].fillna("").astype(str)
+    _check_lengths(out, "category", CATEGORY_MAX_LENGTH, name)
+    default_text = pd.Series(
+        np.where(out["category"] != "", out["title"] + " | " + out["category"], out["title"]), index=out.index
+    )
     if "text" not in out.columns:
-        out["text"] = np.where(out["category"] != "", out["title"] + " | " + out["category"], out["title"])
+        out["text"] = default_text
     out["text"] = out["text"].fillna("").astype(str)
-    wordless = out["text"].str.strip() == ""
-    if wordless.any():
-        raise DataFormatError(
-            f"{name}: items have no text at {_rows(wordless)} (title, category and text all empty); "
-            "text models need a title for every item"
-        )
+    out["text"] = out["text"].where(out["text"].str.strip() != "", default_text)  # an empty cell: the default
+    if "price" in out.columns:
+        price = pd.to_numeric(out["price"], errors="coerce")
+        bad_price = (price.isna() & out["price"].notna() & (out["price"].astype(str).str.strip() != "")) | (price < 0)
+        bad_price |= price.notna() & ~np.isfinite(price.fillna(0.0))
+        if bad_price.any():
+            bad = out.loc[bad_price, "price"].head(3).tolist()
+            raise DataFormatError(
+                f"{name}: items.price must be a number >= 0 or empty, got e.g. {bad} at {_rows(bad_price)}"
+            )
+        out["price"] = price.astype(np.float64)
     extra = [c for c in out.columns if c not in ITEM_COLUMNS]
     return out[ITEM_COLUMNS + extra]
 

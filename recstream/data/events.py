@@ -11,18 +11,30 @@ from collections.abc import Iterator
 
 from recstream.contracts.events import BehaviourEvent, BehaviourType, ItemUpsert
 
+#: A text's last "|" segment of at most this many words is read as tags (MovieLens' genres);
+#: longer, the text after the title is the item's description, whole.
+MAX_TAG_WORDS = 16
+
 
 def catalog_events(items) -> list[ItemUpsert]:
-    """Items table (item_id, title, category, text, ...) -> catalog upserts."""
+    """Items table (item_id, title, category, text, ...) -> catalog upserts. A short last "|"
+    segment of the text becomes the tags ("Toy Story (1995) | Animation Children's Comedy"), a
+    longer one the description (a text cut to its last 16 words lost the rest); an item without
+    a category has none (""), which matches nothing in the session's category affinity, served
+    as in training (it was served as "unknown", which every such item shared)."""
     out = []
     for row in items.itertuples(index=False):
-        genres = [g for g in str(getattr(row, "text", "")).split("|")[-1].split() if g]
+        title, text = str(row.title), str(getattr(row, "text", "") or "")
+        words = [w for w in text.split("|")[-1].split() if w]
+        long_text = len(words) > MAX_TAG_WORDS
+        rest = text[len(title) + 3 :] if text.startswith(f"{title} | ") else text
         out.append(
             ItemUpsert(
                 item_id=str(row.item_id),
-                title=str(row.title),
-                category=str(row.category or "unknown"),
-                tags=genres[:16],
+                title=title,
+                category=str(row.category or ""),
+                tags=[] if long_text else words,
+                description=rest.strip()[:8192] if long_text else "",
                 price=float(getattr(row, "price", 0.0) or 0.0) or None,
             )
         )

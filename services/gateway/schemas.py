@@ -8,12 +8,21 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BaseModel, Field, create_model
 
-from recstream.contracts.events import Inbound, ItemUpsert, RecommendationRequest, RecommendationResult, SearchQuery
+from recstream.contracts.events import (
+    ID_MAX_LENGTH,
+    ID_PATTERN,
+    Inbound,
+    ItemUpsert,
+    RecommendationRequest,
+    RecommendationResult,
+    SearchQuery,
+)
 
 # Mirrors contracts.events.Id for path parameters (FastAPI needs Path(), not Field()); the contract
 # model built from the path value re-validates it anyway.
-ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
-ItemIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN, description="Catalog item id")]
+ItemIdPath = Annotated[
+    str, Path(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN, description="Catalog item id")
+]
 
 
 class GatewayLimits(BaseModel):

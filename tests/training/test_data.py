@@ -93,7 +93,14 @@ def test_generic_optional_columns_defaulted(tmp_path: Path) -> None:
         ("user_id,item_id,ts,ts\n1,a,1,2\n", "item_id,title\na,A\n", "has column(s) ['ts'] more than once"),
         ("user_id,item_id,ts\n1,a ,1\n", "item_id,title\na,A\n", "item_id has leading or trailing spaces, e.g. ['a ']"),
         ("user_id,item_id,ts,rating\n1,a,1,inf\n", "item_id,title\na,A\n", "finite number or empty, got e.g. [inf]"),
-        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,A\nb,\n", "items have no text at row 2"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na,A\nb,\n", "items have no title at row 2"),
+        # what loaded before and failed later, at `make train`'s export or the replay, with a traceback
+        ("user_id,item_id,ts\n1,café,1\n", "item_id,title\ncafé,A\n", "letters, digits or _.:@- (no spaces"),
+        ("user_id,item_id,ts\njohn doe,a,1\n", "item_id,title\na,A\n", "interactions.user_id must be at most 128"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title,category\na,A,x\nb,,books\n", "no title at row 2"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title\na," + "t" * 513 + "\n", "items.title is longer"),
+        ("user_id,item_id,ts\n1,a,1\n", "item_id,title,price\na,A,$5\n", "got e.g. ['$5'] at row 1"),
+        ("user_id,item_id,ts\n1,a,1577836800000\n", "item_id,title\na,A\n", "looks like milliseconds"),
     ],
 )
 def test_generic_clear_errors(tmp_path: Path, inter: str, items: str, message: str) -> None:
@@ -281,3 +288,36 @@ def test_training_cli_reports_validation_unless_test_is_asked_for() -> None:
     assert _stage("valid") == "valid" and _stage("test") == "test" and _stage("cold_valid") == "cold_valid"
     with pytest.raises(typer.BadParameter, match="--stage"):
         _stage("tset")
+
+
+def test_generic_items_are_served_as_they_are_trained(tmp_path: Path) -> None:
+    """A sparse text column falls back to the default per row (an item with a title was refused as
+    having no text); a long text reaches the catalog whole, as the description (it was cut to its
+    last 16 words, as tags); an item without a category has none when served too (it was
+    "unknown", shared by every such item, while training used ""). Parquet categorical columns
+    with a missing value load (filling them raised)."""
+    from recstream.data.events import catalog_events
+
+    long = " ".join(f"w{n}" for n in range(30))
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,ts\n1,7,1\n1,8,2\n1,9,3\n")
+    (tmp_path / "items.csv").write_text(
+        f"item_id,title,category,text\n7,Seven,,a seven thing\n8,Eight,x,\n9,Nine,y,{long}\n"
+    )
+    data = load_generic(tmp_path)
+    assert data.items["text"].tolist() == ["a seven thing", "Eight | x", long]
+    upserts = {u.item_id: u for u in catalog_events(data.items)}
+    assert upserts["7"].category == "" and upserts["8"].category == "x"
+    assert upserts["9"].description == long and long in upserts["9"].text()
+    assert upserts["7"].tags == ["a", "seven", "thing"]
+
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    pd.DataFrame(
+        {"user_id": ["1", "1"], "item_id": ["a", "b"], "ts": [1, 2], "event": pd.Categorical(["click", None])}
+    ).to_parquet(parquet / "interactions.parquet")
+    pd.DataFrame({"item_id": ["a", "b"], "title": ["A", "B"], "category": pd.Categorical(["x", None])}).to_parquet(
+        parquet / "items.parquet"
+    )
+    data = load_generic(parquet)
+    assert data.interactions["event"].tolist() == ["click", "interaction"]
+    assert data.items["category"].tolist() == ["x", ""]
