@@ -30,6 +30,14 @@ MAX_TS_MS = 253_402_300_799_999
 #: Deepest slot a shown item can have (endless scrolling included)
 MAX_POSITION = 1_000_000
 
+#: What a shown slot's propensity is, for every policy the worker serves.
+PROPENSITY_DOC = (
+    "Probability the policy showed this item in this slot: 1 for greedy answers; the marginal for "
+    "epsilon-greedy and Thompson policies; for Plackett-Luce (pl:) the probability given the items "
+    "in the slots above (their product is the list's probability). Off-policy evaluation "
+    "recomputes the marginals from the ranking log's pool."
+)
+
 #: What an id (user, item, session, request, event) may be: the key of a Kafka message and a path segment.
 ID_PATTERN = r"^[A-Za-z0-9_.:@\-]+$"
 ID_MAX_LENGTH = 128
@@ -273,7 +281,7 @@ class BehaviourEvent(Event, Inbound):
     )
     model_version: str | None = Field(None, max_length=128, description="Version that scored what was shown")
     propensity: json_number(float, gt=0, le=1) | None = Field(  # type: ignore[valid-type]
-        None, description="P(shown here) under the logging policy"
+        None, description=PROPENSITY_DOC
     )
 
 
@@ -286,7 +294,7 @@ class RankedItem(BaseModel):
     item_id: Id
     score: float
     position: int = Field(ge=0)
-    propensity: float = Field(gt=0, le=1, description="Probability the policy showed this item here")
+    propensity: float = Field(gt=0, le=1, description=PROPENSITY_DOC)
     retrieval_score: float | None = None
     category: str | None = None
     reasons: dict[str, float] = Field(default_factory=dict, description="Top contributing signals")
@@ -394,7 +402,7 @@ class TrainingExample(Event):
     session_id: Id | None = None
     item_id: Id
     position: int = Field(ge=0)
-    propensity: float = Field(gt=0, le=1)
+    propensity: float = Field(gt=0, le=1, description=PROPENSITY_DOC)
     model_version: str | None = None
     clicked: bool
     purchased: bool = False
