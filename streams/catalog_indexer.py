@@ -114,7 +114,8 @@ class EncoderFollower:
             store = ctx.store
             if not tag or tag == store.tag:
                 return
-            session, wanted = ctx.session_encoder, matching_session_version(tag)
+            # the handle may be opened here, which asks Triton: off the event loop
+            session, wanted = await ctx.in_thread(lambda: ctx.session_encoder), matching_session_version(tag)
             if session is not None and wanted is not None and not await ctx.in_thread(session.ready, wanted):
                 # Requests pin the session encoder to the item vectors' version: switching before
                 # it is loaded would fail every session encode (all answers degraded) until it is.

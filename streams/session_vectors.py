@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 ACTIVE_S = 300.0
 #: Most sessions one refresh encodes (the rest are encoded when they ask, or at the next refresh).
 MAX_PER_REFRESH = 128
+#: After a failed refresh the next waits this long, doubling per failure up to the maximum.
+REFRESH_BACKOFF_MIN_S = 0.5
+REFRESH_BACKOFF_MAX_S = 8.0
 #: The session's most recent items whose categories make its category affinity (as in training).
 AFFINITY_WINDOW = 20
 
@@ -64,6 +67,10 @@ class SessionVectors:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_expiry = 0.0  # when request-time encoding (no refresh thread) next forgets idle users
+        # After a failed refresh the next ones wait, doubling up to REFRESH_BACKOFF_MAX_S: a busy box
+        # that cannot fit the batch in the deadline must not be sent it again every 50 ms.
+        self._backoff_s = 0.0
+        self._resume_at = 0.0
 
     def version(self) -> str | None:
         """The session-encoder version for the store's current item vectors (None: do not encode)."""
@@ -121,9 +128,10 @@ class SessionVectors:
         """Re-encode the changed sessions of active users; returns how many were encoded."""
         from streams.state import read_session
 
-        self._expire(time.monotonic())
+        now = time.monotonic()
+        self._expire(now)
         version = self.version()
-        if version is None:
+        if version is None or now < self._resume_at:
             return 0
         todo: list[tuple[str, SessionState, np.ndarray]] = []
         with self._dirty_lock:
@@ -149,8 +157,11 @@ class SessionVectors:
                 [h for _, _, h in todo], self.ctx.settings.triton_timeout_s, version, background=True
             )
         except Exception:
-            self.changed([user for user, _, _ in todo])  # tried again at the next refresh
+            self.changed([user for user, _, _ in todo])  # tried again once the backoff has passed
+            self._backoff_s = min(max(2 * self._backoff_s, REFRESH_BACKOFF_MIN_S), REFRESH_BACKOFF_MAX_S)
+            self._resume_at = time.monotonic() + self._backoff_s
             raise
+        self._backoff_s = 0.0
         for (user, state, _), vec in zip(todo, vectors, strict=True):
             self.store(user, state, version, vec)
         return len(todo)

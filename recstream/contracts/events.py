@@ -33,9 +33,10 @@ MAX_POSITION = 1_000_000
 #: What a shown slot's propensity is, for every policy the worker serves.
 PROPENSITY_DOC = (
     "Probability the policy showed this item in this slot: 1 for greedy answers; the marginal for "
-    "epsilon-greedy and Thompson policies; for Plackett-Luce (pl:) the probability given the items "
-    "in the slots above (their product is the list's probability). Off-policy evaluation "
-    "recomputes the marginals from the ranking log's pool."
+    "epsilon-greedy (eps:), exact, and for the Thompson policies (ts:, lift:), estimated from "
+    "posterior draws; for Plackett-Luce (pl:) the probability given the items in the slots above "
+    "(their product is the list's probability). Off-policy evaluation recomputes the marginals "
+    "from the ranking log's pool."
 )
 
 #: What an id (user, item, session, request, event) may be: the key of a Kafka message and a path segment.

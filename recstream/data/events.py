@@ -28,6 +28,7 @@ def catalog_events(items) -> list[ItemUpsert]:
         words = [w for w in text.split("|")[-1].split() if w]
         long_text = len(words) > MAX_TAG_WORDS
         rest = text[len(title) + 3 :] if text.startswith(f"{title} | ") else text
+        price = getattr(row, "price", None)
         out.append(
             ItemUpsert(
                 item_id=str(row.item_id),
@@ -35,7 +36,7 @@ def catalog_events(items) -> list[ItemUpsert]:
                 category=str(row.category or ""),
                 tags=[] if long_text else words,
                 description=rest.strip()[:8192] if long_text else "",
-                price=float(getattr(row, "price", 0.0) or 0.0) or None,
+                price=None if price is None or price != price else float(price),  # NaN: none; 0: free
             )
         )
     return out

@@ -12,10 +12,11 @@ Interface shared by every policy (what the stream recommender calls):
     policy.marginals(scores, k, rng=None)         -> [n, k] array, P(item i shown at slot j)
 
 `propensity` semantics per policy (documented on each class):
-* Greedy / EpsilonGreedy / TopShuffle: the *marginal* P(item at slot) (exact, closed form);
+* Greedy / EpsilonGreedy: the *marginal* P(item at slot) (exact, closed form);
 * PlackettLuce: the *conditional* P(item at slot | items in earlier slots), exact; its slot-0 value
-  is also the marginal. Marginals of later slots have no closed form; `marginals` estimates them by
-  vectorised Gumbel-top-k sampling (documented approximation, used only by OPE).
+  is also the marginal. Marginals of later slots have no closed form: `exact_marginals` integrates
+  them numerically (off-policy evaluation of logs), `marginals` estimates them by Gumbel-top-k
+  sampling (fast, for the simulator).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
+from prometheus_client import Gauge
 
 from recstream.config import Settings
 from recstream.contracts.events import ItemUpsert
@@ -99,6 +100,18 @@ class CatalogView:
         self._thread.join(timeout=5)
 
 
+def _replace(gauge: Gauge, values: dict[tuple[str, ...], float]) -> None:
+    """Make `values` (label values in the gauge's order -> value) the gauge's only series: set them
+    first, then remove the others, so a scrape in between never finds the gauge empty (absent()
+    true for a moment, an alert's `for:` timer reset)."""
+    names = gauge._labelnames
+    current = {tuple(s.labels[n] for n in names) for metric in gauge.collect() for s in metric.samples}
+    for labels, value in values.items():
+        gauge.labels(*labels).set(value)
+    for labels in current - values.keys():
+        gauge.remove(*labels)
+
+
 def consumer_lag(admin: AdminClient, prefix: str) -> dict[tuple[str, str, int], int]:
     """(group, topic, partition) -> messages behind the log end, for registry topics under `prefix`,
     of the groups with members. A group without any (EMPTY: an APP_VERSION bump's old groups, a
@@ -166,17 +179,13 @@ class OpsMonitor:
         except Exception as exc:  # monitoring must never take the gateway down
             lags = {}
             log.warning("consumer lag refresh failed: %s", exc)
-        CONSUMER_LAG.clear()
-        for (group, topic, partition), lag in lags.items():
-            CONSUMER_LAG.labels(topic=topic, partition=str(partition), group=group).set(lag)
+        _replace(CONSUMER_LAG, {(topic, str(p), group): lag for (group, topic, p), lag in lags.items()})
         try:
             live = live_model_versions(self.settings.triton_url)
         except Exception as exc:
             live = {}
             log.info("model version refresh failed: %s", exc)
-        MODEL_VERSION_LIVE.clear()
-        for model, version in live.items():
-            MODEL_VERSION_LIVE.labels(model=model, version=version).set(1)
+        _replace(MODEL_VERSION_LIVE, dict.fromkeys(live.items(), 1.0))
 
     def _run(self) -> None:
         while not self._stop.is_set():

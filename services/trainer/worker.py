@@ -482,13 +482,17 @@ class TrainerService:
             # window (their examples are still to come); each partition's tail is bounded by them.
             requests = {ex.request_id for ex in examples}
             recent_ms = examples[-1].ts_ms - int(self.cfg.served_inputs_ttl_s * 1000)
-            logs = read_committed_tail(
-                self.settings,
-                "ranking-log",
-                self.cfg.group_id,
-                len(requests) + LOG_REFILL_MARGIN,
-                keep=lambda rl: rl.request_id in requests or rl.ts_ms >= recent_ms,
-            )
+            try:
+                logs = read_committed_tail(
+                    self.settings,
+                    "ranking-log",
+                    self.cfg.group_id,
+                    len(requests) + LOG_REFILL_MARGIN,
+                    keep=lambda rl: rl.request_id in requests or rl.ts_ms >= recent_ms,
+                )
+            except Exception as exc:  # the examples still come back, rebuilt from the catalogue
+                log.warning("ranking log not read back (%s); refilled examples are rebuilt", exc)
+                logs = []
             for rl in sorted((rl for rl in logs if isinstance(rl, RankingLog)), key=lambda rl: rl.ts_ms):
                 self.served.add(rl)
         served = 0

@@ -127,7 +127,10 @@ def test_a_failed_refresh_is_tried_again_and_keeps_off_the_live_breaker():
     vectors.changed(["a", "b"])
     with pytest.raises(RuntimeError):
         vectors.refresh()
+    assert vectors.refresh() == 0 and len(encoder.calls) == 1  # backing off: not sent again at once
+    vectors._resume_at = 0.0  # the backoff has passed
     assert vectors.refresh() == 2 and encoder.background == [True, True]
+    assert vectors._backoff_s == 0.0  # a success ends the backoff
 
 
 def test_background_session_encodes_do_not_open_the_breaker_but_respect_it():

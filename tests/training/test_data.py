@@ -310,6 +310,15 @@ def test_generic_items_are_served_as_they_are_trained(tmp_path: Path) -> None:
     assert upserts["9"].description == long and long in upserts["9"].text()
     assert upserts["7"].tags == ["a", "seven", "thing"]
 
+    priced = pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["A", "B", "C"], "price": [2.5, None, 0.0]})
+    prices = [
+        u.price
+        for u in catalog_events(
+            InteractionData(pd.DataFrame({"user_id": ["1"], "item_id": ["a"], "ts": [1]}), priced).items
+        )
+    ]
+    assert prices == [2.5, None, 0.0]  # an empty cell is no price (NaN failed the upsert); 0 is free
+
     parquet = tmp_path / "parquet"
     parquet.mkdir()
     pd.DataFrame(
