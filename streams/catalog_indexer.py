@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from recstream.client.consumer import read_to_end
+from recstream.client.consumer import committed_offsets, read_to_end
 from recstream.contracts.events import ItemDelete, ItemUpsert
 from recstream.contracts.models import SESSION_ENCODER
 from recstream.telemetry import INDEXED_ITEMS, REEMBEDS, STAGE_LATENCY
 from streams.context import StreamContext
 from streams.inference import ModelRefused, ModelUnavailable, matching_session_version
+from streams.naming import catalog_group
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ class EncoderFollower:
                 return
             self.waiting_for = None
             t0 = time.perf_counter()
-            if store.count() == 0:
+            if store.count() == 0 and not await ctx.in_thread(_catalog_consumed_before, ctx.settings):
+                # a first start: the catalog consumer indexes the topic from its beginning anyway
                 await ctx.in_thread(store.rebuild, tag, [], np.zeros((0, store.dim), np.float32))
                 return
             log.warning("catalog: item vectors are %r, Triton serves %r: re-embedding the catalog", store.tag, tag)
@@ -149,6 +151,17 @@ class EncoderFollower:
                 time.perf_counter() - t0,
                 invalid,
             )
+
+
+def _catalog_consumed_before(settings: Any) -> bool:
+    """Whether this index's catalog group has committed offsets: then an empty store lost its items
+    (a wiped folder, a fresh Qdrant server behind QDRANT_URL) and the consumer will not read them
+    again, so the whole catalog is re-read (an empty rebuild kept them missing for good)."""
+    try:
+        return any(committed_offsets(settings, "catalog", catalog_group(settings)).values())
+    except Exception as exc:  # Kafka not reachable: re-read, the safe side
+        log.warning("catalog: committed offsets unknown (%s); re-reading the catalog", exc)
+        return True
 
 
 async def _encode_with_retry(ctx: StreamContext, upserts: list[ItemUpsert]):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from pydantic import BaseModel
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from recstream.client.producer import producer_config
 from recstream.config import Settings
@@ -185,6 +186,12 @@ def end_offsets(settings: Settings, logical: str) -> dict[int, int]:
         return {p: high for p, (_, high) in reader.watermarks().items()}
 
 
+def committed_offsets(settings: Settings, logical: str, group_id: str) -> dict[int, int]:
+    """`group_id`'s committed offset per partition of a registry topic (partitions without one left out)."""
+    with _Reader(settings, logical, group_id) as reader:
+        return {p: offset for p, offset in reader.committed(reader.watermarks()).items() if offset >= 0}
+
+
 def read_committed_tail(
     settings: Settings,
     logical: str,
@@ -199,13 +206,28 @@ def read_committed_tail(
     Partitions without a committed offset give nothing; retention may have deleted part of the range."""
     with _Reader(settings, logical, group_id) as reader:
         marks = reader.watermarks()
-        committed = reader.consumer.committed([TopicPartition(reader.name, p) for p in marks], timeout=10)
         ranges = {
-            tp.partition: (max(marks[tp.partition][0], tp.offset - last_n), tp.offset)
-            for tp in committed
-            if tp.offset > marks[tp.partition][0]  # none committed (negative), or retention took it all
+            p: (max(marks[p][0], offset - last_n), offset)
+            for p, offset in reader.committed(marks).items()
+            if offset > marks[p][0]  # none committed (negative), or retention took it all
         }
         return reader.read(ranges, timeout_s, keep)[0]
+
+
+#: Answers to a group's first offset lookup while its coordinator is being found or loaded (librdkafka
+#: does not flag NOT_COORDINATOR as retriable there).
+_COORDINATOR_NOT_READY = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+}
+
+
+def _coordinator_not_ready(exc: BaseException) -> bool:
+    if not isinstance(exc, KafkaException):
+        return False
+    err = exc.args[0]
+    return err.code() in _COORDINATOR_NOT_READY or err.retriable()
 
 
 class _Reader:
@@ -239,6 +261,21 @@ class _Reader:
             p: self.consumer.get_watermark_offsets(TopicPartition(self.name, p), timeout=10)
             for p in sorted(meta.partitions)
         }
+
+    def committed(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The group's committed offset per partition (negative where it has none), in one call.
+        Retried for 10 s while the broker answers with a retriable error: the first lookup of a
+        group often meets NOT_COORDINATOR while its coordinator is being found."""
+        wanted = [TopicPartition(self.name, p) for p in partitions]
+        for attempt in Retrying(
+            retry=retry_if_exception(_coordinator_not_ready),
+            stop=stop_after_delay(10),
+            wait=wait_fixed(0.2),
+            reraise=True,
+        ):
+            with attempt:
+                found = self.consumer.committed(wanted, timeout=10)
+        return {tp.partition: tp.offset for tp in found}
 
     def read(
         self, ranges: dict[int, tuple[int, int]], timeout_s: float, keep: Callable[[Any], bool] | None = None
