@@ -137,6 +137,11 @@ class VectorStore:
         old = self.collection
         if new == old:
             return
+        if len(items) and vectors.shape[1] != self.dim:  # before anything is created or switched
+            raise ValueError(
+                f"encoder {tag} gives {vectors.shape[1]}-dimensional vectors, the store holds {self.dim}: "
+                "the served models expect one width (VectorStore dim, the ranker's ITEM_DIM)"
+            )
         self._create(new)
         index = ReadIndex(self.dim) if self._index is not None else None
         for lo in range(0, len(items), batch):

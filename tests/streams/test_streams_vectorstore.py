@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from recstream.config import Settings
 from recstream.recommend.candidates import CandidateFilter
@@ -99,3 +100,19 @@ def test_search_many_equals_one_search_per_query(tmp_path: Path) -> None:
             assert all(np.allclose(a.vector, b.vector, atol=1e-6) for a, b in zip(got, one, strict=True))
     assert store.search_many([]) == []
     store.close()
+
+
+def test_a_rebuild_with_vectors_of_another_width_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    """An encoder of another width: refused with a message, the store still on its collection and
+    no half-built collection left behind (it was created at the old width, failed on the first
+    write, and every restart re-embedded the catalogue into the same failure)."""
+    store = VectorStore(Settings(qdrant_path=tmp_path / "q"))
+    try:
+        store.upsert([{"item_id": "a"}], np.ones((1, 384), np.float32))
+        with pytest.raises(ValueError, match="768-dimensional vectors, the store holds 384"):
+            store.rebuild("enc-v2", [{"item_id": "a"}], np.ones((1, 768), np.float32))
+        assert store.tag == "initial" and store.count() == 1
+        names = {c.name for c in store.client.get_collections().collections}
+        assert not any(n.endswith("enc-v2") for n in names)
+    finally:
+        store.close()
