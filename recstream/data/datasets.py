@@ -118,6 +118,21 @@ def _check_columns(df: pd.DataFrame, required: list[str], known: list[str], what
     )
 
 
+def _optional_number(out: pd.DataFrame, col: str, what: str, name: str, non_negative: bool = False) -> pd.Series:
+    """`out[col]` as float64, NaN where empty; anything else that is not a finite number (or is
+    negative, when it must not be) is a DataFormatError naming the rows."""
+    number = pd.to_numeric(out[col], errors="coerce")
+    bad = number.isna() & out[col].notna() & (out[col].astype(str).str.strip() != "")
+    bad |= number.notna() & ~np.isfinite(number.fillna(0.0))
+    if non_negative:
+        bad |= number < 0
+    if bad.any():
+        rule = "a number >= 0" if non_negative else "a finite number"
+        examples = out.loc[bad, col].head(3).tolist()
+        raise DataFormatError(f"{name}: {what}.{col} must be {rule} or empty, got e.g. {examples} at {_rows(bad)}")
+    return number.astype(np.float64)
+
+
 def _check_lengths(out: pd.DataFrame, col: str, limit: int, name: str) -> None:
     long = out[col].str.len() > limit
     if long.any():
@@ -214,15 +229,7 @@ def _normalise_interactions(df: pd.DataFrame, name: str) -> pd.DataFrame:
             "the year 5138 as seconds); it must be integer seconds: divide it by 1000"
         )
     out["event"] = out["event"].fillna("interaction").astype(str)
-    rating = pd.to_numeric(out["rating"], errors="coerce")
-    bad_rating = rating.isna() & out["rating"].notna() & (out["rating"].astype(str).str.strip() != "")
-    bad_rating |= rating.notna() & ~np.isfinite(rating.fillna(0.0))
-    if bad_rating.any():
-        bad = out.loc[bad_rating, "rating"].head(3).tolist()
-        raise DataFormatError(
-            f"{name}: interactions.rating must be a finite number or empty, got e.g. {bad} at {_rows(bad_rating)}"
-        )
-    out["rating"] = rating.astype(np.float64)
+    out["rating"] = _optional_number(out, "rating", "interactions", name)
     extra = [c for c in out.columns if c not in INTERACTION_COLUMNS]
     return out[INTERACTION_COLUMNS + extra]
 
@@ -258,15 +265,7 @@ def _normalise_items(df: pd.DataFrame, name: str) -> pd.DataFrame:
     out["text"] = out["text"].fillna("").astype(str)
     out["text"] = out["text"].where(out["text"].str.strip() != "", default_text)  # an empty cell: the default
     if "price" in out.columns:
-        price = pd.to_numeric(out["price"], errors="coerce")
-        bad_price = (price.isna() & out["price"].notna() & (out["price"].astype(str).str.strip() != "")) | (price < 0)
-        bad_price |= price.notna() & ~np.isfinite(price.fillna(0.0))
-        if bad_price.any():
-            bad = out.loc[bad_price, "price"].head(3).tolist()
-            raise DataFormatError(
-                f"{name}: items.price must be a number >= 0 or empty, got e.g. {bad} at {_rows(bad_price)}"
-            )
-        out["price"] = price.astype(np.float64)
+        out["price"] = _optional_number(out, "price", "items", name, non_negative=True)
     extra = [c for c in out.columns if c not in ITEM_COLUMNS]
     return out[ITEM_COLUMNS + extra]
 

@@ -195,6 +195,16 @@ def test_registry_publish_promote_rollback(tmp_path: Path) -> None:
     assert [h["event"] for h in reg.state()["history"]] == ["init", "promote", "rollback"]
 
 
+class _BrokenRanker:
+    """A ranker whose save fails half-way (a full disk)."""
+
+    meta = new_ranker().meta
+
+    def save(self, path: Path) -> None:
+        (Path(path) / "half").write_text("x")
+        raise OSError("disk full")
+
+
 def test_an_export_into_a_registry_managed_model_publishes_without_serving(tmp_path: Path) -> None:
     """`make train` exports a bundle's ranker into a repository whose ranker the continual trainer
     manages: the new version is published, and what Triton serves stays the registry's choice
@@ -214,15 +224,8 @@ def test_an_export_into_a_registry_managed_model_publishes_without_serving(tmp_p
     reg.promote(3, "operator")
     assert "versions: [ 2, 3 ]" in (reg.model_dir / "config.pbtxt").read_text()
 
-    class Broken:
-        meta = new_ranker().meta
-
-        def save(self, path: Path) -> None:
-            (Path(path) / "half").write_text("x")
-            raise OSError("disk full")
-
     with pytest.raises(OSError):
-        export_ranker(Broken(), tmp_path)  # type: ignore[arg-type]
+        export_ranker(_BrokenRanker(), tmp_path)  # type: ignore[arg-type]
     assert reg.versions() == [1, 2, 3] and not list(reg.model_dir.glob(".staging-*"))
     fresh = tmp_path / "fresh"
     export_ranker(new_ranker(RankerConfig(seed=0)), fresh, version=1)
@@ -232,15 +235,8 @@ def test_an_export_into_a_registry_managed_model_publishes_without_serving(tmp_p
 def test_failed_publish_leaves_no_version(tmp_path: Path) -> None:
     reg = ModelRegistry(tmp_path)
 
-    class Broken:
-        meta = new_ranker().meta
-
-        def save(self, path: Path) -> None:
-            (Path(path) / "half").write_text("x")
-            raise OSError("disk full")
-
     with pytest.raises(OSError):
-        reg.publish(Broken())
+        reg.publish(_BrokenRanker())
     assert reg.versions() == [] and not list(reg.model_dir.iterdir())
 
 
