@@ -95,7 +95,11 @@ class VectorStore:
             self.collection = self.alias
         else:
             self.collection = physical_name(self.alias, INITIAL_TAG)
-            self._create(self.collection)
+            # An `initial` collection without the alias (a start that stopped between the two, or
+            # another worker starting at the same moment on a server) is taken as it is: recreating
+            # it dropped what was written there, and on a server the other worker's first batch.
+            if not self.client.collection_exists(self.collection):
+                self._create(self.collection)
             self._point_alias(self.collection)
 
     @property

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qdrant_client import models
 
 from recstream.config import Settings
 from recstream.recommend.candidates import CandidateFilter
@@ -116,3 +117,21 @@ def test_a_rebuild_with_vectors_of_another_width_is_refused_before_anything_chan
         assert not any(n.endswith("enc-v2") for n in names)
     finally:
         store.close()
+
+
+def test_an_initial_collection_without_its_alias_is_taken_as_it_is(tmp_path: Path) -> None:
+    """A first start stopped between creating `items__initial` and pointing the alias at it (or, on
+    a server, another worker created it a moment before): the next start keeps what it holds (it
+    deleted and recreated the collection)."""
+    settings = Settings(qdrant_path=tmp_path / "q")
+    store = VectorStore(settings)
+    store.upsert([{"item_id": "a"}], np.ones((1, 384), np.float32))
+    store.client.update_collection_aliases(
+        change_aliases_operations=[models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=store.alias))]
+    )
+    store.close()
+    again = VectorStore(settings)
+    try:
+        assert again.tag == "initial" and again.count() == 1
+    finally:
+        again.close()
