@@ -4,11 +4,13 @@ reads come from the read index in local mode and from the server otherwise (see 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from recstream.config import Settings
 from recstream.recommend.candidates import CandidateFilter
@@ -25,6 +27,35 @@ from recstream.vectorstore.qdrant import (
 from recstream.vectorstore.read_index import Hit, ReadIndex, normalise
 
 log = logging.getLogger(__name__)
+
+
+#: How long a write (and the count the catalog agent asks after it) is retried while a Qdrant server
+#: restarts or answers slowly: raising stopped the catalog agent, and with it the whole worker.
+WRITE_RETRY_S = 30.0
+
+
+def _transient(exc: BaseException) -> bool:
+    """A server that cannot be reached, timed out, or answers 502/503/504: worth another try."""
+    if isinstance(exc, ResponseHandlingException):
+        return True
+    return isinstance(exc, UnexpectedResponse) and exc.status_code in (502, 503, 504)
+
+
+def _retried(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call` retried with backoff for WRITE_RETRY_S on transient errors (idempotent writes only:
+    an upsert or delete by point id gives the same state however often it runs)."""
+    for attempt in Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_delay(WRITE_RETRY_S),
+        wait=wait_exponential(multiplier=0.2, max=5.0),
+        before_sleep=lambda state: log.warning(
+            "Qdrant %s failed (%s); retrying", call.__name__, state.outcome.exception() if state.outcome else "?"
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            return call(*args, **kwargs)
+    raise AssertionError("unreachable: Retrying reraises")
 
 
 class VectorStore:
@@ -182,7 +213,7 @@ class VectorStore:
             models.PointStruct(id=point_id(it["item_id"]), vector=vec.astype(np.float32).tolist(), payload=dict(it))
             for it, vec in zip(items, vectors, strict=True)
         ]
-        self.client.upsert(collection, points=points, wait=True)
+        _retried(self.client.upsert, collection, points=points, wait=True)
         if index is not None:
             for it, p in zip(items, points, strict=True):
                 # Qdrant stores cosine vectors normalised; the index keeps exactly what Qdrant returns.
@@ -191,7 +222,7 @@ class VectorStore:
     def delete(self, item_ids: Iterable[str]) -> None:
         ids = [point_id(i) for i in item_ids]
         if ids:
-            self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
+            _retried(self.client.delete, self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
         if self._index is not None:
             for i in item_ids:
                 self._index.remove(i)
@@ -202,7 +233,7 @@ class VectorStore:
     def count(self) -> int:
         if self._index is not None:
             return len(self._index.row_of)
-        return self.client.count(self.collection, exact=True).count
+        return _retried(self.client.count, self.collection, exact=True).count
 
     def retrieve(self, item_ids: Sequence[str], with_vectors: bool = True) -> dict[str, Hit]:
         """item_id -> Hit (payload and vector) for the ids that exist."""

@@ -135,3 +135,42 @@ def test_an_initial_collection_without_its_alias_is_taken_as_it_is(tmp_path: Pat
         assert again.tag == "initial" and again.count() == 1
     finally:
         again.close()
+
+
+def test_writes_ride_out_a_server_that_is_briefly_unreachable(tmp_path: Path, monkeypatch) -> None:
+    """A Qdrant server restarting (connection refused, a timeout, a 503) failed the write, and the
+    catalog agent's exception stopped the worker. Transient errors are now retried with backoff;
+    anything else still raises at once."""
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    import recstream.vectorstore.store as store_module
+
+    monkeypatch.setattr(store_module, "WRITE_RETRY_S", 5.0)
+    store = VectorStore(Settings(qdrant_path=tmp_path / "q"))
+    real_upsert, real_delete = store.client.upsert, store.client.delete
+    failures = [
+        ResponseHandlingException(ConnectionError("refused")),
+        UnexpectedResponse(503, "Service Unavailable", b"", httpx.Headers()),
+    ]
+
+    def flaky(call):
+        def wrapped(*args, **kwargs):
+            if failures:
+                raise failures.pop(0)
+            return call(*args, **kwargs)
+
+        return wrapped
+
+    try:
+        monkeypatch.setattr(store.client, "upsert", flaky(real_upsert))
+        store.upsert([{"item_id": "a"}, {"item_id": "b"}], np.ones((2, 384), np.float32))
+        assert not failures and store.count() == 2
+        failures.append(UnexpectedResponse(400, "Bad Request", b"", httpx.Headers()))  # not transient
+        monkeypatch.setattr(store.client, "delete", flaky(real_delete))
+        with pytest.raises(UnexpectedResponse):
+            store.delete(["a"])
+        store.delete(["a"])
+        assert store.count() == 1
+    finally:
+        store.close()
