@@ -160,19 +160,24 @@ class TritonTextEmbedder:
 
 
 @contextmanager
-def guarded_call(model: str, breaker: CircuitBreaker) -> Iterator[None]:
+def guarded_call(model: str, breaker: CircuitBreaker, report: bool = True) -> Iterator[None]:
     """One model call behind its circuit breaker: a failure opens it, is counted in
-    triton_errors_total and raised as ModelUnavailable; a success is timed in triton_latency."""
-    if not breaker.allow():
+    triton_errors_total and raised as ModelUnavailable; a success is timed in triton_latency.
+    `report=False` (background work) backs off while the breaker is open but neither takes its
+    probe nor tells it the outcome: live requests' breaker follows live requests' calls."""
+    refused = not breaker.allow() if report else breaker.refusing()
+    if refused:
         raise ModelUnavailable(f"{model}: circuit open after a recent failure")
     t0 = time.perf_counter()
     try:
         yield
     except Exception as exc:
-        breaker.failure()
+        if report:
+            breaker.failure()
         TRITON_ERRORS.labels(model=model, kind=type(exc).__name__).inc()
         raise ModelUnavailable(f"{model}: {exc}") from exc
-    breaker.success()
+    if report:
+        breaker.success()
     TRITON_LATENCY.labels(model=model).observe(time.perf_counter() - t0)
 
 
@@ -259,33 +264,22 @@ class TritonSessionEncoder:
         while the breaker is open but does not report to it: its large batches missing the
         request deadline on a busy box opened the breaker for live requests, which then answered
         degraded although their own small calls would have fit."""
-        if not background:
-            with guarded_call(self.model, self.breaker):
-                return self._encode(histories, timeout_s, version)
-        if self.breaker.refusing():
-            raise ModelUnavailable(f"{self.model}: circuit open after a recent failure")
-        try:
-            return self._encode(histories, timeout_s, version)
-        except Exception as exc:
-            TRITON_ERRORS.labels(model=self.model, kind=type(exc).__name__).inc()
-            raise ModelUnavailable(f"{self.model}: {exc}") from exc
-
-    def _encode(self, histories: Sequence[np.ndarray], timeout_s: float, version: str) -> np.ndarray:
         from recstream.models.served import pad_left
 
         out = []
-        for lo in range(0, len(histories), self.max_batch):
-            items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
-            inputs = []
-            for name, arr, dtype in (("ITEMS", items, "FP32"), ("LENGTH", lengths[:, None], "INT32")):
-                inp = self._tc.InferInput(name, list(arr.shape), dtype)
-                inp.set_data_from_numpy(arr)
-                inputs.append(inp)
-            res = self._client.infer(self.model, inputs, model_version=version, client_timeout=timeout_s)
-            out.append(res.as_numpy("SESSION").astype(np.float32))
-            served = res.get_response().model_version
-            if served:
-                self.version = f"{self.model}-v{served}"
+        with guarded_call(self.model, self.breaker, report=not background):
+            for lo in range(0, len(histories), self.max_batch):
+                items, lengths = pad_left(histories[lo : lo + self.max_batch], self.max_history)
+                inputs = []
+                for name, arr, dtype in (("ITEMS", items, "FP32"), ("LENGTH", lengths[:, None], "INT32")):
+                    inp = self._tc.InferInput(name, list(arr.shape), dtype)
+                    inp.set_data_from_numpy(arr)
+                    inputs.append(inp)
+                res = self._client.infer(self.model, inputs, model_version=version, client_timeout=timeout_s)
+                out.append(res.as_numpy("SESSION").astype(np.float32))
+                served = res.get_response().model_version
+                if served:
+                    self.version = f"{self.model}-v{served}"
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 
 

@@ -203,9 +203,7 @@ async def degraded_search(ctx: StreamContext, p: Pending, limit: int) -> list[An
     snapshot = ctx.lexical_search.current()
     if snapshot is not None and snapshot.bm25 is not None:
         scores = snapshot.lexical(p.req.query)
-        ids = snapshot.lexical_top(scores, limit, p.filt)
-        found = await read_store(ctx, ctx.store.retrieve, ids) if ids else {}
-        hits = [found[i] for i in ids if i in found and p.filt.allows(i, found[i].payload)]
+        hits = await _stored_and_allowed(ctx, p, snapshot.lexical_top(scores, limit, p.filt))
         for h in hits:
             h.score = float(scores[snapshot.row_of[h.item_id]])
         return hits
@@ -217,7 +215,13 @@ async def degraded_search(ctx: StreamContext, p: Pending, limit: int) -> list[An
 
 async def lexical_hits(ctx: StreamContext, p: Pending, have: set[str]) -> list[Any]:
     """BM25's best items a vector search did not return, that the request's filter allows."""
-    ids = [i for i in p.hybrid.lexical_top(p.lexical, candidate_limit(ctx, p.req), p.filt) if i not in have]
+    ids = p.hybrid.lexical_top(p.lexical, candidate_limit(ctx, p.req), p.filt)
+    return await _stored_and_allowed(ctx, p, [i for i in ids if i not in have])
+
+
+async def _stored_and_allowed(ctx: StreamContext, p: Pending, ids: list[str]) -> list[Any]:
+    """The store's current hits for `ids`, in order, that the filter still allows: the snapshot
+    BM25 ranked may be a few seconds old (a deleted or changed item)."""
     if not ids:
         return []
     found = await read_store(ctx, ctx.store.retrieve, ids)

@@ -187,7 +187,7 @@ def _check_servable_ids(out: pd.DataFrame, col: str, what: str, name: str) -> No
     keys and URL path segments, so 'café' or 'item 2' would load here and fail at `make train`'s
     export or the demo's replay, with a traceback."""
     text = out[col]
-    bad = ~text.str.fullmatch(ID_PATTERN[1:-1]) | (text.str.len() > ID_MAX_LENGTH)
+    bad = ~text.str.fullmatch(ID_PATTERN) | (text.str.len() > ID_MAX_LENGTH)
     if bad.any():
         raise DataFormatError(
             f"{name}: {what}.{col} must be at most {ID_MAX_LENGTH} letters, digits or _.:@- "
