@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from infra import kafka_install
 from infra.kafka_install import KAFKA_VERSION, BrokerError, tail
-from infra.processes import command_line, free_port
+from infra.processes import command_line, free_port, parent_death_signal, port_in_use
 from infra.processes import pid_alive as _pid_alive
 
 log = logging.getLogger(__name__)
@@ -59,16 +58,6 @@ def _file_tail(path: Path, lines: int = 40) -> str:
         return tail(path.read_text(errors="replace"), lines)
     except FileNotFoundError:
         return f"(no log at {path})"
-
-
-def _port_in_use(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def random_cluster_id() -> str:
@@ -240,7 +229,7 @@ class KafkaBroker:
 
     def _start_once(self, libs: Path, timeout_s: float) -> str:
         for port in (self.port, self.controller_port):
-            if _port_in_use(port):
+            if port_in_use(port, HOST):
                 raise _PortTaken(f"port {port} on {HOST} is already in use; cannot start Kafka from {self.run_dir}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
@@ -270,7 +259,7 @@ class KafkaBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal if self.die_with_parent else None,
+                preexec_fn=parent_death_signal if self.die_with_parent else None,
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         self.state_file.write_text(
@@ -286,6 +275,17 @@ class KafkaBroker:
             + "\n"
         )
         log.info("started Kafka %s pid %d, waiting for %s", self.version, self._proc.pid, self.bootstrap)
+        try:
+            return self._wait_ready(started, timeout_s)
+        except BaseException:
+            # Ctrl-C or an unexpected error while waiting: a broker that never became ready is not
+            # left running in its own session for the next `stack up` to mistake for a live one.
+            if self._proc is not None and self._proc.poll() is None:
+                self.stop(grace_s=5)
+            raise
+
+    def _wait_ready(self, started: float, timeout_s: float) -> str:
+        assert self._proc is not None
         deadline = started + timeout_s
         while True:
             code = self._proc.poll()
@@ -423,14 +423,6 @@ class KafkaBroker:
                 f"formatting Kafka storage in {self.data_dir} failed (exit {proc.returncode}):\n"
                 f"{tail(proc.stdout + proc.stderr)}"
             )
-
-
-def _parent_death_signal() -> None:
-    """Runs in the forked child: ask Linux to SIGTERM it when the parent goes away."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class _PortTaken(BrokerError):

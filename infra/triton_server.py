@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.processes import command_line, free_port
+from infra.processes import command_line, free_port, parent_death_signal, port_in_use
 from infra.processes import pid_alive as _pid_alive
 from infra.triton_env import (
     REPO_ROOT,
@@ -54,6 +54,9 @@ FATAL_LOG_MARKERS = (
     "Stub process is unhealthy",
     "error: creating server:",
 )
+#: Logged once this process's HTTP endpoint listens. Until our own log says so, a 200 from the
+#: port's readiness probe is not ours to trust.
+HTTP_STARTED_MARKER = "Started HTTPService"
 
 
 def _is_tritonserver(pid: int) -> bool:
@@ -69,19 +72,22 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _scan_log(path: Path, offset: int) -> tuple[int, str | None]:
-    """Read complete new log lines from ``offset``; return the new offset and the first fatal line."""
+def _scan_log(path: Path, offset: int) -> tuple[int, str | None, bool]:
+    """Read complete new log lines from ``offset``; return the new offset, the first fatal line and
+    whether the HTTP service's start was logged."""
     try:
         with path.open("rb") as fh:
             fh.seek(offset)
             chunk = fh.read()
     except OSError:
-        return offset, None
+        return offset, None, False
     end = chunk.rfind(b"\n") + 1
+    http_started = False
     for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
         if any(marker in line for marker in FATAL_LOG_MARKERS):
-            return offset + end, line
-    return offset + end, None
+            return offset + end, line, http_started
+        http_started = http_started or HTTP_STARTED_MARKER in line
+    return offset + end, None, http_started
 
 
 def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
@@ -98,7 +104,11 @@ class TritonServer:
     ``http_port``/``grpc_port``/``metrics_port`` = 0 picks free ports at ``start()``.
     ``models``: names to load at start (explicit mode) and to wait for; None = every model directory
     in the repository that has a ``config.pbtxt``.
+    ``die_with_parent`` (tests set it for every server): the server gets SIGTERM when the process
+    that started it dies, even by SIGKILL; off for the stack CLI, whose server outlives it.
     """
+
+    die_with_parent: bool = False
 
     def __init__(
         self,
@@ -113,6 +123,7 @@ class TritonServer:
         repository_poll_secs: int = 5,
         log_verbose: int = 0,
         extra_args: Sequence[str] = (),
+        die_with_parent: bool | None = None,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {MODEL_CONTROL_MODES}")
@@ -127,6 +138,8 @@ class TritonServer:
         self.repository_poll_secs = repository_poll_secs
         self.log_verbose = log_verbose
         self.extra_args = list(extra_args)
+        if die_with_parent is not None:
+            self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ---- state shared across processes -------------------------------------------------------
@@ -229,6 +242,12 @@ class TritonServer:
             raise TritonStartError(f"a tritonserver is already running from {self.run_dir} (pid {self.read_pid()})")
         if not self.model_repo.is_dir():
             raise TritonStartError(f"model repository {self.model_repo} does not exist")
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            if port and port_in_use(port, self.host):
+                raise TritonStartError(
+                    f"port {port} on {self.host} is already in use (another tritonserver? `stack down` "
+                    f"stops the one a stack started); cannot start tritonserver from {self.run_dir}"
+                )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
@@ -248,6 +267,7 @@ class TritonServer:
                 env=server_env(),
                 cwd=self.run_dir,
                 start_new_session=True,
+                preexec_fn=parent_death_signal if self.die_with_parent else None,
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         self.state_file.write_text(
@@ -265,39 +285,14 @@ class TritonServer:
                 indent=2,
             )
         )
-        deadline = t0 + timeout_s
-        pending = list(wait_for)
-        server_ready = False
-        log_offset = 0
-        while True:
-            rc = self._proc.poll()
-            if rc is not None:
-                self._cleanup_state()
-                raise TritonStartError(
-                    f"tritonserver exited with code {rc} during startup; log {self.log_file}:\n"
-                    f"{_log_tail(self.log_file)}"
-                )
-            log_offset, fatal = _scan_log(self.log_file, log_offset)
-            if fatal is not None:
+        try:
+            self._wait_started(t0, timeout_s, wait_for)
+        except BaseException:
+            # Ctrl-C or an unexpected error while loading: the server is in its own session, so
+            # nothing else would stop it, and the next `stack up` would take it for a ready one.
+            if self._proc is not None and self._proc.poll() is None:
                 self.stop(timeout_s=5)
-                raise TritonStartError(
-                    f"tritonserver cannot become ready ({fatal.strip()}); killed it. Log {self.log_file}:\n"
-                    f"{_log_tail(self.log_file)}"
-                )
-            if not server_ready:
-                server_ready = self.is_ready(timeout_s=0.5)
-            if server_ready:
-                pending = [m for m in pending if not self.model_ready(m, timeout_s=0.5)]
-                if not pending:
-                    break
-            if time.monotonic() > deadline:
-                tail = _log_tail(self.log_file)
-                self.stop()
-                raise TritonStartError(
-                    f"tritonserver not ready after {timeout_s:.0f}s (server ready={server_ready}, "
-                    f"models not ready={pending}); killed it. Log {self.log_file}:\n{tail}"
-                )
-            time.sleep(0.1)
+            raise
         LOG.info(
             "tritonserver ready in %.1fs (pid %d, http %s, grpc %s, models %s)",
             time.monotonic() - t0,
@@ -307,6 +302,62 @@ class TritonServer:
             wait_for,
         )
         return self
+
+    def _wait_started(self, t0: float, timeout_s: float, wait_for: Sequence[str]) -> None:
+        assert self._proc is not None
+        deadline = t0 + timeout_s
+        pending = list(wait_for)
+        server_ready = http_started = False
+        log_offset = 0
+        while True:
+            rc = self._proc.poll()
+            if rc is not None:
+                self._cleanup_state()
+                raise TritonStartError(
+                    f"tritonserver exited with code {rc} during startup; log {self.log_file}:\n"
+                    f"{_log_tail(self.log_file)}"
+                )
+            log_offset, fatal, started_now = _scan_log(self.log_file, log_offset)
+            http_started = http_started or started_now
+            if fatal is not None:
+                self.stop(timeout_s=5)
+                raise TritonStartError(
+                    f"tritonserver cannot become ready ({fatal.strip()}); killed it. Log {self.log_file}:\n"
+                    f"{_log_tail(self.log_file)}"
+                )
+            if http_started and not server_ready:
+                server_ready = self.is_ready(timeout_s=0.5)
+            if server_ready:
+                pending = [m for m in pending if not self.model_ready(m, timeout_s=0.5)]
+                if not pending:
+                    return
+            if time.monotonic() > deadline:
+                tail = _log_tail(self.log_file)
+                self.stop()
+                raise TritonStartError(
+                    f"tritonserver not ready after {timeout_s:.0f}s (server ready={server_ready}, "
+                    f"models not ready={pending}); killed it. Log {self.log_file}:\n{tail}"
+                )
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Block until a server started elsewhere (another shell's `stack up`) and every model of the
+        repository answer ready; TritonStartError if they do not within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        pending = self.models if self.models is not None else self.repo_models()
+        while True:
+            if self.is_ready(timeout_s=0.5):
+                pending = [m for m in pending if not self.model_ready(m, timeout_s=0.5)]
+                if not pending:
+                    return
+            if not self.is_running():
+                raise TritonStartError(f"the tritonserver from {self.run_dir} exited; log {self.log_file}")
+            if time.monotonic() > deadline:
+                raise TritonStartError(
+                    f"the tritonserver from {self.run_dir} runs but is not ready after {timeout_s:.0f}s "
+                    f"(models not ready={pending}); `stack down` and start again. Log {self.log_file}"
+                )
+            time.sleep(0.2)
 
     def stop(self, timeout_s: float = 20.0) -> bool:
         """SIGTERM (graceful: unloads models, stops stubs), then SIGKILL the process group.

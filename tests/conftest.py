@@ -34,6 +34,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(marker)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _servers_die_with_pytest() -> Iterator[None]:
+    """Every tritonserver a test starts gets SIGTERM if pytest dies (CI's timeout kill skips the
+    fixtures' finally blocks), as the test broker does: none is left loaded on a reused runner."""
+    from infra.triton_server import TritonServer
+
+    TritonServer.die_with_parent = True
+    yield
+    TritonServer.die_with_parent = False
+
+
 @pytest.fixture
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then released): for a server to take, or the
@@ -65,8 +76,8 @@ def triton_server(run_root: Path):
     from infra.triton_server import TritonServer
 
     server = TritonServer(REPO_ROOT / "model_repo", run_root / "triton", http_port=0, grpc_port=0, metrics_port=0)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.stop()

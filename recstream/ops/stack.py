@@ -55,13 +55,16 @@ class LocalStack:
         stops what it started on the way, so no half-started stack holds the ports."""
         started: list[str] = []
         try:
+            # start() waits for a broker this run dir already runs, and refuses one that never answers
             if not self.kafka.is_running():
-                self.kafka.start()
                 started.append("kafka")
+            self.kafka.start()
             ensure_topics(self.settings)
-            if not self.triton.is_running():
-                self.triton.start()
+            if self.triton.is_running():
+                self.triton.wait_ready()  # another shell's `stack up` may still be loading it
+            else:
                 started.append("triton")
+                self.triton.start()
             if with_worker and self.worker.pid() is None:
                 self.worker.start(ready_timeout_s=None)
                 started.append("worker")
