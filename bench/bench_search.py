@@ -49,6 +49,7 @@ from recstream.contracts.models import ITEM_ENCODER
 from recstream.data.split import Split, leave_last_out
 from recstream.eval.metrics import metrics_from_ranks, target_ranks
 from recstream.eval.stats import mean_ci95, ndcg_gains, paired_difference
+from recstream.models.code_hash import code_version
 from recstream.models.encoder import TextEncoder
 from recstream.models.repository import latest_version_dir
 from recstream.models.served import ItemEncoder, ServedRetrieval
@@ -67,18 +68,16 @@ from recstream.search.served import SearchWeights
 from recstream.training.bundle import serving_item_texts
 
 CACHE_DIR = ARTIFACTS_DIR / "search_runs"
-#: The code that decides what a query-encoder run produces (its reuse key hashes these, so an edit
-#: elsewhere, e.g. in export or serving code, keeps the cache): the protocol and training loop, the
-#: tower, the training helpers, the split and the metrics.
-QUERY_ENCODER_CODE = (
-    "recstream/search/protocol.py",
-    "recstream/search/query_encoder.py",
-    "recstream/models/two_tower.py",
-    "recstream/models/training.py",
-    "recstream/data/split.py",
-    "recstream/data/datasets.py",
-    "recstream/eval/metrics.py",
-    "recstream/eval/stats.py",
+#: The modules whose code decides what a query-encoder run produces: the reuse key hashes their
+#: import closure (recstream.models.code_hash), so an edit in the towers or training helpers they
+#: import retrains, and an edit in export or serving code keeps the cache.
+QUERY_ENCODER_MODULES = (
+    "recstream.search.protocol",
+    "recstream.search.query_encoder",
+    "recstream.data.split",
+    "recstream.data.datasets",
+    "recstream.eval.metrics",
+    "recstream.eval.stats",
 )
 ALPHAS = (0.1, 0.25, 0.5, 1.0, 2.0)
 BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
@@ -210,19 +209,21 @@ def _paired(rows: list[dict], ranks: dict, n_seeds: int) -> dict:
     return {"model": ours["model"], "baseline": base["model"], "chosen_by": "validation NDCG@10", **pd_}
 
 
-def _adapter_key(split: Split, item_vectors: np.ndarray, cfg: QueryEncoderConfig) -> str:
-    search_code = hashlib.sha256()
-    for name in QUERY_ENCODER_CODE:
-        search_code.update((REPO_ROOT / name).read_bytes())
-    parts = [split_fingerprint(split), cfg.model_dump(), search_code.hexdigest()]
+def _adapter_key(
+    split: Split, item_vectors: np.ndarray, valid_sets: list[SearchCases], cfg: QueryEncoderConfig
+) -> str:
+    """Data, item vectors, the validation searches (they stop the training: --known-items changes
+    them), config and code."""
+    parts = [split_fingerprint(split), cfg.model_dump(), code_version(*QUERY_ENCODER_MODULES)]
     parts.append(hashlib.sha256(np.ascontiguousarray(item_vectors.round(5)).tobytes()).hexdigest())
+    parts.append([[c.kind, c.queries, c.targets.tolist()] for c in valid_sets])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def trained_adapter(split, pairs, item_vectors, valid_sets, seed: int, use_cache: bool) -> tuple[Path, dict]:
     """The LoRA query encoder of one seed (cached by data, item vectors, config and code)."""
     cfg = QueryEncoderConfig(seed=seed)
-    path = CACHE_DIR / _adapter_key(split, item_vectors, cfg) / "adapter"
+    path = CACHE_DIR / _adapter_key(split, item_vectors, valid_sets, cfg) / "adapter"
     stats_file = path.parent / "stats.json"
     if use_cache and stats_file.is_file():
         print(f"query encoder seed {seed}: reusing {path.relative_to(REPO_ROOT)}", flush=True)
