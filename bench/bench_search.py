@@ -209,9 +209,7 @@ def _paired(rows: list[dict], ranks: dict, n_seeds: int) -> dict:
     return {"model": ours["model"], "baseline": base["model"], "chosen_by": "validation NDCG@10", **pd_}
 
 
-def _adapter_key(
-    split: Split, item_vectors: np.ndarray, valid_sets: list[SearchCases], cfg: QueryEncoderConfig
-) -> str:
+def _adapter_key(split: Split, item_vectors: np.ndarray, valid_sets: list[SearchCases], cfg: QueryEncoderConfig) -> str:
     """Data, item vectors, the validation searches (they stop the training: --known-items changes
     them), config and code."""
     parts = [split_fingerprint(split), cfg.model_dump(), code_version(*QUERY_ENCODER_MODULES)]

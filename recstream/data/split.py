@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recstream.data.datasets import InteractionData
+from recstream.data.datasets import DataFormatError, InteractionData
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,14 @@ def leave_last_out(data: InteractionData) -> Split:
     pos = np.arange(len(df)) - np.searchsorted(users, users)  # position within the user's sequence
     n = counts[users]
     eligible = n >= 3
+    if not eligible.any():
+        # every choice (epochs, weights, the cold rule) is made on validation: without a case
+        # each would be made on NaN, silently
+        where = data.sources.get("interactions", data.name)
+        raise DataFormatError(
+            f"{where}: no user has 3 or more interactions, so leave-last-out has no validation or test "
+            "case (each user's last interaction is the test case, the one before the validation case)"
+        )
     is_test = eligible & (pos == n - 1)
     is_valid = eligible & (pos == n - 2)
     train = df[~(is_test | is_valid)].reset_index(drop=True)

@@ -321,9 +321,10 @@ class Ranker:
         """Weights (safetensors, tensors only) + meta.json into a folder (e.g. a Triton version dir)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"ranker": self.net.state_dict()}, self.meta)
         if self.co_visitation is not None:
             self.co_visitation.save(path)
+        # meta.json last: it carries the reuse key, so a save cut short is retrained, never reused
+        save_checkpoint(path, {"ranker": self.net.state_dict()}, self.meta)
         return path
 
     @classmethod

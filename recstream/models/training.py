@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from recstream.atomic import atomic_write_text
 from recstream.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,8 @@ def save_checkpoint(path: Path, tensors: dict[str, dict[str, torch.Tensor]], met
     for name, state in tensors.items():
         flat = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(flat, str(path / f"{name}.safetensors"))
-    (path / "meta.json").write_text(meta.model_dump_json(indent=2))
+    # last, and whole: readers take a folder with meta.json as complete (caches compare its key)
+    atomic_write_text(path / "meta.json", meta.model_dump_json(indent=2))
     return path
 
 

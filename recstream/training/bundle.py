@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from recstream.atomic import atomic_write_text
 from recstream.contracts.models import ITEM_ENCODER, RANKER, SEQUENCE_SCORER, SESSION_ENCODER
 from recstream.data.datasets import data_hash
 from recstream.models.code_hash import code_version
@@ -215,7 +216,7 @@ def _placement(
         places, figures = choose_placement(
             ranker, AsServed(retrieval), ctx, valid.histories, valid.targets, depth, times
         )
-        path.write_text(json.dumps({"key": ranker_key, "places_new_items": places, "figures": figures}))
+        atomic_write_text(path, json.dumps({"key": ranker_key, "places_new_items": places, "figures": figures}))
     return places, {"places_new_items": float(places), **{k: float(v) for k, v in figures.items()}}
 
 
@@ -258,8 +259,8 @@ def _sequence(
         sequence.fusion, figures = choose_fusion(
             ranker, as_served, ctx, sequence, valid.histories, valid.targets, depth, times, new_item_slot_factor
         )
-        choice_file.write_text(
-            json.dumps({"key": choice_key, "fusion": sequence.fusion.model_dump(), "figures": figures})
+        atomic_write_text(
+            choice_file, json.dumps({"key": choice_key, "fusion": sequence.fusion.model_dump(), "figures": figures})
         )
     chosen = f"{sequence.fusion.candidates},{sequence.fusion.weight:g}"
     return sequence, {
@@ -307,10 +308,7 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
     # the item encoder whose vectors it holds (streams.inference.matching_session_version).
     if version is None:
         version = max([0, *versions(model_repo, ITEM_ENCODER), *versions(model_repo, SESSION_ENCODER)]) + 1
-    out = {
-        ITEM_ENCODER: export_item_encoder(item, meta(ITEM_ENCODER, cfg), model_repo, version),
-        SESSION_ENCODER: export_session_encoder(session, meta(SESSION_ENCODER, cfg), model_repo, version),
-    }
+    out = {SESSION_ENCODER: export_session_encoder(session, meta(SESSION_ENCODER, cfg), model_repo, version)}
     bundle.ranker.meta.metrics.update(common)
     bundle.ranker.meta.extra.update(extra)
     bundle.ranker.meta.extra[PLACES_NEW_ITEMS] = bundle.places_new_items
@@ -321,6 +319,9 @@ def export_bundle(bundle: TrainedBundle, model_repo: Path, version: int | None =
         out[SEQUENCE_SCORER] = export_sequence_scorer(
             bundle.sequence, meta(SEQUENCE_SCORER, sequence_cfg), model_repo, version
         )
+    # Last: a new item encoder is what the worker follows (it re-embeds the catalogue and switches),
+    # so everything that version serves with is complete on disk before it appears.
+    out[ITEM_ENCODER] = export_item_encoder(item, meta(ITEM_ENCODER, cfg), model_repo, version)
     return out
 
 

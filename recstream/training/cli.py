@@ -21,7 +21,7 @@ import numpy as np
 import typer
 
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, configure_threads, write_json
-from recstream.training.bundle import item_categories
+from recstream.training.bundle import item_categories, serving_item_texts
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
 log = logging.getLogger("recstream.train")
@@ -38,22 +38,35 @@ def load_split(dataset: str, split: str = "leave-last-out", cold_frac: float = 0
     from recstream.data.datasets import DataFormatError, load_dataset
     from recstream.data.split import cold_start_split, leave_last_out
 
+    if split not in ("leave-last-out", "cold"):
+        raise typer.BadParameter(f"split must be 'leave-last-out' or 'cold', got {split!r}")
     try:
         data = load_dataset(dataset)
+        return cold_start_split(data, frac=cold_frac, seed=seed) if split == "cold" else leave_last_out(data)
     except DataFormatError as exc:
         raise typer.BadParameter(str(exc), param_hint="--dataset") from exc
-    if split == "cold":
-        return cold_start_split(data, frac=cold_frac, seed=seed)
-    if split != "leave-last-out":
-        raise typer.BadParameter(f"split must be 'leave-last-out' or 'cold', got {split!r}")
-    return leave_last_out(data)
 
 
-def _stage(stage: str) -> str:
-    """Validation by default; test figures only when asked for, so nothing is tuned on them."""
+def _stage_cases(sp: Any, stage: str) -> Any:
+    """The cases the printed metrics use: validation by default; test figures only when asked for,
+    so nothing is tuned on them. Checked before any training, so a wrong --stage costs nothing."""
     if stage not in ("valid", "cold_valid", "test"):
-        raise typer.BadParameter(f"--stage must be valid, cold_valid or test, got {stage!r}")
-    return stage
+        raise typer.BadParameter(f"must be valid, cold_valid or test, got {stage!r}", param_hint="--stage")
+    try:
+        return sp.cases(stage)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stage") from exc
+
+
+def _split_of(meta: CheckpointMeta) -> Any:
+    """The split a retrieval checkpoint was trained on: data set, kind, and the cold split's draw."""
+    extra = meta.extra
+    return load_split(
+        extra.get("dataset", "ml-100k"),
+        extra.get("split", "leave-last-out"),
+        cold_frac=float(extra.get("cold_frac", 0.1)),
+        seed=int(extra.get("split_seed", 0)),
+    )
 
 
 def split_hash(sp: Any) -> str:
@@ -75,7 +88,8 @@ def train_retrieval(
     windows: str = typer.Option("all", help="all: every training transition once per epoch; sampled"),
     windows_per_user: int = typer.Option(2, help="With --windows sampled"),
     lr_text: float = typer.Option(0.0, help="0 = default for the fine-tuning mode"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Training seed, and the cold split's draw of held-out items"),
+    cold_frac: float = typer.Option(0.1, help="With --split cold: the share of items held out"),
     max_minutes: float = typer.Option(0.0, help="Wall-time budget; stops after the epoch past it (0 = none)"),
     stage: str = typer.Option("valid", help="Which cases the printed metrics use: valid, or test (explicitly)"),
     threads: int = typer.Option(0, help="torch threads (0 = all cores)"),
@@ -86,7 +100,8 @@ def train_retrieval(
     from recstream.models.two_tower import TwoTowerConfig
     from recstream.training.two_tower import evaluate_retrieval, train_two_tower
 
-    sp = load_split(dataset, split, seed=seed)
+    sp = load_split(dataset, split, cold_frac=cold_frac, seed=seed)
+    cases = _stage_cases(sp, stage)
     cfg = TwoTowerConfig(
         finetune=finetune,  # type: ignore[arg-type]
         epochs=epochs,
@@ -104,13 +119,12 @@ def train_retrieval(
     model, stats = train_two_tower(
         cfg,
         sp.train_seqs,
-        sp.item_texts,
+        serving_item_texts(sp),  # what the catalog indexer encodes, so offline figures are served ones
         valid.histories,
         valid.targets,
         item_categories(sp),
         item_ids=sp.item_ids,
     )
-    cases = sp.cases(_stage(stage))
     metrics = evaluate_retrieval(model, cases.histories, cases.targets)
     metrics = {f"{stage}_{k}": v for k, v in metrics.items()}
     log.info("%s %s", stage, json.dumps(metrics))
@@ -120,7 +134,14 @@ def train_retrieval(
         config=cfg.model_dump(),
         data_hash=split_hash(sp),
         metrics={**metrics, **{k: v for k, v in stats.items() if not k.startswith(("train_loss", "valid_ndcg10_"))}},
-        extra={"dataset": dataset, "split": split, "n_items": sp.n_items, "curve": stats},
+        extra={
+            "dataset": dataset,
+            "split": split,
+            "split_seed": seed,
+            "cold_frac": cold_frac,
+            "n_items": sp.n_items,
+            "curve": stats,
+        },
     )
     model.save(out, meta)
     write_json(out / "train_stats.json", {"stats": stats, "metrics": metrics})
@@ -169,8 +190,9 @@ def train_ranker_cmd(
     )
 
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
-    sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
+    sp = _split_of(rmeta)
     model, _ = _load_retrieval(retrieval, sp)
+    cases = _stage_cases(sp, stage)
     cfg = RankerConfig(
         init_retrieval_weight=1.0 / model.cfg.temperature,
         epochs=epochs,
@@ -195,17 +217,19 @@ def train_ranker_cmd(
         train_times=split_train_times(sp),
         valid_times=request_times(sp, valid.users, valid.histories),
         example_retrieval=out_of_fold_retrieval(
-            sp, model.cfg, positions_per_user, retrieval.with_name(f"{retrieval.name}_fold{positions_per_user}")
+            sp,
+            model.cfg,
+            positions_per_user,
+            retrieval.with_name(f"{retrieval.name}_fold{positions_per_user}"),
+            serving_item_texts(sp),
         )
         if out_of_fold
         else None,
         item_ids=sp.item_ids,
     )
-    cases = sp.cases(_stage(stage))
     ctx = RankingContext(cats, sp.train_seqs, sp.n_items, split_events(sp))
-    scores = rerank_scores(
-        ranker, model, ctx, cases.histories, cfg.rerank_depth, request_times(sp, cases.users, cases.histories)
-    )
+    depth = int(ranker.meta.config.get("rerank_depth", cfg.rerank_depth))
+    scores = rerank_scores(ranker, model, ctx, cases.histories, depth, request_times(sp, cases.users, cases.histories))
     metrics = {
         f"{stage}_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, cases.targets, cases.histories)).items()
     }
@@ -259,9 +283,9 @@ def evaluate_cmd(
     from recstream.training.two_tower import evaluate_retrieval
 
     rmeta = CheckpointMeta.model_validate_json((retrieval / "meta.json").read_text())
-    sp = load_split(rmeta.extra.get("dataset", "ml-100k"), rmeta.extra.get("split", "leave-last-out"))
+    sp = _split_of(rmeta)
+    cases = _stage_cases(sp, stage)
     model, _ = _load_retrieval(retrieval, sp)
-    cases = sp.cases(_stage(stage))
     result: dict[str, Any] = {"retrieval": evaluate_retrieval(model, cases.histories, cases.targets)}
     if ranker is not None:
         rk = Ranker.load(ranker)

@@ -281,6 +281,9 @@ def train_ranker(
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
     n_items = retrieval.item_vectors.shape[0]  # type: ignore[attr-defined]
+    if cfg.rerank_depth > n_items - 1:
+        # a catalogue smaller than the depth is reordered whole, less one (a list leaves an item out)
+        cfg = cfg.model_copy(update={"rerank_depth": n_items - 1})
     ctx = RankingContext(item_categories, train_seqs, n_items, events, item_ids)
     hist, pos, when = [], [], []
     for u, s in enumerate(train_seqs):
@@ -418,10 +421,13 @@ def train_ranker(
     return ranker, stats
 
 
-def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, path: Path) -> object:
+def out_of_fold_retrieval(
+    split: object, retrieval_cfg: object, n_last: int, path: Path, item_texts: Sequence[str]
+) -> object:
     """The retrieval model the ranker learns from: the serving model's config, trained without each
-    user's last `n_last` training items, validated on the first of them. Cached at `path` (reused
-    when it was trained on exactly these sequences, config and code)."""
+    user's last `n_last` training items, validated on the first of them, on `item_texts` (the texts
+    serving encodes). Cached at `path` (reused when it was trained on exactly these sequences,
+    texts, config and code)."""
     from recstream.models.two_tower import TwoTowerConfig
     from recstream.training.two_tower import TwoTowerData, cached_two_tower
 
@@ -431,5 +437,5 @@ def out_of_fold_retrieval(split: object, retrieval_cfg: object, n_last: int, pat
     users = [u for u, s in enumerate(full) if len(s) > n_last]
     targets = np.array([full[u][len(seqs[u])] for u in users], dtype=np.int64)
     cats = split.data.items.set_index("item_id").loc[split.item_ids, "category"].astype(str).tolist()  # type: ignore[attr-defined]
-    data = TwoTowerData(seqs, split.item_texts, [seqs[u] for u in users], targets, cats, split.item_ids)  # type: ignore[attr-defined]
+    data = TwoTowerData(seqs, list(item_texts), [seqs[u] for u in users], targets, cats, split.item_ids)  # type: ignore[attr-defined]
     return cached_two_tower(cfg, data, path)[0]

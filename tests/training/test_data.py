@@ -257,6 +257,14 @@ def test_ties_and_short_users_deterministic() -> None:
     assert b not in set(split.test["user_idx"]) and len(split.train_seqs[b]) == 2
 
 
+def test_a_data_set_without_a_validation_case_is_refused() -> None:
+    """Users of one or two interactions only: every validation-based choice used to be made on NaN."""
+    inter = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["1", "2", "1"], "ts": [1, 2, 3]})
+    items = pd.DataFrame({"item_id": ["1", "2"], "title": ["x", "y"]})
+    with pytest.raises(DataFormatError, match="no user has 3 or more interactions"):
+        leave_last_out(InteractionData(inter, items, name="short"))
+
+
 def test_cold_start_split(ml100k: InteractionData) -> None:
     cold = cold_start_split(ml100k, frac=0.1, seed=0)
     cold_set = set(cold.cold_items.tolist())
@@ -280,14 +288,19 @@ def test_cold_start_split(ml100k: InteractionData) -> None:
 
 
 def test_training_cli_reports_validation_unless_test_is_asked_for() -> None:
-    """Test figures are printed only on an explicit --stage test; a typo is refused, not defaulted."""
+    """Test figures are printed only on an explicit --stage test; a typo is refused, not defaulted,
+    and so is a stage the split does not have."""
     import typer
 
-    from recstream.training.cli import _stage
+    from recstream.training.cli import _stage_cases
 
-    assert _stage("valid") == "valid" and _stage("test") == "test" and _stage("cold_valid") == "cold_valid"
-    with pytest.raises(typer.BadParameter, match="--stage"):
-        _stage("tset")
+    split = leave_last_out(tiny_synthetic())
+    assert len(_stage_cases(split, "valid")) == len(split.cases("valid"))
+    assert len(_stage_cases(split, "test")) == len(split.cases("test"))
+    with pytest.raises(typer.BadParameter, match="tset"):
+        _stage_cases(split, "tset")
+    with pytest.raises(typer.BadParameter, match="cold_valid"):
+        _stage_cases(split, "cold_valid")
 
 
 def test_generic_items_are_served_as_they_are_trained(tmp_path: Path) -> None:

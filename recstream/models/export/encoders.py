@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from recstream.atomic import atomic_publish_dir
+from recstream.atomic import atomic_publish_dir, atomic_write_text
 from recstream.contracts.models import ITEM_ENCODER, SEQUENCE_SCORER, SESSION_ENCODER, TEXT_ENCODER
 from recstream.models.export.common import IMPORT_RECSTREAM, next_version_dir, repo_extras, set_config_param
 from recstream.models.ranker import ITEM_DIM
@@ -166,14 +166,23 @@ def _export_served(
 ) -> Path:
     vdir, v = next_version_dir(model_repo, name, version)
     model_dir = vdir.parent
+    meta.extra["version"] = v  # type: ignore[attr-defined]
+
+    def fill(staging: Path) -> None:
+        part.save(staging, meta)  # type: ignore[attr-defined]
+        (staging / "model.py").write_text(
+            SERVED_MODEL_PY.format(
+                cls=cls, name=name, execute=execute, helper=IMPORT_RECSTREAM.rstrip("\n"), module=module
+            )
+        )
+
+    # complete or not at all: an export killed half-way left a torn version that Triton's next
+    # start (or the worker's pinned load) tried to serve
     if vdir.exists():
         shutil.rmtree(vdir)
-    meta.extra["version"] = v  # type: ignore[attr-defined]
-    part.save(vdir, meta)  # type: ignore[attr-defined]
-    (vdir / "model.py").write_text(
-        SERVED_MODEL_PY.format(cls=cls, name=name, execute=execute, helper=IMPORT_RECSTREAM.rstrip("\n"), module=module)
-    )
-    (model_dir / "config.pbtxt").write_text(
+    atomic_publish_dir(vdir, fill)
+    atomic_write_text(
+        model_dir / "config.pbtxt",
         ENCODER_CONFIG.format(
             what=what,
             cls=cls,
@@ -187,7 +196,7 @@ def _export_served(
             threads=threads,
             extra=repo_extras(model_dir, params or {}),
             two_versions=two_versions,
-        )
+        ),
     )
     size = sum(p.stat().st_size for p in vdir.iterdir())
     log.info("exported %s v%d to %s (%.1f kB)", name, v, vdir, size / 1024)

@@ -182,9 +182,10 @@ class TwoTowerModel(nn.Module):
         return out
 
     def save(self, path: Path, meta: CheckpointMeta) -> Path:
-        out = save_checkpoint(path, self.state_for_checkpoint(), meta)
+        Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "item_ids.json").write_text(json.dumps(self.item_ids))
-        return out
+        # meta.json last (save_checkpoint): a save cut short is retrained, never reused
+        return save_checkpoint(path, self.state_for_checkpoint(), meta)
 
     @classmethod
     def load(cls, path: Path, model_dir: Path | None = None) -> tuple[TwoTowerModel, CheckpointMeta]:
