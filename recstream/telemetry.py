@@ -104,7 +104,8 @@ OFF_POLICY_DIFF = Gauge(
 # HTTP gateway: route is the path template (low cardinality), status the response code.
 HTTP_REQUESTS = Counter(
     "recstream_http_requests_total",
-    "Gateway HTTP requests (route: the path template; method: a standard one, else other)",
+    "Gateway HTTP requests (route: the path template; method: a standard one, else other; status 499: "
+    "the client went away before an answer)",
     ["route", "method", "status"],
 )
 HTTP_LATENCY = Histogram(

@@ -136,8 +136,11 @@ class RecommendationClient:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            self.forget(request.request_id)
             raise TimeoutError(f"no result for request {request.request_id} by its deadline") from None
+        finally:
+            # a result pops its own entry; a timeout or a cancelled caller (shutdown, a client gone)
+            # must too, or the entry waits for a result that may never come
+            self.forget(request.request_id)
 
     def request(self, request: RecommendationRequest, timeout_s: float = 5.0) -> RecommendationResult:
         fut = self.submit(request)

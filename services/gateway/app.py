@@ -46,7 +46,7 @@ from recstream.contracts.events import (
     RecommendationResult,
 )
 from recstream.contracts.models import SERVED_MODELS
-from recstream.contracts.topics import REQUESTS
+from recstream.contracts.topics import BEHAVIOUR, CATALOG, RECOMMENDATIONS, REQUESTS
 from recstream.telemetry import CLICKS, IMPRESSIONS
 from services.gateway.background import CatalogView, OpsMonitor
 from services.gateway.middleware import (
@@ -76,16 +76,26 @@ STATIC_DIR = FsPath(__file__).parent / "static"
 MAX_VERSION_LABELS = 32
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as text and unencodable strings backslash-escaped."""
+#: How deep an invalid input is echoed back in a 422; deeper parts read "...". A 1 kB body nested
+#: 500 levels deep recursed past Python's limit and turned the 422 into a 500.
+ECHO_DEPTH = 8
+
+
+def _json_safe(value: Any, depth: int = ECHO_DEPTH) -> Any:
+    """`value` with non-finite floats as text, unencodable strings and raw (non-UTF-8) bodies
+    backslash-escaped, and nesting cut at `depth`."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, dict | list | tuple) and depth <= 0:
+        return "..."
     if isinstance(value, dict):
-        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k, depth - 1): _json_safe(v, depth - 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [_json_safe(v, depth - 1) for v in value]
     return value
 
 
@@ -162,11 +172,18 @@ class Gateway:
                 self._admin = AdminClient({"bootstrap.servers": self.settings.kafka_bootstrap})
             return self._admin
 
-    def publish(self, topic: str, events: list[BaseModel]) -> None:
-        """Send and wait for the broker's ack; 503 if it does not come within publish_timeout_s.
+    def publish(self, topic: str, events: list[BaseModel], arrival: float) -> None:
+        """Send and wait for the broker's ack; 503 if it does not come within publish_timeout_s of
+        the request's arrival (time spent queued for a worker thread counts: while the broker is
+        down, writes queue behind each other and waited up to three times the timeout).
 
         Each message must fit the limit the stream worker applies (MAX_MESSAGE_BYTES), checked
         before anything is sent: a 202 for a message the worker would dead-letter is a lie."""
+        remaining = self.limits.publish_timeout_s - (time.monotonic() - arrival)
+        if remaining <= 0:
+            raise HTTPException(
+                503, f"the gateway is saturated: the write waited {time.monotonic() - arrival:.1f} s; retry"
+            )
         producer = self.producer
         outgoing = []
         for i, event in enumerate(events):
@@ -177,7 +194,7 @@ class Gateway:
                 raise HTTPException(413, f"{where} is {exc}") from exc
         try:
             # acknowledged one by one for this request: concurrent requests share the producer
-            producer.deliver(outgoing, self.limits.publish_timeout_s)
+            producer.deliver(outgoing, remaining)
         except DeliveryError as exc:
             # what was never sent is dropped, so it is not written after this 503; what was in
             # flight may still land, which is why behaviour events carry an event_id the worker
@@ -254,26 +271,45 @@ class Gateway:
         except GatewayClosing as exc:
             raise HTTPException(503, str(exc)) from exc
 
-    def readiness(self) -> Readiness:
-        kafka = triton = "ok"
-        topic = REQUESTS.name(self.settings.topic_prefix)
-        try:  # 2 s: a probe must answer well inside a orchestrator's probe timeout
-            meta = self.admin.list_topics(topic, timeout=2.0)
-            if meta.topics[topic].error is not None:
-                kafka = f"down: topic {topic}: {meta.topics[topic].error}"
+    def _kafka_state(self) -> str:
+        """'ok' when every topic the gateway writes or reads exists and answers (a missing
+        recommendations topic failed every query while readiness said ready)."""
+        prefix = self.settings.topic_prefix
+        needed = [t.name(prefix) for t in (BEHAVIOUR, CATALOG, REQUESTS, RECOMMENDATIONS)]
+        try:  # 2 s: a probe must answer well inside an orchestrator's probe timeout
+            meta = self.admin.list_topics(timeout=2.0)
         except KafkaException as exc:
-            kafka = f"down: {exc}"
-        models: dict[str, str] = {}
+            return f"down: {exc}"
+        for topic in needed:
+            info = meta.topics.get(topic)
+            if info is None:
+                return f"down: topic {topic} does not exist"
+            if info.error is not None:
+                return f"down: topic {topic}: {info.error}"
+        return "ok"
+
+    async def _triton_state(self) -> tuple[str, dict[str, str]]:
+        """The server's and each served model's readiness, asked at once (one after another they
+        took up to 12 s when Triton was slow)."""
         base = f"http://{self.settings.triton_url}/v2"
-        try:  # 2 s for the same reason
-            resp = httpx.get(f"{base}/health/ready", timeout=2.0)
-            if resp.status_code != 200:  # tritonserver says not ready while any model is unavailable
-                triton = f"not ready: /v2/health/ready answered {resp.status_code}"
-            for name in SERVED_MODELS:
-                code = httpx.get(f"{base}/models/{name}/ready", timeout=2.0).status_code
-                models[name] = "ok" if code == 200 else f"missing: /v2/models/{name}/ready answered {code}"
+        paths = ["/health/ready", *(f"/models/{name}/ready" for name in SERVED_MODELS)]
+        try:
+            async with httpx.AsyncClient(timeout=2.0) as client:
+                codes = [r.status_code for r in await asyncio.gather(*(client.get(base + p) for p in paths))]
         except httpx.HTTPError as exc:
-            triton = f"down: {type(exc).__name__}: {exc}"
+            return f"down: {type(exc).__name__}: {exc}", {}
+        # tritonserver says not ready while any model is unavailable
+        triton = "ok" if codes[0] == 200 else f"not ready: /v2/health/ready answered {codes[0]}"
+        models = {
+            name: "ok" if code == 200 else f"missing: /v2/models/{name}/ready answered {code}"
+            for name, code in zip(SERVED_MODELS, codes[1:], strict=True)
+        }
+        return triton, models
+
+    async def readiness(self) -> Readiness:
+        """Kafka and Triton asked side by side, Kafka off the request thread pool, so a probe is
+        answered in about 2 s at worst and never waits behind queued writes."""
+        kafka, (triton, models) = await asyncio.gather(asyncio.to_thread(self._kafka_state), self._triton_state())
         degraded = triton != "ok" or any(v != "ok" for v in models.values())
         return Readiness(ready=kafka == "ok", degraded=degraded, kafka=kafka, triton=triton, models=models)
 
@@ -366,10 +402,10 @@ def create_app(
     catalog_write = {**write, "tags": ["catalog"]}
 
     @app.post("/v1/events", **write, tags=["ingest"])
-    def ingest(batch: EventBatch) -> Accepted:  # type: ignore[valid-type]
+    def ingest(batch: EventBatch, request: Request) -> Accepted:  # type: ignore[valid-type]
         """Publish a batch of behaviour events (impressions, clicks, ...) to the behaviour topic."""
         events: list[BehaviourEvent] = batch.events
-        gw.publish("behaviour", events)
+        gw.publish("behaviour", events, arrival_of(request))
         gw.count_feedback(events)
         return Accepted(accepted=len(events), ids=[e.event_id for e in events])
 
@@ -384,21 +420,21 @@ def create_app(
         return await gw.ask(RecommendationRequest(kind="recommend", **body.model_dump()), arrival_of(request))
 
     @app.post("/v1/items", **catalog_write)
-    def create_item(item: ItemUpsert) -> Accepted:
+    def create_item(item: ItemUpsert, request: Request) -> Accepted:
         """Create or replace an item (idempotent by item_id)."""
-        gw.publish("catalog", [item])
+        gw.publish("catalog", [item], arrival_of(request))
         return Accepted(accepted=1, ids=[item.item_id])
 
     @app.put("/v1/items/{item_id}", **catalog_write)
-    def put_item(item_id: ItemIdPath, fields: Annotated[ItemFields, Body()]) -> Accepted:  # type: ignore[valid-type]
+    def put_item(item_id: ItemIdPath, fields: Annotated[ItemFields, Body()], request: Request) -> Accepted:  # type: ignore[valid-type]
         """Create or replace the item at this id."""
-        gw.publish("catalog", [ItemUpsert(item_id=item_id, **fields.model_dump())])
+        gw.publish("catalog", [ItemUpsert(item_id=item_id, **fields.model_dump())], arrival_of(request))
         return Accepted(accepted=1, ids=[item_id])
 
     @app.delete("/v1/items/{item_id}", **catalog_write)
-    def delete_item(item_id: ItemIdPath) -> Accepted:
+    def delete_item(item_id: ItemIdPath, request: Request) -> Accepted:
         """Delete an item (the indexer removes it from retrieval)."""
-        gw.publish("catalog", [ItemDelete(item_id=item_id)])
+        gw.publish("catalog", [ItemDelete(item_id=item_id)], arrival_of(request))
         return Accepted(accepted=1, ids=[item_id])
 
     @app.get("/healthz", tags=["ops"])
@@ -407,18 +443,18 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
-    def readyz() -> Response:
+    async def readyz() -> Response:
         """Readiness for a load balancer: 200 while answers can be served (Kafka reachable), degraded
         ones included (Triton down: the worker answers in retrieval order, `degraded: true`);
         503 only when Kafka is unreachable. A model missing is /modelz's signal, not this one's."""
-        state = gw.readiness()
+        state = await gw.readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     @app.get("/modelz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["ops"])
-    def modelz() -> Response:
+    async def modelz() -> Response:
         """For alerting and deploy checks: 200 only when Triton is up and serves every model of
         model_repo/ (text_encoder, item_encoder, session_encoder, ranker); 503 names what is missing."""
-        state = gw.readiness()
+        state = await gw.readiness()
         return JSONResponse(state.model_dump(), status_code=503 if state.degraded else 200)
 
     @app.get("/metrics", include_in_schema=False)

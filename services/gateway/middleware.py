@@ -80,6 +80,10 @@ def key_status(presented: str | None, keys: Sequence[str]) -> int | None:
 ARRIVAL = "arrival_monotonic"
 
 
+#: The status a request is counted under when its client went away before any response was sent.
+CLIENT_CLOSED = 499
+
+
 def arrival_of(request: Request) -> float:
     """When the request reached the gateway (time.monotonic()): deadlines count from here, so time
     spent waiting for a worker thread or the event loop is part of the budget."""
@@ -106,7 +110,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})[ARRIVAL] = time.monotonic()
-        route, status, t0 = self._route(scope), 500, time.perf_counter()
+        # a request that ends without a response was abandoned by its client (nginx's 499), unless
+        # the app raised: that is ours (500)
+        route, status, t0 = self._route(scope), CLIENT_CLOSED, time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -116,6 +122,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if status == CLIENT_CLOSED:
+                status = 500
+            raise
         finally:
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             HTTP_REQUESTS.labels(route=route, method=method, status=str(status)).inc()

@@ -173,6 +173,35 @@ def test_nan_infinity_and_lone_surrogates_are_422_not_500(client: TestClient, gw
     nothing_published(gw_settings)
 
 
+def test_raw_and_deeply_nested_bodies_are_refused_not_500(client: TestClient, gw_settings: Settings) -> None:
+    """A non-UTF-8 body sent as text/plain (curl --data-binary's form) and a 1 kB body nested 600
+    levels deep crashed the 422 handler itself: a 500 and a traceback per request."""
+    binary = {**HEADERS, "content-type": "text/plain"}
+    for r in (
+        client.post("/v1/events", content=b"\xff\xfe\x00", headers=binary),
+        client.put("/v1/items/abc", content=b"\xff\xfe\x00", headers=binary),
+    ):
+        assert r.status_code == 422 and "\\xff" in r.text, r.text
+    deep = '{"events": ' + "[" * 600 + "]" * 600 + "}"
+    r = client.post("/v1/events", content=deep.encode(), headers={**HEADERS, "content-type": "application/json"})
+    assert r.status_code == 422 and '"..."' in r.text
+    nothing_published(gw_settings)
+
+
+def test_readiness_needs_every_topic_the_gateway_uses(gw_settings: Settings) -> None:
+    """Readiness looked at the requests topic only: without the recommendations topic every query
+    failed while /readyz said ready."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    settings = gw_settings.model_copy(update={"topic_prefix": f"{gw_settings.topic_prefix}partial."})
+    requests_topic = TOPICS["requests"].name(settings.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.create_topics([NewTopic(requests_topic, 1, 1)])[requests_topic].result(30)
+    with TestClient(create_app(settings, LIMITS, monitor=False, catalog_view=False)) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503 and "does not exist" in r.json()["kafka"]
+
+
 def test_cors_is_off_by_default_and_answers_preflight_when_configured(
     client: TestClient, make_settings: Callable[..., Settings]
 ) -> None:
@@ -440,7 +469,7 @@ def test_a_write_dropped_by_another_requests_timeout_is_not_202(free_port: int, 
     def write(user: str, after_s: float) -> None:
         time.sleep(after_s)
         try:
-            gateway.publish("behaviour", [BehaviourEvent(type="click", user_id=user, item_id="i1")])
+            gateway.publish("behaviour", [BehaviourEvent(type="click", user_id=user, item_id="i1")], time.monotonic())
             outcomes[user] = 202
         except HTTPException as exc:
             outcomes[user] = exc.status_code
@@ -455,6 +484,30 @@ def test_a_write_dropped_by_another_requests_timeout_is_not_202(free_port: int, 
         for t in threads:
             t.join(30)
         assert outcomes == {"first": 503, "second": 503}
+    finally:
+        gateway.close()
+
+
+def test_a_write_that_queued_past_its_budget_is_refused_at_once(free_port: int, tmp_path) -> None:
+    """With the broker down, writes queue for the 40 worker threads: each then waited its whole
+    publish timeout again, so callers heard 503 after up to three times the configured budget."""
+    from fastapi import HTTPException
+
+    from recstream.contracts.events import BehaviourEvent
+    from services.gateway.app import Gateway
+
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path)
+    gateway = Gateway(settings, GatewayLimits(publish_timeout_s=1.0))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(HTTPException) as refused:
+            event = BehaviourEvent(type="click", user_id="u", item_id="i1")
+            gateway.publish("behaviour", [event], arrival=time.monotonic() - 1.5)
+        assert refused.value.status_code == 503 and "saturated" in str(refused.value.detail)
+        assert time.monotonic() - t0 < 0.5
+        with pytest.raises(HTTPException) as late:  # half its budget left: waits that half, not all of it
+            gateway.publish("behaviour", [event], arrival=time.monotonic() - 0.5)
+        assert late.value.status_code == 503 and time.monotonic() - t0 < 1.5
     finally:
         gateway.close()
 

@@ -354,3 +354,27 @@ def test_a_commit_the_group_refuses_is_retried_not_raised(settings: Settings) ->
         assert again.poll(max_messages=100, timeout_s=3.0) == []
     finally:
         again.close()
+
+
+def test_a_cancelled_wait_for_a_result_leaves_nothing_pending(settings: Settings) -> None:
+    """Only a timeout forgot the request: a caller cancelled (shutdown, a client gone) left its entry
+    waiting for a result that may never come, one per request."""
+    import asyncio
+    import time
+
+    from recstream.client import RecommendationClient
+    from recstream.contracts.events import RecommendationRequest
+
+    async def ask_then_cancel(client: RecommendationClient) -> None:
+        task = asyncio.create_task(
+            client.ask(RecommendationRequest(kind="recommend", user_id="u1"), time.monotonic() + 60)
+        )
+        await asyncio.sleep(0.2)
+        assert len(client._pending) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with RecommendationClient(settings) as client:
+        asyncio.run(ask_then_cancel(client))
+        assert client._pending == {}

@@ -52,10 +52,10 @@ function who() {
 }
 
 function describe(result) {
-  const arm = result.policy ? `, arm ${result.policy}` : "";
+  const arm = result.policy ? `, arm ${escapeHtml(result.policy)}` : "";
   const degraded = result.degraded ? ' <span class="degraded">degraded</span>' : "";
   const latency = result.latency_ms != null ? `, ${result.latency_ms.toFixed(1)} ms` : "";
-  return `model <b class="model-version">${result.model_version}</b>${arm}${latency}${degraded}`;
+  return `model <b class="model-version">${escapeHtml(result.model_version)}</b>${arm}${latency}${degraded}`;
 }
 
 function renderItems(listEl, result) {
