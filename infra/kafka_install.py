@@ -4,6 +4,7 @@ outside the clone, so a fresh clone and CI re-use them (`make setup` runs `insta
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ KAFKA_VERSION = "4.4.0"
 SCALA_VERSION = "2.13"
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 MARKER = ".complete"
+#: Maven resolves a few dozen jars in about a minute; one that hangs (a broken proxy) must not hold
+#: the install lock, and every installer waiting on it, for ever.
+MAVEN_TIMEOUT_S = 900.0
 
 
 class BrokerError(RuntimeError):
@@ -41,8 +45,21 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def pom_hash() -> str:
+    """What the jars were resolved from: a changed POM (a log4j bump, a new dependency) reinstalls."""
+    return hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
+
+
+def _installed(marker: Path) -> bool:
+    try:
+        return json.loads(marker.read_text()).get("pom") == pom_hash()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
-    """Fetch the broker jars once into the cache; later calls return at once (marker file).
+    """Fetch the broker jars once into the cache; later calls return at once (marker file, which
+    records the POM's hash: jars resolved from another POM are fetched again).
 
     A file lock serialises concurrent installers (parallel test workers, ``make -j``); jars are
     resolved into a temporary folder and renamed, so a killed install never looks complete.
@@ -50,12 +67,12 @@ def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
     home = kafka_home(version)
     libs = home / "libs"
     marker = home / MARKER
-    if marker.exists() and not force:
+    if _installed(marker) and not force:
         return libs
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and not force:
+        if _installed(marker) and not force:
             return libs
         mvn = shutil.which("mvn")
         if mvn is None:
@@ -76,7 +93,14 @@ def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
             f"-DoutputDirectory={tmp}",
         ]
         log.info("installing Kafka %s jars into %s", version, libs)
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=MAVEN_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise BrokerError(
+                f"fetching Kafka {version} jars took over {MAVEN_TIMEOUT_S:.0f} s (stopped): {' '.join(cmd)}; "
+                "check Maven's network access (proxy, ~/.m2/settings.xml)"
+            ) from exc
         main_jar = tmp / f"kafka_{SCALA_VERSION}-{version}.jar"
         if proc.returncode != 0 or not main_jar.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +112,13 @@ def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
         tmp.rename(libs)
         seconds = time.monotonic() - started
         size = dir_size(libs)
-        info = {"version": version, "jars": len(list(libs.glob("*.jar"))), "bytes": size, "install_s": seconds}
+        info = {
+            "version": version,
+            "pom": pom_hash(),
+            "jars": len(list(libs.glob("*.jar"))),
+            "bytes": size,
+            "install_s": seconds,
+        }
         marker.write_text(json.dumps(info) + "\n")
         log.info("installed Kafka %s: %d jars, %.1f MB in %.1f s", version, info["jars"], size / 1e6, seconds)
         return libs

@@ -181,3 +181,45 @@ def test_kafka_interrupted_while_starting_is_stopped(tmp_path: Path, monkeypatch
         broker.start(timeout_s=60)
     assert len(pids) == 1 and _wait_dead(pids[0], timeout_s=2.0)
     assert not broker.is_running()
+
+
+def test_jars_resolved_from_another_pom_are_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jar cache was keyed on the Kafka version alone: after a POM change (a log4j bump) every
+    clone kept running the old jars, and setup said all was installed."""
+    import json
+
+    from infra import kafka_install
+
+    monkeypatch.setenv("RECSTREAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # no mvn: a reinstall says so
+    home = kafka_install.kafka_home()
+    (home / "libs").mkdir(parents=True)
+    marker = home / kafka_install.MARKER
+    marker.write_text(json.dumps({"version": kafka_install.KAFKA_VERSION, "pom": kafka_install.pom_hash()}))
+    assert kafka_install.install() == home / "libs"  # resolved from this POM: nothing to do
+
+    marker.write_text(json.dumps({"version": kafka_install.KAFKA_VERSION, "pom": "0" * 16}))
+    with pytest.raises(kafka_install.BrokerError, match="Maven"):
+        kafka_install.install()
+
+
+def test_setup_refuses_a_venv_directory_it_does_not_manage(tmp_path: Path) -> None:
+    """`ln -sfn` into a real .venv directory (one made by `python -m venv .venv`) put the link inside
+    it and reported success: every target then ran on that unlocked environment."""
+    import shutil
+
+    for name in ("Makefile", "requirements.lock"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    cache = tmp_path / "cache"  # nothing installed here: the guard must stop make before any install
+    result = subprocess.run(
+        ["make", "--no-print-directory", "venv", f"CACHE_DIR={cache}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert ".venv is a directory" in result.stderr
+    assert sorted(p.name for p in (tmp_path / ".venv").iterdir()) == ["bin"]  # no link put inside
+    assert not cache.exists()
