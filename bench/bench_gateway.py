@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.time()
     data = load_dataset("ml-100k")
-    broker, bootstrap, triton, ranker_note = _start_stack(args)
+    broker, bootstrap, triton, ranker_note, _ = _start_stack(args)
     worker = gateway = None
     try:
         settings = bench_settings(bootstrap, triton)

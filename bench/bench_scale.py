@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     data = load_dataset("ml-100k")
     stack_args = argparse.Namespace()
-    broker, _, triton, ranker_note = _start_stack(stack_args)
+    broker, _, triton, ranker_note, _ = _start_stack(stack_args)
     try:
         runs = [_run(broker, triton, int(n), args, data) for n in args.workers.split(",") if n.strip()]
     finally:
