@@ -66,9 +66,20 @@ class EventConsumer:
         self._closed = False
         self._consumer.subscribe(list(self._specs))
         self._dlq_producer = Producer(producer_config(settings, **{"linger.ms": 5}))
-        self.dead_letters = DeadLetterSink(
-            lambda topic, key, value: self._dlq_producer.produce(topic, key=key, value=value), worker
-        )
+        # dead letters the broker refused (their delivery report said so): sent again at each
+        # commit, which waits for them, since their source offsets are about to be committed
+        self._dlq_failed: list[tuple[str, bytes | None, bytes]] = []
+        self.dead_letters = DeadLetterSink(self._send_dead_letter, worker)
+
+    def _send_dead_letter(self, topic: str, key: bytes | None, value: bytes) -> None:
+        def on_delivery(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                log.error(
+                    "%s: dead letter to %s not delivered (%s); retried before the next commit", self.worker, topic, err
+                )
+                self._dlq_failed.append((topic, key, value))
+
+        self._dlq_producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
 
     def poll(self, max_messages: int = 500, timeout_s: float = 1.0) -> list[ConsumedEvent]:
         """One batch of valid events; invalid ones are dead-lettered on the way."""
@@ -90,7 +101,11 @@ class EventConsumer:
             topic = msg.topic()
             EVENTS_IN.labels(topic=topic, worker=self.worker).inc()
             try:
-                event = decode(self._specs[topic], msg.value(), self.settings.max_message_bytes)
+                # key and partition: a tombstone's item is its key, and a misplaced keyed event is
+                # refused here as by the worker (without them every catalog delete was dead-lettered)
+                event = decode(
+                    self._specs[topic], msg.value(), self.settings.max_message_bytes, msg.key(), msg.partition()
+                )
             except InvalidEvent as exc:
                 self.dead_letters.publish(RefusedMessage.from_confluent(msg), error=exc.detail, error_type=exc.reason)
                 continue
@@ -118,8 +133,13 @@ class EventConsumer:
         commit tries again: raising stopped the caller's loop over an error the group recovers
         from. Only a fatal error raises."""
         undelivered = self._dlq_producer.flush(10)
-        if undelivered:
-            log.error("%d dead letters undelivered; offsets not committed yet", undelivered)
+        if self._dlq_failed:  # refused, not just slow: send them again, once per commit
+            retry, self._dlq_failed = self._dlq_failed, []
+            for topic, key, value in retry:
+                self._send_dead_letter(topic, key, value)
+            undelivered = self._dlq_producer.flush(10)
+        if undelivered or self._dlq_failed:
+            log.error("%d dead letters undelivered; offsets not committed yet", undelivered + len(self._dlq_failed))
             return False
         try:
             self._consumer.commit(asynchronous=False)

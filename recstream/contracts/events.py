@@ -422,7 +422,8 @@ class DeadLetter(BaseModel):
     source_topic: str
     partition: int
     offset: int
-    key_b64: str | None = None
+    key_b64: str | None = Field(None, description="Original message key, base64 (its first 16 KiB)")
+    key_truncated: bool = Field(False, description="True when the key was too long to keep whole")
     value_b64: str = Field(description="Original message bytes, base64")
     value_size: int = Field(0, ge=0, description="Size of the original value in bytes")
     value_truncated: bool = Field(False, description="True when the value was too large to keep whole")

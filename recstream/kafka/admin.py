@@ -1,7 +1,11 @@
 """Create the registry's topics and check existing ones match it.
 
 A topic that exists with fewer partitions than the registry declares would silently break
-per-user ordering assumptions and the tables' co-partitioning, so it is a named error.
+per-user ordering assumptions and the tables' co-partitioning, so it is a named error; so is a
+keyed topic with more (producers would place keys by the real count, consumers check placement by
+the registry's, and refuse about half the events). An existing topic's cleanup policy and
+retention follow the registry: they are set to its values, each change logged (a topic created
+before a retention change kept the old one for ever).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 from tenacity import Retrying, retry_if_exception_type, retry_if_result, stop_after_delay, wait_fixed
 
 from recstream.config import Settings
@@ -44,17 +48,23 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
     wanted = desired_topics(settings.topic_prefix)
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
     new: list[NewTopic] = []
+    kept: dict[str, TopicSpec] = {}
     for name, spec in wanted.items():
         if name in existing:
             have = len(existing[name].partitions)
-            if have < spec.partitions:
-                raise TopicMismatch(f"topic {name} has {have} partitions, registry declares {spec.partitions}")
+            if have < spec.partitions or (spec.keyed_placement and have != spec.partitions):
+                raise TopicMismatch(
+                    f"topic {name} has {have} partitions, registry declares {spec.partitions}"
+                    + (" (its events are placed by key over exactly that many)" if spec.keyed_placement else "")
+                )
+            kept[name] = spec
             continue
         # replication: the broker's default.replication.factor (1 on the dev broker, 3 on a cluster)
         new.append(NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config()))
     for name, partitions in (extra or {}).items():
         if name not in existing:
             new.append(NewTopic(name, num_partitions=partitions, replication_factor=-1))
+    align_topic_configs(admin, kept)
     if not new:
         return []
     futures = admin.create_topics(new, operation_timeout=ADMIN_TIMEOUT_S, request_timeout=ADMIN_TIMEOUT_S)
@@ -69,6 +79,39 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
     log.info("created topics: %s", ", ".join(sorted(created)))
     wait_until_visible(admin, [t.topic for t in new])
     return created
+
+
+def align_topic_configs(admin: AdminClient, topics: dict[str, TopicSpec]) -> dict[str, dict[str, str]]:
+    """Set existing topics' cleanup policy and retention to the registry's where they differ;
+    returns what was changed, per topic: {key: "old -> new"}."""
+    if not topics:
+        return {}
+    resources = {name: ConfigResource(ConfigResource.Type.TOPIC, name) for name in topics}
+    described = admin.describe_configs(list(resources.values()), request_timeout=ADMIN_TIMEOUT_S)
+    changes: dict[str, dict[str, str]] = {}
+    for resource, fut in described.items():
+        current = {key: entry.value for key, entry in fut.result().items()}
+        wanted = topics[resource.name].config()
+        differ = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if differ:
+            changes[resource.name] = {k: f"{current.get(k)} -> {v}" for k, v in differ.items()}
+    if not changes:
+        return {}
+    updates = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            name,
+            incremental_configs=[
+                ConfigEntry(k, topics[name].config()[k], incremental_operation=AlterConfigOpType.SET) for k in diff
+            ],
+        )
+        for name, diff in changes.items()
+    ]
+    for fut in admin.incremental_alter_configs(updates, request_timeout=ADMIN_TIMEOUT_S).values():
+        fut.result()
+    for name, diff in changes.items():
+        log.warning("topic %s set to the registry's config: %s", name, ", ".join(f"{k} {v}" for k, v in diff.items()))
+    return changes
 
 
 def wait_until_visible(admin: AdminClient, topics: list[str], timeout_s: float = ADMIN_TIMEOUT_S) -> None:

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 # Keep dead letters well under the broker's 1 MiB message limit even after base64 (+33%):
 # a refused giant message must still leave a record, so its value is cut, and flagged as cut.
 MAX_KEPT_VALUE_BYTES = 512 * 1024
+# The key travels twice (the record's key and key_b64): a 200 kB key on an 800 kB message made the
+# dead letter too large to send, and the consumer stopped on it at every restart. Keys are ids;
+# a longer one is cut in both places, and flagged as cut.
+MAX_KEPT_KEY_BYTES = 16 * 1024
 
 
 class _Send(Protocol):
@@ -43,13 +47,20 @@ class RefusedMessage:
         return cls(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
 
 
+def kept_key(key: bytes | None) -> bytes | None:
+    """The part of a refused message's key a dead letter keeps (and is keyed by)."""
+    return key if key is None else key[:MAX_KEPT_KEY_BYTES]
+
+
 def build_dead_letter(source: RefusedMessage, *, error: str, error_type: str, worker: str) -> DeadLetter:
     value = source.value or b""
+    key = kept_key(source.key)
     return DeadLetter(
         source_topic=source.topic,
         partition=source.partition,
         offset=source.offset,
-        key_b64=base64.b64encode(source.key).decode() if source.key is not None else None,
+        key_b64=base64.b64encode(key).decode() if key is not None else None,
+        key_truncated=key != source.key,
         value_b64=base64.b64encode(value[:MAX_KEPT_VALUE_BYTES]).decode(),
         value_size=len(value),
         value_truncated=len(value) > MAX_KEPT_VALUE_BYTES,
@@ -69,7 +80,7 @@ class DeadLetterSink:
     def publish(self, source: RefusedMessage, *, error: str, error_type: str) -> DeadLetter:
         letter = build_dead_letter(source, error=error, error_type=error_type, worker=self.worker)
         topic = source.topic
-        self._send(dead_letter_topic(topic), source.key, letter.model_dump_json().encode())
+        self._send(dead_letter_topic(topic), kept_key(source.key), letter.model_dump_json().encode())
         DEAD_LETTERS.labels(topic=topic, reason=error_type, worker=self.worker).inc()
         log.warning("dead-lettered %s[%d]@%d (%s): %s", topic, source.partition, source.offset, error_type, error[:200])
         return letter

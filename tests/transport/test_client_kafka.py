@@ -232,6 +232,40 @@ def test_topics_are_created_with_their_retention(settings: Settings) -> None:
         assert (config["retention.ms"].value, config["retention.bytes"].value) == (ms, size), logical
 
 
+def test_existing_topics_are_held_to_the_registry(kafka_bootstrap: str) -> None:
+    """A keyed topic with more partitions than the registry passed (producers then placed keys by
+    the real count and consumers refused about half the events as misplaced); an existing topic's
+    retention was never compared (one created before a retention change kept the old for ever)."""
+    import uuid
+
+    from confluent_kafka.admin import ConfigResource, NewTopic
+
+    from recstream.kafka.admin import TopicMismatch, admin_client, ensure_topics, wait_until_visible
+
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    admin = admin_client(settings)
+    log_topic = TOPICS["ranking-log"].name(settings.topic_prefix)
+    week = str(7 * 24 * 3600 * 1000)
+    spec = TOPICS["ranking-log"]
+    created = admin.create_topics(
+        [NewTopic(log_topic, spec.partitions, replication_factor=1, config={"retention.ms": week})]
+    )
+    created[log_topic].result(30)
+    wait_until_visible(admin, [log_topic])
+    ensure_topics(settings)
+    config = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, log_topic)])
+    assert next(iter(config.values())).result(30)["retention.ms"].value == "86400000"
+
+    wider = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    behaviour = TOPICS["behaviour"].name(wider.topic_prefix)
+    admin.create_topics([NewTopic(behaviour, TOPICS["behaviour"].partitions * 2, replication_factor=1)])[
+        behaviour
+    ].result(30)
+    wait_until_visible(admin, [behaviour])
+    with pytest.raises(TopicMismatch, match="placed by key"):
+        ensure_topics(wider)
+
+
 def test_a_partition_error_neither_kills_the_consumer_nor_drops_the_batch(settings: Settings) -> None:
     """One subscribed topic is gone (deleted by an operator) while the other holds events: the
     broker's error for the missing one arrives among the messages. Every event is still returned,
@@ -378,3 +412,53 @@ def test_a_cancelled_wait_for_a_result_leaves_nothing_pending(settings: Settings
     with RecommendationClient(settings) as client:
         asyncio.run(ask_then_cancel(client))
         assert client._pending == {}
+
+
+def test_the_sdk_consumer_reads_catalog_tombstones_as_deletes(settings: Settings) -> None:
+    """It decoded without the record's key: every documented delete (key = item id, null value)
+    was dead-lettered, and the trainer never dropped a deleted item."""
+    from confluent_kafka import Producer
+
+    topic = TOPICS["catalog"].name(settings.topic_prefix)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    producer.produce(topic, key=b"item-1", value=None)
+    producer.flush(10)
+    consumer = EventConsumer(settings, ["catalog"], group_id="tombstones", worker="test")
+    try:
+        got = drain(consumer, 1)
+    finally:
+        consumer.close()
+    assert [(type(c.event), c.event.item_id) for c in got] == [(ItemDelete, "item-1")]
+
+
+def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_delivered(settings: Settings) -> None:
+    """commit() checked only that nothing was still queued: a dead letter the broker refused had
+    left the queue, so the offsets were committed past a message that was never kept anywhere."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    from recstream.kafka.admin import admin_client
+
+    topic = TOPICS["behaviour"].name(settings.topic_prefix)
+    admin = admin_client(settings)
+
+    def dead_letter_limit(size: int) -> None:
+        entry = ConfigEntry("max.message.bytes", str(size), incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource(ConfigResource.Type.TOPIC, dead_letter_topic(topic), incremental_configs=[entry])
+        for fut in admin.incremental_alter_configs([resource]).values():
+            fut.result(30)
+
+    dead_letter_limit(64)  # every dead letter is larger: the broker refuses it
+    with EventProducer(settings) as producer:
+        producer.send_raw(topic, b"u1", b'{"type": "click", "user_id": ')
+    consumer = EventConsumer(settings, ["behaviour"], group_id="refused-dlq", worker="test")
+    try:
+        for _ in range(60):
+            consumer.poll(timeout_s=0.5)
+            if consumer._dlq_failed:
+                break
+        assert not consumer.commit()
+        dead_letter_limit(1024 * 1024)
+        assert consumer.commit()
+    finally:
+        consumer.close()
+    assert [d.error_type for d in read_dead_letters(settings, "behaviour", 1)] == ["malformed_json"]

@@ -136,3 +136,18 @@ def test_the_sdk_refuses_what_the_worker_would_dead_letter_for_size() -> None:
             producer.prepare("catalog", ItemUpsert(item_id="i1", title="t", description="d" * 2000))
     finally:
         producer.close(0)
+
+
+def test_a_dead_letter_of_a_huge_key_still_fits_a_message() -> None:
+    """The key travelled whole, twice (record key and key_b64): a 200 kB key on an 800 kB message
+    made the dead letter too large to send, and the consumer stopped on it at every restart."""
+    import base64
+
+    from recstream.kafka.dead_letters import MAX_KEPT_KEY_BYTES, RefusedMessage, build_dead_letter, kept_key
+
+    source = RefusedMessage("t.behaviour", 0, 7, b"k" * 200_000, b"v" * 600_000)
+    letter = build_dead_letter(source, error="too large", error_type="oversize", worker="test")
+    assert letter.key_truncated and base64.b64decode(letter.key_b64) == b"k" * MAX_KEPT_KEY_BYTES
+    assert len(letter.model_dump_json()) + len(kept_key(source.key)) < 1_000_000
+    small = build_dead_letter(RefusedMessage("t", 0, 1, b"u1", b"x"), error="e", error_type="schema", worker="w")
+    assert not small.key_truncated and base64.b64decode(small.key_b64) == b"u1"
