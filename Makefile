@@ -20,7 +20,7 @@ export PYTHONPATH := $(CURDIR)
 
 setup: venv kafka-jars prometheus browser  ## idempotent install: venv, Python deps, Kafka jars, tritonserver (in nvidia-pytriton)
 
-venv: venv-guard $(VENV_CACHE)/.complete
+venv: $(VENV_CACHE)/.complete
 	@ln -sfn $(VENV_CACHE) $(VENV)
 
 # Before anything is installed: ln -sfn into an existing real directory would put the link inside
@@ -41,7 +41,7 @@ FIND_UV = command -v uv 2>/dev/null \
 # The environment's folder name carries the key: a new lock means a new environment. A lock on the
 # cache serialises clones and CI jobs that set up at once (one would delete what the other installs);
 # .complete is written inside it, last, so an interrupted install is never taken for a finished one.
-$(VENV_CACHE)/.complete:
+$(VENV_CACHE)/.complete: | venv-guard
 	@mkdir -p $(CACHE_DIR); exec 9>$(CACHE_DIR)/venv.lock; flock 9; \
 	if [ -e $@ ]; then exit 0; fi; \
 	uv="$$($(FIND_UV))" || { echo "no uv, and none could be installed (needs python3-venv)" >&2; exit 1; }; \

@@ -60,6 +60,22 @@ def _file_tail(path: Path, lines: int = 40) -> str:
         return f"(no log at {path})"
 
 
+def wait_for_broker(broker: KafkaBroker, timeout_s: float = 60.0) -> str:
+    """Block until a broker started elsewhere (another shell's `stack up`) answers; BrokerError if
+    its process exits or it does not answer within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not broker_answers(broker.bootstrap, timeout_s=2.0):
+        if not broker.is_running():
+            raise BrokerError(f"the Kafka broker from {broker.run_dir} exited; log {broker.log_file}")
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"the Kafka broker from {broker.run_dir} runs but does not answer at {broker.bootstrap} after "
+                f"{timeout_s:.0f} s; `stack down` and start again. Log {broker.log_file}"
+            )
+        time.sleep(0.5)
+    return broker.bootstrap
+
+
 def random_cluster_id() -> str:
     """Kafka's cluster-id format: a UUID's 16 bytes, URL-safe base64 without padding.
 

@@ -28,13 +28,20 @@ class BrokerError(RuntimeError):
     """Kafka could not be installed, started or stopped; the message says why and shows the log tail."""
 
 
+def pom_hash() -> str:
+    """What the jars are resolved from: a changed POM (a log4j bump, a new dependency) is a new install."""
+    return hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """Downloads live outside the clone so a fresh clone (and CI) re-uses them."""
     return Path(os.environ.get("RECSTREAM_CACHE_DIR") or Path.home() / ".cache" / "recstream").expanduser()
 
 
 def kafka_home(version: str = KAFKA_VERSION) -> Path:
-    return cache_dir() / f"kafka-{version}"
+    """Keyed by the version and the POM's hash: clones on different POMs share the cache side by
+    side, and a POM change fetches anew without deleting jars a running broker uses."""
+    return cache_dir() / f"kafka-{version}-{pom_hash()}"
 
 
 def libs_dir(version: str = KAFKA_VERSION) -> Path:
@@ -45,21 +52,9 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def pom_hash() -> str:
-    """What the jars were resolved from: a changed POM (a log4j bump, a new dependency) reinstalls."""
-    return hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
-
-
-def _installed(marker: Path) -> bool:
-    try:
-        return json.loads(marker.read_text()).get("pom") == pom_hash()
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
-    """Fetch the broker jars once into the cache; later calls return at once (marker file, which
-    records the POM's hash: jars resolved from another POM are fetched again).
+    """Fetch the broker jars once into the cache (a folder per version and POM); later calls return
+    at once (marker file).
 
     A file lock serialises concurrent installers (parallel test workers, ``make -j``); jars are
     resolved into a temporary folder and renamed, so a killed install never looks complete.
@@ -67,12 +62,12 @@ def install(version: str = KAFKA_VERSION, force: bool = False) -> Path:
     home = kafka_home(version)
     libs = home / "libs"
     marker = home / MARKER
-    if _installed(marker) and not force:
+    if marker.exists() and not force:
         return libs
     home.mkdir(parents=True, exist_ok=True)
     with open(home / ".install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _installed(marker) and not force:
+        if marker.exists() and not force:
             return libs
         mvn = shutil.which("mvn")
         if mvn is None:

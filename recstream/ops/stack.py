@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from infra.kafka_broker import KafkaBroker
+from infra.kafka_broker import KafkaBroker, wait_for_broker
 from infra.triton_server import TritonServer
 from recstream.config import Settings
 from recstream.kafka.admin import ensure_topics
@@ -55,10 +55,12 @@ class LocalStack:
         stops what it started on the way, so no half-started stack holds the ports."""
         started: list[str] = []
         try:
-            # start() waits for a broker this run dir already runs, and refuses one that never answers
-            if not self.kafka.is_running():
+            if self.kafka.is_running():
+                # another shell's `stack up` may still be starting it: wait for it to answer
+                wait_for_broker(self.kafka)
+            else:
                 started.append("kafka")
-            self.kafka.start()
+                self.kafka.start()
             ensure_topics(self.settings)
             if self.triton.is_running():
                 self.triton.wait_ready()  # another shell's `stack up` may still be loading it

@@ -84,6 +84,17 @@ ARRIVAL = "arrival_monotonic"
 CLIENT_CLOSED = 499
 
 
+#: Scope state key: when the whole body had been read (time.monotonic()).
+BODY_RECEIVED = "recstream_body_received"
+
+
+def body_received_of(request: Request) -> float:
+    """When the request's body was in (time.monotonic()): a write's publish budget counts from here,
+    so a slow client's upload is not charged to the broker's wait."""
+    state = request.scope.get("state", {})
+    return float(state.get(BODY_RECEIVED, state.get(ARRIVAL, time.monotonic())))
+
+
 def arrival_of(request: Request) -> float:
     """When the request reached the gateway (time.monotonic()): deadlines count from here, so time
     spent waiting for a worker thread or the event loop is part of the budget."""
@@ -196,6 +207,7 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
+        scope.setdefault("state", {})[BODY_RECEIVED] = time.monotonic()
         replayed = False
 
         async def replay() -> Message:

@@ -33,7 +33,12 @@ class GatewayLimits(BaseModel):
     request_timeout_s: float = Field(
         5.0, gt=0, description="How long search/recommend wait for the stream worker before answering 504"
     )
-    publish_timeout_s: float = Field(10.0, gt=0, description="How long a write waits for the broker's ack")
+    publish_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long a write may take to be acknowledged, counted from its body's receipt (waiting "
+        "for a thread included); one left with under a fifth of it is refused (503) before it sends",
+    )
 
 
 def _body(name: str, doc: str, contract: type[BaseModel], fields: set[str]) -> type[BaseModel]:

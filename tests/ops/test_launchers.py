@@ -185,22 +185,23 @@ def test_kafka_interrupted_while_starting_is_stopped(tmp_path: Path, monkeypatch
 
 def test_jars_resolved_from_another_pom_are_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The jar cache was keyed on the Kafka version alone: after a POM change (a log4j bump) every
-    clone kept running the old jars, and setup said all was installed."""
-    import json
-
+    clone kept running the old jars, and setup said all was installed. Keyed by the POM too, the
+    old jars stay where a broker of another clone may be using them."""
     from infra import kafka_install
 
     monkeypatch.setenv("RECSTREAM_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))  # no mvn: a reinstall says so
     home = kafka_install.kafka_home()
     (home / "libs").mkdir(parents=True)
-    marker = home / kafka_install.MARKER
-    marker.write_text(json.dumps({"version": kafka_install.KAFKA_VERSION, "pom": kafka_install.pom_hash()}))
+    (home / kafka_install.MARKER).write_text("{}")
     assert kafka_install.install() == home / "libs"  # resolved from this POM: nothing to do
 
-    marker.write_text(json.dumps({"version": kafka_install.KAFKA_VERSION, "pom": "0" * 16}))
+    monkeypatch.setattr(kafka_install, "POM", tmp_path / "pom.xml")
+    (tmp_path / "pom.xml").write_text("<project>another</project>")
+    assert kafka_install.kafka_home() != home
     with pytest.raises(kafka_install.BrokerError, match="Maven"):
         kafka_install.install()
+    assert (home / "libs").is_dir()  # the other POM's jars are left alone
 
 
 def test_setup_refuses_a_venv_directory_it_does_not_manage(tmp_path: Path) -> None:
@@ -223,3 +224,31 @@ def test_setup_refuses_a_venv_directory_it_does_not_manage(tmp_path: Path) -> No
     assert ".venv is a directory" in result.stderr
     assert sorted(p.name for p in (tmp_path / ".venv").iterdir()) == ["bin"]  # no link put inside
     assert not cache.exists()
+
+
+def test_waiting_for_a_broker_that_another_shell_started_fails_when_it_never_answers(tmp_path: Path) -> None:
+    """`stack up` beside a broker still starting used to fail at once ('runs but does not answer');
+    it waits, and names the broker when it never answers."""
+    from infra.kafka_broker import RUN_DIR_PROPERTY, BrokerError, wait_for_broker
+    from infra.processes import free_port
+
+    run_dir = tmp_path / "kafka"
+    run_dir.mkdir()
+    broker = KafkaBroker(run_dir, port=free_port(), controller_port=free_port())
+    starting = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", f"-D{RUN_DIR_PROPERTY}={broker.run_dir}"]
+    )
+    try:
+        broker.pid_file.write_text(f"{starting.pid}\n")
+        assert broker.is_running()
+        t0 = time.monotonic()
+        with pytest.raises(BrokerError, match="runs but does not answer"):
+            wait_for_broker(broker, timeout_s=2.0)
+        assert time.monotonic() - t0 >= 2.0
+        starting.kill()
+        starting.wait()
+        with pytest.raises(BrokerError, match="exited"):
+            wait_for_broker(broker, timeout_s=5.0)
+    finally:
+        starting.kill()
+        starting.wait()

@@ -490,24 +490,36 @@ def test_a_write_dropped_by_another_requests_timeout_is_not_202(free_port: int, 
 
 def test_a_write_that_queued_past_its_budget_is_refused_at_once(free_port: int, tmp_path) -> None:
     """With the broker down, writes queue for the 40 worker threads: each then waited its whole
-    publish timeout again, so callers heard 503 after up to three times the configured budget."""
+    publish timeout again, so callers heard 503 after up to three times the configured budget.
+    And a nearly expired write must not send: its timeout would drop a fresher write's message."""
     from fastapi import HTTPException
 
     from recstream.contracts.events import BehaviourEvent
     from services.gateway.app import Gateway
 
     settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path)
-    gateway = Gateway(settings, GatewayLimits(publish_timeout_s=1.0))
-    try:
+    gateway = Gateway(settings, GatewayLimits(publish_timeout_s=2.0))
+    event = BehaviourEvent(type="click", user_id="u", item_id="i1")
+    failed_after: dict[str, float] = {}
+
+    def write(name: str, waited_s: float) -> None:
         t0 = time.monotonic()
-        with pytest.raises(HTTPException) as refused:
-            event = BehaviourEvent(type="click", user_id="u", item_id="i1")
-            gateway.publish("behaviour", [event], arrival=time.monotonic() - 1.5)
-        assert refused.value.status_code == 503 and "saturated" in str(refused.value.detail)
-        assert time.monotonic() - t0 < 0.5
-        with pytest.raises(HTTPException) as late:  # half its budget left: waits that half, not all of it
-            gateway.publish("behaviour", [event], arrival=time.monotonic() - 0.5)
-        assert late.value.status_code == 503 and time.monotonic() - t0 < 1.5
+        try:
+            gateway.publish("behaviour", [event], received=t0 - waited_s)
+        except HTTPException as exc:
+            assert exc.status_code == 503
+            failed_after[name] = time.monotonic() - t0
+
+    try:
+        write("spent", 2.5)
+        assert failed_after["spent"] < 0.2  # refused before sending: no wait at all
+        fresh = threading.Thread(target=write, args=("fresh", 0.0))
+        fresh.start()
+        time.sleep(0.2)
+        write("nearly expired", 1.7)  # 0.3 s left, under a fifth of 2 s: refused, sends nothing
+        fresh.join(10)
+        assert failed_after["nearly expired"] < 0.2
+        assert failed_after["fresh"] > 1.5  # its own budget, not cut short by another write's purge
     finally:
         gateway.close()
 

@@ -56,3 +56,32 @@ def test_an_app_that_raises_is_still_a_server_error() -> None:
     with pytest.raises(RuntimeError, match="bug"):
         asyncio.run(stack(scope, receive, send))
     assert _count("500") == errors + 1
+
+
+def test_a_writes_budget_starts_when_its_body_is_in_not_when_it_arrived() -> None:
+    """The publish budget counted from arrival: a slow client's upload used it up, and an idle
+    gateway answered its writes 503 'saturated'."""
+    from starlette.requests import Request
+
+    from services.gateway.middleware import arrival_of, body_received_of
+
+    seen: dict[str, float] = {}
+
+    async def app(scope, receive, send) -> None:
+        request = Request(scope)
+        seen["arrival"], seen["received"] = arrival_of(request), body_received_of(request)
+
+    stack = MetricsMiddleware(BodyLimitMiddleware(app, max_bytes=1000), routes=lambda: [])
+    chunks = iter([b'{"events": ', b"[]}"])
+
+    async def slow_upload() -> dict:
+        await asyncio.sleep(0.3)
+        chunk = next(chunks)
+        return {"type": "http.request", "body": chunk, "more_body": chunk != b"[]}"}
+
+    async def send(message: dict) -> None:
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/events", "headers": []}
+    asyncio.run(stack(scope, slow_upload, send))
+    assert seen["received"] - seen["arrival"] >= 0.5
