@@ -64,8 +64,11 @@ class ModelRegistry:
     def state(self) -> dict[str, Any]:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text())
+        # No registry yet (a repository `make train` exported to): Triton's default policy serves
+        # the newest version, and served the one before it until the newest appeared, so that one
+        # is the rollback target (a first `models promote` recorded none and unloaded it).
         vs = self.versions()
-        return {"live": vs[-1] if vs else None, "previous": None, "history": []}
+        return {"live": vs[-1] if vs else None, "previous": vs[-2] if len(vs) > 1 else None, "history": []}
 
     def _save_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.state_path, json.dumps(state, indent=2))

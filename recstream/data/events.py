@@ -7,6 +7,7 @@ replays these events; training encodes the same `ItemUpsert.text()` the catalog 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 from recstream.contracts.events import BehaviourEvent, BehaviourType, ItemUpsert
@@ -42,10 +43,18 @@ def catalog_events(items) -> list[ItemUpsert]:
     return out
 
 
+#: Namespace of replayed events' ids (uuid5): the same row of the same file is the same event.
+REPLAY_NAMESPACE = uuid.UUID("8f0b3c1e-5a7d-4c2b-9e61-2d4f7a9b0c13")
+
+
 def behaviour_events(interactions) -> Iterator[BehaviourEvent]:
-    """Interactions table (user_id, item_id, ts, rating) in time order -> behaviour events."""
+    """Interactions table (user_id, item_id, ts, rating) in time order -> behaviour events.
+
+    Each event's id is derived from its row (position in time order, user, item, time, kind), so a
+    replay rerun after an interruption resends the same ids and the worker's dedupe drops what
+    already arrived (random ids folded every resent interaction into the features twice)."""
     df = interactions.sort_values(["ts"], kind="stable")
-    for row in df.itertuples(index=False):
+    for n, row in enumerate(df.itertuples(index=False)):
         user, item, ts = str(row.user_id), str(row.item_id), int(row.ts)
         session = f"{user}-{ts // 86400}"
         rating = float(getattr(row, "rating", 0) or 0)
@@ -55,4 +64,7 @@ def behaviour_events(interactions) -> Iterator[BehaviourEvent]:
         if rating >= 5:
             kinds += [BehaviourType.add_to_cart, BehaviourType.purchase]
         for kind in kinds:
-            yield BehaviourEvent(type=kind, user_id=user, session_id=session, item_id=item, ts_ms=ts * 1000)
+            event_id = uuid.uuid5(REPLAY_NAMESPACE, f"{n}|{user}|{item}|{ts}|{kind.value}").hex
+            yield BehaviourEvent(
+                event_id=event_id, type=kind, user_id=user, session_id=session, item_id=item, ts_ms=ts * 1000
+            )

@@ -113,7 +113,9 @@ def tail(
 def replay(
     source: str = typer.Argument(..., help="a .jsonl file of {topic, event} lines, or a data set (ml-100k or path)"),
     rate: float = typer.Option(1000.0, help="events per second (0 = as fast as possible)"),
-    limit: int = typer.Option(0, help="send at most N behaviour events (0 = all)"),
+    limit: int = typer.Option(
+        0, help="send at most N events (a data set: N behaviour events after its catalog; 0 = all)"
+    ),
     catalog: bool = typer.Option(True, help="for a data set: send its catalog first"),
 ) -> None:
     """Replay recorded events, or a real data set as catalog + behaviour events, at a given rate."""
@@ -129,7 +131,11 @@ def replay(
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise typer.BadParameter(f"no file {path}", param_hint="SOURCE")
-        stream = read_jsonl(path)
+        if not catalog:
+            raise typer.BadParameter(
+                "is for a data set; a .jsonl file is replayed as recorded", param_hint="--no-catalog"
+            )
+        stream = islice(read_jsonl(path), limit or None)
     else:
         from recstream.data.datasets import DataFormatError, load_dataset
 

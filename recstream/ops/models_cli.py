@@ -24,17 +24,17 @@ def setup_logging() -> None:
 models_app = typer.Typer(help="Ranker versions in the model repository (the continual trainer's registry)")
 
 
-def _reload_triton(version: int) -> None:
+def _reload_triton(model: str, version: int) -> None:
     from recstream.continual import TritonModelControl
 
     settings = get_settings()
     try:
-        control = TritonModelControl(settings.triton_url)
+        control = TritonModelControl(settings.triton_url, model)  # this model's: it reloaded the ranker
         control.reload()
         control.close()
-        typer.echo(f"live version is now {version} (Triton reloaded)")
+        typer.echo(f"{model}: live version is now {version} (Triton reloaded)")
     except Exception as exc:  # the registry on disk is already switched; Triton picks it up at its next load
-        typer.echo(f"live version is now {version} on disk; Triton reload failed: {exc}", err=True)
+        typer.echo(f"{model}: live version is now {version} on disk; Triton reload failed: {exc}", err=True)
         raise typer.Exit(1) from exc
 
 
@@ -150,7 +150,7 @@ def models_promote(
         _registry(model).promote(version, reason)
     except (FileNotFoundError, ValueError) as exc:  # no such version; not newer than live
         raise typer.BadParameter(str(exc), param_hint="VERSION") from exc
-    _reload_triton(version)
+    _reload_triton(model, version)
 
 
 @models_app.command("rollback")
@@ -164,7 +164,7 @@ def models_rollback(
     except (FileNotFoundError, RuntimeError) as exc:  # no versions; nothing to roll back to
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    _reload_triton(version)
+    _reload_triton(model, version)
 
 
 def _registry(model: str) -> ModelRegistry:

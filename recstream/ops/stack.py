@@ -28,6 +28,21 @@ def _port(hostport: str) -> int:
     return int(hostport.rsplit(":", 1)[1])
 
 
+#: How long `stack up` waits for the worker's ready line (a worker still recovering its tables after
+#: that is left to finish; one that exits before is a failed start).
+WORKER_READY_S = 120.0
+
+
+def start_worker(worker: WorkerProcess, ready_s: float = WORKER_READY_S) -> None:
+    """Start the worker and wait for its ready line: one that exits first (a metrics port in use, a
+    locked Qdrant folder) raises with its log, so `stack up` fails instead of reporting a worker
+    that is gone; one still starting after `ready_s` is only logged."""
+    try:
+        worker.start(ready_timeout_s=ready_s)
+    except TimeoutError:
+        log.warning("the stream worker is not ready after %.0f s; still starting (see %s)", ready_s, worker.log_path)
+
+
 class LocalStack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -68,8 +83,8 @@ class LocalStack:
                 started.append("triton")
                 self.triton.start()
             if with_worker and self.worker.pid() is None:
-                self.worker.start(ready_timeout_s=None)
                 started.append("worker")
+                start_worker(self.worker)
         except BaseException:
             self.down(started)
             raise

@@ -16,7 +16,7 @@ from infra.processes import free_port
 from infra.triton_server import TritonStartError
 from recstream.config import Settings
 from recstream.ops.demo import wait_for_worker
-from recstream.ops.stack import LocalStack
+from recstream.ops.stack import LocalStack, start_worker
 from streams.process import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -61,6 +61,16 @@ def test_waiting_for_a_worker_that_died_fails_at_once_with_its_log(tmp_path: Pat
         wait_for_worker(worker, "recstream_indexed_items", 10, "items", timeout_s=120)
     assert time.monotonic() - t0 < 60
     assert "nosuch" in str(raised.value)  # the log's reason
+
+
+def test_stack_up_fails_when_its_worker_exits_at_start(tmp_path: Path) -> None:
+    """`stack up` returned as soon as the worker process was spawned: one that died a moment later
+    (a metrics port in use) was reported running, and `make up` exited 0."""
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", run_dir=tmp_path / "run")
+    worker = WorkerProcess(settings, tmp_path / "worker.log", ["--ranker", "nosuch"], pid_file=tmp_path / "w.pid")
+    with pytest.raises(RuntimeError, match="nosuch"):
+        start_worker(worker, ready_s=60)
+    assert worker.pid() is None
 
 
 def test_a_stale_pid_file_does_not_name_an_unrelated_process(tmp_path: Path) -> None:

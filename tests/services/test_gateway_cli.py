@@ -114,3 +114,52 @@ def test_cli_models_list_promote_rollback(tmp_path, monkeypatch: pytest.MonkeyPa
         assert sorted(p.name for p in repo.iterdir()) == ["ranker"]  # no folder for the typo
     finally:
         get_settings.cache_clear()
+
+
+def test_a_first_promote_keeps_the_version_triton_served_and_reloads_the_named_model(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a repository without a registry (`make train` added v2 beside v1), `models promote 2`
+    recorded no rollback target and unloaded v1; and `--model X` reloaded the ranker, not X."""
+    import json
+
+    from recstream.config import get_settings
+    from recstream.continual import registry
+    from recstream.models.export import export_ranker
+    from recstream.models.ranker import RankerConfig, new_ranker
+
+    reloaded: list[str] = []
+
+    class RecordingControl:
+        def __init__(self, url: str, model: str = "ranker") -> None:
+            self.model = model
+
+        def reload(self) -> None:
+            reloaded.append(self.model)
+
+        def close(self) -> None:
+            pass
+
+    repo = tmp_path / "model_repo"
+    for version in (1, 2):
+        export_ranker(new_ranker(RankerConfig(seed=version)), repo, version=version)
+    monkeypatch.setattr(registry, "TritonModelControl", RecordingControl)
+    monkeypatch.setattr("recstream.continual.TritonModelControl", RecordingControl)
+    monkeypatch.setenv("MODEL_REPO", str(repo))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        result = runner.invoke(cli.app, ["models", "promote", "2"])
+        assert result.exit_code == 0, result.output
+        listed = json.loads(runner.invoke(cli.app, ["models", "list", "--model", "ranker"]).output)
+        assert (listed["live"], listed["previous"]) == (2, 1)
+        assert runner.invoke(cli.app, ["models", "rollback"]).exit_code == 0
+
+        (repo / "item_encoder" / "1").mkdir(parents=True)
+        (repo / "item_encoder" / "2").mkdir()
+        (repo / "item_encoder" / "config.pbtxt").write_text('name: "item_encoder"\nbackend: "python"\n')
+        result = runner.invoke(cli.app, ["models", "rollback", "--model", "item_encoder"])
+        assert result.exit_code == 0, result.output
+        assert reloaded == ["ranker", "ranker", "item_encoder"]
+    finally:
+        get_settings.cache_clear()
