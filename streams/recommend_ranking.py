@@ -116,6 +116,12 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                         p.order = by
                     else:
                         p.order = place_new_items(by, [c.popularity == 0 for c in p.candidates], factor)
+    for p in todo:
+        if p.degraded is None and p.error is None and p.scores is not None and not np.isfinite(p.scores).all():
+            # a diverged version's NaN logits order nothing, and an answer carrying them could not be
+            # decoded by its client (JSON has no NaN): answered from retrieval, counted, logged
+            log.warning("ranker %s gave non-finite scores; %s answered from retrieval", p.version, p.req.request_id)
+            p.degraded = "ranker_nonfinite"
     for p in prepared:
         if p.degraded is not None:
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)

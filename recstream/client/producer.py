@@ -180,8 +180,9 @@ class EventProducer:
         while acks.waiting > 0 and (left := deadline - time.monotonic()) > 0:
             self._producer.poll(min(left, 0.01))  # short: another thread's poll may serve our reports
         if acks.waiting > 0:
+            waiting = acks.waiting  # before the purge: its reports would make them "failed"
             self.drop_unsent()
-            raise DeliveryError(f"{acks.waiting} of {len(outgoing)} messages unacknowledged after {timeout_s}s")
+            raise DeliveryError(f"{waiting} of {len(outgoing)} messages unacknowledged after {timeout_s}s")
         if acks.errors:
             raise DeliveryError(f"{len(acks.errors)} of {len(outgoing)} messages failed: {acks.errors[:3]}")
 
@@ -199,8 +200,9 @@ class EventProducer:
         """Drop what still waits in the local queue (not what is in flight: that may land), so that
         a caller told "not written" is not proven wrong by a late write once the broker is back."""
         self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+        # their reports count send()'s messages as failed, and they stay counted: the next flush()
+        # must say so (clearing the count here told a send() caller its purged events were written)
         self._producer.poll(0)
-        self._failed, self._first_failures = 0, []
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Flush, then release the librdkafka handle: left to the garbage collector, its threads keep

@@ -28,11 +28,19 @@ class TopicUnavailable(RuntimeError):
     would listen to nothing and time out on every request, so none is built."""
 
 
+#: How long a request may wait to be sent before it is dropped (a caller waits 5 s by default).
+REQUEST_TTL_MS = 10_000
+
+
 class RecommendationClient:
     def __init__(self, settings: Settings, producer: EventProducer | None = None) -> None:
         self.settings = settings
         self._owns_producer = producer is None
-        self.producer = producer or EventProducer(settings, worker="rec-client", **{"linger.ms": 0})
+        # A request nobody waits for any more is not worth sending: librdkafka's default keeps one
+        # queued for 5 minutes, and a broker back from an outage got every abandoned request at once.
+        self.producer = producer or EventProducer(
+            settings, worker="rec-client", **{"linger.ms": 0, "message.timeout.ms": REQUEST_TTL_MS}
+        )
         self._pending: dict[str, Future[RecommendationResult]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -133,9 +133,10 @@ def new_id() -> str:
 
 
 class Event(BaseModel):
-    """Base of every event: strict about unknown fields so typos fail loudly, not silently."""
+    """Base of every event: strict about unknown fields so typos fail loudly, not silently, and
+    about non-finite numbers (JSON has none: a NaN was written as null, which every reader refused)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: Annotated[Literal[1], BeforeValidator(_json_number)] = Field(  # true == 1 in Python: refused
         SCHEMA_VERSION, description="Contract version of this message"
@@ -290,7 +291,7 @@ class BehaviourEvent(Event, Inbound):
 
 
 class RankedItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     item_id: Id
     score: float
@@ -333,7 +334,7 @@ class RecommendationResult(Event):
 
 
 class PoolCandidate(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     item_id: Id
     score: float = Field(description="The ranker's logit for this request")

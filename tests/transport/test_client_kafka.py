@@ -462,3 +462,21 @@ def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_delivered
     finally:
         consumer.close()
     assert [d.error_type for d in read_dead_letters(settings, "behaviour", 1)] == ["malformed_json"]
+
+
+def test_events_dropped_by_another_callers_timeout_are_reported_by_flush(tmp_path, free_port: int) -> None:
+    """deliver()'s timeout purges the shared queue and cleared the failure count with it: a send()
+    caller's flush() then returned as if its purged events were written."""
+    from recstream.client import DeliveryError
+
+    producer = EventProducer(Settings(kafka_bootstrap=f"127.0.0.1:{free_port}", run_dir=tmp_path))
+    try:
+        for i in range(3):
+            producer.send("behaviour", BehaviourEvent(type="view", user_id=f"u{i}", item_id="i1"))
+        write = producer.prepare("behaviour", BehaviourEvent(type="click", user_id="u9", item_id="i1"))
+        with pytest.raises(DeliveryError, match="1 of 1 messages unacknowledged"):
+            producer.deliver([write], timeout_s=0.3)
+        with pytest.raises(DeliveryError, match="3 messages failed"):
+            producer.flush(2)
+    finally:
+        producer._producer.purge()
