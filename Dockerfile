@@ -10,5 +10,8 @@ COPY streams ./streams
 COPY services ./services
 COPY schemas ./schemas
 COPY bench ./bench
+# run state (the learned policy's files): writable by the image's user and by a trainer run as the
+# host user (compose's `user:`)
+RUN mkdir -p /app/run && chmod 1777 /app/run
 USER nobody
 CMD ["python", "-m", "streams.worker"]

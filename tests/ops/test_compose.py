@@ -101,3 +101,18 @@ def test_prometheus_scrapes_compose_services_and_grafana_is_provisioned() -> Non
         for panel in dash["panels"]:
             for target in panel["targets"]:
                 assert re.search(r"recstream_\w+", target["expr"]), f"{path.name}: {panel['title']}"
+
+
+def test_state_lives_where_it_survives_and_writers_can_write() -> None:
+    """Kafka's volume was mounted where the apache/kafka image does not write (its log.dirs default
+    is under /tmp), so topics and offsets went with the container; the trainer ran as `nobody` and
+    could not write the host-owned model_repo it is mounted with (it crash-looped)."""
+    svc = services()
+    kafka_volume = next(v.split(":", 1)[1] for v in svc["kafka"]["volumes"] if v.startswith("kafka-data:"))
+    assert svc["kafka"]["environment"]["KAFKA_LOG_DIRS"] == kafka_volume
+    for name, service in svc.items():
+        writable_repo = [
+            v for v in service.get("volumes", []) if v.startswith("./model_repo:") and not v.endswith(":ro")
+        ]
+        if writable_repo:
+            assert "UID" in str(service.get("user", "")), f"{name} writes model_repo: run it as the host user"
