@@ -15,6 +15,7 @@ Triton model and the in-process fallback both load it over the packaged MiniLM v
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
+from recstream.atomic import atomic_write_text
 from recstream.eval.metrics import target_ranks
 from recstream.eval.stats import ndcg_gains
 from recstream.models.training import EarlyStopping, peak_rss_mb, set_seed
@@ -154,9 +156,20 @@ def train_query_encoder(
     return tower, stats
 
 
+#: What a shipped adapter names as its base: the model, not the folder of one machine's copy (every
+#: loader passes the base model itself; a stale absolute path was copied into each new version).
+ADAPTER_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def save_adapter(tower, out_dir: Path) -> Path:
     """The LoRA adapter only (peft format): what a text_encoder version ships in `adapter/`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for config in tower.encoder.peft_config.values():
+        config.base_model_name_or_path = str(tower.model_dir)  # this copy: peft reads its vocabulary
     tower.encoder.save_pretrained(str(out_dir), safe_serialization=True)
+    config_file = out_dir / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved["base_model_name_or_path"] = ADAPTER_BASE_MODEL
+    atomic_write_text(config_file, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return out_dir

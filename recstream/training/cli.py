@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from recstream.config import REPO_ROOT
 from recstream.models.training import ARTIFACTS_DIR, CheckpointMeta, configure_threads, write_json
 from recstream.training.bundle import item_categories, serving_item_texts
 
@@ -234,7 +235,10 @@ def train_ranker_cmd(
         f"{stage}_{k}": v for k, v in metrics_from_ranks(target_ranks(scores, cases.targets, cases.histories)).items()
     }
     ranker.meta.metrics.update(metrics)
-    ranker.meta.extra.update(retrieval_checkpoint=str(retrieval.resolve()), retrieval_git_sha=rmeta.git_sha)
+    # relative to the checkout where it is inside it: the meta ships with exported versions
+    where = retrieval.resolve()
+    where_text = str(where.relative_to(REPO_ROOT)) if where.is_relative_to(REPO_ROOT) else str(where)
+    ranker.meta.extra.update(retrieval_checkpoint=where_text, retrieval_git_sha=rmeta.git_sha)
     out = out or ARTIFACTS_DIR / ("ranker_cold" if rmeta.extra.get("split") == "cold" else "ranker")
     ranker.save(out)
     write_json(out / "train_stats.json", {"stats": stats, "metrics": metrics})

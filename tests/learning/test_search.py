@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -142,6 +144,9 @@ def test_query_encoder_learns_what_a_query_is_answered_with_and_serves_the_same_
     assert (learned.argmax(axis=1) == answers[:3]).all()
     served = TextEncoder(adapter_dir=save_adapter(tower, tmp_path / "adapter"), max_seq_length=16)
     assert np.allclose(served.encode(queries[:3]), tower.encode(queries[:3]), atol=1e-5)
+    # the base is named, not located: a shipped version carried one machine's venv path
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
     int8 = TextEncoder(adapter_dir=tmp_path / "adapter", max_seq_length=16, precision="int8")
     cos = (int8.encode(queries[:3]) * served.encode(queries[:3])).sum(axis=1)
     assert (cos > 0.8).all()  # int8 moves vectors a little; what it costs is measured by bench-search

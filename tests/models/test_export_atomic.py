@@ -60,3 +60,15 @@ def test_a_checkpoint_save_cut_short_is_not_reused(tmp_path: Path, monkeypatch: 
     with pytest.raises(KeyboardInterrupt):
         ranker.save(tmp_path / "ranker")
     assert read_meta(tmp_path / "ranker") is None  # so the bundle trains it again
+
+
+def test_the_committed_model_repository_names_no_machine_path() -> None:
+    """A shipped adapter config named the venv folder of the machine that trained it (and every
+    later version copied it): committed model files must not depend on where they were made."""
+    from recstream.config import REPO_ROOT
+
+    machine = ("/root/", "/home/", "/tmp/", str(REPO_ROOT))
+    for path in (REPO_ROOT / "model_repo").rglob("*"):
+        if path.suffix in (".json", ".pbtxt", ".txt") and path.is_file():
+            text = path.read_text(errors="replace")
+            assert not any(m in text for m in machine), f"{path.relative_to(REPO_ROOT)} names a machine path"
