@@ -116,14 +116,16 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                         p.order = by
                     else:
                         p.order = place_new_items(by, [c.popularity == 0 for c in p.candidates], factor)
-    for p in todo:
+    for p in prepared:
         if p.degraded is None and p.error is None and p.scores is not None and not np.isfinite(p.scores).all():
             # a diverged version's NaN logits order nothing, and an answer carrying them could not be
             # decoded by its client (JSON has no NaN): answered from retrieval, counted, logged
-            log.warning("ranker %s gave non-finite scores; %s answered from retrieval", p.version, p.req.request_id)
-            p.degraded = "ranker_nonfinite"
+            scorer = "hybrid search" if p.hybrid is not None else f"ranker {p.version}"
+            log.warning("%s gave non-finite scores; %s answered from retrieval", scorer, p.req.request_id)
+            p.degraded = "search_nonfinite" if p.hybrid is not None else "ranker_nonfinite"
     for p in prepared:
         if p.degraded is not None:
+            p.order = None  # the ranker's order (fused, new items placed) goes with its scores
             p.scores = np.array([c.retrieval_score for c in p.candidates], np.float32)
             p.version = "retrieval"
             p.reasons = [{"retrieval": round(c.retrieval_score, 4)} for c in p.candidates]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -162,10 +162,31 @@ class EventProducer:
             n += 1
         return n
 
-    def send_raw(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        """Enqueue bytes as they are (replays, dead letters, tests of bad input)."""
-        produce_or_wait(self._producer, topic, key, value, self._on_delivery)
+    def send_raw(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        on_failure: Callable[[KafkaError], None] | None = None,
+    ) -> None:
+        """Enqueue bytes as they are (replays, dead letters, tests of bad input). `on_failure`: the
+        sender handles a failed delivery itself (it is counted in the metrics, not by flush())."""
+        if on_failure is None:
+            callback = self._on_delivery
+        else:
+
+            def callback(err: KafkaError | None, msg: Message) -> None:
+                count_delivery(err, msg, self.worker)
+                if err is not None:
+                    on_failure(err)
+
+        produce_or_wait(self._producer, topic, key, value, callback)
         self._producer.poll(0)
+
+    def serve_reports(self) -> int:
+        """Run the delivery callbacks that are due (without waiting); a long-lived sender that never
+        flushes calls this in its loop, or no failure would reach its sender before close()."""
+        return self._producer.poll(0)
 
     def deliver(self, outgoing: Sequence[Outgoing], timeout_s: float) -> None:
         """Send these messages and wait for the broker's acknowledgement of each of them (not of

@@ -13,10 +13,10 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from recstream.client.producer import EventProducer
+from recstream.client.producer import DeliveryError, EventProducer
 from recstream.config import Settings
 from recstream.contracts.events import RecommendationRequest, RecommendationResult
 from recstream.contracts.topics import RECOMMENDATIONS
@@ -100,6 +100,7 @@ class RecommendationClient:
             # poll() returns at the first message; consume(n, timeout) would wait until n messages or
             # the whole timeout (measured: +50 ms median per result at a 50 ms timeout). Then take
             # whatever else is already fetched, without waiting.
+            self.producer.serve_reports()  # a dropped request fails its caller now (submit's not_sent)
             first = self._consumer.poll(0.05)
             msgs = [first, *self._consumer.consume(num_messages=500, timeout=0)] if first is not None else []
             self._ready.set()
@@ -125,8 +126,17 @@ class RecommendationClient:
         fut: Future[RecommendationResult] = Future()
         with self._lock:
             self._pending[request.request_id] = fut
+
+        def not_sent(err: KafkaError) -> None:
+            # dropped (REQUEST_TTL_MS passed, the broker refused it): its caller hears so now,
+            # not at its own deadline, and nothing is left for flush() to report later
+            with self._lock:
+                waiting = self._pending.pop(request.request_id, None)
+            if waiting is not None and waiting.set_running_or_notify_cancel():
+                waiting.set_exception(DeliveryError(f"request {request.request_id} was not sent: {err}"))
+
         try:
-            self.producer.send_raw(out.topic, out.key, out.value)
+            self.producer.send_raw(out.topic, out.key, out.value, on_failure=not_sent)
         except BaseException:
             self.forget(request.request_id)
             raise

@@ -86,6 +86,8 @@ class ModelRegistry:
 
     def served(self) -> list[int]:
         st = self.state()
+        if not self.state_path.is_file():  # Triton's default policy: the newest version alone
+            return [st["live"]] if st["live"] is not None else []
         return sorted(v for v in (st["previous"], st["live"]) if v is not None)
 
     # ---- publish -----------------------------------------------------------------------------------
@@ -165,7 +167,9 @@ class ModelRegistry:
             vs = self.versions()
             if not vs:
                 raise FileNotFoundError(f"no versions of {self.name} under {self.model_repo}")
-            self._apply(vs[-1], None, "init", "newest existing version")
+            # the version before the newest stays the rollback target (what Triton served until
+            # the newest appeared): the trainer's first start used to unload it
+            self._apply(vs[-1], st.get("previous"), "init", "newest existing version")
         return int(self.live)  # type: ignore[arg-type]
 
     def prune(self, keep: int = 5) -> list[int]:

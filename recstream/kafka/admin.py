@@ -4,8 +4,10 @@ A topic that exists with fewer partitions than the registry declares would silen
 per-user ordering assumptions and the tables' co-partitioning, so it is a named error; so is a
 keyed topic with more (producers would place keys by the real count, consumers check placement by
 the registry's, and refuse about half the events). An existing topic's cleanup policy and
-retention follow the registry: they are set to its values, each change logged (a topic created
-before a retention change kept the old one for ever).
+retention are compared with the registry's: provisioning (`topics`, `stack up`) sets them, each
+change logged (a topic created before a retention change kept the old one for ever); a worker's
+start only warns, so an operator's deliberate setting, or a cluster that does not let workers
+describe or alter configs, never stops it.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def desired_topics(prefix: str = "") -> dict[str, TopicSpec]:
     return out
 
 
-def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> list[str]:
-    """Create missing topics, verify partition counts of existing ones; returns the names created."""
+def ensure_topics(settings: Settings, extra: dict[str, int] | None = None, align: bool = False) -> list[str]:
+    """Create missing topics, verify partition counts of existing ones; returns the names created.
+    `align`: set existing topics' retention and cleanup policy to the registry's (else: warn)."""
     admin = admin_client(settings)
     wanted = desired_topics(settings.topic_prefix)
     existing = admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics
@@ -64,7 +67,7 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
     for name, partitions in (extra or {}).items():
         if name not in existing:
             new.append(NewTopic(name, num_partitions=partitions, replication_factor=-1))
-    align_topic_configs(admin, kept)
+    align_topic_configs(admin, kept, apply=align)
     if not new:
         return []
     futures = admin.create_topics(new, operation_timeout=ADMIN_TIMEOUT_S, request_timeout=ADMIN_TIMEOUT_S)
@@ -81,22 +84,38 @@ def ensure_topics(settings: Settings, extra: dict[str, int] | None = None) -> li
     return created
 
 
-def align_topic_configs(admin: AdminClient, topics: dict[str, TopicSpec]) -> dict[str, dict[str, str]]:
-    """Set existing topics' cleanup policy and retention to the registry's where they differ;
-    returns what was changed, per topic: {key: "old -> new"}."""
+def align_topic_configs(
+    admin: AdminClient, topics: dict[str, TopicSpec], apply: bool = True
+) -> dict[str, dict[str, str]]:
+    """Existing topics' cleanup policy and retention against the registry's: set where they differ
+    (`apply`), else warned about; returns the differences, per topic: {key: "old -> new"}. A
+    cluster that refuses to describe or alter configs is warned about, never an error."""
     if not topics:
         return {}
     resources = {name: ConfigResource(ConfigResource.Type.TOPIC, name) for name in topics}
-    described = admin.describe_configs(list(resources.values()), request_timeout=ADMIN_TIMEOUT_S)
     changes: dict[str, dict[str, str]] = {}
-    for resource, fut in described.items():
-        current = {key: entry.value for key, entry in fut.result().items()}
-        wanted = topics[resource.name].config()
+    try:
+        described = admin.describe_configs(list(resources.values()), request_timeout=ADMIN_TIMEOUT_S)
+        current_of = {resource.name: fut.result() for resource, fut in described.items()}
+    except KafkaException as exc:
+        log.warning("cannot compare topic configs with the registry's (%s); left as they are", exc)
+        return {}
+    for name, entries in current_of.items():
+        current = {key: entry.value for key, entry in entries.items()}
+        wanted = topics[name].config()
         differ = {k: v for k, v in wanted.items() if current.get(k) != v}
         if differ:
-            changes[resource.name] = {k: f"{current.get(k)} -> {v}" for k, v in differ.items()}
+            changes[name] = {k: f"{current.get(k)} -> {v}" for k, v in differ.items()}
     if not changes:
         return {}
+    if not apply:
+        for name, diff in changes.items():
+            log.warning(
+                "topic %s differs from the registry (%s); `python -m recstream.ops.cli topics` sets it",
+                name,
+                ", ".join(f"{k} {v}" for k, v in diff.items()),
+            )
+        return changes
     updates = [
         ConfigResource(
             ConfigResource.Type.TOPIC,
@@ -107,8 +126,12 @@ def align_topic_configs(admin: AdminClient, topics: dict[str, TopicSpec]) -> dic
         )
         for name, diff in changes.items()
     ]
-    for fut in admin.incremental_alter_configs(updates, request_timeout=ADMIN_TIMEOUT_S).values():
-        fut.result()
+    try:
+        for fut in admin.incremental_alter_configs(updates, request_timeout=ADMIN_TIMEOUT_S).values():
+            fut.result()
+    except KafkaException as exc:
+        log.warning("cannot set topic configs to the registry's (%s): %s", exc, changes)
+        return changes
     for name, diff in changes.items():
         log.warning("topic %s set to the registry's config: %s", name, ", ".join(f"{k} {v}" for k, v in diff.items()))
     return changes

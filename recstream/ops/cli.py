@@ -24,10 +24,11 @@ app = typer.Typer(help="recstream: real-time search and recommendation on Kafka"
 
 @app.command()
 def topics() -> None:
-    """Create the registry's topics (and dead-letter topics) on the broker; verify existing ones."""
+    """Create the registry's topics (and dead-letter topics) on the broker; verify existing ones and set
+    their retention and cleanup policy to the registry's."""
     from recstream.kafka.admin import ensure_topics
 
-    created = ensure_topics(get_settings())
+    created = ensure_topics(get_settings(), align=True)
     typer.echo(f"created {len(created)} topics" + (f": {', '.join(sorted(created))}" if created else ""))
 
 

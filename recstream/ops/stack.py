@@ -76,7 +76,7 @@ class LocalStack:
             else:
                 started.append("kafka")
                 self.kafka.start()
-            ensure_topics(self.settings)
+            ensure_topics(self.settings, align=True)
             if self.triton.is_running():
                 self.triton.wait_ready()  # another shell's `stack up` may still be loading it
             else:

@@ -61,6 +61,9 @@ def trainable_tower(adapter_dir: Path | None, max_text_len: int = 16):
         return ItemTower(TwoTowerConfig(finetune="lora", max_text_len=max_text_len))
     tower = ItemTower(TwoTowerConfig(finetune="frozen", max_text_len=max_text_len))
     tower.encoder = PeftModel.from_pretrained(tower.encoder, str(adapter_dir), is_trainable=True)
+    for config in tower.encoder.peft_config.values():
+        # the shipped config names the base model; peft reads this machine's copy of it
+        config.base_model_name_or_path = str(tower.model_dir)
     tower.cfg = tower.cfg.model_copy(update={"finetune": "lora"})
     return tower
 

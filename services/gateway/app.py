@@ -244,6 +244,8 @@ class Gateway:
             result = await client.ask(request, deadline=arrival + timeout)
         except MessageTooLarge as exc:  # e.g. thousands of exclude_items: the worker would refuse it
             raise HTTPException(413, f"the request is {exc}") from exc
+        except DeliveryError as exc:  # never reached the broker: say so now, not at the deadline
+            raise HTTPException(503, f"{exc}; retry") from exc
         except TimeoutError as exc:
             log.warning("no result for %s within %ss of its arrival", request.request_id, timeout)
             raise HTTPException(

@@ -286,3 +286,18 @@ def test_a_query_encoder_version_that_fails_mid_write_leaves_nothing(tmp_path: P
         export_query_encoder(tmp_path / "no-adapter", meta, repo, weights)
     assert versions(repo, TEXT_ENCODER) == before
     assert not [p.name for p in (repo / TEXT_ENCODER).iterdir() if p.name.startswith(".staging")]
+
+
+def test_a_first_start_keeps_the_version_before_the_newest_as_the_rollback_target(tmp_path: Path) -> None:
+    """`make train` added v2 while Triton served v1, then the trainer started for the first time:
+    init_live made v2 live with no rollback target and unloaded v1. Without a registry the served
+    set is what Triton's default policy serves: the newest alone."""
+    (tmp_path / "ranker").mkdir()
+    (tmp_path / "ranker" / "config.pbtxt").write_text(_config(tmp_path))
+    reg = ModelRegistry(tmp_path)
+    reg.publish(new_ranker(RankerConfig(seed=1)))
+    reg.publish(new_ranker(RankerConfig(seed=2)))
+    assert (reg.live, reg.previous, reg.served()) == (2, 1, [2])
+    assert reg.init_live() == 2
+    assert (reg.live, reg.previous, reg.served()) == (2, 1, [1, 2])
+    assert reg.rollback("the new one is worse") == 1

@@ -115,4 +115,6 @@ def test_state_lives_where_it_survives_and_writers_can_write() -> None:
             v for v in service.get("volumes", []) if v.startswith("./model_repo:") and not v.endswith(":ro")
         ]
         if writable_repo:
-            assert "UID" in str(service.get("user", "")), f"{name} writes model_repo: run it as the host user"
+            # not ${UID}: bash's UID is read-only and unexported, so compose never sees it
+            user = str(service.get("user", ""))
+            assert "${RECSTREAM_UID" in user, f"{name} writes model_repo: run it as the host user"

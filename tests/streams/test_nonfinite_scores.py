@@ -50,3 +50,34 @@ def test_answers_refuse_non_finite_numbers_where_they_are_made() -> None:
         RankedItem(item_id="i1", score=float("nan"), position=0)
     with pytest.raises(ValidationError):
         RecommendationResult(request_id="r1", user_id="u1", model_version="v", items=[], latency_ms=float("inf"))
+
+
+class DivergedTritonRanker:
+    """Triton's interface (a batch per call), answering what a diverged version answers: NaN."""
+
+    max_batch = 8
+    version = "ranker-v9"
+
+    def score_many(self, jobs, timeout_s: float):
+        return [np.full(len(cands), np.nan, np.float32) for _, cands in jobs], self.version
+
+
+def test_a_batched_rankers_nan_answer_is_the_retrieval_order_not_an_empty_list() -> None:
+    """The Triton path had set the list's order from the NaN scores before the check: the degraded
+    answer kept that order, and diversifying by NaN picked nothing (an empty answer)."""
+    from recstream.recommend.rerank import diversify
+
+    rng = np.random.default_rng(1)
+    vecs = _unit(rng, 6)
+    rctx = RankContext(
+        query_vec=None, session_vec=vecs[0], affinity={}, recent_items=[], recent_categories=[], max_popularity=1.0
+    )
+    cands = [Candidate(f"i{i}", 1.0 - 0.1 * i, vecs[i + 1], f"c{i}", {}, 1.0) for i in range(5)]
+    p = Pending(ev=None, req=RecommendationRequest(user_id="u1", k=3), rctx=rctx, candidates=cands, degraded=None)
+    ctx = SimpleNamespace(ranker=DivergedTritonRanker(), settings=Settings())
+    asyncio.run(rank(ctx, [p]))
+    assert p.degraded == "ranker_nonfinite" and p.order is None
+    # what finish() diversifies by: the order if any, else the scores (retrieval's, here)
+    by = p.order if p.order is not None else p.scores
+    picked = diversify(p.candidates, by, 3)
+    assert [c.item_id for c, _ in picked] == ["i0", "i1", "i2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import REGISTRY
@@ -252,7 +253,10 @@ def test_existing_topics_are_held_to_the_registry(kafka_bootstrap: str) -> None:
     )
     created[log_topic].result(30)
     wait_until_visible(admin, [log_topic])
-    ensure_topics(settings)
+    ensure_topics(settings)  # a worker's start: warns, leaves it
+    config = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, log_topic)])
+    assert next(iter(config.values())).result(30)["retention.ms"].value == week
+    ensure_topics(settings, align=True)  # provisioning: sets the registry's
     config = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, log_topic)])
     assert next(iter(config.values())).result(30)["retention.ms"].value == "86400000"
 
@@ -431,23 +435,38 @@ def test_the_sdk_consumer_reads_catalog_tombstones_as_deletes(settings: Settings
     assert [(type(c.event), c.event.item_id) for c in got] == [(ItemDelete, "item-1")]
 
 
-def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_delivered(settings: Settings) -> None:
+def _with_tiny_topic(kafka_bootstrap: str, topic_of: Callable[[str], str]) -> Settings:
+    """Settings whose topic `topic_of(prefix)` refuses every message (max.message.bytes 64 from
+    its creation on: a limit set later takes a moment to reach the broker's log), the rest as
+    the registry makes them."""
+    import uuid
+
+    from confluent_kafka.admin import NewTopic
+
+    from recstream.kafka.admin import admin_client, ensure_topics, wait_until_visible
+
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    name = topic_of(settings.topic_prefix)
+    partitions = next((t.partitions for t in TOPICS.values() if t.name(settings.topic_prefix) == name), 1)
+    admin = admin_client(settings)
+    tiny = NewTopic(name, partitions, replication_factor=1, config={"max.message.bytes": "64"})
+    admin.create_topics([tiny])[name].result(30)
+    wait_until_visible(admin, [name])
+    ensure_topics(settings)
+    return settings
+
+
+def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_delivered(kafka_bootstrap: str) -> None:
     """commit() checked only that nothing was still queued: a dead letter the broker refused had
     left the queue, so the offsets were committed past a message that was never kept anywhere."""
+    import time
+
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
     from recstream.kafka.admin import admin_client
 
+    settings = _with_tiny_topic(kafka_bootstrap, lambda prefix: dead_letter_topic(TOPICS["behaviour"].name(prefix)))
     topic = TOPICS["behaviour"].name(settings.topic_prefix)
-    admin = admin_client(settings)
-
-    def dead_letter_limit(size: int) -> None:
-        entry = ConfigEntry("max.message.bytes", str(size), incremental_operation=AlterConfigOpType.SET)
-        resource = ConfigResource(ConfigResource.Type.TOPIC, dead_letter_topic(topic), incremental_configs=[entry])
-        for fut in admin.incremental_alter_configs([resource]).values():
-            fut.result(30)
-
-    dead_letter_limit(64)  # every dead letter is larger: the broker refuses it
     with EventProducer(settings) as producer:
         producer.send_raw(topic, b"u1", b'{"type": "click", "user_id": ')
     consumer = EventConsumer(settings, ["behaviour"], group_id="refused-dlq", worker="test")
@@ -457,8 +476,15 @@ def test_a_dead_letter_the_broker_refuses_holds_the_commit_until_it_is_delivered
             if consumer._dlq_failed:
                 break
         assert not consumer.commit()
-        dead_letter_limit(1024 * 1024)
-        assert consumer.commit()
+        admin = admin_client(settings)
+        entry = ConfigEntry("max.message.bytes", str(1024 * 1024), incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource(ConfigResource.Type.TOPIC, dead_letter_topic(topic), incremental_configs=[entry])
+        for fut in admin.incremental_alter_configs([resource]).values():
+            fut.result(30)
+        deadline = time.monotonic() + 30  # the new limit reaches the broker's log in a moment
+        while not consumer.commit():
+            assert time.monotonic() < deadline, "the dead letter was never delivered"
+            time.sleep(0.5)
     finally:
         consumer.close()
     assert [d.error_type for d in read_dead_letters(settings, "behaviour", 1)] == ["malformed_json"]
@@ -480,3 +506,21 @@ def test_events_dropped_by_another_callers_timeout_are_reported_by_flush(tmp_pat
             producer.flush(2)
     finally:
         producer._producer.purge()
+
+
+def test_a_request_the_broker_refuses_fails_its_caller_at_once(kafka_bootstrap: str) -> None:
+    """A dropped request only counted as a producer failure: its caller waited out its whole
+    deadline for an answer to a request that was never sent, and close() raised afterwards."""
+    import asyncio
+    import time
+
+    from recstream.client import DeliveryError, RecommendationClient
+    from recstream.contracts.events import RecommendationRequest
+
+    settings = _with_tiny_topic(kafka_bootstrap, TOPICS["requests"].name)
+    client = RecommendationClient(settings)
+    t0 = time.monotonic()
+    with pytest.raises(DeliveryError, match="was not sent"):
+        asyncio.run(client.ask(RecommendationRequest(kind="recommend", user_id="u1"), time.monotonic() + 30))
+    assert time.monotonic() - t0 < 15 and client._pending == {}
+    client.close()  # the failure was its caller's to hear, not close()'s
