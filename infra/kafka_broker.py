@@ -34,7 +34,7 @@ from pathlib import Path
 
 from infra import kafka_install
 from infra.kafka_install import KAFKA_VERSION, BrokerError, tail
-from infra.processes import command_line, free_port, parent_death_signal, port_in_use
+from infra.processes import command_line, free_port, parent_death_signal, port_in_use, wait_until_ready
 from infra.processes import pid_alive as _pid_alive
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,10 @@ def _file_tail(path: Path, lines: int = 40) -> str:
 def wait_for_broker(broker: KafkaBroker, timeout_s: float = 60.0) -> str:
     """Block until a broker started elsewhere (another shell's `stack up`) answers; BrokerError if
     its process exits or it does not answer within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not broker_answers(broker.bootstrap, timeout_s=2.0):
-        if not broker.is_running():
-            raise BrokerError(f"the Kafka broker from {broker.run_dir} exited; log {broker.log_file}")
-        if time.monotonic() > deadline:
-            raise BrokerError(
-                f"the Kafka broker from {broker.run_dir} runs but does not answer at {broker.bootstrap} after "
-                f"{timeout_s:.0f} s; `stack down` and start again. Log {broker.log_file}"
-            )
-        time.sleep(0.5)
+    what = f"the Kafka broker from {broker.run_dir} (at {broker.bootstrap}; log {broker.log_file})"
+    wait_until_ready(
+        lambda: broker_answers(broker.bootstrap, timeout_s=2.0), broker.is_running, timeout_s, what, BrokerError, 0.5
+    )
     return broker.bootstrap
 
 

@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -61,3 +63,22 @@ def parent_death_signal() -> None:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def wait_until_ready(
+    ready: Callable[[], bool],
+    running: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    error: type[Exception],
+    interval_s: float = 0.2,
+) -> None:
+    """Block until `ready()` for a server another process started (a second shell's `stack up`):
+    `error` names `what` when its process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if not running():
+            raise error(f"{what} exited")
+        if time.monotonic() > deadline:
+            raise error(f"{what} runs but is not ready after {timeout_s:.0f} s; `stack down` and start again")
+        time.sleep(interval_s)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infra.processes import command_line, free_port, parent_death_signal, port_in_use
+from infra.processes import command_line, free_port, parent_death_signal, port_in_use, wait_until_ready
 from infra.processes import pid_alive as _pid_alive
 from infra.triton_env import (
     REPO_ROOT,
@@ -343,21 +343,17 @@ class TritonServer:
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         """Block until a server started elsewhere (another shell's `stack up`) and every model of the
         repository answer ready; TritonStartError if they do not within ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
         pending = self.models if self.models is not None else self.repo_models()
-        while True:
+
+        def ready() -> bool:
+            nonlocal pending
             if self.is_ready(timeout_s=0.5):
                 pending = [m for m in pending if not self.model_ready(m, timeout_s=0.5)]
-                if not pending:
-                    return
-            if not self.is_running():
-                raise TritonStartError(f"the tritonserver from {self.run_dir} exited; log {self.log_file}")
-            if time.monotonic() > deadline:
-                raise TritonStartError(
-                    f"the tritonserver from {self.run_dir} runs but is not ready after {timeout_s:.0f}s "
-                    f"(models not ready={pending}); `stack down` and start again. Log {self.log_file}"
-                )
-            time.sleep(0.2)
+                return not pending
+            return False
+
+        what = f"the tritonserver from {self.run_dir} (models not ready: {pending}; log {self.log_file})"
+        wait_until_ready(ready, self.is_running, timeout_s, what, TritonStartError)
 
     def stop(self, timeout_s: float = 20.0) -> bool:
         """SIGTERM (graceful: unloads models, stops stubs), then SIGKILL the process group.

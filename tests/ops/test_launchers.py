@@ -242,7 +242,7 @@ def test_waiting_for_a_broker_that_another_shell_started_fails_when_it_never_ans
         broker.pid_file.write_text(f"{starting.pid}\n")
         assert broker.is_running()
         t0 = time.monotonic()
-        with pytest.raises(BrokerError, match="runs but does not answer"):
+        with pytest.raises(BrokerError, match="runs but is not ready"):
             wait_for_broker(broker, timeout_s=2.0)
         assert time.monotonic() - t0 >= 2.0
         starting.kill()
