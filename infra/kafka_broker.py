@@ -63,7 +63,10 @@ def _file_tail(path: Path, lines: int = 40) -> str:
 def wait_for_broker(broker: KafkaBroker, timeout_s: float = 60.0) -> str:
     """Block until a broker started elsewhere (another shell's `stack up`) answers; BrokerError if
     its process exits or it does not answer within ``timeout_s``."""
-    what = f"the Kafka broker from {broker.run_dir} (at {broker.bootstrap}; log {broker.log_file})"
+
+    def what() -> str:
+        return f"the Kafka broker from {broker.run_dir} (at {broker.bootstrap}; log {broker.log_file})"
+
     wait_until_ready(
         lambda: broker_answers(broker.bootstrap, timeout_s=2.0), broker.is_running, timeout_s, what, BrokerError, 0.5
     )

@@ -69,16 +69,17 @@ def wait_until_ready(
     ready: Callable[[], bool],
     running: Callable[[], bool],
     timeout_s: float,
-    what: str,
+    what: Callable[[], str],
     error: type[Exception],
     interval_s: float = 0.2,
 ) -> None:
     """Block until `ready()` for a server another process started (a second shell's `stack up`):
-    `error` names `what` when its process exits first or `timeout_s` passes."""
+    `error` names `what()` (asked then: it may say what is still missing) when its process exits
+    first or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while not ready():
         if not running():
-            raise error(f"{what} exited")
+            raise error(f"{what()} exited")
         if time.monotonic() > deadline:
-            raise error(f"{what} runs but is not ready after {timeout_s:.0f} s; `stack down` and start again")
+            raise error(f"{what()} runs but is not ready after {timeout_s:.0f} s; `stack down` and start again")
         time.sleep(interval_s)

@@ -352,7 +352,9 @@ class TritonServer:
                 return not pending
             return False
 
-        what = f"the tritonserver from {self.run_dir} (models not ready: {pending}; log {self.log_file})"
+        def what() -> str:
+            return f"the tritonserver from {self.run_dir} (models not ready: {pending}; log {self.log_file})"
+
         wait_until_ready(ready, self.is_running, timeout_s, what, TritonStartError)
 
     def stop(self, timeout_s: float = 20.0) -> bool:

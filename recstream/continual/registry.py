@@ -33,7 +33,7 @@ from typing import Any
 from recstream.atomic import atomic_publish_dir, atomic_write_text
 from recstream.contracts.models import RANKER, REGISTRY_STATE_FILE
 from recstream.models.export import MODEL_PY
-from recstream.models.export.common import set_version_policy
+from recstream.models.export.common import policy_serves, set_version_policy
 from recstream.models.repository import versions
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ class ModelRegistry:
 
     def served(self) -> list[int]:
         st = self.state()
-        if not self.state_path.is_file():  # Triton's default policy: the newest version alone
-            return [st["live"]] if st["live"] is not None else []
+        if not self.state_path.is_file():  # no registry yet: what the config's policy serves
+            config = self.model_dir / "config.pbtxt"
+            return policy_serves(config.read_text() if config.is_file() else "", self.versions())
         return sorted(v for v in (st["previous"], st["live"]) if v is not None)
 
     # ---- publish -----------------------------------------------------------------------------------

@@ -291,13 +291,27 @@ def test_a_query_encoder_version_that_fails_mid_write_leaves_nothing(tmp_path: P
 def test_a_first_start_keeps_the_version_before_the_newest_as_the_rollback_target(tmp_path: Path) -> None:
     """`make train` added v2 while Triton served v1, then the trainer started for the first time:
     init_live made v2 live with no rollback target and unloaded v1. Without a registry the served
-    set is what Triton's default policy serves: the newest alone."""
+    set is what the config's policy serves (this one: the newest two)."""
     (tmp_path / "ranker").mkdir()
     (tmp_path / "ranker" / "config.pbtxt").write_text(_config(tmp_path))
     reg = ModelRegistry(tmp_path)
     reg.publish(new_ranker(RankerConfig(seed=1)))
     reg.publish(new_ranker(RankerConfig(seed=2)))
-    assert (reg.live, reg.previous, reg.served()) == (2, 1, [2])
+    assert (reg.live, reg.previous, reg.served()) == (2, 1, [1, 2])
     assert reg.init_live() == 2
     assert (reg.live, reg.previous, reg.served()) == (2, 1, [1, 2])
     assert reg.rollback("the new one is worse") == 1
+
+
+def test_without_a_registry_the_served_set_is_what_the_config_policy_serves(tmp_path: Path) -> None:
+    """The encoders ship `latest { num_versions: 2 }`: `models list` reported only the newest."""
+    from recstream.models.export.common import policy_serves
+
+    model_dir = tmp_path / "item_encoder"
+    for v in (1, 2, 3):
+        (model_dir / str(v)).mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text('name: "item_encoder"\nversion_policy: { latest { num_versions: 2 } }\n')
+    assert ModelRegistry(tmp_path, "item_encoder").served() == [2, 3]
+    assert policy_serves('name: "x"\n', [1, 2, 3]) == [3]  # Triton's default: the newest
+    assert policy_serves("version_policy: { specific { versions: [ 1, 3 ] } }", [1, 2, 3]) == [1, 3]
+    assert policy_serves("version_policy: { all { } }", [1, 2]) == [1, 2]

@@ -118,3 +118,12 @@ def test_state_lives_where_it_survives_and_writers_can_write() -> None:
             # not ${UID}: bash's UID is read-only and unexported, so compose never sees it
             user = str(service.get("user", ""))
             assert "${RECSTREAM_UID" in user, f"{name} writes model_repo: run it as the host user"
+
+
+def test_topics_are_provisioned_before_any_worker_starts() -> None:
+    """A worker's start only warns when a topic's retention differs from the registry's: compose
+    needs its own provisioning step, or topics kept in the volume never got new settings."""
+    svc = services()
+    assert svc["topics"]["command"][-1] == "topics" and svc["topics"]["restart"] == "no"
+    for name in ("worker", "gateway", "trainer"):
+        assert svc[name]["depends_on"]["topics"] == {"condition": "service_completed_successfully"}, name

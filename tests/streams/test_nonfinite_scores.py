@@ -46,8 +46,9 @@ def test_non_finite_ranker_scores_are_answered_from_retrieval() -> None:
 
 def test_answers_refuse_non_finite_numbers_where_they_are_made() -> None:
     """Refused by the consumer's schema but accepted by the producer's: now both refuse."""
+    RankedItem(item_id="i1", score=0.5, position=0, propensity=1.0)  # the same, finite: accepted
     with pytest.raises(ValidationError):
-        RankedItem(item_id="i1", score=float("nan"), position=0)
+        RankedItem(item_id="i1", score=float("nan"), position=0, propensity=1.0)
     with pytest.raises(ValidationError):
         RecommendationResult(request_id="r1", user_id="u1", model_version="v", items=[], latency_ms=float("inf"))
 
@@ -81,3 +82,36 @@ def test_a_batched_rankers_nan_answer_is_the_retrieval_order_not_an_empty_list()
     by = p.order if p.order is not None else p.scores
     picked = diversify(p.candidates, by, 3)
     assert [c.item_id for c, _ in picked] == ["i0", "i1", "i2"]
+
+
+def test_a_search_with_a_nan_query_vector_is_answered_degraded_not_dead_lettered() -> None:
+    """A diverged text encoder's NaN query vector left the fused score finite (the dense part drops
+    out) but copied NaN cosines into the candidates: the answer could not be built (NaN refused),
+    so the request was dead-lettered and its caller waited for its deadline."""
+    from recstream.recommend.rerank import diversify
+    from recstream.search.served import HybridSearch, SearchWeights
+
+    rng = np.random.default_rng(2)
+    n = 12
+    vectors = _unit(rng, n)
+    texts = [f"item {w}" for w in rng.choice(["red car", "blue hat", "green car"], n)]
+    ids = [f"i{k}" for k in range(n)]
+    search = HybridSearch(ids, vectors, texts, np.zeros(n), SearchWeights(lexical=1.0))
+    rctx = RankContext(
+        query_vec=np.full(384, np.nan, np.float32),
+        session_vec=None,
+        affinity={},
+        recent_items=[],
+        recent_categories=[],
+        max_popularity=1.0,
+    )
+    cands = [Candidate(ids[k], 0.5, vectors[k], "c", {}, 0.0) for k in range(n)]
+    req = RecommendationRequest(user_id="u1", kind="search", query="red car", k=3)
+    p = Pending(ev=None, req=req, rctx=rctx, candidates=cands, degraded=None)
+    p.hybrid, p.lexical = search, search.lexical("red car")
+    asyncio.run(rank(SimpleNamespace(ranker=InProcessRanker(), settings=Settings()), [p]))
+    assert p.degraded == "retrieval_nonfinite" and np.isfinite(p.scores).all()
+    assert all(np.isfinite(c.retrieval_score) for c in p.candidates)
+    picked = diversify(p.candidates, p.scores, 3)
+    assert len(picked) == 3
+    RankedItem(item_id=picked[0][0].item_id, score=float(picked[0][1]), position=0, propensity=1.0)  # publishable

@@ -98,6 +98,21 @@ def set_version_policy(config_text: str, served: list[int]) -> str:
     )
 
 
+def policy_serves(config_text: str, on_disk: list[int]) -> list[int]:
+    """The versions a config.pbtxt's version_policy has Triton serve out of those on disk: `latest
+    N` the newest N (Triton's default: the newest one), `specific` the listed ones, `all` all."""
+    block = _POLICY_RE.search(config_text)
+    text = block.group(0) if block else ""
+    if "specific" in text:
+        listed = re.search(r"versions\s*:\s*\[([^\]]*)\]", text)
+        wanted = {int(v) for v in re.findall(r"\d+", listed.group(1))} if listed else set()
+        return sorted(v for v in on_disk if v in wanted)
+    if re.search(r"\ball\b", text):
+        return sorted(on_disk)
+    latest = re.search(r"num_versions\s*:\s*(\d+)", text)
+    return sorted(on_disk)[-(int(latest.group(1)) if latest else 1) :]
+
+
 def keep_version_policy(new_config: str, old_config: str) -> str:
     """`new_config` with `old_config`'s version_policy block (and its comment), if it has one."""
     old = _POLICY_RE.search(old_config)
