@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,13 +118,12 @@ async def rank(ctx: StreamContext, prepared: list[Pending]) -> None:
                     else:
                         p.order = place_new_items(by, [c.popularity == 0 for c in p.candidates], factor)
     for p in prepared:
-        cosines = np.array([c.retrieval_score for c in p.candidates], np.float64)
-        if p.error is None and not np.isfinite(cosines).all():
+        broken = [c for c in p.candidates if not math.isfinite(c.retrieval_score)]
+        if p.error is None and broken:
             # a diverged text encoder's NaN query vector: its cosines order nothing either, and an
             # answer carrying them could not be published; such candidates fall back to 0
-            for c in p.candidates:
-                if not np.isfinite(c.retrieval_score):
-                    c.retrieval_score = 0.0
+            for c in broken:
+                c.retrieval_score = 0.0
             if p.degraded is None:
                 log.warning("non-finite retrieval scores; %s answered degraded", p.req.request_id)
                 p.degraded = "retrieval_nonfinite"

@@ -92,10 +92,10 @@ def align_topic_configs(
     cluster that refuses to describe or alter configs is warned about, never an error."""
     if not topics:
         return {}
-    resources = {name: ConfigResource(ConfigResource.Type.TOPIC, name) for name in topics}
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in topics]
     changes: dict[str, dict[str, str]] = {}
     try:
-        described = admin.describe_configs(list(resources.values()), request_timeout=ADMIN_TIMEOUT_S)
+        described = admin.describe_configs(resources, request_timeout=ADMIN_TIMEOUT_S)
         current_of = {resource.name: fut.result() for resource, fut in described.items()}
     except KafkaException as exc:
         log.warning("cannot compare topic configs with the registry's (%s); left as they are", exc)
